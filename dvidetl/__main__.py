@@ -1,0 +1,3 @@
+from dvidetl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of `python -m dvidetl`; one module each (see `dvidetl.cli`)."""

@@ -1,0 +1,18 @@
+"""Shared fixtures: where the real DVID data lives (read in place, never copied)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = (ROOT.parent / "shared").resolve()
+SHARED_DATA = SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"../shared/data not found beside the project (looked in {SHARED_DATA})")
+    return SHARED_DATA
