@@ -1,0 +1,364 @@
+"""The partition transform (hot path): Flight block batches -> the Arrow tables of one partition.
+
+Per partition, never per block in Python:
+
+1. ``dvidetl.codec.repack`` per record batch (unwrap, validate, split the label table off,
+   count voxels per entry, zstd the body) — numba + C over whole buffers;
+2. one vectorized supervoxel -> body lookup for the whole partition (``mapper`` is the Flight
+   client's ``DoExchange("map")`` on the partition's unique supervoxels);
+3. cut bodies into ``<= cell_limit`` cells ``body0..body3`` (+ ``block_overflow`` parts 4..)
+   and move list cells that would pass the limit to ``block_overflow`` — Arrow C kernels;
+4. blocks that fail (corrupt bytes, wrong coordinates) become ``export_errors`` rows with
+   their original bytes; their neighbours are unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dvidetl import schema as S
+from dvidetl.geometry import Vec3, morton_encode
+
+
+@dataclass
+class TransformStats:
+    """What a partition transform saw, for the ledger and the progress line."""
+
+    blocks: int = 0  # blocks exported into ``blocks``
+    errors: int = 0  # blocks sent to ``export_errors``
+    bytes_in: int = 0  # wrapped bytes received
+    bytes_out: int = 0  # body + list payload bytes written
+    raw_bytes: int = 0  # unwrapped DVID block bytes of the exported blocks
+    overflow_blocks: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _list_nbytes(arr: pa.Array) -> np.ndarray:
+    """Payload bytes of each list cell (entries x item size)."""
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
+    return lengths * arr.type.value_type.byte_width
+
+
+def body_size_sum(blocks: pa.Table) -> int:
+    return int(pc.sum(blocks.column("body_size").cast(pa.uint64())).as_py() or 0)
+
+
+def blocks_tables(
+    scale: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    morton: np.ndarray,
+    supervoxels: pa.Array,
+    labels: pa.Array,
+    sv_voxels: pa.Array,
+    raw_size: np.ndarray,
+    crc32: np.ndarray,
+    body: pa.Array,
+    *,
+    cell_limit: int = S.DEFAULT_CELL_LIMIT,
+) -> tuple[pa.Table, pa.Table]:
+    """The ``blocks`` and ``block_overflow`` rows of already repacked blocks.
+
+    Bodies are cut into cells of at most ``cell_limit`` bytes: parts 0..3 in ``body0..3``,
+    parts 4.. in ``block_overflow`` (column ``body``); a list cell whose payload would pass
+    the limit is null in ``blocks`` and stored as its little-endian values, cut into parts,
+    in ``block_overflow`` under the column's name. Codec-independent (tests use it directly).
+    """
+    if cell_limit < 64:
+        raise ValueError(f"cell limit {cell_limit} bytes is too small (minimum 64)")
+    n = len(morton)
+    body = body.combine_chunks() if isinstance(body, pa.ChunkedArray) else body
+    body_size = pc.fill_null(pc.binary_length(body), 0).to_numpy().astype(np.int64)
+    nparts = S.nparts_of(body_size, cell_limit)
+    if n and nparts.max() > 255:
+        raise ValueError(f"a block body of {body_size.max()} bytes needs more than 255 cells")
+    ov_scale, ov_morton, ov_col, ov_part, ov_data = [], [], [], [], []
+    overflow = nparts > S.BODY_CELLS
+    mortons = np.asarray(morton, dtype=np.uint64)
+
+    def add_overflow(rows: np.ndarray, colname: str, data: pa.Array, first_part: int) -> None:
+        sizes = pc.binary_length(data).to_numpy().astype(np.int64)
+        k = first_part
+        while True:
+            have = sizes > k * cell_limit
+            if not have.any():
+                break
+            part = S.cut_cells(data, k, cell_limit).filter(pa.array(have))
+            cnt = int(have.sum())
+            ov_scale.append(np.full(cnt, scale, np.uint8))
+            ov_morton.append(mortons[rows][have])
+            ov_col.append(np.full(cnt, colname, dtype=object))
+            ov_part.append(np.full(cnt, k, np.uint16))
+            ov_data.append(part)
+            k += 1
+
+    if overflow.any():
+        rows = np.flatnonzero(overflow)
+        add_overflow(rows, "body", body.take(pa.array(rows)), S.BODY_CELLS)
+    cols: dict[str, pa.Array] = {}
+    for colname, arr in (("supervoxels", supervoxels), ("labels", labels), ("sv_voxels", sv_voxels)):
+        arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+        arr = arr.cast(pa.list_(S.LIST_COLUMNS[colname]))
+        big = _list_nbytes(arr) > cell_limit
+        if big.any():
+            rows = np.flatnonzero(big)
+            add_overflow(rows, colname, S.list_as_binary(arr.take(pa.array(rows))), 0)
+            validity = pa.array(~big & np.asarray(pc.is_valid(arr)), pa.bool_())
+            arr = pc.if_else(validity, arr, pa.scalar(None, arr.type))
+            overflow |= big
+        cols[colname] = arr
+    blocks = pa.table(
+        {
+            "scale": pa.array(np.full(n, scale, np.uint8)),
+            "x": pa.array(np.asarray(x, np.int32)),
+            "y": pa.array(np.asarray(y, np.int32)),
+            "z": pa.array(np.asarray(z, np.int32)),
+            "morton": pa.array(mortons),
+            **cols,
+            "raw_size": pa.array(np.asarray(raw_size, np.uint32)),
+            "crc32": pa.array(np.asarray(crc32, np.uint32)),
+            "body_size": pa.array(body_size.astype(np.uint32)),
+            "nparts": pa.array(nparts.astype(np.uint8)),
+            **{c: S.cut_cells(body, i, cell_limit) for i, c in enumerate(S.BODY_COLUMNS)},
+            "overflow": pa.array(overflow),
+        },
+        schema=S.BLOCKS,
+    )
+    if ov_data:
+        ovt = pa.table(
+            {
+                "scale": pa.array(np.concatenate(ov_scale)),
+                "morton": pa.array(np.concatenate(ov_morton)),
+                "column": pa.array(np.concatenate(ov_col), pa.string()),
+                "part": pa.array(np.concatenate(ov_part)),
+                "data": pa.concat_arrays([d.cast(pa.binary()) for d in ov_data]),
+            },
+            schema=S.BLOCK_OVERFLOW,
+        ).sort_by([("morton", "ascending"), ("column", "ascending"), ("part", "ascending")])
+    else:
+        ovt = S.empty("block_overflow")
+    return blocks, ovt
+
+
+def errors_table(
+    run_id: str,
+    scale: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    morton: np.ndarray,
+    stage: str | np.ndarray,
+    reason: np.ndarray | list,
+    data: pa.Array,
+    *,
+    cell_limit: int = S.DEFAULT_CELL_LIMIT,
+) -> pa.Table:
+    """``export_errors`` rows: one per cell-limit part of each failed block's original bytes
+    (at least one row per block, with empty data if the block had no bytes)."""
+    n = len(morton)
+    if n == 0:
+        return S.empty("export_errors")
+    data = data.combine_chunks() if isinstance(data, pa.ChunkedArray) else data
+    data = pc.fill_null(data.cast(pa.binary()), b"")
+    sizes = pc.binary_length(data).to_numpy().astype(np.int64)
+    nparts = np.maximum(S.nparts_of(sizes, cell_limit), 1)
+    stage_arr = np.broadcast_to(np.asarray(stage, dtype=object), (n,))
+    reason_arr = np.asarray(reason, dtype=object)
+    pieces = []
+    for k in range(int(nparts.max())):
+        have = nparts > k
+        part = pc.binary_slice(data, k * cell_limit, (k + 1) * cell_limit).filter(pa.array(have))
+        pieces.append(
+            pa.table(
+                {
+                    "run_id": pa.array([run_id] * int(have.sum()), pa.string()),
+                    "scale": pa.array(np.full(int(have.sum()), scale, np.uint8)),
+                    "x": pa.array(np.asarray(x, np.int32)[have]),
+                    "y": pa.array(np.asarray(y, np.int32)[have]),
+                    "z": pa.array(np.asarray(z, np.int32)[have]),
+                    "morton": pa.array(np.asarray(morton, np.uint64)[have]),
+                    "stage": pa.array(stage_arr[have].tolist(), pa.string()),
+                    "reason": pa.array(reason_arr[have].tolist(), pa.string()),
+                    "part": pa.array(np.full(int(have.sum()), k, np.uint16)),
+                    "nparts": pa.array(nparts[have].astype(np.uint16)),
+                    "data": part.cast(pa.binary()),
+                },
+                schema=S.EXPORT_ERRORS,
+            )
+        )
+    return pa.concat_tables(pieces).sort_by([("morton", "ascending"), ("part", "ascending")])
+
+
+def map_lists(supervoxels: pa.Array, mapper: Callable[[np.ndarray], np.ndarray]) -> pa.Array:
+    """``labels``: the body of every supervoxel entry, aligned with ``supervoxels`` (same
+    offsets), from ONE ``mapper`` call on the unique supervoxels of the whole array."""
+    supervoxels = supervoxels.combine_chunks() if isinstance(supervoxels, pa.ChunkedArray) else supervoxels
+    flat = supervoxels.values.to_numpy(zero_copy_only=False) if len(supervoxels) else np.zeros(0, np.uint64)
+    offsets = np.asarray(supervoxels.offsets)
+    used = flat[offsets[0] : offsets[-1]] if len(offsets) else flat[:0]
+    uniq = np.unique(used)
+    bodies = np.asarray(mapper(uniq), dtype=np.uint64) if len(uniq) else np.zeros(0, np.uint64)
+    if bodies.shape != uniq.shape:
+        raise ValueError(f"supervoxel mapping returned {bodies.shape} bodies for {uniq.shape} supervoxels")
+    mapped = np.zeros(len(flat), np.uint64)
+    mapped[offsets[0] : offsets[-1]] = bodies[np.searchsorted(uniq, used)]
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()),
+        pa.array(mapped),
+        mask=pc.is_null(supervoxels) if supervoxels.null_count else None,
+    )
+
+
+def transform_blocks(
+    batches: Iterable[pa.RecordBatch],
+    codec: str,
+    mapper: Callable[[np.ndarray], np.ndarray],
+    *,
+    scale: int,
+    grid: Vec3,
+    lo: int,
+    hi: int,
+    run_id: str,
+    cell_limit: int = S.DEFAULT_CELL_LIMIT,
+    zstd_level: int = 3,
+) -> tuple[dict[str, pa.Table], TransformStats]:
+    """Everything one block partition writes: ``{"blocks", "block_overflow", "export_errors"}``.
+
+    A block is rejected (to ``export_errors``) when ``repack`` reports an error (stage
+    ``repack``), when its Morton code does not match its coordinates or lies outside
+    ``[lo, hi)`` (stage ``validate``), or when it repeats a Morton code of the partition
+    (stage ``duplicate``). Everything else is exported.
+    """
+    from dvidetl.codec import repack
+
+    stats = TransformStats()
+    parts: list[dict] = []
+    err_parts: list[dict] = []
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        data = batch.column("data")
+        stats.bytes_in += int(pc.sum(pc.binary_length(data)).as_py() or 0)
+        x = batch.column("x").to_numpy().astype(np.int32)
+        y = batch.column("y").to_numpy().astype(np.int32)
+        z = batch.column("z").to_numpy().astype(np.int32)
+        m = batch.column("morton").to_numpy().astype(np.uint64)
+        rp = repack(data, codec, zstd_level=zstd_level)
+        errs = rp.errors
+        bad = np.asarray(pc.is_valid(errs)) if errs.null_count != len(errs) else np.zeros(len(m), bool)
+        reasons = np.asarray(errs.to_numpy(zero_copy_only=False), dtype=object)
+        stages = np.where(bad, "repack", "").astype(object)
+        expect = morton_encode(x, y, z, grid)
+        inval = ~bad & ((expect != m) | (m < np.uint64(lo)) | (m >= np.uint64(hi)))
+        if inval.any():
+            why = np.where(
+                expect != m,
+                "morton code does not match block coordinates",
+                f"morton code outside the partition [{lo}, {hi})",
+            )
+            reasons = np.where(inval, why.astype(object), reasons)
+            stages = np.where(inval, "validate", stages)
+            bad |= inval
+        if bad.any():
+            idx = pa.array(np.flatnonzero(bad))
+            err_parts.append(
+                dict(x=x[bad], y=y[bad], z=z[bad], morton=m[bad], stage=stages[bad],
+                     reason=reasons[bad], data=data.take(idx))
+            )
+        ok = ~bad
+        keep = pa.array(np.flatnonzero(ok))
+        parts.append(
+            dict(
+                x=x[ok], y=y[ok], z=z[ok], morton=m[ok],
+                supervoxels=rp.supervoxels.take(keep), sv_voxels=rp.sv_voxels.take(keep),
+                raw_size=rp.raw_size.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
+                crc32=rp.crc32.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
+                body=rp.body.take(keep),
+            )
+        )
+    if parts:
+        x = np.concatenate([p["x"] for p in parts])
+        y = np.concatenate([p["y"] for p in parts])
+        z = np.concatenate([p["z"] for p in parts])
+        m = np.concatenate([p["morton"] for p in parts])
+        svs = pa.concat_arrays([p["supervoxels"].cast(pa.list_(pa.uint64())) for p in parts])
+        svv = pa.concat_arrays([p["sv_voxels"].cast(pa.list_(pa.uint32())) for p in parts])
+        raw_size = np.concatenate([p["raw_size"] for p in parts])
+        crc = np.concatenate([p["crc32"] for p in parts])
+        body = pa.concat_arrays([p["body"].cast(pa.binary()) for p in parts])
+    else:
+        x = y = z = np.zeros(0, np.int32)
+        m = np.zeros(0, np.uint64)
+        svs = pa.array([], pa.list_(pa.uint64()))
+        svv = pa.array([], pa.list_(pa.uint32()))
+        raw_size = crc = np.zeros(0, np.uint32)
+        body = pa.array([], pa.binary())
+    # duplicates (a source must never serve a block twice): keep the first, report the rest
+    if len(m) > 1:
+        order = np.argsort(m, kind="stable")
+        ms = m[order]
+        dup_sorted = np.concatenate([[False], ms[1:] == ms[:-1]])
+        if dup_sorted.any():
+            dup = np.zeros(len(m), bool)
+            dup[order[dup_sorted]] = True
+            # the original bytes are not kept past repack; report the body instead
+            err_parts.append(
+                dict(x=x[dup], y=y[dup], z=z[dup], morton=m[dup],
+                     stage=np.full(int(dup.sum()), "duplicate", dtype=object),
+                     reason=np.full(int(dup.sum()), "block served twice in one partition", dtype=object),
+                     data=body.filter(pa.array(dup)))
+            )
+            keep = pa.array(np.flatnonzero(~dup))
+            x, y, z, m = x[~dup], y[~dup], z[~dup], m[~dup]
+            svs, svv, body = svs.take(keep), svv.take(keep), body.take(keep)
+            raw_size, crc = raw_size[~dup], crc[~dup]
+    labels = map_lists(svs, mapper)
+    blocks, overflow = blocks_tables(
+        scale, x, y, z, m, svs, labels, svv, raw_size, crc, body, cell_limit=cell_limit
+    )
+    if err_parts:
+        errors = errors_table(
+            run_id, scale,
+            np.concatenate([e["x"] for e in err_parts]),
+            np.concatenate([e["y"] for e in err_parts]),
+            np.concatenate([e["z"] for e in err_parts]),
+            np.concatenate([e["morton"] for e in err_parts]),
+            np.concatenate([np.asarray(e["stage"], dtype=object) for e in err_parts]),
+            np.concatenate([np.asarray(e["reason"], dtype=object) for e in err_parts]),
+            pa.concat_arrays([e["data"].cast(pa.binary()) for e in err_parts]),
+            cell_limit=cell_limit,
+        )
+        stats.errors = int(sum(len(e["morton"]) for e in err_parts))
+    else:
+        errors = S.empty("export_errors")
+    stats.blocks = blocks.num_rows
+    stats.raw_bytes = int(raw_size.astype(np.int64).sum())
+    stats.bytes_out = (
+        int(body_size_sum(blocks)) + 2 * int(_list_nbytes(svs).sum()) + int(_list_nbytes(svv).sum())
+    )
+    stats.overflow_blocks = int(pc.sum(pc.cast(blocks.column("overflow"), pa.int64())).as_py() or 0)
+    return {"blocks": blocks, "block_overflow": overflow, "export_errors": errors}, stats
+
+
+def label_index_rows(batches: Iterable[pa.RecordBatch], grid0: Vec3) -> Iterable[pa.Table]:
+    """``label_index`` rows from the server's ``read_indices`` batches (label, LabelIndex
+    protobuf bytes), one table per batch, with the scale-0 Morton code of each block."""
+    from dvidetl.codec.labelindex import label_index_table
+
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        t = label_index_table(batch.column("label"), batch.column("data"))
+        if t.num_rows == 0:
+            continue
+        x = t.column("x").to_numpy().astype(np.int64)
+        y = t.column("y").to_numpy().astype(np.int64)
+        z = t.column("z").to_numpy().astype(np.int64)
+        t = t.append_column("morton", pa.array(morton_encode(x, y, z, grid0)))
+        yield S.conform("label_index", t)
