@@ -1,0 +1,159 @@
+"""The small protocol every sink implements (Parquet now, VastDB next), and the plan types.
+
+Exactly once rests on one rule: **a partition's rows and its ledger row become visible
+together** (one VastDB transaction; for Parquet, data files renamed into place and then the
+ledger file renamed last — a reader only trusts files whose ledger row exists). A partition
+whose ledger row exists for the run is skipped; re-writing a partition replaces its rows
+(deterministic file names / delete-then-insert in the same transaction), so retries, killed
+workers and resumed runs never duplicate or lose a block.
+
+Who calls what:
+
+* driver: ``prepare(run)`` once (DDL, directories, store the plan with the run);
+  ``load_run(run_id)`` on ``--resume``; ``done(run_id)`` to skip finished partitions;
+  ``ledger(run_id)`` for the summary.
+* worker task: ``is_done(run_id, part)`` (a retried task whose first attempt committed), then
+  ``write_partition(run_id, part, tables, stats)``.
+* readers / verify: ``read(table, scale=, morton_range=)``, ``latest_run()``.
+
+A sink object must be cheap to construct from its URL on a worker (``open_sink(url, uuid=,
+instance=)``) and must not hold secrets in its ``repr``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, runtime_checkable
+
+import pyarrow as pa
+
+#: exclusive upper bound used for "all labels" ranges (label 2**64-1 is never a real label)
+LABEL_END = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One unit of work and of commit: a Morton range of one scale (``kind="blocks"``), a
+    label range of the label indices (``"indices"``) or the mapping (``"mapping"``)."""
+
+    kind: str
+    scale: int
+    lo: int
+    hi: int
+    blocks: int = 0  # planned (estimated) blocks; 0 for indices / mapping
+
+    @property
+    def key(self) -> str:
+        """Stable name of the partition inside a run (used for ledger files and task keys)."""
+        return f"{self.kind}-s{self.scale}-{self.lo:016x}-{self.hi:016x}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Partition:
+        return cls(str(d["kind"]), int(d["scale"]), int(d["lo"]), int(d["hi"]), int(d.get("blocks", 0)))
+
+
+@dataclass
+class RunInfo:
+    """A run: what it exports and its plan. Stored with the run by ``Sink.prepare`` so a
+    resumed run reuses the plan exactly."""
+
+    run_id: str
+    uuid: str
+    instance: str
+    partitions: list[Partition]
+    options: dict = field(default_factory=dict)  # scales, partition_blocks, cell_limit, ...
+    volume: dict = field(default_factory=dict)  # VolumeInfo as a dict
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        d = {
+            "run_id": self.run_id,
+            "uuid": self.uuid,
+            "instance": self.instance,
+            "options": self.options,
+            "volume": self.volume,
+            "created": self.created,
+            "partitions": [p.to_dict() for p in self.partitions],
+        }
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunInfo:
+        d = json.loads(text)
+        return cls(
+            run_id=d["run_id"],
+            uuid=d["uuid"],
+            instance=d["instance"],
+            partitions=[Partition.from_dict(p) for p in d["partitions"]],
+            options=d.get("options", {}),
+            volume=d.get("volume", {}),
+            created=float(d.get("created", 0.0)),
+        )
+
+
+#: a table's rows for ``write_partition``: a whole table, or a stream of batches/tables
+#: (written incrementally, e.g. the mapping), committed all the same at the end
+TableData = pa.Table | Iterable[pa.RecordBatch | pa.Table]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where the tables go. One object per (sink URL, uuid, instance)."""
+
+    url: str
+    uuid: str
+    instance: str
+
+    def prepare(self, run: RunInfo) -> None:
+        """Driver, once per run (idempotent): create tables / directories, store the plan."""
+        ...
+
+    def load_run(self, run_id: str) -> RunInfo:
+        """The stored run (plan included); ``UserError`` if there is no such run."""
+        ...
+
+    def runs(self) -> list[str]:
+        """Run ids with a stored plan, oldest first."""
+        ...
+
+    def latest_run(self) -> str | None:
+        """The run readers see by default (the newest), or None before any run."""
+        ...
+
+    def is_done(self, run_id: str, part: Partition) -> bool:
+        """True when the partition's ledger row exists for the run."""
+        ...
+
+    def done(self, run_id: str) -> set[str]:
+        """Keys (``Partition.key``) of the run's finished partitions, in one cheap call."""
+        ...
+
+    def write_partition(
+        self, run_id: str, part: Partition, tables: Mapping[str, TableData], stats: Mapping
+    ) -> None:
+        """Write the partition's tables (``schema.KIND_TABLES[part.kind]``; a missing or empty
+        table writes no rows) and its ledger row (from ``stats``: blocks, rows, errors,
+        bytes_in, bytes_out, seconds) atomically: all visible or none. Replaces rows an
+        earlier attempt of the same partition may have left behind."""
+        ...
+
+    def read(
+        self,
+        table: str,
+        scale: int | None = None,
+        morton_range: tuple[int, int] | None = None,
+        run_id: str | None = None,
+    ) -> pa.Table:
+        """Committed rows of a table (of ``run_id``, default the latest run), optionally one
+        scale and ``lo <= morton < hi``."""
+        ...
+
+    def ledger(self, run_id: str | None = None) -> pa.Table:
+        """Ledger rows (of one run, or all), as ``schema.EXPORT_LEDGER``."""
+        ...

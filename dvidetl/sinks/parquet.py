@@ -1,0 +1,268 @@
+"""The embedded default sink: a local Parquet dataset with the same tables as VastDB.
+
+Layout under ``DIR/<instance>/<uuid>/``::
+
+    <table>/scale=<s>/part-<lo>-<hi>.parquet      blocks, block_overflow, export_errors
+    <table>/part-<lo>-<hi>.parquet                label_index (label range), mapping
+    export_ledger/run=<run_id>/<partition key>.parquet
+    runs/<run_id>/run.json                        the run's options and plan
+
+``lo``/``hi`` are 16 hex digits (Morton codes, or labels), so names sort in range order.
+
+Exactly once: each table file is written to a hidden temp name in its directory and renamed
+into place (atomic on POSIX); the partition's ledger file is renamed LAST. Readers use only
+files whose partition has a ledger row in the run they read (default: the latest run), so a
+driver or worker killed between renames leaves nothing visible; the retried or resumed
+partition rewrites the same names. Table files carry no run id, so a later run over the same
+plan replaces them with identical content.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid as uuidlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dvidetl import schema as S
+from dvidetl.errors import UserError
+from dvidetl.sinks.base import Partition, RunInfo, TableData
+
+#: binary payload columns are zstd already: store them uncompressed, no dictionary
+_PAYLOAD = {*S.BODY_COLUMNS, "data"}
+
+
+def _fmt(v: int) -> str:
+    return f"{int(v):016x}"
+
+
+def _safe(name: str, what: str) -> str:
+    if not name or "/" in name or name.startswith(".") or "\x00" in name:
+        raise UserError(f"{what} {name!r} cannot be used as a directory name")
+    return name
+
+
+class ParquetSink:
+    """``parquet://DIR`` for one (uuid, instance)."""
+
+    def __init__(self, base: str | os.PathLike, *, uuid: str, instance: str, url: str | None = None):
+        self.base = Path(base)
+        self.uuid = uuid
+        self.instance = instance
+        self.url = url or f"parquet://{self.base}"
+        self.root = self.base / _safe(instance, "instance") / _safe(uuid, "uuid")
+
+    def __repr__(self) -> str:
+        return f"ParquetSink({str(self.root)!r})"
+
+    # -- paths ---------------------------------------------------------------------------
+    def table_dir(self, table: str, scale: int | None = None) -> Path:
+        S.schema(table)
+        d = self.root / table
+        if table in S.SCALED_TABLES:
+            d = d / f"scale={int(scale or 0)}"
+        return d
+
+    def file_of(self, table: str, part: Partition) -> Path:
+        return self.table_dir(table, part.scale) / f"part-{_fmt(part.lo)}-{_fmt(part.hi)}.parquet"
+
+    def _ledger_dir(self, run_id: str) -> Path:
+        return self.root / "export_ledger" / f"run={_safe(run_id, 'run id')}"
+
+    def _run_file(self, run_id: str) -> Path:
+        return self.root / "runs" / _safe(run_id, "run id") / "run.json"
+
+    # -- runs ------------------------------------------------------------------------------
+    def prepare(self, run: RunInfo) -> None:
+        for table in S.TABLES:
+            if table != "export_ledger":
+                (self.root / table).mkdir(parents=True, exist_ok=True)
+        self._ledger_dir(run.run_id).mkdir(parents=True, exist_ok=True)
+        f = self._run_file(run.run_id)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if not f.exists():
+            _atomic_write_bytes(f, run.to_json().encode())
+
+    def load_run(self, run_id: str) -> RunInfo:
+        f = self._run_file(run_id)
+        if not f.exists():
+            known = ", ".join(self.runs()[-5:]) or "none"
+            raise UserError(f"no run {run_id!r} under {self.root} (runs: {known})")
+        return RunInfo.from_json(f.read_bytes())
+
+    def runs(self) -> list[str]:
+        d = self.root / "runs"
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if (p / "run.json").exists())
+
+    def latest_run(self) -> str | None:
+        runs = self.runs()
+        return runs[-1] if runs else None
+
+    # -- ledger ----------------------------------------------------------------------------
+    def is_done(self, run_id: str, part: Partition) -> bool:
+        return (self._ledger_dir(run_id) / f"{part.key}.parquet").exists()
+
+    def done(self, run_id: str) -> set[str]:
+        d = self._ledger_dir(run_id)
+        if not d.is_dir():
+            return set()
+        return {n[: -len(".parquet")] for n in os.listdir(d) if n.endswith(".parquet") and not n.startswith(".")}
+
+    def ledger(self, run_id: str | None = None) -> pa.Table:
+        if run_id is None:
+            dirs = sorted((self.root / "export_ledger").glob("run=*"))
+        else:
+            dirs = [self._ledger_dir(run_id)]
+        files = [str(f) for d in dirs if d.is_dir() for f in sorted(d.glob("*.parquet"))]
+        if not files:
+            return S.empty("export_ledger")
+        return pa.concat_tables([S.conform("export_ledger", pq.read_table(f)) for f in files])
+
+    # -- writing ---------------------------------------------------------------------------
+    def write_partition(
+        self, run_id: str, part: Partition, tables: Mapping[str, TableData], stats: Mapping
+    ) -> None:
+        unknown = set(tables) - set(S.KIND_TABLES[part.kind])
+        if unknown:
+            raise ValueError(f"partition kind {part.kind!r} does not write tables {sorted(unknown)}")
+        rows = 0
+        for table in S.KIND_TABLES[part.kind]:
+            final = self.file_of(table, part)
+            data = tables.get(table)
+            n = _write_atomic(final, table, data) if data is not None else 0
+            if n == 0:
+                # nothing to store: remove what an earlier attempt may have left
+                try:
+                    final.unlink()
+                except FileNotFoundError:
+                    pass
+            rows += n
+        row = {
+            "run_id": run_id,
+            "kind": part.kind,
+            "scale": part.scale,
+            "lo": part.lo,
+            "hi": part.hi,
+            "blocks": int(stats.get("blocks", 0)),
+            "rows": rows,
+            "errors": int(stats.get("errors", 0)),
+            "bytes_in": int(stats.get("bytes_in", 0)),
+            "bytes_out": int(stats.get("bytes_out", 0)),
+            "seconds": float(stats.get("seconds", 0.0)),
+            "finished_at": pa.scalar(int(time.time() * 1e6), pa.timestamp("us", tz="UTC")),
+        }
+        ledger = pa.Table.from_pylist([row], schema=S.EXPORT_LEDGER)
+        d = self._ledger_dir(run_id)
+        d.mkdir(parents=True, exist_ok=True)
+        _write_atomic(d / f"{part.key}.parquet", "export_ledger", ledger, keep_empty=True)
+
+    # -- reading ---------------------------------------------------------------------------
+    def committed_files(
+        self, table: str, scale: int | None = None, morton_range: tuple[int, int] | None = None,
+        run_id: str | None = None,
+    ) -> list[Path]:
+        """Files of ``table`` whose partitions are committed in the run (default latest)."""
+        kind = next((k for k, ts in S.KIND_TABLES.items() if table in ts), None)
+        if kind is None:
+            raise ValueError(f"table {table!r} is not written by partitions")
+        run_id = run_id or self.latest_run()
+        if run_id is None:
+            return []
+        run = self.load_run(run_id)
+        done = self.done(run_id)
+        out = []
+        for p in run.partitions:
+            if p.kind != kind or p.key not in done:
+                continue
+            if scale is not None and kind == "blocks" and p.scale != scale:
+                continue
+            if morton_range is not None and kind == "blocks" and (p.hi <= morton_range[0] or p.lo >= morton_range[1]):
+                continue
+            f = self.file_of(table, p)
+            if f.exists():
+                out.append(f)
+        return out
+
+    def read(
+        self,
+        table: str,
+        scale: int | None = None,
+        morton_range: tuple[int, int] | None = None,
+        run_id: str | None = None,
+    ) -> pa.Table:
+        if table == "export_ledger":
+            return self.ledger(run_id or self.latest_run())
+        files = self.committed_files(table, scale, morton_range, run_id)
+        if not files:
+            return S.empty(table)
+        filters = []
+        if scale is not None and "scale" in S.schema(table).names:
+            filters.append(("scale", "=", scale))
+        if morton_range is not None and "morton" in S.schema(table).names:
+            filters += [("morton", ">=", morton_range[0]), ("morton", "<", morton_range[1])]
+        t = pq.read_table([str(f) for f in files], schema=S.schema(table), filters=filters or None)
+        return S.conform(table, t)
+
+
+def _writer_options(table: str) -> dict:
+    sch = S.schema(table)
+    comp = {f.name: ("none" if f.name in _PAYLOAD else "zstd") for f in sch}
+    dict_cols = [f.name for f in sch if f.name not in _PAYLOAD and not pa.types.is_list(f.type)]
+    return dict(compression=comp, use_dictionary=dict_cols, write_statistics=True)
+
+
+def _write_atomic(final: Path, table: str, data: TableData, keep_empty: bool = False) -> int:
+    """Write ``data`` (a table or a stream of batches/tables) to a temp file beside ``final``
+    and rename it into place. Returns rows written; with no rows (and not ``keep_empty``)
+    nothing is left on disk and 0 is returned."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
+    sch = S.schema(table)
+    rows = 0
+    writer = None
+    try:
+        chunks: Iterable = [data] if isinstance(data, (pa.Table, pa.RecordBatch)) else data
+        for chunk in chunks:
+            if isinstance(chunk, pa.RecordBatch):
+                chunk = pa.Table.from_batches([chunk])
+            chunk = S.conform(table, chunk)
+            if chunk.num_rows == 0 and not keep_empty:
+                continue
+            if writer is None:
+                writer = pq.ParquetWriter(str(tmp), sch, **_writer_options(table))
+            writer.write_table(chunk, row_group_size=64 * 1024)
+            rows += chunk.num_rows
+        if writer is None:
+            return 0
+        writer.close()
+        writer = None
+        os.replace(tmp, final)
+        return rows
+    finally:
+        if writer is not None:
+            writer.close()
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write_bytes(final: Path, data: bytes) -> None:
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def open_url(url: str, *, uuid: str, instance: str) -> ParquetSink:
+    """``parquet://DIR`` (``parquet://./out``, ``parquet:///abs/out``, ``parquet://out``)."""
+    rest = url[len("parquet://"):] if url.startswith("parquet://") else url
+    if not rest:
+        raise UserError(f"sink URL {url!r} names no directory: use parquet://DIR")
+    return ParquetSink(rest, uuid=uuid, instance=instance, url=url)
