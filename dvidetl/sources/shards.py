@@ -1,0 +1,647 @@
+"""`shards:///dir[?spec=NG_SPEC.json&uuid=U&instance=I]` — DVID ``export-shards`` output.
+
+DVID's exporter writes ``<dir>/s<scale>/<ox>_<oy>_<oz>.arrow`` (an Arrow IPC *stream*, one
+record batch per block by default) next to a ``.csv`` sidecar giving each block's byte range
+in the stream (dvid-formats §6). Real shards are multi-GB, so this source never loads a file:
+it builds a per-scale Morton index from the CSVs alone and, for a Morton range, reads just the
+byte ranges of the IPC messages it needs (``pyarrow.ipc.read_message`` + ``read_record_batch``
+with the schema read from the start of the file).
+
+* With ``spec`` (the neuroglancer multiscale spec DVID exported with) every scale's grid is
+  ``ceil(size / 64)`` and the Morton codes are the real neuroglancer ones; without it the grid
+  is the blocks' bounding box ``max + 1`` (block coordinates are never shifted).
+* Blocks are served as stored: ``dvid_compressed_block`` is one zstd frame of the DVID block,
+  so ``info().codec == "zstd"``.
+* The mapping comes from the aligned ``supervoxels``/``labels`` columns (non-identity pairs,
+  deduplicated; one supervoxel mapped to two bodies is an error). It needs a scan of every
+  file, done once, lazily, through a memory map (only the list columns' pages are touched).
+* Shards carry no label indices: ``has_indices=False`` and ``read_indices`` yields nothing.
+* Path safety: only names matching ``s<digits>`` / ``<digits>_<digits>_<digits>.arrow`` are
+  used (nothing from file contents or tickets becomes a path), and scale directories must
+  resolve inside the root. Shard *files* may be symlinks (that is how tests assemble a
+  directory from the shared data without copying it).
+* Older sidecars (``x,y,z,rec`` and ``x,y,z,rec,offset,size``) are accepted; for ``rec``-only
+  sidecars (or a missing sidecar) the message offsets are found by walking the stream's
+  message headers through a memory map, without reading block bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+
+from dvidetl.errors import UserError
+from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_encode
+from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, MAPPING_SCHEMA
+
+BLOCK = 64
+_SCALE_RE = re.compile(r"^s(\d+)$")
+_FILE_RE = re.compile(r"^(\d+)_(\d+)_(\d+)\.arrow$")
+_REQUIRED_FIELDS = (
+    "chunk_x",
+    "chunk_y",
+    "chunk_z",
+    "supervoxels",
+    "labels",
+    "dvid_compressed_block",
+)
+
+#: bounds of one emitted record batch (payload bytes / blocks)
+MAX_BATCH_BYTES = 8 << 20
+MAX_BATCH_BLOCKS = 4096
+#: byte ranges closer than this are read with one pread
+_COALESCE_GAP = 256 << 10
+_MAPPING_BATCH = 1 << 20
+
+
+@dataclass
+class _ShardFile:
+    path: Path
+    schema: pa.Schema
+    size: int
+
+
+@dataclass
+class _ScaleIndex:
+    """All blocks of one scale, sorted by Morton code."""
+
+    info: ScaleInfo
+    files: list[_ShardFile]
+    morton: np.ndarray  # uint64
+    x: np.ndarray  # int32
+    y: np.ndarray
+    z: np.ndarray
+    file_id: np.ndarray  # int32
+    offset: np.ndarray  # int64, byte offset of the IPC message
+    size: np.ndarray  # int64, byte length of the IPC message
+    row: np.ndarray  # int32, row inside the record batch
+
+
+def open_url(url: str) -> ShardsSource:
+    """Open ``shards:///dir[?spec=...&uuid=...&instance=...]`` (see the module docstring)."""
+    parts = urlsplit(url)
+    if parts.scheme != "shards":
+        raise UserError(f"not a shards:// URL: {url!r}")
+    path = unquote(parts.netloc + parts.path)
+    if not path:
+        raise UserError(f"shards URL {url!r} names no directory (use shards:///abs/dir)")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(query) - {"spec", "uuid", "instance"}
+    if unknown:
+        raise UserError(
+            f"unknown parameter(s) {sorted(unknown)} in {url!r}: use spec, uuid, instance"
+        )
+    for key, vals in query.items():
+        if len(vals) != 1 or not vals[0]:
+            raise UserError(f"parameter {key!r} in {url!r} must be given once, non-empty")
+    return ShardsSource(
+        path,
+        spec=query["spec"][0] if "spec" in query else None,
+        uuid=query["uuid"][0] if "uuid" in query else "*",
+        instance=query["instance"][0] if "instance" in query else "segmentation",
+    )
+
+
+def _load_spec(spec_path: str) -> list[dict]:
+    p = Path(spec_path).expanduser()
+    try:
+        spec = json.loads(p.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read neuroglancer spec {spec_path!r}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"neuroglancer spec {spec_path!r} is not JSON: {exc}") from None
+    scales = spec.get("scales") if isinstance(spec, dict) else None
+    if not isinstance(scales, list) or not scales:
+        raise UserError(f"neuroglancer spec {spec_path!r} has no 'scales' list")
+    for k, s in enumerate(scales):
+        size = s.get("size") if isinstance(s, dict) else None
+        if not (
+            isinstance(size, list)
+            and len(size) == 3
+            and all(isinstance(v, int) and v > 0 for v in size)
+        ):
+            raise UserError(
+                f"neuroglancer spec {spec_path!r}: scales[{k}].size must be 3 positive ints"
+            )
+        chunks = s.get("chunk_sizes", [[BLOCK] * 3])
+        if not chunks or [int(v) for v in chunks[0]] != [BLOCK] * 3:
+            raise UserError(
+                f"neuroglancer spec {spec_path!r}: scales[{k}].chunk_sizes must be 64^3 "
+                f"(DVID export-shards only writes 64^3 chunks), got {chunks}"
+            )
+    return scales
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    try:
+        with pa.OSFile(str(path)) as f:
+            schema = ipc.open_stream(f).schema
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: not an Arrow IPC stream ({exc})") from None
+    missing = [n for n in _REQUIRED_FIELDS if n not in schema.names]
+    if missing:
+        raise UserError(f"{path}: not a DVID export-shards file, missing column(s) {missing}")
+    return schema
+
+
+def _scan_messages(path: Path, schema: pa.Schema) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offset, size, rows) of every record-batch message, by walking headers via a mmap.
+
+    Bodies are mapped, not read: only used for sidecars without byte offsets.
+    """
+    offs, sizes, rows = [], [], []
+    with pa.memory_map(str(path)) as mm:
+        reader = ipc.MessageReader.open_stream(mm)
+        while True:
+            start = mm.tell()
+            try:
+                msg = reader.read_next_message()
+            except StopIteration:
+                break
+            if msg.type == "record batch":
+                batch = ipc.read_record_batch(msg, schema)
+                offs.append(start)
+                sizes.append(mm.tell() - start)
+                rows.append(batch.num_rows)
+    return (
+        np.asarray(offs, dtype=np.int64),
+        np.asarray(sizes, dtype=np.int64),
+        np.asarray(rows, dtype=np.int64),
+    )
+
+
+def _read_sidecar(csv_path: Path, arrow: _ShardFile) -> dict[str, np.ndarray]:
+    """x, y, z, offset, size, row arrays of one shard from its CSV (any known header)."""
+    schema_size = None
+    try:
+        with open(csv_path, "rb") as f:
+            first = f.readline()
+    except OSError as exc:
+        raise UserError(f"cannot read sidecar {csv_path}: {exc}") from None
+    skip = 0
+    if first.startswith(b"#"):
+        m = re.match(rb"#\s*schema_size\s*=\s*(\d+)", first)
+        if not m:
+            raise UserError(f"{csv_path}: unrecognized comment line {first[:80]!r}")
+        schema_size = int(m.group(1))
+        skip = 1
+    try:
+        table = pacsv.read_csv(
+            csv_path,
+            read_options=pacsv.ReadOptions(skip_rows=skip),
+            convert_options=pacsv.ConvertOptions(
+                column_types={
+                    "x": pa.int64(),
+                    "y": pa.int64(),
+                    "z": pa.int64(),
+                    "rec": pa.int64(),
+                    "offset": pa.int64(),
+                    "size": pa.int64(),
+                    "batch_idx": pa.int64(),
+                }
+            ),
+        )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{csv_path}: bad sidecar CSV ({exc})") from None
+    cols = table.column_names
+    col = {n: table.column(n).to_numpy() for n in cols}
+    n = table.num_rows
+    if cols[:3] != ["x", "y", "z"]:
+        raise UserError(f"{csv_path}: sidecar header must start with x,y,z, got {cols}")
+    if "offset" in col and "size" in col:
+        off, size = col["offset"], col["size"]
+        row = col.get("batch_idx", np.zeros(n, dtype=np.int64))
+    elif "rec" in col:
+        # x,y,z,rec: rec is the global row number in the stream; find messages by walking them
+        moff, msize, mrows = _scan_messages(arrow.path, arrow.schema)
+        first_row = np.concatenate([[0], np.cumsum(mrows)])
+        rec = col["rec"]
+        if n and (rec.min() < 0 or rec.max() >= first_row[-1]):
+            raise UserError(
+                f"{csv_path}: rec values outside the {first_row[-1]} rows of {arrow.path}"
+            )
+        msg = np.searchsorted(first_row, rec, side="right") - 1
+        off, size, row = moff[msg], msize[msg], rec - first_row[msg]
+    else:
+        raise UserError(
+            f"{csv_path}: unknown sidecar header {cols} "
+            "(expected x,y,z,offset,size,batch_idx or x,y,z,rec[,offset,size])"
+        )
+    if schema_size is not None and n and off.min() < schema_size:
+        raise UserError(f"{csv_path}: a block offset lies inside the {schema_size}-byte schema")
+    bad = (off < 0) | (size <= 8) | (off + size > arrow.size) | (row < 0)
+    bad |= (col["x"] < 0) | (col["y"] < 0) | (col["z"] < 0)
+    bad |= (col["x"] >= 2**31) | (col["y"] >= 2**31) | (col["z"] >= 2**31)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(
+            f"{csv_path}: data row {i + 1} (block {col['x'][i]},{col['y'][i]},{col['z'][i]}) "
+            f"has a bad byte range/row/coordinate for the {arrow.size}-byte {arrow.path.name}"
+        )
+    return {"x": col["x"], "y": col["y"], "z": col["z"], "offset": off, "size": size, "row": row}
+
+
+class ShardsSource:
+    """A directory of DVID export-shards files as a `Source` (see the module docstring)."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        spec: str | None = None,
+        uuid: str = "*",
+        instance: str = "segmentation",
+    ) -> None:
+        root = Path(directory).expanduser()
+        if not root.is_dir():
+            raise UserError(
+                f"shards directory {str(directory)!r} does not exist or is not a directory"
+            )
+        self.root = root.resolve()
+        self.uuid = uuid
+        self.instance = instance
+        self._spec = _load_spec(spec) if spec else None
+        self._spec_path = spec
+        self._scales: dict[int, _ScaleIndex] = {}
+        self._mapping: tuple[np.ndarray, np.ndarray] | None = None
+        self._lock = threading.Lock()
+        self._build_index()
+
+    # ------------------------------------------------------------------ index
+    def _scale_dirs(self) -> list[tuple[int, Path]]:
+        out = []
+        for entry in sorted(os.listdir(self.root)):
+            m = _SCALE_RE.match(entry)
+            if not m:
+                continue
+            p = (self.root / entry).resolve()
+            if p.parent != self.root:
+                raise UserError(
+                    f"{self.root / entry}: scale directory resolves outside {self.root}"
+                )
+            if p.is_dir():
+                out.append((int(m.group(1)), p))
+        return out
+
+    def _build_index(self) -> None:
+        scale_dirs = self._scale_dirs()
+        if not scale_dirs:
+            raise UserError(f"{self.root}: no s<scale> directories (not an export-shards output)")
+        for scale, sdir in scale_dirs:
+            files: list[_ShardFile] = []
+            parts: list[dict[str, np.ndarray]] = []
+            for name in sorted(os.listdir(sdir)):
+                if not _FILE_RE.match(name):
+                    continue
+                path = sdir / name  # may be a symlink to the real file (tests, shared data)
+                if not path.is_file():
+                    raise UserError(f"{path}: not a regular file")
+                sf = _ShardFile(path=path, schema=_read_schema(path), size=path.stat().st_size)
+                csv_path = path.with_suffix(".csv")
+                if csv_path.is_file():
+                    d = _read_sidecar(csv_path, sf)
+                else:  # no sidecar: walk the stream's message headers
+                    moff, msize, mrows = _scan_messages(path, sf.schema)
+                    d = self._index_by_scan(sf, moff, msize, mrows)
+                d["file_id"] = np.full(len(d["x"]), len(files), dtype=np.int32)
+                files.append(sf)
+                parts.append(d)
+            self._scales[scale] = self._make_scale_index(scale, files, parts)
+
+    @staticmethod
+    def _index_by_scan(sf: _ShardFile, moff, msize, mrows) -> dict[str, np.ndarray]:
+        """Index of a file without sidecar: block coordinates need each batch's chunk columns."""
+        xs, ys, zs, offs, sizes, rows = [], [], [], [], [], []
+        with pa.memory_map(str(sf.path)) as mm:
+            for off, size, nrows in zip(
+                moff.tolist(), msize.tolist(), mrows.tolist(), strict=False
+            ):
+                mm.seek(off)
+                batch = ipc.read_record_batch(ipc.read_message(mm.read_buffer(size)), sf.schema)
+                xs.append(batch.column("chunk_x").to_numpy())
+                ys.append(batch.column("chunk_y").to_numpy())
+                zs.append(batch.column("chunk_z").to_numpy())
+                offs.append(np.full(nrows, off, dtype=np.int64))
+                sizes.append(np.full(nrows, size, dtype=np.int64))
+                rows.append(np.arange(nrows, dtype=np.int64))
+
+        def cat(a, dt):
+            return np.concatenate(a).astype(dt) if a else np.zeros(0, dtype=dt)
+
+        return {
+            "x": cat(xs, np.int64),
+            "y": cat(ys, np.int64),
+            "z": cat(zs, np.int64),
+            "offset": cat(offs, np.int64),
+            "size": cat(sizes, np.int64),
+            "row": cat(rows, np.int64),
+        }
+
+    def _make_scale_index(self, scale: int, files, parts) -> _ScaleIndex:
+        def cat(key, dt):
+            return np.concatenate([p[key] for p in parts]).astype(dt) if parts else np.zeros(0, dt)
+
+        x, y, z = cat("x", np.int64), cat("y", np.int64), cat("z", np.int64)
+        if self._spec is not None:
+            if scale >= len(self._spec):
+                raise UserError(
+                    f"{self.root}/s{scale}: the spec {self._spec_path!r} has only "
+                    f"{len(self._spec)} scales"
+                )
+            size = [int(v) for v in self._spec[scale]["size"]]
+            grid = tuple(math.ceil(v / BLOCK) for v in size)
+            vmin, vmax = (0, 0, 0), tuple(size)
+            outside = (x >= grid[0]) | (y >= grid[1]) | (z >= grid[2])
+            if outside.any():
+                i = int(np.flatnonzero(outside)[0])
+                fid = int(cat("file_id", np.int32)[i])
+                raise UserError(
+                    f"{files[fid].path}: block ({x[i]},{y[i]},{z[i]}) lies outside the scale-{scale} "
+                    f"grid {grid} of spec {self._spec_path!r} (wrong spec?)"
+                )
+        elif len(x):
+            grid = (int(x.max()) + 1, int(y.max()) + 1, int(z.max()) + 1)
+            vmin = (int(x.min()) * BLOCK, int(y.min()) * BLOCK, int(z.min()) * BLOCK)
+            vmax = tuple(g * BLOCK for g in grid)
+        else:
+            grid, vmin, vmax = (1, 1, 1), (0, 0, 0), (0, 0, 0)
+        info = ScaleInfo(
+            scale=scale, block_size=(BLOCK,) * 3, grid=grid, voxel_min=vmin, voxel_max=vmax
+        )
+        morton = morton_encode(x, y, z, grid)
+        order = np.argsort(morton, kind="stable")
+        morton = morton[order]
+        file_id = cat("file_id", np.int32)[order]
+        dup = np.flatnonzero(morton[1:] == morton[:-1])
+        if dup.size:
+            i = int(order[dup[0]])
+            j = int(order[dup[0] + 1])
+            fids = cat("file_id", np.int32)
+            raise UserError(
+                f"block ({x[i]},{y[i]},{z[i]}) of scale {scale} appears twice: in "
+                f"{files[fids[i]].path.name} and {files[fids[j]].path.name}"
+            )
+        return _ScaleIndex(
+            info=info,
+            files=files,
+            morton=morton,
+            x=x[order].astype(np.int32),
+            y=y[order].astype(np.int32),
+            z=z[order].astype(np.int32),
+            file_id=file_id,
+            offset=cat("offset", np.int64)[order],
+            size=cat("size", np.int64)[order],
+            row=cat("row", np.int64)[order].astype(np.int32),
+        )
+
+    # ------------------------------------------------------------------ Source
+    def info(self) -> VolumeInfo:
+        """One labelmap; scales are the ``s<k>`` directories present."""
+        return VolumeInfo(
+            uuid=self.uuid,
+            instance=self.instance,
+            codec="zstd",
+            scales=[self._scales[s].info for s in sorted(self._scales)],
+            has_mapping=True,
+            has_indices=False,
+        )
+
+    def _scale(self, scale: int) -> _ScaleIndex:
+        try:
+            return self._scales[scale]
+        except KeyError:
+            raise UserError(
+                f"scale {scale} not in {self.root} (scales {sorted(self._scales)})"
+            ) from None
+
+    def count(self, scale: int, level: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Exact block counts per Morton cell, straight from the sidecar index."""
+        idx = self._scale(scale)
+        if level < 0:
+            raise UserError(f"count level must be >= 0, got {level}")
+        cells = idx.morton >> np.uint64(min(level, 63)) if level < 64 else np.zeros_like(idx.morton)
+        uniq, counts = np.unique(cells, return_counts=True)
+        return uniq.astype(np.uint64), counts.astype(np.uint64), True
+
+    def block_range(self, scale: int, lo: int, hi: int) -> tuple[int, int]:
+        """Index positions ``[i0, i1)`` of the blocks with ``lo <= morton < hi``."""
+        m = self._scale(scale).morton
+        lo = max(int(lo), 0)
+        hi = max(int(hi), lo)
+        top = 1 << 64
+        i0 = (
+            int(np.searchsorted(m, np.uint64(min(lo, top - 1)), side="left"))
+            if lo < top
+            else len(m)
+        )
+        i1 = int(np.searchsorted(m, np.uint64(hi), side="left")) if hi < top else len(m)
+        return i0, i1
+
+    def read_blocks(self, scale: int, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        """Blocks with ``lo <= morton < hi`` in ascending Morton order, read by byte range."""
+        idx = self._scale(scale)
+        i0, i1 = self.block_range(scale, lo, hi)
+        start = i0
+        while start < i1:
+            # cut at <= MAX_BATCH_BYTES of IPC messages (an upper bound of the payloads)
+            csum = np.cumsum(idx.size[start : min(i1, start + MAX_BATCH_BLOCKS)])
+            n = max(1, int(np.searchsorted(csum, MAX_BATCH_BYTES, side="right")))
+            yield self._read_span(idx, start, start + n)
+            start += n
+
+    def _read_span(self, idx: _ScaleIndex, a: int, b: int) -> pa.RecordBatch:
+        n = b - a
+        pieces: list[pa.Array | None] = [None] * n
+        xyz_check = np.zeros((n, 3), dtype=np.int64)
+        fids = idx.file_id[a:b]
+        for fid in np.unique(fids).tolist():
+            sf = idx.files[fid]
+            pos = np.flatnonzero(fids == fid)
+            offs = idx.offset[a:b][pos]
+            sizes = idx.size[a:b][pos]
+            rows = idx.row[a:b][pos]
+            order = np.argsort(offs, kind="stable")
+            pos, offs, sizes, rows = pos[order], offs[order], sizes[order], rows[order]
+            ends = offs + sizes
+            # coalesce neighbouring ranges into spans read with one pread each
+            run_end = np.maximum.accumulate(ends)
+            new_span = np.concatenate([[True], offs[1:] > run_end[:-1] + _COALESCE_GAP])
+            span_ids = np.cumsum(new_span) - 1
+            fd = os.open(sf.path, os.O_RDONLY)
+            try:
+                for s in range(int(span_ids[-1]) + 1):
+                    sel = np.flatnonzero(span_ids == s)
+                    s_lo = int(offs[sel[0]])
+                    s_hi = int(ends[sel].max())
+                    buf = os.pread(fd, s_hi - s_lo, s_lo)
+                    if len(buf) != s_hi - s_lo:
+                        raise UserError(
+                            f"{sf.path}: file shorter than its sidecar says (byte {s_lo + len(buf)})"
+                        )
+                    pbuf = pa.py_buffer(buf)
+                    cache: dict[int, pa.RecordBatch] = {}
+                    for k in sel.tolist():
+                        o = int(offs[k])
+                        batch = cache.get(o)
+                        if batch is None:
+                            batch = self._decode_message(sf, pbuf, o - s_lo, int(sizes[k]), o)
+                            cache[o] = batch
+                        r = int(rows[k])
+                        if r >= batch.num_rows:
+                            raise UserError(
+                                f"{sf.path}: sidecar row {r} past the {batch.num_rows}-row batch at byte {o}"
+                            )
+                        p = int(pos[k])
+                        pieces[p] = batch.column("dvid_compressed_block").slice(r, 1)
+                        xyz_check[p] = (
+                            batch.column("chunk_x")[r].as_py(),
+                            batch.column("chunk_y")[r].as_py(),
+                            batch.column("chunk_z")[r].as_py(),
+                        )
+            finally:
+                os.close(fd)
+        x, y, z = idx.x[a:b], idx.y[a:b], idx.z[a:b]
+        bad = np.flatnonzero(
+            (xyz_check[:, 0] != x) | (xyz_check[:, 1] != y) | (xyz_check[:, 2] != z)
+        )
+        if bad.size:
+            k = int(bad[0])
+            raise UserError(
+                f"{idx.files[int(idx.file_id[a + k])].path}: sidecar says block ({x[k]},{y[k]},{z[k]}) "
+                f"at byte {idx.offset[a + k]} but the record there is block {tuple(xyz_check[k].tolist())}"
+            )
+        data = pa.concat_arrays([p.cast(pa.binary()) for p in pieces])  # type: ignore[union-attr]
+        return pa.RecordBatch.from_arrays(
+            [
+                pa.array(x, pa.int32()),
+                pa.array(y, pa.int32()),
+                pa.array(z, pa.int32()),
+                pa.array(idx.morton[a:b], pa.uint64()),
+                data,
+            ],
+            schema=BLOCKS_WIRE_SCHEMA,
+        )
+
+    @staticmethod
+    def _decode_message(
+        sf: _ShardFile, pbuf: pa.Buffer, rel: int, size: int, absolute: int
+    ) -> pa.RecordBatch:
+        try:
+            msg = ipc.read_message(pa.BufferReader(pbuf.slice(rel, size)))
+            if msg.type != "record batch":
+                raise ValueError(f"message type is {msg.type!r}")
+            return ipc.read_record_batch(msg, sf.schema)
+        except (pa.ArrowInvalid, ValueError, OSError) as exc:
+            raise UserError(
+                f"{sf.path}: no valid record batch at byte {absolute} (size {size}) as the sidecar says: {exc}"
+            ) from None
+
+    # ------------------------------------------------------------------ mapping
+    def _mapping_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            if self._mapping is None:
+                self._mapping = self._build_mapping()
+            return self._mapping
+
+    def _build_mapping(self) -> tuple[np.ndarray, np.ndarray]:
+        """Non-identity (sv, body) pairs of all files, deduplicated, sorted by sv."""
+        acc_sv: list[np.ndarray] = []
+        acc_body: list[np.ndarray] = []
+        for scale in sorted(self._scales):
+            for sf in self._scales[scale].files:
+                sv, body = self._file_pairs(sf)
+                acc_sv.append(sv)
+                acc_body.append(body)
+                if sum(len(a) for a in acc_sv) > (8 << 20):  # keep the accumulator compact
+                    s, b = _dedupe_pairs(np.concatenate(acc_sv), np.concatenate(acc_body), sf.path)
+                    acc_sv, acc_body = [s], [b]
+        if not acc_sv:
+            return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        return _dedupe_pairs(np.concatenate(acc_sv), np.concatenate(acc_body), self.root)
+
+    @staticmethod
+    def _file_pairs(sf: _ShardFile) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            with pa.memory_map(str(sf.path)) as mm:
+                table = ipc.open_stream(mm).read_all().select(["supervoxels", "labels"])
+                svs = table.column("supervoxels")
+                bodies = table.column("labels")
+                if table.num_rows == 0:
+                    return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+                len_sv = pc.list_value_length(svs)
+                len_b = pc.list_value_length(bodies)
+                if not pc.all(pc.equal(len_sv, len_b)).as_py():
+                    row = int(pc.index(pc.equal(len_sv, len_b), False).as_py())
+                    raise UserError(
+                        f"{sf.path}: row {row} has supervoxels and labels of different lengths "
+                        "(they must be aligned one to one)"
+                    )
+                sv = pc.list_flatten(svs).to_numpy().astype(np.uint64, copy=True)
+                body = pc.list_flatten(bodies).to_numpy().astype(np.uint64, copy=True)
+        except pa.ArrowInvalid as exc:
+            raise UserError(f"{sf.path}: cannot read the Arrow stream ({exc})") from None
+        keep = sv != body
+        return _dedupe_pairs(sv[keep], body[keep], sf.path)
+
+    def map_supervoxels(self, svs: np.ndarray) -> np.ndarray:
+        """Body of each supervoxel (identity where unmapped); vectorized searchsorted."""
+        keys, vals = self._mapping_arrays()
+        svs = np.asarray(svs, dtype=np.uint64)
+        out = svs.copy()
+        if keys.size == 0 or svs.size == 0:
+            return out
+        pos = np.searchsorted(keys, svs)
+        pos_c = np.minimum(pos, keys.size - 1)
+        hit = keys[pos_c] == svs
+        out[hit] = vals[pos_c[hit]]
+        return out
+
+    def read_mapping(self) -> Iterator[pa.RecordBatch]:
+        """All non-identity pairs, sorted by supervoxel."""
+        keys, vals = self._mapping_arrays()
+        for a in range(0, keys.size, _MAPPING_BATCH):
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(keys[a : a + _MAPPING_BATCH]), pa.array(vals[a : a + _MAPPING_BATCH])],
+                schema=MAPPING_SCHEMA,
+            )
+
+    def read_indices(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        """Shards carry no label indices (``info().has_indices`` is False)."""
+        return iter(())
+
+    def close(self) -> None:
+        with self._lock:
+            self._mapping = None
+
+
+def _dedupe_pairs(sv: np.ndarray, body: np.ndarray, where) -> tuple[np.ndarray, np.ndarray]:
+    """Unique (sv, body) pairs sorted by sv; a supervoxel with two bodies is an error."""
+    if sv.size == 0:
+        return sv.astype(np.uint64), body.astype(np.uint64)
+    order = np.lexsort((body, sv))
+    sv, body = sv[order], body[order]
+    keep = np.concatenate([[True], (sv[1:] != sv[:-1]) | (body[1:] != body[:-1])])
+    sv, body = sv[keep], body[keep]
+    clash = np.flatnonzero(sv[1:] == sv[:-1])
+    if clash.size:
+        i = int(clash[0])
+        raise UserError(
+            f"{where}: supervoxel {int(sv[i])} is mapped to two bodies "
+            f"({int(body[i])} and {int(body[i + 1])}) — the shards disagree about the mapping"
+        )
+    return sv, body
+
+
+__all__ = ["ShardsSource", "open_url"]
