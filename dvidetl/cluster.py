@@ -1,38 +1,124 @@
 """Where the Dask workers come from: `--cluster local` (default), `tcp://host:port`, `slurm`.
 
 `add_cluster_arguments` puts the options on a parser; `open_client(args)` returns a connected
-`distributed.Client` plus a closer, so `pipeline.py` never cares which kind it got.
+`distributed.Client` (closed with the cluster on exit), so `pipeline.py` never cares which kind
+it got. Every kind prints the dashboard URL when it starts.
+
+SLURM (`--cluster slurm`) goes through `dask_jobqueue.SLURMCluster`, which reads Dask's own
+configuration (`jobqueue.slurm.*`: a site's `~/.config/dask/jobqueue.yaml`, `$DASK_CONFIG`,
+`DASK_JOBQUEUE__SLURM__*` variables); our flags override it, and only where neither says
+anything do dvidetl's defaults for this workload apply. Why the extra machinery around it:
+
+- dask-jobqueue does not replace a worker job that SLURM took away (walltime, preemption,
+  `scancel`) when the cluster was sized with `scale(jobs=N)`, and adaptive scaling does not
+  either while the lost job still counts in its plan. `_JobKeeper` re-asserts the cluster's
+  size every few seconds, so lost jobs are resubmitted; the scheduler reschedules their
+  partitions and the sink's ledger keeps every partition exactly once.
+- A job SLURM rejects (memory larger than any node, unknown partition) is only *logged* by
+  dask-jobqueue and the run would wait forever, so the worker job script is first checked
+  with `sbatch --test-only` and a rejection becomes a one-line `UserError`.
+- Job logs never land in the current directory: they go to `--log-directory` (or the
+  config's `log-directory`, or `~/dvidetl-logs/slurm-<time>-<pid>`), with the job script.
+- Workers stop themselves before the walltime (`--lifetime` with a stagger, derived from the
+  walltime unless the config sets one), so SLURM's kill never hits a busy worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from dvidetl.errors import UserError
 
+#: dvidetl's fallbacks where neither a flag nor the site's jobqueue config says anything.
+DEFAULT_WORKER_CORES = 1
+#: measured peak worker memory per partition of 4096 blocks is well under 1 GiB; 4 GiB per
+#: core leaves room for Arrow buffers in flight and the zstd/overflow worst cases.
+DEFAULT_MEMORY_PER_CORE_GIB = 4
+DEFAULT_JOBS = 2
+DEFAULT_DASHBOARD = ":8787"
+#: seconds between checks for lost SLURM jobs that need a replacement.
+KEEPER_INTERVAL_S = 5.0
+
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `cluster` option group (local / tcp:// / slurm) to a command's parser."""
     g = parser.add_argument_group("cluster")
     g.add_argument(
         "--cluster",
         default="local",
         help="local (LocalCluster, one worker per core), tcp://HOST:PORT (existing scheduler), "
-        "or slurm (dask-jobqueue)",
+        "or slurm (dask-jobqueue; Dask config jobqueue.slurm.* applies, flags override)",
     )
     g.add_argument("--workers", type=int, default=None, help="local: number of workers")
     g.add_argument(
-        "--worker-memory", default=None, help="memory limit per worker, e.g. 4GiB"
+        "--worker-memory",
+        default=None,
+        help="memory per worker (local) or per SLURM job (slurm), e.g. 4GiB",
     )
     g.add_argument(
-        "--dashboard-address", default=":8787", help="Dask dashboard address (default :8787)"
+        "--dashboard-address", default=DEFAULT_DASHBOARD, help="Dask dashboard address (default :8787)"
     )
+    s = parser.add_argument_group("slurm (with --cluster slurm)")
+    size = s.add_mutually_exclusive_group()
+    size.add_argument(
+        "--jobs", type=int, default=None, help=f"fixed number of worker jobs (default {DEFAULT_JOBS})"
+    )
+    size.add_argument(
+        "--adapt",
+        default=None,
+        metavar="MIN:MAX",
+        help="adaptive number of worker jobs between MIN and MAX",
+    )
+    s.add_argument("--worker-cores", type=int, default=None, help="cores per worker job")
+    s.add_argument(
+        "--worker-processes",
+        type=int,
+        default=None,
+        help="Dask worker processes per job (default: one single-threaded process per core)",
+    )
+    s.add_argument("--partition", default=None, help="SLURM partition (sbatch -p)")
+    s.add_argument("--account", default=None, help="SLURM account (sbatch -A)")
+    s.add_argument("--walltime", default=None, help="worker job walltime, e.g. 04:00:00")
+    s.add_argument(
+        "--local-directory", default=None, help="worker spill directory (fast node-local scratch)"
+    )
+    s.add_argument(
+        "--log-directory",
+        default=None,
+        help="where worker job logs go (default: config, else ~/dvidetl-logs/slurm-<time>-<pid>)",
+    )
+    s.add_argument(
+        "--interface",
+        default=None,
+        help="network interface for scheduler and workers, e.g. ib0 (lo on a single node)",
+    )
+
+
+def _say(msg: str) -> None:
+    print(f"dvidetl: {msg}", file=sys.stderr, flush=True)
+
+
+def _dashboard_url(client: Any) -> str:
+    try:
+        return str(client.dashboard_link)
+    except Exception:  # no dashboard (bokeh missing) or scheduler without the service
+        return "(no dashboard)"
 
 
 @contextlib.contextmanager
-def open_client(args: argparse.Namespace) -> Iterator[object]:
+def open_client(args: argparse.Namespace) -> Iterator[Any]:
     """A `distributed.Client` for the cluster the options name; closed on exit."""
     from distributed import Client, LocalCluster
 
@@ -47,6 +133,7 @@ def open_client(args: argparse.Namespace) -> Iterator[object]:
             dashboard_address=args.dashboard_address,
         )
         client = Client(cluster)
+        _say(f"local cluster with {n} workers; dashboard {_dashboard_url(client)}")
         try:
             yield client
         finally:
@@ -57,13 +144,298 @@ def open_client(args: argparse.Namespace) -> Iterator[object]:
             client = Client(kind, timeout="30s")
         except OSError as exc:
             raise UserError(f"cannot reach the Dask scheduler at {kind}: {exc}") from None
+        _say(f"scheduler {kind}; dashboard {_dashboard_url(client)}")
         try:
             yield client
         finally:
             client.close()
     elif kind == "slurm":
-        raise UserError("--cluster slurm is not available in this build yet")
+        with open_slurm_client(args) as client:
+            yield client
     else:
         raise UserError(
             f"--cluster {kind!r} not understood: use local, tcp://HOST:PORT or slurm"
         )
+
+
+# ----------------------------------------------------------------------------- SLURM ---
+
+
+def parse_adapt(text: str) -> tuple[int, int]:
+    """`--adapt MIN:MAX` -> (MIN, MAX) in jobs; MAX >= 1 and 0 <= MIN <= MAX."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
+    if not m:
+        raise UserError(f"--adapt {text!r}: expected MIN:MAX worker jobs, e.g. 2:50")
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if hi < 1 or lo > hi:
+        raise UserError(f"--adapt {text!r}: need 0 <= MIN <= MAX and MAX >= 1")
+    return lo, hi
+
+
+_WALLTIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def parse_walltime(text: str) -> int:
+    """SLURM time formats (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`) -> s."""
+    m = _WALLTIME.fullmatch(str(text).strip())
+    if not m:
+        raise UserError(f"walltime {text!r} not understood: use HH:MM:SS or D-HH:MM:SS")
+    days, a, b, c = m.groups()
+    a_, b_, c_ = int(a), int(b) if b else None, int(c) if c else None
+    if days is not None:  # D-HH[:MM[:SS]]
+        return int(days) * 86400 + a_ * 3600 + (b_ or 0) * 60 + (c_ or 0)
+    if c_ is not None:  # HH:MM:SS
+        return a_ * 3600 + (b_ or 0) * 60 + c_
+    if b_ is not None:  # MM:SS
+        return a_ * 60 + b_
+    return a_ * 60  # MM
+
+
+def worker_lifetime(walltime_s: int) -> tuple[int, int]:
+    """(lifetime, stagger) in seconds so a worker retires before SLURM's walltime kill.
+
+    The margin is 10% of the walltime (at least 2 min, at most half of it); workers stop
+    after walltime - margin, +- half the margin so that they do not all leave at once.
+    """
+    margin = min(max(walltime_s // 10, 120), walltime_s // 2)
+    return walltime_s - margin, margin // 2
+
+
+def _config(key: str) -> Any:
+    import dask
+    import dask_jobqueue  # noqa: F401  (registers the jobqueue.* defaults)
+
+    return dask.config.get(f"jobqueue.slurm.{key}", None)
+
+
+def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for `SLURMCluster`: flags, else Dask's jobqueue.slurm config, else ours.
+
+    Keys left out fall through to dask-jobqueue's own reading of the config.
+    """
+    opt = lambda name: getattr(args, name, None)  # noqa: E731
+    kw: dict[str, Any] = {}
+
+    cores = opt("worker_cores") or _config("cores") or DEFAULT_WORKER_CORES
+    if cores < 1:
+        raise UserError(f"--worker-cores {cores}: must be at least 1")
+    kw["cores"] = int(cores)
+    memory = opt("worker_memory") or _config("memory") or f"{cores * DEFAULT_MEMORY_PER_CORE_GIB}GiB"
+    try:
+        from dask.utils import parse_bytes
+
+        if parse_bytes(memory) <= 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--worker-memory {memory!r}: expected a size like 8GiB") from None
+    kw["memory"] = memory
+    processes = opt("worker_processes") or _config("processes") or kw["cores"]
+    if processes < 1 or processes > kw["cores"]:
+        raise UserError(
+            f"--worker-processes {processes}: must be between 1 and the cores per job ({kw['cores']})"
+        )
+    kw["processes"] = int(processes)
+    # Workers run the very interpreter (and so the virtualenv) of the driver, unless the
+    # site config names another one.
+    kw["python"] = _config("python") or sys.executable
+
+    for flag, key in (
+        ("partition", "queue"),
+        ("account", "account"),
+        ("walltime", "walltime"),
+        ("local_directory", "local_directory"),
+        ("interface", "interface"),
+    ):
+        if opt(flag) is not None:
+            kw[key] = opt(flag)
+    walltime = kw.get("walltime") or _config("walltime")
+    if walltime:
+        walltime_s = parse_walltime(walltime)  # validates
+    else:
+        walltime_s = None
+
+    log_dir = opt("log_directory") or _config("log-directory")
+    if not log_dir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        log_dir = str(Path.home() / "dvidetl-logs" / f"slurm-{stamp}-{os.getpid()}")
+    log_dir = os.path.abspath(os.path.expanduser(str(log_dir)))
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the log directory {log_dir}: {exc}") from None
+    kw["log_directory"] = log_dir
+
+    if (_config("name") or "dask-worker") == "dask-worker":
+        kw["job_name"] = "dvidetl-worker"
+
+    # Retire before the walltime kill, unless the site config already chose a lifetime.
+    extra = list(_config("worker-extra-args") or [])
+    if walltime_s and "--lifetime" not in extra:
+        life, stagger = worker_lifetime(walltime_s)
+        extra += ["--lifetime", f"{life}s", "--lifetime-stagger", f"{stagger}s"]
+        kw["worker_extra_args"] = extra
+
+    sched = dict(_config("scheduler-options") or {})
+    dash = opt("dashboard_address")
+    if dash is not None and (dash != DEFAULT_DASHBOARD or "dashboard_address" not in sched):
+        sched["dashboard_address"] = dash
+    sched.setdefault("dashboard_address", DEFAULT_DASHBOARD)
+    kw["scheduler_options"] = sched
+    return kw
+
+
+def _sizing(args: argparse.Namespace) -> tuple[str, int, int]:
+    """("jobs", n, n) or ("adapt", lo, hi)."""
+    adapt = getattr(args, "adapt", None)
+    jobs = getattr(args, "jobs", None)
+    if adapt is not None:
+        if jobs is not None:
+            raise UserError("--jobs and --adapt exclude each other")
+        lo, hi = parse_adapt(adapt)
+        return "adapt", lo, hi
+    n = DEFAULT_JOBS if jobs is None else jobs
+    if n < 1:
+        raise UserError(f"--jobs {n}: must be at least 1")
+    return "jobs", n, n
+
+
+def _preflight(job_script: str, log_dir: str) -> None:
+    """Refuse early, with SLURM's own words, what sbatch would reject later.
+
+    dask-jobqueue only logs a failed submission, and the run would then wait forever for
+    workers; `sbatch --test-only` validates the same script without queueing anything.
+    """
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise UserError(
+            "--cluster slurm needs the SLURM client commands (sbatch, squeue, scancel) on PATH"
+        )
+    script = Path(log_dir) / "worker-job.sh"
+    script.write_text(job_script)
+    try:
+        proc = subprocess.run(
+            [sbatch, "--test-only", str(script)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=log_dir,
+        )
+    except subprocess.TimeoutExpired:
+        raise UserError("sbatch --test-only did not answer in 60 s: is slurmctld up?") from None
+    if proc.returncode != 0:
+        msg = " ".join((proc.stderr or proc.stdout).split()) or f"exit code {proc.returncode}"
+        raise UserError(
+            f"SLURM rejects the worker job ({msg}); check --worker-memory/--worker-cores/"
+            f"--partition/--account (job script: {script})"
+        )
+
+
+class _JobKeeper:
+    """Resubmits worker jobs SLURM took away, so the cluster keeps its size.
+
+    SpecCluster forgets a job whose worker left (after `distributed.deploy.lost-worker-timeout`)
+    but keeps it in its spec; asking it to scale to the spec's own size starts the missing
+    ones. Runs on the cluster's event loop, so it never races with adaptive scaling.
+    """
+
+    def __init__(self, cluster: Any) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        self.cluster = cluster
+        self.replaced = 0
+        self._pc = PeriodicCallback(self._check, KEEPER_INTERVAL_S * 1000)
+        self._started = threading.Event()
+
+    def _check(self) -> None:
+        from distributed.core import Status
+
+        c = self.cluster
+        if c.status != Status.running:
+            return
+        missing = set(c.worker_spec) - set(c.workers)
+        if missing:
+            self.replaced += len(missing)
+            _say(f"SLURM worker job(s) {sorted(map(str, missing))} lost; submitting replacements")
+            c.scale(jobs=len(c.worker_spec))
+
+    def start(self) -> None:
+        self.cluster.loop.add_callback(self._pc.start)
+
+    def stop(self) -> None:
+        done = threading.Event()
+
+        def _stop() -> None:
+            self._pc.stop()
+            done.set()
+
+        try:
+            self.cluster.loop.add_callback(_stop)
+            done.wait(5)
+        except Exception:  # loop already gone
+            pass
+
+
+def make_slurm_cluster(args: argparse.Namespace) -> Any:
+    """A started (not yet scaled) `SLURMCluster` from flags + config, checked by sbatch."""
+    from dask_jobqueue import SLURMCluster
+
+    kw = slurm_cluster_kwargs(args)
+    if shutil.which("sbatch") is None:
+        raise UserError(
+            "--cluster slurm needs the SLURM client commands (sbatch, squeue, scancel) on PATH"
+        )
+    try:
+        cluster = SLURMCluster(**kw)
+    except ValueError as exc:  # bad combination in config/flags
+        raise UserError(f"--cluster slurm: {exc}") from None
+    try:
+        _preflight(cluster.job_script(), kw["log_directory"])
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+@contextlib.contextmanager
+def open_slurm_client(args: argparse.Namespace) -> Iterator[Any]:
+    """`open_client` for `--cluster slurm`: SLURMCluster + lost-job keeper + client."""
+    from distributed import Client
+
+    mode, lo, hi = _sizing(args)
+    cluster = make_slurm_cluster(args)
+    keeper = _JobKeeper(cluster)
+    client = None
+    try:
+        if mode == "jobs":
+            cluster.scale(jobs=hi)
+            size = f"{hi} worker jobs"
+        else:
+            cluster.adapt(minimum_jobs=lo, maximum_jobs=hi)
+            size = f"{lo}..{hi} worker jobs (adaptive)"
+        keeper.start()
+        client = Client(cluster)
+        job = cluster._dummy_job
+        queue = getattr(args, "partition", None) or _config("queue") or "default partition"
+        _say(
+            f"SLURM cluster: {size} x {job.worker_cores} cores / {job.worker_memory / 2**30:.1f} GiB "
+            f"({job.worker_processes} worker process(es) each) on {queue}; "
+            f"job logs in {job.log_directory}"
+        )
+        _say(f"dashboard {_dashboard_url(client)}")
+        yield client
+    finally:
+        keeper.stop()
+        if client is not None:
+            client.close()
+        cluster.close()
+
+
+def memory_per_core_gib(peak_partition_bytes: int, partitions_in_flight: int = 2) -> int:
+    """GiB per core to request, from a measured peak worker memory per partition.
+
+    A single-threaded worker holds one partition being transformed plus about one more
+    being received or written; Dask starts spilling at 60% and pausing at 80% of its limit,
+    so the request is the working set / 0.6, rounded up to whole GiB.
+    """
+    need = peak_partition_bytes * partitions_in_flight / 0.6
+    return max(1, math.ceil(need / 2**30))
