@@ -1,0 +1,124 @@
+"""`python -m dvidetl run`: export one labelmap at one UUID, exactly once.
+
+Plans (or, with ``--resume``, reloads the stored plan), submits one Dask task per
+not-yet-committed partition, shows progress, prints the summary. Exit 0 only when every
+partition is committed and no block went to ``export_errors``; 1 otherwise (the summary
+says why); 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dvidetl import schema as S
+from dvidetl.cluster import add_cluster_arguments, open_client
+from dvidetl.errors import UserError
+
+
+def parse_scales(text: str | None) -> list[int] | None:
+    if text is None or text == "" or text == "all":
+        return None
+    try:
+        return sorted({int(s) for s in text.split(",") if s.strip() != ""})
+    except ValueError:
+        raise UserError(f"--scales {text!r}: expected comma-separated scale numbers, e.g. 0,1") from None
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from dvidetl.pipeline import DEFAULT_PARTITION_BLOCKS, add_flight_arguments
+    from dvidetl.sinks import DEFAULT_SINK
+
+    p = sub.add_parser("run", help="export a labelmap (blocks, label indices, mapping) to a sink")
+    add_flight_arguments(p)
+    p.add_argument("--sink", default=DEFAULT_SINK, help=f"where to write (default {DEFAULT_SINK})")
+    p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
+    p.add_argument("--partition-blocks", type=int, default=DEFAULT_PARTITION_BLOCKS,
+                   help=f"blocks per partition (default {DEFAULT_PARTITION_BLOCKS})")
+    p.add_argument("--cell-limit", type=int, default=S.DEFAULT_CELL_LIMIT,
+                   help=f"max bytes per binary/list cell (default {S.DEFAULT_CELL_LIMIT})")
+    p.add_argument("--zstd-level", type=int, default=3, help="zstd level of block bodies (default 3)")
+    p.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run: reuse its plan, skip committed partitions")
+    p.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
+    p.add_argument("--max-errors", type=int, default=None, help="stop submitting after more than N corrupt blocks")
+    p.add_argument("--retries", type=int, default=3, help="retries per failed partition (default 3)")
+    p.add_argument("--no-indices", action="store_true", help="skip the label_index table")
+    p.add_argument("--no-mapping", action="store_true", help="skip the mapping table")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_cluster_arguments(p)
+    p.set_defaults(source=None)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from dvidetl.pipeline import RunInfo, TaskContext, execute, make_plan, new_run_id, open_flight
+    from dvidetl.progress import Progress, summary
+    from dvidetl.sinks import open_sink
+
+    if args.partition_blocks < 1:
+        raise UserError(f"--partition-blocks must be at least 1 (got {args.partition_blocks})")
+    if args.cell_limit < 1024:
+        raise UserError(f"--cell-limit must be at least 1024 bytes (got {args.cell_limit})")
+    scales = parse_scales(args.scales)
+    ep = open_flight(args)
+    try:
+        info = ep.info
+        have = [s.scale for s in info.scales]
+        if scales is not None:
+            missing = [s for s in scales if s not in have]
+            if missing:
+                raise UserError(f"--scales {args.scales}: scales {missing} not in the volume (has {have})")
+        sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
+        if args.resume:
+            run = sink.load_run(args.resume)
+            if run.uuid != args.uuid or run.instance != ep.instance:
+                raise UserError(
+                    f"run {args.resume} exported {run.instance}@{run.uuid}, not {ep.instance}@{args.uuid}"
+                )
+        else:
+            parts = make_plan(info, ep.client.count, scales, args.partition_blocks,
+                              indices=not args.no_indices, mapping=not args.no_mapping)
+            run = RunInfo(
+                run_id=new_run_id(), uuid=args.uuid, instance=ep.instance, partitions=parts,
+                options={"scales": scales if scales is not None else have,
+                         "partition_blocks": args.partition_blocks, "cell_limit": args.cell_limit,
+                         "zstd_level": args.zstd_level},
+                volume=__import__("json").loads(info.to_json()),
+            )
+        nblocks = sum(p.blocks for p in run.partitions)
+        print(f"run {run.run_id}: {len(run.partitions)} partitions, ~{nblocks:,} blocks "
+              f"({ep.instance}@{args.uuid} from {ep.location} -> {args.sink})", file=sys.stderr)
+        if args.dry_run:
+            from dvidetl.commands.plan import print_plan
+
+            print_plan(run.partitions, sys.stdout)
+            return 0
+        sink.prepare(run)
+        opts = run.options
+        ctx = TaskContext(
+            run_id=run.run_id, location=ep.location, token=ep.token, uuid=args.uuid,
+            instance=ep.instance, sink_url=args.sink, codec=info.codec,
+            grids={s.scale: tuple(s.grid) for s in info.scales},
+            cell_limit=int(opts.get("cell_limit", args.cell_limit)),
+            zstd_level=int(opts.get("zstd_level", args.zstd_level)),
+        )
+        progress = None if args.quiet else Progress()
+        with open_client(args) as client:
+            res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,
+                          max_errors=args.max_errors)
+        print(summary(res, sink_desc=args.sink), file=sys.stderr)
+        print(f"run_id {run.run_id}", file=sys.stdout, flush=True)
+        if res.failed:
+            print(f"dvidetl run: {len(res.failed)} partitions failed; resume with --resume {run.run_id}",
+                  file=sys.stderr)
+            return 1
+        if res.aborted:
+            print(f"dvidetl run: aborted: {res.aborted}", file=sys.stderr)
+            return 1
+        if res.errors:
+            print(f"dvidetl run: {res.errors} blocks could not be exported (see export_errors)",
+                  file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        ep.close()

@@ -1,0 +1,489 @@
+"""Planning and the Dask graph of an export run (wiring only: the work is in ``transform``).
+
+Why futures, not ``dask.dataframe.from_map``: every task has a side effect (it commits its
+partition and ledger row to the sink) and returns only a small stats dict; nothing is
+shuffled or reduced, so a dataframe would add meta inference and graph optimisation for no
+gain. With futures the driver streams completions (``distributed.as_completed``) into the
+progress line, keeps a bounded window of partitions in flight (a CNS plan has ~10^5
+partitions; the scheduler never holds them all), retries each failed task (``retries=``),
+and can stop submitting when ``--max-errors`` is reached. Each task gets only small
+arguments: the Flight location, the token (wrapped so it never prints), the sink URL, and
+one plan entry — workers read their bytes from the Flight server themselves. Tasks are
+``pure=False`` with keys derived from the partition, so a resubmitted partition is a new
+attempt, never a cached result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dvidetl import schema as S
+from dvidetl.geometry import VolumeInfo
+from dvidetl.sinks.base import LABEL_END, Partition, RunInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARTITION_BLOCKS = 4096
+
+CountFn = Callable[[int, int], tuple[np.ndarray, np.ndarray, bool]]
+
+
+# ---------------------------------------------------------------------------------------------
+# planning (pure functions over count() answers)
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_scale(count: CountFn, scale: int, morton_end: int, target: int) -> list[Partition]:
+    """Partitions of about ``target`` blocks covering every non-empty cell of one scale.
+
+    ``count(scale, level)`` answers blocks per aligned cell ``morton >> level`` (only
+    non-empty cells need be listed). Start coarse (cells of 64 x target slots), replace cells
+    holding more than ``target`` blocks by their children at a finer level (asking count
+    again, three levels finer each round, down to cells of at most ``target`` slots), drop
+    empty cells, then merge Morton-consecutive cells greedily into partitions (cumulative sum,
+    vectorized). Deterministic: the same counts give the same plan. Memory is bounded by the
+    number of non-empty cells at the finest level used (about blocks / target x a small
+    factor), never by the number of blocks.
+    """
+    if target < 1:
+        raise ValueError(f"partition size must be at least 1 block (got {target})")
+    total_bits = max(int(morton_end).bit_length() - 1, 0)
+    fine = min(max(int(target).bit_length() - 1, 0), total_bits)  # 2**fine <= target
+    level = min(total_bits, fine + 6)
+    lo, hi, cnt = _cells(count, scale, level)
+    while level > 0:
+        heavy = cnt > target
+        if not heavy.any():
+            break
+        nxt = max(level - 3, 0) if level > fine else level - 1
+        flo, fhi, fcnt = _cells(count, scale, nxt)
+        parents = flo >> np.uint64(level)
+        heavy_ids = np.unique(lo[heavy] >> np.uint64(level))
+        sel = np.isin(parents, heavy_ids)
+        keep = ~heavy
+        lo = np.concatenate([lo[keep], flo[sel]])
+        hi = np.concatenate([hi[keep], fhi[sel]])
+        cnt = np.concatenate([cnt[keep], fcnt[sel]])
+        order = np.argsort(lo, kind="stable")
+        lo, hi, cnt = lo[order], hi[order], cnt[order]
+        level = nxt
+    return merge_cells(scale, lo, hi, cnt, target, morton_end)
+
+
+def _cells(count: CountFn, scale: int, level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cells, counts, _exact = count(scale, level)
+    cells = np.asarray(cells, dtype=np.uint64)
+    counts = np.asarray(counts, dtype=np.int64)
+    if cells.shape != counts.shape:
+        raise ValueError(f"count(scale={scale}, level={level}) returned mismatched arrays")
+    nz = counts > 0
+    cells, counts = cells[nz], counts[nz]
+    order = np.argsort(cells, kind="stable")
+    cells, counts = cells[order], counts[order]
+    if len(cells) > 1 and np.any(cells[1:] == cells[:-1]):
+        raise ValueError(f"count(scale={scale}, level={level}) listed a cell twice")
+    sh = np.uint64(level)
+    return cells << sh, (cells + np.uint64(1)) << sh, counts
+
+
+def merge_cells(
+    scale: int, lo: np.ndarray, hi: np.ndarray, cnt: np.ndarray, target: int, morton_end: int
+) -> list[Partition]:
+    """Group Morton-sorted non-empty cells into consecutive runs of about ``target`` blocks
+    (a group closes once its cumulative count reaches a multiple of ``target``)."""
+    if len(lo) == 0:
+        return []
+    cum = np.cumsum(cnt)
+    excl = cum - cnt
+    group = excl // int(target)
+    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+    ends = np.concatenate([starts[1:], [len(lo)]]) - 1
+    sums = cum[ends] - excl[starts]
+    his = np.minimum(hi[ends], np.uint64(morton_end))
+    return [
+        Partition("blocks", int(scale), int(a), int(b), int(c))
+        for a, b, c in zip(lo[starts].tolist(), his.tolist(), sums.tolist(), strict=True)
+    ]
+
+
+def make_plan(
+    info: VolumeInfo,
+    count: CountFn,
+    scales: list[int] | None = None,
+    partition_blocks: int = DEFAULT_PARTITION_BLOCKS,
+    *,
+    indices: bool = True,
+    mapping: bool = True,
+) -> list[Partition]:
+    """The whole run's partitions: blocks of each scale (Morton order), then the label
+    indices (one label range) and the mapping (one partition, streamed)."""
+    scales = [s.scale for s in info.scales] if scales is None else list(scales)
+    parts: list[Partition] = []
+    for s in scales:
+        si = info.scale(s)
+        parts += plan_scale(count, s, si.morton_end, partition_blocks)
+    if indices and info.has_indices and 0 in scales:
+        parts.append(Partition("indices", 0, 0, LABEL_END))
+    if mapping and info.has_mapping:
+        parts.append(Partition("mapping", 0, 0, LABEL_END))
+    return parts
+
+
+def new_run_id() -> str:
+    """Sortable, unique enough: UTC time to the second plus 6 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks (run on the workers)
+# ---------------------------------------------------------------------------------------------
+
+
+class Secret:
+    """A token that never shows in reprs, logs or the dashboard."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None):
+        self._value = value
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)" if self._value else "Secret(None)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return (Secret, (self._value,))
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """The small, picklable context every task gets."""
+
+    run_id: str
+    location: str
+    token: Secret
+    uuid: str
+    instance: str
+    sink_url: str
+    codec: str
+    grids: dict  # scale -> grid (x, y, z)
+    cell_limit: int = S.DEFAULT_CELL_LIMIT
+    zstd_level: int = 3
+
+
+_CLIENTS: dict = {}
+_SINKS: dict = {}
+
+
+def _client(ctx: TaskContext):
+    from dvidetl.flight.client import FlightClient
+
+    key = (ctx.location, ctx.token.get(), ctx.uuid, ctx.instance)
+    c = _CLIENTS.get(key)
+    if c is None:
+        c = FlightClient(ctx.location, token=ctx.token.get(), uuid=ctx.uuid, instance=ctx.instance)
+        _CLIENTS[key] = c
+    return c
+
+
+def _sink(ctx: TaskContext):
+    from dvidetl.sinks import open_sink
+
+    key = (ctx.sink_url, ctx.uuid, ctx.instance)
+    s = _SINKS.get(key)
+    if s is None:
+        s = open_sink(ctx.sink_url, uuid=ctx.uuid, instance=ctx.instance)
+        _SINKS[key] = s
+    return s
+
+
+def _skipped(part: Partition) -> dict:
+    return {"key": part.key, "kind": part.kind, "skipped": True, "blocks": 0, "errors": 0,
+            "bytes_in": 0, "bytes_out": 0, "rows": 0}
+
+
+def export_partition(ctx: TaskContext, part: Partition) -> dict:
+    """One task: read, transform and commit one partition (or nothing if already committed
+    by an earlier attempt). Returns small stats for the driver."""
+    from dvidetl.transform import label_index_rows, transform_blocks
+
+    t0 = time.perf_counter()
+    sink = _sink(ctx)
+    if sink.is_done(ctx.run_id, part):
+        return _skipped(part)
+    client = _client(ctx)
+    if part.kind == "blocks":
+        grid = tuple(ctx.grids[part.scale] if part.scale in ctx.grids else ctx.grids[str(part.scale)])
+        tables, st = transform_blocks(
+            client.read_blocks(part.scale, part.lo, part.hi),
+            ctx.codec,
+            client.map_supervoxels,
+            scale=part.scale,
+            grid=grid,
+            lo=part.lo,
+            hi=part.hi,
+            run_id=ctx.run_id,
+            cell_limit=ctx.cell_limit,
+            zstd_level=ctx.zstd_level,
+        )
+        stats = {"blocks": st.blocks, "errors": st.errors, "bytes_in": st.bytes_in,
+                 "bytes_out": st.bytes_out, "raw_bytes": st.raw_bytes}
+    elif part.kind == "indices":
+        grid0 = tuple(ctx.grids.get(0) or ctx.grids.get("0"))
+        counter = _Counter()
+        tables = {"label_index": counter.wrap(label_index_rows(client.read_indices(part.lo, part.hi), grid0))}
+        stats = {"errors": 0}
+    elif part.kind == "mapping":
+        counter = _Counter()
+        tables = {"mapping": counter.wrap(client.read_mapping())}
+        stats = {"errors": 0}
+    else:
+        raise ValueError(f"unknown partition kind {part.kind!r}")
+    stats["seconds"] = 0.0
+    if part.kind != "blocks":
+        # streamed tables: stats are known once the sink has consumed the stream
+        stats = _LazyStats(stats, counter, t0)
+    else:
+        stats["seconds"] = time.perf_counter() - t0
+    sink.write_partition(ctx.run_id, part, tables, stats)
+    out = stats.final() if isinstance(stats, _LazyStats) else dict(stats)
+    out.update(key=part.key, kind=part.kind, skipped=False, rows=out.get("blocks", 0))
+    return out
+
+
+class _Counter:
+    """Counts rows and bytes of a stream as the sink consumes it."""
+
+    def __init__(self):
+        self.rows = 0
+        self.nbytes = 0
+
+    def wrap(self, it) -> Iterator:
+        for chunk in it:
+            self.rows += chunk.num_rows
+            self.nbytes += chunk.nbytes
+            yield chunk
+
+
+class _LazyStats(dict):
+    """Stats of a streamed partition, read by the sink (``.get``) after it consumed the
+    stream, so rows / bytes / seconds are final by then."""
+
+    def __init__(self, base: dict, counter: _Counter, t0: float):
+        super().__init__(base)
+        self._counter, self._t0 = counter, t0
+
+    def get(self, k, default=None):
+        if k == "blocks":
+            return self._counter.rows
+        if k in ("bytes_in", "bytes_out"):
+            return self._counter.nbytes
+        if k == "seconds":
+            return time.perf_counter() - self._t0
+        return super().get(k, default)
+
+    def final(self) -> dict:
+        return {k: self.get(k) for k in ("blocks", "bytes_in", "bytes_out", "seconds", "errors")}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run (driver)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    partitions: int = 0  # in the plan
+    done: int = 0  # committed by this invocation
+    skipped: int = 0  # already committed (resume / retried after commit)
+    failed: list = field(default_factory=list)  # (key, reason)
+    blocks: int = 0
+    errors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    raw_bytes: int = 0
+    seconds: float = 0.0
+    aborted: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.errors == 0 and self.aborted is None
+
+
+def execute(
+    client,
+    run: RunInfo,
+    ctx: TaskContext,
+    sink,
+    *,
+    progress=None,
+    retries: int = 3,
+    max_errors: int | None = None,
+    window: int | None = None,
+) -> RunResult:
+    """Submit every not-yet-committed partition of ``run`` (bounded window), follow
+    completions, and return totals. Partitions already in the ledger are skipped."""
+    from distributed import as_completed
+
+    t0 = time.perf_counter()
+    res = RunResult(run.run_id, partitions=len(run.partitions))
+    done_keys = sink.done(run.run_id)
+    todo = [p for p in run.partitions if p.key not in done_keys]
+    res.skipped = len(run.partitions) - len(todo)
+    if res.skipped:
+        prev = sink.ledger(run.run_id)
+        if prev.num_rows:
+            import pyarrow.compute as pc
+
+            isb = pc.equal(prev.column("kind"), "blocks")
+            res.blocks += int(pc.sum(pc.filter(prev.column("blocks"), isb)).as_py() or 0)
+            res.errors += int(pc.sum(prev.column("errors")).as_py() or 0)
+            res.bytes_in += int(pc.sum(pc.filter(prev.column("bytes_in"), isb)).as_py() or 0)
+            res.bytes_out += int(pc.sum(pc.filter(prev.column("bytes_out"), isb)).as_py() or 0)
+    if progress is not None:
+        progress.start(total_blocks=sum(p.blocks for p in run.partitions),
+                       done_blocks=res.blocks, total_parts=len(run.partitions), done_parts=res.skipped)
+    if window is None:
+        nthreads = sum(client.nthreads().values()) or 1
+        window = max(8, 4 * nthreads)
+    ctx_f = ctx
+    pending = iter(todo)
+    ac = as_completed()
+    futs = {}
+
+    def submit_next() -> bool:
+        p = next(pending, None)
+        if p is None:
+            return False
+        f = client.submit(export_partition, ctx_f, p, key=f"export-{run.run_id}-{p.key}-{os.urandom(2).hex()}",
+                          retries=retries, pure=False)
+        futs[f.key] = p
+        ac.add(f)
+        return True
+
+    for _ in range(window):
+        if not submit_next():
+            break
+    stop = False
+    for fut in ac:
+        part = futs.pop(fut.key)
+        try:
+            st = fut.result()
+        except Exception as exc:  # noqa: BLE001 — a failed partition is reported, not fatal
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            res.failed.append((part.key, reason))
+            log.error("partition %s failed after %d retries: %s", part.key, retries, reason)
+        else:
+            if st.get("skipped"):
+                res.skipped += 1
+            else:
+                res.done += 1
+                if part.kind == "blocks":
+                    res.blocks += int(st.get("blocks", 0))
+                    res.bytes_in += int(st.get("bytes_in", 0))
+                    res.bytes_out += int(st.get("bytes_out", 0))
+                    res.raw_bytes += int(st.get("raw_bytes", 0))
+                res.errors += int(st.get("errors", 0))
+        finally:
+            fut.release()
+        if progress is not None:
+            progress.update(part, res)
+        if max_errors is not None and res.errors > max_errors and not stop:
+            res.aborted = f"more than {max_errors} block errors ({res.errors})"
+            stop = True
+        if not stop:
+            submit_next()
+    res.seconds = time.perf_counter() - t0
+    if progress is not None:
+        progress.finish(res)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# the Flight endpoint a command talks to (given, or the embedded reference server)
+# ---------------------------------------------------------------------------------------------
+
+
+def add_flight_arguments(parser) -> None:
+    """--uuid / --instance / --flight / --token-file, shared by run, plan, verify, inspect."""
+    parser.add_argument("--uuid", required=True, help="version UUID to export (embedded default: synthetic volume name, e.g. demo)")
+    parser.add_argument("--instance", default=None, help="labelmap instance (default: the server's)")
+    parser.add_argument(
+        "--flight", default=None, metavar="grpc://HOST:PORT",
+        help="Flight server; without it an in-process reference server over synthetic://UUID is started",
+    )
+    parser.add_argument("--token-file", default=None, help="file holding the server's bearer token")
+
+
+def read_token(path: str | None) -> str | None:
+    """The bearer token from a file (never from argv); a missing file is a UserError."""
+    if not path:
+        return None
+    from dvidetl.errors import UserError
+
+    try:
+        tok = open(path, encoding="utf-8").read().strip()
+    except OSError as exc:
+        raise UserError(f"cannot read --token-file {path!r}: {exc.strerror}") from None
+    if not tok:
+        raise UserError(f"--token-file {path!r} is empty")
+    return tok
+
+
+class FlightEndpoint:
+    """A Flight location (+ token) and a driver-side client; the embedded server if any."""
+
+    def __init__(self, location: str, token: str | None, uuid: str, instance: str | None, server=None):
+        from dvidetl.flight.client import FlightClient
+
+        self.location = location
+        self.token = Secret(token)
+        self.server = server
+        self.uuid = uuid
+        self.client = FlightClient(location, token=token, uuid=uuid, instance=instance)
+        self.info = self.client.info()
+        self.instance = instance or self.info.instance
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001
+            pass
+        if self.server is not None:
+            self.server.stop()
+
+
+def open_flight(args, *, host: str = "127.0.0.1") -> FlightEndpoint:
+    """The endpoint the options name: ``--flight`` or the embedded reference server over
+    ``synthetic://<uuid>`` (bound to loopback; local workers reach it there)."""
+    from dvidetl.errors import UserError
+
+    token = read_token(getattr(args, "token_file", None))
+    server = None
+    location = args.flight
+    if location is None:
+        from dvidetl.flight.server import start_server
+        from dvidetl.sources import open_source
+
+        src = getattr(args, "source", None) or f"synthetic://{args.uuid}"
+        server = start_server(open_source(src), host=host, port=0, token=token)
+        location = server.location
+    elif not location.startswith(("grpc://", "grpc+tcp://", "grpc+tls://")):
+        raise UserError(f"--flight {location!r}: expected grpc://HOST:PORT or grpc+tls://HOST:PORT")
+    try:
+        return FlightEndpoint(location, token, args.uuid, args.instance, server)
+    except Exception:
+        if server is not None:
+            server.stop()
+        raise
