@@ -308,9 +308,21 @@ def reassemble(blocks: pa.Table, overflow: pa.Table | None) -> pa.Table:
             ocol = np.asarray(ov.column("column").to_numpy(zero_copy_only=False))
             omorton = ov.column("morton").to_numpy()
             odata = ov.column("data").combine_chunks() if ov.num_rows else pa.array([], pa.binary())
+            opart = ov.column("part").to_numpy().astype(np.int64)
             for colname in ("body", *LIST_COLUMNS):
                 m = ocol == colname
-                ukeys, joined = _group_join(omorton[m], odata.filter(pa.array(m)))
+                k, pp = omorton[m], opart[m]
+                first = BODY_CELLS if colname == "body" else 0
+                if len(k):
+                    start = np.concatenate([[True], k[1:] != k[:-1]])
+                    expect = np.where(start, first, np.concatenate([[0], pp[:-1] + 1]))
+                    if np.any(pp != expect):
+                        bad = k[pp != expect][:5].tolist()
+                        raise ValueError(
+                            f"scale {s}: block_overflow parts of column {colname!r} missing or "
+                            f"repeated (morton {bad})"
+                        )
+                ukeys, joined = _group_join(k, odata.filter(pa.array(m)))
                 if colname == "body":
                     need = rows[nparts[rows] > BODY_CELLS]
                 else:

@@ -1,0 +1,156 @@
+"""Table schemas, cell cutting / reassembly, and the Parquet sink's commit rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dvidetl import schema as S
+from dvidetl.sinks import open_sink
+from dvidetl.sinks.base import Partition, RunInfo
+from dvidetl.transform import blocks_tables, errors_table
+
+
+def test_tables_exactly_as_specified():
+    assert S.DEFAULT_CELL_LIMIT == 129_024
+    assert S.BLOCKS.names == [
+        "scale", "x", "y", "z", "morton", "supervoxels", "labels", "sv_voxels", "raw_size",
+        "crc32", "body_size", "nparts", "body0", "body1", "body2", "body3", "overflow",
+    ]
+    assert S.BLOCKS.field("supervoxels").type == pa.list_(pa.uint64())
+    assert S.BLOCKS.field("sv_voxels").type == pa.list_(pa.uint32())
+    assert S.BLOCKS.field("scale").type == pa.uint8()
+    assert S.BLOCKS.field("nparts").type == pa.uint8()
+    assert S.BLOCK_OVERFLOW.names == ["scale", "morton", "column", "part", "data"]
+    assert S.LABEL_INDEX.names == ["label", "supervoxel", "x", "y", "z", "morton", "voxels"]
+    assert S.MAPPING.names == ["supervoxel", "body"]
+    assert {"run_id", "scale", "x", "y", "z", "stage", "reason", "data"} <= set(S.EXPORT_ERRORS.names)
+    assert set(S.TABLES) == {"blocks", "block_overflow", "label_index", "mapping", "export_ledger", "export_errors"}
+    with pytest.raises(KeyError, match="unknown table"):
+        S.schema("nope")
+    with pytest.raises(ValueError, match="missing columns"):
+        S.conform("mapping", pa.table({"supervoxel": [1]}))
+
+
+def _random_blocks(rng, n, limit, big=False):
+    lens = rng.integers(0, 6 * limit if big else 2 * limit, n)
+    lens[0] = 0 if n > 1 else lens[0]
+    bodies = [rng.integers(0, 256, int(k), dtype=np.uint8).tobytes() for k in lens]
+    nl = rng.integers(1, (limit // 8) * (3 if big else 1) + 2, n)
+    svs = [rng.integers(0, 2**64 - 1, int(k), dtype=np.uint64).tolist() for k in nl]
+    labs = [rng.integers(0, 2**64 - 1, int(k), dtype=np.uint64).tolist() for k in nl]
+    vox = [rng.integers(0, 2**32 - 1, int(k), dtype=np.uint32).tolist() for k in nl]
+    return bodies, svs, labs, vox
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(64, 400), st.booleans(), st.integers(0, 2**32 - 1))
+def test_cut_and_reassemble_roundtrip(n, limit, big, seed):
+    rng = np.random.default_rng(seed)
+    bodies, svs, labs, vox = _random_blocks(rng, n, limit, big)
+    m = np.sort(rng.choice(1 << 30, n, replace=False)).astype(np.uint64)
+    b, o = blocks_tables(
+        1, np.arange(n), np.arange(n), np.arange(n), m,
+        pa.array(svs, pa.list_(pa.uint64())), pa.array(labs, pa.list_(pa.uint64())),
+        pa.array(vox, pa.list_(pa.uint32())), np.arange(n), np.arange(n),
+        pa.array(bodies, pa.binary()), cell_limit=limit,
+    )
+    # every cell within the limit
+    for c in S.BODY_COLUMNS:
+        assert (pc.max(pc.binary_length(b.column(c))).as_py() or 0) <= limit
+    for c in S.LIST_COLUMNS:
+        w = S.LIST_COLUMNS[c].byte_width
+        assert (pc.max(pc.list_value_length(b.column(c))).as_py() or 0) * w <= limit
+    assert (pc.max(pc.binary_length(o.column("data"))).as_py() or 0) <= limit
+    # any row order, overflow table of a superset
+    perm = rng.permutation(n)
+    r = S.reassemble(b.take(pa.array(perm)), o)
+    assert r.column("body").to_pylist() == [bodies[i] for i in perm]
+    assert r.column("supervoxels").to_pylist() == [svs[i] for i in perm]
+    assert r.column("labels").to_pylist() == [labs[i] for i in perm]
+    assert r.column("sv_voxels").to_pylist() == [vox[i] for i in perm]
+    flagged = np.asarray(b.column("overflow"))
+    assert flagged.tolist() == [
+        len(bodies[i]) > 4 * limit or len(svs[i]) * 8 > limit for i in range(n)
+    ]
+    if o.num_rows:
+        with pytest.raises(ValueError, match="missing|null|differ"):
+            S.reassemble(b, o.slice(1))
+
+
+def test_join_body_cells_keeps_rows_with_empty_bodies():
+    t = pa.table({c: pa.array([None, b"a" if c == "body0" else None, None], pa.binary()) for c in S.BODY_COLUMNS})
+    assert S.join_body_cells(t).to_pylist() == [b"", b"a", b""]
+
+
+def test_errors_table_parts():
+    data = pa.array([b"x" * 250, b"", None], pa.binary())
+    t = errors_table("r1", 2, [1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 20, 30], "repack", ["bad a", "bad b", "bad c"], data, cell_limit=100)
+    assert t.schema == S.EXPORT_ERRORS
+    assert t.column("morton").to_pylist() == [10, 10, 10, 20, 30]
+    assert t.column("part").to_pylist() == [0, 1, 2, 0, 0]
+    assert b"".join(t.column("data").to_pylist()[:3]) == b"x" * 250
+
+
+def _mapping(lo, n):
+    return pa.table({"supervoxel": pa.array(np.arange(lo, lo + n), pa.uint64()), "body": pa.array(np.arange(n), pa.uint64())})
+
+
+def test_parquet_sink_commit_rules(tmp_path):
+    sink = open_sink(f"parquet://{tmp_path}", uuid="u1", instance="seg")
+    parts = [Partition("mapping", 0, 0, 100), Partition("mapping", 0, 100, 200), Partition("mapping", 0, 200, 300)]
+    run = RunInfo("20260101T000000Z-aaaaaa", "u1", "seg", parts, options={"x": 1})
+    sink.prepare(run)
+    assert sink.load_run(run.run_id).partitions == parts
+    assert sink.runs() == [run.run_id] and sink.latest_run() == run.run_id
+    assert not sink.is_done(run.run_id, parts[0])
+    sink.write_partition(run.run_id, parts[0], {"mapping": _mapping(0, 10)}, {"blocks": 10})
+    # streamed batches are committed the same way
+    sink.write_partition(run.run_id, parts[1], {"mapping": iter(_mapping(100, 5).to_batches(2))}, {})
+    # a partition written but not committed (crash before the ledger rename) stays invisible
+    f = sink.file_of("mapping", parts[2])
+    import pyarrow.parquet as pq
+
+    pq.write_table(_mapping(200, 3), f)
+    assert sink.done(run.run_id) == {parts[0].key, parts[1].key}
+    t = sink.read("mapping")
+    assert sorted(t.column("supervoxel").to_pylist()) == list(range(10)) + list(range(100, 105))
+    led = sink.ledger(run.run_id)
+    assert led.num_rows == 2 and sorted(led.column("rows").to_pylist()) == [5, 10]
+    # rewriting a committed partition replaces, never duplicates
+    sink.write_partition(run.run_id, parts[0], {"mapping": _mapping(0, 10)}, {})
+    assert sink.read("mapping").num_rows == 15
+    # an empty table removes a stale file of an earlier attempt
+    sink.write_partition(run.run_id, parts[2], {"mapping": _mapping(0, 0)}, {})
+    assert not f.exists()
+    assert not [p for p in tmp_path.rglob(".*tmp*")], "temp files left behind"
+    with pytest.raises(Exception, match="no run"):
+        sink.load_run("nope")
+
+
+def test_parquet_sink_blocks_layout(tmp_path):
+    sink = open_sink(f"parquet://{tmp_path}/out", uuid="u", instance="seg")
+    p = Partition("blocks", 2, 0x10, 0x20, 3)
+    run = RunInfo("r1", "u", "seg", [p])
+    sink.prepare(run)
+    n = 3
+    b, o = blocks_tables(
+        2, [1, 2, 3], [0, 0, 0], [0, 0, 0], np.array([0x10, 0x11, 0x1F], np.uint64),
+        pa.array([[1], [2, 3], list(range(40))], pa.list_(pa.uint64())),
+        pa.array([[1], [2, 3], list(range(40))], pa.list_(pa.uint64())),
+        pa.array([[5], [6, 7], [1] * 40], pa.list_(pa.uint32())), np.zeros(n), np.zeros(n),
+        pa.array([b"a" * 10, b"b" * 300, b"c"], pa.binary()), cell_limit=64,
+    )
+    sink.write_partition("r1", p, {"blocks": b, "block_overflow": o}, {"blocks": 3})
+    assert (tmp_path / "out/seg/u/blocks/scale=2/part-0000000000000010-0000000000000020.parquet").exists()
+    assert (tmp_path / "out/seg/u/block_overflow/scale=2").is_dir()
+    assert list((tmp_path / "out/seg/u/export_ledger/run=r1").glob("*.parquet"))
+    got = sink.read("blocks", scale=2, morton_range=(0x11, 0x20))
+    assert got.column("morton").to_pylist() == [0x11, 0x1F]
+    r = S.reassemble(sink.read("blocks"), sink.read("block_overflow"))
+    assert r.column("body").to_pylist() == [b"a" * 10, b"b" * 300, b"c"]
+    assert sink.read("blocks", scale=1).num_rows == 0
