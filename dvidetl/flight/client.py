@@ -1,0 +1,453 @@
+"""The Flight client the export workers use (stable API): one labelmap at one UUID.
+
+Why it looks like this:
+
+* **A stream is retried from its start.** A partition (one ticket) is the unit of retry: when a
+  stream breaks, the client reconnects, re-sends the same ticket and skips the rows it already
+  delivered (streams are deterministic for a given source state), so the caller sees every row
+  exactly once and never has to restart its own work. After ``retries`` failed attempts (with
+  exponential backoff) it raises :class:`FlightUnavailable` naming the server and the call.
+* **Cheap on Dask workers.** The client pickles to ``(location, token, options)`` and
+  reconnects lazily on first use, so it can be shipped in a task graph.
+* **Errors are actionable.** A bad request comes back as :class:`FlightRequestError` (a
+  `UserError`, message from the server naming the field), a bad token as
+  :class:`FlightAuthError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from dvidetl.errors import UserError
+from dvidetl.flight import protocol as P
+from dvidetl.geometry import VolumeInfo
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "DVIDETL_FLIGHT_TOKEN"
+
+__all__ = [
+    "FlightClient",
+    "FlightUnavailable",
+    "FlightAuthError",
+    "FlightRequestError",
+    "load_token",
+    "TOKEN_ENV",
+]
+
+
+class FlightUnavailable(ConnectionError):
+    """The server could not be reached / the stream kept failing after all retries."""
+
+
+class FlightAuthError(UserError):
+    """The server rejected the bearer token (or wanted one and got none)."""
+
+
+class FlightRequestError(P.TicketError):
+    """The server rejected a request as invalid (Flight INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str):
+        m = re.search(r"field '([^']*)'", message)
+        self.field = m.group(1) if m else "?"
+        self.why = message
+        UserError.__init__(self, message)
+
+
+def load_token(token_file: str | os.PathLike | None = None) -> str | None:
+    """The bearer token: from ``token_file`` if given, else env ``DVIDETL_FLIGHT_TOKEN``, else None.
+
+    Tokens never come from argv (visible in ``ps``); surrounding whitespace is stripped.
+    """
+    if token_file:
+        p = Path(token_file)
+        try:
+            tok = p.read_text().strip()
+        except OSError as exc:
+            raise UserError(f"cannot read token file {str(p)!r}: {exc.strerror or exc}") from None
+        if not tok:
+            raise UserError(f"token file {str(p)!r} is empty")
+        if any(c.isspace() for c in tok):
+            raise UserError(f"token file {str(p)!r} holds whitespace inside the token")
+        return tok
+    tok = os.environ.get(TOKEN_ENV, "").strip()
+    return tok or None
+
+
+def _clean(exc: BaseException) -> str:
+    """The server's message without gRPC debug context / Python tracebacks."""
+    msg = str(exc)
+    for cut in (". Detail:", "\ngRPC client debug context", ". gRPC client debug context"):
+        i = msg.find(cut)
+        if i >= 0:
+            msg = msg[:i]
+    return msg.strip()
+
+
+#: errors worth reconnecting for; everything else is raised at once
+_RETRYABLE = (
+    flight.FlightUnavailableError,
+    flight.FlightTimedOutError,
+    flight.FlightInternalError,
+    flight.FlightCancelledError,
+    pa.ArrowIOError,
+    ConnectionError,
+)
+
+
+def _rebuild(location: str, token: str | None, kwargs: dict) -> FlightClient:
+    return FlightClient(location, token, **kwargs)
+
+
+class FlightClient:
+    """Client of one labelmap instance at one UUID served over the dvidetl Flight contract.
+
+    ``uuid``/``instance`` default to what the server serves. ``timeout`` bounds unary calls
+    (info, count, each map exchange); ``stream_timeout`` bounds a whole DoGet stream.
+    """
+
+    def __init__(
+        self,
+        location: str,
+        token: str | None = None,
+        *,
+        uuid: str | None = None,
+        instance: str | None = None,
+        timeout: float = 60.0,
+        stream_timeout: float | None = 3600.0,
+        retries: int = 3,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        map_batch: int = 1 << 20,
+        tls_root_certs: bytes | None = None,
+    ):
+        if not isinstance(location, str) or "://" not in location:
+            raise UserError(f"Flight location must look like grpc://host:port, got {location!r}")
+        self.location = location
+        self._token = token
+        self.uuid = uuid
+        self.instance = instance
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.map_batch = int(map_batch)
+        self.tls_root_certs = tls_root_certs
+        self._conn: flight.FlightClient | None = None
+        self._info: VolumeInfo | None = None
+        self._lock = threading.Lock()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _kwargs(self) -> dict[str, Any]:
+        return dict(
+            uuid=self.uuid,
+            instance=self.instance,
+            timeout=self.timeout,
+            stream_timeout=self.stream_timeout,
+            retries=self.retries,
+            backoff=self.backoff,
+            max_backoff=self.max_backoff,
+            map_batch=self.map_batch,
+            tls_root_certs=self.tls_root_certs,
+        )
+
+    def __reduce__(self):
+        # reconnect lazily on the worker; the resolved uuid/instance travel with it
+        kw = self._kwargs()
+        if self._info is not None:
+            kw["uuid"], kw["instance"] = self._info.uuid, self._info.instance
+        return (_rebuild, (self.location, self._token, kw))
+
+    def __repr__(self) -> str:
+        return f"FlightClient({self.location!r}, uuid={self.uuid!r}, instance={self.instance!r})"
+
+    def _client(self) -> flight.FlightClient:
+        with self._lock:
+            if self._conn is None:
+                kw = {}
+                if self.tls_root_certs is not None:
+                    kw["tls_root_certs"] = self.tls_root_certs
+                self._conn = flight.FlightClient(self.location, **kw)
+            return self._conn
+
+    def _reset(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # a dead connection may fail to close; we drop it anyway
+                pass
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> FlightClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _options(self, stream: bool = False) -> flight.FlightCallOptions:
+        headers = []
+        if self._token:
+            headers.append((b"authorization", f"Bearer {self._token}".encode()))
+        return flight.FlightCallOptions(
+            timeout=self.stream_timeout if stream else self.timeout, headers=headers
+        )
+
+    def _raise_final(self, exc: BaseException, call: str) -> None:
+        """Turn non-retryable Flight errors into dvidetl errors."""
+        if isinstance(exc, flight.FlightUnauthenticatedError):
+            raise FlightAuthError(
+                f"Flight server {self.location} rejected the request {call}: {_clean(exc)} "
+                f"(set the token with --token-file or ${TOKEN_ENV})"
+            ) from None
+        if isinstance(exc, flight.FlightUnauthorizedError):
+            raise FlightAuthError(
+                f"Flight server {self.location} refused {call}: {_clean(exc)}"
+            ) from None
+        if isinstance(exc, pa.ArrowInvalid):
+            raise FlightRequestError(
+                f"Flight server {self.location} rejected {call}: {_clean(exc)}"
+            ) from None
+
+    def _sleep(self, attempt: int) -> None:
+        time.sleep(min(self.max_backoff, self.backoff * (2 ** (attempt - 1))))
+
+    def _unavailable(self, call: str, attempts: int, exc: BaseException) -> FlightUnavailable:
+        return FlightUnavailable(
+            f"Flight server {self.location} unavailable for {call} after {attempts} attempt(s): "
+            f"{type(exc).__name__}: {_clean(exc)}"
+        )
+
+    def _retryable(self, exc: BaseException) -> bool:
+        if isinstance(exc, flight.FlightInternalError) and "dvidetl server error in" in str(exc):
+            return False  # the server told us it is a bug / broken source, not the network
+        return True
+
+    def _with_retries(self, call: str, fn: Callable[[], Any]) -> Any:
+        """Run a complete call, reconnecting and retrying it on transport errors."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except _RETRYABLE as exc:
+                self._raise_final(exc, call)
+                if not self._retryable(exc):
+                    raise
+                attempt += 1
+                if attempt > self.retries:
+                    raise self._unavailable(call, attempt, exc) from exc
+                log.warning(
+                    "%s on %s failed (%s); retry %d/%d",
+                    call,
+                    self.location,
+                    _clean(exc),
+                    attempt,
+                    self.retries,
+                )
+                self._reset()
+                self._sleep(attempt)
+            except flight.FlightError as exc:
+                self._raise_final(exc, call)
+                raise
+            except pa.ArrowInvalid as exc:
+                self._raise_final(exc, call)
+                raise
+
+    def _stream(self, call: str, ticket: bytes) -> Iterator[pa.RecordBatch]:
+        """DoGet ``ticket``; on failure re-send it from the start and skip delivered rows."""
+        delivered = 0
+        attempt = 0
+        while True:
+            reader = None
+            try:
+                reader = self._client().do_get(
+                    flight.Ticket(ticket), options=self._options(stream=True)
+                )
+                seen = 0
+                while True:
+                    try:
+                        chunk = reader.read_chunk()
+                    except StopIteration:
+                        break
+                    batch = chunk.data
+                    if batch is None or batch.num_rows == 0:
+                        continue
+                    n = batch.num_rows
+                    if seen + n <= delivered:  # already handed out before the retry
+                        seen += n
+                        continue
+                    if seen < delivered:
+                        batch = batch.slice(delivered - seen)
+                    seen += n
+                    delivered = seen
+                    attempt = 0  # progress resets the retry budget
+                    yield batch
+                if seen < delivered:
+                    raise RuntimeError(
+                        f"{call}: the retried stream from {self.location} ended after {seen} rows, "
+                        f"but {delivered} were delivered before the failure (source changed?)"
+                    )
+                return
+            except _RETRYABLE as exc:
+                self._raise_final(exc, call)
+                if not self._retryable(exc):
+                    raise
+                attempt += 1
+                if attempt > self.retries:
+                    raise self._unavailable(call, attempt, exc) from exc
+                log.warning(
+                    "%s on %s broke after %d rows (%s); restarting the stream, retry %d/%d",
+                    call,
+                    self.location,
+                    delivered,
+                    _clean(exc),
+                    attempt,
+                    self.retries,
+                )
+                self._reset()
+                self._sleep(attempt)
+            except (flight.FlightError, pa.ArrowInvalid) as exc:
+                self._raise_final(exc, call)
+                raise
+            finally:
+                if reader is not None:
+                    try:
+                        reader.cancel()
+                    except Exception:
+                        pass
+
+    def _action(self, call: str, kind: str, body: bytes) -> list[bytes]:
+        def go() -> list[bytes]:
+            results = self._client().do_action(flight.Action(kind, body), options=self._options())
+            return [r.body.to_pybytes() for r in results]
+
+        return self._with_retries(call, go)
+
+    # -- volume --------------------------------------------------------------------------
+
+    def info(self) -> VolumeInfo:
+        """The served volume (cached after the first call); fills in a default uuid/instance."""
+        if self._info is not None:
+            return self._info
+        if self.uuid is not None and self.instance is not None:
+            body = P.VolumeRef(self.uuid, self.instance).to_json()
+            info = VolumeInfo.from_json(self._action("info()", P.ACTION_INFO, body)[0])
+        else:
+            served = VolumeInfo.from_json(self._action("info()", P.ACTION_INFO, b"")[0])
+            uuid = self.uuid if self.uuid is not None else served.uuid
+            instance = self.instance if self.instance is not None else served.instance
+            if (uuid, instance) != (served.uuid, served.instance):
+                body = P.VolumeRef(uuid, instance).to_json()
+                info = VolumeInfo.from_json(self._action("info()", P.ACTION_INFO, body)[0])
+            else:
+                info = served
+        self._info = info
+        return info
+
+    def _ref(self) -> tuple[str, str]:
+        info = self.info()
+        return info.uuid, info.instance
+
+    def count(self, scale: int, level: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Blocks per aligned Morton cell ``code >> level`` of one scale: (cells, counts, exact).
+
+        ``exact=False``: the counts are upper bounds (the source cannot count cheaply)."""
+        uuid, instance = self._ref()
+        body = P.CountRequest(uuid, instance, int(scale), int(level)).to_json()
+        parts = self._action(f"count(scale={scale}, level={level})", P.ACTION_COUNT, body)
+        return P.count_from_ipc(parts)
+
+    # -- streams -------------------------------------------------------------------------
+
+    def read_blocks(self, scale: int, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        """Stored blocks with ``lo <= morton < hi`` (hi clipped to the grid), ascending morton,
+        as batches of ``x, y, z, morton, data`` with the codec in the schema metadata."""
+        lo, hi, scale = int(lo), int(hi), int(scale)
+        if lo >= hi:
+            raise P.TicketError("hi", f"empty range: lo={lo} >= hi={hi}")
+        uuid, instance = self._ref()
+        ticket = P.BlocksTicket(uuid, instance, scale, lo, hi).to_json()
+        return self._stream(f"read_blocks(scale={scale}, lo={lo}, hi={hi})", ticket)
+
+    def read_blocks_table(self, scale: int, lo: int, hi: int) -> pa.Table:
+        """All of :meth:`read_blocks` as one table (empty table with the schema if no blocks)."""
+        batches = list(self.read_blocks(scale, lo, hi))
+        if batches:
+            return pa.Table.from_batches(batches)
+        info = self.info()
+        sc = info.scale(scale) if any(s.scale == scale for s in info.scales) else None
+        end = sc.morton_end if sc else hi
+        return P.blocks_schema(info, info.uuid, scale, lo, min(hi, end)).empty_table()
+
+    def read_mapping(self) -> Iterator[pa.RecordBatch]:
+        """All non-identity (supervoxel, body) pairs."""
+        uuid, instance = self._ref()
+        return self._stream("read_mapping()", P.MappingTicket(uuid, instance).to_json())
+
+    def read_indices(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        """Label indices (label, LabelIndex protobuf bytes) of labels ``lo <= label < hi``."""
+        lo, hi = int(lo), int(hi)
+        if lo >= hi:
+            raise P.TicketError("hi", f"empty label range: lo={lo} >= hi={hi}")
+        uuid, instance = self._ref()
+        return self._stream(
+            f"read_indices(lo={lo}, hi={hi})", P.IndicesTicket(uuid, instance, lo, hi).to_json()
+        )
+
+    def map_supervoxels(self, svs: np.ndarray) -> np.ndarray:
+        """Body of every supervoxel in ``svs`` (any shape; identity where unmapped), aligned.
+
+        Only the unique ids travel, in DoExchange batches of ``map_batch``."""
+        arr = np.asarray(svs)
+        if arr.size == 0:
+            return np.zeros(arr.shape, dtype=np.uint64)
+        if arr.dtype.kind not in "iu":
+            raise UserError(f"supervoxel ids must be integers, got dtype {arr.dtype}")
+        if arr.dtype.kind == "i" and bool((arr < 0).any()):
+            raise UserError("supervoxel ids must not be negative")
+        uniq, inverse = np.unique(arr.astype(np.uint64, copy=False).ravel(), return_inverse=True)
+        uuid, instance = self._ref()
+        cmd = P.map_command(uuid, instance)
+        step = self.map_batch
+
+        def go() -> np.ndarray:
+            out = np.empty(len(uniq), dtype=np.uint64)
+            writer, reader = self._client().do_exchange(
+                flight.FlightDescriptor.for_command(cmd), options=self._options()
+            )
+            try:
+                writer.begin(P.MAP_REQUEST_SCHEMA)
+                for start in range(0, len(uniq), step):
+                    part = uniq[start : start + step]
+                    writer.write_batch(
+                        pa.record_batch([pa.array(part)], schema=P.MAP_REQUEST_SCHEMA)
+                    )
+                    got = reader.read_chunk().data
+                    if got is None or got.num_rows != len(part):
+                        raise flight.FlightInternalError(
+                            f"map answer has {None if got is None else got.num_rows} rows for {len(part)} supervoxels"
+                        )
+                    out[start : start + len(part)] = got.column(0).to_numpy()
+                writer.done_writing()
+            finally:
+                writer.close()
+            return out
+
+        bodies = self._with_retries(f"map_supervoxels({len(uniq)} unique ids)", go)
+        return bodies[inverse.ravel()].reshape(arr.shape)

@@ -1,0 +1,495 @@
+"""The dvidetl Flight contract: tickets, descriptors, action bodies and wire schemas.
+
+Everything that crosses the wire between a Flight server (the dvidetl reference server, or
+DVID's Go server later) and the dvidetl workers is defined here, and written down for DVID's
+developers in ``docs/flight-protocol.md``. Tickets are small JSON documents with a version
+field so the contract can evolve; the server validates every field against the volume it
+serves before touching the source, so a source may assume a scale exists and
+``0 <= lo < hi <= morton_end``.
+
+Validation happens in two steps, because the first needs no volume and the second does:
+
+* :func:`parse_ticket` / :func:`parse_json_body` — structure: size, JSON, version, kind, types;
+* :meth:`BlocksTicket.validate` etc. — meaning: uuid, instance, scale, range clipped to grid.
+
+Every failure is a :class:`TicketError` (a `UserError`) whose message names the field; the
+server returns it as gRPC ``INVALID_ARGUMENT``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dvidetl.errors import UserError
+from dvidetl.geometry import VolumeInfo
+from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, INDICES_SCHEMA, MAPPING_SCHEMA
+
+#: Version of the ticket / descriptor / action-body JSON. Bumped on incompatible changes.
+PROTOCOL_VERSION = 1
+#: Largest ticket, descriptor command or action body accepted, in bytes.
+MAX_TICKET_BYTES = 4096
+#: Default bound on the bytes of one streamed record batch (a larger single block goes alone).
+MAX_BATCH_BYTES = 8 << 20
+#: Largest number of supervoxels in one DoExchange("map") request batch.
+MAX_MAP_BATCH_ROWS = 1 << 22
+#: Largest accepted uuid / instance string.
+MAX_UUID_CHARS = 64
+MAX_INSTANCE_CHARS = 256
+#: Label and Morton ranges are half-open ranges of uint64 values: hi may be 2**64.
+U64_END = 1 << 64
+
+#: Ticket kinds for DoGet.
+KINDS = ("blocks", "mapping", "indices")
+#: DoAction types.
+ACTION_INFO = "info"
+ACTION_COUNT = "count"
+ACTIONS = {
+    ACTION_INFO: "Volume description (VolumeInfo JSON). Body: {} or {v, uuid, instance}.",
+    ACTION_COUNT: "Blocks per aligned Morton cell (code >> level). Body: {v, uuid, instance, "
+    "scale, level}. Answer: Arrow IPC stream(s) of (cell uint64, count uint64), "
+    "schema metadata exact=true|false.",
+}
+#: DoExchange command kind.
+EXCHANGE_MAP = "map"
+
+#: Schemas of the answers that are not defined by the sources.
+MAP_REQUEST_SCHEMA = pa.schema([("supervoxel", pa.uint64())])
+MAP_RESPONSE_SCHEMA = pa.schema([("body", pa.uint64())])
+COUNT_SCHEMA = pa.schema([("cell", pa.uint64()), ("count", pa.uint64())])
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_TICKET_BYTES",
+    "MAX_BATCH_BYTES",
+    "KINDS",
+    "TicketError",
+    "BlocksTicket",
+    "MappingTicket",
+    "IndicesTicket",
+    "Ticket",
+    "VolumeRef",
+    "CountRequest",
+    "parse_ticket",
+    "parse_json_body",
+    "parse_volume_ref",
+    "parse_count_request",
+    "parse_descriptor",
+    "blocks_schema",
+    "mapping_schema",
+    "indices_schema",
+    "BLOCKS_WIRE_SCHEMA",
+    "MAPPING_SCHEMA",
+    "INDICES_SCHEMA",
+    "MAP_REQUEST_SCHEMA",
+    "MAP_RESPONSE_SCHEMA",
+    "COUNT_SCHEMA",
+    "count_to_ipc",
+    "count_from_ipc",
+]
+
+
+class TicketError(UserError):
+    """A ticket, descriptor or action body is malformed or asks for something not served.
+
+    The message always names the offending field (``field 'lo': ...``); the server sends it
+    back as Flight ``INVALID_ARGUMENT``.
+    """
+
+    def __init__(self, field: str, why: str):
+        self.field = field
+        self.why = why
+        super().__init__(f"invalid ticket: field {field!r}: {why}")
+
+
+# ---------------------------------------------------------------------------------------
+# field checks
+# ---------------------------------------------------------------------------------------
+
+_UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+
+
+def _int(d: dict, name: str, lo: int, hi: int) -> int:
+    """An integer field in ``[lo, hi]`` (booleans and floats are not integers)."""
+    if name not in d:
+        raise TicketError(name, "missing")
+    v = d[name]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TicketError(name, f"must be an integer, got {type(v).__name__} {v!r:.40}")
+    if v < lo or v > hi:
+        raise TicketError(name, f"{v} out of range [{lo}, {hi}]")
+    return v
+
+
+def _str(d: dict, name: str, max_chars: int) -> str:
+    if name not in d:
+        raise TicketError(name, "missing")
+    v = d[name]
+    if not isinstance(v, str):
+        raise TicketError(name, f"must be a string, got {type(v).__name__}")
+    if not v:
+        raise TicketError(name, "empty")
+    if len(v) > max_chars:
+        raise TicketError(name, f"longer than {max_chars} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in v):
+        raise TicketError(name, "contains control characters")
+    return v
+
+
+def _uuid(d: dict) -> str:
+    v = _str(d, "uuid", MAX_UUID_CHARS)
+    if v != "*" and not _UUID_RE.match(v):
+        raise TicketError("uuid", f"{v!r} is not a version UUID (letters, digits, _ . : -)")
+    return v
+
+
+def _check_keys(d: dict, allowed: set[str], what: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise TicketError(
+            extra[0], f"unknown field in {what} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def parse_json_body(raw: bytes | str, what: str = "ticket") -> dict[str, Any]:
+    """Decode a JSON object of at most MAX_TICKET_BYTES with a supported version field."""
+    if isinstance(raw, str):
+        raw = raw.encode()
+    raw = bytes(raw)
+    if len(raw) > MAX_TICKET_BYTES:
+        raise TicketError(what, f"{len(raw)} bytes, more than the limit of {MAX_TICKET_BYTES}")
+    try:
+        d = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TicketError(what, f"not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise TicketError(what, f"must be a JSON object, got {type(d).__name__}")
+    _version(d)
+    return d
+
+
+def _version(d: dict) -> int:
+    if "v" not in d:
+        raise TicketError("v", f"missing (protocol version, use {PROTOCOL_VERSION})")
+    v = d["v"]
+    if isinstance(v, bool) or not isinstance(v, int) or v != PROTOCOL_VERSION:
+        raise TicketError(
+            "v", f"unsupported protocol version {v!r} (this server speaks {PROTOCOL_VERSION})"
+        )
+    return v
+
+
+def _check_volume(uuid: str, instance: str, info: VolumeInfo) -> None:
+    if info.uuid != "*" and uuid != info.uuid:
+        raise TicketError("uuid", f"{uuid!r} is not served here (serving {info.uuid!r})")
+    if instance != info.instance:
+        raise TicketError(
+            "instance", f"{instance!r} is not served here (serving {info.instance!r})"
+        )
+
+
+def _check_scale(scale: int, info: VolumeInfo):
+    try:
+        return info.scale(scale)
+    except KeyError:
+        have = sorted(s.scale for s in info.scales)
+        raise TicketError("scale", f"scale {scale} does not exist (scales {have})") from None
+
+
+# ---------------------------------------------------------------------------------------
+# tickets
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeRef:
+    """Names one labelmap instance at one version: the common part of every request."""
+
+    uuid: str
+    instance: str
+
+    def validate(self, info: VolumeInfo) -> VolumeRef:
+        _check_volume(self.uuid, self.instance, info)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "uuid": self.uuid, "instance": self.instance}
+
+    def to_json(self) -> bytes:
+        return _dumps(self.to_dict())
+
+
+def _dumps(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class BlocksTicket:
+    """Stored blocks of one scale with ``lo <= morton < hi``."""
+
+    uuid: str
+    instance: str
+    scale: int
+    lo: int
+    hi: int
+    kind: str = "blocks"
+
+    def validate(self, info: VolumeInfo) -> BlocksTicket:
+        """Check against the served volume; returns the ticket with ``hi`` clipped to the grid."""
+        _check_volume(self.uuid, self.instance, info)
+        sc = _check_scale(self.scale, info)
+        if self.lo >= self.hi:
+            raise TicketError("hi", f"empty range: lo={self.lo} >= hi={self.hi}")
+        end = sc.morton_end
+        if self.lo >= end:
+            raise TicketError(
+                "lo", f"{self.lo} is past the last Morton code of scale {self.scale} (end {end})"
+            )
+        return replace(self, hi=min(self.hi, end))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["v"] = PROTOCOL_VERSION
+        return d
+
+    def to_json(self) -> bytes:
+        return _dumps(self.to_dict())
+
+
+@dataclass(frozen=True)
+class MappingTicket:
+    """All non-identity supervoxel -> body pairs of the instance at the uuid."""
+
+    uuid: str
+    instance: str
+    kind: str = "mapping"
+
+    def validate(self, info: VolumeInfo) -> MappingTicket:
+        _check_volume(self.uuid, self.instance, info)
+        if not info.has_mapping:
+            raise TicketError("kind", "this volume serves no mapping")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["v"] = PROTOCOL_VERSION
+        return d
+
+    def to_json(self) -> bytes:
+        return _dumps(self.to_dict())
+
+
+@dataclass(frozen=True)
+class IndicesTicket:
+    """Label indices of body labels ``lo <= label < hi`` (hi may be 2**64)."""
+
+    uuid: str
+    instance: str
+    lo: int
+    hi: int
+    kind: str = "indices"
+
+    def validate(self, info: VolumeInfo) -> IndicesTicket:
+        _check_volume(self.uuid, self.instance, info)
+        if not info.has_indices:
+            raise TicketError("kind", "this volume serves no label indices")
+        if self.lo >= self.hi:
+            raise TicketError("hi", f"empty label range: lo={self.lo} >= hi={self.hi}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["v"] = PROTOCOL_VERSION
+        return d
+
+    def to_json(self) -> bytes:
+        return _dumps(self.to_dict())
+
+
+Ticket = BlocksTicket | MappingTicket | IndicesTicket
+
+
+def parse_ticket(raw: bytes | str) -> Ticket:
+    """Structure of a DoGet ticket (size, JSON, version, kind, field types and ranges)."""
+    d = parse_json_body(raw, "ticket")
+    kind = d.get("kind")
+    if kind not in KINDS:
+        raise TicketError("kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+    uuid = _uuid(d)
+    instance = _str(d, "instance", MAX_INSTANCE_CHARS)
+    common = {"v", "kind", "uuid", "instance"}
+    if kind == "blocks":
+        _check_keys(d, common | {"scale", "lo", "hi"}, "blocks ticket")
+        scale = _int(d, "scale", 0, 63)
+        lo = _int(d, "lo", 0, U64_END - 1)
+        hi = _int(d, "hi", 0, U64_END)
+        if lo >= hi:
+            raise TicketError("hi", f"empty range: lo={lo} >= hi={hi}")
+        return BlocksTicket(uuid, instance, scale, lo, hi)
+    if kind == "mapping":
+        _check_keys(d, common, "mapping ticket")
+        return MappingTicket(uuid, instance)
+    _check_keys(d, common | {"lo", "hi"}, "indices ticket")
+    lo = _int(d, "lo", 0, U64_END - 1)
+    hi = _int(d, "hi", 0, U64_END)
+    if lo >= hi:
+        raise TicketError("hi", f"empty label range: lo={lo} >= hi={hi}")
+    return IndicesTicket(uuid, instance, lo, hi)
+
+
+# ---------------------------------------------------------------------------------------
+# descriptors and action bodies
+# ---------------------------------------------------------------------------------------
+
+
+def parse_volume_ref(raw: bytes | str | None, what: str = "body") -> VolumeRef | None:
+    """``{v, uuid, instance}``; an empty body means "whatever is served" (returns None)."""
+    if raw is None or len(raw) == 0:
+        return None
+    d = parse_json_body(raw, what)
+    _check_keys(d, {"v", "uuid", "instance", "kind"}, what)
+    return VolumeRef(_uuid(d), _str(d, "instance", MAX_INSTANCE_CHARS))
+
+
+@dataclass(frozen=True)
+class CountRequest:
+    """Body of DoAction("count"): blocks per ``morton >> level`` cell of one scale."""
+
+    uuid: str
+    instance: str
+    scale: int
+    level: int
+
+    def validate(self, info: VolumeInfo) -> CountRequest:
+        _check_volume(self.uuid, self.instance, info)
+        _check_scale(self.scale, info)
+        return self
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["v"] = PROTOCOL_VERSION
+        return _dumps(d)
+
+
+def parse_count_request(raw: bytes | str) -> CountRequest:
+    d = parse_json_body(raw, "count body")
+    _check_keys(d, {"v", "uuid", "instance", "scale", "level"}, "count body")
+    return CountRequest(
+        _uuid(d),
+        _str(d, "instance", MAX_INSTANCE_CHARS),
+        _int(d, "scale", 0, 63),
+        _int(d, "level", 0, 64),
+    )
+
+
+def parse_descriptor(
+    cmd: bytes | None, path: list[bytes | str] | None, what: str
+) -> VolumeRef | None:
+    """A FlightDescriptor naming a volume: command ``{v, uuid, instance}`` JSON, or the path
+    ``[uuid, instance]``. An empty command means whatever the server serves."""
+    if path:
+        parts = [p.decode() if isinstance(p, bytes) else p for p in path]
+        if len(parts) != 2:
+            raise TicketError(
+                "path", f"descriptor path must be [uuid, instance], got {len(parts)} parts"
+            )
+        d = {"uuid": parts[0], "instance": parts[1]}
+        return VolumeRef(_uuid(d), _str(d, "instance", MAX_INSTANCE_CHARS))
+    if cmd is not None and len(cmd) and bytes(cmd).strip() in (b"map",):
+        return None
+    ref = parse_volume_ref(cmd, what)
+    return ref
+
+
+def parse_map_command(cmd: bytes | None) -> VolumeRef | None:
+    """DoExchange descriptor: ``{v, kind:"map", uuid, instance}`` (or the bare word ``map``,
+    meaning the served volume)."""
+    if cmd is None or len(cmd) == 0:
+        raise TicketError("command", 'DoExchange needs a command descriptor {"kind": "map", ...}')
+    if bytes(cmd).strip() == b"map":
+        return None
+    d = parse_json_body(cmd, "command")
+    if d.get("kind") != EXCHANGE_MAP:
+        raise TicketError("kind", f"DoExchange supports kind 'map' only, got {d.get('kind')!r}")
+    _check_keys(d, {"v", "kind", "uuid", "instance"}, "map command")
+    return VolumeRef(_uuid(d), _str(d, "instance", MAX_INSTANCE_CHARS))
+
+
+def map_command(uuid: str, instance: str) -> bytes:
+    return _dumps({"v": PROTOCOL_VERSION, "kind": EXCHANGE_MAP, "uuid": uuid, "instance": instance})
+
+
+# ---------------------------------------------------------------------------------------
+# schemas with metadata
+# ---------------------------------------------------------------------------------------
+
+
+def _meta(info: VolumeInfo, uuid: str, kind: str, **extra: Any) -> dict[bytes, bytes]:
+    m = {
+        "dvidetl.protocol": str(PROTOCOL_VERSION),
+        "kind": kind,
+        "uuid": uuid,
+        "instance": info.instance,
+    }
+    m.update({k: str(v) for k, v in extra.items()})
+    return {k.encode(): v.encode() for k, v in m.items()}
+
+
+def blocks_schema(info: VolumeInfo, uuid: str, scale: int, lo: int, hi: int) -> pa.Schema:
+    """BLOCKS_WIRE_SCHEMA with the storage codec, uuid, instance, scale and range attached."""
+    return BLOCKS_WIRE_SCHEMA.with_metadata(
+        _meta(info, uuid, "blocks", codec=info.codec, scale=scale, lo=lo, hi=hi)
+    )
+
+
+def mapping_schema(info: VolumeInfo, uuid: str) -> pa.Schema:
+    return MAPPING_SCHEMA.with_metadata(_meta(info, uuid, "mapping"))
+
+
+def indices_schema(info: VolumeInfo, uuid: str, lo: int, hi: int) -> pa.Schema:
+    return INDICES_SCHEMA.with_metadata(_meta(info, uuid, "indices", lo=lo, hi=hi))
+
+
+# ---------------------------------------------------------------------------------------
+# count answers
+# ---------------------------------------------------------------------------------------
+
+
+def count_to_ipc(
+    cells: np.ndarray, counts: np.ndarray, exact: bool, max_rows: int = 1 << 19
+) -> list[bytes]:
+    """The count answer as Arrow IPC streams of at most ``max_rows`` rows each (8 MiB)."""
+    cells = np.ascontiguousarray(cells, dtype=np.uint64)
+    counts = np.ascontiguousarray(counts, dtype=np.uint64)
+    schema = COUNT_SCHEMA.with_metadata({b"exact": b"true" if exact else b"false"})
+    out = []
+    n = len(cells)
+    for start in range(0, max(n, 1), max_rows):
+        batch = pa.record_batch(
+            [pa.array(cells[start : start + max_rows]), pa.array(counts[start : start + max_rows])],
+            schema=schema,
+        )
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema) as w:
+            w.write_batch(batch)
+        out.append(sink.getvalue().to_pybytes())
+    return out
+
+
+def count_from_ipc(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Inverse of :func:`count_to_ipc` (concatenates the parts in order)."""
+    cells, counts, exact = [], [], True
+    for p in parts:
+        t = pa.ipc.open_stream(pa.py_buffer(p)).read_all()
+        meta = t.schema.metadata or {}
+        exact = exact and meta.get(b"exact", b"true") == b"true"
+        cells.append(t.column("cell").to_numpy().astype(np.uint64, copy=False))
+        counts.append(t.column("count").to_numpy().astype(np.uint64, copy=False))
+    if not cells:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), exact
+    return np.concatenate(cells), np.concatenate(counts), exact

@@ -1,0 +1,524 @@
+"""The reference Arrow Flight server: a thin, strict adapter from the Flight contract to a Source.
+
+DVID's Go server does not speak Flight yet, so dvidetl ships this one (``python -m dvidetl
+serve``) and the export pipeline embeds it in-process (`start_server`) for its default run.
+The server validates every ticket against the served volume before the source sees it,
+re-cuts the source's batches to a bounded size (so a gRPC message never grows without
+bound), checks the source keeps its promises (ascending codes inside the range), and maps
+errors to Flight status codes a client can act on:
+
+* bad ticket / body / descriptor -> ``INVALID_ARGUMENT`` (message names the field);
+* missing or wrong bearer token   -> ``UNAUTHENTICATED`` (on every call);
+* source I/O trouble (OSError)    -> ``UNAVAILABLE`` (the client retries);
+* anything else                   -> ``INTERNAL``.
+
+The contract itself is in ``docs/flight-protocol.md`` and `dvidetl.flight.protocol`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from dvidetl.errors import UserError
+from dvidetl.flight import protocol as P
+from dvidetl.geometry import VolumeInfo
+from dvidetl.sources.base import Source
+
+log = logging.getLogger(__name__)
+
+#: marks INTERNAL errors raised deliberately by this server (a bug or a broken source
+#: contract): clients do not retry those, unlike transport-level INTERNAL errors
+SERVER_ERROR_PREFIX = "dvidetl server error in"
+
+__all__ = ["DvidFlightServer", "RunningServer", "start_server", "bounded_batches"]
+
+
+# ---------------------------------------------------------------------------------------
+# auth
+# ---------------------------------------------------------------------------------------
+
+
+class _BearerAuthFactory(flight.ServerMiddlewareFactory):
+    """Rejects every call (including ListActions and Handshake) without the bearer token.
+
+    The comparison is constant-time; the token is never logged nor put in an error message.
+    """
+
+    def __init__(self, token: str):
+        super().__init__()
+        self._expected = f"Bearer {token}".encode()
+
+    def __repr__(self) -> str:
+        return "<_BearerAuthFactory token=***>"
+
+    def start_call(self, info, headers):
+        values = headers.get("authorization") or headers.get("Authorization") or []
+        ok = False
+        for v in values:
+            got = v.encode() if isinstance(v, str) else bytes(v)
+            # compare_digest is constant-time for equal lengths; length itself is not secret
+            ok |= hmac.compare_digest(got, self._expected)
+        if not ok:
+            raise flight.FlightUnauthenticatedError(
+                "missing or wrong bearer token (send header 'authorization: Bearer <token>')"
+            )
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# batching
+# ---------------------------------------------------------------------------------------
+
+#: fixed per-row overhead of a blocks row on the wire (x, y, z int32, morton uint64, offset)
+_BLOCK_ROW_FIXED = 24
+
+
+def _fixed_width(t: pa.DataType) -> int:
+    try:
+        return max(t.bit_width // 8, 1)
+    except ValueError:  # variable width
+        return 0
+
+
+def _row_bytes(batch: pa.RecordBatch, data_col: str | None) -> np.ndarray:
+    """Approximate wire bytes per row: fixed columns + the binary payload (from offsets)."""
+    n = batch.num_rows
+    fixed = sum(_fixed_width(f.type) for f in batch.schema)
+    if data_col is None:
+        return np.full(n, fixed, dtype=np.int64)
+    arr = batch.column(data_col)
+    off_dtype = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=off_dtype, count=arr.offset + n + 1)[
+        arr.offset :
+    ]
+    return np.diff(offsets).astype(np.int64) + (fixed + 4)
+
+
+def bounded_batches(
+    batches: Iterable[pa.RecordBatch],
+    max_bytes: int = P.MAX_BATCH_BYTES,
+    data_col: str | None = "data",
+) -> Iterator[pa.RecordBatch]:
+    """Re-cut a stream of batches so each is at most ``max_bytes`` (a single larger row goes
+    alone), coalescing small neighbours so a source yielding tiny batches still streams well.
+
+    Cut points come from one cumulative sum per input batch (no per-row Python).
+    """
+    pending: list[pa.RecordBatch] = []
+    pending_bytes = 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        out = pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+        pending, pending_bytes = [], 0
+        return out
+
+    for batch in batches:
+        n = batch.num_rows
+        if n == 0:
+            continue
+        cum = np.cumsum(_row_bytes(batch, data_col))
+        start = 0
+        base = 0
+        while start < n:
+            # largest end with cum[end-1] - base <= max_bytes, at least one row
+            end = int(np.searchsorted(cum, base + max_bytes, side="right"))
+            end = max(end, start + 1)
+            piece_bytes = int(cum[end - 1] - base)
+            piece = batch.slice(start, end - start) if (start, end) != (0, n) else batch
+            if pending and pending_bytes + piece_bytes > max_bytes:
+                yield flush()
+            pending.append(piece)
+            pending_bytes += piece_bytes
+            if pending_bytes >= max_bytes // 2:
+                yield flush()
+            base = int(cum[end - 1])
+            start = end
+    if pending:
+        yield flush()
+
+
+# ---------------------------------------------------------------------------------------
+# error mapping
+# ---------------------------------------------------------------------------------------
+
+
+def _flight_errors(fn: Callable) -> Callable:
+    """Translate exceptions raised while *starting* a call into Flight statuses."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as exc:
+            raise _to_flight_error(exc, fn.__name__) from None
+
+    return wrapper
+
+
+def _to_flight_error(exc: BaseException, where: str) -> BaseException:
+    if isinstance(exc, (flight.FlightError, pa.ArrowInvalid)):
+        return exc
+    if isinstance(exc, UserError):  # incl. TicketError
+        log.info("%s: rejected: %s", where, exc)
+        return pa.ArrowInvalid(str(exc))
+    if isinstance(exc, (OSError, TimeoutError)):
+        log.warning("%s: source unavailable: %s", where, exc)
+        return flight.FlightUnavailableError(f"source unavailable: {type(exc).__name__}: {exc}")
+    log.exception("%s: internal error", where)
+    return flight.FlightInternalError(f"{SERVER_ERROR_PREFIX} {where}: {type(exc).__name__}: {exc}")
+
+
+def _guarded(gen: Iterator[pa.RecordBatch], where: str) -> Iterator[pa.RecordBatch]:
+    """Errors raised mid-stream (inside the source) get the same status mapping."""
+    try:
+        yield from gen
+    except GeneratorExit:
+        raise
+    except Exception as exc:
+        raise _to_flight_error(exc, where) from None
+
+
+# ---------------------------------------------------------------------------------------
+# server
+# ---------------------------------------------------------------------------------------
+
+
+class DvidFlightServer(flight.FlightServerBase):
+    """Serves one Source (one labelmap instance at one UUID, or any UUID) over Arrow Flight.
+
+    ``token``: require ``authorization: Bearer <token>`` on every call.
+    ``tls_certificates``: list of ``(cert_pem, key_pem)`` pairs (or ``flight.CertKeyPair``);
+    the location scheme then becomes ``grpc+tls``.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        location: str = "grpc://127.0.0.1:0",
+        token: str | None = None,
+        tls_certificates: list | None = None,
+        *,
+        max_batch_bytes: int = P.MAX_BATCH_BYTES,
+        check_source: bool = True,
+        **kwargs: Any,
+    ):
+        certs = None
+        if tls_certificates:
+            certs = [
+                c if isinstance(c, flight.CertKeyPair) else flight.CertKeyPair(cert=c[0], key=c[1])
+                for c in tls_certificates
+            ]
+            if location.startswith("grpc://") or location.startswith("grpc+tcp://"):
+                location = "grpc+tls://" + location.split("://", 1)[1]
+        middleware = dict(kwargs.pop("middleware", None) or {})
+        if token is not None:
+            if not token:
+                raise UserError("the Flight token is empty")
+            middleware["auth"] = _BearerAuthFactory(token)
+        self._source = source
+        try:
+            self._info: VolumeInfo = source.info()
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(
+                f"cannot read the source's volume info: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._max_batch_bytes = int(max_batch_bytes)
+        self._check_source = check_source
+        self._scheme = location.split("://", 1)[0]
+        self._host = location.split("://", 1)[1].rsplit(":", 1)[0]
+        super().__init__(location, tls_certificates=certs, middleware=middleware or None, **kwargs)
+        log.info(
+            "serving %s/%s at %s (auth %s)",
+            self._info.uuid,
+            self._info.instance,
+            self.location,
+            "bearer token" if token else "none",
+        )
+
+    @property
+    def location(self) -> str:
+        """Where clients connect, e.g. ``grpc://127.0.0.1:40123`` (the real port if 0 was asked)."""
+        return f"{self._scheme}://{self._host}:{self.port}"
+
+    @property
+    def volume_info(self) -> VolumeInfo:
+        return self._info
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _info_for(self, ref: P.VolumeRef | None) -> VolumeInfo:
+        """The served VolumeInfo as seen for ``ref`` (uuid filled in when the source is '*')."""
+        if ref is None:
+            return self._info
+        ref.validate(self._info)
+        if self._info.uuid == "*":
+            return replace(self._info, uuid=ref.uuid)
+        return self._info
+
+    def _flight_info(
+        self, ref: P.VolumeRef | None, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
+        info = self._info_for(ref)
+        s0 = info.scales[0] if info.scales else None
+        endpoints = [
+            flight.FlightEndpoint(
+                P.BlocksTicket(info.uuid, info.instance, sc.scale, 0, sc.morton_end).to_json(), []
+            )
+            for sc in info.scales
+        ]
+        schema = (
+            P.blocks_schema(info, info.uuid, s0.scale, 0, s0.morton_end)
+            if s0
+            else P.BLOCKS_WIRE_SCHEMA
+        )
+        return flight.FlightInfo(
+            schema,
+            descriptor,
+            endpoints,
+            total_records=-1,
+            total_bytes=-1,
+            ordered=True,
+            app_metadata=info.to_json().encode(),
+        )
+
+    # -- Flight methods ------------------------------------------------------------------
+
+    @_flight_errors
+    def get_flight_info(self, context, descriptor):
+        if descriptor.descriptor_type == flight.DescriptorType.PATH:
+            ref = P.parse_descriptor(None, descriptor.path, "descriptor")
+        else:
+            ref = P.parse_descriptor(descriptor.command, None, "descriptor")
+        return self._flight_info(ref, descriptor)
+
+    @_flight_errors
+    def get_schema(self, context, descriptor):
+        return flight.SchemaResult(self.get_flight_info(context, descriptor).schema)
+
+    @_flight_errors
+    def list_flights(self, context, criteria):
+        info = self._info
+        desc = flight.FlightDescriptor.for_path(info.uuid, info.instance)
+        return iter([self._flight_info(None, desc)])
+
+    @_flight_errors
+    def list_actions(self, context):
+        return list(P.ACTIONS.items())
+
+    @_flight_errors
+    def do_action(self, context, action):
+        kind = action.type
+        body = action.body.to_pybytes() if action.body is not None else b""
+        if kind == P.ACTION_INFO:
+            ref = P.parse_volume_ref(body, "info body")
+            return iter([flight.Result(self._info_for(ref).to_json().encode())])
+        if kind == P.ACTION_COUNT:
+            req = P.parse_count_request(body).validate(self._info)
+            cells, counts, exact = self._source.count(req.scale, req.level)
+            cells = np.asarray(cells, dtype=np.uint64)
+            counts = np.asarray(counts, dtype=np.uint64)
+            if cells.shape != counts.shape or cells.ndim != 1:
+                raise RuntimeError(
+                    f"source count() returned {cells.shape} cells but {counts.shape} counts"
+                )
+            return iter([flight.Result(p) for p in P.count_to_ipc(cells, counts, bool(exact))])
+        raise P.TicketError("action", f"unknown action {kind!r} (known: {', '.join(P.ACTIONS)})")
+
+    @_flight_errors
+    def do_get(self, context, ticket):
+        t = P.parse_ticket(ticket.ticket).validate(self._info)
+        info = self._info_for(P.VolumeRef(t.uuid, t.instance))
+        if isinstance(t, P.BlocksTicket):
+            schema = P.blocks_schema(info, t.uuid, t.scale, t.lo, t.hi)
+            gen = self._blocks(schema, t)
+        elif isinstance(t, P.MappingTicket):
+            schema = P.mapping_schema(info, t.uuid)
+            gen = self._simple(schema, self._source.read_mapping(), None, "read_mapping")
+        else:
+            schema = P.indices_schema(info, t.uuid, t.lo, t.hi)
+            gen = self._indices(schema, t)
+        return flight.GeneratorStream(schema, _guarded(gen, f"do_get {t.kind}"))
+
+    @_flight_errors
+    def do_exchange(self, context, descriptor, reader, writer):
+        if descriptor.descriptor_type != flight.DescriptorType.CMD:
+            raise P.TicketError(
+                "descriptor", 'DoExchange needs a command descriptor {"kind": "map", ...}'
+            )
+        ref = P.parse_map_command(descriptor.command)
+        info = self._info_for(ref)
+        if reader.schema is None or not reader.schema.remove_metadata().equals(
+            P.MAP_REQUEST_SCHEMA
+        ):
+            raise P.TicketError(
+                "schema",
+                f"map request batches must have schema {P.MAP_REQUEST_SCHEMA} (got {reader.schema})",
+            )
+        out_schema = P.MAP_RESPONSE_SCHEMA.with_metadata(
+            {b"dvidetl.protocol": str(P.PROTOCOL_VERSION).encode(), b"uuid": info.uuid.encode()}
+        )
+        writer.begin(out_schema)
+        while True:
+            try:
+                chunk = reader.read_chunk()
+            except StopIteration:
+                break
+            batch = chunk.data
+            if batch is None:
+                continue
+            if batch.num_rows > P.MAX_MAP_BATCH_ROWS:
+                raise P.TicketError(
+                    "supervoxel",
+                    f"{batch.num_rows} rows in one batch (limit {P.MAX_MAP_BATCH_ROWS})",
+                )
+            col = batch.column(0)
+            if col.null_count:
+                raise P.TicketError("supervoxel", "null supervoxel ids")
+            svs = col.to_numpy(zero_copy_only=False)
+            bodies = np.asarray(self._source.map_supervoxels(svs), dtype=np.uint64)
+            if bodies.shape != svs.shape:
+                raise RuntimeError(f"source mapped {len(svs)} supervoxels to {bodies.shape} bodies")
+            writer.write_batch(pa.record_batch([pa.array(bodies)], schema=out_schema))
+
+    # -- streams -------------------------------------------------------------------------
+
+    def _conform(self, batch: pa.RecordBatch, schema: pa.Schema, what: str) -> pa.RecordBatch:
+        bare = schema.remove_metadata()
+        if not batch.schema.remove_metadata().equals(bare):
+            if batch.schema.names != bare.names:
+                raise RuntimeError(
+                    f"source {what} yielded columns {batch.schema.names}, want {bare.names}"
+                )
+            batch = batch.cast(bare)
+        return batch.replace_schema_metadata(schema.metadata)
+
+    def _simple(self, schema, batches, data_col, what) -> Iterator[pa.RecordBatch]:
+        conformed = (self._conform(b, schema, what) for b in batches)
+        yield from bounded_batches(conformed, self._max_batch_bytes, data_col)
+
+    def _keys_check(self, keys: np.ndarray, lo: int, hi: int, last: int, what: str) -> int:
+        """The source promised ascending keys inside [lo, hi): check it (vectorized)."""
+        if len(keys) == 0:
+            return last
+        if (
+            int(keys[0]) < lo
+            or int(keys[-1]) >= hi
+            or int(keys[0]) <= last
+            or (len(keys) > 1 and not bool(np.all(keys[1:] > keys[:-1])))
+        ):
+            raise RuntimeError(
+                f"source {what} broke its contract: keys must be ascending, unique and in "
+                f"[{lo}, {hi}) (got {int(keys[0])}..{int(keys[-1])} after {last})"
+            )
+        return int(keys[-1])
+
+    def _blocks(self, schema: pa.Schema, t: P.BlocksTicket) -> Iterator[pa.RecordBatch]:
+        last = -1
+        for batch in bounded_batches(
+            (
+                self._conform(b, schema, "read_blocks")
+                for b in self._source.read_blocks(t.scale, t.lo, t.hi)
+            ),
+            self._max_batch_bytes,
+            "data",
+        ):
+            if self._check_source:
+                last = self._keys_check(
+                    batch.column("morton").to_numpy(), t.lo, t.hi, last, "read_blocks"
+                )
+            yield batch
+
+    def _indices(self, schema: pa.Schema, t: P.IndicesTicket) -> Iterator[pa.RecordBatch]:
+        last = -1
+        for batch in bounded_batches(
+            (
+                self._conform(b, schema, "read_indices")
+                for b in self._source.read_indices(t.lo, t.hi)
+            ),
+            self._max_batch_bytes,
+            "data",
+        ):
+            if self._check_source:
+                last = self._keys_check(
+                    batch.column("label").to_numpy(), t.lo, t.hi, last, "read_indices"
+                )
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------
+# embedding
+# ---------------------------------------------------------------------------------------
+
+
+class RunningServer:
+    """A DvidFlightServer serving in a background thread; ``stop()`` or use as a context manager."""
+
+    def __init__(self, server: DvidFlightServer):
+        self.server = server
+        self._thread = threading.Thread(
+            target=server.serve, name=f"flight-{server.port}", daemon=True
+        )
+        self._thread.start()
+        self._stopped = False
+
+    @property
+    def location(self) -> str:
+        return self.server.location
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving (in-flight calls are cancelled) and wait for the thread."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.server.shutdown()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<RunningServer {self.location}{' stopped' if self._stopped else ''}>"
+
+
+def start_server(
+    source: Source,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    tls_certificates: list | None = None,
+    **kwargs: Any,
+) -> RunningServer:
+    """Serve ``source`` on ``host:port`` (0 = any free port) in a background thread.
+
+    The export pipeline uses this for its embedded default; ``.location`` is what clients
+    connect to. The caller still owns (and closes) the source.
+    """
+    scheme = "grpc+tls" if tls_certificates else "grpc"
+    server = DvidFlightServer(
+        source,
+        f"{scheme}://{host}:{int(port)}",
+        token=token,
+        tls_certificates=tls_certificates,
+        **kwargs,
+    )
+    return RunningServer(server)
