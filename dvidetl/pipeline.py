@@ -444,9 +444,11 @@ def read_token(path: str | None) -> str | None:
 class FlightEndpoint:
     """A Flight location (+ token) and a driver-side client; the embedded server if any."""
 
-    def __init__(self, location: str, token: str | None, uuid: str, instance: str | None, server=None):
+    def __init__(self, location: str, token: str | None, uuid: str, instance: str | None,
+                 server=None, source=None):
         from dvidetl.flight.client import FlightClient
 
+        self.source = source
         self.location = location
         self.token = Secret(token)
         self.server = server
@@ -462,6 +464,8 @@ class FlightEndpoint:
             pass
         if self.server is not None:
             self.server.stop()
+        if self.source is not None:
+            self.source.close()
 
 
 def open_flight(args, *, host: str = "127.0.0.1") -> FlightEndpoint:
@@ -470,20 +474,22 @@ def open_flight(args, *, host: str = "127.0.0.1") -> FlightEndpoint:
     from dvidetl.errors import UserError
 
     token = read_token(getattr(args, "token_file", None))
-    server = None
+    server = source = None
     location = args.flight
     if location is None:
         from dvidetl.flight.server import start_server
         from dvidetl.sources import open_source
 
-        src = getattr(args, "source", None) or f"synthetic://{args.uuid}"
-        server = start_server(open_source(src), host=host, port=0, token=token)
+        source = open_source(getattr(args, "source", None) or f"synthetic://{args.uuid}")
+        server = start_server(source, host=host, port=0, token=token)
         location = server.location
     elif not location.startswith(("grpc://", "grpc+tcp://", "grpc+tls://")):
         raise UserError(f"--flight {location!r}: expected grpc://HOST:PORT or grpc+tls://HOST:PORT")
     try:
-        return FlightEndpoint(location, token, args.uuid, args.instance, server)
+        return FlightEndpoint(location, token, args.uuid, args.instance, server, source)
     except Exception:
         if server is not None:
             server.stop()
+        if source is not None:
+            source.close()
         raise
