@@ -1,0 +1,106 @@
+"""The partition transform over real codec output: repack -> map -> cut -> tables."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from dvidetl import schema as S
+from dvidetl.codec import encode_block, restore_block, wrap
+from dvidetl.geometry import morton_encode
+from dvidetl.transform import transform_blocks
+
+GRID = (8, 8, 8)
+
+
+def _volume(rng, nlabels, base=1000):
+    labels = rng.integers(0, nlabels, size=(64, 64, 64)).astype(np.uint64) + np.uint64(base)
+    return labels
+
+
+def _batch(blocks, coords):
+    x, y, z = (np.array(c, np.int32) for c in zip(*coords, strict=True))
+    m = morton_encode(x, y, z, GRID)
+    return pa.record_batch(
+        [pa.array(x), pa.array(y), pa.array(z), pa.array(m), pa.array(blocks, pa.binary())],
+        names=["x", "y", "z", "morton", "data"],
+    )
+
+
+def test_transform_exact_and_mapping_one_call(shared_data):
+    rng = np.random.default_rng(0)
+    raw_fib = gzip.decompress((shared_data / "dvid" / "fib19-64x64x64-sample1-block.dat.gz").read_bytes())
+    raws = [raw_fib, encode_block(_volume(rng, 3)), encode_block(np.zeros((64, 64, 64), np.uint64) + np.uint64(7))]
+    coords = [(1, 0, 0), (0, 1, 0), (3, 3, 3)]
+    calls = []
+
+    def mapper(svs):
+        calls.append(np.asarray(svs).copy())
+        return np.asarray(svs, np.uint64) // np.uint64(2)
+
+    b1 = _batch([wrap(r, "gzip") for r in raws[:2]], coords[:2])
+    b2 = _batch([wrap(raws[2], "gzip")], coords[2:])
+    tables, st = transform_blocks([b1, b2], "gzip", mapper, scale=0, grid=GRID, lo=0, hi=512, run_id="r")
+    assert len(calls) == 1, "mapping must be one call per partition"
+    assert np.all(np.diff(calls[0].astype(np.int64)) > 0), "unique sorted supervoxels"
+    blocks = tables["blocks"]
+    assert blocks.schema == S.BLOCKS and blocks.num_rows == 3
+    assert st.blocks == 3 and st.errors == 0 and tables["export_errors"].num_rows == 0
+    r = S.reassemble(blocks, tables["block_overflow"])
+    for i, raw in enumerate(raws):
+        svs = np.asarray(r.column("supervoxels")[i].as_py(), np.uint64)
+        assert restore_block(svs, r.column("body")[i].as_py()) == raw
+        assert r.column("crc32")[i].as_py() == zlib.crc32(raw)
+        assert r.column("raw_size")[i].as_py() == len(raw)
+        assert r.column("labels")[i].as_py() == (svs // np.uint64(2)).tolist()
+        assert sum(r.column("sv_voxels")[i].as_py()) == 64**3
+
+
+def test_transform_overflow_and_errors():
+    rng = np.random.default_rng(1)
+    dense = encode_block(_volume(rng, 20000))  # ~20k labels: list and body cells overflow
+    ok = encode_block(_volume(rng, 2))
+    bad = bytearray(wrap(ok, "gzip"))
+    bad[len(bad) // 2] ^= 0xFF
+    coords = [(0, 0, 0), (1, 0, 0), (2, 0, 0), (5, 5, 5)]
+    blocks = [wrap(dense, "gzip"), wrap(ok, "gzip"), bytes(bad), wrap(ok, "gzip")]
+    b = _batch(blocks, coords)
+    # block 4 claims a wrong morton code
+    m = b.column("morton").to_numpy().copy()
+    m[3] = 9
+    b = b.set_column(3, "morton", pa.array(m))
+    tables, st = transform_blocks([b], "gzip", lambda s: s, scale=2, grid=GRID, lo=0, hi=512,
+                                  run_id="run-x", cell_limit=16 * 1024)
+    assert st.blocks == 2 and st.errors == 2
+    err = tables["export_errors"]
+    assert sorted(set(err.column("stage").to_pylist())) == ["repack", "validate"]
+    assert set(err.column("run_id").to_pylist()) == {"run-x"}
+    # original bytes kept, in cells within the limit
+    got = b"".join(err.filter(pa.compute.equal(err.column("stage"), "repack")).column("data").to_pylist())
+    assert got == bytes(bad)
+    ov = tables["block_overflow"]
+    assert set(ov.column("column").to_pylist()) >= {"supervoxels", "labels", "sv_voxels"}
+    r = S.reassemble(tables["blocks"], ov)
+    i = r.column("morton").to_pylist().index(0)
+    assert restore_block(np.asarray(r.column("supervoxels")[i].as_py(), np.uint64), r.column("body")[i].as_py()) == dense
+    assert tables["blocks"].column("overflow").to_pylist()[i] is True
+
+
+def test_transform_rejects_duplicates_and_out_of_range():
+    ok = wrap(encode_block(np.ones((64, 64, 64), np.uint64)), "gzip")
+    b = _batch([ok, ok], [(1, 0, 0), (1, 0, 0)])
+    tables, st = transform_blocks([b], "gzip", lambda s: s, scale=0, grid=GRID, lo=0, hi=512, run_id="r")
+    assert st.blocks == 1 and tables["export_errors"].column("stage").to_pylist() == ["duplicate"]
+    tables, st = transform_blocks([b], "gzip", lambda s: s, scale=0, grid=GRID, lo=2, hi=512, run_id="r")
+    assert st.blocks == 0 and st.errors == 2
+
+
+def test_transform_mapper_wrong_size_is_an_error():
+    ok = wrap(encode_block(np.ones((64, 64, 64), np.uint64)), "gzip")
+    with pytest.raises(ValueError, match="mapping returned"):
+        transform_blocks([_batch([ok], [(0, 0, 0)])], "gzip", lambda s: np.zeros(5, np.uint64),
+                         scale=0, grid=GRID, lo=0, hi=512, run_id="r")
