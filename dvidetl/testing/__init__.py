@@ -1,0 +1,18 @@
+"""Test helpers that are real servers, not mocks.
+
+`vastsim` is a local, wire-compatible subset of the VAST DataBase tabular HTTP API, driven by
+the unmodified `vastdb` SDK (see docs/vastsim.md); `conformance` runs VAST's own SDK
+integration tests against it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["start_vastsim", "VastSim"]
+
+
+def __getattr__(name: str):  # lazy: importing dvidetl.testing must not pull in pyarrow/vastdb
+    if name in __all__:
+        from dvidetl.testing import vastsim
+
+        return getattr(vastsim, name)
+    raise AttributeError(name)
