@@ -216,7 +216,10 @@ def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     opt = lambda name: getattr(args, name, None)  # noqa: E731
     kw: dict[str, Any] = {}
 
-    cores = opt("worker_cores") or _config("cores") or DEFAULT_WORKER_CORES
+    def first(*values: Any) -> Any:
+        return next((v for v in values if v is not None), None)
+
+    cores = first(opt("worker_cores"), _config("cores"), DEFAULT_WORKER_CORES)
     if cores < 1:
         raise UserError(f"--worker-cores {cores}: must be at least 1")
     kw["cores"] = int(cores)
@@ -229,7 +232,7 @@ def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError:
         raise UserError(f"--worker-memory {memory!r}: expected a size like 8GiB") from None
     kw["memory"] = memory
-    processes = opt("worker_processes") or _config("processes") or kw["cores"]
+    processes = first(opt("worker_processes"), _config("processes"), kw["cores"])
     if processes < 1 or processes > kw["cores"]:
         raise UserError(
             f"--worker-processes {processes}: must be between 1 and the cores per job ({kw['cores']})"
@@ -273,7 +276,7 @@ def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if walltime_s and "--lifetime" not in extra:
         life, stagger = worker_lifetime(walltime_s)
         extra += ["--lifetime", f"{life}s", "--lifetime-stagger", f"{stagger}s"]
-        kw["worker_extra_args"] = extra
+    kw["worker_extra_args"] = extra
 
     sched = dict(_config("scheduler-options") or {})
     dash = opt("dashboard_address")
