@@ -68,12 +68,17 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory per worker (local) or per SLURM job (slurm), e.g. 4GiB",
     )
     g.add_argument(
-        "--dashboard-address", default=DEFAULT_DASHBOARD, help="Dask dashboard address (default :8787)"
+        "--dashboard-address",
+        default=DEFAULT_DASHBOARD,
+        help="Dask dashboard address (default :8787)",
     )
     s = parser.add_argument_group("slurm (with --cluster slurm)")
     size = s.add_mutually_exclusive_group()
     size.add_argument(
-        "--jobs", type=int, default=None, help=f"fixed number of worker jobs (default {DEFAULT_JOBS})"
+        "--jobs",
+        type=int,
+        default=None,
+        help=f"fixed number of worker jobs (default {DEFAULT_JOBS})",
     )
     size.add_argument(
         "--adapt",
@@ -153,9 +158,7 @@ def open_client(args: argparse.Namespace) -> Iterator[Any]:
         with open_slurm_client(args) as client:
             yield client
     else:
-        raise UserError(
-            f"--cluster {kind!r} not understood: use local, tcp://HOST:PORT or slurm"
-        )
+        raise UserError(f"--cluster {kind!r} not understood: use local, tcp://HOST:PORT or slurm")
 
 
 # ----------------------------------------------------------------------------- SLURM ---
@@ -223,7 +226,9 @@ def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if cores < 1:
         raise UserError(f"--worker-cores {cores}: must be at least 1")
     kw["cores"] = int(cores)
-    memory = opt("worker_memory") or _config("memory") or f"{cores * DEFAULT_MEMORY_PER_CORE_GIB}GiB"
+    memory = (
+        opt("worker_memory") or _config("memory") or f"{cores * DEFAULT_MEMORY_PER_CORE_GIB}GiB"
+    )
     try:
         from dask.utils import parse_bytes
 

@@ -128,9 +128,7 @@ def test_site_lifetime_and_python_are_respected(tmp_path) -> None:
 
 def test_defaults_without_any_config(tmp_path) -> None:
     with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):
-        kw = cl.slurm_cluster_kwargs(
-            _args("--cluster", "slurm", "--log-directory", str(tmp_path))
-        )
+        kw = cl.slurm_cluster_kwargs(_args("--cluster", "slurm", "--log-directory", str(tmp_path)))
     assert kw["cores"] == cl.DEFAULT_WORKER_CORES
     assert kw["memory"] == f"{cl.DEFAULT_WORKER_CORES * cl.DEFAULT_MEMORY_PER_CORE_GIB}GiB"
     assert kw["scheduler_options"]["dashboard_address"] == ":8787"
