@@ -424,6 +424,10 @@ def add_flight_arguments(parser) -> None:
         help="Flight server; without it an in-process reference server over synthetic://UUID is started",
     )
     parser.add_argument("--token-file", default=None, help="file holding the server's bearer token")
+    parser.add_argument(
+        "--source", default=None, metavar="URL",
+        help="what the embedded server serves (default synthetic://UUID); not used with --flight",
+    )
 
 
 def read_token(path: str | None) -> str | None:

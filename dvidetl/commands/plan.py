@@ -17,7 +17,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--partition-blocks", type=int, default=DEFAULT_PARTITION_BLOCKS,
                    help=f"blocks per partition (default {DEFAULT_PARTITION_BLOCKS})")
     p.add_argument("--summary", action="store_true", help="totals only, not every partition")
-    p.set_defaults(source=None)
     return p
 
 

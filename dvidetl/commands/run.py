@@ -46,7 +46,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-mapping", action="store_true", help="skip the mapping table")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_cluster_arguments(p)
-    p.set_defaults(source=None)
     return p
 
 

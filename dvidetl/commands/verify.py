@@ -19,7 +19,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"the export to check (default {DEFAULT_SINK})")
     p.add_argument("--run", default=None, metavar="RUN_ID", help="run to check (default: the latest)")
     p.add_argument("--scales", default=None, help="only these scales (default: all the run exported)")
-    p.set_defaults(source=None)
     return p
 
 
