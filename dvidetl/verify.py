@@ -129,13 +129,7 @@ def verify_blocks(client, sink, run, report: VerifyReport, scales=None, *, index
         err_m = np.unique(errs.column("morton").to_numpy()) if errs.num_rows else np.zeros(0, np.uint64)
         sm = src.column("morton").to_numpy() if src.num_rows else np.zeros(0, np.uint64)
         em = exp.column("morton").to_numpy() if exp.num_rows else np.zeros(0, np.uint64)
-        grid = info.scale(part.scale).grid
-
-        def where(m):
-            from dvidetl.geometry import morton_decode
-
-            x, y, z = morton_decode(np.asarray([m], np.uint64), grid)
-            return f"scale {part.scale} block ({int(x[0])}, {int(y[0])}, {int(z[0])})"
+        where = _Where(part.scale, info.scale(part.scale).grid)
 
         uniq, cnt = np.unique(em, return_counts=True)
         for m in uniq[cnt > 1]:
@@ -162,13 +156,8 @@ def verify_blocks(client, sink, run, report: VerifyReport, scales=None, *, index
         s = src.take(pa.array(si))
         e = S.reassemble(exp.take(pa.array(ei)), ov)
         rp = repack(s.column("data"), codec)
-        bad = np.zeros(len(common), bool)
-        why = [[] for _ in range(len(common))]
-
-        def flag(mask, text):
-            for i in np.flatnonzero(mask):
-                bad[i] = True
-                why[i].append(text)
+        flags = _Flags(len(common))
+        flag = flags.flag
 
         src_err = np.asarray(pc.is_valid(rp.errors)) if rp.errors.null_count != len(rp.errors) else np.zeros(len(common), bool)
         flag(src_err, "source block does not parse now")
@@ -197,18 +186,48 @@ def verify_blocks(client, sink, run, report: VerifyReport, scales=None, *, index
                 got = restore_block(flat[sv_off[i]:sv_off[i + 1]], ebody[i])
                 want = unwrap(sdata[i], codec)
             except Exception as exc:  # noqa: BLE001 — reported by coordinates
-                flag(np.arange(len(common)) == i, f"cannot restore: {exc}")
+                flags.one(i, f"cannot restore: {exc}")
                 continue
             if bytes(got) != bytes(want):
-                flag(np.arange(len(common)) == i, "reassembled bytes differ from the source")
+                flags.one(i, "reassembled bytes differ from the source")
             elif zlib.crc32(got) != int(ecrc[i]):
-                flag(np.arange(len(common)) == i, "crc32 of the reassembled block differs")
-        report.blocks_checked += int((~bad).sum())
-        report.mismatched += int(bad.sum())
-        for i in np.flatnonzero(bad)[:10]:
-            report.add(f"{where(common[i])}: {', '.join(why[i])}")
+                flags.one(i, "crc32 of the reassembled block differs")
+        report.blocks_checked += int((~flags.bad).sum())
+        report.mismatched += int(flags.bad.sum())
+        for i in np.flatnonzero(flags.bad)[:10]:
+            report.add(f"{where(common[i])}: {', '.join(flags.why[i])}")
         if index_acc is not None and part.scale == 0:
             index_acc.append(_index_rows_from_blocks(e))
+
+
+class _Where:
+    """Block coordinates of a Morton code, for messages."""
+
+    def __init__(self, scale: int, grid):
+        self.scale, self.grid = scale, grid
+
+    def __call__(self, m) -> str:
+        from dvidetl.geometry import morton_decode
+
+        x, y, z = morton_decode(np.asarray([m], np.uint64), self.grid)
+        return f"scale {self.scale} block ({int(x[0])}, {int(y[0])}, {int(z[0])})"
+
+
+class _Flags:
+    """Which compared blocks differ, and why."""
+
+    def __init__(self, n: int):
+        self.bad = np.zeros(n, bool)
+        self.why: list[list[str]] = [[] for _ in range(n)]
+
+    def flag(self, mask, text: str) -> None:
+        for i in np.flatnonzero(mask):
+            self.bad[i] = True
+            self.why[i].append(text)
+
+    def one(self, i: int, text: str) -> None:
+        self.bad[i] = True
+        self.why[i].append(text)
 
 
 def _index_of(sorted_or_not: np.ndarray, values: np.ndarray) -> np.ndarray:
