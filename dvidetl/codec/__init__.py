@@ -1,0 +1,42 @@
+"""The DVID compressed label Block codec (docs/dvid-formats.md §1–4): pure functions, no I/O.
+
+Stable API (other tools call these names):
+``decode_block``, ``encode_block``, ``block_labels``, ``label_voxel_counts``,
+``split_block``, ``join_block``, ``wrap``, ``unwrap``, ``repack``/``Repacked``,
+``restore_block`` and ``BlockFormatError``.
+"""
+
+from __future__ import annotations
+
+from dvidetl.codec.block import (
+    block_header,
+    block_labels,
+    decode_block,
+    describe_error,
+    encode_block,
+    join_block,
+    label_voxel_counts,
+    split_block,
+    validate_block,
+)
+from dvidetl.codec.errors import BlockFormatError
+from dvidetl.codec.wrapper import CODECS, GZIP_INFLATER, MAX_RAW, gunzip, unwrap, wrap
+
+__all__ = [
+    "BlockFormatError",
+    "CODECS",
+    "GZIP_INFLATER",
+    "MAX_RAW",
+    "block_header",
+    "block_labels",
+    "decode_block",
+    "describe_error",
+    "encode_block",
+    "gunzip",
+    "join_block",
+    "label_voxel_counts",
+    "split_block",
+    "unwrap",
+    "validate_block",
+    "wrap",
+]

@@ -1,0 +1,557 @@
+"""Numba kernels for the DVID compressed label Block (see docs/dvid-formats.md §1–2).
+
+All kernels work on a flat ``uint8`` buffer with explicit ``[s, e)`` bounds so the same code
+serves one block (``decode_block``) and a whole concatenated Arrow buffer (``repack``).
+Every read is preceded by a length check: numba does not bounds-check array indexing, so a
+malformed block must be rejected by ``scan`` before any kernel trusts its section sizes, and
+the value kernels re-check every local index against its palette size.
+
+Results and errors travel through an ``info`` row (int64[8]) instead of exceptions (numba
+cannot build rich messages); ``describe`` in ``block.py`` turns it into a sentence.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+# info row layout
+I_ERR, I_POS, I_A, I_B, I_N, I_NSB, I_S, I_C = range(8)
+INFO_LEN = 8
+
+E_OK = 0
+E_HDR = 1  # a = length
+E_GRID = 2  # a, b, c = gx, gy, gz
+E_N0 = 3
+E_TABLE = 4  # a = need, b = have
+E_SOLID = 5  # a = length
+E_NS_TRUNC = 6  # a = need, b = have
+E_NS_BIG = 7  # a = sub-block, b = Ns
+E_PAL_TRUNC = 8  # a = need, b = have
+E_PAL_IDX = 9  # a = index, b = sub-block
+E_VAL_TRUNC = 10  # a = need, b = have
+E_TRAIL = 11  # a = need, b = have
+E_LOCAL = 12  # a = local value, b = sub-block, c = Ns
+E_NULL = 13  # (repack) null input row
+E_WRAP = 14  # (repack) unwrap failed; message kept in Python
+
+MAX_GRID = 128  # Go's UnmarshalBinary limit: gx, gy, gz <= 128
+MAX_NS = 512  # an 8x8x8 sub-block has at most 512 distinct values
+
+
+@nb.njit(cache=True, inline="always")
+def _u16(buf, p):
+    return np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8)
+
+
+@nb.njit(cache=True, inline="always")
+def _u32(buf, p):
+    return (
+        np.int64(buf[p])
+        | (np.int64(buf[p + 1]) << 8)
+        | (np.int64(buf[p + 2]) << 16)
+        | (np.int64(buf[p + 3]) << 24)
+    )
+
+
+@nb.njit(cache=True, inline="always")
+def _u64(buf, p):
+    v = np.uint64(0)
+    for k in range(7, -1, -1):
+        v = (v << np.uint64(8)) | np.uint64(buf[p + k])
+    return v
+
+
+@nb.njit(cache=True, inline="always")
+def _bits(n):
+    if n < 2:
+        return 0
+    b = 0
+    m = n - 1
+    while m > 0:
+        b += 1
+        m >>= 1
+    return b
+
+
+@nb.njit(cache=True)
+def scan(buf, s, e, info):
+    """Validate the structure of the block ``buf[s:e]`` (header, section lengths, Ns <= 512,
+    palette indices < N, exact total length). Fills ``info``; returns the error code.
+
+    Does not look at the packed values (``count_into``/``decode_into`` check those)."""
+    for k in range(INFO_LEN):
+        info[k] = 0
+    n = e - s
+    if n < 16:
+        info[I_ERR] = E_HDR
+        info[I_POS] = n
+        info[I_A] = n
+        return E_HDR
+    gx = _u32(buf, s)
+    gy = _u32(buf, s + 4)
+    gz = _u32(buf, s + 8)
+    N = _u32(buf, s + 12)
+    if gx < 1 or gy < 1 or gz < 1 or gx > MAX_GRID or gy > MAX_GRID or gz > MAX_GRID:
+        info[I_ERR] = E_GRID
+        info[I_A] = gx
+        info[I_B] = gy
+        info[I_C] = gz
+        return E_GRID
+    info[I_N] = N
+    nsb = gx * gy * gz
+    info[I_NSB] = nsb
+    if N == 0:
+        info[I_ERR] = E_N0
+        info[I_POS] = 12
+        return E_N0
+    tab_end = 16 + 8 * N
+    if tab_end > n:
+        info[I_ERR] = E_TABLE
+        info[I_POS] = n
+        info[I_A] = tab_end
+        info[I_B] = n
+        return E_TABLE
+    if N == 1:
+        if n != 24:
+            info[I_ERR] = E_SOLID
+            info[I_POS] = 24
+            info[I_A] = n
+            return E_SOLID
+        return E_OK
+    ns_end = tab_end + 2 * nsb
+    if ns_end > n:
+        info[I_ERR] = E_NS_TRUNC
+        info[I_POS] = n
+        info[I_A] = ns_end
+        info[I_B] = n
+        return E_NS_TRUNC
+    S = 0
+    vbytes = 0
+    for i in range(nsb):
+        c = _u16(buf, s + tab_end + 2 * i)
+        if c > MAX_NS:
+            info[I_ERR] = E_NS_BIG
+            info[I_POS] = tab_end + 2 * i
+            info[I_A] = i
+            info[I_B] = c
+            return E_NS_BIG
+        S += c
+        vbytes += 64 * _bits(c)
+    info[I_S] = S
+    pal_end = ns_end + 4 * S
+    if pal_end > n:
+        info[I_ERR] = E_PAL_TRUNC
+        info[I_POS] = n
+        info[I_A] = pal_end
+        info[I_B] = n
+        return E_PAL_TRUNC
+    p = s + ns_end
+    for i in range(nsb):
+        c = _u16(buf, s + tab_end + 2 * i)
+        for _j in range(c):
+            idx = _u32(buf, p)
+            if idx >= N:
+                info[I_ERR] = E_PAL_IDX
+                info[I_POS] = p - s
+                info[I_A] = idx
+                info[I_B] = i
+                return E_PAL_IDX
+            p += 4
+    total = pal_end + vbytes
+    if total > n:
+        info[I_ERR] = E_VAL_TRUNC
+        info[I_POS] = n
+        info[I_A] = total
+        info[I_B] = n
+        return E_VAL_TRUNC
+    if total < n:
+        info[I_ERR] = E_TRAIL
+        info[I_POS] = total
+        info[I_A] = total
+        info[I_B] = n
+        return E_TRAIL
+    return E_OK
+
+
+@nb.njit(cache=True, inline="always")
+def _local(buf, vp, k, b):
+    """Local index k (0..511) of a sub-block whose b-bit MSB-first values start at vp.
+    Reads a second byte only when the value straddles a byte boundary, so it never reads
+    past the sub-block's 64*b bytes."""
+    bitpos = k * b
+    q = vp + (bitpos >> 3)
+    off = bitpos & 7
+    w = np.int64(buf[q]) << 8
+    if off + b > 8:
+        w |= np.int64(buf[q + 1])
+    return (w >> (16 - off - b)) & ((1 << b) - 1)
+
+
+@nb.njit(cache=True)
+def count_into(buf, s, info, counts, c0):
+    """Add voxels per label-table entry of the (scanned, valid) block ``buf[s:]`` into
+    ``counts[c0:c0+N]`` without materializing voxels. Ns == 0 sub-blocks reference no
+    entry and are not counted. Returns the error code (E_LOCAL on a bad local value)."""
+    N = info[I_N]
+    nsb = info[I_NSB]
+    if N == 1:
+        counts[c0] += 512 * nsb
+        return E_OK
+    ns_p = s + 16 + 8 * N
+    pal_p = ns_p + 2 * nsb
+    val_p = pal_p + 4 * info[I_S]
+    hist = np.zeros(MAX_NS, np.int64)
+    for i in range(nsb):
+        c = _u16(buf, ns_p + 2 * i)
+        if c == 0:
+            continue
+        if c == 1:
+            counts[c0 + _u32(buf, pal_p)] += 512
+            pal_p += 4
+            continue
+        b = _bits(c)
+        for j in range(c):
+            hist[j] = 0
+        if c == (1 << b):
+            for k in range(512):
+                hist[_local(buf, val_p, k, b)] += 1
+        else:
+            for k in range(512):
+                v = _local(buf, val_p, k, b)
+                if v >= c:
+                    info[I_ERR] = E_LOCAL
+                    info[I_POS] = val_p + ((k * b) >> 3) - s
+                    info[I_A] = v
+                    info[I_B] = i
+                    info[I_C] = c
+                    return E_LOCAL
+                hist[v] += 1
+        for j in range(c):
+            counts[c0 + _u32(buf, pal_p + 4 * j)] += hist[j]
+        pal_p += 4 * c
+        val_p += 64 * b
+    return E_OK
+
+
+@nb.njit(cache=True)
+def decode_into(buf, s, info, out):
+    """Decode the (scanned, valid) block ``buf[s:]`` into ``out`` (nz, ny, nx) uint64.
+    Returns the error code (E_LOCAL on a local value >= Ns)."""
+    N = info[I_N]
+    nsb = info[I_NSB]
+    gx = _u32(buf, s)
+    gy = _u32(buf, s + 4)
+    gz = _u32(buf, s + 8)
+    if N == 1:
+        lab = _u64(buf, s + 16)
+        out[:] = lab
+        return E_OK
+    ns_p = s + 16 + 8 * N
+    pal_p = ns_p + 2 * nsb
+    val_p = pal_p + 4 * info[I_S]
+    pl = np.empty(MAX_NS, np.uint64)
+    zero = np.uint64(0)
+    i = -1
+    for sz in range(gz):
+        for sy in range(gy):
+            for sx in range(gx):
+                i += 1
+                z0 = sz * 8
+                y0 = sy * 8
+                x0 = sx * 8
+                c = _u16(buf, ns_p + 2 * i)
+                if c < 2:
+                    lab = zero
+                    if c == 1:
+                        lab = _u64(buf, s + 16 + 8 * _u32(buf, pal_p))
+                        pal_p += 4
+                    for z in range(8):
+                        for y in range(8):
+                            for x in range(8):
+                                out[z0 + z, y0 + y, x0 + x] = lab
+                    continue
+                for j in range(c):
+                    pl[j] = _u64(buf, s + 16 + 8 * _u32(buf, pal_p + 4 * j))
+                pal_p += 4 * c
+                b = _bits(c)
+                mask = (1 << b) - 1
+                check = c != (1 << b)
+                for z in range(8):
+                    for y in range(8):
+                        rp = val_p + (z * 8 + y) * b  # a row of 8 values is exactly b bytes
+                        # big-endian load of the row's first min(b, 8) bytes
+                        acc = np.uint64(0)
+                        nb_ = b if b <= 8 else 8
+                        for k in range(nb_):
+                            acc = (acc << np.uint64(8)) | np.uint64(buf[rp + k])
+                        for x in range(8):
+                            if b <= 8:
+                                v = np.int64((acc >> np.uint64((7 - x) * b)) & np.uint64(mask))
+                            else:
+                                if x < 7:
+                                    v = np.int64((acc >> np.uint64(64 - (x + 1) * 9)) & np.uint64(mask))
+                                else:
+                                    v = (np.int64(acc & np.uint64(1)) << 8) | np.int64(buf[rp + 8])
+                            if check and v >= c:
+                                info[I_ERR] = E_LOCAL
+                                info[I_POS] = rp + ((x * b) >> 3) - s
+                                info[I_A] = v
+                                info[I_B] = i
+                                info[I_C] = c
+                                return E_LOCAL
+                            out[z0 + z, y0 + y, x0 + x] = pl[v]
+                val_p += 64 * b
+    return E_OK
+
+
+# ----------------------------------------------------------------------------------------
+# encoder
+
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+@nb.njit(cache=True, inline="always")
+def _hash(v, shift):
+    return np.int64((v * _GOLD) >> np.uint64(shift))
+
+
+@nb.njit(cache=True)
+def _tab_find(tk, tv, v, shift):
+    """Slot of v in the open-addressing table (tv < 0 = empty)."""
+    mask = tk.shape[0] - 1
+    h = _hash(v, shift)
+    while True:
+        if tv[h] < 0 or tk[h] == v:
+            return h
+        h = (h + 1) & mask
+
+
+@nb.njit(cache=True)
+def _tab_grow(tk, tv, shift):
+    cap = tk.shape[0] * 2
+    nk = np.empty(cap, np.uint64)
+    nv = np.full(cap, -1, np.int64)
+    nshift = shift - 1
+    for h in range(tk.shape[0]):
+        if tv[h] >= 0:
+            g = _tab_find(nk, nv, tk[h], nshift)
+            nk[g] = tk[h]
+            nv[g] = tv[h]
+    return nk, nv, nshift
+
+
+@nb.njit(cache=True)
+def encode(vol, order, use_order):
+    """Encode a C-contiguous uint64 (nz, ny, nx) volume (sides multiples of 8).
+
+    Returns (bytes as uint8 array, err, bad_label): err 1 = a voxel label missing from
+    ``order`` (only with ``use_order``)."""
+    nz, ny, nx = vol.shape
+    gz = nz // 8
+    gy = ny // 8
+    gx = nx // 8
+    nsb = gx * gy * gz
+    local = np.empty(nsb * 512, np.uint16)
+    ns = np.empty(nsb, np.int64)
+    dist = np.empty(nsb * 512, np.uint64)
+    # per-sub-block hash (1024 slots, shift 54 -> 10 bits)
+    hk = np.empty(1024, np.uint64)
+    hv = np.full(1024, -1, np.int64)
+    used = np.empty(512, np.int64)
+    nd = 0
+    vbytes = 0
+    i = -1
+    for sz in range(gz):
+        for sy in range(gy):
+            for sx in range(gx):
+                i += 1
+                z0 = sz * 8
+                y0 = sy * 8
+                x0 = sx * 8
+                c = 0
+                last = np.uint64(0)
+                lastli = -1
+                base = i * 512
+                for z in range(8):
+                    for y in range(8):
+                        for x in range(8):
+                            v = vol[z0 + z, y0 + y, x0 + x]
+                            if lastli >= 0 and v == last:
+                                li = lastli
+                            else:
+                                h = _hash(v, 54)
+                                while True:
+                                    if hv[h] < 0:
+                                        hk[h] = v
+                                        hv[h] = c
+                                        used[c] = h
+                                        dist[nd + c] = v
+                                        li = c
+                                        c += 1
+                                        break
+                                    if hk[h] == v:
+                                        li = hv[h]
+                                        break
+                                    h = (h + 1) & 1023
+                                last = v
+                                lastli = li
+                            local[base + z * 64 + y * 8 + x] = li
+                for k in range(c):
+                    hv[used[k]] = -1
+                ns[i] = c
+                nd += c
+                vbytes += 64 * _bits(c)
+
+    # block label table: hash label -> table index
+    shift = 52  # 4096 slots
+    tk = np.empty(4096, np.uint64)
+    tv = np.full(4096, -1, np.int64)
+    nt = 0
+    if use_order:
+        table = order
+        for k in range(order.shape[0]):
+            if (nt + 1) * 2 > tk.shape[0]:
+                tk, tv, shift = _tab_grow(tk, tv, shift)
+            h = _tab_find(tk, tv, order[k], shift)
+            if tv[h] < 0:
+                tk[h] = order[k]
+                tv[h] = k
+                nt += 1
+        N = order.shape[0]
+    else:
+        table = np.empty(nd, np.uint64)
+        N = 0
+    pal = np.empty(nd, np.int64)
+    for j in range(nd):
+        v = dist[j]
+        if (nt + 1) * 2 > tk.shape[0]:
+            tk, tv, shift = _tab_grow(tk, tv, shift)
+        h = _tab_find(tk, tv, v, shift)
+        if tv[h] < 0:
+            if use_order:
+                return np.empty(0, np.uint8), 1, v
+            tk[h] = v
+            tv[h] = N
+            table[N] = v
+            N += 1
+            nt += 1
+        pal[j] = tv[h]
+
+    if N == 1:
+        out = np.empty(24, np.uint8)
+        _put32(out, 0, gx)
+        _put32(out, 4, gy)
+        _put32(out, 8, gz)
+        _put32(out, 12, 1)
+        _put64(out, 16, table[0])
+        return out, 0, np.uint64(0)
+
+    size = 16 + 8 * N + 2 * nsb + 4 * nd + vbytes
+    out = np.empty(size, np.uint8)
+    _put32(out, 0, gx)
+    _put32(out, 4, gy)
+    _put32(out, 8, gz)
+    _put32(out, 12, N)
+    p = 16
+    for k in range(N):
+        _put64(out, p, table[k])
+        p += 8
+    for k in range(nsb):
+        out[p] = ns[k] & 0xFF
+        out[p + 1] = (ns[k] >> 8) & 0xFF
+        p += 2
+    for j in range(nd):
+        _put32(out, p, pal[j])
+        p += 4
+    for k in range(nsb):
+        b = _bits(ns[k])
+        if b == 0:
+            continue
+        base = k * 512
+        acc = 0
+        nbits = 0
+        for q in range(512):
+            acc = (acc << b) | np.int64(local[base + q])
+            nbits += b
+            while nbits >= 8:
+                nbits -= 8
+                out[p] = (acc >> nbits) & 0xFF
+                p += 1
+            acc &= (1 << nbits) - 1
+    return out, 0, np.uint64(0)
+
+
+@nb.njit(cache=True, inline="always")
+def _put32(out, p, v):
+    out[p] = v & 0xFF
+    out[p + 1] = (v >> 8) & 0xFF
+    out[p + 2] = (v >> 16) & 0xFF
+    out[p + 3] = (v >> 24) & 0xFF
+
+
+@nb.njit(cache=True, inline="always")
+def _put64(out, p, v):
+    for k in range(8):
+        out[p + k] = np.uint8((v >> np.uint64(8 * k)) & np.uint64(0xFF))
+
+
+# ----------------------------------------------------------------------------------------
+# repack: one pass over a concatenated buffer of unwrapped blocks
+
+
+@nb.njit(cache=True)
+def repack_kernel(buf, offs, ok):
+    """For each row r with ok[r], validate block buf[offs[r]:offs[r+1]], count voxels per
+    table entry, copy out its table and its body (header + everything after the table).
+
+    Returns (info (R, 8), sv_offs (R+1), sv uint64, counts uint32, body_offs (R+1), body
+    uint8). Rows that fail (or are not ok) get empty slices and a nonzero info[r, 0]."""
+    R = offs.shape[0] - 1
+    info = np.zeros((R, INFO_LEN), np.int64)
+    total = offs[R] - offs[0]
+    cap = total // 8 + 1
+    sv = np.empty(cap, np.uint64)
+    counts = np.zeros(cap, np.int64)
+    body = np.empty(total, np.uint8)
+    sv_offs = np.zeros(R + 1, np.int64)
+    body_offs = np.zeros(R + 1, np.int64)
+    c0 = 0
+    b0 = 0
+    for r in range(R):
+        sv_offs[r] = c0
+        body_offs[r] = b0
+        if not ok[r]:
+            continue
+        s = offs[r]
+        e = offs[r + 1]
+        row = info[r]
+        if scan(buf, s, e, row) != E_OK:
+            continue
+        N = row[I_N]
+        for k in range(N):
+            counts[c0 + k] = 0
+        if count_into(buf, s, row, counts, c0) != E_OK:
+            continue
+        for k in range(N):
+            sv[c0 + k] = _u64(buf, s + 16 + 8 * k)
+        c0 += N
+        for k in range(16):
+            body[b0 + k] = buf[s + k]
+        b0 += 16
+        for q in range(s + 16 + 8 * N, e):
+            body[b0] = buf[q]
+            b0 += 1
+    sv_offs[R] = c0
+    body_offs[R] = b0
+    return info, sv_offs, sv[:c0], counts[:c0].astype(np.uint32), body_offs, body[:b0]
+
+
+@nb.njit(cache=True)
+def scan_many(buf, offs):
+    """Structural validation of many concatenated blocks; returns info (R, 8)."""
+    R = offs.shape[0] - 1
+    info = np.zeros((R, INFO_LEN), np.int64)
+    for r in range(R):
+        scan(buf, offs[r], offs[r + 1], info[r])
+    return info
