@@ -55,6 +55,7 @@ class ParquetSink:
         self.instance = instance
         self.url = url or f"parquet://{self.base}"
         self.root = self.base / _safe(instance, "instance") / _safe(uuid, "uuid")
+        self._runs: dict[str, RunInfo] = {}  # stored runs never change: cache them
 
     def __repr__(self) -> str:
         return f"ParquetSink({str(self.root)!r})"
@@ -88,11 +89,14 @@ class ParquetSink:
             _atomic_write_bytes(f, run.to_json().encode())
 
     def load_run(self, run_id: str) -> RunInfo:
+        if run_id in self._runs:
+            return self._runs[run_id]
         f = self._run_file(run_id)
         if not f.exists():
             known = ", ".join(self.runs()[-5:]) or "none"
             raise UserError(f"no run {run_id!r} under {self.root} (runs: {known})")
-        return RunInfo.from_json(f.read_bytes())
+        run = self._runs[run_id] = RunInfo.from_json(f.read_bytes())
+        return run
 
     def runs(self) -> list[str]:
         d = self.root / "runs"
@@ -175,18 +179,23 @@ class ParquetSink:
         if run_id is None:
             return []
         run = self.load_run(run_id)
-        done = self.done(run_id)
+        cands = [
+            p for p in run.partitions
+            if p.kind == kind
+            and not (scale is not None and kind == "blocks" and p.scale != scale)
+            and not (morton_range is not None and kind == "blocks"
+                     and (p.hi <= morton_range[0] or p.lo >= morton_range[1]))
+        ]
+        if len(cands) <= 64:
+            done = {p.key for p in cands if self.is_done(run_id, p)}
+        else:
+            done = self.done(run_id)
         out = []
-        for p in run.partitions:
-            if p.kind != kind or p.key not in done:
-                continue
-            if scale is not None and kind == "blocks" and p.scale != scale:
-                continue
-            if morton_range is not None and kind == "blocks" and (p.hi <= morton_range[0] or p.lo >= morton_range[1]):
-                continue
-            f = self.file_of(table, p)
-            if f.exists():
-                out.append(f)
+        for p in cands:
+            if p.key in done:
+                f = self.file_of(table, p)
+                if f.exists():
+                    out.append(f)
         return out
 
     def read(
