@@ -1,0 +1,782 @@
+"""`dvid+http://host:port[?uuid=U&instance=I]` — a live, unmodified DVID through its HTTP API.
+
+DVID has no Flight endpoint yet, so this source speaks the documented labelmap HTTP API
+(dvid-formats §5) and presents it as a `Source`:
+
+* ``/info`` gives block size, ``MaxDownresLevel`` and the scale-0 extents (MaxPoint inclusive);
+  the scale-s grid is ``ceil((max + 1) / 2^s / block)``. Negative coordinates are refused.
+* ``read_blocks(scale, lo, hi)`` covers the Morton range by aligned boxes (an aligned Morton
+  range is an aligned box of blocks), each at most ``2^box_bits`` block slots, clipped to the
+  extents, fetches each with ``/blocks/<size>/<offset>?compression=blocks&supervoxels=true``
+  (a few requests in flight at once), parses the record stream with a numba kernel, sorts by
+  Morton and serves the stored gzip of each block unchanged (``codec == "gzip"``).
+* DVID cannot count blocks cheaply, so ``count`` answers flagged upper bounds (``exact=False``):
+  block slots inside the extents per Morton cell, computed arithmetically per axis.
+* ``/mappings?format=binary`` is fetched once and cached as sorted arrays.
+* ``read_indices`` pages ``/listlabels`` then fetches ``/indices-compressed`` in chunks of at
+  most 50,000 labels and unwraps DVID's LZ4 wrapper to the LabelIndex protobuf.
+
+Robustness: explicit timeouts; retries with exponential backoff on connection errors, 5xx and
+503 throttling; and because DVID cannot change the status of a streamed 200 response, an error
+text appended to the stream (a record header that does not parse, a length running past the
+body, trailing bytes, a payload that is not gzip) is detected and reported with the URL and
+byte offset — after retrying, since such failures are usually transient on the server side.
+
+URL parameters besides ``uuid``/``instance``: ``timeout`` (s, default 60), ``retries``
+(default 6), ``backoff`` (first delay in s, default 0.2), ``box_bits`` (default 12 = 16^3
+blocks per request), ``parallel`` (requests in flight, default 4).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import random
+import ssl
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, quote, urlsplit
+
+import lz4.block
+import numba
+import numpy as np
+import pyarrow as pa
+
+from dvidetl.errors import UserError
+from dvidetl.geometry import (
+    ScaleInfo,
+    VolumeInfo,
+    _bit_plan,
+    axis_bits,
+    morton_decode,
+    morton_encode,
+)
+from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, INDICES_SCHEMA, MAPPING_SCHEMA
+
+T = TypeVar("T")
+
+MAX_BATCH_BYTES = 8 << 20
+MAX_BATCH_BLOCKS = 8192
+INDICES_PER_REQUEST = 50_000
+LISTLABELS_PAGE = 100_000
+#: cells a count() may return before asking for a coarser level
+MAX_COUNT_CELLS = 1 << 26
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class DvidHttpError(UserError):
+    """DVID answered with an error, or could not be reached after retries (message names the URL)."""
+
+
+class _StreamError(Exception):
+    """A 200 body that does not parse: probably an error text appended by the server."""
+
+    def __init__(self, offset: int, why: str, body: bytes):
+        self.offset = offset
+        tail = body[offset : offset + 160]
+        text = tail.decode("utf-8", "replace").strip()
+        super().__init__(f"{why} at byte {offset} of {len(body)}" + (f": {text!r}" if text else ""))
+
+
+# ---------------------------------------------------------------------------- HTTP transport
+class _Http:
+    """Keep-alive HTTP(S) connections (one per thread) with timeouts and retries."""
+
+    def __init__(
+        self, scheme: str, host: str, port: int | None, timeout: float, retries: int, backoff: float
+    ) -> None:
+        self.scheme, self.host, self.port = scheme, host, port
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._local = threading.local()
+        netloc = host if port is None else f"{host}:{port}"
+        self.base = f"{scheme}://{netloc}"
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.scheme == "https":
+                conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout, context=ssl.create_default_context()
+                )
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def get(self, path: str, parse: Callable[[bytes], T], body: bytes | None = None) -> T:
+        """GET ``path`` (optionally with a body, as DVID's /indices wants) and parse the 200 body.
+
+        Retries connection errors, timeouts, 429/5xx and unparsable 200 bodies with exponential
+        backoff; any other status is an immediate `DvidHttpError` quoting DVID's message.
+        """
+        url = self.base + path
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                delay = min(self.backoff * (2 ** (attempt - 1)), 30.0)
+                time.sleep(delay * (0.75 + 0.5 * random.random()))
+            try:
+                conn = self._conn()
+                headers = {"Accept-Encoding": "identity"}
+                if body is not None:
+                    headers["Content-Type"] = "application/json"
+                conn.request("GET", path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                status = resp.status
+                retry_after = resp.getheader("Retry-After")
+                if resp.will_close:
+                    self._drop()
+            except (TimeoutError, OSError, http.client.HTTPException) as exc:
+                self._drop()
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                continue
+            if status == 200:
+                try:
+                    return parse(data)
+                except _StreamError as exc:
+                    last = f"bad response body: {exc}"
+                    continue
+            text = data[:300].decode("utf-8", "replace").strip()
+            if status in _RETRY_STATUS:
+                last = f"HTTP {status}: {text}"
+                if retry_after and retry_after.isdigit():
+                    time.sleep(min(float(retry_after), 30.0))
+                continue
+            raise DvidHttpError(f"DVID error for GET {url}: HTTP {status}: {text}")
+        raise DvidHttpError(f"GET {url} failed after {self.retries + 1} attempts: {last}")
+
+    def close(self) -> None:
+        self._drop()
+
+
+# ---------------------------------------------------------------------------- stream parsing
+@numba.njit(cache=True)
+def _u32(buf, p):
+    return (
+        np.int64(buf[p])
+        | (np.int64(buf[p + 1]) << 8)
+        | (np.int64(buf[p + 2]) << 16)
+        | (np.int64(buf[p + 3]) << 24)
+    )
+
+
+@numba.njit(cache=True)
+def _i32(buf, p):
+    v = _u32(buf, p)
+    return v - (np.int64(1) << 32) if v >= (np.int64(1) << 31) else v
+
+
+@numba.njit(cache=True)
+def _scan_block_records(buf, box_lo, box_hi, want_gzip):
+    """Walk a /blocks record stream: (n, x, y, z, start, length, err_offset, err_code).
+
+    err_code: 0 ok, 1 truncated header, 2 block outside the requested box, 3 zero length,
+    4 length runs past the body, 5 payload is not gzip.
+    """
+    size = buf.shape[0]
+    cap = size // 17 + 1
+    xs = np.empty(cap, np.int32)
+    ys = np.empty(cap, np.int32)
+    zs = np.empty(cap, np.int32)
+    starts = np.empty(cap, np.int64)
+    lens = np.empty(cap, np.int64)
+    n = 0
+    p = 0
+    while p < size:
+        if size - p < 16:
+            return n, xs, ys, zs, starts, lens, p, 1
+        x = _i32(buf, p)
+        y = _i32(buf, p + 4)
+        z = _i32(buf, p + 8)
+        ln = _u32(buf, p + 12)
+        if (
+            x < box_lo[0]
+            or y < box_lo[1]
+            or z < box_lo[2]
+            or x >= box_hi[0]
+            or y >= box_hi[1]
+            or z >= box_hi[2]
+        ):
+            return n, xs, ys, zs, starts, lens, p, 2
+        if ln == 0:
+            return n, xs, ys, zs, starts, lens, p, 3
+        if p + 16 + ln > size:
+            return n, xs, ys, zs, starts, lens, p, 4
+        if want_gzip and (ln < 2 or buf[p + 16] != 0x1F or buf[p + 17] != 0x8B):
+            return n, xs, ys, zs, starts, lens, p, 5
+        xs[n] = x
+        ys[n] = y
+        zs[n] = z
+        starts[n] = p + 16
+        lens[n] = ln
+        n += 1
+        p += 16 + ln
+    return n, xs, ys, zs, starts, lens, -1, 0
+
+
+@numba.njit(cache=True)
+def _gather(buf, starts, lens, order):
+    """Concatenate payloads in ``order``: (data uint8, offsets int32 [n+1])."""
+    n = order.shape[0]
+    offsets = np.empty(n + 1, np.int64)
+    offsets[0] = 0
+    for i in range(n):
+        offsets[i + 1] = offsets[i] + lens[order[i]]
+    out = np.empty(offsets[n], np.uint8)
+    for i in range(n):
+        k = order[i]
+        out[offsets[i] : offsets[i + 1]] = buf[starts[k] : starts[k] + lens[k]]
+    return out, offsets
+
+
+_ERRS = {
+    1: "truncated record header (trailing bytes)",
+    2: "record header does not parse (block outside the requested box)",
+    3: "record with zero length",
+    4: "record length runs past the end of the body",
+    5: "payload is not gzip",
+}
+
+
+def _binary_array(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    n = offsets.shape[0] - 1
+    if offsets[-1] < 2**31:
+        return pa.Array.from_buffers(
+            pa.binary(), n, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+        )
+    return pa.Array.from_buffers(
+        pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    ).cast(pa.binary())
+
+
+# ---------------------------------------------------------------------------- the source
+def open_url(url: str) -> DvidHttpSource:
+    """Open ``dvid+http(s)://host:port[?uuid=&instance=&timeout=&retries=&...]``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("dvid+http", "dvid+https"):
+        raise UserError(f"not a dvid+http(s):// URL: {url!r}")
+    if not parts.hostname:
+        raise UserError(f"no host in {url!r} (use dvid+http://host:port?uuid=...)")
+    q = parse_qs(parts.query, keep_blank_values=True)
+    known = {"uuid", "instance", "timeout", "retries", "backoff", "box_bits", "parallel"}
+    unknown = set(q) - known
+    if unknown:
+        raise UserError(f"unknown parameter(s) {sorted(unknown)} in {url!r}: use {sorted(known)}")
+    one = {}
+    for k, v in q.items():
+        if len(v) != 1 or not v[0]:
+            raise UserError(f"parameter {k!r} in {url!r} must be given once, non-empty")
+        one[k] = v[0]
+
+    def num(key, conv, default, lo, hi):
+        if key not in one:
+            return default
+        try:
+            val = conv(one[key])
+        except ValueError:
+            raise UserError(f"parameter {key}={one[key]!r} in {url!r} is not a number") from None
+        if not lo <= val <= hi:
+            raise UserError(f"parameter {key}={val} in {url!r} must be in [{lo}, {hi}]")
+        return val
+
+    try:
+        port = parts.port
+    except ValueError:
+        raise UserError(f"bad port in {url!r}") from None
+    return DvidHttpSource(
+        host=parts.hostname,
+        port=port,
+        https=parts.scheme == "dvid+https",
+        uuid=one.get("uuid"),
+        instance=one.get("instance", "segmentation"),
+        timeout=num("timeout", float, 60.0, 0.01, 3600),
+        retries=num("retries", int, 6, 0, 100),
+        backoff=num("backoff", float, 0.2, 0.0, 60),
+        box_bits=num("box_bits", int, 12, 0, 30),
+        parallel=num("parallel", int, 4, 1, 64),
+    )
+
+
+class DvidHttpSource:
+    """A DVID labelmap instance at one UUID, read over HTTP (see the module docstring)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int | None = None,
+        *,
+        https: bool = False,
+        uuid: str | None = None,
+        instance: str = "segmentation",
+        timeout: float = 60.0,
+        retries: int = 6,
+        backoff: float = 0.2,
+        box_bits: int = 12,
+        parallel: int = 4,
+    ) -> None:
+        self.http = _Http("https" if https else "http", host, port, timeout, retries, backoff)
+        self.instance = instance
+        self.box_bits = box_bits
+        self.parallel = parallel
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._mapping: tuple[np.ndarray, np.ndarray] | None = None
+        self.uuid = uuid if uuid else self._discover_uuid()
+        self._info = self._load_info()
+
+    # -------------------------------------------------------------- info
+    def _node(self, endpoint: str) -> str:
+        return f"/api/node/{quote(self.uuid, safe=':')}/{quote(self.instance)}/{endpoint}"
+
+    def _json(self, path: str) -> Any:
+        def parse(body: bytes) -> Any:
+            try:
+                return json.loads(body)
+            except ValueError:
+                raise _StreamError(0, "response is not JSON", body) from None
+
+        return self.http.get(path, parse)
+
+    def _discover_uuid(self) -> str:
+        """No uuid given: use the single leaf node of the server's only repo, else ask."""
+        repos = self._json("/api/repos/info")
+        leaves = []
+        if isinstance(repos, dict):
+            for repo in repos.values():
+                nodes = ((repo or {}).get("DAG") or {}).get("Nodes") or {}
+                for key, node in nodes.items():
+                    if not (node or {}).get("Children"):
+                        leaves.append(str((node or {}).get("UUID") or key))
+        if len(repos or {}) != 1 or len(leaves) != 1:
+            raise UserError(
+                f"{self.http.base} holds {len(repos or {})} repo(s) with leaf nodes {leaves[:10]}: "
+                "name the version with ?uuid=..."
+            )
+        return leaves[0]
+
+    def _load_info(self) -> VolumeInfo:
+        url = self.http.base + self._node("info")
+        d = self._json(self._node("info"))
+        try:
+            base, ext = d["Base"], d["Extended"]
+        except (KeyError, TypeError):
+            raise DvidHttpError(
+                f"{url}: not a DVID data instance info (no Base/Extended)"
+            ) from None
+        type_name = base.get("TypeName")
+        if type_name not in (None, "labelmap"):
+            raise DvidHttpError(
+                f"{url}: instance {self.instance!r} is a {type_name}, not a labelmap"
+            )
+        comp = str(base.get("Compression") or "gzip").lower()
+        if comp.startswith("gzip"):
+            codec = "gzip"
+        elif comp.startswith("no compression") or comp.startswith("none"):
+            codec = "none"
+        else:
+            raise DvidHttpError(
+                f"{url}: blocks are stored with {base.get('Compression')!r}; DVID serves /blocks "
+                "correctly only for gzip (or uncompressed) storage"
+            )
+        bs = tuple(int(v) for v in (ext.get("BlockSize") or (64, 64, 64)))
+        extents = d.get("Extents") or {}
+        pmin = extents.get("MinPoint") or ext.get("MinPoint")
+        pmax = extents.get("MaxPoint") or ext.get("MaxPoint")
+        if pmin is None or pmax is None:
+            raise DvidHttpError(
+                f"{url}: DVID reports no extents for {self.instance!r} (POST /extents first)"
+            )
+        pmin = tuple(int(v) for v in pmin)
+        pmax = tuple(int(v) for v in pmax)
+        if min(pmin) < 0 or min(pmax) < 0:
+            raise DvidHttpError(
+                f"{url}: extents {pmin}..{pmax} include negative coordinates, which dvidetl does "
+                "not support (Morton codes need non-negative block coordinates)"
+            )
+        max_level = int(ext.get("MaxDownresLevel") or 0)
+        scales = []
+        for s in range(max_level + 1):
+            f = 1 << s
+            grid = tuple(max(1, math.ceil((pmax[d] + 1) / f / bs[d])) for d in range(3))
+            scales.append(
+                ScaleInfo(
+                    scale=s,
+                    block_size=bs,
+                    grid=grid,
+                    voxel_min=tuple(pmin[d] // f for d in range(3)),
+                    voxel_max=tuple(math.ceil((pmax[d] + 1) / f) for d in range(3)),
+                )
+            )
+        self._min_block = {
+            sc.scale: tuple(min(sc.voxel_min[d] // bs[d], sc.grid[d] - 1) for d in range(3))
+            for sc in scales
+        }
+        return VolumeInfo(
+            uuid=self.uuid,
+            instance=self.instance,
+            codec=codec,
+            scales=scales,
+            has_mapping=True,
+            has_indices=bool(ext.get("IndexedLabels", True)),
+        )
+
+    def info(self) -> VolumeInfo:
+        return self._info
+
+    def _scale(self, scale: int) -> ScaleInfo:
+        try:
+            return self._info.scale(scale)
+        except KeyError as exc:
+            raise UserError(str(exc.args[0])) from None
+
+    # -------------------------------------------------------------- count
+    def count(self, scale: int, level: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Upper bounds: block slots inside the extents per Morton cell (``exact=False``).
+
+        A cell ``code >> level`` is an aligned box whose side along each axis is 2^(bits of
+        that axis among the low ``level`` code bits); its count is the product of the per-axis
+        overlaps with the extents, so nothing is enumerated per block slot.
+        """
+        sc = self._scale(scale)
+        if level < 0:
+            raise UserError(f"count level must be >= 0, got {level}")
+        grid = sc.grid
+        k = [0, 0, 0]
+        for d, _i, j in _bit_plan(grid):
+            if j < level:
+                k[d] += 1
+        lo_b = self._min_block[scale]
+        c_lo = [lo_b[d] >> k[d] for d in range(3)]
+        c_hi = [((grid[d] - 1) >> k[d]) + 1 for d in range(3)]
+        ncells = math.prod(c_hi[d] - c_lo[d] for d in range(3))
+        if ncells > MAX_COUNT_CELLS:
+            raise UserError(
+                f"count at level {level} of scale {scale} would list {ncells:,} cells "
+                f"(more than {MAX_COUNT_CELLS:,}): ask for a coarser level"
+            )
+        per_axis = []
+        origins = []
+        for d in range(3):
+            c = np.arange(c_lo[d], c_hi[d], dtype=np.int64)
+            a = np.maximum(c << k[d], lo_b[d])
+            b = np.minimum((c + 1) << k[d], grid[d])
+            per_axis.append(np.maximum(b - a, 0).astype(np.uint64))
+            origins.append((c << k[d]).astype(np.uint64))
+        ox, oy, oz = np.meshgrid(*origins, indexing="ij")
+        nx, ny, nz = np.meshgrid(*per_axis, indexing="ij")
+        counts = (nx * ny * nz).ravel()
+        shift = np.uint64(min(level, 63))
+        cells = morton_encode(ox.ravel(), oy.ravel(), oz.ravel(), grid)
+        cells = cells >> shift if level < 64 else np.zeros_like(cells)
+        order = np.argsort(cells, kind="stable")
+        cells, counts = cells[order], counts[order]
+        keep = counts > 0
+        return cells[keep], counts[keep], False
+
+    # -------------------------------------------------------------- blocks
+    def _boxes(self, scale: int, lo: int, hi: int) -> Iterator[tuple[int, int, tuple, tuple]]:
+        """Aligned boxes covering ``[lo, hi)``: (code_lo, code_hi, box_lo, box_hi), clipped to
+        the extents, ascending; at most ``2^box_bits`` slots each."""
+        sc = self._scale(scale)
+        grid = sc.grid
+        plan = _bit_plan(grid)
+        total = sum(axis_bits(grid))
+        ext_lo = np.array(self._min_block[scale], dtype=np.int64)
+        ext_hi = np.array(grid, dtype=np.int64)
+
+        def side_bits(kbits: int) -> np.ndarray:
+            kk = np.zeros(3, dtype=np.int64)
+            for d, _i, j in plan:
+                if j < kbits:
+                    kk[d] += 1
+            return kk
+
+        hi = min(hi, 1 << total)
+        m = min(self.box_bits, total)
+        while lo < hi:
+            k = (lo & -lo).bit_length() - 1 if lo else total
+            while lo + (1 << k) > hi:
+                k -= 1
+            if k <= m:
+                starts = np.array([lo], dtype=np.uint64)
+                kb = k
+            else:  # a big aligned range: enumerate its 2^m sub-boxes vectorized
+                starts = np.uint64(lo) + (np.arange(1 << (k - m), dtype=np.uint64) << np.uint64(m))
+                kb = m
+            side = np.int64(1) << side_bits(kb)
+            ox, oy, oz = morton_decode(starts, grid)
+            org = np.stack([ox, oy, oz], axis=1).astype(np.int64)
+            b_lo = np.maximum(org, ext_lo)
+            b_hi = np.minimum(org + side, ext_hi)
+            ok = np.all(b_hi > b_lo, axis=1)
+            for i in np.flatnonzero(ok).tolist():
+                c0 = int(starts[i])
+                yield c0, c0 + (1 << kb), tuple(b_lo[i].tolist()), tuple(b_hi[i].tolist())
+            lo += 1 << k
+
+    def _fetch_box(self, scale: int, box_lo: tuple, box_hi: tuple) -> tuple:
+        """One /blocks request: (x, y, z, morton, data, offsets) sorted by Morton."""
+        sc = self._info.scale(scale)
+        bs = sc.block_size
+        size = "_".join(str((box_hi[d] - box_lo[d]) * bs[d]) for d in range(3))
+        off = "_".join(str(box_lo[d] * bs[d]) for d in range(3))
+        path = self._node(f"blocks/{size}/{off}?compression=blocks&supervoxels=true&scale={scale}")
+        want_gzip = self._info.codec == "gzip"
+        blo = np.array(box_lo, dtype=np.int64)
+        bhi = np.array(box_hi, dtype=np.int64)
+        grid = sc.grid
+
+        def parse(body: bytes) -> tuple:
+            buf = np.frombuffer(body, dtype=np.uint8)
+            n, xs, ys, zs, starts, lens, err_off, err = _scan_block_records(
+                buf, blo, bhi, want_gzip
+            )
+            if err:
+                raise _StreamError(int(err_off), _ERRS[int(err)], body)
+            xs, ys, zs = xs[:n], ys[:n], zs[:n]
+            codes = morton_encode(xs, ys, zs, grid)
+            order = np.argsort(codes, kind="stable")
+            codes = codes[order]
+            if n > 1 and np.any(codes[1:] == codes[:-1]):
+                i = int(np.flatnonzero(codes[1:] == codes[:-1])[0])
+                raise _StreamError(int(starts[order[i + 1]]) - 16, "block sent twice", body)
+            data, offsets = _gather(buf, starts[:n], lens[:n], order)
+            return xs[order], ys[order], zs[order], codes, data, offsets
+
+        return self.http.get(path, parse)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="dvid-http")
+            return self._pool
+
+    def read_blocks(self, scale: int, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        """Stored blocks with ``lo <= morton < hi``, ascending, as gzip payloads."""
+        self._scale(scale)
+        lo, hi = max(int(lo), 0), int(hi)
+        pool = self._executor()
+        boxes = self._boxes(scale, lo, hi)
+        window: deque[Future] = deque()
+        pending: list[tuple] = []
+        pending_bytes = 0
+        try:
+            while True:
+                while len(window) < 2 * self.parallel:
+                    nxt = next(boxes, None)
+                    if nxt is None:
+                        break
+                    window.append(pool.submit(self._fetch_box, scale, nxt[2], nxt[3]))
+                if not window:
+                    break
+                part = window.popleft().result()
+                if part[3].size == 0:
+                    continue
+                pending.append(part)
+                pending_bytes += int(part[5][-1])
+                nblocks = sum(p[3].size for p in pending)
+                if pending_bytes >= MAX_BATCH_BYTES or nblocks >= MAX_BATCH_BLOCKS:
+                    yield from self._emit(pending)
+                    pending, pending_bytes = [], 0
+            if pending:
+                yield from self._emit(pending)
+        finally:
+            for f in window:
+                f.cancel()
+
+    @staticmethod
+    def _emit(parts: list[tuple]) -> Iterator[pa.RecordBatch]:
+        """Batches of <= MAX_BATCH_BYTES payload (at least one block each) from sorted parts."""
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        z = np.concatenate([p[2] for p in parts])
+        codes = np.concatenate([p[3] for p in parts])
+        lens = np.concatenate([np.diff(p[5]) for p in parts])
+        data = np.concatenate([p[4] for p in parts]) if len(parts) > 1 else parts[0][4]
+        offsets = np.zeros(lens.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        a = 0
+        n = codes.size
+        while a < n:
+            b = int(np.searchsorted(offsets, offsets[a] + MAX_BATCH_BYTES, side="right")) - 1
+            b = min(max(b, a + 1), n, a + MAX_BATCH_BLOCKS)
+            sub_off = offsets[a : b + 1] - offsets[a]
+            arr = _binary_array(data[offsets[a] : offsets[b]], sub_off)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(x[a:b]), pa.array(y[a:b]), pa.array(z[a:b]), pa.array(codes[a:b]), arr],
+                schema=BLOCKS_WIRE_SCHEMA,
+            )
+            a = b
+
+    # -------------------------------------------------------------- mapping
+    def _mapping_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            if self._mapping is not None:
+                return self._mapping
+        url = self.http.base + self._node("mappings?format=binary")
+
+        def parse(body: bytes) -> np.ndarray:
+            if len(body) % 16:
+                raise _StreamError(
+                    len(body) - len(body) % 16, "mapping is not whole uint64 pairs", body
+                )
+            return np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+
+        pairs = self.http.get(self._node("mappings?format=binary"), parse)
+        sv = pairs[:, 0].astype(np.uint64)
+        body = pairs[:, 1].astype(np.uint64)
+        order = np.lexsort((body, sv))
+        sv, body = sv[order], body[order]
+        keep = np.ones(sv.size, dtype=bool)
+        keep[1:] = (sv[1:] != sv[:-1]) | (body[1:] != body[:-1])
+        sv, body = sv[keep], body[keep]
+        clash = np.flatnonzero(sv[1:] == sv[:-1])
+        if clash.size:
+            i = int(clash[0])
+            raise DvidHttpError(
+                f"{url}: supervoxel {int(sv[i])} is mapped to two bodies "
+                f"({int(body[i])} and {int(body[i + 1])})"
+            )
+        with self._lock:
+            if self._mapping is None:
+                self._mapping = (sv, body)
+            return self._mapping
+
+    def map_supervoxels(self, svs: np.ndarray) -> np.ndarray:
+        """Body of each supervoxel (identity where unmapped), from the cached /mappings."""
+        keys, vals = self._mapping_arrays()
+        svs = np.asarray(svs, dtype=np.uint64)
+        out = svs.copy()
+        if keys.size and svs.size:
+            pos = np.minimum(np.searchsorted(keys, svs), keys.size - 1)
+            hit = keys[pos] == svs
+            out[hit] = vals[pos[hit]]
+        return out
+
+    def read_mapping(self) -> Iterator[pa.RecordBatch]:
+        keys, vals = self._mapping_arrays()
+        step = 1 << 20
+        for a in range(0, keys.size, step):
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(keys[a : a + step]), pa.array(vals[a : a + step])], schema=MAPPING_SCHEMA
+            )
+
+    # -------------------------------------------------------------- indices
+    def list_labels(self, lo: int, hi: int) -> np.ndarray:
+        """Body labels with an index, ``lo <= label < hi``, ascending (paged /listlabels)."""
+        out: list[np.ndarray] = []
+        start = max(int(lo), 0)
+        while start < hi:
+
+            def parse(body: bytes, start=start) -> np.ndarray:
+                if len(body) >= 32 and body[-32:] == bytes(32):
+                    raise _StreamError(
+                        len(body) - 32, "DVID signalled an error (32 zero bytes)", body
+                    )
+                if len(body) % 8:
+                    raise _StreamError(len(body) - len(body) % 8, "not whole uint64 labels", body)
+                labels = np.frombuffer(body, dtype="<u8").astype(np.uint64)
+                if labels.size and (
+                    labels[0] < np.uint64(start) or np.any(labels[1:] <= labels[:-1])
+                ):
+                    raise _StreamError(0, "labels not ascending from start", body)
+                return labels
+
+            page = self.http.get(
+                self._node(f"listlabels?start={start}&number={LISTLABELS_PAGE}"), parse
+            )
+            if page.size == 0:
+                break
+            out.append(page[page < np.uint64(min(hi, 2**64 - 1))] if hi < 2**64 else page)
+            last = int(page[-1])
+            if page.size < LISTLABELS_PAGE or last >= hi - 1 or last >= 2**64 - 1:
+                break
+            start = last + 1
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
+
+    def read_indices(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        """LabelIndex protobufs (unwrapped) of the labels in ``[lo, hi)``, ascending."""
+        labels = self.list_labels(lo, hi)
+        url = self.http.base + self._node("indices-compressed")
+        for a in range(0, labels.size, INDICES_PER_REQUEST):
+            chunk = labels[a : a + INDICES_PER_REQUEST]
+            want = set(chunk.tolist())
+            body = json.dumps(chunk.tolist()).encode()
+
+            def parse(data: bytes, want=want) -> tuple[list[int], list[bytes]]:
+                got_l: list[int] = []
+                got_d: list[bytes] = []
+                p = 0
+                while p < len(data):
+                    if len(data) - p < 16:
+                        raise _StreamError(p, "truncated index record header", data)
+                    n, label = struct.unpack_from("<QQ", data, p)
+                    if n == 0 and label == 0:
+                        raise _StreamError(p, "DVID signalled an error (record n=0, label=0)", data)
+                    if label not in want:
+                        raise _StreamError(p, f"unrequested label {label}", data)
+                    if p + 16 + n > len(data):
+                        raise _StreamError(p, "index record runs past the end of the body", data)
+                    if n:
+                        got_l.append(label)
+                        got_d.append(_unwrap_index(data[p + 16 : p + 16 + n], url, label))
+                    p += 16 + n
+                return got_l, got_d
+
+            got_l, got_d = self.http.get(self._node("indices-compressed"), parse, body=body)
+            if not got_l:
+                continue
+            arr_l = np.array(got_l, dtype=np.uint64)
+            order = np.argsort(arr_l, kind="stable")
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(arr_l[order]), pa.array([got_d[i] for i in order.tolist()], pa.binary())],
+                schema=INDICES_SCHEMA,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+            self._mapping = None
+        self.http.close()
+
+
+def _unwrap_index(v: bytes, url: str, label: int) -> bytes:
+    """DVID's stored-value wrapper around a LabelIndex (normally 0x80 + uint32 size + LZ4)."""
+    if not v:
+        return b""
+    comp, ck = v[0] >> 5, (v[0] >> 3) & 3
+    p = 5 if ck == 1 else 1
+    data = v[p:]
+    try:
+        if comp == 0:
+            return bytes(data)
+        if comp == 4:
+            (size,) = struct.unpack_from("<I", data, 0)
+            return bytes(data[4:]) if size == 0 else lz4.block.decompress(data)
+        if comp == 2:
+            import gzip
+
+            return gzip.decompress(data)
+    except (lz4.block.LZ4BlockError, struct.error, OSError, EOFError) as exc:
+        raise DvidHttpError(
+            f"{url}: label {label}: cannot unwrap the stored index ({exc})"
+        ) from None
+    raise DvidHttpError(f"{url}: label {label}: unknown index wrapper byte 0x{v[0]:02x}")
+
+
+__all__ = ["DvidHttpSource", "DvidHttpError", "open_url"]
