@@ -20,21 +20,26 @@ from dvidetl.codec.block import (
     validate_block,
 )
 from dvidetl.codec.errors import BlockFormatError
-from dvidetl.codec.wrapper import CODECS, GZIP_INFLATER, MAX_RAW, gunzip, unwrap, wrap
+from dvidetl.codec.repack import Repacked, repack, restore_block
+from dvidetl.codec.wrapper import CODECS, GZIP_INFLATER, MAX_RAW, crc32, gunzip, unwrap, wrap
 
 __all__ = [
     "BlockFormatError",
     "CODECS",
     "GZIP_INFLATER",
     "MAX_RAW",
+    "Repacked",
     "block_header",
     "block_labels",
+    "crc32",
     "decode_block",
     "describe_error",
     "encode_block",
     "gunzip",
     "join_block",
     "label_voxel_counts",
+    "repack",
+    "restore_block",
     "split_block",
     "unwrap",
     "validate_block",
