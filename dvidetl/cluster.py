@@ -123,8 +123,36 @@ def _dashboard_url(client: Any) -> str:
 
 
 @contextlib.contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """Keep the in-process scheduler's INFO chatter off the terminal unless `-v` was given.
+
+    distributed logs at INFO and its records also reach the root handler the CLI installs;
+    with `-v` (root at INFO or lower) everything is shown as before.
+    """
+    import logging
+
+    import distributed  # noqa: F401  (its import configures this logger: do that first)
+
+    logger = logging.getLogger("distributed")
+    old = logger.level
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+@contextlib.contextmanager
 def open_client(args: argparse.Namespace) -> Iterator[Any]:
     """A `distributed.Client` for the cluster the options name; closed on exit."""
+    with _quiet_distributed():
+        with _open_client(args) as client:
+            yield client
+
+
+@contextlib.contextmanager
+def _open_client(args: argparse.Namespace) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     kind = args.cluster
