@@ -46,31 +46,15 @@ ERROR_TEXT = b"ERROR: fake DVID: storage read failed for block (3,4,5): context 
 
 
 def to_dvid_gzip(data: bytes, codec: str) -> bytes:
-    """The gzip payload DVID sends for ``compression=blocks``, from a source's stored bytes."""
+    """The gzip payload DVID sends for ``compression=blocks``, from a source's stored bytes
+    (DVID passes its stored gzip through; other storage forms are unwrapped and re-gzipped)."""
     if codec == "gzip":
         return data
-    if codec == "zstd":
-        import zstandard
+    if codec == "dvid" and data[:1] == b"\x40":  # DVID's gzip wrapper: strip the format byte
+        return data[1:]
+    from dvidetl.codec import unwrap
 
-        raw = zstandard.ZstdDecompressor().decompress(data)
-    elif codec == "none":
-        raw = data
-    elif codec in ("dvid", "lz4"):  # DVID value wrapper (format byte [crc] payload)
-        if codec == "dvid" and data[:1] == b"\x40":
-            return data[1:]
-        comp, ck = data[0] >> 5, (data[0] >> 3) & 3
-        body = data[5:] if ck == 1 else data[1:]
-        if comp == 0:
-            raw = body
-        elif comp == 2:
-            return body
-        elif comp == 4:
-            raw = lz4.block.decompress(body)
-        else:
-            raise ValueError(f"fake DVID: cannot transcode wrapper byte 0x{data[0]:02x}")
-    else:
-        raise ValueError(f"fake DVID: unknown source codec {codec!r}")
-    return gzip.compress(raw, compresslevel=1, mtime=0)
+    return gzip.compress(unwrap(data, codec), compresslevel=1, mtime=0)
 
 
 class FakeDvid:
