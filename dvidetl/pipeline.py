@@ -39,29 +39,32 @@ CountFn = Callable[[int, int], tuple[np.ndarray, np.ndarray, bool]]
 # ---------------------------------------------------------------------------------------------
 
 
-def plan_scale(count: CountFn, scale: int, morton_end: int, target: int) -> list[Partition]:
+def plan_scale(
+    count: CountFn, scale: int, morton_end: int, target: int, *, start_level: int | None = None
+) -> list[Partition]:
     """Partitions of about ``target`` blocks covering every non-empty cell of one scale.
 
     ``count(scale, level)`` answers blocks per aligned cell ``morton >> level`` (only
-    non-empty cells need be listed). Start coarse (cells of 64 x target slots), replace cells
-    holding more than ``target`` blocks by their children at a finer level (asking count
-    again, three levels finer each round, down to cells of at most ``target`` slots), drop
-    empty cells, then merge Morton-consecutive cells greedily into partitions (cumulative sum,
-    vectorized). Deterministic: the same counts give the same plan. Memory is bounded by the
-    number of non-empty cells at the finest level used (about blocks / target x a small
-    factor), never by the number of blocks.
+    non-empty cells need be listed). By default ONE count call at the level whose cells hold
+    at most ``target`` block slots (a source's count is a full pass over its index, so the
+    number of calls matters more than their size). A cell still holding more than ``target``
+    blocks (a coarser ``start_level``, or a source over-reporting) is replaced by its children
+    at a finer level (three levels per round). Empty cells are dropped, then Morton-consecutive
+    cells are merged greedily into partitions (cumulative sum, vectorized). Deterministic:
+    the same counts give the same plan. Memory is bounded by the number of non-empty cells
+    (<= blocks, and <= slots / 2**level), never by the blocks themselves.
     """
     if target < 1:
         raise ValueError(f"partition size must be at least 1 block (got {target})")
     total_bits = max(int(morton_end).bit_length() - 1, 0)
     fine = min(max(int(target).bit_length() - 1, 0), total_bits)  # 2**fine <= target
-    level = min(total_bits, fine + 6)
+    level = fine if start_level is None else min(max(int(start_level), 0), total_bits)
     lo, hi, cnt = _cells(count, scale, level)
     while level > 0:
         heavy = cnt > target
         if not heavy.any():
             break
-        nxt = max(level - 3, 0) if level > fine else level - 1
+        nxt = max(level - 3, fine) if level > fine else level - 1
         flo, fhi, fcnt = _cells(count, scale, nxt)
         parents = flo >> np.uint64(level)
         heavy_ids = np.unique(lo[heavy] >> np.uint64(level))
