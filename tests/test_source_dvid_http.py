@@ -348,3 +348,22 @@ def test_errors(fake, real_source):
 def test_error_text_length_is_detectable():
     # the injected text must not happen to be whole 16-byte mapping pairs
     assert len(ERROR_TEXT) % 16
+
+
+def test_extents_override_and_throttle(fake, real_source):
+    """Stale extents (DVID's are hints) can be overridden; blocks outside them are not read."""
+    c = _client(fake, maxpoint="1023,1023,1023", throttle="true")
+    assert c.info().scale(0).grid == (16, 16, 16)
+    want = real_source.tables[0]
+    inside = (want["x"].to_numpy() < 16) & (want["y"].to_numpy() < 16) & (want["z"].to_numpy() < 16)
+    got = _all(c, 0, 0, 1 << 12)
+    assert got.select(["x", "y", "z", "data"]).equals(
+        want.filter(pa.array(inside)).select(["x", "y", "z", "data"])
+    )
+    assert any("throttle=true" in p for p in fake.requests)
+    c2 = _client(fake, minpoint="64,0,0", maxpoint="2047,2047,2047")
+    assert c2.info().scale(0).grid == (32, 32, 32)
+    assert int(c2.count(0, 30)[1].sum()) == 31 * 32 * 32
+    assert _all(c2, 0, 0, 1 << 15).equals(want.filter(pa.array(want["x"].to_numpy() >= 1)))
+    with pytest.raises(UserError, match="maxpoint"):
+        _client(fake, maxpoint="1,2")

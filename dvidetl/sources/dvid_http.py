@@ -24,7 +24,10 @@ byte offset — after retrying, since such failures are usually transient on the
 
 URL parameters besides ``uuid``/``instance``: ``timeout`` (s, default 60), ``retries``
 (default 6), ``backoff`` (first delay in s, default 0.2), ``box_bits`` (default 12 = 16^3
-blocks per request), ``parallel`` (requests in flight, default 4).
+blocks per request), ``parallel`` (requests in flight, default 4), ``throttle=true`` (ask DVID
+to throttle /blocks; its 503s are retried), ``minpoint``/``maxpoint`` (``X,Y,Z`` scale-0 voxels,
+inclusive: override DVID's extents, which are only hints and can be stale — e.g. after
+``ingest-supervoxels`` without ``POST /extents``; blocks outside the extents are never read).
 """
 
 from __future__ import annotations
@@ -271,7 +274,18 @@ def open_url(url: str) -> DvidHttpSource:
     if not parts.hostname:
         raise UserError(f"no host in {url!r} (use dvid+http://host:port?uuid=...)")
     q = parse_qs(parts.query, keep_blank_values=True)
-    known = {"uuid", "instance", "timeout", "retries", "backoff", "box_bits", "parallel"}
+    known = {
+        "uuid",
+        "instance",
+        "timeout",
+        "retries",
+        "backoff",
+        "box_bits",
+        "parallel",
+        "throttle",
+        "minpoint",
+        "maxpoint",
+    }
     unknown = set(q) - known
     if unknown:
         raise UserError(f"unknown parameter(s) {sorted(unknown)} in {url!r}: use {sorted(known)}")
@@ -307,7 +321,22 @@ def open_url(url: str) -> DvidHttpSource:
         backoff=num("backoff", float, 0.2, 0.0, 60),
         box_bits=num("box_bits", int, 12, 0, 30),
         parallel=num("parallel", int, 4, 1, 64),
+        throttle=one.get("throttle", "false").lower() in ("1", "true", "yes"),
+        minpoint=_point(one, "minpoint", url),
+        maxpoint=_point(one, "maxpoint", url),
     )
+
+
+def _point(one: dict, key: str, url: str) -> tuple[int, int, int] | None:
+    if key not in one:
+        return None
+    try:
+        p = tuple(int(v) for v in one[key].split(","))
+    except ValueError:
+        p = ()
+    if len(p) != 3 or min(p) < 0:
+        raise UserError(f"parameter {key}={one[key]!r} in {url!r} must be X,Y,Z (>= 0 voxels)")
+    return p  # type: ignore[return-value]
 
 
 class DvidHttpSource:
@@ -326,11 +355,16 @@ class DvidHttpSource:
         backoff: float = 0.2,
         box_bits: int = 12,
         parallel: int = 4,
+        throttle: bool = False,
+        minpoint: tuple[int, int, int] | None = None,
+        maxpoint: tuple[int, int, int] | None = None,
     ) -> None:
         self.http = _Http("https" if https else "http", host, port, timeout, retries, backoff)
         self.instance = instance
         self.box_bits = box_bits
         self.parallel = parallel
+        self.throttle = throttle
+        self._minpoint, self._maxpoint = minpoint, maxpoint
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._mapping: tuple[np.ndarray, np.ndarray] | None = None
@@ -393,8 +427,10 @@ class DvidHttpSource:
             )
         bs = tuple(int(v) for v in (ext.get("BlockSize") or (64, 64, 64)))
         extents = d.get("Extents") or {}
-        pmin = extents.get("MinPoint") or ext.get("MinPoint")
-        pmax = extents.get("MaxPoint") or ext.get("MaxPoint")
+        pmin = self._minpoint or extents.get("MinPoint") or ext.get("MinPoint")
+        pmax = self._maxpoint or extents.get("MaxPoint") or ext.get("MaxPoint")
+        if pmin is None and pmax is not None and self._maxpoint is not None:
+            pmin = (0, 0, 0)
         if pmin is None or pmax is None:
             raise DvidHttpError(
                 f"{url}: DVID reports no extents for {self.instance!r} (POST /extents first)"
@@ -405,6 +441,10 @@ class DvidHttpSource:
             raise DvidHttpError(
                 f"{url}: extents {pmin}..{pmax} include negative coordinates, which dvidetl does "
                 "not support (Morton codes need non-negative block coordinates)"
+            )
+        if any(pmin[d] > pmax[d] for d in range(3)):
+            raise DvidHttpError(
+                f"{url}: empty extents MinPoint {pmin} > MaxPoint {pmax} (no blocks written yet?)"
             )
         max_level = int(ext.get("MaxDownresLevel") or 0)
         scales = []
@@ -534,6 +574,8 @@ class DvidHttpSource:
         size = "_".join(str((box_hi[d] - box_lo[d]) * bs[d]) for d in range(3))
         off = "_".join(str(box_lo[d] * bs[d]) for d in range(3))
         path = self._node(f"blocks/{size}/{off}?compression=blocks&supervoxels=true&scale={scale}")
+        if self.throttle:
+            path += "&throttle=true"
         want_gzip = self._info.codec == "gzip"
         blo = np.array(box_lo, dtype=np.int64)
         bhi = np.array(box_hi, dtype=np.int64)
