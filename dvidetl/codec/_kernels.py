@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir as llir
+from numba.core import cgutils
+from numba.core import types as nbt
+from numba.extending import intrinsic
 
 # info row layout
 I_ERR, I_POS, I_A, I_B, I_N, I_NSB, I_S, I_C = range(8)
@@ -146,18 +150,22 @@ def scan(buf, s, e, info):
         info[I_A] = pal_end
         info[I_B] = n
         return E_PAL_TRUNC
-    p = s + ns_end
-    for i in range(nsb):
-        c = _u16(buf, s + tab_end + 2 * i)
-        for _j in range(c):
-            idx = _u32(buf, p)
-            if idx >= N:
-                info[I_ERR] = E_PAL_IDX
-                info[I_POS] = p - s
-                info[I_A] = idx
-                info[I_B] = i
-                return E_PAL_IDX
-            p += 4
+    mx = 0
+    for j in range(S):
+        mx = max(mx, _u32(buf, s + ns_end + 4 * j))
+    if mx >= N:  # rare: locate the first bad entry and its sub-block
+        p = s + ns_end
+        for i in range(nsb):
+            c = _u16(buf, s + tab_end + 2 * i)
+            for _j in range(c):
+                idx = _u32(buf, p)
+                if idx >= N:
+                    info[I_ERR] = E_PAL_IDX
+                    info[I_POS] = p - s
+                    info[I_A] = idx
+                    info[I_B] = i
+                    return E_PAL_IDX
+                p += 4
     total = pal_end + vbytes
     if total > n:
         info[I_ERR] = E_VAL_TRUNC
@@ -174,25 +182,137 @@ def scan(buf, s, e, info):
     return E_OK
 
 
+@intrinsic
+def _popc(typingctx, x):
+    """llvm.ctpop on a uint64 (one POPCNT instruction)."""
+    if not isinstance(x, nbt.Integer):
+        return None
+    sig = nbt.uint64(nbt.uint64)
+
+    def codegen(context, builder, signature, args):
+        fnty = llir.FunctionType(llir.IntType(64), [llir.IntType(64)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.ctpop.i64")
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
 @nb.njit(cache=True, inline="always")
-def _local(buf, vp, k, b):
-    """Local index k (0..511) of a sub-block whose b-bit MSB-first values start at vp.
-    Reads a second byte only when the value straddles a byte boundary, so it never reads
-    past the sub-block's 64*b bytes."""
-    bitpos = k * b
-    q = vp + (bitpos >> 3)
-    off = bitpos & 7
-    w = np.int64(buf[q]) << 8
-    if off + b > 8:
-        w |= np.int64(buf[q + 1])
-    return (w >> (16 - off - b)) & ((1 << b) - 1)
+def _be8(buf, p, e):
+    """Big-endian uint64 of buf[p:p+8]; bytes at or past e read as 0 (never out of bounds)."""
+    if p + 8 <= e:
+        return (
+            (np.uint64(buf[p]) << np.uint64(56))
+            | (np.uint64(buf[p + 1]) << np.uint64(48))
+            | (np.uint64(buf[p + 2]) << np.uint64(40))
+            | (np.uint64(buf[p + 3]) << np.uint64(32))
+            | (np.uint64(buf[p + 4]) << np.uint64(24))
+            | (np.uint64(buf[p + 5]) << np.uint64(16))
+            | (np.uint64(buf[p + 6]) << np.uint64(8))
+            | np.uint64(buf[p + 7])
+        )
+    v = np.uint64(0)
+    for k in range(8):
+        v <<= np.uint64(8)
+        if p + k < e:
+            v |= np.uint64(buf[p + k])
+    return v
+
+
+@nb.njit(cache=True, inline="always")
+def _le8(buf, p):
+    """Little-endian uint64 of buf[p:p+8] (caller guarantees p + 8 <= end)."""
+    return (
+        np.uint64(buf[p])
+        | (np.uint64(buf[p + 1]) << np.uint64(8))
+        | (np.uint64(buf[p + 2]) << np.uint64(16))
+        | (np.uint64(buf[p + 3]) << np.uint64(24))
+        | (np.uint64(buf[p + 4]) << np.uint64(32))
+        | (np.uint64(buf[p + 5]) << np.uint64(40))
+        | (np.uint64(buf[p + 6]) << np.uint64(48))
+        | (np.uint64(buf[p + 7]) << np.uint64(56))
+    )
+
+
+@nb.njit(cache=True, inline="always")
+def _row_value(acc, x, b, buf, rp):
+    """Value x (0..7) of a row of 8 b-bit values whose first 8 bytes are ``acc`` (big-endian);
+    for b == 9 the 9th byte is buf[rp + 8] (inside the row, so in bounds)."""
+    if b <= 8:
+        return np.int64((acc >> np.uint64(64 - (x + 1) * b)) & np.uint64((1 << b) - 1))
+    if x < 7:
+        return np.int64((acc >> np.uint64(64 - (x + 1) * 9)) & np.uint64(511))
+    return (np.int64(acc & np.uint64(1)) << 8) | np.int64(buf[rp + 8])
 
 
 @nb.njit(cache=True)
-def count_into(buf, s, info, counts, c0):
-    """Add voxels per label-table entry of the (scanned, valid) block ``buf[s:]`` into
-    ``counts[c0:c0+N]`` without materializing voxels. Ns == 0 sub-blocks reference no
-    entry and are not counted. Returns the error code (E_LOCAL on a bad local value)."""
+def _hist_subblock(buf, vp, e, b, hist):
+    """hist[v] = number of the sub-block's 512 b-bit values equal to v (v < 2**b)."""
+    for j in range(1 << b):
+        hist[j] = 0
+    if b == 1:
+        ones = 0
+        for w in range(8):
+            ones += _popc(_le8(buf, vp + 8 * w))
+        hist[1] = ones
+        hist[0] = 512 - ones
+    elif b == 2:
+        lo_m = np.uint64(0x5555555555555555)
+        n1 = 0
+        n2 = 0
+        n3 = 0
+        for w in range(16):
+            x = _le8(buf, vp + 8 * w)
+            hi = (x >> np.uint64(1)) & lo_m
+            lo = x & lo_m
+            n3 += _popc(hi & lo)
+            n2 += _popc(hi & ~lo & lo_m)
+            n1 += _popc(~hi & lo & lo_m)
+        hist[1] = n1
+        hist[2] = n2
+        hist[3] = n3
+        hist[0] = 512 - n1 - n2 - n3
+    elif b == 4:
+        for q in range(256):
+            v = buf[vp + q]
+            hist[v >> 4] += 1
+            hist[v & 15] += 1
+    elif b == 8:
+        for q in range(512):
+            hist[buf[vp + q]] += 1
+    else:
+        for r in range(64):
+            rp = vp + r * b
+            acc = _be8(buf, rp, e)
+            for x in range(8):
+                hist[_row_value(acc, x, b, buf, rp)] += 1
+
+
+@nb.njit(cache=True)
+def _find_bad_local(buf, vp, e, b, c, i, s, info):
+    """Locate the first local value >= c of sub-block i (values at vp); fill info."""
+    for r in range(64):
+        rp = vp + r * b
+        acc = _be8(buf, rp, e)
+        for x in range(8):
+            v = _row_value(acc, x, b, buf, rp)
+            if v >= c:
+                info[I_ERR] = E_LOCAL
+                info[I_POS] = rp + ((x * b) >> 3) - s
+                info[I_A] = v
+                info[I_B] = i
+                info[I_C] = c
+                return E_LOCAL
+    return E_OK
+
+
+@nb.njit(cache=True)
+def count_into(buf, s, e, info, counts, c0):
+    """Add voxels per label-table entry of the (scanned, valid) block ``buf[s:e]`` into
+    ``counts[c0:c0+N]`` without materializing voxels: per sub-block a histogram of its packed
+    local values (POPCNT for 1 and 2 bits, byte/nibble tallies for 8 and 4). Ns == 0
+    sub-blocks reference no entry and are not counted. Returns the error code (E_LOCAL on a
+    local value >= Ns)."""
     N = info[I_N]
     nsb = info[I_NSB]
     if N == 1:
@@ -211,22 +331,10 @@ def count_into(buf, s, info, counts, c0):
             pal_p += 4
             continue
         b = _bits(c)
-        for j in range(c):
-            hist[j] = 0
-        if c == (1 << b):
-            for k in range(512):
-                hist[_local(buf, val_p, k, b)] += 1
-        else:
-            for k in range(512):
-                v = _local(buf, val_p, k, b)
-                if v >= c:
-                    info[I_ERR] = E_LOCAL
-                    info[I_POS] = val_p + ((k * b) >> 3) - s
-                    info[I_A] = v
-                    info[I_B] = i
-                    info[I_C] = c
-                    return E_LOCAL
-                hist[v] += 1
+        _hist_subblock(buf, val_p, e, b, hist)
+        for j in range(c, 1 << b):
+            if hist[j] != 0:
+                return _find_bad_local(buf, val_p, e, b, c, i, s, info)
         for j in range(c):
             counts[c0 + _u32(buf, pal_p + 4 * j)] += hist[j]
         pal_p += 4 * c
@@ -235,8 +343,8 @@ def count_into(buf, s, info, counts, c0):
 
 
 @nb.njit(cache=True)
-def decode_into(buf, s, info, out):
-    """Decode the (scanned, valid) block ``buf[s:]`` into ``out`` (nz, ny, nx) uint64.
+def decode_into(buf, s, e, info, out):
+    """Decode the (scanned, valid) block ``buf[s:e]`` into ``out`` (nz, ny, nx) uint64.
     Returns the error code (E_LOCAL on a local value >= Ns)."""
     N = info[I_N]
     nsb = info[I_NSB]
@@ -244,14 +352,16 @@ def decode_into(buf, s, info, out):
     gy = _u32(buf, s + 4)
     gz = _u32(buf, s + 8)
     if N == 1:
-        lab = _u64(buf, s + 16)
+        lab = _le8(buf, s + 16)
         out[:] = lab
         return E_OK
+    L = np.empty(N, np.uint64)
+    for k in range(N):
+        L[k] = _le8(buf, s + 16 + 8 * k)
     ns_p = s + 16 + 8 * N
     pal_p = ns_p + 2 * nsb
     val_p = pal_p + 4 * info[I_S]
     pl = np.empty(MAX_NS, np.uint64)
-    zero = np.uint64(0)
     i = -1
     for sz in range(gz):
         for sy in range(gy):
@@ -262,9 +372,9 @@ def decode_into(buf, s, info, out):
                 x0 = sx * 8
                 c = _u16(buf, ns_p + 2 * i)
                 if c < 2:
-                    lab = zero
+                    lab = np.uint64(0)
                     if c == 1:
-                        lab = _u64(buf, s + 16 + 8 * _u32(buf, pal_p))
+                        lab = L[_u32(buf, pal_p)]
                         pal_p += 4
                     for z in range(8):
                         for y in range(8):
@@ -272,35 +382,20 @@ def decode_into(buf, s, info, out):
                                 out[z0 + z, y0 + y, x0 + x] = lab
                     continue
                 for j in range(c):
-                    pl[j] = _u64(buf, s + 16 + 8 * _u32(buf, pal_p + 4 * j))
+                    pl[j] = L[_u32(buf, pal_p + 4 * j)]
                 pal_p += 4 * c
                 b = _bits(c)
-                mask = (1 << b) - 1
-                check = c != (1 << b)
+                bad = False
                 for z in range(8):
                     for y in range(8):
                         rp = val_p + (z * 8 + y) * b  # a row of 8 values is exactly b bytes
-                        # big-endian load of the row's first min(b, 8) bytes
-                        acc = np.uint64(0)
-                        nb_ = b if b <= 8 else 8
-                        for k in range(nb_):
-                            acc = (acc << np.uint64(8)) | np.uint64(buf[rp + k])
+                        acc = _be8(buf, rp, e)
                         for x in range(8):
-                            if b <= 8:
-                                v = np.int64((acc >> np.uint64((7 - x) * b)) & np.uint64(mask))
-                            else:
-                                if x < 7:
-                                    v = np.int64((acc >> np.uint64(64 - (x + 1) * 9)) & np.uint64(mask))
-                                else:
-                                    v = (np.int64(acc & np.uint64(1)) << 8) | np.int64(buf[rp + 8])
-                            if check and v >= c:
-                                info[I_ERR] = E_LOCAL
-                                info[I_POS] = rp + ((x * b) >> 3) - s
-                                info[I_A] = v
-                                info[I_B] = i
-                                info[I_C] = c
-                                return E_LOCAL
-                            out[z0 + z, y0 + y, x0 + x] = pl[v]
+                            v = _row_value(acc, x, b, buf, rp)
+                            bad |= v >= c
+                            out[z0 + z, y0 + y, x0 + x] = pl[v & 511]
+                if bad:
+                    return _find_bad_local(buf, val_p, e, b, c, i, s, info)
                 val_p += 64 * b
     return E_OK
 
@@ -531,10 +626,10 @@ def repack_kernel(buf, offs, ok):
         N = row[I_N]
         for k in range(N):
             counts[c0 + k] = 0
-        if count_into(buf, s, row, counts, c0) != E_OK:
+        if count_into(buf, s, e, row, counts, c0) != E_OK:
             continue
         for k in range(N):
-            sv[c0 + k] = _u64(buf, s + 16 + 8 * k)
+            sv[c0 + k] = _le8(buf, s + 16 + 8 * k)
         c0 += N
         for k in range(16):
             body[b0 + k] = buf[s + k]

@@ -110,7 +110,7 @@ def decode_block(data) -> np.ndarray:
     info = _scan(buf)
     gx, gy, gz = (int(v) for v in buf[:12].view("<u4"))
     out = np.empty((8 * gz, 8 * gy, 8 * gx), np.uint64)
-    if K.decode_into(buf, 0, info, out) != K.E_OK:
+    if K.decode_into(buf, 0, buf.shape[0], info, out) != K.E_OK:
         raise BlockFormatError(describe_error(info), int(info[K.I_POS]))
     return out
 
@@ -166,7 +166,7 @@ def label_voxel_counts(data) -> np.ndarray:
     buf = _as_u8(data)
     info = _scan(buf)
     counts = np.zeros(int(info[K.I_N]), np.int64)
-    if K.count_into(buf, 0, info, counts, 0) != K.E_OK:
+    if K.count_into(buf, 0, buf.shape[0], info, counts, 0) != K.E_OK:
         raise BlockFormatError(describe_error(info), int(info[K.I_POS]))
     return counts.astype(np.uint32)
 
