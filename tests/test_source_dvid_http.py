@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 
@@ -323,6 +324,15 @@ def test_count_is_arithmetic_on_a_huge_volume(fake):
     assert counts.max() == 1 << 15
     with pytest.raises(UserError, match="coarser level"):
         c.count(0, 0)
+    # the boxes read_blocks requests for a range cover exactly the slots count() bounds
+    cells, counts, _ = c.count(0, 27)
+    for cell in cells[[0, len(cells) // 2, -1]].tolist():
+        lo, hi = cell << 27, (cell + 1) << 27
+        boxes = list(c._boxes(0, lo, hi))
+        vol = sum(math.prod(b[3][d] - b[2][d] for d in range(3)) for b in boxes)
+        assert vol == int(counts[cells == cell][0])
+        assert all(lo <= b[0] < b[1] <= hi for b in boxes)
+        assert all(b1[1] <= b2[0] for b1, b2 in zip(boxes, boxes[1:], strict=False))
 
 
 def test_errors(fake, real_source):

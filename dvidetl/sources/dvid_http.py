@@ -550,21 +550,20 @@ class DvidHttpSource:
             k = (lo & -lo).bit_length() - 1 if lo else total
             while lo + (1 << k) > hi:
                 k -= 1
-            if k <= m:
-                starts = np.array([lo], dtype=np.uint64)
-                kb = k
-            else:  # a big aligned range: enumerate its 2^m sub-boxes vectorized
-                starts = np.uint64(lo) + (np.arange(1 << (k - m), dtype=np.uint64) << np.uint64(m))
-                kb = m
+            kb = min(k, m)
             side = np.int64(1) << side_bits(kb)
-            ox, oy, oz = morton_decode(starts, grid)
-            org = np.stack([ox, oy, oz], axis=1).astype(np.int64)
-            b_lo = np.maximum(org, ext_lo)
-            b_hi = np.minimum(org + side, ext_hi)
-            ok = np.all(b_hi > b_lo, axis=1)
-            for i in np.flatnonzero(ok).tolist():
-                c0 = int(starts[i])
-                yield c0, c0 + (1 << kb), tuple(b_lo[i].tolist()), tuple(b_hi[i].tolist())
+            n_sub = 1 << (k - kb)  # a big aligned range: its 2^kb sub-boxes, vectorized
+            for c in range(0, n_sub, 1 << 20):
+                idx = np.arange(c, min(n_sub, c + (1 << 20)), dtype=np.uint64)
+                starts = np.uint64(lo) + (idx << np.uint64(kb))
+                ox, oy, oz = morton_decode(starts, grid)
+                org = np.stack([ox, oy, oz], axis=1).astype(np.int64)
+                b_lo = np.maximum(org, ext_lo)
+                b_hi = np.minimum(org + side, ext_hi)
+                ok = np.all(b_hi > b_lo, axis=1)
+                for i in np.flatnonzero(ok).tolist():
+                    c0 = int(starts[i])
+                    yield c0, c0 + (1 << kb), tuple(b_lo[i].tolist()), tuple(b_hi[i].tolist())
             lo += 1 << k
 
     def _fetch_box(self, scale: int, box_lo: tuple, box_hi: tuple) -> tuple:
