@@ -216,12 +216,14 @@ def test_random_ranges(shared_fake, real_source, lo, n, box_bits):
     c.close()
 
 
-def test_retries_on_503(fake, real_source):
+def test_retries_on_503(fake, real_source, caplog):
     c = _client(fake)
     fake.fail_first = 3
-    got = _all(c, 0, 0, 1 << 15)
+    with caplog.at_level("WARNING", logger="dvidetl.sources.dvid_http"):
+        got = _all(c, 0, 0, 1 << 15)
     assert got.equals(real_source.tables[0])
     assert fake.fail_first == 0
+    assert sum("retrying GET" in r.message and "HTTP 503" in r.message for r in caplog.records) == 3
     c2 = _client(fake, retries=2)
     fake.fail_first = -1  # throttled forever: a clear error after the retries
     with pytest.raises(DvidHttpError, match=r"failed after 3 attempts: HTTP 503.*throttled"):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import math
 import random
 import ssl
@@ -63,6 +64,7 @@ from dvidetl.geometry import (
 from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, INDICES_SCHEMA, MAPPING_SCHEMA
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MAX_BATCH_BYTES = 8 << 20
 MAX_BATCH_BLOCKS = 8192
@@ -128,6 +130,7 @@ class _Http:
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
+                log.warning("retrying GET %s (attempt %d): %s", url, attempt + 1, last)
                 delay = min(self.backoff * (2 ** (attempt - 1)), 30.0)
                 time.sleep(delay * (0.75 + 0.5 * random.random()))
             try:
