@@ -379,3 +379,40 @@ def test_extents_override_and_throttle(fake, real_source):
     assert _all(c2, 0, 0, 1 << 15).equals(want.filter(pa.array(want["x"].to_numpy() >= 1)))
     with pytest.raises(UserError, match="maxpoint"):
         _client(fake, maxpoint="1,2")
+
+
+def test_real_shard_through_fake_dvid(tmp_path, shared_data):
+    """The real export-shards file (zstd) served as DVID would (gzip): same blocks, same mapping."""
+    (tmp_path / "s1").mkdir()
+    os.symlink(shared_data / "mcns-shard" / f"{NAME}.arrow", tmp_path / "s1" / f"{NAME}.arrow")
+    os.symlink(
+        shared_data / "mcns-shard" / f"{NAME}-newformat.csv", tmp_path / "s1" / f"{NAME}.csv"
+    )
+    spec = shared_data / "dvid" / "mcns-ng-specs.json"
+    shards = open_source(f"shards://{tmp_path}?spec={spec}")
+    with FakeDvid(shards, uuid="mcns") as f:
+        c = _client(f)
+        assert c.info().scale(1).grid == shards.info().scale(1).grid == (736, 612, 1052)
+        lo, hi = 0x7F4F7C7 >> 15 << 15, ((0x7F4F7C7 >> 15) + 1) << 15  # the shard's Morton cell
+        want = _all(shards, 1, lo, hi)
+        got = _all(c, 1, lo, hi)
+        assert want.num_rows == got.num_rows == 258
+        assert got.select(["x", "y", "z", "morton"]).equals(want.select(["x", "y", "z", "morton"]))
+        dz = zstandard.ZstdDecompressor()
+        for a, b in zip(got["data"].to_pylist(), want["data"].to_pylist(), strict=True):
+            assert gzip.decompress(a) == dz.decompress(b)
+        assert np.array_equal(
+            c.map_supervoxels(np.arange(0, 10**6, dtype=np.uint64) * 1_000_003),
+            shards.map_supervoxels(np.arange(0, 10**6, dtype=np.uint64) * 1_000_003),
+        )
+        mt = pa.Table.from_batches(list(c.read_mapping()))
+        assert mt.num_rows == 890
+        assert np.array_equal(
+            c.map_supervoxels(mt["supervoxel"].to_numpy()),
+            shards.map_supervoxels(mt["supervoxel"].to_numpy()),
+        )
+        n = len(f.requests)
+        assert not c.info().has_indices and list(c.read_indices(0, 2**64)) == []
+        assert len(f.requests) == n  # IndexedLabels false: no /listlabels request at all
+        cells, bounds, exact = c.count(1, 15)
+        assert not exact and int(bounds[np.searchsorted(cells, lo >> 15)]) == 1 << 15

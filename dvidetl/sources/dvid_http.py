@@ -752,7 +752,11 @@ class DvidHttpSource:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
 
     def read_indices(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
-        """LabelIndex protobufs (unwrapped) of the labels in ``[lo, hi)``, ascending."""
+        """LabelIndex protobufs (unwrapped) of the labels in ``[lo, hi)``, ascending.
+
+        Nothing for an instance with ``IndexedLabels: false`` (DVID keeps no indices then)."""
+        if not self._info.has_indices:
+            return
         labels = self.list_labels(lo, hi)
         url = self.http.base + self._node("indices-compressed")
         for a in range(0, labels.size, INDICES_PER_REQUEST):
