@@ -77,6 +77,7 @@ def test_roundtrip_and_map_compatibility():
             rows["z"].tolist(),
             rows["supervoxel"].tolist(),
             rows["voxels"].tolist(),
+            strict=True,
         )
     )
     assert got == {(0, 0, 0, 9, 30), (0, 0, 0, 2**63 + 5, 10), (5, -2, 3, 7, 25), (5, -2, 3, 11, 1)}
@@ -176,6 +177,7 @@ def test_rows_roundtrip_property(label, rows):
             out["z"].tolist(),
             out["supervoxel"].tolist(),
             out["voxels"].tolist(),
+            strict=True,
         )
     }
     assert got == uniq

@@ -24,6 +24,7 @@ __all__ = [
     "encode_block_key",
     "decode_block_key",
     "encode_label_index",
+    "encode_label_indices",
     "decode_label_index",
     "label_index_rows",
     "label_index_table",
@@ -202,12 +203,71 @@ def encode_label_index(
             [
                 BE(
                     key=kl[b0],
-                    value=SV(counts=[CE(key=k, value=v) for k, v in zip(sl[b0:b1], cl[b0:b1])]),
+                    value=SV(
+                        counts=[
+                            CE(key=k, value=v) for k, v in zip(sl[b0:b1], cl[b0:b1], strict=True)
+                        ]
+                    ),
                 )
-                for b0, b1 in zip(bstarts.tolist(), bends.tolist())
+                for b0, b1 in zip(bstarts.tolist(), bends.tolist(), strict=True)
             ]
         )
     return msg.SerializeToString()
+
+
+def encode_label_indices(
+    labels: np.ndarray, block_coords: np.ndarray, svs: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, list[bytes]]:
+    """Serialize many LabelIndex messages from flat rows in one go (bulk path for sources).
+
+    Rows are grouped by label; within a label they are sorted by (block key, supervoxel) and
+    (block, supervoxel) pairs must be unique. Returns (unique labels ascending, bytes each),
+    byte-identical to `encode_label_index` per label.
+    """
+    labels = np.asarray(labels, dtype=np.uint64).ravel()
+    bc = np.asarray(block_coords, dtype=np.int64).reshape(-1, 3)
+    svs = np.asarray(svs, dtype=np.uint64).ravel()
+    counts = np.asarray(counts, dtype=np.int64).ravel()
+    if not (len(labels) == len(bc) == len(svs) == len(counts)):
+        raise ValueError("labels, block_coords, svs and counts must have the same length")
+    if not len(labels):
+        return np.zeros(0, np.uint64), []
+    if counts.min() < 0 or counts.max() > 0xFFFFFFFF:
+        raise ValueError("voxel counts must fit uint32")
+    keys = encode_block_key(bc[:, 0], bc[:, 1], bc[:, 2])
+    order = np.lexsort((svs, keys, labels))
+    labels, keys, svs, counts = labels[order], keys[order], svs[order], counts[order]
+    if len(labels) > 1:
+        same = (labels[1:] == labels[:-1]) & (keys[1:] == keys[:-1]) & (svs[1:] == svs[:-1])
+        if same.any():
+            i = int(np.flatnonzero(same)[0])
+            raise ValueError(
+                f"label {int(labels[i])}: supervoxel {int(svs[i])} listed twice for one block"
+            )
+    lab_starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    blk_new = np.r_[True, (labels[1:] != labels[:-1]) | (keys[1:] != keys[:-1])]
+    blk_starts = np.flatnonzero(blk_new)
+    ll, kl, sl, cl = labels.tolist(), keys.tolist(), svs.tolist(), counts.tolist()
+    bsl = blk_starts.tolist() + [len(ll)]
+    lsl = lab_starts.tolist() + [len(ll)]
+    CE, BE, SV, LI = _WCountsEntry, _WBlocksEntry, _WSVCount, _WLabelIndex
+    out: list[bytes] = []
+    bi = 0
+    for li in range(len(lsl) - 1):
+        end = lsl[li + 1]
+        ents = []
+        while bsl[bi] < end:
+            b0, b1 = bsl[bi], bsl[bi + 1]
+            if b1 - b0 == 1:
+                cnts = [CE(key=sl[b0], value=cl[b0])]
+            else:
+                cnts = [CE(key=k, value=v) for k, v in zip(sl[b0:b1], cl[b0:b1], strict=True)]
+            ents.append(BE(key=kl[b0], value=SV(counts=cnts)))
+            bi += 1
+        lab = ll[lsl[li]]
+        msg = LI(blocks=ents, label=lab) if lab else LI(blocks=ents)
+        out.append(msg.SerializeToString())
+    return labels[lab_starts], out
 
 
 def decode_label_index(data: bytes):
@@ -302,7 +362,7 @@ def label_index_table(labels, datas) -> pa.Table:
     if len(items) != len(labels):
         raise ValueError(f"{len(labels)} labels but {len(items)} index payloads")
     parts_l, parts_k, parts_s, parts_c = [], [], [], []
-    for lab, data in zip(labels.tolist(), items):
+    for lab, data in zip(labels.tolist(), items, strict=True):
         if not data:
             continue
         k, s, c = _rows_of(_parse_wire(data, lab))
