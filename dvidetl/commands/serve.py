@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -47,6 +48,8 @@ def _read(path: str, what: str) -> bytes:
 
 
 def main(args: argparse.Namespace) -> int:
+    # gRPC's C core logs bind failures itself (several lines); we report them in one line
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from dvidetl.flight.client import load_token
     from dvidetl.flight.server import start_server
     from dvidetl.sources import open_source
@@ -83,7 +86,8 @@ def main(args: argparse.Namespace) -> int:
             raise
         except Exception as exc:
             raise UserError(
-                f"cannot serve on {args.host}:{args.port}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                f"cannot serve on {args.host}:{args.port} (port in use or address not local?): "
+                f"{str(exc).splitlines()[0]}"
             ) from None
         prev = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
