@@ -11,9 +11,9 @@ anything do dvidetl's defaults for this workload apply. Why the extra machinery 
 
 - dask-jobqueue does not replace a worker job that SLURM took away (walltime, preemption,
   `scancel`) when the cluster was sized with `scale(jobs=N)`, and adaptive scaling does not
-  either while the lost job still counts in its plan. `_JobKeeper` re-asserts the cluster's
-  size every few seconds, so lost jobs are resubmitted; the scheduler reschedules their
-  partitions and the sink's ledger keeps every partition exactly once.
+  either while the lost job still counts in its plan. `_JobKeeper` polls `squeue` every few
+  seconds and resubmits ended jobs; the scheduler reschedules their partitions and the
+  sink's ledger keeps every partition exactly once.
 - A job SLURM rejects (memory larger than any node, unknown partition) is only *logged* by
   dask-jobqueue and the run would wait forever, so the worker job script is first checked
   with `sbatch --test-only` and a rejection becomes a one-line `UserError`.
@@ -366,49 +366,137 @@ def _preflight(job_script: str, log_dir: str) -> None:
         )
 
 
-class _JobKeeper:
-    """Resubmits worker jobs SLURM took away, so the cluster keeps its size.
+#: SLURM job states in which a worker job still is (or will be) a worker.
+_ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+          "RESIZING", "SIGNALING", "STAGE_OUT"}  # fmt: skip
 
-    SpecCluster forgets a job whose worker left (after `distributed.deploy.lost-worker-timeout`)
-    but keeps it in its spec; asking it to scale to the spec's own size starts the missing
-    ones. Runs on the cluster's event loop, so it never races with adaptive scaling.
+
+def squeue_states(job_ids: list[str]) -> dict[str, str] | None:
+    """job id -> SLURM state for these jobs (a job SLURM forgot is absent); None if squeue
+    itself failed (controller busy), so that nothing is replaced on a guess."""
+    if not job_ids:
+        return {}
+    try:
+        proc = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-o", "%i %T", "-j", ",".join(job_ids)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        # every id unknown (finished longer than MinJobAge ago): all gone
+        return {} if "Invalid job id" in proc.stderr else None
+    out: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            out[parts[0]] = parts[1].rstrip("+")
+    return out
+
+
+class _JobKeeper:
+    """Resubmits worker jobs SLURM took away (scancel, preemption, walltime, node failure),
+    so the cluster keeps its size while the scheduler reschedules their partitions.
+
+    dask-jobqueue never replaces such a job: SpecCluster keeps it in its spec (so neither
+    `scale` nor adaptive scaling sees a gap) and, with several processes per job, does not
+    even notice it is gone. Every few seconds the keeper asks `squeue` for the state of the
+    cluster's jobs; a job that has ended is dropped from the spec and the cluster is scaled
+    back to its size, which submits a fresh job under a new name. Jobs that keep ending
+    before their worker ever connected (broken environment) are not resubmitted forever:
+    after a few, the keeper stops and says where the job logs are.
     """
 
-    def __init__(self, cluster: Any) -> None:
-        from tornado.ioloop import PeriodicCallback
-
+    def __init__(self, cluster: Any, interval: float = KEEPER_INTERVAL_S) -> None:
         self.cluster = cluster
+        self.interval = interval
         self.replaced = 0
-        self._pc = PeriodicCallback(self._check, KEEPER_INTERVAL_S * 1000)
-        self._started = threading.Event()
+        self.failed_starts = 0
+        self.gave_up = False
+        self._seen: set[str] = set()  # job names whose worker(s) connected at least once
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dvidetl-slurm-keeper", daemon=True)
 
-    def _check(self) -> None:
+    def _loop(self) -> None:
+        # Connected workers are noted every second (no subprocess: cheap); squeue is asked
+        # only every `interval` seconds.
+        last = time.monotonic()
+        while not self._stop.wait(1.0):
+            try:
+                self._note_connected()
+                if time.monotonic() - last >= self.interval:
+                    last = time.monotonic()
+                    self.check()
+            except Exception as exc:  # noqa: BLE001 - never kill the run over a poll
+                _say(f"SLURM job check failed ({exc!r}); will retry")
+
+    def _note_connected(self) -> None:
+        c = self.cluster
+        connected = {str(w.get("name")) for w in dict(c.scheduler_info.get("workers", {})).values()}
+        for name in list(c.workers):
+            name = str(name)
+            if name in connected or any(n.startswith(f"{name}-") for n in connected):
+                self._seen.add(name)
+
+    def check(self) -> None:
         from distributed.core import Status
 
         c = self.cluster
-        if c.status != Status.running:
+        if self.gave_up or c.status != Status.running:
             return
-        missing = set(c.worker_spec) - set(c.workers)
-        if missing:
-            self.replaced += len(missing)
-            _say(f"SLURM worker job(s) {sorted(map(str, missing))} lost; submitting replacements")
-            c.scale(jobs=len(c.worker_spec))
+        jobs = {
+            str(name): str(job.job_id)
+            for name, job in list(c.workers.items())
+            if getattr(job, "job_id", None)
+        }
+        states = squeue_states(sorted(set(jobs.values())))
+        if states is None:
+            return
+        dead = {n: j for n, j in jobs.items() if states.get(j) not in _ALIVE}
+        if not dead:
+            return
+        log_dir = getattr(c._dummy_job, "log_directory", None)
+        for name, jid in sorted(dead.items()):
+            state = states.get(jid, "gone")
+            if name in self._seen:
+                _say(f"SLURM worker job {jid} ended ({state}); submitting a replacement")
+            else:
+                self.failed_starts += 1
+                _say(
+                    f"SLURM worker job {jid} ended ({state}) before its worker connected; "
+                    f"see {log_dir}/*-{jid}.err"
+                )
+        limit = max(3, 2 * len(c.worker_spec))
+        if self.failed_starts >= limit:
+            self.gave_up = True
+            _say(
+                f"{self.failed_starts} worker jobs ended before connecting: not resubmitting; "
+                f"fix the worker environment (logs in {log_dir}) and resume the run"
+            )
+            return
+        self.replaced += len(dead)
+        c.loop.add_callback(self._replace, dead)
+
+    def _replace(self, dead: dict[str, str]) -> None:
+        """On the cluster's event loop: forget the ended jobs, scale back to the size."""
+        c = self.cluster
+        n = len(c.worker_spec)
+        for name, jid in dead.items():
+            for key in list(c.workers):
+                if str(key) == name and str(getattr(c.workers[key], "job_id", "")) == jid:
+                    del c.workers[key]
+                    c.worker_spec.pop(key, None)
+        c.scale(jobs=n)
 
     def start(self) -> None:
-        self.cluster.loop.add_callback(self._pc.start)
+        self._thread.start()
 
     def stop(self) -> None:
-        done = threading.Event()
-
-        def _stop() -> None:
-            self._pc.stop()
-            done.set()
-
-        try:
-            self.cluster.loop.add_callback(_stop)
-            done.wait(5)
-        except Exception:  # loop already gone
-            pass
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=40)
 
 
 def make_slurm_cluster(args: argparse.Namespace) -> Any:

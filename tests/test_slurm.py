@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,8 @@ SLURM_SH = Path(
 #: a cancelled one is still completing (see the README's pitfall 7).
 SLURM_ENV = {"SLURM_CI_CPUS": os.environ.get("SLURM_CI_CPUS", "4")}
 JOB_NAME = "dvidetl-worker"
+#: what the driver says when it resubmits a worker job SLURM took away
+REPLACED = r"SLURM worker job {job} ended \((CANCELLED|COMPLETING)\); submitting a replacement"
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -151,7 +154,7 @@ def test_workers_are_slurm_jobs_and_survive_scancel(slurm, tmp_path, monkeypatch
                 break
             assert time.monotonic() < end, f"no replacement for job {victim}: {now}"
             time.sleep(1)
-        assert "lost; submitting replacements" in capsys.readouterr().err
+        assert re.search(REPLACED.format(job=victim), capsys.readouterr().err)
         # work after the replacement lands on both jobs, including the new one
         later = client.gather(client.map(slow_square, range(100, 110)))
         assert [r for r, _ in later] == [i * i for i in range(100, 110)]
@@ -172,3 +175,121 @@ def test_rejected_job_is_a_one_line_error(slurm, tmp_path) -> None:
             pass
     assert "\n" not in str(info.value)
     assert _our_jobs() == {}
+
+
+# ---------------------------------------------------------------- the export on SLURM ---
+
+PY = sys.executable
+#: multi-scale synthetic volumes over 3 scales: ~127 blocks (19 partitions of 8) for the
+#: plain export, ~229 blocks (31 partitions of 8) where a job is cancelled mid-run.
+SRC = "synthetic://{uuid}?size=384,384,256&scales=3&seed=7"
+SRC_BIG = "synthetic://{uuid}?size=512,512,256&scales=3&seed=7"
+
+
+def _run_cmd(src: str, uuid: str, sink: str, log_dir: Path, *extra: str) -> list[str]:
+    return [
+        PY, "-m", "dvidetl", "run", "--uuid", uuid, "--source", src.format(uuid=uuid),
+        "--sink", sink, "--cluster", "slurm", "--jobs", "2", "--worker-cores", "1",
+        "--worker-memory", "2GiB", "--walltime", "00:15:00", "--interface", "lo",
+        "--log-directory", str(log_dir), "--dashboard-address", "127.0.0.1:0", *extra,
+    ]  # fmt: skip
+
+
+def _check_exactly_once(src: str, uuid: str, sink_url: str, run_id: str) -> None:
+    """`verify` passes, every planned partition has one ledger row, no block twice."""
+    import numpy as np
+
+    from dvidetl.cli import main as cli
+    from dvidetl.sinks import open_sink
+
+    rc = cli(["verify", "--uuid", uuid, "--source", src.format(uuid=uuid), "--sink", sink_url])
+    assert rc == 0, "verify found differences"
+    out_dir = Path(sink_url[len("parquet://") :])
+    instance = next(p.name for p in out_dir.iterdir() if (p / uuid).is_dir())
+    sink = open_sink(sink_url, uuid=uuid, instance=instance)
+    plan = sink.load_run(run_id).partitions
+    assert len(sink.done(run_id)) == len(plan)
+    blocks = sink.read("blocks")
+    key = blocks.column("morton").to_numpy().astype(np.uint64) + (
+        blocks.column("scale").to_numpy().astype(np.uint64) << np.uint64(56)
+    )
+    assert len(np.unique(key)) == len(key), "a block is duplicated"
+    assert len(key) == sum(p.blocks for p in plan)
+    assert len(set(blocks.column("scale").to_pylist())) == 3
+
+
+def _run_id(stdout: str) -> str:
+    ids = [ln.split()[1] for ln in stdout.splitlines() if ln.startswith("run_id ")]
+    assert ids, f"no run_id in the output: {stdout!r}"
+    return ids[-1]
+
+
+def test_multiscale_export_on_slurm_verifies(slurm, tmp_path, capsys) -> None:
+    uuid = "slurm-ms"
+    sink = f"parquet://{tmp_path}/out"
+    log_dir = tmp_path / "logs"
+    res = subprocess.run(
+        _run_cmd(SRC, uuid, sink, log_dir, "--partition-blocks", "16", "--quiet"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SLURM cluster: 2 worker jobs" in res.stderr
+    assert "dashboard http://127.0.0.1:" in res.stderr
+    assert "0 blocks in export_errors" in res.stderr
+    _check_exactly_once(SRC, uuid, sink, _run_id(res.stdout))
+    _wait_no_jobs()
+    # both worker jobs wrote their logs to the log directory, none to the cwd
+    assert len(list(log_dir.glob(f"{JOB_NAME}-*.err"))) == 2
+    assert not list(tmp_path.glob("slurm-*")) and not list(tmp_path.glob("*.err"))
+
+
+def test_scancel_mid_export_still_exactly_once(slurm, tmp_path) -> None:
+    uuid = "slurm-kill"
+    sink = f"parquet://{tmp_path}/out"
+    log_dir = tmp_path / "logs"
+    p = subprocess.Popen(
+        _run_cmd(SRC_BIG, uuid, sink, log_dir, "--partition-blocks", "8"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    victim = None
+    try:
+        # once a few partitions are committed (the pipeline is in full swing), take one
+        # worker job away as SLURM would on preemption or walltime
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            ledgers = list(Path(tmp_path, "out").glob(f"*/{uuid}/export_ledger/run=*/*.parquet"))
+            running = [j for j, st in _our_jobs().items() if st == "RUNNING"]
+            if len(ledgers) >= 3 and running:
+                victim = running[0]
+                subprocess.run(["scancel", victim], check=True)
+                break
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            time.sleep(0.1)
+        assert victim is not None, "the run never committed 3 partitions"
+        out, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err[-3000:]
+    run_id = _run_id(out)
+    # the run had work left when the job went away, and a replacement job was submitted
+    done_at_kill = len(ledgers)
+    from dvidetl.sinks import open_sink
+
+    instance = next(d.name for d in Path(tmp_path, "out").iterdir() if (d / uuid).is_dir())
+    total = len(open_sink(sink, uuid=uuid, instance=instance).load_run(run_id).partitions)
+    assert done_at_kill < total, "killed too late: nothing left to reschedule"
+    assert re.search(REPLACED.format(job=victim), err), err[-3000:]
+    assert f"{JOB_NAME}-{victim}.err" in {f.name for f in log_dir.iterdir()}
+    assert "CANCELLED" in (log_dir / f"{JOB_NAME}-{victim}.err").read_text()
+    _check_exactly_once(SRC_BIG, uuid, sink, run_id)
+    _wait_no_jobs()
