@@ -359,6 +359,20 @@ def test_client_pickles_and_reconnects_lazily(client, source):
     c2.close()
 
 
+def test_one_client_many_threads(client, source):
+    """Dask workers share one client between task threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ranges = [(0, lo, lo + 37) for lo in range(0, 256, 37)] * 3
+    with ThreadPoolExecutor(6) as pool:
+        tables = list(pool.map(lambda r: client.read_blocks_table(*r), ranges))
+        bodies = list(pool.map(client.map_supervoxels, [source.sv[i::5] for i in range(10)]))
+    for (scale, lo, hi), t in zip(ranges, tables, strict=True):
+        assert t.equals(source.expected(scale, lo, min(hi, 256)))
+    for i, b in enumerate(bodies):
+        np.testing.assert_array_equal(b, source.body[i::5])
+
+
 def test_early_stop_releases_the_stream(client, source):
     it = client.read_blocks(0, 0, 256)
     first = next(it)

@@ -183,17 +183,23 @@ class FlightClient:
                 self._conn = flight.FlightClient(self.location, **kw)
             return self._conn
 
-    def _reset(self) -> None:
+    def _reset(self, broken: flight.FlightClient | None = None) -> None:
+        """Forget a broken connection so the next call reconnects. It is not closed here:
+        other threads may still be streaming on it (their frames keep it alive; it closes
+        when the last one lets go)."""
+        with self._lock:
+            if broken is None or self._conn is broken:
+                self._conn = None
+
+    def close(self) -> None:
+        """Close the connection (a later call reconnects)."""
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 conn.close()
-            except Exception:  # a dead connection may fail to close; we drop it anyway
+            except Exception:  # closing a dead connection may fail; it is dropped anyway
                 pass
-
-    def close(self) -> None:
-        self._reset()
 
     def __enter__(self) -> FlightClient:
         return self
@@ -239,12 +245,14 @@ class FlightClient:
             return False  # the server told us it is a bug / broken source, not the network
         return True
 
-    def _with_retries(self, call: str, fn: Callable[[], Any]) -> Any:
-        """Run a complete call, reconnecting and retrying it on transport errors."""
+    def _with_retries(self, call: str, fn: Callable[[flight.FlightClient], Any]) -> Any:
+        """Run a complete call ``fn(connection)``, reconnecting and retrying on transport errors."""
         attempt = 0
         while True:
+            conn = None
             try:
-                return fn()
+                conn = self._client()
+                return fn(conn)
             except _RETRYABLE as exc:
                 self._raise_final(exc, call)
                 if not self._retryable(exc):
@@ -260,7 +268,7 @@ class FlightClient:
                     attempt,
                     self.retries,
                 )
-                self._reset()
+                self._reset(conn)
                 self._sleep(attempt)
             except flight.FlightError as exc:
                 self._raise_final(exc, call)
@@ -274,11 +282,10 @@ class FlightClient:
         delivered = 0
         attempt = 0
         while True:
-            reader = None
+            reader = conn = None
             try:
-                reader = self._client().do_get(
-                    flight.Ticket(ticket), options=self._options(stream=True)
-                )
+                conn = self._client()
+                reader = conn.do_get(flight.Ticket(ticket), options=self._options(stream=True))
                 seen = 0
                 while True:
                     try:
@@ -320,7 +327,7 @@ class FlightClient:
                     attempt,
                     self.retries,
                 )
-                self._reset()
+                self._reset(conn)
                 self._sleep(attempt)
             except (flight.FlightError, pa.ArrowInvalid) as exc:
                 self._raise_final(exc, call)
@@ -333,8 +340,8 @@ class FlightClient:
                         pass
 
     def _action(self, call: str, kind: str, body: bytes) -> list[bytes]:
-        def go() -> list[bytes]:
-            results = self._client().do_action(flight.Action(kind, body), options=self._options())
+        def go(conn: flight.FlightClient) -> list[bytes]:
+            results = conn.do_action(flight.Action(kind, body), options=self._options())
             return [r.body.to_pybytes() for r in results]
 
         return self._with_retries(call, go)
@@ -426,9 +433,9 @@ class FlightClient:
         cmd = P.map_command(uuid, instance)
         step = self.map_batch
 
-        def go() -> np.ndarray:
+        def go(conn: flight.FlightClient) -> np.ndarray:
             out = np.empty(len(uniq), dtype=np.uint64)
-            writer, reader = self._client().do_exchange(
+            writer, reader = conn.do_exchange(
                 flight.FlightDescriptor.for_command(cmd), options=self._options()
             )
             try:
