@@ -198,6 +198,30 @@ def verify_blocks(client, sink, run, report: VerifyReport, scales=None, *, index
             report.add(f"{where(common[i])}: {', '.join(flags.why[i])}")
         if index_acc is not None and part.scale == 0:
             index_acc.append(_index_rows_from_blocks(e))
+    # blocks the plan does not cover at all (a planner or count bug must not hide them)
+    for scale in sorted({p.scale for p in run.partitions if p.kind == "blocks"}):
+        if scales is not None and scale not in scales:
+            continue
+        where = _Where(scale, info.scale(scale).grid)
+        for lo, hi in _gaps(run, scale, info.scale(scale).morton_end):
+            for b in client.read_blocks(scale, lo, hi):
+                report.blocks_source += b.num_rows
+                report.missing += b.num_rows
+                for m in b.column("morton").to_numpy()[:5]:
+                    report.add(f"{where(m)}: in the source but outside every planned partition")
+
+
+def _gaps(run, scale: int, end: int) -> list[tuple[int, int]]:
+    """Morton ranges of one scale that no planned partition covers."""
+    parts = sorted((p.lo, p.hi) for p in run.partitions if p.kind == "blocks" and p.scale == scale)
+    out, pos = [], 0
+    for lo, hi in parts:
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < end:
+        out.append((pos, end))
+    return out
 
 
 class _Where:
