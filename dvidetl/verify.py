@@ -199,7 +199,9 @@ def verify_blocks(client, sink, run, report: VerifyReport, scales=None, *, index
         if index_acc is not None and part.scale == 0:
             index_acc.append(_index_rows_from_blocks(e))
     # blocks the plan does not cover at all (a planner or count bug must not hide them)
-    for scale in sorted({p.scale for p in run.partitions if p.kind == "blocks"}):
+    planned = {p.scale for p in run.partitions if p.kind == "blocks"}
+    planned |= {int(x) for x in (run.options.get("scales") or [])}
+    for scale in sorted(planned):
         if scales is not None and scale not in scales:
             continue
         where = _Where(scale, info.scale(scale).grid)
