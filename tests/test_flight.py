@@ -659,6 +659,32 @@ def test_broken_source_contract_is_caught():
             list(FlightClient(srv.location, retries=0).read_blocks(0, 0, 4))
 
 
+def test_source_with_wrong_coordinates_is_caught():
+    class Shifted(DictSource):
+        def read_blocks(self, scale, lo, hi):
+            for b in super().read_blocks(scale, lo, hi):
+                yield b.set_column(0, "x", pa.array(b.column("x").to_numpy() + 1))
+
+    src = Shifted({0: {(x, 0, 0): b"x" for x in range(4)}}, {0: (4, 1, 1)})
+    with start_server(src) as srv:
+        with pytest.raises(fl.FlightInternalError, match="do not match"):
+            list(FlightClient(srv.location, retries=0).read_blocks(0, 0, 4))
+
+
+def test_source_yielding_nulls_is_caught():
+    class Nulls(DictSource):
+        def read_mapping(self):
+            yield pa.record_batch(
+                [pa.array([1, None], pa.uint64()), pa.array([2, 3], pa.uint64())],
+                schema=MAPPING_SCHEMA,
+            )
+
+    src = Nulls({0: {}}, {0: (4, 1, 1)})
+    with start_server(src) as srv:
+        with pytest.raises(fl.FlightInternalError, match="nulls"):
+            list(FlightClient(srv.location, retries=0).read_mapping())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -143,7 +143,8 @@ def _serve(*args: str) -> subprocess.Popen:
     )
 
 
-def test_serve_command_token_and_sigterm(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_command_token_and_signals(tmp_path, sig):
     tok = tmp_path / "token"
     tok.write_text(TOKEN + "\n")
     p = _serve(
@@ -166,7 +167,7 @@ def test_serve_command_token_and_sigterm(tmp_path):
         with pytest.raises(FlightAuthError):
             FlightClient(loc, retries=0).info()
         c.close()
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         assert p.wait(timeout=30) == 0
         err = p.stderr.read()
         assert TOKEN not in err and "bearer token" in err

@@ -31,7 +31,7 @@ import pyarrow.flight as flight
 
 from dvidetl.errors import UserError
 from dvidetl.flight import protocol as P
-from dvidetl.geometry import VolumeInfo
+from dvidetl.geometry import VolumeInfo, in_grid, morton_encode
 from dvidetl.sources.base import Source
 
 log = logging.getLogger(__name__)
@@ -403,6 +403,8 @@ class DvidFlightServer(flight.FlightServerBase):
                     f"source {what} yielded columns {batch.schema.names}, want {bare.names}"
                 )
             batch = batch.cast(bare)
+        if any(col.null_count for col in batch.columns):
+            raise RuntimeError(f"source {what} yielded nulls (columns {batch.schema.names})")
         return batch.replace_schema_metadata(schema.metadata)
 
     def _simple(self, schema, batches, data_col, what) -> Iterator[pa.RecordBatch]:
@@ -427,6 +429,7 @@ class DvidFlightServer(flight.FlightServerBase):
 
     def _blocks(self, schema: pa.Schema, t: P.BlocksTicket) -> Iterator[pa.RecordBatch]:
         last = -1
+        grid = self._info.scale(t.scale).grid
         for batch in bounded_batches(
             (
                 self._conform(b, schema, "read_blocks")
@@ -436,9 +439,16 @@ class DvidFlightServer(flight.FlightServerBase):
             "data",
         ):
             if self._check_source:
-                last = self._keys_check(
-                    batch.column("morton").to_numpy(), t.lo, t.hi, last, "read_blocks"
-                )
+                codes = batch.column("morton").to_numpy()
+                last = self._keys_check(codes, t.lo, t.hi, last, "read_blocks")
+                xyz = [batch.column(c).to_numpy() for c in ("x", "y", "z")]
+                if not np.array_equal(morton_encode(*xyz, grid), codes) or not bool(
+                    np.all(in_grid(*xyz, grid))
+                ):
+                    raise RuntimeError(
+                        f"source read_blocks broke its contract: x, y, z do not match the "
+                        f"morton codes of grid {grid} at scale {t.scale}"
+                    )
             yield batch
 
     def _indices(self, schema: pa.Schema, t: P.IndicesTicket) -> Iterator[pa.RecordBatch]:
