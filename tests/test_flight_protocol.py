@@ -85,6 +85,10 @@ def test_range_clipped_to_grid():
         (blocks(extra=1), "extra"),
         (blocks(instance="x" * 5000), "ticket"),  # over the size limit
         (b" " * (P.MAX_TICKET_BYTES + 1), "ticket"),
+        (b"[" * 4000 + b"]" * 4000, "ticket"),  # oversize and deeply nested
+        (b"[" * 2040 + b"]" * 2040, "ticket"),
+        (b'{"v": 1, "kind": "blocks", "lo": NaN}', "uuid"),
+        (blocks(lo=float("inf")), "lo"),
         (
             json.dumps(
                 {"v": 1, "kind": "indices", "uuid": "u", "instance": "i", "lo": 3, "hi": 3}

@@ -167,6 +167,8 @@ def parse_json_body(raw: bytes | str, what: str = "ticket") -> dict[str, Any]:
         d = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise TicketError(what, f"not valid UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise TicketError(what, "JSON nested too deeply") from None
     if not isinstance(d, dict):
         raise TicketError(what, f"must be a JSON object, got {type(d).__name__}")
     _version(d)
