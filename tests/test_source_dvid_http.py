@@ -362,6 +362,40 @@ def test_error_text_length_is_detectable():
     assert len(ERROR_TEXT) % 16
 
 
+def test_synthetic_through_fake_dvid():
+    """The synthetic labelmap (gzip blocks, mapping, label indices) round-trips through DVID's
+    HTTP formats: every call of the dvid+http source agrees with the source itself."""
+    syn = open_source("synthetic://fd?size=384,256,192&scales=2&seed=3")
+    with FakeDvid(syn, uuid="5y47") as f:
+        c = _client(f, box_bits=6)
+        info = c.info()
+        assert [s.grid for s in info.scales] == [s.grid for s in syn.info().scales]
+        for scale in (0, 1):
+            want = pa.Table.from_batches(list(syn.read_blocks(scale, 0, 1 << 40)))
+            assert want.num_rows > 0
+            assert _all(c, scale, 0, 1 << 40).equals(want)
+            m = want["morton"].to_numpy()
+            lo, hi = int(m[len(m) // 3]), int(m[2 * len(m) // 3]) + 1
+            part = _all(c, scale, lo, hi)
+            assert part.equals(want.filter(pa.array((m >= lo) & (m < hi))))
+            for level in (0, 2, 5):
+                cells, bounds, exact = c.count(scale, level)
+                tc, tn, _ = syn.count(scale, level)
+                pos = np.searchsorted(cells, tc)
+                assert not exact and np.all(cells[pos] == tc) and np.all(bounds[pos] >= tn)
+        m1 = pa.Table.from_batches(list(syn.read_mapping()))
+        m2 = pa.Table.from_batches(list(c.read_mapping()))
+        assert m1.num_rows == m2.num_rows > 0
+        assert dict(zip(m1[0].to_pylist(), m1[1].to_pylist(), strict=True)) == dict(
+            zip(m2[0].to_pylist(), m2[1].to_pylist(), strict=True)
+        )
+        svs = m1[0].to_numpy()[:500]
+        assert np.array_equal(c.map_supervoxels(svs), syn.map_supervoxels(svs))
+        i1 = pa.Table.from_batches(list(syn.read_indices(0, 2**64)))
+        i2 = pa.Table.from_batches(list(c.read_indices(0, 2**64)))
+        assert i1.num_rows > 0 and i2.equals(i1.cast(i2.schema))
+
+
 def test_extents_override_and_throttle(fake, real_source):
     """Stale extents (DVID's are hints) can be overridden; blocks outside them are not read."""
     c = _client(fake, maxpoint="1023,1023,1023", throttle="true")
