@@ -336,3 +336,19 @@ def test_bad_inputs(tmp_path, shared_data, spec):
     with pytest.raises(UserError, match="not an Arrow IPC stream"):
         ShardsSource(junk)
     shutil.rmtree(junk)
+
+
+def test_sidecar_with_rec_offset_size(tmp_path, shared_data, spec, src):
+    """The intermediate sidecar header x,y,z,rec,offset,size (no batch_idx) is accepted."""
+    new = (shared_data / "mcns-shard" / f"{NAME}-newformat.csv").read_text().splitlines()[2:]
+    lines = ["x,y,z,rec,offset,size"]
+    for i, line in enumerate(new):
+        x, y, z, off, size, _b = line.split(",")
+        lines.append(f"{x},{y},{z},{i},{off},{size}")
+    d = _arrange(tmp_path, shared_data, with_csv=False)
+    (d / "s1" / f"{NAME}.csv").write_text("\n".join(lines) + "\n")
+    s = ShardsSource(d, spec=str(spec))
+    assert _all(s, 1, 0, 1 << 64).equals(_all(src, 1, 0, 1 << 64))
+    (d / "s1" / f"{NAME}.csv").write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(UserError, match="sidecar header must start with x,y,z"):
+        ShardsSource(d, spec=str(spec))
