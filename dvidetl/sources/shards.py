@@ -72,6 +72,11 @@ class _ShardFile:
     path: Path
     schema: pa.Schema
     size: int
+    #: the schema as an IPC message, to read a run of record-batch messages as one stream
+    schema_msg: bytes = b""
+    #: every record-batch message of the file known from the index: offsets (sorted), ends
+    msg_off: np.ndarray | None = None
+    msg_end: np.ndarray | None = None
 
 
 @dataclass
@@ -316,6 +321,9 @@ class ShardsSource:
                     moff, msize, mrows = _scan_messages(path, sf.schema)
                     d = self._index_by_scan(sf, moff, msize, mrows)
                 d["file_id"] = np.full(len(d["x"]), len(files), dtype=np.int32)
+                sf.schema_msg = sf.schema.serialize().to_pybytes()
+                sf.msg_off, first = np.unique(d["offset"], return_index=True)
+                sf.msg_end = sf.msg_off + d["size"][first]
                 files.append(sf)
                 parts.append(d)
             self._scales[scale] = self._make_scale_index(scale, files, parts)
@@ -463,7 +471,7 @@ class ShardsSource:
 
     def _read_span(self, idx: _ScaleIndex, a: int, b: int) -> pa.RecordBatch:
         n = b - a
-        pieces: list[pa.Array | None] = [None] * n
+        pieces: list[tuple[np.ndarray, pa.Array]] = []  # (positions in the span, their data)
         xyz_check = np.zeros((n, 3), dtype=np.int64)
         fids = idx.file_id[a:b]
         for fid in np.unique(fids).tolist():
@@ -490,6 +498,10 @@ class ShardsSource:
                         raise UserError(
                             f"{sf.path}: file shorter than its sidecar says (byte {s_lo + len(buf)})"
                         )
+                    if self._read_run(
+                        sf, buf, s_lo, s_hi, offs[sel], rows[sel], pos[sel], pieces, xyz_check
+                    ):
+                        continue
                     pbuf = pa.py_buffer(buf)
                     cache: dict[int, pa.RecordBatch] = {}
                     for k in sel.tolist():
@@ -504,7 +516,9 @@ class ShardsSource:
                                 f"{sf.path}: sidecar row {r} past the {batch.num_rows}-row batch at byte {o}"
                             )
                         p = int(pos[k])
-                        pieces[p] = batch.column("dvid_compressed_block").slice(r, 1)
+                        pieces.append(
+                            (pos[k : k + 1], batch.column("dvid_compressed_block").slice(r, 1))
+                        )
                         xyz_check[p] = (
                             batch.column("chunk_x")[r].as_py(),
                             batch.column("chunk_y")[r].as_py(),
@@ -522,7 +536,10 @@ class ShardsSource:
                 f"{idx.files[int(idx.file_id[a + k])].path}: sidecar says block ({x[k]},{y[k]},{z[k]}) "
                 f"at byte {idx.offset[a + k]} but the record there is block {tuple(xyz_check[k].tolist())}"
             )
-        data = pa.concat_arrays([p.cast(pa.binary()) for p in pieces])  # type: ignore[union-attr]
+        where = np.concatenate([pc_[0] for pc_ in pieces])
+        data = pa.concat_arrays([pc_[1].cast(pa.binary()) for pc_ in pieces])
+        if not np.array_equal(where, np.arange(n)):
+            data = data.take(pa.array(np.argsort(where, kind="stable")))
         return pa.RecordBatch.from_arrays(
             [
                 pa.array(x, pa.int32()),
@@ -533,6 +550,45 @@ class ShardsSource:
             ],
             schema=BLOCKS_WIRE_SCHEMA,
         )
+
+    @staticmethod
+    def _read_run(sf, buf, s_lo, s_hi, offs, rows, pos, pieces, xyz_check) -> bool:
+        """Fast path: when the span is exactly a run of the file's record-batch messages, read
+        it as one IPC stream (schema + run) and take the wanted rows with one vectorized
+        ``take`` — no Python per block. False (caller falls back) when it is not such a run."""
+        mo, me = sf.msg_off, sf.msg_end
+        if mo is None or me is None:
+            return False
+        i0 = int(np.searchsorted(mo, s_lo))
+        i1 = int(np.searchsorted(mo, s_hi))
+        if (
+            i1 <= i0
+            or mo[i0] != s_lo
+            or me[i1 - 1] != s_hi
+            or np.any(mo[i0 + 1 : i1] != me[i0 : i1 - 1])
+        ):
+            return False
+        try:
+            table = ipc.open_stream(
+                pa.py_buffer(sf.schema_msg + buf + b"\xff\xff\xff\xff\x00\x00\x00\x00")
+            ).read_all()
+        except (pa.ArrowInvalid, OSError):
+            return False  # let the per-message path name the bad message
+        col_x = table.column("chunk_x")
+        if col_x.num_chunks != i1 - i0:
+            return False
+        lens = np.array([len(c) for c in col_x.chunks], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        b = np.searchsorted(mo[i0:i1], offs)
+        if np.any(rows >= lens[b]):
+            return False
+        take = pa.array(starts[b] + rows, pa.int64())
+        sub = table.select(["chunk_x", "chunk_y", "chunk_z", "dvid_compressed_block"]).take(take)
+        xyz_check[pos, 0] = sub.column(0).to_numpy()
+        xyz_check[pos, 1] = sub.column(1).to_numpy()
+        xyz_check[pos, 2] = sub.column(2).to_numpy()
+        pieces.append((pos, sub.column(3).combine_chunks()))
+        return True
 
     @staticmethod
     def _decode_message(
