@@ -9,8 +9,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dvidetl.codec import decode_block, unwrap
-from dvidetl.codec.labelindex import label_index_rows
+from dvidetl.codec import decode_block, split_block, unwrap
+from dvidetl.codec.labelindex import label_index_rows, label_index_table
 from dvidetl.errors import UserError
 from dvidetl.geometry import morton_decode, morton_encode
 from dvidetl.sources import open_source, synthetic
@@ -239,19 +239,31 @@ def test_batches_are_bounded(hard, monkeypatch):
 
 def test_dense_blocks_are_big(hard):
     xs, ys, zs, _ = hard.present_blocks(0)
+    kinds = hard.block_kinds(xs, ys, zs)
     big = 0
     cz = zstandard.ZstdCompressor(level=3)
     for x, y, z in zip(xs.tolist(), ys.tolist(), zs.tolist(), strict=True):
         raw = hard.block_bytes(0, x, y, z)
-        n = int(np.frombuffer(raw, "<u4", 1, 12)[0])
-        if n > 16128:
-            vox = hard.block_voxels(0, x, y, z)
-            bodies = np.unique(hard.map_supervoxels(np.unique(vox)))
-            assert len(bodies) > 16128  # fragments are their own bodies
+        labels, body = split_block(raw)
+        if len(labels) > 16128:
+            assert kinds[(xs == x) & (ys == y) & (zs == z)][0] == 2
+            assert 100_000 <= len(labels) <= 131_072
             assert len(raw) > 1_500_000
-            if len(cz.compress(raw)) > 504 * 1024:
+            if len(cz.compress(body)) > 504 * 1024:
                 big += 1
     assert big >= 2
+    # fragments belong to bodies (the mapping lists them)
+    frag = np.unique(
+        hard.block_voxels(0, *map(int, (xs[kinds == 2][0], ys[kinds == 2][0], zs[kinds == 2][0])))
+    )
+    bodies = hard.map_supervoxels(frag)
+    assert (bodies != frag).mean() > 0.9
+    mapping = hard.mapping_dict()
+    assert all(
+        mapping[s] == b
+        for s, b in zip(frag[:2000].tolist(), bodies[:2000].tolist(), strict=True)
+        if s != b
+    )
 
 
 def test_cns_size_count_is_exact_and_bounded():
@@ -334,54 +346,78 @@ def test_bigids():
     assert any(b >= 2**63 for b in mapping.values())
 
 
-def test_indices_agree_with_voxels(hard):
-    xs, ys, zs, _ = hard.present_blocks(0)
-    want = {}
+def _voxel_index_rows(src):
+    """Ground truth from voxels: sorted (body, x, y, z, sv, count) arrays."""
+    cols = [[] for _ in range(6)]
+    xs, ys, zs, _ = src.present_blocks(0)
     for x, y, z in zip(xs.tolist(), ys.tolist(), zs.tolist(), strict=True):
-        u, c = np.unique(hard.block_voxels(0, x, y, z), return_counts=True)
-        body = hard.map_supervoxels(u)
-        for sv, b, n in zip(u.tolist(), body.tolist(), c.tolist(), strict=True):
-            if sv:
-                want[(b, x, y, z, sv)] = n
-    got = {}
-    labels = []
-    for batch in hard.read_indices(0, 2**64):
-        assert batch.schema == INDICES_SCHEMA
-        for lab, data in zip(
-            batch.column("label").to_pylist(), batch.column("data").to_pylist(), strict=True
+        u, c = np.unique(src.block_voxels(0, x, y, z), return_counts=True)
+        u, c = u[u != 0], c[u != 0]
+        for col, v in zip(
+            cols,
+            (
+                src.map_supervoxels(u),
+                np.full(len(u), x),
+                np.full(len(u), y),
+                np.full(len(u), z),
+                u,
+                c,
+            ),
+            strict=True,
         ):
-            labels.append(lab)
-            r = label_index_rows(data)
-            assert set(r["label"].tolist()) == {lab}
-            for key in zip(
-                r["label"].tolist(),
-                r["x"].tolist(),
-                r["y"].tolist(),
-                r["z"].tolist(),
-                r["supervoxel"].tolist(),
-                strict=True,
-            ):
-                got[key] = None
-            for k, n in zip(
-                zip(
-                    r["label"].tolist(),
-                    r["x"].tolist(),
-                    r["y"].tolist(),
-                    r["z"].tolist(),
-                    r["supervoxel"].tolist(),
-                    strict=True,
-                ),
-                r["voxels"].tolist(),
-                strict=True,
-            ):
-                got[k] = n
+            col.append(np.asarray(v))
+    arrs = [np.concatenate(c) for c in cols]
+    order = np.lexsort((arrs[4], arrs[3], arrs[2], arrs[1], arrs[0]))
+    return [
+        a[order].astype(np.int64 if i in (1, 2, 3, 5) else np.uint64) for i, a in enumerate(arrs)
+    ]
+
+
+def _table_rows(batches):
+    t = pa.concat_tables([label_index_table(b.column("label"), b.column("data")) for b in batches])
+    arrs = [t.column(n).to_numpy() for n in ("label", "x", "y", "z", "supervoxel", "voxels")]
+    order = np.lexsort((arrs[4], arrs[3], arrs[2], arrs[1], arrs[0]))
+    return [
+        a[order].astype(np.int64 if i in (1, 2, 3, 5) else np.uint64) for i, a in enumerate(arrs)
+    ]
+
+
+def test_indices_agree_with_voxels(small):
+    batches = list(small.read_indices(0, 2**64))
+    assert all(b.schema == INDICES_SCHEMA for b in batches)
+    labels = [lab for b in batches for lab in b.column("label").to_pylist()]
     assert labels == sorted(labels) and len(set(labels)) == len(labels)
-    assert got == want
-    # a sub-range gives exactly the bodies in it
+    got, want = _table_rows(batches), _voxel_index_rows(small)
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g, w)
+    assert set(labels) == set(want[0].tolist())
+    # each index carries its own label; a sub-range gives exactly the bodies in it
+    r = label_index_rows(batches[0].column("data")[0].as_py())
+    assert set(r["label"].tolist()) == {labels[0]}
     lo, hi = labels[len(labels) // 3], labels[len(labels) // 2]
-    sub = [lab for b in hard.read_indices(lo, hi) for lab in b.column("label").to_pylist()]
+    sub = [lab for b in small.read_indices(lo, hi) for lab in b.column("label").to_pylist()]
     assert sub == [lab for lab in labels if lo <= lab < hi]
-    assert list(hard.read_indices(5, 6)) == []
+    assert list(small.read_indices(5, 6)) == []
+
+
+def test_indices_of_dense_volume(hard):
+    want = _voxel_index_rows(hard)
+    bodies = np.unique(want[0])
+    assert len(want[0]) > 400_000  # dense fragments: ~125k supervoxels per dense block
+    # a slice of the body range agrees exactly
+    lo, hi = int(bodies[len(bodies) // 4]), int(bodies[len(bodies) // 2])
+    got = _table_rows(list(hard.read_indices(lo, hi)))
+    sel = (want[0] >= np.uint64(lo)) & (want[0] < np.uint64(hi))
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g, w[sel])
+    # the biggest bodies (Voronoi groups) too
+    big = bodies[np.argsort(np.bincount(np.searchsorted(bodies, want[0])))[-3:]]
+    for b in big.tolist():
+        got = _table_rows(list(hard.read_indices(b, b + 1)))
+        sel = want[0] == np.uint64(b)
+        assert sel.sum() > 10
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(g, w[sel])
 
 
 def test_index_limit():

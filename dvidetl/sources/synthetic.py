@@ -150,9 +150,9 @@ def _solid_id(ip, rx, ry, rz):
 
 
 @nb.njit(inline="always", cache=True)
-def _dense_id(px, y, z):
-    """Fragment id of the voxel pair (2*px, 2*px+1) at (y, z); coords < 2^18 (checked)."""
-    packed = _U(px) | (_U(y) << _U(17)) | (_U(z) << _U(35))
+def _dense_id(x, y, z):
+    """Fragment id of the pair whose canonical voxel is (x, y, z); coords < 2^18 (checked)."""
+    packed = _U(x) | (_U(y) << _U(18)) | (_U(z) << _U(36))
     return (_U(TAG_DENSE) << _U(56)) | _mix56(packed)
 
 
@@ -163,6 +163,74 @@ def _body_of_cell(ip, fp, ci, cj, ck):
     return _voronoi_id(ip, ci - ci % ip[P_GRX], cj - cj % ip[P_GRY], ck - ck % ip[P_GRZ])
 
 
+@nb.njit(inline="always", cache=True)
+def _is_dense(ip, fp, bx, by, bz):
+    seed = ip[P_SEED]
+    if fp[F_DENSE] <= 0.0:
+        return False
+    if fp[F_SOLID] > 0.0 and _unit(_h4(seed, 31, bx >> 1, by >> 1, bz >> 1)) < fp[F_SOLID]:
+        return False
+    return _unit(_h4(seed, 51, bx, by, bz)) < fp[F_DENSE]
+
+
+@nb.njit(inline="always", cache=True)
+def _dense_mask(ip, bx, by, bz):
+    """The XOR offset pairing voxels of a dense block: always into another sub-block."""
+    h = _h4(ip[P_SEED], 54, bx, by, bz)
+    m = 1 + np.int64(h % _U(511))  # sub-block part: (a, b, c) in 0..7, not all zero
+    v = np.int64((h >> _U(20)) & _U(511))  # voxel part: the partner's position differs too
+    return 8 * (m & 7) + (v & 7), 8 * ((m >> 3) & 7) + ((v >> 3) & 7), 8 * (m >> 6) + (v >> 6)
+
+
+@nb.njit(inline="always", cache=True)
+def _dense_q(ip, bx, by, bz):
+    return 0.94 + 0.055 * _unit(_h4(ip[P_SEED], 52, bx, by, bz))
+
+
+@nb.njit(cache=True)
+def _is_fragment(ip, fp, x, y, z):
+    """Is global voxel (x, y, z) the canonical voxel of a dense-block fragment?"""
+    if x < 0 or y < 0 or z < 0:
+        return False
+    bx, by, bz = x // BS, y // BS, z // BS
+    if bx >= ip[P_G0X] or by >= ip[P_G0Y] or bz >= ip[P_G0Z]:
+        return False
+    if not _is_dense(ip, fp, bx, by, bz) or not _present0(ip, fp, bx, by, bz):
+        return False
+    mx, my, mz = _dense_mask(ip, bx, by, bz)
+    lx, ly, lz = x - bx * BS, y - by * BS, z - bz * BS
+    px, py, pz = lx ^ mx, ly ^ my, lz ^ mz
+    if (pz * BS + py) * BS + px < (lz * BS + ly) * BS + lx:
+        return False
+    return _unit(_h4(ip[P_SEED], 53, x, y, z)) < _dense_q(ip, bx, by, bz)
+
+
+@nb.njit(nogil=True, cache=True)
+def _dense_overlay(ip, fp, bx, by, bz, idx, table, ntab, write):
+    """Pair voxels (v, v XOR offset) of a dense block into fragments (a fraction q of pairs).
+
+    With ``write`` the pairs are written into idx/table from ``ntab`` on; without, the
+    fragment ids are stored in ``table[ntab:]`` only (for the mapping). Returns the new length.
+    """
+    mx, my, mz = _dense_mask(ip, bx, by, bz)
+    q = _dense_q(ip, bx, by, bz)
+    ox, oy, oz = bx * BS, by * BS, bz * BS
+    seed = ip[P_SEED]
+    for z in range(BS):
+        for y in range(BS):
+            for x in range(BS):
+                px, py, pz = x ^ mx, y ^ my, z ^ mz
+                if (pz * BS + py) * BS + px < (z * BS + y) * BS + x:
+                    continue  # the partner is the canonical voxel
+                if _unit(_h4(seed, 53, ox + x, oy + y, oz + z)) < q:
+                    table[ntab] = _dense_id(ox + x, oy + y, oz + z)
+                    if write:
+                        idx[z, y, x] = ntab
+                        idx[pz, py, px] = ntab
+                    ntab += 1
+    return ntab
+
+
 @nb.njit(nogil=True, cache=True)
 def _map_kernel(ip, fp, svs, out):
     m20 = _U((1 << 20) - 1)
@@ -170,8 +238,18 @@ def _map_kernel(ip, fp, svs, out):
         sv = svs[i]
         out[i] = sv
         tag = (sv >> _U(56)) & _U(0x7F)
+        if tag == _U(TAG_DENSE) and (sv >> _U(63)) == _U(0):
+            packed = _unmix56(sv & _U(M56))
+            m18 = _U((1 << 18) - 1)
+            x = np.int64(packed & m18)
+            y = np.int64((packed >> _U(18)) & m18)
+            z = np.int64(packed >> _U(36))
+            if _is_fragment(ip, fp, x, y, z):
+                lat = ip[P_LAT]
+                out[i] = _body_of_cell(ip, fp, x // lat, y // lat, z // lat)
+            continue
         if tag != _U(TAG_VORONOI):
-            continue  # solid regions and dense fragments are their own bodies
+            continue  # solid regions are their own bodies
         packed = _unmix56(sv & _U(M56))
         ci = np.int64(packed >> _U(40))
         cj = np.int64((packed >> _U(20)) & m20)
@@ -581,18 +659,9 @@ def _gen_block0(ip, fp, bx, by, bz, idx, table):
                 mz = min(max(int(wz + 0.5), 0), HR - 1)
                 idx[z, y, x] = 2 + hr[mz, my, mx]
     ntab = 2 + nseed
-    # dense block: most voxel pairs become their own (tiny) supervoxel; no tissue edge
-    if fp[F_DENSE] > 0.0 and _unit(_h4(seed, 51, bx, by, bz)) < fp[F_DENSE]:
-        q = 0.78 + 0.14 * _unit(_h4(seed, 52, bx, by, bz))
-        for z in range(BS):
-            for y in range(BS):
-                for p in range(BS // 2):
-                    gpx = (ox >> 1) + p
-                    if _unit(_h4(seed, 53, gpx, oy + y, oz + z)) < q:
-                        table[ntab] = _dense_id(gpx, oy + y, oz + z)
-                        idx[z, y, 2 * p] = ntab
-                        idx[z, y, 2 * p + 1] = ntab
-                        ntab += 1
+    # dense block: most voxels pair up into tiny supervoxels; no tissue edge
+    if _is_dense(ip, fp, bx, by, bz):
+        ntab = _dense_overlay(ip, fp, bx, by, bz, idx, table, ntab, True)
         return ntab
     # tissue edge: zero a wavy layer on each side whose neighbour block is absent
     lim = np.empty((BS, BS), np.int64)
@@ -636,7 +705,7 @@ def _block_kinds(ip, fp, xs, ys, zs, out):
         bx, by, bz = xs[i], ys[i], zs[i]
         if fp[F_SOLID] > 0.0 and _unit(_h4(seed, 31, bx >> 1, by >> 1, bz >> 1)) < fp[F_SOLID]:
             out[i] = 1
-        elif fp[F_DENSE] > 0.0 and _unit(_h4(seed, 51, bx, by, bz)) < fp[F_DENSE]:
+        elif _is_dense(ip, fp, bx, by, bz):
             out[i] = 2
         else:
             out[i] = 0
@@ -867,6 +936,7 @@ class SyntheticSource:
         self._bytes = _LRU(cache_mb << 19)  # half for block bytes
         self._lock = threading.Lock()
         self._index_rows = None
+        self._idx_dummy = np.zeros((1, 1, 1), np.uint32)
 
     # -- protocol ------------------------------------------------------------------------------
     def info(self) -> VolumeInfo:
@@ -988,6 +1058,18 @@ class SyntheticSource:
                 yield pa.RecordBatch.from_arrays(
                     [pa.array(sv[:n].copy()), pa.array(body[:n].copy())], schema=MAPPING_SCHEMA
                 )
+        if self._fp[F_DENSE] > 0:  # fragments of dense blocks belong to the Voronoi bodies
+            xs, ys, zs, _ = self.present_blocks(0)
+            dense = self.block_kinds(xs, ys, zs) == 2
+            table = np.empty(TABLE_CAP, np.uint64)
+            for x, y, z in zip(
+                xs[dense].tolist(), ys[dense].tolist(), zs[dense].tolist(), strict=True
+            ):
+                n = _dense_overlay(self._ip, self._fp, x, y, z, self._idx_dummy, table, 0, False)
+                frag = table[:n].copy()
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(frag), pa.array(self.map_supervoxels(frag))], schema=MAPPING_SCHEMA
+                )
 
     def mapping_dict(self) -> dict[int, int]:
         """The non-identity mapping as a dict (small volumes; ground truth for tests)."""
@@ -1077,7 +1159,13 @@ class SyntheticSource:
             return None
         from dvidetl.codec import encode_block, wrap
 
-        raw = encode_block(self.block_voxels(scale, x, y, z))
+        vox = self.block_voxels(scale, x, y, z)
+        if scale == 0 and self.block_kinds([x], [y], [z])[0] == 2:
+            # a table sorted by (random-looking) id, as libdvid-style encoders may write it:
+            # palette entries then look random, which is what makes real dense blocks big
+            raw = encode_block(vox, label_order=np.unique(vox))
+        else:
+            raw = encode_block(vox)
         stored = wrap(raw, "gzip")
         self._bytes.put(key, (raw, stored), len(raw) + len(stored))
         return raw, stored
