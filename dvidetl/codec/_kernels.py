@@ -245,6 +245,17 @@ def _row_value(acc, x, b, buf, rp):
     return (np.int64(acc & np.uint64(1)) << 8) | np.int64(buf[rp + 8])
 
 
+@nb.njit(cache=True, inline="always")
+def _hist_rows(buf, vp, e, B, hist):
+    """Tally 64 rows of 8 B-bit values; B is a literal at every call site so after inlining
+    the shifts and masks are constants."""
+    for r in range(64):
+        rp = vp + r * B
+        acc = _be8(buf, rp, e)
+        for x in range(8):
+            hist[_row_value(acc, x, B, buf, rp)] += 1
+
+
 @nb.njit(cache=True)
 def _hist_subblock(buf, vp, e, b, hist):
     """hist[v] = number of the sub-block's 512 b-bit values equal to v (v < 2**b)."""
@@ -280,12 +291,16 @@ def _hist_subblock(buf, vp, e, b, hist):
     elif b == 8:
         for q in range(512):
             hist[buf[vp + q]] += 1
+    elif b == 3:
+        _hist_rows(buf, vp, e, 3, hist)
+    elif b == 5:
+        _hist_rows(buf, vp, e, 5, hist)
+    elif b == 6:
+        _hist_rows(buf, vp, e, 6, hist)
+    elif b == 7:
+        _hist_rows(buf, vp, e, 7, hist)
     else:
-        for r in range(64):
-            rp = vp + r * b
-            acc = _be8(buf, rp, e)
-            for x in range(8):
-                hist[_row_value(acc, x, b, buf, rp)] += 1
+        _hist_rows(buf, vp, e, 9, hist)
 
 
 @nb.njit(cache=True)
@@ -342,34 +357,53 @@ def count_into(buf, s, e, info, counts, c0):
     return E_OK
 
 
+@nb.njit(cache=True, inline="always")
+def _dec_rows(buf, vp, e, B, pl, c, outf, o0, sz_, sy_):
+    """Write a sub-block's 8x8 rows of 8 voxels (B-bit values, B literal at each call site)
+    into the flat output starting at o0 with z/y strides sz_/sy_. Returns the largest local
+    value seen (the caller reports it if >= c)."""
+    mx = 0
+    for z in range(8):
+        for y in range(8):
+            rp = vp + (z * 8 + y) * B  # a row of 8 values is exactly B bytes
+            acc = _be8(buf, rp, e)
+            ob = o0 + z * sz_ + y * sy_
+            for x in range(8):
+                v = _row_value(acc, x, B, buf, rp)
+                mx = max(mx, v)
+                outf[ob + x] = pl[v & 511]
+    return mx
+
+
 @nb.njit(cache=True)
 def decode_into(buf, s, e, info, out):
-    """Decode the (scanned, valid) block ``buf[s:e]`` into ``out`` (nz, ny, nx) uint64.
-    Returns the error code (E_LOCAL on a local value >= Ns)."""
+    """Decode the (scanned, valid) block ``buf[s:e]`` into ``out`` (nz, ny, nx) uint64,
+    C-contiguous. Returns the error code (E_LOCAL on a local value >= Ns)."""
     N = info[I_N]
     nsb = info[I_NSB]
     gx = _u32(buf, s)
     gy = _u32(buf, s + 4)
     gz = _u32(buf, s + 8)
+    outf = out.reshape(out.size)
     if N == 1:
-        lab = _le8(buf, s + 16)
-        out[:] = lab
+        outf[:] = _le8(buf, s + 16)
         return E_OK
     L = np.empty(N, np.uint64)
     for k in range(N):
         L[k] = _le8(buf, s + 16 + 8 * k)
+    nx = 8 * gx
+    sy_ = nx
+    sz_ = nx * 8 * gy
     ns_p = s + 16 + 8 * N
     pal_p = ns_p + 2 * nsb
     val_p = pal_p + 4 * info[I_S]
     pl = np.empty(MAX_NS, np.uint64)
     i = -1
-    for sz in range(gz):
-        for sy in range(gy):
-            for sx in range(gx):
+    for bz in range(gz):
+        for by in range(gy):
+            for bx in range(gx):
                 i += 1
-                z0 = sz * 8
-                y0 = sy * 8
-                x0 = sx * 8
+                o0 = bz * 8 * sz_ + by * 8 * sy_ + bx * 8
                 c = _u16(buf, ns_p + 2 * i)
                 if c < 2:
                     lab = np.uint64(0)
@@ -378,23 +412,33 @@ def decode_into(buf, s, e, info, out):
                         pal_p += 4
                     for z in range(8):
                         for y in range(8):
+                            ob = o0 + z * sz_ + y * sy_
                             for x in range(8):
-                                out[z0 + z, y0 + y, x0 + x] = lab
+                                outf[ob + x] = lab
                     continue
                 for j in range(c):
                     pl[j] = L[_u32(buf, pal_p + 4 * j)]
                 pal_p += 4 * c
                 b = _bits(c)
-                bad = False
-                for z in range(8):
-                    for y in range(8):
-                        rp = val_p + (z * 8 + y) * b  # a row of 8 values is exactly b bytes
-                        acc = _be8(buf, rp, e)
-                        for x in range(8):
-                            v = _row_value(acc, x, b, buf, rp)
-                            bad |= v >= c
-                            out[z0 + z, y0 + y, x0 + x] = pl[v & 511]
-                if bad:
+                if b == 1:
+                    bad = _dec_rows(buf, val_p, e, 1, pl, c, outf, o0, sz_, sy_)
+                elif b == 2:
+                    bad = _dec_rows(buf, val_p, e, 2, pl, c, outf, o0, sz_, sy_)
+                elif b == 3:
+                    bad = _dec_rows(buf, val_p, e, 3, pl, c, outf, o0, sz_, sy_)
+                elif b == 4:
+                    bad = _dec_rows(buf, val_p, e, 4, pl, c, outf, o0, sz_, sy_)
+                elif b == 5:
+                    bad = _dec_rows(buf, val_p, e, 5, pl, c, outf, o0, sz_, sy_)
+                elif b == 6:
+                    bad = _dec_rows(buf, val_p, e, 6, pl, c, outf, o0, sz_, sy_)
+                elif b == 7:
+                    bad = _dec_rows(buf, val_p, e, 7, pl, c, outf, o0, sz_, sy_)
+                elif b == 8:
+                    bad = _dec_rows(buf, val_p, e, 8, pl, c, outf, o0, sz_, sy_)
+                else:
+                    bad = _dec_rows(buf, val_p, e, 9, pl, c, outf, o0, sz_, sy_)
+                if bad >= c:
                     return _find_bad_local(buf, val_p, e, b, c, i, s, info)
                 val_p += 64 * b
     return E_OK
@@ -436,67 +480,151 @@ def _tab_grow(tk, tv, shift):
     return nk, nv, nshift
 
 
+@nb.njit(cache=True, inline="always")
+def _pack_rows(loc, vals, vp, B):
+    """Pack 512 local indices as 64 rows of 8 B-bit MSB-first values (B bytes per row) at
+    vals[vp:]; B is a literal at each call site."""
+    for r in range(64):
+        k = r * 8
+        acc = np.uint64(0)
+        if B <= 8:
+            for x in range(8):
+                acc = (acc << np.uint64(B)) | np.uint64(loc[k + x])
+            for q in range(B):
+                vals[vp + r * B + q] = np.uint8((acc >> np.uint64(8 * (B - 1 - q))) & np.uint64(255))
+        else:  # B == 9: 7 values + the top bit of the 8th fill 64 bits, its low 8 bits the 9th byte
+            for x in range(7):
+                acc = (acc << np.uint64(9)) | np.uint64(loc[k + x])
+            last = np.uint64(loc[k + 7])
+            acc = (acc << np.uint64(1)) | (last >> np.uint64(8))
+            for q in range(8):
+                vals[vp + r * 9 + q] = np.uint8((acc >> np.uint64(8 * (7 - q))) & np.uint64(255))
+            vals[vp + r * 9 + 8] = np.uint8(last & np.uint64(255))
+
+
 @nb.njit(cache=True)
-def encode(vol, order, use_order):
+def _pack(loc, vals, vp, b):
+    if b == 1:
+        _pack_rows(loc, vals, vp, 1)
+    elif b == 2:
+        _pack_rows(loc, vals, vp, 2)
+    elif b == 3:
+        _pack_rows(loc, vals, vp, 3)
+    elif b == 4:
+        _pack_rows(loc, vals, vp, 4)
+    elif b == 5:
+        _pack_rows(loc, vals, vp, 5)
+    elif b == 6:
+        _pack_rows(loc, vals, vp, 6)
+    elif b == 7:
+        _pack_rows(loc, vals, vp, 7)
+    elif b == 8:
+        _pack_rows(loc, vals, vp, 8)
+    else:
+        _pack_rows(loc, vals, vp, 9)
+
+
+_LINEAR = 16  # distinct labels per sub-block found by linear search before switching to a hash
+
+
+@nb.njit(cache=True)
+def encode(vol, order, use_order, vals, dist, out):
     """Encode a C-contiguous uint64 (nz, ny, nx) volume (sides multiples of 8).
 
-    Returns (bytes as uint8 array, err, bad_label): err 1 = a voxel label missing from
+    One pass over sub-blocks: gather the 512 voxels, find distinct labels in first-occurrence
+    order (run cache, then a linear search of the first 16, then a stamped hash), pack the
+    local indices at once. Then the block table (first occurrence, or ``order``) via a hash.
+    ``vals`` (>= 576 * nsb bytes), ``dist`` (>= 512 * nsb labels) and ``out`` (>=
+    ``encode_bound``) are the caller's reusable scratch: fresh multi-megabyte allocations
+    page-fault on every call, which costs more than the encoding itself.
+    Returns (size of the block in out, err, bad_label): err 1 = a voxel label missing from
     ``order`` (only with ``use_order``)."""
     nz, ny, nx = vol.shape
     gz = nz // 8
     gy = ny // 8
     gx = nx // 8
     nsb = gx * gy * gz
-    local = np.empty(nsb * 512, np.uint16)
+    flat = vol.reshape(vol.size)
+    sy_ = nx
+    sz_ = nx * ny
     ns = np.empty(nsb, np.int64)
-    dist = np.empty(nsb * 512, np.uint64)
-    # per-sub-block hash (1024 slots, shift 54 -> 10 bits)
+    blk = np.empty(512, np.uint64)
+    loc = np.empty(512, np.int64)
+    lab = np.empty(512, np.uint64)
     hk = np.empty(1024, np.uint64)
-    hv = np.full(1024, -1, np.int64)
-    used = np.empty(512, np.int64)
+    hv = np.empty(1024, np.int64)
+    hs = np.zeros(1024, np.int64)  # stamp: slot is live iff hs[h] == gen
+    gen = 0
     nd = 0
-    vbytes = 0
+    vp = 0
     i = -1
-    for sz in range(gz):
-        for sy in range(gy):
-            for sx in range(gx):
+    for bz in range(gz):
+        for by in range(gy):
+            for bx in range(gx):
                 i += 1
-                z0 = sz * 8
-                y0 = sy * 8
-                x0 = sx * 8
-                c = 0
-                last = np.uint64(0)
-                lastli = -1
-                base = i * 512
+                o0 = bz * 8 * sz_ + by * 8 * sy_ + bx * 8
                 for z in range(8):
                     for y in range(8):
+                        ob = o0 + z * sz_ + y * sy_
                         for x in range(8):
-                            v = vol[z0 + z, y0 + y, x0 + x]
-                            if lastli >= 0 and v == last:
-                                li = lastli
+                            blk[z * 64 + y * 8 + x] = flat[ob + x]
+                v0 = blk[0]
+                diff = np.uint64(0)
+                for k in range(512):  # integer OR-reduction: vectorizes (a bool &= does not)
+                    diff |= blk[k] ^ v0
+                if diff == 0:
+                    lab[0] = v0
+                    c = 1
+                else:
+                    c = 0
+                    last = ~v0
+                    lastli = 0
+                    hashed = False
+                    for k in range(512):
+                        v = blk[k]
+                        if v == last:
+                            loc[k] = lastli
+                            continue
+                        if not hashed:
+                            j = 0
+                            while j < c and lab[j] != v:
+                                j += 1
+                            if j == c:
+                                lab[c] = v
+                                c += 1
+                                if c == _LINEAR:
+                                    hashed = True
+                                    gen += 1
+                                    for t in range(c):
+                                        h = _hash(lab[t], 54)
+                                        while hs[h] == gen:
+                                            h = (h + 1) & 1023
+                                        hs[h] = gen
+                                        hk[h] = lab[t]
+                                        hv[h] = t
+                        else:
+                            h = _hash(v, 54)
+                            while hs[h] == gen and hk[h] != v:
+                                h = (h + 1) & 1023
+                            if hs[h] == gen:
+                                j = hv[h]
                             else:
-                                h = _hash(v, 54)
-                                while True:
-                                    if hv[h] < 0:
-                                        hk[h] = v
-                                        hv[h] = c
-                                        used[c] = h
-                                        dist[nd + c] = v
-                                        li = c
-                                        c += 1
-                                        break
-                                    if hk[h] == v:
-                                        li = hv[h]
-                                        break
-                                    h = (h + 1) & 1023
-                                last = v
-                                lastli = li
-                            local[base + z * 64 + y * 8 + x] = li
-                for k in range(c):
-                    hv[used[k]] = -1
+                                hs[h] = gen
+                                hk[h] = v
+                                hv[h] = c
+                                lab[c] = v
+                                j = c
+                                c += 1
+                        loc[k] = j
+                        last = v
+                        lastli = j
+                    b = _bits(c)
+                    _pack(loc, vals, vp, b)
+                    vp += 64 * b
                 ns[i] = c
+                for t in range(c):
+                    dist[nd + t] = lab[t]
                 nd += c
-                vbytes += 64 * _bits(c)
 
     # block label table: hash label -> table index
     shift = 52  # 4096 slots
@@ -518,32 +646,37 @@ def encode(vol, order, use_order):
         table = np.empty(nd, np.uint64)
         N = 0
     pal = np.empty(nd, np.int64)
+    prev = ~dist[0] if nd > 0 else np.uint64(0)
+    prev_idx = -1
     for j in range(nd):
         v = dist[j]
+        if v == prev:  # consecutive sub-blocks often share their labels
+            pal[j] = prev_idx
+            continue
         if (nt + 1) * 2 > tk.shape[0]:
             tk, tv, shift = _tab_grow(tk, tv, shift)
         h = _tab_find(tk, tv, v, shift)
         if tv[h] < 0:
             if use_order:
-                return np.empty(0, np.uint8), 1, v
+                return 0, 1, v
             tk[h] = v
             tv[h] = N
             table[N] = v
             N += 1
             nt += 1
         pal[j] = tv[h]
+        prev = v
+        prev_idx = tv[h]
 
     if N == 1:
-        out = np.empty(24, np.uint8)
         _put32(out, 0, gx)
         _put32(out, 4, gy)
         _put32(out, 8, gz)
         _put32(out, 12, 1)
         _put64(out, 16, table[0])
-        return out, 0, np.uint64(0)
+        return 24, 0, np.uint64(0)
 
-    size = 16 + 8 * N + 2 * nsb + 4 * nd + vbytes
-    out = np.empty(size, np.uint8)
+    size = 16 + 8 * N + 2 * nsb + 4 * nd + vp
     _put32(out, 0, gx)
     _put32(out, 4, gy)
     _put32(out, 8, gz)
@@ -559,22 +692,8 @@ def encode(vol, order, use_order):
     for j in range(nd):
         _put32(out, p, pal[j])
         p += 4
-    for k in range(nsb):
-        b = _bits(ns[k])
-        if b == 0:
-            continue
-        base = k * 512
-        acc = 0
-        nbits = 0
-        for q in range(512):
-            acc = (acc << b) | np.int64(local[base + q])
-            nbits += b
-            while nbits >= 8:
-                nbits -= 8
-                out[p] = (acc >> nbits) & 0xFF
-                p += 1
-            acc &= (1 << nbits) - 1
-    return out, 0, np.uint64(0)
+    out[p : p + vp] = vals[:vp]
+    return size, 0, np.uint64(0)
 
 
 @nb.njit(cache=True, inline="always")
@@ -597,49 +716,45 @@ def _put64(out, p, v):
 
 @nb.njit(cache=True)
 def repack_kernel(buf, offs, ok):
-    """For each row r with ok[r], validate block buf[offs[r]:offs[r+1]], count voxels per
-    table entry, copy out its table and its body (header + everything after the table).
+    """For each row r with ok[r], validate block buf[offs[r]:offs[r+1]] completely, count
+    voxels per table entry and copy out its table; then move its 16-byte header in place to
+    just before the values so the body (header + everything after the table) is the
+    contiguous slice ``buf[body_start[r]:offs[r+1]]`` — no copy of the bulk bytes.
+    ``buf`` is modified (it must be the caller's scratch copy).
 
-    Returns (info (R, 8), sv_offs (R+1), sv uint64, counts uint32, body_offs (R+1), body
-    uint8). Rows that fail (or are not ok) get empty slices and a nonzero info[r, 0]."""
+    Returns (info (R, 8), sv_offs (R+1), sv uint64, counts uint32, body_start (R)). Rows that
+    fail (or are not ok) get empty slices and a nonzero info[r, 0]."""
     R = offs.shape[0] - 1
     info = np.zeros((R, INFO_LEN), np.int64)
-    total = offs[R] - offs[0]
-    cap = total // 8 + 1
-    sv = np.empty(cap, np.uint64)
-    counts = np.zeros(cap, np.int64)
-    body = np.empty(total, np.uint8)
+    tot = 0
+    for r in range(R):
+        if ok[r] and scan(buf, offs[r], offs[r + 1], info[r]) == E_OK:
+            tot += info[r, I_N]
+    sv = np.empty(tot, np.uint64)
+    counts = np.zeros(tot, np.int64)
     sv_offs = np.zeros(R + 1, np.int64)
-    body_offs = np.zeros(R + 1, np.int64)
+    body_start = np.zeros(R, np.int64)
     c0 = 0
-    b0 = 0
     for r in range(R):
         sv_offs[r] = c0
-        body_offs[r] = b0
-        if not ok[r]:
+        if not ok[r] or info[r, I_ERR] != E_OK:
             continue
         s = offs[r]
         e = offs[r + 1]
         row = info[r]
-        if scan(buf, s, e, row) != E_OK:
-            continue
         N = row[I_N]
-        for k in range(N):
-            counts[c0 + k] = 0
         if count_into(buf, s, e, row, counts, c0) != E_OK:
+            for k in range(N):
+                counts[c0 + k] = 0
             continue
         for k in range(N):
             sv[c0 + k] = _le8(buf, s + 16 + 8 * k)
+        for k in range(15, -1, -1):  # backwards: source and destination overlap when N == 1
+            buf[s + 8 * N + k] = buf[s + k]
+        body_start[r] = s + 8 * N
         c0 += N
-        for k in range(16):
-            body[b0 + k] = buf[s + k]
-        b0 += 16
-        for q in range(s + 16 + 8 * N, e):
-            body[b0] = buf[q]
-            b0 += 1
     sv_offs[R] = c0
-    body_offs[R] = b0
-    return info, sv_offs, sv[:c0], counts[:c0].astype(np.uint32), body_offs, body[:b0]
+    return info, sv_offs, sv[:c0], counts[:c0].astype(np.uint32), body_start
 
 
 @nb.njit(cache=True)

@@ -9,6 +9,8 @@ which Go ignores but which in an export mean the block is not what we think it i
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from dvidetl.codec import _kernels as K
@@ -147,10 +149,30 @@ def encode_block(volume: np.ndarray, label_order=None) -> bytes:
         if order.shape[0] == 0:
             raise ValueError("encode_block: label_order is empty")
         use = True
-    out, err, bad = K.encode(vol, order, use)
+    vals, dist, out = _encode_scratch(vol.size // 512, order.shape[0])
+    size, err, bad = K.encode(vol, order, use, vals, dist, out)
     if err:
         raise ValueError(f"encode_block: label {int(bad)} occurs in the volume but not in label_order")
-    return out.tobytes()
+    return out[:size].tobytes()
+
+
+_TLS = threading.local()
+
+
+def _encode_scratch(nsb: int, n_order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-thread reusable encoder buffers, grown to the worst case for this size: their
+    pages stay mapped, so encoding does not page-fault megabytes on every call."""
+    nd = 512 * nsb
+    need = (576 * nsb, nd, 16 + 8 * max(nd, n_order) + 2 * nsb + 4 * nd + 576 * nsb)
+    have = getattr(_TLS, "enc", None)
+    if have is None or any(h.shape[0] < n for h, n in zip(have, need, strict=True)):
+        old = have or (None, None, None)
+        have = tuple(
+            np.empty(max(n, 0 if o is None else o.shape[0]), dt)
+            for n, o, dt in zip(need, old, (np.uint8, np.uint64, np.uint8), strict=True)
+        )
+        _TLS.enc = have
+    return have
 
 
 def block_labels(data) -> np.ndarray:

@@ -11,6 +11,7 @@ corrupt row gets a reason in ``errors`` and NULL elsewhere; its neighbours are u
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +74,20 @@ def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, memoryview, np.ndarray]:
     return offs, data, valid
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A per-thread reusable byte buffer of at least n bytes: its pages stay mapped between
+    calls, so the unwrapped batch is written into warm memory instead of page-faulting
+    megabytes of fresh allocations every call (the kernel also edits it in place)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.shape[0] < n:
+        buf = np.empty(max(n, 1 << 20, 0 if buf is None else buf.shape[0] * 3 // 2), np.uint8)
+        _SCRATCH.buf = buf
+    return buf
+
+
 def repack(
     wrapped: pa.BinaryArray | pa.LargeBinaryArray | pa.ChunkedArray,
     codec: str,
@@ -92,12 +107,18 @@ def repack(
     errors: list[str | None] = [None] * n
     ok = valid.copy()
     crcs = np.zeros(n, np.int64)
-    have_crc = np.zeros(n, dtype=bool)
+    offs = np.zeros(n + 1, np.int64)
 
     if codec == "none":
-        # the input buffer already is the concatenation of the raw blocks
-        buf = np.frombuffer(data, np.uint8) if len(data) else np.zeros(0, np.uint8)
-        offs = offs_in
+        # the input already is the concatenation of the raw blocks: one copy into scratch
+        total = int(offs_in[-1])
+        buf = _scratch(total)
+        smv = memoryview(buf)
+        smv[:total] = data
+        offs[:] = offs_in
+        for r in range(n):
+            if ok[r]:
+                crcs[r] = crc32(smv[offs[r] : offs[r + 1]])
     else:
         parts: list = []
         sizes = np.zeros(n, np.int64)
@@ -112,31 +133,30 @@ def repack(
                 continue
             parts.append(raw)
             sizes[r] = len(raw)
-            if crc is not None:
-                crcs[r] = crc
-                have_crc[r] = True
-        offs = np.zeros(n + 1, np.int64)
+            crcs[r] = crc32(raw) if crc is None else crc
         np.cumsum(sizes, out=offs[1:])
-        joined = b"".join(parts)
-        buf = np.frombuffer(joined, np.uint8) if joined else np.zeros(0, np.uint8)
+        buf = _scratch(int(offs[-1]))
+        smv = memoryview(buf)
+        o = 0
+        for raw in parts:
+            k = len(raw)
+            smv[o : o + k] = raw
+            o += k
         del parts
 
     for r in np.flatnonzero(~valid):
         errors[r] = "null value"
-    info, sv_offs, sv, counts, body_offs, body = K.repack_kernel(buf, offs, ok)
+    info, sv_offs, sv, counts, body_start = K.repack_kernel(buf, offs, ok)
     good = ok & (info[:, K.I_ERR] == K.E_OK)
     for r in np.flatnonzero(ok & ~good):
         errors[r] = describe_error(info[r])
 
     raw_size = (offs[1:] - offs[:-1]).astype(np.uint32)
-    cctx = _cctx(zstd_level)
-    bmv = memoryview(body)
+    compress = _cctx(zstd_level).compress
     zparts: list[bytes] = []
     zsizes = np.zeros(n, np.int64)
-    for r in np.flatnonzero(good):
-        if not have_crc[r]:
-            crcs[r] = crc32(buf[offs[r] : offs[r + 1]])
-        z = cctx.compress(bmv[body_offs[r] : body_offs[r + 1]])
+    for r in np.flatnonzero(good).tolist():
+        z = compress(smv[body_start[r] : offs[r + 1]])
         zparts.append(z)
         zsizes[r] = len(z)
     zoffs = np.zeros(n + 1, np.int64)
@@ -146,23 +166,24 @@ def repack(
         raise ValueError("repack: batch too large for 32-bit Arrow offsets; split it")
 
     bad = ~good
-    mask = pa.array(bad)
-    validity = pa.py_buffer(np.packbits(good, bitorder="little")) if bad.any() else None
+    n_bad = int(bad.sum())
+    validity = pa.py_buffer(np.packbits(good, bitorder="little")) if n_bad else None
     sv_offsets = pa.array(sv_offs.astype(np.int32))
+    mask = pa.array(bad) if n_bad else None
     supervoxels = pa.ListArray.from_arrays(sv_offsets, pa.array(sv, pa.uint64()), mask=mask)
     sv_voxels = pa.ListArray.from_arrays(sv_offsets, pa.array(counts, pa.uint32()), mask=mask)
     body_arr = pa.Array.from_buffers(
         pa.binary(),
         n,
         [validity, pa.py_buffer(zoffs.astype(np.int32)), pa.py_buffer(zdata)],
-        null_count=int(bad.sum()),
+        null_count=n_bad,
     )
     return Repacked(
         supervoxels=supervoxels,
         sv_voxels=sv_voxels,
         body=body_arr,
-        raw_size=pa.array(raw_size, pa.uint32(), mask=bad),
-        crc32=pa.array(crcs.astype(np.uint32), pa.uint32(), mask=bad),
+        raw_size=pa.array(raw_size, pa.uint32(), mask=bad if n_bad else None),
+        crc32=pa.array(crcs.astype(np.uint32), pa.uint32(), mask=bad if n_bad else None),
         errors=pa.array(errors, pa.string()),
     )
 

@@ -122,7 +122,9 @@ def gunzip_crc(mv: memoryview) -> tuple[bytes | bytearray, int | None]:
     if _fast_gunzip is not None:
         crc, isize = struct.unpack_from("<II", mv, n - 8)
         # identical concatenated members would pass the trailer check below: exclude them
-        if 0 < isize <= MAX_RAW and not (n % 2 == 0 and mv[: n // 2] == mv[n // 2 :]):
+        if 0 < isize <= MAX_RAW and not (
+            n % 2 == 0 and mv[n // 2 : n // 2 + 2] == _GZ_MAGIC and mv[: n // 2] == mv[n // 2 :]
+        ):
             try:
                 out = _fast_gunzip(mv, isize)
             except Exception:  # noqa: BLE001 - any failure: redo with zlib for the message
