@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -265,7 +265,13 @@ def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError:
         raise UserError(f"--worker-memory {memory!r}: expected a size like 8GiB") from None
     kw["memory"] = memory
-    processes = first(opt("worker_processes"), _config("processes"), kw["cores"])
+    processes = opt("worker_processes")
+    if processes is None:
+        # keep the config's threads per process (cores/processes) when --worker-cores
+        # changes the cores; without any config: one single-threaded process per core
+        c_cores, c_procs = _config("cores"), _config("processes")
+        threads = max(1, int(c_cores) // int(c_procs)) if c_cores and c_procs else 1
+        processes = max(1, kw["cores"] // threads)
     if processes < 1 or processes > kw["cores"]:
         raise UserError(
             f"--worker-processes {processes}: must be between 1 and the cores per job ({kw['cores']})"
@@ -294,7 +300,7 @@ def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if not log_dir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_dir = str(Path.home() / "dvidetl-logs" / f"slurm-{stamp}-{os.getpid()}")
-    log_dir = os.path.abspath(os.path.expanduser(str(log_dir)))
+    log_dir = os.path.abspath(os.path.expandvars(os.path.expanduser(str(log_dir))))
     try:
         os.makedirs(log_dir, exist_ok=True)
     except OSError as exc:
@@ -521,8 +527,34 @@ def make_slurm_cluster(args: argparse.Namespace) -> Any:
 
 
 @contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SLURM stops the driver's job (scancel, walltime, `--signal`) with SIGTERM, and Python's
+    default action exits without running `finally:` -- the worker jobs would stay queued.
+    As KeyboardInterrupt, the cluster closes (scancelling its jobs) and the CLI exits 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
 def open_slurm_client(args: argparse.Namespace) -> Iterator[Any]:
     """`open_client` for `--cluster slurm`: SLURMCluster + lost-job keeper + client."""
+    with _sigterm_as_interrupt():
+        with _open_slurm_client(args) as client:
+            yield client
+
+
+@contextlib.contextmanager
+def _open_slurm_client(args: argparse.Namespace) -> Iterator[Any]:
     from distributed import Client
 
     mode, lo, hi = _sizing(args)
@@ -552,14 +584,3 @@ def open_slurm_client(args: argparse.Namespace) -> Iterator[Any]:
         if client is not None:
             client.close()
         cluster.close()
-
-
-def memory_per_core_gib(peak_partition_bytes: int, partitions_in_flight: int = 2) -> int:
-    """GiB per core to request, from a measured peak worker memory per partition.
-
-    A single-threaded worker holds one partition being transformed plus about one more
-    being received or written; Dask starts spilling at 60% and pausing at 80% of its limit,
-    so the request is the working set / 0.6, rounded up to whole GiB.
-    """
-    need = peak_partition_bytes * partitions_in_flight / 0.6
-    return max(1, math.ceil(need / 2**30))

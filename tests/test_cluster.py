@@ -188,3 +188,59 @@ def test_local_and_tcp_print_the_dashboard(capsys) -> None:
             assert other.submit(lambda x: x * 2, 21).result(timeout=60) == 42
         err = capsys.readouterr().err
         assert f"scheduler {address}; dashboard http://127.0.0.1:" in err
+
+
+def test_worker_cores_flag_keeps_the_configs_threads_per_process(tmp_path) -> None:
+    base = ["--cluster", "slurm", "--log-directory", str(tmp_path)]
+    with dask.config.set({"jobqueue.slurm.cores": 8, "jobqueue.slurm.processes": 8}):
+        assert cl.slurm_cluster_kwargs(_args(*base, "--worker-cores", "2"))["processes"] == 2
+    with dask.config.set({"jobqueue.slurm.cores": 8, "jobqueue.slurm.processes": 4}):
+        assert cl.slurm_cluster_kwargs(_args(*base))["processes"] == 4
+        assert cl.slurm_cluster_kwargs(_args(*base, "--worker-cores", "16"))["processes"] == 8
+        kw = cl.slurm_cluster_kwargs(_args(*base, "--worker-cores", "1"))
+        assert kw["processes"] == 1
+
+
+def test_deploy_jobqueue_yaml_is_valid_dask_config(tmp_path) -> None:
+    """Every key of deploy/jobqueue.yaml is one dask-jobqueue / distributed knows (a typo
+    would be silently ignored on a real cluster), and it renders a sensible job script."""
+    import dask_jobqueue
+    import distributed
+    import yaml
+
+    root = cl.__file__.rsplit("/dvidetl/", 1)[0]
+    ours = yaml.safe_load(open(f"{root}/deploy/jobqueue.yaml"))
+    known_jq = yaml.safe_load(
+        open(os.path.join(os.path.dirname(dask_jobqueue.__file__), "jobqueue.yaml"))
+    )
+    known_d = yaml.safe_load(
+        open(os.path.join(os.path.dirname(distributed.__file__), "distributed.yaml"))
+    )
+
+    def check(mine: dict, known: dict, where: str) -> None:
+        for k, v in mine.items():
+            assert k in known, f"unknown config key {where}.{k}"
+            if isinstance(v, dict) and isinstance(known[k], dict) and known[k]:
+                check(v, known[k], f"{where}.{k}")
+
+    check(ours["jobqueue"]["slurm"], known_jq["jobqueue"]["slurm"], "jobqueue.slurm")
+    check(ours["distributed"], known_d["distributed"], "distributed")
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    with dask.config.set(flat(ours)):  # as if it were ~/.config/dask/jobqueue.yaml
+        kw = cl.slurm_cluster_kwargs(_args("--cluster", "slurm", "--log-directory", str(tmp_path)))
+        script = _job_script(kw)
+    assert kw["processes"] == kw["cores"]  # one single-threaded process per core
+    assert "--nthreads 1" in script
+    assert "--local-directory ${TMPDIR:-/tmp}/dvidetl-$SLURM_JOB_ID" in script
+    assert "--lifetime " in script and "--lifetime-stagger " in script
+    mem_per_core = dask.utils.parse_bytes(kw["memory"]) / kw["cores"]
+    assert mem_per_core >= 2 * 2**30

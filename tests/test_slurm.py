@@ -215,7 +215,8 @@ def _check_exactly_once(src: str, uuid: str, sink_url: str, run_id: str) -> None
     )
     assert len(np.unique(key)) == len(key), "a block is duplicated"
     assert len(key) == sum(p.blocks for p in plan)
-    assert len(set(blocks.column("scale").to_pylist())) == 3
+    scales = int(re.search(r"scales=(\d+)", src).group(1))
+    assert set(blocks.column("scale").to_pylist()) == set(range(scales))
 
 
 def _run_id(stdout: str) -> str:
@@ -292,4 +293,49 @@ def test_scancel_mid_export_still_exactly_once(slurm, tmp_path) -> None:
     assert f"{JOB_NAME}-{victim}.err" in {f.name for f in log_dir.iterdir()}
     assert "CANCELLED" in (log_dir / f"{JOB_NAME}-{victim}.err").read_text()
     _check_exactly_once(SRC_BIG, uuid, sink, run_id)
+    _wait_no_jobs()
+
+
+def test_deploy_export_sbatch_runs_the_driver_as_a_job(slurm, tmp_path) -> None:
+    """deploy/export.sbatch as an operator submits it: the driver is a SLURM job that
+    submits its own worker jobs, with deploy/jobqueue.yaml as the Dask config (flags shrink
+    its 8-core/32 GiB jobs to this machine); the export verifies exactly once."""
+    uuid = "slurm-sbatch"
+    src = "synthetic://{uuid}?size=256,256,256&scales=2&seed=1"
+    sink = f"parquet://{tmp_path}/out"
+    submit = tmp_path / "submit"
+    (submit / "dvidetl-logs").mkdir(parents=True)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "DASK_CONFIG"},
+        "UUID": uuid, "SOURCE": src.format(uuid=uuid), "SINK": sink,
+        "VENV": str(Path(sys.executable).parent.parent), "LOG_ROOT": str(tmp_path / "logs"),
+        "JOBS": "1", "WORKER_CORES": "1", "WORKER_MEMORY": "2GiB",
+        "WORKER_WALLTIME": "00:10:00", "DASHBOARD": "127.0.0.1:0",
+        "EXTRA_ARGS": "--interface lo --quiet --partition-blocks 16",
+        "PYTHONPATH": str(ROOT),
+    }  # fmt: skip
+    jid = subprocess.run(
+        ["sbatch", "--parsable", "--mem=2G", str(ROOT / "deploy" / "export.sbatch")],
+        cwd=submit, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip().split(";")[0]  # fmt: skip
+    end = time.monotonic() + 240
+    state = ""
+    while time.monotonic() < end:
+        out = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True)
+        state = re.search(r"JobState=(\w+)", out.stdout).group(1) if out.stdout else "GONE"
+        if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            break
+        time.sleep(1)
+    log = (submit / "dvidetl-logs" / f"dvidetl-driver-{jid}.out").read_text()
+    assert state == "COMPLETED", f"driver job {jid} ended {state}:\n{log[-3000:]}"
+    assert f"Dask config from {ROOT / 'deploy'}" in log
+    assert "SLURM cluster: 1 worker jobs x 1 cores / 2.0 GiB" in log
+    assert "dvidetl-driver: exit 0" in log
+    worker_logs = tmp_path / "logs" / jid
+    script = (worker_logs / "worker-job.sh").read_text()
+    # the deploy config's choices reached the worker job
+    assert "--local-directory ${TMPDIR:-/tmp}/dvidetl-$SLURM_JOB_ID" in script
+    assert "--death-timeout 120" in script and "--lifetime " in script
+    assert list(worker_logs.glob(f"{JOB_NAME}-*.err"))
+    _check_exactly_once(src, uuid, sink, _run_id(log))
     _wait_no_jobs()
