@@ -745,6 +745,55 @@ def test_no_server_at_all():
         c.info()
 
 
+def test_prefetched_unit():
+    from dvidetl.flight.server import prefetched
+
+    assert list(prefetched(iter(range(10)), 2)) == list(range(10))
+
+    def boom():
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for v in prefetched(boom(), 1):
+            got.append(v)
+    assert got == [1, 2]
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    it = prefetched(endless(), 3)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()  # consumer gone: the producer stops and closes the source generator
+    assert closed.wait(5)
+
+
+def test_prefetching_server_is_exact(source):
+    with start_server(source, token=TOKEN, max_batch_bytes=MAX_BATCH, prefetch=3) as srv:
+        c = FlightClient(srv.location, TOKEN)
+        assert c.read_blocks_table(0, 0, 256).equals(source.tables[0])
+        assert c.read_blocks_table(0, 17, 90).equals(source.expected(0, 17, 90))
+        it = c.read_blocks(0, 0, 256)
+        next(it)
+        it.close()
+        assert pa.Table.from_batches(list(c.read_mapping())).num_rows == 500
+        c.close()
+    src = BrokenSource(OSError("upstream reset"), after=3)
+    with start_server(src, max_batch_bytes=150, prefetch=2) as srv:
+        got = table_of(FlightClient(srv.location, retries=2, backoff=0.01).read_blocks(0, 0, 8))
+        assert src.calls == 2 and got.equals(src.tables[0])
+
+
 def test_bounded_batches_unit():
     data = [b"a" * n for n in (10, 10, 500, 10, 10, 10, 90, 1)]
     t = pa.table(

@@ -36,6 +36,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--tls-cert", metavar="F", help="TLS certificate (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="F", help="TLS private key (PEM); needs --tls-cert")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="batches prepared ahead of the network per stream (helps I/O-bound sources; default 0)",
+    )
     p.set_defaults(func=main)
     return p
 
@@ -56,6 +63,8 @@ def main(args: argparse.Namespace) -> int:
 
     if not (0 <= args.port <= 65535):
         raise UserError(f"--port {args.port} is not a TCP port (0..65535)")
+    if not (0 <= args.prefetch <= 64):
+        raise UserError(f"--prefetch {args.prefetch}: use 0..64")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
     token = load_token(args.token_file) if args.token_file else None
@@ -80,7 +89,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         try:
             running = start_server(
-                source, host=args.host, port=args.port, token=token, tls_certificates=certs
+                source,
+                host=args.host,
+                port=args.port,
+                token=token,
+                tls_certificates=certs,
+                prefetch=args.prefetch,
             )
         except UserError:
             raise

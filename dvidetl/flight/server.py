@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 #: contract): clients do not retry those, unlike transport-level INTERNAL errors
 SERVER_ERROR_PREFIX = "dvidetl server error in"
 
-__all__ = ["DvidFlightServer", "RunningServer", "start_server", "bounded_batches"]
+__all__ = ["DvidFlightServer", "RunningServer", "start_server", "bounded_batches", "prefetched"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,6 +190,64 @@ def _guarded(gen: Iterator[pa.RecordBatch], where: str) -> Iterator[pa.RecordBat
         raise _to_flight_error(exc, where) from None
 
 
+_END = object()
+
+
+def prefetched(
+    gen: Iterator[pa.RecordBatch], depth: int = 2, name: str = "prefetch"
+) -> Iterator[pa.RecordBatch]:
+    """Run ``gen`` in a helper thread, up to ``depth`` batches ahead of the consumer.
+
+    Why: gRPC writes a batch in the thread that produced it, so without this the source's
+    work (reading, building batches) and the network never overlap. Exceptions travel to the
+    consumer; when the consumer stops early (client cancelled), the helper is told to stop and
+    the source generator is closed in the helper thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in gen:
+                if not put(batch):
+                    break
+            else:
+                put(_END)
+        except BaseException as exc:  # forwarded to the consumer, re-raised there
+            put(exc)
+        finally:
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=produce, name=name, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
+
+
 # ---------------------------------------------------------------------------------------
 # server
 # ---------------------------------------------------------------------------------------
@@ -198,6 +257,10 @@ class DvidFlightServer(flight.FlightServerBase):
     """Serves one Source (one labelmap instance at one UUID, or any UUID) over Arrow Flight.
 
     ``token``: require ``authorization: Bearer <token>`` on every call.
+    ``max_batch_bytes``: bound on a streamed batch (a single larger block goes alone).
+    ``check_source``: verify the source's blocks (ascending codes in range, x/y/z match).
+    ``prefetch``: batches a helper thread prepares ahead of the network (0 = none): lets an
+    I/O-bound source (dvid+http) overlap its reads with sending, on a host with idle cores.
     ``tls_certificates``: list of ``(cert_pem, key_pem)`` pairs (or ``flight.CertKeyPair``);
     the location scheme then becomes ``grpc+tls``.
     """
@@ -211,6 +274,7 @@ class DvidFlightServer(flight.FlightServerBase):
         *,
         max_batch_bytes: int = P.MAX_BATCH_BYTES,
         check_source: bool = True,
+        prefetch: int = 0,
         **kwargs: Any,
     ):
         certs = None
@@ -237,6 +301,7 @@ class DvidFlightServer(flight.FlightServerBase):
             ) from exc
         self._max_batch_bytes = int(max_batch_bytes)
         self._check_source = check_source
+        self._prefetch = int(prefetch)
         self._scheme = location.split("://", 1)[0]
         self._host = location.split("://", 1)[1].rsplit(":", 1)[0]
         super().__init__(location, tls_certificates=certs, middleware=middleware or None, **kwargs)
@@ -350,6 +415,8 @@ class DvidFlightServer(flight.FlightServerBase):
         else:
             schema = P.indices_schema(info, t.uuid, t.lo, t.hi)
             gen = self._indices(schema, t)
+        if self._prefetch:
+            gen = prefetched(gen, self._prefetch, f"do_get-{t.kind}")
         return flight.GeneratorStream(schema, _guarded(gen, f"do_get {t.kind}"))
 
     @_flight_errors
