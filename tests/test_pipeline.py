@@ -81,7 +81,7 @@ def test_demo_run_and_verify(tmp_path, capsys):
 
 def test_multiscale_overflow_run_and_verify(tmp_path, cluster, capsys):
     """Dense blocks at several scales with a small cell limit: overflow rows, still exact."""
-    src = "synthetic://ovf?size=256,256,256&scales=3&seed=5&dense=0.2"
+    src = "synthetic://ovf?size=256,256,128&scales=3&seed=5&dense=0.2"
     sink = f"parquet://{tmp_path}/out"
     common = ["--uuid", "ovf", "--source", src, "--sink", sink]
     rc = cli(["run", *common, "--cluster", cluster, "--partition-blocks", "8", "--cell-limit", "4096", "--quiet"])
@@ -176,8 +176,10 @@ def test_killed_driver_then_resume_is_exactly_once(tmp_path, cluster):
     ref[ref.index("--workers"):ref.index("--workers") + 4] = ["--cluster", cluster]
     assert cli(ref + ["--quiet"]) == 0
     # killed run: SIGKILL the driver once some partitions are committed
+    log = open(tmp_path / "killed.log", "wb")  # a file, not a pipe: a full pipe would stall the run
+    t0 = time.time()
     p = subprocess.Popen(_run_cmd(f"parquet://{a}", "--quiet"), cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     ledger = None
     deadline = time.time() + 120
     try:
@@ -186,11 +188,12 @@ def test_killed_driver_then_resume_is_exactly_once(tmp_path, cluster):
             if ledgers and len(list(ledgers[0].glob("*.parquet"))) >= 5:
                 ledger = ledgers[0]
                 break
-            assert p.poll() is None, p.stderr.read().decode()
+            assert p.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.05)
         assert ledger is not None, "the run never committed a partition"
         os.kill(p.pid, signal.SIGKILL)
         p.wait(30)
+        print(f"killed after {time.time() - t0:.1f} s")
     finally:
         try:
             os.killpg(p.pid, signal.SIGKILL)  # the killed driver's own worker processes
@@ -201,9 +204,11 @@ def test_killed_driver_then_resume_is_exactly_once(tmp_path, cluster):
     sink = open_sink(f"parquet://{a}", uuid="eo", instance=inst)
     plan = sink.load_run(run_id).partitions
     assert len(sink.done(run_id)) < len(plan), "killed too late: nothing left to resume"
+    t0 = time.time()
     res = subprocess.run(_run_cmd(f"parquet://{a}", "--resume", run_id, "--quiet"), cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
+    print(f"resumed in {time.time() - t0:.1f} s")
     assert "already done" in res.stderr
     ta, tb = _tables(f"parquet://{a}", "eo", inst), _tables(f"parquet://{b}", "eo", inst)
     for name in ta:
