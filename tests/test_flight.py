@@ -745,6 +745,29 @@ def test_no_server_at_all():
         c.info()
 
 
+def test_stop_never_hangs_on_open_streams():
+    rng = np.random.default_rng(5)
+    src = DictSource(
+        {0: {(x, y, 0): rng.bytes(200_000) for x in range(8) for y in range(8)}}, {0: (8, 8, 1)}
+    )
+    srv = start_server(src)
+    raw = fl.FlightClient(srv.location)
+    held = raw.do_get(fl.Ticket(P.BlocksTicket("abc123", "segmentation", 0, 0, 64).to_json()))
+    held.read_chunk()  # a client holding a stream open without reading on
+    c = FlightClient(srv.location, retries=1, backoff=0.01)
+    it = c.read_blocks(0, 0, 64)
+    next(it)
+    t0 = time.perf_counter()
+    srv.stop(timeout=2)
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(FlightUnavailable, match="read_blocks"):
+        for _ in it:
+            pass
+    with pytest.raises(FlightUnavailable):
+        FlightClient(srv.location, retries=0).info()  # no new calls
+    raw.close()
+
+
 def test_prefetched_unit():
     from dvidetl.flight.server import prefetched
 

@@ -436,7 +436,7 @@ class FlightClient:
         def go(conn: flight.FlightClient) -> np.ndarray:
             out = np.empty(len(uniq), dtype=np.uint64)
             writer, reader = conn.do_exchange(
-                flight.FlightDescriptor.for_command(cmd), options=self._options()
+                flight.FlightDescriptor.for_command(cmd), options=self._options(stream=True)
             )
             try:
                 writer.begin(P.MAP_REQUEST_SCHEMA)

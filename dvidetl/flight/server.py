@@ -180,10 +180,16 @@ def _to_flight_error(exc: BaseException, where: str) -> BaseException:
     return flight.FlightInternalError(f"{SERVER_ERROR_PREFIX} {where}: {type(exc).__name__}: {exc}")
 
 
-def _guarded(gen: Iterator[pa.RecordBatch], where: str) -> Iterator[pa.RecordBatch]:
-    """Errors raised mid-stream (inside the source) get the same status mapping."""
+def _guarded(
+    gen: Iterator[pa.RecordBatch], where: str, stopping: threading.Event | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Errors raised mid-stream (inside the source) get the same status mapping; a stream
+    still running when the server stops ends with UNAVAILABLE (clients retry elsewhere)."""
     try:
-        yield from gen
+        for batch in gen:
+            if stopping is not None and stopping.is_set():
+                raise flight.FlightUnavailableError("the Flight server is shutting down")
+            yield batch
     except GeneratorExit:
         raise
     except Exception as exc:
@@ -302,6 +308,8 @@ class DvidFlightServer(flight.FlightServerBase):
         self._max_batch_bytes = int(max_batch_bytes)
         self._check_source = check_source
         self._prefetch = int(prefetch)
+        #: set when the server is stopping: running streams end at their next batch
+        self.stopping = threading.Event()
         self._scheme = location.split("://", 1)[0]
         self._host = location.split("://", 1)[1].rsplit(":", 1)[0]
         super().__init__(location, tls_certificates=certs, middleware=middleware or None, **kwargs)
@@ -417,7 +425,7 @@ class DvidFlightServer(flight.FlightServerBase):
             gen = self._indices(schema, t)
         if self._prefetch:
             gen = prefetched(gen, self._prefetch, f"do_get-{t.kind}")
-        return flight.GeneratorStream(schema, _guarded(gen, f"do_get {t.kind}"))
+        return flight.GeneratorStream(schema, _guarded(gen, f"do_get {t.kind}", self.stopping))
 
     @_flight_errors
     def do_exchange(self, context, descriptor, reader, writer):
@@ -560,11 +568,29 @@ class RunningServer:
         return self.server.port
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving (in-flight calls are cancelled) and wait for the thread."""
+        """Stop serving; never hangs.
+
+        New calls are refused at once; running streams end (UNAVAILABLE) at their next batch.
+        gRPC's shutdown waits for every open call, and a client that holds a stream open
+        without reading blocks it forever (pyarrow exposes no shutdown deadline), so after
+        ``timeout`` seconds the rest of the shutdown is left to a background thread.
+        """
         if self._stopped:
             return
         self._stopped = True
-        self.server.shutdown()
+        self.server.stopping.set()
+        closer = threading.Thread(
+            target=self.server.shutdown, name=f"flight-stop-{self.port}", daemon=True
+        )
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            log.warning(
+                "Flight server %s: calls still open %.0f s after stop(); finishing in the background",
+                self.location,
+                timeout,
+            )
+            return
         self._thread.join(timeout)
 
     def __enter__(self) -> RunningServer:
