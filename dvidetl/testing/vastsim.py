@@ -135,9 +135,11 @@ class TableData:
         self.next_row_id = 0
         self.external_rowid = False
         self._cache: tuple[Any, pa.Table] | None = None
+        self.version = 0
 
     def invalidate(self) -> None:
         self._cache = None
+        self.version += 1
 
 
 @dataclass
@@ -151,6 +153,9 @@ class Tx:
     inserts: dict = field(default_factory=dict)  # handle -> [pa.Table]
     ops: dict = field(default_factory=dict)  # handle -> [("update", ids, tbl) | ("delete", ids)]
     external: set = field(default_factory=set)  # handles that got external row ids here
+    doomed: str = ""  # set after a conflict: the commit must fail
+    version: int = 0  # bumped on every insert/update/delete (view cache key)
+    view_cache: dict = field(default_factory=dict)  # handle -> (key, table)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,8 +177,28 @@ def _check_type(t: pa.DataType, where: str) -> None:
         if pred is not None and pred(t):
             raise SimError(400, "TabularUnsupportedColumnType",
                            f"column {where!r}: Arrow type {t} is not supported")
+    if pa.types.is_fixed_size_list(t):
+        vf = t.value_field
+        if t.list_size <= 0:
+            raise SimError(400, "TabularInvalidColumnTypeParam",
+                           f"column {where!r}: fixed-size list size must be positive")
+        if vf.nullable or not _fsl_element_ok(vf.type):
+            raise SimError(400, "TabularUnsupportedColumnType",
+                           f"column {where!r}: fixed-size lists need non-nullable numeric, "
+                           f"decimal, date, time or timestamp elements (got {vf})")
+        width = getattr(vf.type, "byte_width", 8) or 8
+        if t.list_size * width > MAX_CELL_BYTES:
+            raise SimError(400, "TabularUnsupportedColumnType",
+                           f"column {where!r}: fixed-size list of {t.list_size} elements "
+                           f"exceeds the cell size limit")
+        return
     for i in range(t.num_fields):
         _check_type(t.field(i).type, f"{where}.{t.field(i).name}")
+
+
+def _fsl_element_ok(t: pa.DataType) -> bool:
+    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+            or pa.types.is_date32(t) or pa.types.is_timestamp(t) or pa.types.is_time(t))
 
 
 def _cell_sizes(arr: pa.Array) -> np.ndarray:
@@ -312,6 +337,7 @@ class SimState:
         self.data: dict[int, TableData] = {}
         self.txs: dict[int, Tx] = {}
         self.changed_at: dict[Any, int] = {}
+        self.ddl_owner: dict[Any, int] = {}  # catalog key -> txid with an uncommitted change
         self.seq = 0
         self.next_handle = 1
         self.next_txid = 1
@@ -334,18 +360,26 @@ class SimState:
             raise SimError(404, "TabularTransactionNotFound", f"transaction {txid} is not open")
         return t
 
+    def _release(self, txid: int) -> None:
+        for key in [k for k, v in self.ddl_owner.items() if v == txid]:
+            del self.ddl_owner[key]
+
     def rollback(self, txid: int) -> None:
         with self.lock:
             self.tx(txid)
             del self.txs[txid]
+            self._release(txid)
 
     def commit(self, txid: int) -> None:
         with self.lock:
             tx = self.tx(txid)
             try:
+                if tx.doomed:
+                    raise SimError(409, "Conflict", f"transaction aborted: {tx.doomed}")
                 self._commit_locked(tx)
             finally:
                 self.txs.pop(txid, None)
+                self._release(txid)
 
     def _commit_locked(self, tx: Tx) -> None:
         for key, seq in tx.touched.items():
@@ -499,6 +533,11 @@ class SimState:
 
     # ---- catalog views for a transaction (read committed + the tx's own overlay)
     def _touch(self, tx: Tx, key) -> None:
+        owner = self.ddl_owner.get(key)
+        if owner is not None and owner != tx.txid and owner in self.txs:
+            tx.doomed = f"{'/'.join(key[1:])} is being changed by transaction {owner}"
+            raise SimError(409, "Conflict", tx.doomed)
+        self.ddl_owner[key] = tx.txid
         tx.touched.setdefault(key, self.seq)
 
     def check_bucket(self, bucket: str) -> None:
@@ -683,7 +722,7 @@ class SimState:
 
     # ---- rows
     def _check_cells(self, tbl: pa.Table | pa.RecordBatch, meta: TableMeta) -> None:
-        for name, col in zip(tbl.schema.names, tbl.columns):
+        for name, col in zip(tbl.schema.names, tbl.columns, strict=True):
             if name == ROW_ID:
                 continue
             arr = _combine(col)
@@ -702,12 +741,18 @@ class SimState:
     def _to_internal(self, tbl: pa.Table, meta: TableMeta, what: str) -> pa.Table:
         """Rename user columns to c<cid> and cast to the catalog types."""
         cols, names = [], []
-        for name, col in zip(tbl.schema.names, tbl.columns):
+        for name, col in zip(tbl.schema.names, tbl.columns, strict=True):
             found = meta.field_by_name(name)
             if found is None:
                 raise SimError(404, "TabularColumnNotFound",
                                f"{what}: table {meta.name} has no column {name!r}")
             cid, f = found
+            if pa.types.is_fixed_size_list(f.type):
+                got = tbl.schema.field(name)
+                if got.type != f.type or got.nullable != f.nullable or \
+                        got.type.value_field.nullable != f.type.value_field.nullable:
+                    raise SimError(400, "TabularMismatchColumnType",
+                                   f"{what}: column {name!r} is {got}, table has {f}")
             if col.type != f.type:
                 try:
                     col = col.cast(f.type)
@@ -743,6 +788,7 @@ class SimState:
                 ids = np.arange(start, start + n, dtype=np.uint64)
             internal = internal.append_column(ROW_ID, pa.array(ids, pa.uint64()))
             tx.inserts.setdefault(meta.handle, []).append(internal)
+            tx.version += 1
         out = pa.array(ids, pa.uint64())
         if meta.sorted:
             out = out.cast(pa.decimal128(38, 0))
@@ -771,6 +817,7 @@ class SimState:
             tx = self.tx(txid)
             self._tdata(tx, meta.handle)
             tx.ops.setdefault(meta.handle, []).append(op)
+            tx.version += 1
 
     def view(self, tx: Tx, meta: TableMeta) -> pa.Table:
         """Rows visible to `tx` (committed + own changes), sorted by $row_id, c<cid> names."""
@@ -781,16 +828,25 @@ class SimState:
         else:
             parts = [_aligned(ch, meta) for ch in td.chunks]
             if parts:
-                base = _sort_by_rowid(pa.concat_tables(parts))
+                base = _sort_by_rowid(pa.concat_tables(parts)).combine_chunks()
             else:
                 base = _aligned(pa.table({ROW_ID: pa.array([], pa.uint64())}), meta)
             if handle_is_committed(self, td):
                 td._cache = (key, base)
         ins = tx.inserts.get(meta.handle)
+        ops = tx.ops.get(meta.handle, [])
+        if not ins and not ops:
+            return base
+        ckey = (key, tx.version, td.version)
+        hit = tx.view_cache.get(meta.handle)
+        if hit is not None and hit[0] == ckey:
+            return hit[1]
         if ins:
             base = _sort_by_rowid(pa.concat_tables([base] + [_aligned(p, meta) for p in ins]))
-        for op in tx.ops.get(meta.handle, []):
+            base = base.combine_chunks()
+        for op in ops:
             base = _apply_op(base, op)
+        tx.view_cache[meta.handle] = (ckey, base)
         return base
 
 
@@ -913,7 +969,7 @@ class _QueryEval:
                     else pa.int64()
                 return pa.scalar(int(v), base).cast(t)
             if pa.types.is_fixed_size_list(t):
-                return pa.scalar(v, t)
+                return v  # raw element values (ints for dates/times, unscaled decimals)
             return pa.scalar(v, t)
         except (pa.ArrowInvalid, OverflowError, TypeError) as e:
             raise _bad(f"literal {v!r} does not fit column type {t}: {e}") from e
@@ -957,19 +1013,63 @@ class _QueryEval:
             col = col.cast(pa.binary())
         if name == "match_substring":
             return pc.match_substring(col, lit.as_py().decode("utf-8", "surrogateescape"))
+        if pa.types.is_fixed_size_list(t):
+            return _fsl_compare(name, col, lit)
         fn = _CMP.get(name)
         if fn is None:
             raise SimError(501, "NotImplemented", f"filter function {name!r} is not supported")
         if pa.types.is_float16(t):
             col = col.cast(pa.float32())
         if pa.types.is_fixed_size_list(t):
-            if name not in ("equal", "not_equal"):
-                raise SimError(501, "NotImplemented", f"{name} on a fixed-size list")
-            want = lit.as_py()
-            eq = pa.array([None if v is None else v == want for v in col.to_pylist()],
-                          pa.bool_())
-            return eq if name == "equal" else pc.invert(eq)
+            return _fsl_compare(name, col, lit)
         return fn(col, lit)
+
+
+def _fsl_raw(col: pa.FixedSizeListArray) -> np.ndarray:
+    """(rows, list_size) matrix of element values in literal encoding."""
+    t = col.type
+    vals = col.values.slice(col.offset * t.list_size, len(col) * t.list_size)
+    et = t.value_type
+    if pa.types.is_decimal(et):
+        scale = 10 ** et.scale
+        raw = np.array([0 if v is None else int(v * scale) for v in vals.to_pylist()],
+                       dtype=object)
+    elif pa.types.is_date32(et) or pa.types.is_time32(et):
+        raw = vals.cast(pa.int32()).to_numpy(zero_copy_only=False)
+    elif pa.types.is_timestamp(et) or pa.types.is_time64(et) or pa.types.is_date64(et):
+        raw = vals.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    elif pa.types.is_float16(et):
+        raw = vals.cast(pa.float32()).to_numpy(zero_copy_only=False)
+    else:
+        raw = vals.to_numpy(zero_copy_only=False)
+    return raw.reshape(len(col), t.list_size)
+
+
+def _fsl_compare(name: str, col: pa.Array, lit) -> pa.Array:
+    """Lexicographic comparison of fixed-size-list rows with a list literal (nulls stay null)."""
+    want = list(lit)
+    if len(want) != col.type.list_size:
+        raise _bad(f"list literal of {len(want)} values for a list of {col.type.list_size}")
+    if pa.types.is_float16(col.type.value_type):
+        want = [float(np.uint16(v).view(np.float16)) for v in want]
+    m = _fsl_raw(col)
+    w = np.array(want, dtype=m.dtype)
+    n = len(col)
+    if n == 0:
+        return pa.array([], pa.bool_())
+    diff = m != w
+    anyd = diff.any(axis=1)
+    first = np.argmax(diff, axis=1)
+    rows = np.arange(n)
+    a, b = m[rows, first], w[first]
+    gt = anyd & (a > b).astype(bool)
+    lt = anyd & (a < b).astype(bool)
+    res = {"equal": ~anyd, "not_equal": anyd, "greater": gt, "less": lt,
+           "greater_equal": gt | ~anyd, "less_equal": lt | ~anyd}.get(name)
+    if res is None:
+        raise SimError(501, "NotImplemented", f"{name} on a fixed-size list")
+    mask = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else None
+    return pa.array(res.astype(bool), pa.bool_(), mask=mask)
 
 
 def _leaf_array(arr: pa.Array, node: _Node, leaf: _Node) -> pa.Array:
@@ -1034,6 +1134,42 @@ def _page(stream_id: int, next_row_id: int, arrays: list[pa.Array], nrows: int) 
             _record(stream_id, next_row_id, EOS)]
 
 
+_LAYOUTS: dict = {}  # small LRU: id(view) -> (view, ids, {(rg, splits, subs): layout})
+_LAYOUT_LOCK = threading.Lock()
+
+
+def _layout_entry(view: pa.Table) -> dict:
+    with _LAYOUT_LOCK:
+        ent = _LAYOUTS.get(id(view))
+        if ent is None or ent[0] is not view:
+            ent = (view, view[ROW_ID].to_numpy(), {})
+            _LAYOUTS[id(view)] = ent
+            while len(_LAYOUTS) > 16:
+                del _LAYOUTS[next(iter(_LAYOUTS))]
+        return ent
+
+
+def _rowid_numpy(view: pa.Table) -> np.ndarray:
+    return _layout_entry(view)[1]
+
+
+def _split_layout(view: pa.Table, ids: np.ndarray, rg: int, num_splits: int, num_sub: int):
+    """Row positions grouped by (split, sub-split), each group in row-id order (cached)."""
+    ent = _layout_entry(view)
+    key = (rg, num_splits, num_sub)
+    got = ent[2].get(key)
+    if got is None:
+        block = ids // np.uint64(ROWS_PER_ROW_GROUP * rg)
+        grp = (block % np.uint64(num_splits)) * np.uint64(num_sub) + \
+            (block // np.uint64(num_splits)) % np.uint64(num_sub)
+        order = np.argsort(grp, kind="stable")
+        bounds = np.searchsorted(grp[order], np.arange(num_splits * num_sub + 1,
+                                                       dtype=np.uint64))
+        got = (order, bounds)
+        ent[2][key] = got
+    return got
+
+
 def query_data(state: SimState, txid: int, bucket: str, schema: str, name: str, body: bytes,
                headers) -> bytes:
     with state.lock:
@@ -1071,7 +1207,7 @@ def query_data(state: SimState, txid: int, bucket: str, schema: str, name: str, 
                                f"table {meta.name} has no column {r.name!r}")
             cols.append(internal[_cname(found[0])])
         names.append(r.name)
-    ids = internal[ROW_ID].to_numpy()
+    ids = _rowid_numpy(internal)
     tbl = pa.table(cols + [internal[ROW_ID]], names=names + ["\0rid"]) if cols else \
         pa.table({"\0rid": internal[ROW_ID]})
 
@@ -1093,25 +1229,41 @@ def query_data(state: SimState, txid: int, bucket: str, schema: str, name: str, 
     if num_splits < 1 or num_sub < 1 or rg < 1:
         raise _bad("query_data: split counts must be positive")
 
-    ev = _QueryEval(tbl, nodes, {})
-    mask = ev.eval(filt).fill_null(False).to_numpy(zero_copy_only=False) if tbl.num_rows \
-        else np.zeros(0, bool)
+    def matches(positions: np.ndarray) -> np.ndarray:
+        """Predicate over the rows at `positions` (bool per position)."""
+        if len(positions) == 0:
+            return np.zeros(0, bool)
+        sub_tbl = tbl if len(positions) == tbl.num_rows else tbl.take(pa.array(positions))
+        res = _QueryEval(sub_tbl, nodes, {}).eval(filt).fill_null(False)
+        return res.to_numpy(zero_copy_only=False).astype(bool)
 
     if split_id == ESTIMATION_SPLIT_ID:  # sorted tables: row-group estimate
-        groups = (int(mask.sum()) + ROWS_PER_ROW_GROUP - 1) // ROWS_PER_ROW_GROUP
+        count = int(matches(np.arange(tbl.num_rows)).sum())
+        groups = (count + ROWS_PER_ROW_GROUP - 1) // ROWS_PER_ROW_GROUP
         return b"".join(_page(0, INVALID_ROW_ID, [], groups))
 
-    block = ids // np.uint64(ROWS_PER_ROW_GROUP * rg)
-    in_split = (block % np.uint64(num_splits)) == np.uint64(split_id)
-    sub = (block // np.uint64(num_splits)) % np.uint64(num_sub)
-    sel = mask & in_split
+    order, bounds = _split_layout(internal, ids, rg, num_splits, num_sub)
     leaves = [nodes[p] for p in projection]
     out: list[bytes] = []
     for i in range(num_sub):
         start = starts[i]
         if start >= INVALID_ROW_ID:
             continue
-        rows = np.nonzero(sel & (sub == np.uint64(i)) & (ids >= np.uint64(start)))[0]
+        k = split_id * num_sub + i
+        cand = order[bounds[k]:bounds[k + 1]] if split_id < num_splits else order[:0]
+        if start:
+            cand = cand[np.searchsorted(ids[cand], np.uint64(start)):]
+        # evaluate the predicate window by window until limit+1 matches (paging stays cheap)
+        found: list[np.ndarray] = []
+        nfound, pos, window = 0, 0, max(4096, min(limit + 1, 1 << 20))
+        while pos < len(cand) and nfound <= limit:
+            w = cand[pos:pos + window]
+            hit = w[matches(w)]
+            found.append(hit)
+            nfound += len(hit)
+            pos += window
+            window *= 2
+        rows = np.concatenate(found) if found else np.zeros(0, np.int64)
         page = rows[:limit]
         nxt = int(ids[page[-1]]) + 1 if len(rows) > limit else INVALID_ROW_ID
         arrays = []
