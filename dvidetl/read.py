@@ -85,18 +85,18 @@ def connect(
 
 def block_rows(con, scale: int, x: int, y: int, z: int) -> tuple[pa.Table, pa.Table]:
     """The ``blocks`` row(s) of one block and its ``block_overflow`` rows, as Arrow."""
-    b = con.execute(
+    b = con.sql(
         "SELECT * FROM blocks WHERE scale = ? AND x = ? AND y = ? AND z = ?",
-        [int(scale), int(x), int(y), int(z)],
-    ).fetch_arrow_table()
+        params=[int(scale), int(x), int(y), int(z)],
+    ).to_arrow_table()
     b = S.conform("blocks", b)
     if b.num_rows == 0:
         return b, S.empty("block_overflow")
     mortons = [int(m) for m in b.column("morton").to_pylist()]
-    o = con.execute(
+    o = con.sql(
         "SELECT * FROM block_overflow WHERE scale = ? AND list_contains(?, morton)",
-        [int(scale), mortons],
-    ).fetch_arrow_table()
+        params=[int(scale), mortons],
+    ).to_arrow_table()
     return b, S.conform("block_overflow", o)
 
 

@@ -14,8 +14,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the partitions and totals of an export (no blocks read)")
     add_flight_arguments(p)
     p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
-    p.add_argument("--partition-blocks", type=int, default=DEFAULT_PARTITION_BLOCKS,
-                   help=f"blocks per partition (default {DEFAULT_PARTITION_BLOCKS})")
+    p.add_argument("--partition-blocks", type=int, default=None,
+                   help=f"blocks per partition (default: {DEFAULT_PARTITION_BLOCKS}, less for small volumes)")
     p.add_argument("--summary", action="store_true", help="totals only, not every partition")
     return p
 
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     from dvidetl.errors import UserError
     from dvidetl.pipeline import make_plan, open_flight
 
-    if args.partition_blocks < 1:
+    if args.partition_blocks is not None and args.partition_blocks < 1:
         raise UserError(f"--partition-blocks must be at least 1 (got {args.partition_blocks})")
     scales = parse_scales(args.scales)
     ep = open_flight(args)

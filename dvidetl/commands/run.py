@@ -33,8 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_flight_arguments(p)
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"where to write (default {DEFAULT_SINK})")
     p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
-    p.add_argument("--partition-blocks", type=int, default=DEFAULT_PARTITION_BLOCKS,
-                   help=f"blocks per partition (default {DEFAULT_PARTITION_BLOCKS})")
+    p.add_argument("--partition-blocks", type=int, default=None,
+                   help=f"blocks per partition (default: {DEFAULT_PARTITION_BLOCKS}, less for small volumes)")
     p.add_argument("--cell-limit", type=int, default=S.DEFAULT_CELL_LIMIT,
                    help=f"max bytes per binary/list cell (default {S.DEFAULT_CELL_LIMIT})")
     p.add_argument("--zstd-level", type=int, default=3, help="zstd level of block bodies (default 3)")
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     from dvidetl.progress import Progress, summary
     from dvidetl.sinks import open_sink
 
-    if args.partition_blocks < 1:
+    if args.partition_blocks is not None and args.partition_blocks < 1:
         raise UserError(f"--partition-blocks must be at least 1 (got {args.partition_blocks})")
     if args.cell_limit < 1024:
         raise UserError(f"--cell-limit must be at least 1024 bytes (got {args.cell_limit})")
