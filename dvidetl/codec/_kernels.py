@@ -283,16 +283,43 @@ def _hist_subblock(buf, vp, e, b, hist):
         hist[2] = n2
         hist[3] = n3
         hist[0] = 512 - n1 - n2 - n3
+    elif b == 3:
+        # SWAR: 6 bytes = 16 three-bit fields; count fields equal to j without unpacking
+        low = np.uint64(0x249249249249)
+        for w in range(32):
+            q = vp + 6 * w
+            x = (
+                (np.uint64(buf[q]) << np.uint64(40))
+                | (np.uint64(buf[q + 1]) << np.uint64(32))
+                | (np.uint64(buf[q + 2]) << np.uint64(24))
+                | (np.uint64(buf[q + 3]) << np.uint64(16))
+                | (np.uint64(buf[q + 4]) << np.uint64(8))
+                | np.uint64(buf[q + 5])
+            )
+            for j in range(8):  # hist[j] counts fields != j for now
+                t = x ^ (np.uint64(j) * low)
+                hist[j] += _popc((t | (t >> np.uint64(1)) | (t >> np.uint64(2))) & low)
+        for j in range(8):
+            hist[j] = 512 - hist[j]
     elif b == 4:
+        for j in range(16, 32):  # a second tally at hist[16:32]: fewer store-to-load stalls
+            hist[j] = 0
         for q in range(256):
             v = buf[vp + q]
             hist[v >> 4] += 1
-            hist[v & 15] += 1
+            hist[16 + (v & 15)] += 1
+        for j in range(16):
+            hist[j] += hist[16 + j]
     elif b == 8:
-        for q in range(512):
+        for j in range(256, 1024):  # four tallies in hist[0:1024]
+            hist[j] = 0
+        for q in range(0, 512, 4):
             hist[buf[vp + q]] += 1
-    elif b == 3:
-        _hist_rows(buf, vp, e, 3, hist)
+            hist[256 + buf[vp + q + 1]] += 1
+            hist[512 + buf[vp + q + 2]] += 1
+            hist[768 + buf[vp + q + 3]] += 1
+        for j in range(256):
+            hist[j] += hist[256 + j] + hist[512 + j] + hist[768 + j]
     elif b == 5:
         _hist_rows(buf, vp, e, 5, hist)
     elif b == 6:
@@ -336,7 +363,7 @@ def count_into(buf, s, e, info, counts, c0):
     ns_p = s + 16 + 8 * N
     pal_p = ns_p + 2 * nsb
     val_p = pal_p + 4 * info[I_S]
-    hist = np.zeros(MAX_NS, np.int64)
+    hist = np.zeros(2 * MAX_NS, np.int64)  # 512 bins + room for the 8-bit path's tallies
     for i in range(nsb):
         c = _u16(buf, ns_p + 2 * i)
         if c == 0:
