@@ -97,7 +97,7 @@ _U = np.uint64
 
 
 # ---- hashing --------------------------------------------------------------------------------
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _mix(h):
     h ^= h >> _U(33)
     h *= _U(0xFF51AFD7ED558CCD)
@@ -107,7 +107,7 @@ def _mix(h):
     return h
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _h4(seed, salt, a, b, c):
     """Hash of (seed, salt, three non-negative ints) -> uint64."""
     h = _mix(_U(seed) * _U(0x9E3779B97F4A7C15) + _U(salt))
@@ -117,24 +117,24 @@ def _h4(seed, salt, a, b, c):
     return h
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _unit(h):
     """uint64 hash -> float in [0, 1)."""
     return float(h >> _U(11)) * (1.0 / 9007199254740992.0)
 
 
 # ---- ids ------------------------------------------------------------------------------------
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _mix56(v):
     return (v * _U(MIX)) & _U(M56)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _unmix56(v):
     return (v * _U(MIX_INV)) & _U(M56)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _voronoi_id(ip, ci, cj, ck):
     packed = (_U(ci) << _U(40)) | (_U(cj) << _U(20)) | _U(ck)
     sv = (_U(TAG_VORONOI) << _U(56)) | _mix56(packed)
@@ -143,27 +143,27 @@ def _voronoi_id(ip, ci, cj, ck):
     return sv
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _solid_id(ip, rx, ry, rz):
     packed = (_U(rx) << _U(40)) | (_U(ry) << _U(20)) | _U(rz)
     return (_U(TAG_SOLID) << _U(56)) | _mix56(packed)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _dense_id(x, y, z):
     """Fragment id of the pair whose canonical voxel is (x, y, z); coords < 2^18 (checked)."""
     packed = _U(x) | (_U(y) << _U(18)) | (_U(z) << _U(36))
     return (_U(TAG_DENSE) << _U(56)) | _mix56(packed)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _body_of_cell(ip, fp, ci, cj, ck):
     if _unit(_h4(ip[P_SEED], 78, ci, cj, ck)) < fp[F_SINGLE]:
         return _voronoi_id(ip, ci, cj, ck)
     return _voronoi_id(ip, ci - ci % ip[P_GRX], cj - cj % ip[P_GRY], ck - ck % ip[P_GRZ])
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _is_dense(ip, fp, bx, by, bz):
     seed = ip[P_SEED]
     if fp[F_DENSE] <= 0.0:
@@ -173,7 +173,7 @@ def _is_dense(ip, fp, bx, by, bz):
     return _unit(_h4(seed, 51, bx, by, bz)) < fp[F_DENSE]
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _dense_mask(ip, bx, by, bz):
     """The XOR offset pairing voxels of a dense block: always into another sub-block."""
     h = _h4(ip[P_SEED], 54, bx, by, bz)
@@ -182,7 +182,7 @@ def _dense_mask(ip, bx, by, bz):
     return 8 * (m & 7) + (v & 7), 8 * ((m >> 3) & 7) + ((v >> 3) & 7), 8 * (m >> 6) + (v >> 6)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _dense_q(ip, bx, by, bz):
     return 0.94 + 0.055 * _unit(_h4(ip[P_SEED], 52, bx, by, bz))
 
@@ -280,7 +280,7 @@ def _mapping_kernel(ip, fp, start, stop, sv_out, body_out):
 
 
 # ---- mask -----------------------------------------------------------------------------------
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _brick_state(ip, fp, i, j, k):
     """0 empty, 1 full, 2 pattern (tissue boundary inside the brick)."""
     kind = ip[P_MASK]
@@ -327,7 +327,7 @@ def _brick_state(ip, fp, i, j, k):
     return st
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _plane(ip, i, j, k):
     """The random plane (nx, ny, nz, d) of pattern brick (i, j, k)."""
     B = 1 << ip[P_BB]
@@ -339,20 +339,20 @@ def _plane(ip, i, j, k):
     return s * math.cos(a), s * math.sin(a), c, d
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _in_plane(pl, half, lx, ly, lz):
     if lx == 0 and ly == 0 and lz == 0:
         return True  # the origin block of a pattern brick is always present
     return (lx + 0.5 - half) * pl[0] + (ly + 0.5 - half) * pl[1] + (lz + 0.5 - half) * pl[2] < pl[3]
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _pattern_present(ip, i, j, k, lx, ly, lz):
     """Inside a pattern brick: blocks on one side of a random plane; the origin block always."""
     return _in_plane(_plane(ip, i, j, k), (1 << ip[P_BB]) / 2.0, lx, ly, lz)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _present0(ip, fp, x, y, z):
     if x < 0 or y < 0 or z < 0 or x >= ip[P_G0X] or y >= ip[P_G0Y] or z >= ip[P_G0Z]:
         return False
@@ -367,7 +367,7 @@ def _present0(ip, fp, x, y, z):
     return _pattern_present(ip, i, j, k, x & m, y & m, z & m)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _present_in_pattern(ip, pl, s, i, j, k, x, y, z):
     """Block (x, y, z) of scale s <= b lying in pattern brick (i, j, k) with plane ``pl``:
     is any of its scale-0 blocks present?"""
@@ -423,7 +423,7 @@ def _present(ip, fp, s, x, y, z):
 
 
 # ---- Morton ---------------------------------------------------------------------------------
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _morton(plan, x, y, z):
     code = _U(0)
     for t in range(plan.shape[0]):
@@ -462,7 +462,7 @@ def _enumerate(ip, fp, s, plan, gx, gy, gz, lo, hi, xs, ys, zs, codes):
 
 
 # ---- count ----------------------------------------------------------------------------------
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _emit(write, cells, counts, n, cell, cnt):
     if write:
         cells[n] = cell
