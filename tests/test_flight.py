@@ -747,10 +747,9 @@ def test_no_server_at_all():
 
 def test_stop_never_hangs_on_open_streams():
     rng = np.random.default_rng(5)
-    src = DictSource(
-        {0: {(x, y, 0): rng.bytes(200_000) for x in range(8) for y in range(8)}}, {0: (8, 8, 1)}
-    )
-    srv = start_server(src)
+    blocks = {(x, y, 0): rng.bytes(200_000) for x in range(8) for y in range(8)}
+    src = DictSource({0: blocks}, {0: (8, 8, 1)}, batch_rows=1, delay=0.05)  # a 3 s stream
+    srv = start_server(src, max_batch_bytes=1 << 18)  # one block per batch
     raw = fl.FlightClient(srv.location)
     held = raw.do_get(fl.Ticket(P.BlocksTicket("abc123", "segmentation", 0, 0, 64).to_json()))
     held.read_chunk()  # a client holding a stream open without reading on
