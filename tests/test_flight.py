@@ -721,7 +721,7 @@ def test_server_killed_mid_stream():
         # 2. killed and restarted on the same port while the client retries: the stream is
         # re-read from its start and the caller gets every block exactly once
         proc = spawn(port)
-        c = FlightClient(f"grpc://127.0.0.1:{port}", retries=6, backoff=0.2)
+        c = FlightClient(f"grpc://127.0.0.1:{port}", retries=15, backoff=0.2, max_backoff=1.5)
         it = c.read_blocks(0, 0, 256)
         got = [next(it), next(it)]
         proc.kill()
