@@ -1171,7 +1171,8 @@ def _split_layout(view: pa.Table, ids: np.ndarray, rg: int, num_splits: int, num
 
 
 def query_data(state: SimState, txid: int, bucket: str, schema: str, name: str, body: bytes,
-               headers) -> bytes:
+               headers) -> list[bytes]:
+    """Answer one GET ?data; returns the response body as a list of complete pages."""
     with state.lock:
         tx = state.tx(txid)
         meta = state.need_table(tx, bucket, schema, name)
@@ -1240,7 +1241,7 @@ def query_data(state: SimState, txid: int, bucket: str, schema: str, name: str, 
     if split_id == ESTIMATION_SPLIT_ID:  # sorted tables: row-group estimate
         count = int(matches(np.arange(tbl.num_rows)).sum())
         groups = (count + ROWS_PER_ROW_GROUP - 1) // ROWS_PER_ROW_GROUP
-        return b"".join(_page(0, INVALID_ROW_ID, [], groups))
+        return [b"".join(_page(0, INVALID_ROW_ID, [], groups))]
 
     order, bounds = _split_layout(internal, ids, rg, num_splits, num_sub)
     leaves = [nodes[p] for p in projection]
@@ -1274,8 +1275,8 @@ def query_data(state: SimState, txid: int, bucket: str, schema: str, name: str, 
                 while root.parent is not None:
                     root = root.parent
                 arrays.append(_leaf_array(_combine(taken[root.name]), root, leaf))
-        out += _page(i, nxt, arrays, len(page))
-    return b"".join(out)
+        out.append(b"".join(_page(i, nxt, arrays, len(page))))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1446,12 +1447,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD" and body:
             self.wfile.write(body)
 
-    def _drop(self, partial: bytes = b"") -> None:
+    def _drop(self, partial: bytes = b"", total: int = 0) -> None:
         self.close_connection = True
         try:
-            if partial:
+            if total:
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(partial) * 2 + 16))
+                self.send_header("Content-Length", str(total))
                 self.end_headers()
                 self.wfile.write(partial)
                 self.wfile.flush()
@@ -1463,6 +1464,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         srv = self.server
         srv.count("requests")
+        self._pages = None
         path, _, query = self.path.partition("?")
         parts = [p for p in query.split("&") if p]
         command = next((p for p in parts if "=" not in p), "")
@@ -1480,7 +1482,8 @@ class _Handler(BaseHTTPRequestHandler):
             faults = srv.faults
             active = not probe and (not faults.commands or command in faults.commands)
             rnd = srv.rng
-            if active and faults.slowdown_rate and rnd.random() < faults.slowdown_rate:
+            if active and self.command != "HEAD" and faults.slowdown_rate and \
+                    rnd.random() < faults.slowdown_rate:
                 srv.count("slowdown")
                 self._send(503, _xml_error("SlowDown", "vastsim: injected slowdown"))
                 return
@@ -1505,7 +1508,11 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(delay)
             if drop_after:
                 srv.count("dropped_after_apply")
-                self._drop(out[: len(out) // 2] if command == "data" else b"")
+                # a GET ?data is cut between two pages (after half of them), others before
+                # any response byte
+                pages = getattr(self, "_pages", None) or []
+                self._drop(b"".join(pages[: len(pages) // 2]),
+                           len(out) if command == "data" else 0)
             self._send(status, out, hdrs)
         except _Dropped:
             return
@@ -1705,7 +1712,9 @@ class _Handler(BaseHTTPRequestHandler):
         if command == "data" and m == "GET":
             if params.get("name"):
                 raise SimError(501, "NotImplemented", "semi-sorted projections")
-            return 200, query_data(st, txid, bucket, schema, table, body, self.headers), {}
+            pages = query_data(st, txid, bucket, schema, table, body, self.headers)
+            self._pages = pages
+            return 200, b"".join(pages), {}
         raise SimError(501, "NotImplemented", f"{m} ?{command} is not supported by vastsim")
 
 
