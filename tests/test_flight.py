@@ -659,6 +659,17 @@ def test_broken_source_contract_is_caught():
             list(FlightClient(srv.location, retries=0).read_blocks(0, 0, 4))
 
 
+def test_source_with_unsorted_counts_is_caught():
+    class BadCount(DictSource):
+        def count(self, scale, level):
+            return np.array([3, 1], np.uint64), np.array([1, 1], np.uint64), True
+
+    src = BadCount({0: {(x, 0, 0): b"x" for x in range(4)}}, {0: (4, 1, 1)})
+    with start_server(src) as srv:
+        with pytest.raises(fl.FlightInternalError, match="ascending"):
+            FlightClient(srv.location, retries=3).count(0, 0)
+
+
 def test_source_with_wrong_coordinates_is_caught():
     class Shifted(DictSource):
         def read_blocks(self, scale, lo, hi):

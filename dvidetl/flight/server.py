@@ -407,6 +407,10 @@ class DvidFlightServer(flight.FlightServerBase):
                 raise RuntimeError(
                     f"source count() returned {cells.shape} cells but {counts.shape} counts"
                 )
+            if len(cells) > 1 and not bool(np.all(cells[1:] > cells[:-1])):
+                raise RuntimeError(
+                    "source count() broke its contract: cells must be ascending, unique"
+                )
             return iter([flight.Result(p) for p in P.count_to_ipc(cells, counts, bool(exact))])
         raise P.TicketError("action", f"unknown action {kind!r} (known: {', '.join(P.ACTIONS)})")
 
