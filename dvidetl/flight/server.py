@@ -607,6 +607,13 @@ class RunningServer:
         return f"<RunningServer {self.location}{' stopped' if self._stopped else ''}>"
 
 
+def _host_for_url(host: str) -> str:
+    """IPv6 literals need brackets in a URI (``grpc://[::1]:8815``)."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    return host
+
+
 def start_server(
     source: Source,
     host: str = "127.0.0.1",
@@ -623,7 +630,7 @@ def start_server(
     scheme = "grpc+tls" if tls_certificates else "grpc"
     server = DvidFlightServer(
         source,
-        f"{scheme}://{host}:{int(port)}",
+        f"{scheme}://{_host_for_url(host)}:{int(port)}",
         token=token,
         tls_certificates=tls_certificates,
         **kwargs,
