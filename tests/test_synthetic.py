@@ -466,3 +466,16 @@ def test_count_property_odd_grids(sx, sy, sz, seed, mask, empty, level):
     if mask == "full" and empty == 0:
         g = src.info().scales[0].grid
         assert int(src.count(0, 64)[1].sum()) == g[0] * g[1] * g[2]
+
+
+def test_indices_same_with_or_without_served_blocks():
+    """Counts gathered while serving blocks give the same indices as a cold index pass."""
+    cold = open_url(SMALL)
+    warm = open_url(SMALL)
+    for b in warm.read_blocks(0, 0, 10):  # serve some blocks first (fills the stash)
+        assert b.num_rows
+    a = pa.Table.from_batches(list(cold.read_indices(0, 2**64)))
+    b = pa.Table.from_batches(list(warm.read_indices(0, 2**64)))
+    assert a.num_rows > 10 and a.equals(b)
+    warm.close()
+    assert pa.Table.from_batches(list(warm.read_indices(0, 2**64))).equals(a)

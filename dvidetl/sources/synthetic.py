@@ -997,15 +997,20 @@ class SyntheticSource:
         #: per-block (supervoxel, voxels) counts gathered while generating, so the index pass
         #: need not regenerate blocks already served (volumes small enough for indices only)
         self._stash: dict | None = {} if scales[0].block_slots <= 8 * self.maxindex else None
+        self._stash_bytes = 0
 
     # -- protocol ------------------------------------------------------------------------------
     def info(self) -> VolumeInfo:
         return self._info
 
     def close(self) -> None:
+        """Drop the caches (the source stays usable: everything regenerates on demand)."""
         self._vox = _LRU(self._vox.max_bytes)
         self._bytes = _LRU(self._bytes.max_bytes)
         self._index_rows = None
+        if self._stash is not None:
+            self._stash = {}
+            self._stash_bytes = 0
 
     def _scale(self, scale: int) -> ScaleInfo:
         if not (0 <= scale < self.nscales):
@@ -1179,8 +1184,10 @@ class SyntheticSource:
         sel = np.flatnonzero(cnt)
         sel = sel[table[sel] != 0]
         counts = (table[sel], cnt[sel])
-        if self._stash is not None:
-            self._stash[(x, y, z)] = counts
+        if self._stash is not None and self._stash_bytes < self._vox.max_bytes:
+            if (x, y, z) not in self._stash:  # bounded: the index pass regenerates the rest
+                self._stash[(x, y, z)] = counts
+                self._stash_bytes += 12 * len(sel) + 200
         return counts
 
     def block_voxels(self, scale: int, x: int, y: int, z: int) -> np.ndarray:
