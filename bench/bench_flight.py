@@ -9,7 +9,10 @@ Rows (rounds interleaved so machine noise hits every variant; median round repor
    block generation is not what is measured. MB/s and blocks/s; target >= 60% (issue 3).
 2. The embedded server (`start_server`, a thread of the reading process: the export
    pipeline's default) against the same in-process baseline.
-3. Server overhead: the dvidetl server and a bare pyarrow Flight server (no validation,
+3. Context: a plain loopback TCP socket moving the same number of bytes — the most any
+   network transport can deliver on this machine — and Flight against it. On a small shared
+   box this ceiling is itself well below the in-process rate, which bounds row 1.
+4. Server overhead: the dvidetl server and a bare pyarrow Flight server (no validation,
    re-batching or checks) each in their own process, streaming the same cached bytes.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -181,6 +185,38 @@ def _spawn_serve(url: str) -> tuple[subprocess.Popen, str]:
     return p, line
 
 
+def _tcp_ceiling(nbytes: int) -> tuple[int, int]:
+    """Send ``nbytes`` over a plain loopback TCP socket (8 MiB writes, recv_into a reused
+    buffer): the most any network transport could deliver on this machine right now."""
+    chunk = os.urandom(8 << 20)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def send():
+        conn, _ = srv.accept()
+        with conn:
+            left = nbytes
+            while left > 0:
+                n = min(left, len(chunk))
+                conn.sendall(chunk[:n])
+                left -= n
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    got = 0
+    with socket.create_connection(("127.0.0.1", srv.getsockname()[1])) as c:
+        view = memoryview(bytearray(8 << 20))
+        while True:
+            n = c.recv_into(view)
+            if not n:
+                break
+            got += n
+    t.join()
+    srv.close()
+    return got, 0
+
+
 def run() -> list[dict]:
     from dvidetl.sources import open_source
 
@@ -196,7 +232,7 @@ def run() -> list[dict]:
         raise RuntimeError("bench volume has no blocks")
     codes = table.column("morton").to_numpy()
     parts = _partitions(codes, PARTITION_BLOCKS)
-    keys = ("serve", "inproc", "cached", "bare", "embedded")
+    keys = ("serve", "inproc", "cached", "bare", "embedded", "tcp")
     rates: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
     procs = []
     clients = []
@@ -240,13 +276,14 @@ def run() -> list[dict]:
                 "cached": lambda: _read_flight(cached_c, parts),
                 "bare": lambda: _read_bare(bare_loc, info, parts),
                 "embedded": lambda: _read_flight(emb_c, parts),
+                "tcp": lambda: _tcp_ceiling(int(table.column("data").nbytes)),
             }
             for _ in range(ROUNDS):
                 for key in keys:
                     t0 = time.perf_counter()
                     nb, nk = fns[key]()
                     dt = time.perf_counter() - t0
-                    if nk != n:
+                    if key != "tcp" and nk != n:
                         raise RuntimeError(f"{key}: read {nk} blocks, want {n}")
                     rates[key].append((nb / dt / 1e6, nk / dt))
         finally:
@@ -305,6 +342,16 @@ def run() -> list[dict]:
             "inproc",
             inproc,
             ">= 0.6",
+        ),
+        row("loopback TCP ceiling (plain socket)", "tcp", "MB/s", 0, "inproc", inproc, "-"),
+        row(
+            "flight (dvidetl serve) vs TCP ceiling",
+            "serve",
+            "MB/s",
+            0,
+            "tcp",
+            "plain loopback socket",
+            "-",
         ),
         row(
             "flight server overhead vs bare pyarrow",
