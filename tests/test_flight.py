@@ -638,6 +638,24 @@ def test_source_io_error_mid_stream_is_retried_from_the_start():
         assert got.equals(src.tables[0])  # nothing lost, nothing twice
 
 
+def test_source_changed_between_attempts_is_detected():
+    class Changing(BrokenSource):
+        def read_blocks(self, scale, lo, hi):
+            self.calls += 1
+            t = self.tables[scale]
+            if self.calls == 1:
+                yield from t.slice(0, 3).to_batches(max_chunksize=1)
+                raise OSError("connection reset")
+            yield from t.slice(1, 7).to_batches(max_chunksize=1)  # block 0 vanished
+
+    src = Changing(OSError(), after=-1)
+    with start_server(src, max_batch_bytes=150) as srv:
+        c = FlightClient(srv.location, retries=2, backoff=0.01)
+        with pytest.raises(RuntimeError, match="differs from the first attempt"):
+            list(c.read_blocks(0, 0, 8))
+        assert src.calls == 2
+
+
 def test_source_bug_is_internal_and_not_retried():
     src = BrokenSource(ValueError("bug in source"), after=0)
     with start_server(src) as srv:

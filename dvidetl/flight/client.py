@@ -277,16 +277,22 @@ class FlightClient:
                 self._raise_final(exc, call)
                 raise
 
-    def _stream(self, call: str, ticket: bytes) -> Iterator[pa.RecordBatch]:
-        """DoGet ``ticket``; on failure re-send it from the start and skip delivered rows."""
+    def _stream(self, call: str, ticket: bytes, key: str | None = None) -> Iterator[pa.RecordBatch]:
+        """DoGet ``ticket``; on failure re-send it from the start and skip delivered rows.
+
+        ``key``: a column whose value at the resume point must be the one last delivered
+        (streams are deterministic; this catches a source that changed between attempts)."""
         delivered = 0
         attempt = 0
+        last_key = None  # key of the last row handed out
         while True:
             reader = conn = None
             try:
                 conn = self._client()
                 reader = conn.do_get(flight.Ticket(ticket), options=self._options(stream=True))
                 seen = 0
+                resuming = delivered > 0
+                skip_key = None
                 while True:
                     try:
                         chunk = reader.read_chunk()
@@ -297,12 +303,27 @@ class FlightClient:
                         continue
                     n = batch.num_rows
                     if seen + n <= delivered:  # already handed out before the retry
+                        if key is not None:
+                            skip_key = batch.column(key)[n - 1].as_py()
                         seen += n
                         continue
                     if seen < delivered:
-                        batch = batch.slice(delivered - seen)
+                        k = delivered - seen
+                        if key is not None:
+                            skip_key = batch.column(key)[k - 1].as_py()
+                        batch = batch.slice(k)
+                    if resuming:
+                        resuming = False
+                        if key is not None and skip_key != last_key:
+                            raise RuntimeError(
+                                f"{call}: the retried stream from {self.location} differs from "
+                                f"the first attempt at row {delivered} ({key} {skip_key} != "
+                                f"{last_key}): did the source change?"
+                            )
                     seen += n
                     delivered = seen
+                    if key is not None:
+                        last_key = batch.column(key)[batch.num_rows - 1].as_py()
                     attempt = 0  # progress resets the retry budget
                     yield batch
                 if seen < delivered:
@@ -390,7 +411,7 @@ class FlightClient:
             raise P.TicketError("hi", f"empty range: lo={lo} >= hi={hi}")
         uuid, instance = self._ref()
         ticket = P.BlocksTicket(uuid, instance, scale, lo, hi).to_json()
-        return self._stream(f"read_blocks(scale={scale}, lo={lo}, hi={hi})", ticket)
+        return self._stream(f"read_blocks(scale={scale}, lo={lo}, hi={hi})", ticket, "morton")
 
     def read_blocks_table(self, scale: int, lo: int, hi: int) -> pa.Table:
         """All of :meth:`read_blocks` as one table (empty table with the schema if no blocks)."""
@@ -405,7 +426,9 @@ class FlightClient:
     def read_mapping(self) -> Iterator[pa.RecordBatch]:
         """All non-identity (supervoxel, body) pairs."""
         uuid, instance = self._ref()
-        return self._stream("read_mapping()", P.MappingTicket(uuid, instance).to_json())
+        return self._stream(
+            "read_mapping()", P.MappingTicket(uuid, instance).to_json(), "supervoxel"
+        )
 
     def read_indices(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
         """Label indices (label, LabelIndex protobuf bytes) of labels ``lo <= label < hi``."""
@@ -414,7 +437,9 @@ class FlightClient:
             raise P.TicketError("hi", f"empty label range: lo={lo} >= hi={hi}")
         uuid, instance = self._ref()
         return self._stream(
-            f"read_indices(lo={lo}, hi={hi})", P.IndicesTicket(uuid, instance, lo, hi).to_json()
+            f"read_indices(lo={lo}, hi={hi})",
+            P.IndicesTicket(uuid, instance, lo, hi).to_json(),
+            "label",
         )
 
     def map_supervoxels(self, svs: np.ndarray) -> np.ndarray:
