@@ -235,6 +235,20 @@ def _le8(buf, p):
 
 
 @nb.njit(cache=True, inline="always")
+def _row_acc(buf, rp, B):
+    """The first min(B, 8) bytes of a row of 8 B-bit values, big-endian, left-aligned in a
+    uint64. Reads only the row's own bytes (always inside a validated block); B is a literal
+    at each call site so the loop unrolls."""
+    nbytes = B if B < 8 else 8
+    acc = np.uint64(0)
+    for q in range(nbytes):
+        acc = (acc << np.uint64(8)) | np.uint64(buf[rp + q])
+    if nbytes < 8:
+        acc <<= np.uint64(8 * (8 - nbytes))
+    return acc
+
+
+@nb.njit(cache=True, inline="always")
 def _row_value(acc, x, b, buf, rp):
     """Value x (0..7) of a row of 8 b-bit values whose first 8 bytes are ``acc`` (big-endian);
     for b == 9 the 9th byte is buf[rp + 8] (inside the row, so in bounds)."""
@@ -249,11 +263,17 @@ def _row_value(acc, x, b, buf, rp):
 def _hist_rows(buf, vp, e, B, hist):
     """Tally 64 rows of 8 B-bit values; B is a literal at every call site so after inlining
     the shifts and masks are constants."""
+    n = 1 << B
+    for j in range(n, 2 * n):  # a second tally for odd x: fewer store-to-load stalls
+        hist[j] = 0
     for r in range(64):
         rp = vp + r * B
-        acc = _be8(buf, rp, e)
-        for x in range(8):
+        acc = _row_acc(buf, rp, B)
+        for x in range(0, 8, 2):
             hist[_row_value(acc, x, B, buf, rp)] += 1
+            hist[n + _row_value(acc, x + 1, B, buf, rp)] += 1
+    for j in range(n):
+        hist[j] += hist[n + j]
 
 
 @nb.njit(cache=True)
@@ -284,23 +304,7 @@ def _hist_subblock(buf, vp, e, b, hist):
         hist[3] = n3
         hist[0] = 512 - n1 - n2 - n3
     elif b == 3:
-        # SWAR: 6 bytes = 16 three-bit fields; count fields equal to j without unpacking
-        low = np.uint64(0x249249249249)
-        for w in range(32):
-            q = vp + 6 * w
-            x = (
-                (np.uint64(buf[q]) << np.uint64(40))
-                | (np.uint64(buf[q + 1]) << np.uint64(32))
-                | (np.uint64(buf[q + 2]) << np.uint64(24))
-                | (np.uint64(buf[q + 3]) << np.uint64(16))
-                | (np.uint64(buf[q + 4]) << np.uint64(8))
-                | np.uint64(buf[q + 5])
-            )
-            for j in range(8):  # hist[j] counts fields != j for now
-                t = x ^ (np.uint64(j) * low)
-                hist[j] += _popc((t | (t >> np.uint64(1)) | (t >> np.uint64(2))) & low)
-        for j in range(8):
-            hist[j] = 512 - hist[j]
+        _hist_rows(buf, vp, e, 3, hist)
     elif b == 4:
         for j in range(16, 32):  # a second tally at hist[16:32]: fewer store-to-load stalls
             hist[j] = 0
@@ -393,7 +397,7 @@ def _dec_rows(buf, vp, e, B, pl, c, outf, o0, sz_, sy_):
     for z in range(8):
         for y in range(8):
             rp = vp + (z * 8 + y) * B  # a row of 8 values is exactly B bytes
-            acc = _be8(buf, rp, e)
+            acc = _row_acc(buf, rp, B)
             ob = o0 + z * sz_ + y * sy_
             for x in range(8):
                 v = _row_value(acc, x, B, buf, rp)
