@@ -185,3 +185,23 @@ def test_rows_roundtrip_property(label, rows):
     # and DVID's map class agrees on the total
     msg = decode_label_index(data)
     assert sum(sum(v.counts.values()) for v in msg.blocks.values()) == int(cnt.sum())
+
+
+def test_bulk_encoder_matches_single():
+    from dvidetl.codec.labelindex import encode_label_indices
+
+    rng = np.random.default_rng(3)
+    n = 500
+    labels = rng.integers(1, 40, n).astype(np.uint64)
+    labels[:5] = 2**64 - 1
+    bc = rng.integers(-3, 4, (n, 3))
+    svs = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
+    counts = rng.integers(0, 2**32 - 1, n)
+    labs, datas = encode_label_indices(labels, bc, svs, counts)
+    assert labs.tolist() == sorted(set(labels.tolist()))
+    for lab, data in zip(labs.tolist(), datas, strict=True):
+        sel = labels == np.uint64(lab)
+        assert data == encode_label_index(lab, bc[sel], svs[sel], counts[sel])
+    with pytest.raises(ValueError, match="listed twice"):
+        encode_label_indices([1, 1], [[0, 0, 0], [0, 0, 0]], [5, 5], [1, 2])
+    assert encode_label_indices([], np.zeros((0, 3)), [], [])[1] == []

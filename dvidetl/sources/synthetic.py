@@ -1147,7 +1147,7 @@ class SyntheticSource:
     def present_blocks(self, scale: int):
         """(x, y, z, morton) of every present block of a scale, ascending morton."""
         si = self._scale(scale)
-        if si.morton_end > max(self.maxindex, 1 << 26) * 64:
+        if si.morton_end > max(self.maxindex * 64, 1 << 26):
             raise UserError(
                 f"present_blocks({scale}) of {self.name}: {si.morton_end:,} codes is too many "
                 "to enumerate; use count() or read_blocks on a range"
