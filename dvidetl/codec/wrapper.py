@@ -225,7 +225,8 @@ def _dvid_unwrap(mv: memoryview) -> bytes:
         if comp == _COMP_NONE:
             return bytes(payload)
         if comp == _COMP_GZIP:
-            return gunzip(payload)
+            out = gunzip(payload)
+            return out if isinstance(out, bytes) else bytes(out)
         if comp == _COMP_LZ4:
             return _lz4_unwrap(payload)
         return _snappy(payload)
@@ -283,7 +284,8 @@ def unwrap(data, codec: str) -> bytes:
     byte auto-detected; "dvid-*" names are accepted too)."""
     mv = _mv(data)
     if codec == "gzip":
-        return gunzip(mv)
+        out = gunzip(mv)
+        return out if isinstance(out, bytes) else bytes(out)
     if codec == "lz4":
         return _lz4_unwrap(mv)
     if codec == "zstd":
