@@ -896,16 +896,28 @@ def _iter_nodes(node: _Node):
         yield from _iter_nodes(c)
 
 
+_LIT_CLASSES: dict[int, type] = {}
+
+
+def _literal_class(kind: int) -> type:
+    cls = _LIT_CLASSES.get(kind)
+    if cls is None:
+        import importlib
+
+        names = {v: k for k, v in vars(_LI.LiteralImpl).items() if not k.startswith("_")}
+        if kind not in names or kind == 0:
+            raise _bad(f"unsupported literal kind {kind}")
+        mod = importlib.import_module(
+            f"vastdb.vast_flatbuf.org.apache.arrow.computeir.flatbuf.{names[kind]}")
+        cls = _LIT_CLASSES[kind] = getattr(mod, names[kind])
+    return cls
+
+
 def _literal_value(lit: FbLiteral) -> tuple[int, Any]:
     kind = lit.ImplType()
     tab = lit.Impl()
     LI = _LI.LiteralImpl
-    import importlib
-
-    modname = {v: k for k, v in vars(LI).items() if not k.startswith("_")}[kind]
-    mod = importlib.import_module(
-        f"vastdb.vast_flatbuf.org.apache.arrow.computeir.flatbuf.{modname}")
-    obj = getattr(mod, modname)()
+    obj = _literal_class(kind)()
     obj.Init(tab.Bytes, tab.Pos)
     if kind == LI.BinaryLiteral:
         return kind, obj.ValueAsNumpy().tobytes() if not obj.ValueIsNone() else b""
@@ -987,6 +999,45 @@ class _QueryEval:
         except (pa.ArrowInvalid, OverflowError, TypeError) as e:
             raise _bad(f"literal {v!r} does not fit column type {t}: {e}") from e
 
+    def _call_parts(self, expr):
+        """(name, column position, literal expr impl) of `call(ref, lit)`, else None."""
+        if expr.ImplType() != ExpressionImpl.Call:
+            return None
+        call = FbCall()
+        tab = expr.Impl()
+        call.Init(tab.Bytes, tab.Pos)
+        if call.ArgumentsLength() != 2:
+            return None
+        a0, a1 = call.Arguments(0), call.Arguments(1)
+        if a0.ImplType() != ExpressionImpl.FieldRef or a1.ImplType() != ExpressionImpl.Literal:
+            return None
+        ref = FbFieldRef()
+        rt = a0.Impl()
+        ref.Init(rt.Bytes, rt.Pos)
+        idx = FbFieldIndex()
+        it = ref.Ref()
+        idx.Init(it.Bytes, it.Pos)
+        return _fb_str(call.Name()), idx.Position(), a1.Impl()
+
+    def _isin(self, args) -> pa.Array | None:
+        """`isin([...])` arrives as OR of n equals on one column: answer it with is_in."""
+        parts = [self._call_parts(a) for a in args]
+        if any(p is None or p[0] != "equal" for p in parts):
+            return None
+        if len({p[1] for p in parts}) != 1:
+            return None
+        col = self.column(parts[0][1])
+        if pa.types.is_fixed_size_list(col.type) or pa.types.is_float16(col.type):
+            return None
+        lits = [self.literal(p[2], col) for p in parts]
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            col = col.cast(pa.binary())
+        values = pa.array([x.as_py() for x in lits], lits[0].type)
+        res = pc.is_in(col, value_set=values)
+        return pa.array(res.to_numpy(zero_copy_only=False), pa.bool_(),
+                        mask=pc.is_null(col).to_numpy(zero_copy_only=False)) \
+            if col.null_count else res
+
     def eval(self, expr) -> pa.Array:
         kind = expr.ImplType()
         tab = expr.Impl()
@@ -1000,6 +1051,10 @@ class _QueryEval:
         if name in ("and", "or"):
             if not args:
                 return pa.array(np.full(n, name == "and"))
+            if name == "or" and len(args) > 4:
+                fast = self._isin(args)
+                if fast is not None:
+                    return fast
             res = self.eval(args[0])
             f = pc.and_kleene if name == "and" else pc.or_kleene
             for a in args[1:]:
