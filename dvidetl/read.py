@@ -84,7 +84,9 @@ def connect(
 
 
 def block_rows(con, scale: int, x: int, y: int, z: int) -> tuple[pa.Table, pa.Table]:
-    """The ``blocks`` row(s) of one block and its ``block_overflow`` rows, as Arrow."""
+    """The ``blocks`` row(s) of one block and its ``block_overflow`` rows, as Arrow.
+    Runs on its own cursor, so a caller's unfinished result on ``con`` does not matter."""
+    con = con.cursor()
     b = con.sql(
         "SELECT * FROM blocks WHERE scale = ? AND x = ? AND y = ? AND z = ?",
         params=[int(scale), int(x), int(y), int(z)],
