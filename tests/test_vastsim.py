@@ -381,3 +381,21 @@ def test_credentials_checked_when_configured(tmp_path):
         _connect(sim)
         with pytest.raises(verr.Forbidden):
             vastdb.connect(endpoint=sim.endpoint, access="wrong", secret="SK")
+
+
+def test_abandoned_transaction_expires(tmp_path):
+    with start_vastsim(None, tx_timeout_s=0.3) as sim:
+        s = _connect(sim)
+        dead = s.transaction()
+        dead.__enter__()  # a client that dies mid-transaction holding a DDL change
+        dead.bucket("bucket").create_schema("s")
+        with pytest.raises(verr.Conflict):
+            with s.transaction() as tx:
+                tx.bucket("bucket").create_schema("s")
+        import time
+
+        time.sleep(0.5)
+        with s.transaction() as tx:  # the abandoned transaction was rolled back
+            tx.bucket("bucket").create_schema("s")
+        with pytest.raises(verr.NotFound):  # ... and is gone for its owner too
+            dead.__exit__(None, None, None)

@@ -154,6 +154,7 @@ class Tx:
     ops: dict = field(default_factory=dict)  # handle -> [("update", ids, tbl) | ("delete", ids)]
     external: set = field(default_factory=set)  # handles that got external row ids here
     doomed: str = ""  # set after a conflict: the commit must fail
+    last_used: float = field(default_factory=time.monotonic)
     version: int = 0  # bumped on every insert/update/delete (view cache key)
     view_cache: dict = field(default_factory=dict)  # handle -> (key, table)
 
@@ -326,8 +327,10 @@ class SimState:
 
     def __init__(self, data_dir: str | os.PathLike | None, buckets=DEFAULT_BUCKETS,
                  max_cell_bytes: int = MAX_CELL_BYTES,
-                 cell_error: tuple[int, str] = (400, "TabularCellTooLarge")):
+                 cell_error: tuple[int, str] = (400, "TabularCellTooLarge"),
+                 tx_timeout_s: float = 900.0):
         self.lock = threading.RLock()
+        self.tx_timeout_s = tx_timeout_s
         self.dir = Path(data_dir) if data_dir is not None else None
         self.buckets = set(buckets)
         self.max_cell_bytes = max_cell_bytes
@@ -349,6 +352,12 @@ class SimState:
     # ---- transactions
     def begin(self) -> int:
         with self.lock:
+            now = time.monotonic()  # abandoned transactions (a killed client) expire
+            for old in [t for t in self.txs.values() if now - t.last_used > self.tx_timeout_s]:
+                log.info("vastsim: transaction %d idle for %.0f s: rolled back", old.txid,
+                         now - old.last_used)
+                del self.txs[old.txid]
+                self._release(old.txid)
             txid = self.next_txid
             self.next_txid += 1
             self.txs[txid] = Tx(txid=txid, begin_seq=self.seq)
@@ -358,6 +367,7 @@ class SimState:
         t = self.txs.get(txid)
         if t is None:
             raise SimError(404, "TabularTransactionNotFound", f"transaction {txid} is not open")
+        t.last_used = time.monotonic()
         return t
 
     def _release(self, txid: int) -> None:
@@ -422,8 +432,7 @@ class SimState:
                 td.external_rowid = True
             parts = tx.inserts.get(handle, [])
             if parts:
-                chunk = pa.concat_tables(
-                    [_aligned(p, meta) for p in parts]).combine_chunks()
+                chunk = pa.concat_tables([_aligned(p, meta) for p in parts])
                 chunk = _sort_by_rowid(chunk)
                 td.chunks.append(chunk)
                 td.files.append(None)
@@ -1828,12 +1837,12 @@ class VastSim:
                  version: str = DEFAULT_VERSION, max_cell_bytes: int = MAX_CELL_BYTES,
                  max_body: int = MAX_REQUEST_BODY, cell_error: tuple[int, str] = (400,
                                                                                    "TabularCellTooLarge"),
-                 **faults: Any):
+                 tx_timeout_s: float = 900.0, **faults: Any):
         unknown = set(faults) - set(Faults.__dataclass_fields__)
         if unknown:
             raise TypeError(f"unknown vastsim options: {sorted(unknown)}")
         self.state = SimState(data_dir, buckets=buckets, max_cell_bytes=max_cell_bytes,
-                              cell_error=cell_error)
+                              cell_error=cell_error, tx_timeout_s=tx_timeout_s)
         self._access = access_key
         self._secret = secret_key
         self._server = _Server((host, port), self.state, access_key=access_key,
@@ -1968,6 +1977,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", default=DEFAULT_VERSION, help="reported VAST version A.B.C.D")
     p.add_argument("--max-cell-bytes", type=int, default=MAX_CELL_BYTES)
     p.add_argument("--max-body", type=int, default=MAX_REQUEST_BODY)
+    p.add_argument("--tx-timeout-s", type=float, default=900.0,
+                   help="roll back transactions idle this long (abandoned by a dead client)")
     p.add_argument("--slowdown-rate", type=float, default=0.0)
     p.add_argument("--drop-rate", type=float, default=0.0)
     p.add_argument("--drop-after-apply-rate", type=float, default=0.0)
@@ -1987,6 +1998,7 @@ def main(argv: list[str] | None = None) -> int:
     sim = VastSim(a.data_dir, a.port, host=a.host, access_key=access, secret_key=secret,
                   buckets=tuple(a.bucket) if a.bucket else DEFAULT_BUCKETS, version=a.version,
                   max_cell_bytes=a.max_cell_bytes, max_body=a.max_body,
+                  tx_timeout_s=a.tx_timeout_s,
                   slowdown_rate=a.slowdown_rate, drop_rate=a.drop_rate,
                   drop_after_apply_rate=a.drop_after_apply_rate,
                   commit_conflict_rate=a.commit_conflict_rate, delay_s=a.delay_s,
