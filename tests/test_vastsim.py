@@ -399,3 +399,16 @@ def test_abandoned_transaction_expires(tmp_path):
             tx.bucket("bucket").create_schema("s")
         with pytest.raises(verr.NotFound):  # ... and is gone for its owner too
             dead.__exit__(None, None, None)
+
+
+def test_lost_commit_response_is_applied(sim):
+    """The case the sink's ledger must resolve: commit applied, client told nothing."""
+    s = _connect(sim)
+    _setup(s)
+    sim.set_faults(drop_after_apply_rate=1.0, commands=("PUT transaction",))
+    with pytest.raises(verr.ConnectionError) as e:
+        with s.transaction() as tx:
+            tx.bucket("bucket").schema("s").table("t").insert(_rows(4))
+    assert e.value.may_retry is False
+    sim.clear_faults()
+    assert _read(s).equals(_rows(4))

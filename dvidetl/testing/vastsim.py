@@ -1463,7 +1463,9 @@ class Faults:
     commit_conflict_rate: float = 0.0  # answer a commit with 409 Conflict (tx rolled back)
     delay_s: float = 0.0  # delay every response by this much ...
     delay_jitter_s: float = 0.0  # ... plus uniform(0, jitter)
-    commands: tuple = ()  # limit faults to these commands (e.g. ("rows", "transaction"))
+    # limit faults to these commands: "rows", "data", ... or "METHOD command" such as
+    # "PUT transaction" (commit) or "POST rows" (insert)
+    commands: tuple = ()
     seed: int | None = None
 
     @staticmethod
@@ -1557,7 +1559,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._auth()
             faults = srv.faults
-            active = not probe and (not faults.commands or command in faults.commands)
+            active = not probe and (not faults.commands or command in faults.commands
+                                    or f"{self.command} {command}" in faults.commands)
             rnd = srv.rng
             if active and self.command != "HEAD" and faults.slowdown_rate and \
                     rnd.random() < faults.slowdown_rate:
