@@ -163,9 +163,22 @@ def _dense_id(x, y, z):
 
 @nb.njit(cache=True)
 def _body_of_cell(ip, fp, ci, cj, ck):
-    if _unit(_h4(ip[P_SEED], 78, ci, cj, ck)) < fp[F_SINGLE]:
+    """Body of lattice cell (ci, cj, ck): its group's anchor supervoxel (or itself, 10 %).
+
+    Groups are GRX x GRY x GRZ cells, staggered so bodies are not boxes: each row (cj) has
+    its own x phase, each column (ci, cj) its own z phase. The anchor is the group's cell
+    in its first row, first x, first z (unique per group, so body ids never collide)."""
+    seed = ip[P_SEED]
+    if _unit(_h4(seed, 78, ci, cj, ck)) < fp[F_SINGLE]:
         return _voronoi_id(ip, ci, cj, ck)
-    return _voronoi_id(ip, ci - ci % ip[P_GRX], cj - cj % ip[P_GRY], ck - ck % ip[P_GRZ])
+    grx, gry, grz = ip[P_GRX], ip[P_GRY], ip[P_GRZ]
+    gi = (ci + np.int64(_h4(seed, 79, cj, 0, 0) % _U(grx))) // grx
+    gj = cj // gry
+    gk = (ck + np.int64(_h4(seed, 80, ci, cj, 0) % _U(grz))) // grz
+    aj = gj * gry
+    ai = max(gi * grx - np.int64(_h4(seed, 79, aj, 0, 0) % _U(grx)), 0)
+    ak = max(gk * grz - np.int64(_h4(seed, 80, ai, aj, 0) % _U(grz)), 0)
+    return _voronoi_id(ip, ai, aj, ak)
 
 
 @nb.njit(cache=True)
