@@ -77,6 +77,11 @@ def test_demo_run_and_verify(tmp_path, capsys):
     # inspect finds it
     assert cli(["inspect", "--sink", sink, "--block", f"{x},{y},{z}"]) == 0
     assert "label-table entries" in capsys.readouterr().out
+    label, nblk = con.execute(
+        "select label, count(*) from label_index group by label order by 2 desc limit 1"
+    ).fetchone()
+    assert cli(["inspect", "--sink", sink, "--label", str(label)]) == 0
+    assert f"{nblk:,} block entries" in capsys.readouterr().out
 
 
 def test_multiscale_overflow_run_and_verify(tmp_path, cluster, capsys):
