@@ -230,3 +230,33 @@ def test_kernels_never_read_out_of_bounds(request):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.startswith("OK")
+
+
+def test_validate_blocks_matches_decode():
+    from dvidetl.codec import validate_blocks
+
+    rng = np.random.default_rng(5)
+    blocks = [SMALL, SMALL[:-1], SMALL + b"x", b"", _set_u32(SMALL, 12, 0)]
+    for _ in range(60):
+        b = bytearray(SMALL)
+        b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+        blocks.append(bytes(b))
+    expect = []
+    for b in blocks:
+        try:
+            label_voxel_counts(b)
+            expect.append(None)
+        except BlockFormatError as exc:
+            expect.append(str(exc))
+    assert validate_blocks(blocks) == expect
+    arr = pa.array(blocks + [None], pa.large_binary())
+    assert validate_blocks(arr.slice(1)) == expect[1:] + ["null block"]
+    assert expect[0] is None and expect[1] is not None
+
+
+def test_huge_grid_is_refused_not_allocated():
+    # a legal 24-byte solid block claiming a 128x128x128 sub-block grid (1024³ voxels)
+    blk = struct.pack("<4IQ", 128, 128, 128, 1, 5)
+    assert label_voxel_counts(blk).tolist() == [1024**3]
+    with pytest.raises(BlockFormatError, match="too large to decode"):
+        decode_block(blk)

@@ -9,6 +9,7 @@ Stable API (other tools call these names):
 from __future__ import annotations
 
 from dvidetl.codec.block import (
+    MAX_VOXELS,
     block_header,
     block_labels,
     decode_block,
@@ -18,6 +19,7 @@ from dvidetl.codec.block import (
     label_voxel_counts,
     split_block,
     validate_block,
+    validate_blocks,
 )
 from dvidetl.codec.errors import BlockFormatError
 from dvidetl.codec.repack import Repacked, repack, restore_block
@@ -28,6 +30,7 @@ __all__ = [
     "CODECS",
     "GZIP_INFLATER",
     "MAX_RAW",
+    "MAX_VOXELS",
     "Repacked",
     "block_header",
     "block_labels",
@@ -43,5 +46,6 @@ __all__ = [
     "split_block",
     "unwrap",
     "validate_block",
+    "validate_blocks",
     "wrap",
 ]

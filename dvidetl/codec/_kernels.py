@@ -6,6 +6,7 @@ Every read is preceded by a length check: numba does not bounds-check array inde
 malformed block must be rejected by ``scan`` before any kernel trusts its section sizes, and
 the value kernels re-check every local index against its palette size.
 
+Top-level kernels release the GIL (``nogil``) so threaded workers decode in parallel.
 Results and errors travel through an ``info`` row (int64[8]) instead of exceptions (numba
 cannot build rich messages); ``describe`` in ``block.py`` turns it into a sentence.
 """
@@ -78,7 +79,7 @@ def _bits(n):
     return b
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def scan(buf, s, e, info):
     """Validate the structure of the block ``buf[s:e]`` (header, section lengths, Ns <= 512,
     palette indices < N, exact total length). Fills ``info``; returns the error code.
@@ -352,7 +353,7 @@ def _find_bad_local(buf, vp, e, b, c, i, s, info):
     return E_OK
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def count_into(buf, s, e, info, counts, c0):
     """Add voxels per label-table entry of the (scanned, valid) block ``buf[s:e]`` into
     ``counts[c0:c0+N]`` without materializing voxels: per sub-block a histogram of its packed
@@ -406,7 +407,7 @@ def _dec_rows(buf, vp, e, B, pl, c, outf, o0, sz_, sy_):
     return mx
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def decode_into(buf, s, e, info, out):
     """Decode the (scanned, valid) block ``buf[s:e]`` into ``out`` (nz, ny, nx) uint64,
     C-contiguous. Returns the error code (E_LOCAL on a local value >= Ns)."""
@@ -558,7 +559,7 @@ def _pack(loc, vals, vp, b):
 _LINEAR = 16  # distinct labels per sub-block found by linear search before switching to a hash
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def encode(vol, order, use_order, vals, dist, out):
     """Encode a C-contiguous uint64 (nz, ny, nx) volume (sides multiples of 8).
 
@@ -745,7 +746,7 @@ def _put64(out, p, v):
 # repack: one pass over a concatenated buffer of unwrapped blocks
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def repack_kernel(buf, offs, ok):
     """For each row r with ok[r], validate block buf[offs[r]:offs[r+1]] completely, count
     voxels per table entry and copy out its table; then move its 16-byte header in place to
@@ -788,11 +789,28 @@ def repack_kernel(buf, offs, ok):
     return info, sv_offs, sv[:c0], counts[:c0].astype(np.uint32), body_start
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def scan_many(buf, offs):
     """Structural validation of many concatenated blocks; returns info (R, 8)."""
     R = offs.shape[0] - 1
     info = np.zeros((R, INFO_LEN), np.int64)
     for r in range(R):
         scan(buf, offs[r], offs[r + 1], info[r])
+    return info
+
+
+@nb.njit(cache=True, nogil=True)
+def check_many(buf, offs):
+    """Full validation (structure and every packed value) of many concatenated blocks,
+    read-only; returns info (R, 8) with info[r, 0] == 0 for valid blocks."""
+    R = offs.shape[0] - 1
+    info = np.zeros((R, INFO_LEN), np.int64)
+    max_n = 1
+    for r in range(R):
+        if scan(buf, offs[r], offs[r + 1], info[r]) == E_OK:
+            max_n = max(max_n, info[r, I_N])
+    counts = np.zeros(max_n, np.int64)
+    for r in range(R):
+        if info[r, I_ERR] == E_OK:
+            count_into(buf, offs[r], offs[r + 1], info[r], counts, 0)
     return info

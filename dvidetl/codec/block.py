@@ -25,7 +25,9 @@ __all__ = [
     "join_block",
     "block_header",
     "validate_block",
+    "validate_blocks",
     "describe_error",
+    "MAX_VOXELS",
 ]
 
 
@@ -106,11 +108,58 @@ def validate_block(data) -> None:
     label_voxel_counts(data)
 
 
+#: decode/encode refuse volumes above this many voxels (1 GiB of uint64): a 24-byte solid
+#: block may legally claim a 1024³ grid, which must not turn into an 8 GiB allocation.
+MAX_VOXELS = 1 << 27
+
+
+def validate_blocks(blocks) -> list[str | None]:
+    """Fully validate many raw (unwrapped) blocks in one numba pass over their concatenated
+    bytes: per block None (valid) or the reason, as ``BlockFormatError`` would say it.
+    ``blocks``: a pyarrow binary/large_binary array (nulls give "null block") or a sequence
+    of bytes-likes."""
+    import pyarrow as pa
+
+    if isinstance(blocks, pa.ChunkedArray):
+        blocks = blocks.combine_chunks()
+    if isinstance(blocks, pa.Array):
+        if not (pa.types.is_binary(blocks.type) or pa.types.is_large_binary(blocks.type)):
+            raise TypeError(f"validate_blocks: expected binary data, got {blocks.type}")
+        n = len(blocks)
+        otype = np.int64 if pa.types.is_large_binary(blocks.type) else np.int32
+        bufs = blocks.buffers()
+        offs = np.frombuffer(bufs[1], otype, n + 1, blocks.offset * np.dtype(otype).itemsize)
+        offs = offs.astype(np.int64)
+        data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+        nulls = blocks.is_null().to_numpy(zero_copy_only=False) if blocks.null_count else None
+    else:
+        parts = [bytes(memoryview(b).cast("B")) for b in blocks]
+        n = len(parts)
+        offs = np.zeros(n + 1, np.int64)
+        np.cumsum([len(p) for p in parts], out=offs[1:])
+        data = np.frombuffer(b"".join(parts), np.uint8) if n else np.zeros(0, np.uint8)
+        nulls = None
+    info = K.check_many(data, offs)
+    out: list[str | None] = [
+        None if info[r, K.I_ERR] == K.E_OK else describe_error(info[r]) for r in range(n)
+    ]
+    if nulls is not None:
+        for r in np.flatnonzero(nulls):
+            out[r] = "null block"
+    return out
+
+
 def decode_block(data) -> np.ndarray:
     """Voxels of a DVID block as uint64 (nz, ny, nx), [z, y, x] order (a fresh array)."""
     buf = _as_u8(data)
     info = _scan(buf)
     gx, gy, gz = (int(v) for v in buf[:12].view("<u4"))
+    if 512 * gx * gy * gz > MAX_VOXELS:
+        raise BlockFormatError(
+            f"block: grid {gx}x{gy}x{gz} is too large to decode "
+            f"({512 * gx * gy * gz} voxels > {MAX_VOXELS}) (at byte 0)",
+            0,
+        )
     out = np.empty((8 * gz, 8 * gy, 8 * gx), np.uint64)
     if K.decode_into(buf, 0, buf.shape[0], info, out) != K.E_OK:
         raise BlockFormatError(describe_error(info), int(info[K.I_POS]))
@@ -134,6 +183,8 @@ def encode_block(volume: np.ndarray, label_order=None) -> bytes:
             f"encode_block: volume sides must be multiples of 8 in 8..{8 * K.MAX_GRID}, "
             f"got {vol.shape}"
         )
+    if vol.size > MAX_VOXELS:
+        raise ValueError(f"encode_block: {vol.size} voxels > {MAX_VOXELS}")
     if vol.dtype != np.uint64:
         if vol.dtype.kind not in "iub":
             raise ValueError(f"encode_block: labels must be integers, got {vol.dtype}")
