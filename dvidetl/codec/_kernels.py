@@ -814,3 +814,15 @@ def check_many(buf, offs):
         if info[r, I_ERR] == E_OK:
             count_into(buf, offs[r], offs[r + 1], info[r], counts, 0)
     return info
+
+
+@nb.njit(cache=True, nogil=True)
+def count_block(buf):
+    """scan + count_into for one whole-buffer block in a single call (one dispatch from
+    Python). Returns (info, counts uint32)."""
+    info = np.zeros(INFO_LEN, np.int64)
+    if scan(buf, 0, buf.shape[0], info) != E_OK:
+        return info, np.zeros(0, np.uint32)
+    counts = np.zeros(info[I_N], np.int64)
+    count_into(buf, 0, buf.shape[0], info, counts, 0)
+    return info, counts.astype(np.uint32)

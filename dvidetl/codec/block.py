@@ -33,6 +33,8 @@ __all__ = [
 
 def _as_u8(data) -> np.ndarray:
     """A zero-copy uint8 view of any bytes-like (bytes, bytearray, memoryview, numpy)."""
+    if type(data) is bytes:
+        return np.frombuffer(data, dtype=np.uint8)
     if isinstance(data, np.ndarray):
         if not data.flags.c_contiguous:
             data = np.ascontiguousarray(data)
@@ -236,12 +238,10 @@ def label_voxel_counts(data) -> np.ndarray:
     """Voxels per label-table entry (uint32, aligned with ``block_labels``), from the palettes
     and packed values without materializing voxels. Sub-blocks with Ns == 0 (label 0 by
     convention, no table entry) are not counted; duplicate entries are counted separately."""
-    buf = _as_u8(data)
-    info = _scan(buf)
-    counts = np.zeros(int(info[K.I_N]), np.int64)
-    if K.count_into(buf, 0, buf.shape[0], info, counts, 0) != K.E_OK:
+    info, counts = K.count_block(_as_u8(data))
+    if info[K.I_ERR] != K.E_OK:
         raise BlockFormatError(describe_error(info), int(info[K.I_POS]))
-    return counts.astype(np.uint32)
+    return counts
 
 
 def split_block(data) -> tuple[np.ndarray, bytes]:
