@@ -643,6 +643,10 @@ def _gen_block0(ip, fp, bx, by, bz, idx, table):
     csy = np.empty(27)
     csz = np.empty(27)
     cst = np.empty(27, np.int64)
+    ksx = np.empty(27)
+    ksy = np.empty(27)
+    ksz = np.empty(27)
+    kst = np.empty(27, np.int64)
     z0 = 0
     while z0 < HR:
         kz = ks[2, z0]
@@ -671,23 +675,56 @@ def _gen_block0(ip, fp, bx, by, bz, idx, table):
                             csz[nc] = spos[t, 2]
                             cst[nc] = t
                             nc += 1
-                for mz in range(z0, z1):
-                    pz = oz - 2 * HALF_M + 2 * mz + 1.0
-                    for my in range(y0, y1):
-                        py = oy - 2 * HALF_M + 2 * my + 1.0
-                        for mx in range(x0, x1):
-                            px = ox - 2 * HALF_M + 2 * mx + 1.0
-                            best = 1e300
-                            bi = 0
+                # sub-boxes of 4^3 points: keep only candidates that can be nearest to some
+                # point of the box (exact pruning: min distance <= best max distance)
+                for bz0 in range(z0, z1, 4):
+                    bz1 = min(bz0 + 4, z1)
+                    lz = oz - 2 * HALF_M + 2 * bz0 + 1.0
+                    hz = oz - 2 * HALF_M + 2 * (bz1 - 1) + 1.0
+                    for by0 in range(y0, y1, 4):
+                        by1 = min(by0 + 4, y1)
+                        ly = oy - 2 * HALF_M + 2 * by0 + 1.0
+                        hy = oy - 2 * HALF_M + 2 * (by1 - 1) + 1.0
+                        for bx0 in range(x0, x1, 4):
+                            bx1 = min(bx0 + 4, x1)
+                            lx = ox - 2 * HALF_M + 2 * bx0 + 1.0
+                            hx = ox - 2 * HALF_M + 2 * (bx1 - 1) + 1.0
+                            ub = 1e300
                             for q in range(nc):
-                                dx = csx[q] - px
-                                dy = csy[q] - py
-                                dz = csz[q] - pz
-                                dd = dx * dx + dy * dy + dz * dz
-                                if dd < best:
-                                    best = dd
-                                    bi = q
-                            hr[mz, my, mx] = cst[bi]
+                                ex = max(abs(csx[q] - lx), abs(csx[q] - hx))
+                                ey = max(abs(csy[q] - ly), abs(csy[q] - hy))
+                                ez = max(abs(csz[q] - lz), abs(csz[q] - hz))
+                                dmx = ex * ex + ey * ey + ez * ez
+                                if dmx < ub:
+                                    ub = dmx
+                            nk = 0
+                            for q in range(nc):
+                                ex = max(0.0, lx - csx[q], csx[q] - hx)
+                                ey = max(0.0, ly - csy[q], csy[q] - hy)
+                                ez = max(0.0, lz - csz[q], csz[q] - hz)
+                                if ex * ex + ey * ey + ez * ez <= ub:
+                                    ksx[nk] = csx[q]
+                                    ksy[nk] = csy[q]
+                                    ksz[nk] = csz[q]
+                                    kst[nk] = cst[q]
+                                    nk += 1
+                            for mz in range(bz0, bz1):
+                                pz = oz - 2 * HALF_M + 2 * mz + 1.0
+                                for my in range(by0, by1):
+                                    py = oy - 2 * HALF_M + 2 * my + 1.0
+                                    for mx in range(bx0, bx1):
+                                        px = ox - 2 * HALF_M + 2 * mx + 1.0
+                                        best = 1e300
+                                        bi = 0
+                                        for q in range(nk):
+                                            dx = ksx[q] - px
+                                            dy = ksy[q] - py
+                                            dz = ksz[q] - pz
+                                            dd = dx * dx + dy * dy + dz * dz
+                                            if dd < best:
+                                                best = dd
+                                                bi = q
+                                        hr[mz, my, mx] = kst[bi]
                 x0 = x1
             y0 = y1
         z0 = z1
