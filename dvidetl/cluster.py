@@ -422,6 +422,7 @@ class _JobKeeper:
         self.failed_starts = 0
         self.gave_up = False
         self._seen: set[str] = set()  # job names whose worker(s) connected at least once
+        self._connected: set[str] = set()  # worker names the scheduler has seen connect
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dvidetl-slurm-keeper", daemon=True)
 
@@ -441,6 +442,7 @@ class _JobKeeper:
     def _note_connected(self) -> None:
         c = self.cluster
         connected = {str(w.get("name")) for w in dict(c.scheduler_info.get("workers", {})).values()}
+        connected |= set(self._connected)
         for name in list(c.workers):
             name = str(name)
             if name in connected or any(n.startswith(f"{name}-") for n in connected):
@@ -452,6 +454,7 @@ class _JobKeeper:
         c = self.cluster
         if self.gave_up or c.status != Status.running:
             return
+        self._note_connected()
         jobs = {
             str(name): str(job.job_id)
             for name, job in list(c.workers.items())
@@ -497,6 +500,23 @@ class _JobKeeper:
         c.scale(jobs=n)
 
     def start(self) -> None:
+        """Start polling; also hook the (in-process) scheduler so that every worker that
+        connects is noted at once, however short-lived it is."""
+        from distributed.diagnostics.plugin import SchedulerPlugin
+
+        connected = self._connected
+
+        class _NoteWorkers(SchedulerPlugin):
+            name = "dvidetl-note-workers"
+
+            def add_worker(self, scheduler: Any, worker: str) -> None:
+                ws = scheduler.workers.get(worker)
+                if ws is not None:
+                    connected.add(str(ws.name))
+
+        sched = getattr(self.cluster, "scheduler", None)
+        if sched is not None and hasattr(sched, "add_plugin"):
+            self.cluster.loop.add_callback(sched.add_plugin, _NoteWorkers())
         self._thread.start()
 
     def stop(self) -> None:
