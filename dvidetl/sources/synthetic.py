@@ -498,6 +498,9 @@ def _emit(write, cells, counts, n, cell, cnt):
 def _count_kernel(ip, fp, s, plan, gs, L, write, cells, counts):
     """(cell, count) pairs of present blocks of scale s, cell = code >> L (not yet merged).
 
+    With ``write=False`` it only sizes the output (an upper bound on the pairs); the writing
+    pass returns the exact number written.
+
     Units are scale-0 bricks (s <= b) or single scale-s blocks (s > b); a full unit adds its
     box analytically per aligned cell, a pattern unit evaluates its blocks."""
     kx = 0
@@ -542,6 +545,10 @@ def _count_kernel(ip, fp, s, plan, gs, L, write, cells, counts):
                             and (ay >> ky) == ((ey - 1) >> ky)
                             and (az >> kz) == ((ez - 1) >> kz)
                         )
+                        if not write:  # sizing pass: an upper bound is enough (never 0:
+                            # a pattern brick's origin block is always present)
+                            n += 1 if one else (ex - ax) * (ey - ay) * (ez - az)
+                            continue
                         last = _U(0)
                         cnt = 0
                         pl = _plane(ip, i, j, k)
@@ -1092,7 +1099,8 @@ class SyntheticSource:
             )
         cells = np.empty(n, np.uint64)
         counts = np.empty(n, np.uint64)
-        _count_kernel(self._ip, self._fp, scale, plan, gs, level, True, cells, counts)
+        n = _count_kernel(self._ip, self._fp, scale, plan, gs, level, True, cells, counts)
+        cells, counts = cells[:n], counts[:n]
         order = np.argsort(cells, kind="stable")
         cells, counts = cells[order], counts[order]
         if n:
