@@ -150,8 +150,12 @@ class Sink(Protocol):
         morton_range: tuple[int, int] | None = None,
         run_id: str | None = None,
     ) -> pa.Table:
-        """Committed rows of a table (of ``run_id``, default the latest run), optionally one
-        scale and ``lo <= morton < hi``."""
+        """Committed rows of a table, optionally one scale and ``lo <= morton < hi``.
+
+        ``run_id`` (default: the latest run) matters for sinks whose uncommitted rows could
+        be seen otherwise (Parquet: only files of partitions committed in that run are read);
+        a transactional sink (VastDB), where rows are only ever visible committed and a
+        rewritten partition replaces its rows, may ignore it."""
         ...
 
     def ledger(self, run_id: str | None = None) -> pa.Table:
