@@ -312,6 +312,17 @@ class _LazyStats(dict):
             return time.perf_counter() - self._t0
         return super().get(k, default)
 
+    def __getitem__(self, k):
+        if k in ("blocks", "bytes_in", "bytes_out", "seconds"):
+            return self.get(k)
+        return super().__getitem__(k)
+
+    def keys(self):
+        return list(dict.fromkeys([*super().keys(), "blocks", "bytes_in", "bytes_out", "seconds"]))
+
+    def items(self):
+        return [(k, self[k]) for k in self.keys()]
+
     def final(self) -> dict:
         return {k: self.get(k) for k in ("blocks", "bytes_in", "bytes_out", "seconds", "errors")}
 

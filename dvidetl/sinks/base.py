@@ -140,7 +140,8 @@ class Sink(Protocol):
         """Write the partition's tables (``schema.KIND_TABLES[part.kind]``; a missing or empty
         table writes no rows) and its ledger row (from ``stats``: blocks, rows, errors,
         bytes_in, bytes_out, seconds) atomically: all visible or none. Replaces rows an
-        earlier attempt of the same partition may have left behind."""
+        earlier attempt of the same partition may have left behind. Read ``stats`` only
+        after consuming the table streams (streamed partitions fill it as they go)."""
         ...
 
     def read(
