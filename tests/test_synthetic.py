@@ -479,3 +479,14 @@ def test_indices_same_with_or_without_served_blocks():
     assert a.num_rows > 10 and a.equals(b)
     warm.close()
     assert pa.Table.from_batches(list(warm.read_indices(0, 2**64))).equals(a)
+
+
+def test_pickles_as_url(small):
+    import pickle
+
+    other = pickle.loads(pickle.dumps(small))
+    assert other.url == small.url and other.info() == small.info()
+    xs, ys, zs, _ = small.present_blocks(0)
+    assert other.block_stored(0, int(xs[0]), int(ys[0]), int(zs[0])) == small.block_stored(
+        0, int(xs[0]), int(ys[0]), int(zs[0])
+    )

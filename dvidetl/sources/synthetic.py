@@ -1062,6 +1062,10 @@ class SyntheticSource:
         self._stash: dict | None = {} if scales[0].block_slots <= 8 * self.maxindex else None
         self._stash_bytes = 0
 
+    def __reduce__(self):
+        """Pickle as the URL (caches and locks stay behind; the volume is the same)."""
+        return (open_url, (self.url,))
+
     # -- protocol ------------------------------------------------------------------------------
     def info(self) -> VolumeInfo:
         return self._info
