@@ -260,3 +260,14 @@ def test_huge_grid_is_refused_not_allocated():
     assert label_voxel_counts(blk).tolist() == [1024**3]
     with pytest.raises(BlockFormatError, match="too large to decode"):
         decode_block(blk)
+
+
+def test_two_bit_value_three_with_three_entry_palette():
+    # sub-block 1 of SMALL has Ns=3 (2 bits): the value 3 is invalid
+    n = len(block_labels(SMALL))
+    ns = [2, 3, 1, 5, 1, 1, 1, 1]
+    vstart = 16 + 8 * n + 16 + 4 * sum(ns) + 64 * 1  # after sub-block 0's 1-bit values
+    b = bytearray(SMALL)
+    b[vstart + 10] = 0b00000011  # 4th value of that byte = 3
+    e = _expect_error(bytes(b), "value 3 >= palette size 3 in sub-block 1")
+    assert e.offset == vstart + 10

@@ -377,6 +377,15 @@ def count_into(buf, s, e, info, counts, c0):
             counts[c0 + _u32(buf, pal_p)] += 512
             pal_p += 4
             continue
+        if c == 2:  # the commonest case: one POPCNT per 64 voxels, no histogram
+            ones = 0
+            for w in range(8):
+                ones += _popc(_le8(buf, val_p + 8 * w))
+            counts[c0 + _u32(buf, pal_p)] += 512 - ones
+            counts[c0 + _u32(buf, pal_p + 4)] += ones
+            pal_p += 8
+            val_p += 64
+            continue
         b = _bits(c)
         _hist_subblock(buf, val_p, e, b, hist)
         for j in range(c, 1 << b):
