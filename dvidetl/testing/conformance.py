@@ -260,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {m}: {why}")
     for t, why in OUT_OF_SCOPE_TESTS.items():
         print(f"  {t}: {why}")
+    per: dict[str, list[int]] = {}
+    for k, v in res.items():
+        row = per.setdefault(k.split("::")[0], [0, 0, 0])
+        row[0 if v == "passed" else 1 if v in ("failed", "error") else 2] += 1
+    print("\nper module (passed/failed/skipped):")
+    for mod, (p_, f_, s_) in sorted(per.items()):
+        print(f"  {mod:32s} {p_:4d} {f_:4d} {s_:4d}")
     print(f"\npassed {len(passed)}, failed {len(failed)}, skipped {len(skipped)}")
     return 0 if not failed and passed else 1
 

@@ -1211,7 +1211,7 @@ def _page(stream_id: int, next_row_id: int, arrays: list[pa.Array], nrows: int) 
             _record(stream_id, next_row_id, EOS)]
 
 
-_LAYOUTS: dict = {}  # small LRU: id(view) -> (view, ids, {(rg, splits, subs): layout})
+_LAYOUTS: dict = {}  # tiny LRU: id(view) -> (view, ids, {(rg, splits, subs): layout})
 _LAYOUT_LOCK = threading.Lock()
 
 
@@ -1221,7 +1221,7 @@ def _layout_entry(view: pa.Table) -> dict:
         if ent is None or ent[0] is not view:
             ent = (view, view[ROW_ID].to_numpy(), {})
             _LAYOUTS[id(view)] = ent
-            while len(_LAYOUTS) > 16:
+            while len(_LAYOUTS) > 4:
                 del _LAYOUTS[next(iter(_LAYOUTS))]
         return ent
 
@@ -1428,7 +1428,8 @@ def _stats_body(num_rows: int, size: int, sorting: bool, external: bool) -> byte
     return bytes(b.Output())
 
 
-def _columns_body(meta: TableMeta, only_sorted: bool) -> bytes:
+def _columns_body(meta: TableMeta, only_sorted: bool, start: int = 0,
+                  max_keys: int | None = None) -> bytes:
     pos = {cid: i for i, cid in enumerate(meta.sort_key)}
     fields = []
     for cid, f in meta.fields:
@@ -1442,6 +1443,8 @@ def _columns_body(meta: TableMeta, only_sorted: bool) -> bytes:
     if only_sorted:
         by = dict(fields)
         fields = [(cid, by[cid]) for cid in meta.sort_key]
+    if max_keys is not None:
+        fields = fields[start:start + max_keys]
     schema = pa.schema([f for _, f in fields], metadata=dict(meta.schema_metadata) or None)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, schema):
@@ -1757,9 +1760,17 @@ class _Handler(BaseHTTPRequestHandler):
                 if m == "GET":
                     if command == "sorted-columns" and not meta.sorted:
                         raise _bad("Listing sorted columns without elysium enabled")
-                    hdrs = {"tabular-next-key": 0, "tabular-is-truncated": "false",
-                            "tabular-list-count": len(meta.fields)}
-                    return 200, _columns_body(meta, command == "sorted-columns"), hdrs
+                    total = len(meta.sort_key) if command == "sorted-columns" \
+                        else len(meta.fields)
+                    start = int(self.headers.get("tabular-next-key", "0") or 0)
+                    max_keys = max(1, int(self.headers.get("tabular-max-keys", "10000")
+                                          or 10000))
+                    truncated = start + max_keys < total
+                    hdrs = {"tabular-next-key": start + max_keys if truncated else 0,
+                            "tabular-is-truncated": "true" if truncated else "false",
+                            "tabular-list-count": total}
+                    body = _columns_body(meta, command == "sorted-columns", start, max_keys)
+                    return 200, body, hdrs
                 if command == "column" and m in ("POST", "DELETE"):
                     try:
                         cols = pa.ipc.read_schema(pa.py_buffer(body))
