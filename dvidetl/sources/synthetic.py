@@ -48,10 +48,11 @@ How it is built (all numba, lazily, per block):
   centre, so a present block is never all zero; absent blocks are all zero).
 * Coarse scales: DVID ``Downres`` (mode of the non-zero labels of each 2x2x2 cell, ties to
   the smallest, all-zero -> 0) of the 8 children one scale below. Cost: a scale-s block
-  needs up to 8^s scale-0 blocks (~3 ms CPU each); an LRU of voxels and block bytes
-  (``cache``) lets a scale decode the cached bytes of the one below instead (~0.3 ms), so
-  reading scales 0..N in order costs about one generation pass. Served blocks cost ~5 ms
-  CPU each (generate 3, encode 1, gzip 0.5); the demo's 2,344 blocks take ~13 s CPU.
+  needs up to 8^s scale-0 blocks (~2 ms CPU each); an LRU of voxels and stored bytes
+  (``cache``) lets a scale decode the cached bytes of the one below instead (~0.5 ms), so
+  reading scales 0..N in order costs about one generation pass. A served scale-0 block
+  costs ~3.5 ms CPU (generate 1.8, encode 0.7, gzip 0.6); all 2,344 blocks of the demo
+  take ~9 s CPU, its label indices ~2 s more.
 * Label indices need one pass over every present scale-0 block; they are computed once and
   cached (refused above ``maxindex`` blocks).
 """
@@ -1280,7 +1281,7 @@ class SyntheticSource:
                     children[c] = self._child_voxels(scale - 1, cx, cy, cz)
             _downres_kernel(children, present, out)
         out.setflags(write=False)
-        if scale > 0:  # scale 0 regenerates in ~3 ms; keep the cache for what is costly
+        if scale > 0:  # scale 0 regenerates in ~2 ms; keep the cache for what is costly
             self._vox.put(key, out, out.nbytes)
         return out
 
