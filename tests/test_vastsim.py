@@ -381,6 +381,11 @@ def test_credentials_checked_when_configured(tmp_path):
         _connect(sim)
         with pytest.raises(verr.Forbidden):
             vastdb.connect(endpoint=sim.endpoint, access="wrong", secret="SK")
+        with pytest.raises(verr.Forbidden):  # SigV4 signatures are verified
+            vastdb.connect(endpoint=sim.endpoint, access="AK", secret="wrong")
+        s = _connect(sim)  # signed requests with bodies, query params and nested paths
+        _setup(s, rows=_rows(3))
+        assert _read(s, columns=["name"], predicate=ibis._.z < 0).num_rows == 2
 
 
 def test_abandoned_transaction_expires(tmp_path):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -35,7 +37,7 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 import flatbuffers
 import numpy as np
@@ -1560,7 +1562,7 @@ class _Handler(BaseHTTPRequestHandler):
             except SimError as e:
                 self._send(e.status, _xml_error(e.code, e.message))
                 return
-            self._auth()
+            self._auth(body)
             faults = srv.faults
             active = not probe and (not faults.commands or command in faults.commands
                                     or f"{self.command} {command}" in faults.commands)
@@ -1609,16 +1611,39 @@ class _Handler(BaseHTTPRequestHandler):
             srv.count("error_500")
             self._send(500, _xml_error("InternalError", f"{type(e).__name__}: {e}"))
 
-    def _auth(self) -> None:
+    def _auth(self, body: bytes) -> None:
+        """Check the access key and, when a secret is configured, the SigV4 signature."""
         want = self.server.access_key
         if want is None:
             return
         auth = self.headers.get("Authorization", "")
-        got = None
-        if "Credential=" in auth:
-            got = auth.split("Credential=", 1)[1].split("/", 1)[0]
-        if got != want:
+        parts = dict(p.strip().split("=", 1) for p in auth.partition(" ")[2].split(",")
+                     if "=" in p)
+        cred = parts.get("Credential", "").split("/")
+        if not cred or cred[0] != want:
             raise SimError(403, "InvalidAccessKeyId", "the access key is not recognised")
+        secret = self.server.secret_key
+        if secret is None:
+            return
+        if len(cred) != 5 or "Signature" not in parts or "SignedHeaders" not in parts:
+            raise SimError(403, "AccessDenied", "malformed AWS4-HMAC-SHA256 authorization")
+        _, date, region, service, _ = cred
+        path, _, query = self.path.partition("?")
+        canon_q = "&".join(q if "=" in q else q + "="
+                           for q in sorted(query.split("&")) if q.split("=", 1)[0])
+        signed = parts["SignedHeaders"].split(";")
+        canon_h = "".join(f"{h}:{self.headers.get(h, '')}\n" for h in signed)
+        creq = "\n".join([self.command, quote(path or "/", safe="/-_.~"), canon_q, canon_h,
+                          parts["SignedHeaders"], hashlib.sha256(body).hexdigest()])
+        amzdate = self.headers.get("x-amz-date", "")
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", amzdate, f"{date}/{region}/{service}/aws4_request",
+                             hashlib.sha256(creq.encode()).hexdigest()])
+        key = ("AWS4" + secret).encode()
+        for part in (date, region, service, "aws4_request"):
+            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        sig = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(sig, parts["Signature"]):
+            raise SimError(403, "SignatureDoesNotMatch", "the request signature does not match")
 
     def _txid(self) -> int:
         try:
@@ -1814,11 +1839,12 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, addr, state: SimState, *, access_key: str | None, version: str,
-                 faults: Faults, max_body: int):
+    def __init__(self, addr, state: SimState, *, access_key: str | None,
+                 secret_key: str | None, version: str, faults: Faults, max_body: int):
         super().__init__(addr, _Handler)
         self.state = state
         self.access_key = access_key
+        self.secret_key = secret_key if access_key is not None else None
         self.sim_version = version
         self.faults = faults
         self.rng = random.Random(faults.seed)
@@ -1860,7 +1886,8 @@ class VastSim:
         self._access = access_key
         self._secret = secret_key
         self._server = _Server((host, port), self.state, access_key=access_key,
-                               version=version, faults=Faults(**faults), max_body=max_body)
+                               secret_key=secret_key, version=version,
+                               faults=Faults(**faults), max_body=max_body)
         self.host = host
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever,
