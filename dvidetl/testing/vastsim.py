@@ -231,9 +231,12 @@ def _cell_sizes(arr: pa.Array) -> np.ndarray:
         for child in arr.flatten():
             total += _cell_sizes(child)
         return total
-    if pa.types.is_boolean(t):
+    if pa.types.is_boolean(t) or pa.types.is_null(t):
         return np.ones(n, np.int64)
-    width = getattr(t, "byte_width", None) or max(1, t.bit_width // 8)
+    try:
+        width = getattr(t, "byte_width", None) or max(1, t.bit_width // 8)
+    except ValueError:  # not fixed-width and not handled above: count nothing
+        return np.zeros(n, np.int64)
     return np.full(n, width, np.int64)
 
 
