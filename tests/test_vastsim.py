@@ -256,9 +256,17 @@ def test_sorting_key_table(sim):
         assert ids.type == pa.decimal128(38, 0)
     with s.transaction() as tx:
         t = tx.bucket("bucket").schema("s").table("blocks")
-        assert [f.name for f in t.sorted_columns()] == ["scale", "morton"]
+        assert t.sorted_table
+        key = sorted((f.metadata[b"VAST:sort_index"], f.name) for f in t.columns()
+                     if f.metadata[b"VAST:sort_type"] == b"Sorted")
+        assert [name for _, name in key] == ["scale", "morton"]
         out = t.select(columns=["morton"], predicate=ibis._.scale == 1).read_all()
         assert out["morton"].to_pylist() == [BIG + 1, 4]
+        # many estimated splits on a sorted table: the SDK first sends the row-group
+        # estimation request (split id 4294967292), then one query per split
+        cfg = QueryConfig(rows_per_split=1)
+        out = t.select(columns=["morton"], predicate=ibis._.scale == 1, config=cfg).read_all()
+        assert sorted(out["morton"].to_pylist()) == [4, BIG + 1]
 
 
 def test_persistence_across_restart(tmp_path):
