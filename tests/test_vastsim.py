@@ -326,6 +326,7 @@ def test_eight_threads_parallel_transactions(sim):
     for t in threads:
         t.join(60)
     assert not errors, errors
+    assert sim.counters["POST rows"] == 32 and "PUT rows" not in sim.counters  # 1 RPC/insert
     out = _read(s0, columns=["name"])
     assert sorted(out["name"].to_pylist()) == sorted(f"n{i}" for i in range(800))
 

@@ -1557,6 +1557,7 @@ class _Handler(BaseHTTPRequestHandler):
         command = next((p for p in parts if "=" not in p), "")
         params = dict(parse_qsl("&".join(p for p in parts if "=" in p)))
         segs = [s for s in path.split("/") if s]
+        srv.count(f"{self.command} {command}" if command else self.command)
         probe = command == "transaction" and \
             self.headers.get("tabular-get-vast-version", "").lower() == "true"
         try:
