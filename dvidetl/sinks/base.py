@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -101,6 +101,24 @@ class RunInfo:
 #: (written incrementally, e.g. the mapping), committed all the same at the end
 TableData = pa.Table | Iterable[pa.RecordBatch | pa.Table]
 
+#: pushed-down predicates for ``Sink.read``: column -> value (==) or (lo, hi) (lo <= v < hi)
+Where = Mapping[str, "int | tuple[int, int]"]
+
+
+def where_filters(where: Where | None, names: Sequence[str]) -> list[tuple[str, str, int]]:
+    """``where`` as (column, op, value) triples (pyarrow / DNF style); unknown column is a
+    ``ValueError`` naming the table's columns."""
+    out: list[tuple[str, str, int]] = []
+    for col, v in (where or {}).items():
+        if col not in names:
+            raise ValueError(f"no column {col!r} to filter on: columns are {list(names)}")
+        if isinstance(v, tuple):
+            lo, hi = v
+            out += [(col, ">=", int(lo)), (col, "<", int(hi))]
+        else:
+            out.append((col, "=", int(v)))
+    return out
+
 
 @runtime_checkable
 class Sink(Protocol):
@@ -150,8 +168,15 @@ class Sink(Protocol):
         scale: int | None = None,
         morton_range: tuple[int, int] | None = None,
         run_id: str | None = None,
+        *,
+        where: Where | None = None,
+        columns: Sequence[str] | None = None,
     ) -> pa.Table:
         """Committed rows of a table, optionally one scale and ``lo <= morton < hi``.
+
+        ``where`` adds conjunctive predicates pushed down to the store: ``{"label": 7}``
+        (equality) or ``{"supervoxel": (lo, hi)}`` (``lo <= v < hi``) on any integer column;
+        ``columns`` projects (the result then has only those columns, in schema order).
 
         ``run_id`` (default: the latest run) matters for sinks whose uncommitted rows could
         be seen otherwise (Parquet: only files of partitions committed in that run are read);

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from dvidetl import schema as S
 from dvidetl.errors import UserError
-from dvidetl.sinks.base import Partition, RunInfo, TableData
+from dvidetl.sinks.base import Partition, RunInfo, TableData, Where, where_filters
 
 #: binary payload columns are zstd already: store them uncompressed, no dictionary
 _PAYLOAD = {*S.BODY_COLUMNS, "data"}
@@ -204,19 +204,29 @@ class ParquetSink:
         scale: int | None = None,
         morton_range: tuple[int, int] | None = None,
         run_id: str | None = None,
+        *,
+        where: Where | None = None,
+        columns: Sequence[str] | None = None,
     ) -> pa.Table:
         if table == "export_ledger":
-            return self.ledger(run_id or self.latest_run())
+            t = self.ledger(run_id or self.latest_run())
+            return _project(t, columns)
         files = self.committed_files(table, scale, morton_range, run_id)
         if not files:
-            return S.empty(table)
-        filters = []
+            return _project(S.empty(table), columns)
+        filters = where_filters(where, S.schema(table).names)
         if scale is not None and "scale" in S.schema(table).names:
             filters.append(("scale", "=", scale))
         if morton_range is not None and "morton" in S.schema(table).names:
             filters += [("morton", ">=", morton_range[0]), ("morton", "<", morton_range[1])]
         t = pq.read_table([str(f) for f in files], schema=S.schema(table), filters=filters or None)
-        return S.conform(table, t)
+        return _project(S.conform(table, t), columns)
+
+
+def _project(t: pa.Table, columns: Sequence[str] | None) -> pa.Table:
+    if columns is None:
+        return t
+    return t.select([n for n in t.schema.names if n in set(columns)])
 
 
 def _writer_options(table: str) -> dict:
