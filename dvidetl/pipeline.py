@@ -461,6 +461,11 @@ def add_flight_arguments(parser) -> None:
         "--source", default=None, metavar="URL",
         help="what the embedded server serves (default synthetic://UUID); not used with --flight",
     )
+    parser.add_argument(
+        "--serve-host", default="127.0.0.1", metavar="ADDR",
+        help="address the embedded server binds (default 127.0.0.1); 0.0.0.0 lets workers on "
+             "other nodes reach it (advertised under this host's name); not used with --flight",
+    )
 
 
 def read_token(path: str | None) -> str | None:
@@ -505,9 +510,13 @@ class FlightEndpoint:
             self.source.close()
 
 
-def open_flight(args, *, host: str = "127.0.0.1") -> FlightEndpoint:
+def open_flight(args) -> FlightEndpoint:
     """The endpoint the options name: ``--flight`` or the embedded reference server over
-    ``synthetic://<uuid>`` (bound to loopback; local workers reach it there)."""
+    ``synthetic://<uuid>`` (or ``--source``), bound to ``--serve-host`` — loopback by default,
+    which only workers on this node can reach; a wildcard bind is advertised under this
+    host's fully qualified name so SLURM workers on other nodes can connect."""
+    import socket
+
     from dvidetl.errors import UserError
 
     token = read_token(getattr(args, "token_file", None))
@@ -517,9 +526,16 @@ def open_flight(args, *, host: str = "127.0.0.1") -> FlightEndpoint:
         from dvidetl.flight.server import start_server
         from dvidetl.sources import open_source
 
+        host = getattr(args, "serve_host", None) or "127.0.0.1"
         source = open_source(getattr(args, "source", None) or f"synthetic://{args.uuid}")
-        server = start_server(source, host=host, port=0, token=token)
+        try:
+            server = start_server(source, host=host, port=0, token=token)
+        except Exception as exc:  # noqa: BLE001 - a bad bind address is the user's to fix
+            source.close()
+            raise UserError(f"--serve-host {host!r}: cannot listen there ({exc})") from None
         location = server.location
+        if host in ("0.0.0.0", "::", "[::]"):
+            location = f"grpc://{socket.getfqdn()}:{server.port}"
     elif not location.startswith(("grpc://", "grpc+tcp://", "grpc+tls://")):
         raise UserError(f"--flight {location!r}: expected grpc://HOST:PORT or grpc+tls://HOST:PORT")
     try:

@@ -29,6 +29,17 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     assert "partitions" in capsys.readouterr().out
 
 
+def test_serve_host_wildcard_is_advertised_by_name(tmp_path, capsys):
+    """Workers on other nodes can't use 127.0.0.1: a wildcard bind is advertised under this
+    host's name, and the driver's own client already connected through that address."""
+    import socket
+
+    argv = ["run", "--uuid", "demo", "--serve-host", "0.0.0.0", "--dry-run",
+            "--sink", f"parquet://{tmp_path}/o"]
+    assert cli(argv) == 0
+    assert f"grpc://{socket.getfqdn()}:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, msg",
     [
@@ -38,6 +49,7 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
         (["run", "--uuid", "demo", "--partition-blocks", "0"], "--partition-blocks"),
         (["run", "--uuid", "demo", "--token-file", "/nonexistent/tok"], "--token-file"),
         (["run", "--uuid", "demo", "--flight", "http://x:1"], "--flight"),
+        (["plan", "--uuid", "demo", "--serve-host", "192.0.2.1"], "--serve-host"),
         (["run", "--uuid", "demo", "--resume", "nope", "--sink", "parquet://{tmp}"], "no run"),
         (["verify", "--uuid", "demo", "--sink", "parquet://{tmp}"], None),
         (["inspect", "--sink", "parquet://{tmp}", "--block", "1,2"], None),
