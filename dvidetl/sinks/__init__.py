@@ -17,6 +17,8 @@ from dvidetl.sinks.base import Partition, RunInfo, Sink
 SCHEMES: dict[str, str] = {
     "parquet": "dvidetl.sinks.parquet:open_url",
     "vastdb": "dvidetl.sinks.vastdb:open_url",
+    # fault injection for tests/faults (a Parquet sink that fails on purpose)
+    "flaky+parquet": "dvidetl.testing.faulty_sink:open_url",
 }
 
 DEFAULT_SINK = "parquet://./dvidetl-out"
