@@ -1,0 +1,161 @@
+"""``flaky+parquet://DIR?rate=R&fails=K&seed=S&poison=SCALE:MORTON&mode=M`` — a Parquet sink
+that fails on purpose, for the fault-injection suite (tests/faults).
+
+Why a wrapper and not a mock: the export runs unchanged on real Dask workers against the
+real Parquet sink; only ``write_partition`` is made to fail, the way a flaky file system or
+object store would. The wrapper is opened by URL on every worker like any sink (the scheme
+is listed in ``dvidetl.sinks.SCHEMES``), so faults happen inside real tasks and are retried
+by the real scheduler.
+
+Which writes fail is deterministic, so a test can assert exact outcomes:
+
+* ``rate`` — the fraction of partitions (chosen by a hash of ``seed`` and the partition key)
+  whose first ``fails`` attempts (default 1) raise ``OSError(EIO)``. Attempts are counted in
+  files under ``DIR/.faults/`` so they add up across worker processes and retries.
+* ``poison=SCALE:MORTON`` — the block partition holding that block fails on every attempt
+  (``poison`` may repeat). Such a partition must be reported by the run, never dropped.
+* ``mode`` — where an attempt fails: ``before`` (nothing written), ``mid`` (the data files
+  are written and renamed into place, then the failure hits before the ledger row: the
+  worst case for exactly-once) or ``mixed`` (default: alternate by attempt).
+
+``faults(DIR)`` tells a test how many failures were injected per partition.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from dvidetl.errors import UserError
+from dvidetl.sinks.base import Partition
+from dvidetl.sinks.parquet import ParquetSink
+
+SCHEME = "flaky+parquet"
+MODES = ("before", "mid", "mixed")
+FAULT_DIR = ".faults"
+
+
+class InjectedFault(OSError):
+    """The error a flaky write raises (an ``OSError``, as a real I/O failure would be)."""
+
+
+class _FailingStats(Mapping):
+    """Stats whose first read raises: the Parquet sink reads stats only after its data files
+    are in place and before the ledger row, so this fails an attempt exactly there."""
+
+    def __init__(self, inner: Mapping, msg: str):
+        self._inner, self._msg = inner, msg
+
+    def __getitem__(self, k):
+        raise InjectedFault(errno.EIO, self._msg)
+
+    def get(self, k, default=None):
+        raise InjectedFault(errno.EIO, self._msg)
+
+    def __iter__(self):
+        return iter(self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+
+class FlakySink(ParquetSink):
+    """A ``ParquetSink`` whose ``write_partition`` fails as the URL says (see module doc)."""
+
+    def __init__(self, base: str, *, uuid: str, instance: str, url: str, rate: float = 0.0,
+                 fails: int = 1, seed: int = 0, poison: tuple[tuple[int, int], ...] = (),
+                 mode: str = "mixed"):
+        super().__init__(base, uuid=uuid, instance=instance, url=url)
+        self.rate, self.fails, self.seed = rate, fails, seed
+        self.poison, self.mode = poison, mode
+
+    def __repr__(self) -> str:
+        return f"FlakySink({str(self.root)!r}, rate={self.rate}, fails={self.fails})"
+
+    def _selected(self, part: Partition) -> bool:
+        h = hashlib.blake2b(f"{self.seed}:{part.key}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") / 2.0**64 < self.rate
+
+    def _poisoned(self, part: Partition) -> bool:
+        return part.kind == "blocks" and any(
+            s == part.scale and part.lo <= m < part.hi for s, m in self.poison
+        )
+
+    def _attempt(self, run_id: str, part: Partition) -> int:
+        """Count this attempt (one file per attempt: O_EXCL makes it race-free across
+        processes) and return its number, from 0."""
+        d = self.base / FAULT_DIR / run_id
+        d.mkdir(parents=True, exist_ok=True)
+        k = 0
+        while True:
+            try:
+                fd = os.open(d / f"{part.key}.{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                k += 1
+                continue
+            os.close(fd)
+            return k
+
+    def _note_fault(self, run_id: str, part: Partition, attempt: int) -> None:
+        (self.base / FAULT_DIR / run_id / f"{part.key}.{attempt}.failed").touch()
+
+    def write_partition(self, run_id, part, tables, stats) -> None:
+        poisoned = self._poisoned(part)
+        if not poisoned and not self._selected(part):
+            return super().write_partition(run_id, part, tables, stats)
+        attempt = self._attempt(run_id, part)
+        if not poisoned and attempt >= self.fails:
+            return super().write_partition(run_id, part, tables, stats)
+        self._note_fault(run_id, part, attempt)
+        what = "poisoned partition" if poisoned else "transient fault"
+        msg = f"injected {what}: write of {part.key} failed (attempt {attempt + 1})"
+        mode = self.mode if self.mode != "mixed" else ("before", "mid")[attempt % 2]
+        if mode == "before":
+            raise InjectedFault(errno.EIO, msg)
+        super().write_partition(run_id, part, tables, _FailingStats(stats, msg))
+        raise AssertionError("unreachable: the failing stats must have raised")  # pragma: no cover
+
+
+def faults(base: str | os.PathLike, run_id: str) -> dict[str, int]:
+    """Injected failures per partition key of one run (for test assertions)."""
+    d = Path(base) / FAULT_DIR / run_id
+    out: dict[str, int] = {}
+    if d.is_dir():
+        for f in d.glob("*.failed"):
+            key = f.name.split(".")[0]
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def open_url(url: str, *, uuid: str, instance: str) -> FlakySink:
+    """Open ``flaky+parquet://DIR?...`` (see the module docstring)."""
+    parts = urlsplit(url)
+    if parts.scheme != SCHEME:
+        raise UserError(f"not a {SCHEME}:// URL: {url!r}")
+    base = parts.netloc + parts.path
+    if not base:
+        raise UserError(f"sink URL {url!r} names no directory: use {SCHEME}://DIR?rate=0.3")
+    q = parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(q) - {"rate", "fails", "seed", "poison", "mode"}
+    if unknown:
+        raise UserError(f"unknown parameter(s) {sorted(unknown)} in {url!r}: use rate, fails, "
+                        "seed, poison, mode")
+    try:
+        rate = float(q.get("rate", ["0"])[-1])
+        fails = int(q.get("fails", ["1"])[-1])
+        seed = int(q.get("seed", ["0"])[-1])
+        poison = tuple(tuple(int(v) for v in p.split(":")) for p in q.get("poison", []))
+    except ValueError:
+        raise UserError(f"bad number in {url!r}: rate is a fraction, fails/seed integers, "
+                        "poison SCALE:MORTON") from None
+    mode = q.get("mode", ["mixed"])[-1]
+    if not 0.0 <= rate <= 1.0 or fails < 0 or any(len(p) != 2 for p in poison):
+        raise UserError(f"{url!r}: need 0 <= rate <= 1, fails >= 0, poison=SCALE:MORTON")
+    if mode not in MODES:
+        raise UserError(f"{url!r}: mode must be one of {', '.join(MODES)}")
+    return FlakySink(base, uuid=uuid, instance=instance, url=url, rate=rate, fails=fails,
+                     seed=seed, poison=poison, mode=mode)
