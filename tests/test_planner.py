@@ -9,7 +9,6 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_end
 from dvidetl.pipeline import make_plan, merge_cells, plan_scale
 
 
@@ -79,35 +78,46 @@ def test_merge_cells_vectorized_groups():
 
 
 def test_cns_size_plan_is_fast_and_bounded(shared_data):
-    """A volume with the male CNS extents (scale 0 grid of the real spec, ~3.8 billion block
-    slots) and a sparse tissue mask of ~510 million blocks: planned from counts alone."""
+    """The synthetic source at the male CNS extents (scale 0 grid of the real spec, ~3.8
+    billion block slots) with its sparse tissue mask (hundreds of millions of blocks), planned
+    through the Flight ``count`` action exactly as ``run`` does — no block is read, and the
+    planner's traced memory stays bounded (far below one byte per block slot)."""
+    import tracemalloc
+
+    from dvidetl.flight.client import FlightClient
+    from dvidetl.flight.server import start_server
+    from dvidetl.sources import open_source
+
     spec = json.loads((shared_data / "dvid" / "mcns-ng-specs.json").read_text())
-    grid = tuple(-(-s // 64) for s in spec["scales"][0]["size"])
+    size = spec["scales"][0]["size"]
+    grid = tuple(-(-s // 64) for s in size)
     slots = grid[0] * grid[1] * grid[2]
     assert slots > 3.5e9
-    end = morton_end(grid)
-    # mask at the resolution of 2**15-slot cells (32x32x32 blocks): occupied cells are full
-    lm = 15
-    rng = np.random.default_rng(7)
-    ncells = end >> lm
-    occupied = np.flatnonzero(rng.random(ncells) < (510e6 / (1 << lm)) / ncells).astype(np.uint64)
-
-    def count(scale, level):
-        if level >= lm:
-            cells, c = np.unique(occupied >> np.uint64(level - lm), return_counts=True)
-            return cells, c.astype(np.uint64) << np.uint64(lm), True
-        k = np.uint64(lm - level)
-        cells = (occupied[:, None] << k) + np.arange(1 << (lm - level), dtype=np.uint64)[None, :]
-        return cells.ravel(), np.full(cells.size, 1 << level, np.uint64), True
-
-    info = VolumeInfo("cns", "segmentation", "gzip", [ScaleInfo(0, (64, 64, 64), grid)])
-    t0 = time.perf_counter()
-    parts = make_plan(info, count, [0], 4096)
-    dt = time.perf_counter() - t0
-    total = sum(p.blocks for p in parts if p.kind == "blocks")
-    assert total == len(occupied) << lm
-    assert 4.5e8 < total < 5.7e8
-    blk = [p for p in parts if p.kind == "blocks"]
-    assert len(blk) == total // 4096 or abs(len(blk) - total / 4096) < 0.01 * len(blk) + 2
-    assert [p.kind for p in parts[-2:]] == ["indices", "mapping"]
-    print(f"planned {len(blk)} partitions of {total} blocks in {dt:.2f} s")
+    source = open_source(f"synthetic://cns?size={','.join(map(str, size))}&scales=1&mask=sparse")
+    server = start_server(source)
+    client = FlightClient(server.location, uuid="cns")
+    try:
+        info = client.info()
+        assert tuple(info.scales[0].grid) == grid
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        parts = make_plan(info, client.count, [0], 4096)
+        dt = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        total = sum(p.blocks for p in parts if p.kind == "blocks")
+        # the source's exact count, summed independently at the coarsest level
+        _, counts, exact = source.count(0, 30)
+        assert exact and total == int(np.sum(counts))
+        assert 2e8 < total < 6e8, total
+        blk = [p for p in parts if p.kind == "blocks"]
+        assert abs(len(blk) - total / 4096) < 0.02 * len(blk) + 2
+        assert max(p.blocks for p in blk) <= 2 * 4096
+        assert all(a.hi <= b.lo for a, b in zip(blk, blk[1:]))
+        assert [p.kind for p in parts[-2:]] == ["indices", "mapping"]
+        assert peak < 512 * 2**20, f"planner peak {peak / 2**20:.0f} MiB"
+        print(f"planned {len(blk)} partitions of {total} blocks in {dt:.2f} s, peak {peak / 2**20:.0f} MiB")
+    finally:
+        client.close()
+        server.stop()
+        source.close()
