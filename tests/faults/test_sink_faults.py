@@ -1,0 +1,78 @@
+"""A sink that fails: transient write errors are retried to an exact export; a partition
+that keeps failing is reported by the run (exit 1, its key, how to resume) and completed by
+``--resume`` once the fault is gone."""
+
+from __future__ import annotations
+
+import pytest
+
+from dvidetl.cli import main as cli
+from dvidetl.flight.server import start_server
+from dvidetl.sources import open_source
+from dvidetl.testing.faulty_sink import faults
+
+from ._support import verify_and_record
+from .conftest import VOLUME
+
+
+@pytest.fixture(scope="module")
+def server():
+    src = open_source(f"synthetic://fs?{VOLUME}")
+    with start_server(src) as srv:
+        yield srv
+    src.close()
+
+
+def _run(server, cluster, sink, *extra):
+    return cli(["run", "--uuid", "fs", "--flight", server.location, "--sink", sink,
+                "--cluster", cluster.scheduler_address, "--partition-blocks", "8", "--quiet",
+                *extra])
+
+
+def test_transient_sink_failures_are_retried(server, cluster, tmp_path, nodeid, capsys):
+    out = tmp_path / "out"
+    sink = f"flaky+parquet://{out}?rate=0.5&fails=2&seed=3"
+    rc = _run(server, cluster, sink, "--retries", "3")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    run_id = next((out / "segmentation" / "fs" / "runs").iterdir()).name
+    injected = faults(out, run_id)
+    # half the partitions failed twice each, half of those after their data files landed
+    assert len(injected) >= 5 and set(injected.values()) == {2}, injected
+    o = verify_and_record(nodeid, "sink write fails transiently (EIO, before/after data)",
+                          location=server.location, uuid="fs", sink_url=sink, runs=1)
+    assert o.exact, o.report.text()
+    assert o.found > 150
+
+
+def test_partition_that_keeps_failing_is_reported_then_resumed(server, cluster, tmp_path,
+                                                               nodeid, capsys):
+    first = next(open_source(f"synthetic://fs?{VOLUME}").read_blocks(0, 0, 1 << 40))
+    m = int(first.column("morton")[0].as_py())
+    out = tmp_path / "out"
+    rc = _run(server, cluster, f"flaky+parquet://{out}?poison=0:{m}", "--retries", "2")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "1 failed" in err and "FAILED blocks-s0-" in err and "injected poisoned partition" in err
+    assert "--resume" in err
+    run_id = next((out / "segmentation" / "fs" / "runs").iterdir()).name
+    assert sum(faults(out, run_id).values()) == 3  # first attempt + 2 retries, then reported
+    # the failed partition is visible as such: verify names it, nothing else is missing
+    from dvidetl.flight.client import FlightClient
+    from dvidetl.sinks import open_sink
+    from dvidetl.verify import verify_export
+
+    c = FlightClient(server.location, uuid="fs")
+    rep = verify_export(c, open_sink(f"parquet://{out}", uuid="fs", instance="segmentation"))
+    c.close()
+    assert not rep.ok and rep.partitions_unfinished == 1 and 0 < rep.missing <= 16
+    assert rep.duplicated == 0 and rep.extra == 0
+    # the fault is gone: resume finishes exactly the missing partition
+    rc = _run(server, cluster, f"parquet://{out}", "--resume", run_id)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "1 written now" in err
+    o = verify_and_record(nodeid, "sink partition keeps failing -> reported, resumed",
+                          location=server.location, uuid="fs", sink_url=f"parquet://{out}",
+                          runs=2, run_id=run_id)
+    assert o.exact, o.report.text()
