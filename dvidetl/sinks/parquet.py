@@ -219,8 +219,12 @@ class ParquetSink:
             filters.append(("scale", "=", scale))
         if morton_range is not None and "morton" in S.schema(table).names:
             filters += [("morton", ">=", morton_range[0]), ("morton", "<", morton_range[1])]
-        t = pq.read_table([str(f) for f in files], schema=S.schema(table), filters=filters or None)
-        return _project(S.conform(table, t), columns)
+        sch = S.schema(table)
+        cols = None if columns is None else [n for n in sch.names if n in set(columns)]
+        t = pq.read_table([str(f) for f in files], schema=sch, filters=filters or None, columns=cols)
+        if cols is None:
+            return S.conform(table, t)
+        return t.cast(pa.schema([sch.field(n) for n in cols]))
 
 
 def _project(t: pa.Table, columns: Sequence[str] | None) -> pa.Table:
@@ -234,6 +238,17 @@ def _writer_options(table: str) -> dict:
     comp = {f.name: ("none" if f.name in _PAYLOAD else "zstd") for f in sch}
     dict_cols = [f.name for f in sch if f.name not in _PAYLOAD and not pa.types.is_list(f.type)]
     return dict(compression=comp, use_dictionary=dict_cols, write_statistics=True)
+
+
+#: bound on a row group's bytes: a reader filtering on (scale, morton) reads one row group,
+#: so a one-block read from a 4,096-block partition file costs ~1 MB, not the whole file
+ROW_GROUP_BYTES = 1 << 20
+
+
+def _row_group_rows(chunk: pa.Table) -> int:
+    """Rows per row group so each holds about ``ROW_GROUP_BYTES`` (8 .. 65,536 rows)."""
+    per_row = chunk.nbytes / max(chunk.num_rows, 1)
+    return int(min(64 * 1024, max(8, ROW_GROUP_BYTES // max(per_row, 1))))
 
 
 def _write_atomic(final: Path, table: str, data: TableData, keep_empty: bool = False) -> int:
@@ -255,7 +270,7 @@ def _write_atomic(final: Path, table: str, data: TableData, keep_empty: bool = F
                 continue
             if writer is None:
                 writer = pq.ParquetWriter(str(tmp), sch, **_writer_options(table))
-            writer.write_table(chunk, row_group_size=64 * 1024)
+            writer.write_table(chunk, row_group_size=_row_group_rows(chunk))
             rows += chunk.num_rows
         if writer is None:
             return 0
