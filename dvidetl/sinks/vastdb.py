@@ -1,0 +1,771 @@
+"""``vastdb://HOST[:PORT]/BUCKET/SCHEMA``: the export written into VAST DataBase with the
+real ``vastdb`` SDK.
+
+The tables of ``dvidetl.schema`` live in ``BUCKET/SCHEMA`` (one export, instance@uuid, per
+schema; a schema holding another export is refused, because rewriting a partition deletes
+rows by range) plus ``export_runs`` (each run's plan as JSON, cut into cell-limit parts).
+
+Why it is shaped like this (see ``../shared/docs/vastdb-notes.md``):
+
+* **DDL once, on the driver** (``prepare``), committed before any worker starts: the SDK's
+  create-if-not-exists is check-then-create and races between processes. An existing table
+  whose columns differ is a ``UserError`` naming the column.
+* **One transaction per partition**: the ledger row is checked inside it (skip when present),
+  the rows an earlier run left in the partition's range are deleted by predicate, the new rows
+  and the ledger row inserted; commit = exported, anything else = nothing is.
+* **Unknown outcomes are resolved by reading the ledger**: a dropped insert poisons only its
+  own (uncommitted) transaction, which is abandoned and redone from the start; a commit whose
+  answer is lost is followed by a ledger read before anything is written again.
+* **One RPC per insert**: every cell is checked against the cell limit on the client (the SDK
+  never does) and batches are cut below ``INSERT_BUDGET`` bytes, so the SDK never falls back
+  to its insert + update splitting.
+* Credentials come only from the environment (``VASTDB_ACCESS_KEY``/``VASTDB_SECRET_KEY``,
+  then ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) or the file named by
+  ``VASTDB_CREDENTIALS_FILE``; they never appear in the URL, ``repr`` or logs.
+
+URL query options: ``endpoints=H:P,H:P`` (more CNode VIPs; the partition key picks one per
+transaction, reads use them all), ``cell_limit=N`` (default 129,024), ``timeout=S`` (read
+timeout per request, default 120 s), ``tries=N`` (transaction attempts, default 8).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dvidetl import schema as S
+from dvidetl.errors import UserError
+from dvidetl.sinks.base import Partition, RunInfo, TableData, Where
+
+log = logging.getLogger(__name__)
+
+#: the run plans: one row per part of a run's JSON
+EXPORT_RUNS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("instance", pa.string()),
+        ("uuid", pa.string()),
+        ("created", pa.float64()),
+        ("part", pa.uint32()),
+        ("nparts", pa.uint32()),
+        ("plan", pa.binary()),
+    ]
+)
+#: every table the sink creates
+ALL_TABLES: dict[str, pa.Schema] = {**S.TABLES, "export_runs": EXPORT_RUNS}
+#: sorting keys: range reads of a scale / a label prune server-side
+SORTING_KEYS: dict[str, list[str]] = {"blocks": ["scale", "morton"], "label_index": ["label"]}
+#: serialized bytes per insert RPC we aim below (the SDK splits above ~4.9 MiB)
+INSERT_BUDGET = 4 * 1024 * 1024
+#: rows per insert RPC (the response carries a 16-byte row id per row on sorted tables)
+INSERT_MAX_ROWS = 200_000
+#: (connect, read) seconds per request
+DEFAULT_TIMEOUT = (10.0, 120.0)
+DEFAULT_TRIES = 8
+CRED_FILE_ENV = "VASTDB_CREDENTIALS_FILE"
+
+
+# ---------------------------------------------------------------------------------------------
+# credentials and URL
+# ---------------------------------------------------------------------------------------------
+
+
+class _Creds:
+    """An access/secret key pair that never prints."""
+
+    __slots__ = ("access", "secret", "source")
+
+    def __init__(self, access: str, secret: str, source: str):
+        self.access, self.secret, self.source = access, secret, source
+
+    def __repr__(self) -> str:
+        return f"_Creds(from {self.source}, ***)"
+
+    __str__ = __repr__
+
+
+def _read_cred_file(path: str) -> tuple[str | None, str | None]:
+    """``key = value`` lines (``[section]`` lines and ``#`` comments ignored); keys
+    ``access_key``/``secret_key`` or the AWS names ``aws_access_key_id``/``aws_secret_access_key``."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise UserError(f"{CRED_FILE_ENV}={path}: cannot read it ({exc.strerror})") from None
+    vals: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")) or ("=" not in line and ":" not in line):
+            continue
+        sep = "=" if "=" in line else ":"
+        k, v = line.split(sep, 1)
+        vals[k.strip().lower()] = v.strip().strip("'\"")
+    access = vals.get("access_key") or vals.get("aws_access_key_id") or vals.get("vastdb_access_key")
+    secret = vals.get("secret_key") or vals.get("aws_secret_access_key") or vals.get("vastdb_secret_key")
+    return access, secret
+
+
+def load_credentials(env: Mapping[str, str] | None = None) -> _Creds:
+    """The key pair, from the environment or the credentials file; a ``UserError`` saying
+    what to set when there is none."""
+    env = os.environ if env is None else env
+    for a, s in (("VASTDB_ACCESS_KEY", "VASTDB_SECRET_KEY"), ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")):
+        if env.get(a) and env.get(s):
+            return _Creds(env[a], env[s], f"${a}")
+        if env.get(a) or env.get(s):
+            raise UserError(f"VastDB credentials: set both {a} and {s} (only one is set)")
+    path = env.get(CRED_FILE_ENV)
+    if path:
+        access, secret = _read_cred_file(path)
+        if not access or not secret:
+            raise UserError(f"{CRED_FILE_ENV}={path}: needs access_key = ... and secret_key = ... lines")
+        return _Creds(access, secret, f"${CRED_FILE_ENV}")
+    raise UserError(
+        "no VastDB credentials: set VASTDB_ACCESS_KEY and VASTDB_SECRET_KEY (or AWS_ACCESS_KEY_ID and "
+        f"AWS_SECRET_ACCESS_KEY), or {CRED_FILE_ENV} to a file with access_key/secret_key lines"
+    )
+
+
+def _endpoint(hostport: str, what: str) -> str:
+    hp = hostport.strip()
+    if hp.startswith(("http://", "https://")):
+        scheme, hp = hp.split("://", 1)
+    else:
+        scheme = "http"
+    hp = hp.rstrip("/")
+    if not hp or "/" in hp or "@" in hp:
+        raise UserError(f"{what} {hostport!r}: expected HOST[:PORT]")
+    if ":" in hp:
+        port = hp.rsplit(":", 1)[1]
+        if not port.isdigit():
+            raise UserError(f"{what} {hostport!r}: the port must be a number")
+    return f"{scheme}://{hp}"
+
+
+def with_endpoints(url: str, endpoints: str | None) -> str:
+    """``url`` with ``--vast-endpoints`` (comma-separated HOST:PORT) added as ``?endpoints=``,
+    so every worker opening the sink from its URL spreads over the same endpoints."""
+    if not endpoints:
+        return url
+    if not url.startswith("vastdb://"):
+        raise UserError("--vast-endpoints only applies to a vastdb:// sink")
+    eps = [e.strip() for e in endpoints.split(",") if e.strip()]
+    for e in eps:
+        _endpoint(e, "--vast-endpoints entry")
+    return url + ("&" if "?" in url else "?") + "endpoints=" + ",".join(eps)
+
+
+@dataclass(frozen=True)
+class VastUrl:
+    endpoints: tuple[str, ...]
+    bucket: str
+    schema: str
+    cell_limit: int = S.DEFAULT_CELL_LIMIT
+    timeout: float = DEFAULT_TIMEOUT[1]
+    tries: int = DEFAULT_TRIES
+
+
+def parse_url(url: str) -> VastUrl:
+    """``vastdb://HOST[:PORT]/BUCKET/SCHEMA[?endpoints=..&cell_limit=..&timeout=..&tries=..]``."""
+    u = urlsplit(url)
+    if u.scheme != "vastdb" or not u.netloc:
+        raise UserError(f"sink URL {url!r}: expected vastdb://HOST[:PORT]/BUCKET/SCHEMA")
+    if "@" in u.netloc:
+        raise UserError(f"sink URL {url!r}: credentials do not go in the URL; set VASTDB_ACCESS_KEY "
+                        "and VASTDB_SECRET_KEY instead")
+    parts = [p for p in u.path.split("/") if p]
+    if len(parts) < 2:
+        raise UserError(f"sink URL {url!r} names no BUCKET/SCHEMA: use vastdb://HOST[:PORT]/BUCKET/SCHEMA")
+    q = parse_qs(u.query)
+    unknown = set(q) - {"endpoints", "cell_limit", "timeout", "tries"}
+    if unknown:
+        raise UserError(f"sink URL {url!r}: unknown option(s) {sorted(unknown)} "
+                        "(known: endpoints, cell_limit, timeout, tries)")
+    eps = [_endpoint(u.netloc, "sink URL host")]
+    for v in q.get("endpoints", []):
+        eps += [_endpoint(e, "endpoints entry") for e in v.split(",") if e.strip()]
+
+    def num(key, cast, default):
+        try:
+            return cast(q[key][-1]) if key in q else default
+        except ValueError:
+            raise UserError(f"sink URL {url!r}: {key}={q[key][-1]!r} is not a number") from None
+
+    out = VastUrl(tuple(dict.fromkeys(eps)), parts[0], "/".join(parts[1:]),
+                  num("cell_limit", int, S.DEFAULT_CELL_LIMIT), num("timeout", float, DEFAULT_TIMEOUT[1]),
+                  num("tries", int, DEFAULT_TRIES))
+    if not 1024 <= out.cell_limit <= S.DEFAULT_CELL_LIMIT:
+        raise UserError(f"sink URL {url!r}: cell_limit must be 1024 .. {S.DEFAULT_CELL_LIMIT}")
+    if out.tries < 1 or out.timeout <= 0:
+        raise UserError(f"sink URL {url!r}: tries must be >= 1 and timeout > 0")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: what may be retried, what is a user error
+# ---------------------------------------------------------------------------------------------
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Transient: 503 / SlowDown, 409 (transaction rolled back), 408, dropped connections,
+    timeouts, an unknown transaction (server restarted), and the proxy statuses the SDK
+    cannot map (429/502/504 surface as ``ValueError: N is not a valid HttpStatus``)."""
+    import requests
+    from vastdb import errors as E
+
+    if isinstance(exc, (E.ServiceUnavailable, E.Conflict, E.RequestTimeout, E.ConnectionError,
+                        E.MissingTransaction, E.UnexpectedError, requests.exceptions.RequestException,
+                        ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, E.NotFound) and "transaction" in str(getattr(exc, "message", "") or "").lower():
+        return True
+    if isinstance(exc, ValueError) and "HttpStatus" in str(exc):
+        return True
+    cause = exc.__cause__
+    return cause is not None and _retryable_cause(cause)
+
+
+def _retryable_cause(exc: BaseException) -> bool:
+    import requests
+
+    return isinstance(exc, (requests.exceptions.RequestException, ConnectionError, TimeoutError))
+
+
+def _describe(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    status = getattr(exc, "status", None)
+    if status is not None:
+        return f"{type(exc).__name__} {status}{' ' + code if code else ''}"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# cells and insert sizing (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+
+def cell_sizes(arr: pa.Array) -> np.ndarray | None:
+    """Bytes per cell of a variable-size column (binary/string: length; list: values x item
+    size), or None for fixed-size columns."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    t = arr.type
+    if pa.types.is_binary(t) or pa.types.is_string(t) or pa.types.is_large_binary(t) or pa.types.is_large_string(t):
+        n = pc.binary_length(arr)
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        n = pc.multiply(pc.list_value_length(arr).cast(pa.int64()), t.value_type.byte_width)
+    else:
+        return None
+    return np.nan_to_num(n.to_numpy(zero_copy_only=False).astype(np.float64), nan=0.0).astype(np.int64)
+
+
+def check_cells(table: str, batch: pa.Table | pa.RecordBatch, cell_limit: int) -> None:
+    """``ValueError`` naming the column and row key when a cell passes the limit: VAST would
+    reject it and roll back the whole partition, so it is a bug to catch before sending."""
+    for name in batch.schema.names:
+        sizes = cell_sizes(batch.column(name))
+        if sizes is None or len(sizes) == 0:
+            continue
+        over = np.flatnonzero(sizes > cell_limit)
+        if len(over):
+            i = int(over[0])
+            key = {k: batch.column(k)[i].as_py() for k in S.KEYS.get(table, ()) if k in batch.schema.names}
+            raise ValueError(f"{table}.{name}: a {int(sizes[i]):,}-byte cell passes the VastDB cell "
+                             f"limit of {cell_limit:,} bytes (row {key})")
+
+
+def row_bytes(batch: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """Estimated serialized bytes per row (values + offsets + validity), for cutting."""
+    n = batch.num_rows
+    out = np.zeros(n, np.int64)
+    for name in batch.schema.names:
+        col = batch.column(name)
+        sizes = cell_sizes(col)
+        if sizes is None:
+            w = col.type.byte_width if col.type.bit_width >= 8 else 1
+            out += w + 1
+        else:
+            out += sizes + 9
+    return out
+
+
+def cut_rows(batch: pa.Table, budget: int = INSERT_BUDGET, max_rows: int = INSERT_MAX_ROWS) -> list[pa.RecordBatch]:
+    """``batch`` as record batches each below ``budget`` serialized bytes and ``max_rows``."""
+    if batch.num_rows == 0:
+        return []
+    sizes = row_bytes(batch)
+    cum = np.cumsum(sizes)
+    out: list[pa.RecordBatch] = []
+    start = 0
+    base = 0
+    n = batch.num_rows
+    while start < n:
+        end = int(np.searchsorted(cum, base + budget, side="right"))
+        end = max(start + 1, min(end, start + max_rows, n))
+        rb = _one_batch(batch.slice(start, end - start))
+        while rb.num_rows > 1 and pa.ipc.get_record_batch_size(rb) > budget:
+            end = start + rb.num_rows // 2  # estimate was off: halve until it fits
+            rb = _one_batch(batch.slice(start, end - start))
+        out.append(rb)
+        base = int(cum[end - 1])
+        start = end
+    return out
+
+
+def _one_batch(t: pa.Table) -> pa.RecordBatch:
+    """One record batch (what ``insert`` sends as one RPC) from a table slice."""
+    bs = t.combine_chunks().to_batches()
+    return bs[0] if len(bs) == 1 else pa.concat_batches(bs) if bs else t.schema.empty_table().to_batches()[0]
+
+
+def chunk_json(text: bytes, limit: int) -> list[bytes]:
+    return [text[i:i + limit] for i in range(0, len(text), limit)] or [b""]
+
+
+# ---------------------------------------------------------------------------------------------
+# the sink
+# ---------------------------------------------------------------------------------------------
+
+
+class VastDBSink:
+    """``vastdb://HOST[:PORT]/BUCKET/SCHEMA`` for one (uuid, instance)."""
+
+    def __init__(self, url: str, *, uuid: str, instance: str):
+        self.url = url
+        self.uuid = uuid
+        self.instance = instance
+        self.cfg = parse_url(url)
+        self._creds: _Creds | None = None
+        self._local = threading.local()  # one SDK session per (process, thread, endpoint)
+        self._runs: dict[str, RunInfo] = {}
+        self._md: dict[str, object] = {}
+
+    def __repr__(self) -> str:
+        return f"VastDBSink({self.cfg.endpoints[0]}/{self.cfg.bucket}/{self.cfg.schema})"
+
+    __str__ = __repr__
+
+    def __getstate__(self):
+        return {"url": self.url, "uuid": self.uuid, "instance": self.instance}
+
+    def __setstate__(self, st):
+        self.__init__(st["url"], uuid=st["uuid"], instance=st["instance"])
+
+    # -- sessions ------------------------------------------------------------------------------
+    def _session(self, endpoint: str | None = None):
+        """An SDK session for this thread and endpoint, made after fork (never inherited)."""
+        import backoff
+        import vastdb
+        from vastdb.config import BackoffConfig
+
+        endpoint = endpoint or self.cfg.endpoints[0]
+        cache = getattr(self._local, "sessions", None)
+        if cache is None or getattr(self._local, "pid", None) != os.getpid():
+            cache = self._local.sessions = {}
+            self._local.pid = os.getpid()
+        s = cache.get(endpoint)
+        if s is None:
+            if self._creds is None:
+                self._creds = load_credentials()
+            bo = BackoffConfig(wait_gen=backoff.expo, max_value=5.0, max_tries=8, max_time=60.0)
+            s = self._call(lambda: vastdb.connect(
+                endpoint=endpoint, access=self._creds.access, secret=self._creds.secret,
+                timeout=(DEFAULT_TIMEOUT[0], self.cfg.timeout), backoff_config=bo), f"connect {endpoint}")
+            cache[endpoint] = s
+        return s
+
+    def _endpoint_for(self, key: str) -> str:
+        eps = self.cfg.endpoints
+        return eps[zlib.crc32(key.encode()) % len(eps)]
+
+    def _md_of(self, table: str):
+        """TableMetadata with the schema and type known: an insert is then exactly one RPC."""
+        from vastdb.table_metadata import TableMetadata, TableRef, TableType
+
+        md = self._md.get(table)
+        if md is None:
+            ttype = TableType.Elysium if table in SORTING_KEYS else TableType.Regular
+            md = TableMetadata(TableRef(self.cfg.bucket, self.cfg.schema, table),
+                               arrow_schema=ALL_TABLES[table], table_type=ttype)
+            self._md[table] = md
+        return md
+
+    def _qcfg(self, endpoint: str | None, splits: int = 1):
+        from vastdb.config import QueryConfig
+
+        eps = [endpoint] if endpoint else list(self.cfg.endpoints)
+        return QueryConfig(num_splits=max(splits, 1), num_sub_splits=4, data_endpoints=eps)
+
+    def _call(self, fn, what: str):
+        """``fn()`` with retries on transient errors (only for idempotent work: reads, connect,
+        whole transactions that abort cleanly)."""
+        from vastdb import errors as E
+        from vastdb._internal import UnsupportedServer
+
+        delay = 0.2
+        for attempt in range(1, self.cfg.tries + 1):
+            try:
+                return fn()
+            except E.MissingBucket:
+                raise UserError(f"{self!r}: bucket {self.cfg.bucket!r} does not exist") from None
+            except E.Forbidden as exc:
+                raise UserError(f"{self!r}: access denied ({getattr(exc, 'code', None) or 'Forbidden'}): "
+                                "check the VastDB credentials") from None
+            except UnsupportedServer as exc:
+                raise UserError(f"{self!r}: not a VAST server ({exc})") from None
+            except Exception as exc:  # noqa: BLE001 — classified below
+                if not _retryable(exc) or attempt == self.cfg.tries:
+                    raise
+                log.info("%s: %s, retry %d/%d", what, _describe(exc), attempt, self.cfg.tries - 1)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    def _read_tx(self, fn, what: str, endpoint: str | None = None):
+        """``fn(tx)`` in a fresh read transaction, retried as a whole on transient errors
+        (the reader is consumed inside the transaction)."""
+
+        def once():
+            with self._session(endpoint).transaction() as tx:
+                return fn(tx)
+
+        return self._call(once, what)
+
+    # -- selects -----------------------------------------------------------------------------
+    def _select(self, tx, table: str, pred, columns: list[str] | None, *, endpoint: str | None = None,
+                row_ids: bool = False, splits: int = 1) -> pa.Table:
+        t = tx.table_from_metadata(self._md_of(table))
+        cols = None if columns is None else list(columns)  # the SDK appends to the list it gets
+        rd = t.select(columns=cols, predicate=pred, config=self._qcfg(endpoint, splits),
+                      internal_row_id=row_ids)
+        return rd.read_all()
+
+    @staticmethod
+    def _and(terms: list):
+        if not terms:
+            return None
+        p = terms[0]
+        for t in terms[1:]:
+            p = p & t
+        return p
+
+    # -- DDL ---------------------------------------------------------------------------------
+    def _ensure_tables(self, tx) -> None:
+        """Schema and every table, created once; an existing table must match exactly."""
+        from vastdb import errors as E
+
+        bucket = tx.bucket(self.cfg.bucket)
+        sch = bucket
+        for name in self.cfg.schema.split("/"):
+            nxt = sch.schema(name, fail_if_missing=False)
+            sch = nxt if nxt is not None else sch.create_schema(name, fail_if_exists=False)
+        for table, want in ALL_TABLES.items():
+            t = sch.table(table, fail_if_missing=False)
+            if t is None:
+                try:
+                    sch.create_table(table, want, fail_if_exists=True, sorting_key=SORTING_KEYS.get(table, []))
+                except E.TableExists:
+                    t = sch.table(table)
+            if t is not None:
+                _compare_columns(f"{self.cfg.bucket}/{self.cfg.schema}", table, t.arrow_schema, want)
+
+    def prepare(self, run: RunInfo) -> None:
+        limit = int(run.options.get("cell_limit", S.DEFAULT_CELL_LIMIT) or S.DEFAULT_CELL_LIMIT)
+        if limit > self.cfg.cell_limit:
+            raise UserError(f"--cell-limit {limit:,} is above the VastDB cell limit "
+                            f"{self.cfg.cell_limit:,}: use --cell-limit {self.cfg.cell_limit} or less")
+        if run.instance != self.instance or run.uuid != self.uuid:
+            raise ValueError("run is for another volume than this sink object")
+
+        def ddl(tx):
+            self._ensure_tables(tx)
+            other = self._select(tx, "export_runs", _col("part") == 0, ["run_id", "instance", "uuid"])
+            for r in other.to_pylist():
+                if (r["instance"], r["uuid"]) != (self.instance, self.uuid):
+                    raise UserError(
+                        f"{self.cfg.bucket}/{self.cfg.schema} already holds the export of "
+                        f"{r['instance']}@{r['uuid']} (run {r['run_id']}): export "
+                        f"{self.instance}@{self.uuid} into another schema")
+            if run.run_id in set(other.column("run_id").to_pylist()):
+                return
+            data = run.to_json().encode()
+            parts = chunk_json(data, self.cfg.cell_limit)
+            rows = pa.table({
+                "run_id": [run.run_id] * len(parts), "instance": [run.instance] * len(parts),
+                "uuid": [run.uuid] * len(parts), "created": [float(run.created)] * len(parts),
+                "part": list(range(len(parts))), "nparts": [len(parts)] * len(parts), "plan": parts,
+            }, schema=EXPORT_RUNS)
+            t = tx.table_from_metadata(self._md_of("export_runs"))
+            for rb in cut_rows(rows):
+                t.insert(rb)
+
+        self._read_tx(ddl, "prepare")
+        self._runs[run.run_id] = run
+
+    # -- runs --------------------------------------------------------------------------------
+    def _mine(self):
+        return (_col("instance") == self.instance) & (_col("uuid") == self.uuid)
+
+    def load_run(self, run_id: str) -> RunInfo:
+        if run_id in self._runs:
+            return self._runs[run_id]
+        t = self._read_tx(lambda tx: self._select_missing_ok(
+            tx, "export_runs", (_col("run_id") == run_id) & self._mine(), ["part", "nparts", "plan"]),
+            "load_run")
+        if t is None or t.num_rows == 0:
+            known = ", ".join(self.runs()[-5:]) or "none"
+            raise UserError(f"no run {run_id!r} in {self!r} for {self.instance}@{self.uuid} (runs: {known})")
+        t = t.sort_by("part")
+        nparts = int(t.column("nparts")[0].as_py())
+        if t.column("part").to_pylist() != list(range(nparts)):
+            raise UserError(f"run {run_id!r} in {self!r}: its stored plan is incomplete "
+                            f"({t.num_rows} of {nparts} parts)")
+        run = RunInfo.from_json(b"".join(t.column("plan").to_pylist()))
+        self._runs[run_id] = run
+        return run
+
+    def _select_missing_ok(self, tx, table, pred, columns):
+        """A select that answers None when the schema or table does not exist yet."""
+        from vastdb import errors as E
+
+        try:
+            return self._select(tx, table, pred, columns)
+        except (E.MissingSchema, E.MissingTable, E.NotFound):
+            return None
+
+    def runs(self) -> list[str]:
+        t = self._read_tx(lambda tx: self._select_missing_ok(
+            tx, "export_runs", (_col("part") == 0) & self._mine(), ["run_id"]), "runs")
+        if t is None:
+            return []
+        return sorted(set(t.column("run_id").to_pylist()))
+
+    def latest_run(self) -> str | None:
+        runs = self.runs()
+        return runs[-1] if runs else None
+
+    # -- ledger ------------------------------------------------------------------------------
+    @staticmethod
+    def _ledger_pred(run_id: str, part: Partition):
+        return ((_col("run_id") == run_id) & (_col("kind") == part.kind) & (_col("scale") == part.scale)
+                & (_col("lo") == part.lo) & (_col("hi") == part.hi))
+
+    def _ledger_count(self, tx, run_id: str, part: Partition, endpoint: str | None = None) -> int:
+        t = self._select(tx, "export_ledger", self._ledger_pred(run_id, part), ["run_id"], endpoint=endpoint)
+        return t.num_rows
+
+    def is_done(self, run_id: str, part: Partition) -> bool:
+        ep = self._endpoint_for(part.key)
+        return self._read_tx(lambda tx: self._ledger_count(tx, run_id, part, ep), "is_done", ep) > 0
+
+    def done(self, run_id: str) -> set[str]:
+        t = self.ledger(run_id)
+        return {Partition(k, s, lo, hi).key for k, s, lo, hi in zip(
+            t.column("kind").to_pylist(), t.column("scale").to_pylist(),
+            t.column("lo").to_pylist(), t.column("hi").to_pylist(), strict=True)}
+
+    def ledger(self, run_id: str | None = None) -> pa.Table:
+        pred = None if run_id is None else (_col("run_id") == run_id)
+        t = self._read_tx(lambda tx: self._select_missing_ok(tx, "export_ledger", pred, None), "ledger")
+        if t is None:
+            return S.empty("export_ledger")
+        return _as_schema(t, S.EXPORT_LEDGER)
+
+    # -- writing -----------------------------------------------------------------------------
+    @staticmethod
+    def _range_pred(table: str, part: Partition):
+        """Rows of ``table`` that belong to the partition (whatever run wrote them)."""
+        if part.kind == "blocks":
+            return (_col("scale") == part.scale) & (_col("morton") >= part.lo) & (_col("morton") < part.hi)
+        col = {"label_index": "label", "mapping": "supervoxel"}[table]
+        if part.lo == 0 and part.hi >= (1 << 64) - 1:
+            return None  # all rows (also label 2**64-1, never a real label)
+        return (_col(col) >= part.lo) & (_col(col) < part.hi)
+
+    def _prepare_rows(self, table: str, data: TableData | None) -> list[pa.RecordBatch]:
+        """The table's rows conformed, cell-checked and cut into one-RPC batches (a stream is
+        consumed here, before the transaction, so a retried transaction can resend it)."""
+        if data is None:
+            return []
+        chunks: Iterable = [data] if isinstance(data, (pa.Table, pa.RecordBatch)) else data
+        out: list[pa.RecordBatch] = []
+        for chunk in chunks:
+            if isinstance(chunk, pa.RecordBatch):
+                chunk = pa.Table.from_batches([chunk])
+            chunk = S.conform(table, chunk)
+            if chunk.num_rows == 0:
+                continue
+            check_cells(table, chunk, self.cfg.cell_limit)
+            out += cut_rows(chunk)
+        return out
+
+    def write_partition(
+        self, run_id: str, part: Partition, tables: Mapping[str, TableData], stats: Mapping
+    ) -> None:
+        unknown = set(tables) - set(S.KIND_TABLES[part.kind])
+        if unknown:
+            raise ValueError(f"partition kind {part.kind!r} does not write tables {sorted(unknown)}")
+        batches = {t: self._prepare_rows(t, tables.get(t)) for t in S.KIND_TABLES[part.kind]}
+        rows = sum(b.num_rows for bs in batches.values() for b in bs)
+        row = {
+            "run_id": run_id, "kind": part.kind, "scale": part.scale, "lo": part.lo, "hi": part.hi,
+            "blocks": int(stats.get("blocks", 0)), "rows": rows, "errors": int(stats.get("errors", 0)),
+            "bytes_in": int(stats.get("bytes_in", 0)), "bytes_out": int(stats.get("bytes_out", 0)),
+            "seconds": float(stats.get("seconds", 0.0)),
+            "finished_at": pa.scalar(int(time.time() * 1e6), pa.timestamp("us", tz="UTC")),
+        }
+        ledger_rb = pa.RecordBatch.from_pylist([row], schema=S.EXPORT_LEDGER)
+        ep = self._endpoint_for(part.key)
+        delay = 0.2
+        for attempt in range(1, self.cfg.tries + 1):
+            state = {"body_done": False}
+            try:
+                self._write_tx(ep, run_id, part, batches, ledger_rb, state)
+                return
+            except Exception as exc:  # noqa: BLE001 — classified below
+                if state["body_done"]:
+                    # the commit's answer was lost or refused: did it apply? Only the ledger knows.
+                    if self._read_tx(lambda tx: self._ledger_count(tx, run_id, part, ep), "ledger check", ep):
+                        log.info("%s: commit outcome resolved by the ledger: committed", part.key)
+                        return
+                if not _retryable(exc) or attempt == self.cfg.tries:
+                    raise
+                log.info("%s: transaction attempt %d failed (%s); retrying", part.key, attempt, _describe(exc))
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+
+    def _write_tx(self, ep: str, run_id: str, part: Partition, batches: dict[str, list[pa.RecordBatch]],
+                  ledger_rb: pa.RecordBatch, state: dict) -> None:
+        """One transaction: ledger check, delete the partition's old rows, insert, ledger row.
+        Any failure before the commit leaves the transaction uncommitted (rolled back by
+        ``__exit__``, or abandoned and timed out by the server if the rollback is lost)."""
+        with self._session(ep).transaction() as tx:
+            if self._ledger_count(tx, run_id, part, ep):
+                return  # an earlier attempt committed
+            for table, bs in batches.items():
+                t = tx.table_from_metadata(self._md_of(table))
+                pred = self._range_pred(table, part)
+                old = self._select(tx, table, pred, [], endpoint=ep, row_ids=True)
+                if old.num_rows:
+                    t.delete(old)
+                for rb in bs:
+                    t.insert(rb)
+            tx.table_from_metadata(self._md_of("export_ledger")).insert(ledger_rb)
+            state["body_done"] = True
+
+    # -- reading -----------------------------------------------------------------------------
+    def read(
+        self,
+        table: str,
+        scale: int | None = None,
+        morton_range: tuple[int, int] | None = None,
+        run_id: str | None = None,
+        *,
+        where: Where | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> pa.Table:
+        sch = S.schema(table)
+        names = sch.names
+        terms = []
+        for col, v in (where or {}).items():
+            if col not in names:
+                raise ValueError(f"no column {col!r} to filter on: columns are {list(names)}")
+            if isinstance(v, tuple):
+                terms += [_col(col) >= int(v[0]), _col(col) < int(v[1])]
+            else:
+                terms.append(_col(col) == int(v))
+        if scale is not None and "scale" in names:
+            terms.append(_col("scale") == int(scale))
+        if morton_range is not None and "morton" in names:
+            terms += [_col("morton") >= int(morton_range[0]), _col("morton") < int(morton_range[1])]
+        if run_id is not None and table in ("export_ledger", "export_errors"):
+            terms.append(_col("run_id") == run_id)
+        pred = self._and(terms)
+        cols = None if columns is None else [n for n in names if n in set(columns)]
+        splits = len(self.cfg.endpoints)
+        t = self._read_tx(lambda tx: self._select_read(tx, table, pred, cols, splits), f"read {table}")
+        out_schema = sch if cols is None else pa.schema([sch.field(n) for n in cols])
+        if t is None:
+            return out_schema.empty_table()
+        return _as_schema(t, out_schema)
+
+    def _select_read(self, tx, table, pred, cols, splits):
+        from vastdb import errors as E
+
+        try:
+            return self._select(tx, table, pred, cols, splits=splits)
+        except (E.MissingSchema, E.MissingTable, E.NotFound):
+            return None
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+class _col:  # noqa: N801 — reads like the ibis ``_`` it wraps
+    """``_.name`` for predicates, with integer literals >= 2**63 typed ``uint64`` (an untyped
+    Python int that large makes ibis answer ``False`` for ``==`` and fail for ``<``)."""
+
+    __slots__ = ("d",)
+
+    def __init__(self, name: str):
+        from ibis import _
+
+        self.d = _[name]
+
+    @staticmethod
+    def _lit(v):
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and int(v) >= 1 << 63:
+            import ibis
+
+            return ibis.literal(int(v), type="uint64")
+        return int(v) if isinstance(v, np.integer) else v
+
+    def __eq__(self, v):  # type: ignore[override]
+        return self.d == self._lit(v)
+
+    def __ge__(self, v):
+        return self.d >= self._lit(v)
+
+    def __lt__(self, v):
+        return self.d < self._lit(v)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _as_schema(t: pa.Table, sch: pa.Schema) -> pa.Table:
+    """Select rows come back with VAST field metadata (sort keys); give the plain schema."""
+    t = t.select(sch.names)
+    return pa.Table.from_arrays([c.cast(f.type) if c.type != f.type else c for c, f in zip(t.columns, sch, strict=True)],
+                                schema=sch)
+
+
+def _compare_columns(where: str, table: str, have: pa.Schema, want: pa.Schema) -> None:
+    hn = {f.name: f.type for f in have}
+    for f in want:
+        if f.name not in hn:
+            raise UserError(f"VastDB table {where}/{table} has no column {f.name!r} ({f.type}): "
+                            "drop the table or export into another schema")
+        if hn[f.name] != f.type:
+            raise UserError(f"VastDB table {where}/{table}: column {f.name!r} is {hn[f.name]}, "
+                            f"dvidetl writes {f.type}: drop the table or export into another schema")
+    extra = [n for n in hn if n not in want.names]
+    if extra:
+        raise UserError(f"VastDB table {where}/{table} has column {extra[0]!r} that dvidetl does not "
+                        "write: drop the table or export into another schema")
+
+
+def open_url(url: str, *, uuid: str, instance: str) -> VastDBSink:
+    """``vastdb://HOST[:PORT]/BUCKET/SCHEMA``; credentials from the environment."""
+    return VastDBSink(url, uuid=uuid, instance=instance)
