@@ -32,6 +32,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="export a labelmap (blocks, label indices, mapping) to a sink")
     add_flight_arguments(p)
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"where to write (default {DEFAULT_SINK})")
+    p.add_argument("--vast-endpoints", default=None, metavar="H:P,H:P",
+                   help="vastdb:// sink: more CNode endpoints; workers spread across them")
     p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
     p.add_argument("--partition-blocks", type=int, default=None,
                    help=f"blocks per partition (default: {DEFAULT_PARTITION_BLOCKS}, less for small volumes)")
@@ -59,6 +61,10 @@ def main(args: argparse.Namespace) -> int:
     if args.cell_limit < 1024:
         raise UserError(f"--cell-limit must be at least 1024 bytes (got {args.cell_limit})")
     scales = parse_scales(args.scales)
+    if getattr(args, "vast_endpoints", None):
+        from dvidetl.sinks.vastdb import with_endpoints
+
+        args.sink = with_endpoints(args.sink, args.vast_endpoints)
     ep = open_flight(args)
     try:
         info = ep.info

@@ -17,6 +17,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check an export against its source, block by block")
     add_flight_arguments(p)
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"the export to check (default {DEFAULT_SINK})")
+    p.add_argument("--vast-endpoints", default=None, metavar="H:P,H:P",
+                   help="vastdb:// sink: more CNode endpoints to read through")
     p.add_argument("--run", default=None, metavar="RUN_ID", help="run to check (default: the latest)")
     p.add_argument("--scales", default=None, help="only these scales (default: all the run exported)")
     return p
@@ -29,6 +31,10 @@ def main(args: argparse.Namespace) -> int:
     from dvidetl.verify import verify_export
 
     scales = parse_scales(args.scales)
+    if args.vast_endpoints:
+        from dvidetl.sinks.vastdb import with_endpoints
+
+        args.sink = with_endpoints(args.sink, args.vast_endpoints)
     ep = open_flight(args)
     try:
         sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
