@@ -45,15 +45,24 @@ class Repacked:
         return len(self.errors) - self.errors.null_count
 
 
-_CCTX: dict[int, zstandard.ZstdCompressor] = {}
-_DCTX = zstandard.ZstdDecompressor()
+#: zstandard (de)compressor objects are not thread safe (a shared one corrupts frames when
+#: dask runs tasks in threads): one per thread
+_TLS = threading.local()
 
 
 def _cctx(level: int) -> zstandard.ZstdCompressor:
-    c = _CCTX.get(level)
+    cache = _TLS.__dict__.setdefault("cctx", {})
+    c = cache.get(level)
     if c is None:
-        c = _CCTX[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
     return c
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_TLS, "dctx", None)
+    if d is None:
+        d = _TLS.dctx = zstandard.ZstdDecompressor()
+    return d
 
 
 def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, memoryview, np.ndarray]:
@@ -198,7 +207,7 @@ def repack(
 def restore_block(supervoxels, zbody) -> bytes:
     """The exact original (unwrapped) DVID block from a repacked row: zstd-decompress the
     body and put the label table back (``join_block``)."""
-    d = _DCTX.decompressobj()
+    d = _dctx().decompressobj()
     try:
         body = d.decompress(zbody)
     except zstandard.ZstdError as exc:

@@ -15,6 +15,7 @@ which also gives the exact error message.
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 
 import lz4.block
@@ -163,8 +164,15 @@ def _lz4_wrap(mv: memoryview) -> bytes:
     return lz4.block.compress(mv, store_size=True)
 
 
-_DCTX = zstandard.ZstdDecompressor()
-_CCTX: dict[int, zstandard.ZstdCompressor] = {}
+#: zstandard (de)compressor objects are not thread safe: one per thread
+_TLS = threading.local()
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_TLS, "dctx", None)
+    if d is None:
+        d = _TLS.dctx = zstandard.ZstdDecompressor()
+    return d
 
 
 def _zstd_unwrap(mv: memoryview) -> bytes:
@@ -175,7 +183,7 @@ def _zstd_unwrap(mv: memoryview) -> bytes:
         raise BlockFormatError(f"zstd: {exc}", 0) from None
     if size > MAX_RAW:
         raise BlockFormatError(f"zstd: frame content size {size} > {MAX_RAW} at byte 0", 0)
-    d = _DCTX.decompressobj()
+    d = _dctx().decompressobj()
     try:
         out = d.decompress(mv)
     except zstandard.ZstdError as exc:
@@ -191,9 +199,10 @@ def _zstd_unwrap(mv: memoryview) -> bytes:
 
 
 def _zstd_wrap(mv: memoryview, level: int) -> bytes:
-    c = _CCTX.get(level)
+    cache = _TLS.__dict__.setdefault("cctx", {})
+    c = cache.get(level)
     if c is None:
-        c = _CCTX[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
     return c.compress(mv)
 
 
