@@ -221,10 +221,27 @@ class ParquetSink:
             filters += [("morton", ">=", morton_range[0]), ("morton", "<", morton_range[1])]
         sch = S.schema(table)
         cols = None if columns is None else [n for n in sch.names if n in set(columns)]
-        t = pq.read_table([str(f) for f in files], schema=sch, filters=filters or None, columns=cols)
+        t = pq.read_table([str(f) for f in files], schema=sch, filters=_expr(filters, sch), columns=cols)
         if cols is None:
             return S.conform(table, t)
         return t.cast(pa.schema([sch.field(n) for n in cols]))
+
+
+def _expr(filters: list[tuple[str, str, int]], sch: pa.Schema):
+    """DNF triples as one Arrow expression whose literals have the column's type (a plain
+    Python int becomes int64, which cannot hold labels >= 2**63)."""
+    import pyarrow.compute as pc
+
+    ops = {"=": "__eq__", ">=": "__ge__", "<": "__lt__", ">": "__gt__", "<=": "__le__"}
+    expr = None
+    for col, op, v in filters:
+        t = sch.field(col).type
+        if pa.types.is_unsigned_integer(t) and ((op == "<" and v >= 1 << t.bit_width)
+                                                 or (op == ">=" and v <= 0)):
+            continue  # always true (e.g. an exclusive bound of 2**64)
+        e = getattr(pc.field(col), ops[op])(pa.scalar(v, sch.field(col).type))
+        expr = e if expr is None else expr & e
+    return expr
 
 
 def _project(t: pa.Table, columns: Sequence[str] | None) -> pa.Table:
