@@ -271,7 +271,7 @@ def _index_rows_from_blocks(blocks: pa.Table) -> pa.Table:
         "x": rep("x"), "y": rep("y"), "z": rep("z"), "morton": rep("morton"),
         "voxels": pc.list_flatten(blocks.column("sv_voxels").combine_chunks()).cast(pa.uint64()),
     })
-    t = t.filter(pc.not_equal(t.column("label"), 0))
+    t = t.filter(pc.not_equal(t.column("label"), pa.scalar(0, pa.uint64())))  # ids >= 2**63
     return t.group_by(["label", "supervoxel", "x", "y", "z", "morton"]).aggregate([("voxels", "sum")])
 
 
