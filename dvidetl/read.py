@@ -91,8 +91,11 @@ def connect(
             lst = "[" + ", ".join(_sql_str(f) for f in files) + "]"
             con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({lst})")
         else:
+            # a real (empty) table, not a view of a registered Arrow object: registrations
+            # are per cursor, and block_rows queries on a cursor of its own
             con.register(f"_empty_{table}", S.empty(table))
-            con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _empty_{table}")
+            con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _empty_{table}")
+            con.unregister(f"_empty_{table}")
     con.execute(f"CREATE OR REPLACE MACRO dvidetl_run_id() AS {_sql_str(run_id or '')}")
     return con
 
@@ -201,25 +204,16 @@ def _reopen(url: str, uuid: str, instance: str, run_id: str | None) -> Export:
     return open_export(url, uuid=uuid, instance=instance, run_id=run_id)
 
 
-def _relabel(vol: np.ndarray, svs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Voxels of supervoxels -> their bodies through the block's own (supervoxel, body) table."""
-    if len(svs) == len(labels) and np.array_equal(svs, labels):
-        return vol
-    order = np.argsort(svs, kind="stable")
-    ss, ll = svs[order], labels[order]
-    return ll[np.searchsorted(ss, vol)]
-
-
 def _block_voxels(rows: pa.Table, i: int, bodies: bool) -> np.ndarray:
-    """Decoded voxels [z, y, x] of row ``i`` of reassembled ``blocks`` rows."""
+    """Decoded voxels [z, y, x] of row ``i`` of reassembled ``blocks`` rows.
+
+    Bodies cost nothing extra: the stored ``labels`` (the body of each label-table entry,
+    mapped at export) replace the supervoxels as the block's label table before decoding —
+    the format allows repeated table entries, and every voxel indexes the table."""
     from dvidetl.codec import decode_block, restore_block
 
-    svs = rows.column("supervoxels")[i].values.to_numpy(zero_copy_only=False)
-    raw = restore_block(svs, rows.column("body")[i].as_py())
-    vol = decode_block(raw)
-    if bodies:
-        vol = _relabel(vol, svs, rows.column("labels")[i].values.to_numpy(zero_copy_only=False))
-    return vol
+    table = rows.column("labels" if bodies else "supervoxels")[i].values
+    return decode_block(restore_block(table.to_numpy(zero_copy_only=False), rows.column("body")[i].as_py()))
 
 
 def _chunk(rows: pa.Table, xyz: tuple[int, int, int], sl: tuple, bodies: bool) -> np.ndarray:
