@@ -36,7 +36,9 @@ def pytest_runtest_makereport(item, call):
     if "faults" in item.nodeid and (rep.when == "call" or rep.failed):
         prev = _OUTCOMES.get(item.nodeid)
         if prev != "FAIL":
-            _OUTCOMES[item.nodeid] = "PASS" if rep.passed else ("SKIP" if rep.skipped else "FAIL")
+            _OUTCOMES[item.nodeid] = (
+                "XFAIL" if hasattr(rep, "wasxfail") and rep.skipped
+                else "PASS" if rep.passed else "SKIP" if rep.skipped else "FAIL")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
