@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all setup run test bench lint fuzz faults vast-conformance clean
+.PHONY: all setup run test bench lint fuzz faults vast-conformance strip-notebooks clean
 
 all: test
 
@@ -40,6 +40,10 @@ faults: $(STAMP)
 
 vast-conformance: $(STAMP)
 	$(BIN)/python -m dvidetl.testing.conformance
+
+## make strip-notebooks: clear outputs from notebooks/*.ipynb before committing (tests/test_notebooks.py checks).
+strip-notebooks: $(STAMP)
+	$(BIN)/python -c "import sys, nbformat; [nbformat.write(nb, p) for p in sys.argv[1:] for nb in [nbformat.read(p, as_version=4)] if [c.update(outputs=[], execution_count=None) for c in nb.cells if c.cell_type == 'code'] is not None]" notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) dvidetl-out .pytest_cache
