@@ -173,7 +173,7 @@ def _find_export(url: str, uuid: str | None, instance: str | None) -> tuple[str,
     import importlib
 
     mod = importlib.import_module(SCHEMES[scheme].split(":")[0])
-    lister = getattr(mod, "list_exports", None)
+    lister = getattr(mod, "list_exports", None) or (_vastdb_exports if scheme == "vastdb" else None)
     if lister is None:
         raise UserError(f"{scheme}:// cannot list its exports: pass uuid= and instance=")
     found = [(i, u) for i, u in lister(url) if (not instance or i == instance) and (not uuid or u == uuid)]
@@ -183,6 +183,19 @@ def _find_export(url: str, uuid: str | None, instance: str | None) -> tuple[str,
         names = ", ".join(f"{i}@{u}" for i, u in found[:6])
         raise UserError(f"several exports at {url} ({names}): pass uuid= and instance=")
     return found[0]
+
+
+def _vastdb_exports(url: str) -> list[tuple[str, str]]:
+    """(instance, uuid) of the runs stored in a VastDB schema (its ``export_runs`` table),
+    read in one transaction through the sink's own session and retry handling."""
+    from dvidetl.sinks.vastdb import VastDBSink, _col
+
+    sink = VastDBSink(url, uuid="", instance="")
+    t = sink._read_tx(lambda tx: sink._select_missing_ok(
+        tx, "export_runs", _col("part") == 0, ["instance", "uuid"]), "list exports")
+    if t is None:
+        return []
+    return sorted(set(zip(t.column("instance").to_pylist(), t.column("uuid").to_pylist(), strict=True)))
 
 
 def open_export(

@@ -39,16 +39,45 @@ def src():
     s.close()
 
 
-@pytest.fixture(scope="module", params=["parquet"])
-def export_url(request, tmp_path_factory, cluster):
-    """The volume exported to a sink of each kind (the same read calls must work on all)."""
-    d = tmp_path_factory.mktemp("export")
-    url = f"parquet://{d}/out"
+ACCESS = "AKIDREADTEST"
+SECRET = "read-test-secret-9c2e"  # noqa: S105 — a test key for the local server only
+
+
+def _run(url: str, cluster) -> None:
     rc = cli(["run", "--uuid", UUID, "--source", SRC, "--sink", url, "--cluster",
               cluster.scheduler_address, "--partition-blocks", "16", "--cell-limit", "1024",
               "--quiet"])
     assert rc == 0
+
+
+@pytest.fixture(scope="module")
+def parquet_url(tmp_path_factory, cluster):
+    url = f"parquet://{tmp_path_factory.mktemp('export')}/out"
+    _run(url, cluster)
     return url
+
+
+@pytest.fixture(scope="module")
+def vastdb_url(cluster):
+    """The same export into the local VastDB server, through the real vastdb SDK."""
+    from dvidetl.testing.vastsim import start_vastsim
+
+    mp = pytest.MonkeyPatch()  # credentials only through the environment
+    mp.setenv("VASTDB_ACCESS_KEY", ACCESS)
+    mp.setenv("VASTDB_SECRET_KEY", SECRET)
+    try:
+        with start_vastsim(None, access_key=ACCESS, secret_key=SECRET) as sim:
+            url = f"vastdb://127.0.0.1:{sim.port}/bucket/read"
+            _run(url, cluster)
+            yield url
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module", params=["parquet", "vastdb"])
+def export_url(request):
+    """The volume exported to a sink of each kind (the same read calls must work on all)."""
+    return request.getfixturevalue(f"{request.param}_url")
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +302,8 @@ def test_block_stats_and_largest_bodies(ex, src):
     assert top.column("blocks").to_pylist() == nblk
 
 
-def test_open_export_errors(tmp_path, export_url):
+def test_open_export_errors(tmp_path, parquet_url):
+    export_url = parquet_url
     with pytest.raises(UserError, match="unknown export URL scheme"):
         R.open_export("nosuch://x")
     with pytest.raises(UserError, match="no export found"):
