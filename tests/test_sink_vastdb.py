@@ -160,21 +160,30 @@ def test_eight_parallel_transactions_and_killed_worker(sim, cluster, capsys):
     assert orphans, "the kill did not land mid-transaction"
     sink = _sink_of(url, "par")
     st = sim.state
-    bl = st.tables[("bucket", "par", "blocks")]
-    mcid = bl.field_by_name("morton")[0]
-    orphan_m = set()
-    for t in orphans:
-        for chunk in t.inserts.get(bl.handle, []):
-            orphan_m |= set(chunk.column(f"c{mcid}").to_pylist())
-    blocks = sink.read("blocks", columns=["scale", "morton"])
-    ms = blocks.column("morton").to_pylist()
-    assert len(ms) == len(set(ms)), "a block is duplicated"
-    assert orphan_m and orphan_m <= set(ms), "a killed partition was not redone"
+    # rows of the killed transactions, by table, as key tuples
+    uncommitted: dict[str, set] = {}
+    for meta in list(st.tables.values()):
+        if meta.schema != "par" or meta.name not in S.KEYS:
+            continue
+        cols = [f"c{meta.field_by_name(k)[0]}" for k in S.KEYS[meta.name]]
+        for t in orphans:
+            for chunk in t.inserts.get(meta.handle, []):
+                uncommitted.setdefault(meta.name, set()).update(
+                    zip(*(chunk.column(c).to_pylist() for c in cols), strict=True))
+    print(f"peak {peak} transactions holding rows; {len(orphans)} orphaned by the kill "
+          f"({ {k: len(v) for k, v in uncommitted.items()} } uncommitted rows)")
+    assert sum(map(len, uncommitted.values())) > 0
+    for name, keys in uncommitted.items():
+        t = sink.read(name, columns=list(S.KEYS[name]))
+        committed = list(zip(*(t.column(c).to_pylist() for c in S.KEYS[name]), strict=True))
+        assert len(committed) == len(set(committed)), f"{name}: duplicated rows"
+        assert keys <= set(committed), f"{name}: a killed partition was not redone"
+    ms = sink.read("blocks", columns=["morton"]).column("morton").to_pylist()
     run = sink.load_run(sink.latest_run())
     led = sink.ledger(run.run_id)
     keys = [Partition(k, s, lo, hi).key for k, s, lo, hi in zip(*(led.column(c).to_pylist() for c in ("kind", "scale", "lo", "hi")), strict=True)]
     assert sorted(keys) == sorted(p.key for p in run.partitions), "ledger rows not exactly once"
-    assert sum(p.blocks for p in run.partitions if p.kind == "blocks") >= len(ms) > 0
+    assert len(ms) == len(set(ms)) > 0
     assert cli(["verify", *common]) == 0, capsys.readouterr().out
     # leave no abandoned transactions for the next test's counters
     for t in orphans:

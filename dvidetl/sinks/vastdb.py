@@ -249,6 +249,21 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
+class _QuietRollback(logging.Filter):
+    """The SDK logs every rolled-back transaction with a full traceback; the sink retries
+    or reports those errors itself (one line), so the traceback is only noise — and for a
+    user error (schema mismatch) it must not be shown at all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("rolling back txid")
+
+
+def _install_log_filter() -> None:
+    lg = logging.getLogger("vastdb.transaction")
+    if not any(isinstance(f, _QuietRollback) for f in lg.filters):
+        lg.addFilter(_QuietRollback())
+
+
 # ---------------------------------------------------------------------------------------------
 # cells and insert sizing (pure functions)
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +383,7 @@ class VastDBSink:
         import vastdb
         from vastdb.config import BackoffConfig
 
+        _install_log_filter()
         endpoint = endpoint or self.cfg.endpoints[0]
         cache = getattr(self._local, "sessions", None)
         if cache is None or getattr(self._local, "pid", None) != os.getpid():
@@ -436,8 +452,13 @@ class VastDBSink:
         (the reader is consumed inside the transaction)."""
 
         def once():
+            user_error = None
             with self._session(endpoint).transaction() as tx:
-                return fn(tx)
+                try:
+                    return fn(tx)
+                except UserError as exc:  # nothing written: end the transaction quietly
+                    user_error = exc
+            raise user_error
 
         return self._call(once, what)
 
@@ -460,24 +481,28 @@ class VastDBSink:
         return p
 
     # -- DDL ---------------------------------------------------------------------------------
-    def _ensure_tables(self, tx) -> None:
-        """Schema and every table, created once; an existing table must match exactly."""
-        from vastdb import errors as E
-
-        bucket = tx.bucket(self.cfg.bucket)
-        sch = bucket
+    def _schema_obj(self, tx, create: bool):
+        sch = tx.bucket(self.cfg.bucket)
         for name in self.cfg.schema.split("/"):
             nxt = sch.schema(name, fail_if_missing=False)
-            sch = nxt if nxt is not None else sch.create_schema(name, fail_if_exists=False)
-        for table, want in ALL_TABLES.items():
-            t = sch.table(table, fail_if_missing=False)
-            if t is None:
-                try:
-                    sch.create_table(table, want, fail_if_exists=True, sorting_key=SORTING_KEYS.get(table, []))
-                except E.TableExists:
-                    t = sch.table(table)
-            if t is not None:
-                _compare_columns(f"{self.cfg.bucket}/{self.cfg.schema}", table, t.arrow_schema, want)
+            sch = nxt if nxt is not None or not create else sch.create_schema(name, fail_if_exists=False)
+        return sch
+
+    def _ensure_table(self, tx, table: str) -> None:
+        """One table, created if missing (with its sorting key); an existing table must have
+        exactly our columns. Idempotent, so a retried transaction just finds it."""
+        from vastdb import errors as E
+
+        sch = self._schema_obj(tx, create=False)
+        want = ALL_TABLES[table]
+        t = sch.table(table, fail_if_missing=False)
+        if t is None:
+            try:
+                sch.create_table(table, want, fail_if_exists=True, sorting_key=SORTING_KEYS.get(table, []))
+            except E.TableExists:
+                t = sch.table(table)
+        if t is not None:
+            _compare_columns(f"{self.cfg.bucket}/{self.cfg.schema}", table, t.arrow_schema, want)
 
     def prepare(self, run: RunInfo) -> None:
         limit = int(run.options.get("cell_limit", S.DEFAULT_CELL_LIMIT) or S.DEFAULT_CELL_LIMIT)
@@ -487,8 +512,13 @@ class VastDBSink:
         if run.instance != self.instance or run.uuid != self.uuid:
             raise ValueError("run is for another volume than this sink object")
 
-        def ddl(tx):
-            self._ensure_tables(tx)
+        # DDL in small idempotent transactions (schema, then one per table), each retried:
+        # progress survives a fault, and nothing is half-created (uncommitted = absent)
+        self._read_tx(lambda tx: self._schema_obj(tx, create=True), "create schema")
+        for table in ALL_TABLES:
+            self._read_tx(lambda tx, table=table: self._ensure_table(tx, table), f"create table {table}")
+
+        def store_plan(tx):
             other = self._select(tx, "export_runs", _col("part") == 0, ["run_id", "instance", "uuid"])
             for r in other.to_pylist():
                 if (r["instance"], r["uuid"]) != (self.instance, self.uuid):
@@ -509,7 +539,7 @@ class VastDBSink:
             for rb in cut_rows(rows):
                 t.insert(rb)
 
-        self._read_tx(ddl, "prepare")
+        self._read_tx(store_plan, "store run plan")
         self._runs[run.run_id] = run
 
     # -- runs --------------------------------------------------------------------------------
