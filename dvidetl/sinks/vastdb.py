@@ -447,18 +447,28 @@ class VastDBSink:
                 delay = min(delay * 2, 10.0)
         raise AssertionError("unreachable")
 
-    def _read_tx(self, fn, what: str, endpoint: str | None = None):
-        """``fn(tx)`` in a fresh read transaction, retried as a whole on transient errors
-        (the reader is consumed inside the transaction)."""
+    def _tx(self, fn, what: str, endpoint: str | None = None, *, write: bool = False):
+        """``fn(tx)`` in a fresh transaction, retried as a whole on transient errors (readers
+        are consumed inside it). A read-only transaction (``write=False``) whose commit
+        answer is lost still returns what it read; a writing one must commit."""
 
         def once():
             user_error = None
-            with self._session(endpoint).transaction() as tx:
-                try:
-                    return fn(tx)
-                except UserError as exc:  # nothing written: end the transaction quietly
-                    user_error = exc
-            raise user_error
+            done, result = False, None
+            try:
+                with self._session(endpoint).transaction() as tx:
+                    try:
+                        result = fn(tx)
+                        done = True
+                    except UserError as exc:  # nothing written: end the transaction quietly
+                        user_error = exc
+            except Exception:
+                if done and not write:
+                    return result
+                raise
+            if user_error is not None:
+                raise user_error
+            return result
 
         return self._call(once, what)
 
@@ -514,9 +524,10 @@ class VastDBSink:
 
         # DDL in small idempotent transactions (schema, then one per table), each retried:
         # progress survives a fault, and nothing is half-created (uncommitted = absent)
-        self._read_tx(lambda tx: self._schema_obj(tx, create=True), "create schema")
+        self._tx(lambda tx: self._schema_obj(tx, create=True), "create schema", write=True)
         for table in ALL_TABLES:
-            self._read_tx(lambda tx, table=table: self._ensure_table(tx, table), f"create table {table}")
+            self._tx(lambda tx, table=table: self._ensure_table(tx, table), f"create table {table}",
+                     write=True)
 
         def store_plan(tx):
             other = self._select(tx, "export_runs", _col("part") == 0, ["run_id", "instance", "uuid"])
@@ -539,7 +550,7 @@ class VastDBSink:
             for rb in cut_rows(rows):
                 t.insert(rb)
 
-        self._read_tx(store_plan, "store run plan")
+        self._tx(store_plan, "store run plan", write=True)
         self._runs[run.run_id] = run
 
     # -- runs --------------------------------------------------------------------------------
@@ -549,7 +560,7 @@ class VastDBSink:
     def load_run(self, run_id: str) -> RunInfo:
         if run_id in self._runs:
             return self._runs[run_id]
-        t = self._read_tx(lambda tx: self._select_missing_ok(
+        t = self._tx(lambda tx: self._select_missing_ok(
             tx, "export_runs", (_col("run_id") == run_id) & self._mine(), ["part", "nparts", "plan"]),
             "load_run")
         if t is None or t.num_rows == 0:
@@ -574,7 +585,7 @@ class VastDBSink:
             return None
 
     def runs(self) -> list[str]:
-        t = self._read_tx(lambda tx: self._select_missing_ok(
+        t = self._tx(lambda tx: self._select_missing_ok(
             tx, "export_runs", (_col("part") == 0) & self._mine(), ["run_id"]), "runs")
         if t is None:
             return []
@@ -596,7 +607,7 @@ class VastDBSink:
 
     def is_done(self, run_id: str, part: Partition) -> bool:
         ep = self._endpoint_for(part.key)
-        return self._read_tx(lambda tx: self._ledger_count(tx, run_id, part, ep), "is_done", ep) > 0
+        return self._tx(lambda tx: self._ledger_count(tx, run_id, part, ep), "is_done", ep) > 0
 
     def done(self, run_id: str) -> set[str]:
         t = self.ledger(run_id)
@@ -606,7 +617,7 @@ class VastDBSink:
 
     def ledger(self, run_id: str | None = None) -> pa.Table:
         pred = None if run_id is None else (_col("run_id") == run_id)
-        t = self._read_tx(lambda tx: self._select_missing_ok(tx, "export_ledger", pred, None), "ledger")
+        t = self._tx(lambda tx: self._select_missing_ok(tx, "export_ledger", pred, None), "ledger")
         if t is None:
             return S.empty("export_ledger")
         return _as_schema(t, S.EXPORT_LEDGER)
@@ -665,7 +676,7 @@ class VastDBSink:
             except Exception as exc:  # noqa: BLE001 — classified below
                 if state["body_done"]:
                     # the commit's answer was lost or refused: did it apply? Only the ledger knows.
-                    if self._read_tx(lambda tx: self._ledger_count(tx, run_id, part, ep), "ledger check", ep):
+                    if self._tx(lambda tx: self._ledger_count(tx, run_id, part, ep), "ledger check", ep):
                         log.info("%s: commit outcome resolved by the ledger: committed", part.key)
                         return
                 if not _retryable(exc) or attempt == self.cfg.tries:
@@ -723,7 +734,7 @@ class VastDBSink:
         pred = self._and(terms)
         cols = None if columns is None else [n for n in names if n in set(columns)]
         splits = len(self.cfg.endpoints)
-        t = self._read_tx(lambda tx: self._select_read(tx, table, pred, cols, splits), f"read {table}")
+        t = self._tx(lambda tx: self._select_read(tx, table, pred, cols, splits), f"read {table}")
         out_schema = sch if cols is None else pa.schema([sch.field(n) for n in cols])
         if t is None:
             return out_schema.empty_table()
