@@ -4,6 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+FUZZ_ARGS ?=
 
 .PHONY: all setup run test bench lint fuzz faults vast-conformance strip-notebooks clean
 
@@ -22,9 +23,10 @@ run: $(STAMP)
 	$(BIN)/python -m dvidetl run --uuid demo --sink parquet://./dvidetl-out
 	$(BIN)/python -m dvidetl verify --uuid demo --sink parquet://./dvidetl-out
 
-## make test: the whole suite.
+## make test: the whole suite (tests/faults included), then 200,000 fuzz inputs (~1 min).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m tests.fuzz --inputs 200000
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
@@ -32,11 +34,13 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check dvidetl tests bench
 
+## make fuzz: codec fuzzing, numba bounds-checked (FUZZ_ARGS="--inputs 2000000 --seed 7").
 fuzz: $(STAMP)
-	$(BIN)/python -m tests.fuzz
+	$(BIN)/python -m tests.fuzz $(FUZZ_ARGS)
 
+## make faults: the fault-injection suite; prints the fault table at the end.
 faults: $(STAMP)
-	$(BIN)/python -m pytest -q tests/faults
+	$(BIN)/python -m pytest -q tests/faults $(PYTEST_ARGS)
 
 vast-conformance: $(STAMP)
 	$(BIN)/python -m dvidetl.testing.conformance
