@@ -186,16 +186,30 @@ def _find_export(url: str, uuid: str | None, instance: str | None) -> tuple[str,
 
 
 def _vastdb_exports(url: str) -> list[tuple[str, str]]:
-    """(instance, uuid) of the runs stored in a VastDB schema (its ``export_runs`` table),
-    read in one transaction through the sink's own session and retry handling."""
-    from dvidetl.sinks.vastdb import VastDBSink, _col
+    """(instance, uuid) of the runs stored in a VastDB schema (its ``export_runs`` table), read
+    with the SDK in one transaction (URL and credentials handled as the sink does)."""
+    import vastdb
 
-    sink = VastDBSink(url, uuid="", instance="")
-    t = sink._read_tx(lambda tx: sink._select_missing_ok(
-        tx, "export_runs", _col("part") == 0, ["instance", "uuid"]), "list exports")
-    if t is None:
-        return []
-    return sorted(set(zip(t.column("instance").to_pylist(), t.column("uuid").to_pylist(), strict=True)))
+    from dvidetl.sinks.vastdb import load_credentials, parse_url
+
+    cfg = parse_url(url)
+    creds = load_credentials()
+    try:
+        session = vastdb.connect(endpoint=cfg.endpoints[0], access=creds.access, secret=creds.secret)
+        with session.transaction() as tx:
+            sch = tx.bucket(cfg.bucket)
+            for name in cfg.schema.split("/"):
+                sch = sch.schema(name, fail_if_missing=False)
+                if sch is None:
+                    return []
+            t = sch.table("export_runs", fail_if_missing=False)
+            if t is None:
+                return []
+            rows = t.select(columns=["instance", "uuid"]).read_all()
+    except Exception as exc:  # noqa: BLE001 — any SDK / network failure: say what to do instead
+        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot list the exports at {url} ({msg}): pass uuid= and instance=") from None
+    return sorted(set(zip(rows.column("instance").to_pylist(), rows.column("uuid").to_pylist(), strict=True)))
 
 
 def open_export(
