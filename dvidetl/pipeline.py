@@ -538,11 +538,16 @@ def open_flight(args) -> FlightEndpoint:
             location = f"grpc://{socket.getfqdn()}:{server.port}"
     elif not location.startswith(("grpc://", "grpc+tcp://", "grpc+tls://")):
         raise UserError(f"--flight {location!r}: expected grpc://HOST:PORT or grpc+tls://HOST:PORT")
+    from dvidetl.flight.client import FlightUnavailable
+
     try:
         return FlightEndpoint(location, token, args.uuid, args.instance, server, source)
-    except Exception:
+    except Exception as exc:
         if server is not None:
             server.stop()
         if source is not None:
             source.close()
+        if isinstance(exc, FlightUnavailable):  # nothing listening / wrong --flight
+            raise UserError(f"{str(exc).splitlines()[0]} (is a Flight server running there? "
+                            "check --flight)") from None
         raise
