@@ -60,6 +60,12 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--partition-blocks must be at least 1 (got {args.partition_blocks})")
     if args.cell_limit < 1024:
         raise UserError(f"--cell-limit must be at least 1024 bytes (got {args.cell_limit})")
+    if not -7 <= args.zstd_level <= 22:  # zstd's fast (negative) levels through its maximum
+        raise UserError(f"--zstd-level must be -7..22 (got {args.zstd_level})")
+    if args.max_errors is not None and args.max_errors < 0:
+        raise UserError(f"--max-errors must be 0 or more (got {args.max_errors})")
+    if args.retries < 0:
+        raise UserError(f"--retries must be 0 or more (got {args.retries})")
     scales = parse_scales(args.scales)
     if getattr(args, "vast_endpoints", None):
         from dvidetl.sinks.vastdb import with_endpoints
