@@ -160,6 +160,16 @@ def _open_client(args: argparse.Namespace) -> Iterator[Any]:
 
     kind = args.cluster
     if kind == "local":
+        if args.workers is not None and args.workers < 1:
+            raise UserError(f"--workers must be at least 1 (got {args.workers})")
+        if args.worker_memory:
+            from dask.utils import parse_bytes
+
+            try:
+                parse_bytes(args.worker_memory)
+            except ValueError:
+                raise UserError(f"--worker-memory {args.worker_memory!r}: expected a size such "
+                                "as 4GiB or 2000MB") from None
         n = args.workers or os.cpu_count() or 1
         cluster = LocalCluster(
             n_workers=n,
