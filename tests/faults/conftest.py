@@ -8,14 +8,21 @@ from ._support import ROWS
 
 #: a small multi-scale volume (~200 blocks): enough partitions to fail some mid-run
 VOLUME = "size=512,512,256&scales=2&seed=9"
+#: VastDB keys of the local wire-compatible server; workers get them from the environment
+VAST_ACCESS, VAST_SECRET = "AKFAULTS", "faults-secret-key-0b5e"  # noqa: S105 — test keys
 
 
 @pytest.fixture(scope="session")
 def cluster():
     """A real LocalCluster (worker processes under nannies) shared by the fault tests;
     yields the cluster itself (tests that kill workers need its client)."""
+    import os
+
     from distributed import LocalCluster
 
+    # VastDB credentials only through the environment, set before the workers start
+    os.environ.setdefault("VASTDB_ACCESS_KEY", VAST_ACCESS)
+    os.environ.setdefault("VASTDB_SECRET_KEY", VAST_SECRET)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as c:
         yield c
