@@ -275,10 +275,41 @@ def export_partition(ctx: TaskContext, part: Partition) -> dict:
         stats = _LazyStats(stats, counter, t0)
     else:
         stats["seconds"] = time.perf_counter() - t0
-    sink.write_partition(ctx.run_id, part, tables, stats)
+    write_with_backoff(sink, ctx.run_id, part, tables, stats)
     out = stats.final() if isinstance(stats, _LazyStats) else dict(stats)
     out.update(key=part.key, kind=part.kind, skipped=False, rows=out.get("blocks", 0))
     return out
+
+
+#: a failed sink write (EIO, a full disk, a store hiccup) is retried inside the task with
+#: exponential backoff before the task fails: Dask's own retries are immediate and redo the
+#: whole partition (re-read + transform), so a few seconds of trouble would use them all up
+WRITE_TRIES = 3
+WRITE_BACKOFF_S = 0.5
+
+
+def write_with_backoff(sink, run_id: str, part: Partition, tables: dict, stats) -> None:
+    """``sink.write_partition`` retried on ``OSError`` (up to ``WRITE_TRIES`` attempts,
+    backoff doubling from ``WRITE_BACKOFF_S``), only when every table is materialized (a
+    consumed stream cannot be sent again). Rewriting a partition is idempotent (sinks replace
+    what an earlier attempt left), so this never duplicates rows."""
+    import random
+
+    import pyarrow as pa
+
+    replayable = all(isinstance(t, pa.Table) for t in tables.values())
+    delay = WRITE_BACKOFF_S
+    for attempt in range(1, WRITE_TRIES + 1):
+        try:
+            sink.write_partition(run_id, part, tables, stats)
+            return
+        except OSError as exc:
+            if not replayable or attempt == WRITE_TRIES:
+                raise
+            log.warning("partition %s: write failed (%s); retry %d/%d in %.1f s", part.key,
+                        str(exc).splitlines()[0][:200], attempt, WRITE_TRIES - 1, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay *= 2
 
 
 class _Counter:
