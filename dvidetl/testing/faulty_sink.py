@@ -18,7 +18,8 @@ Which writes fail is deterministic, so a test can assert exact outcomes:
   are written and renamed into place, then the failure hits before the ledger row: the
   worst case for exactly-once) or ``mixed`` (default: alternate by attempt).
 
-``faults(DIR)`` tells a test how many failures were injected per partition.
+``faults(DIR, RUN)`` tells a test how many failures were injected per partition,
+``attempts(DIR, RUN)`` which process made each counted attempt and when.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -97,6 +99,7 @@ class FlakySink(ParquetSink):
             except FileExistsError:
                 k += 1
                 continue
+            os.write(fd, f"{os.getpid()} {time.time():.6f}".encode())  # who and when
             os.close(fd)
             return k
 
@@ -129,6 +132,21 @@ def faults(base: str | os.PathLike, run_id: str) -> dict[str, int]:
             key = f.name.split(".")[0]
             out[key] = out.get(key, 0) + 1
     return out
+
+
+def attempts(base: str | os.PathLike, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """(pid, time) of every counted write attempt per partition key, in attempt order: tells
+    a test whether retries happened in the same process (inside the task) and how far apart."""
+    d = Path(base) / FAULT_DIR / run_id
+    out: dict[str, list[tuple[int, int, float]]] = {}
+    if d.is_dir():
+        for f in d.iterdir():
+            key, _, k = f.name.partition(".")
+            if not k.isdigit():
+                continue
+            pid, t = f.read_text().split()
+            out.setdefault(key, []).append((int(k), int(pid), float(t)))
+    return {key: [(pid, t) for _, pid, t in sorted(v)] for key, v in out.items()}
 
 
 def open_url(url: str, *, uuid: str, instance: str) -> FlakySink:

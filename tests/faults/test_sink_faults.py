@@ -1,4 +1,5 @@
-"""A sink that fails: transient write errors are retried to an exact export; a partition
+"""A sink that fails: transient write errors are retried (with backoff, inside the task) to an
+exact export; a partition
 that keeps failing is reported by the run (exit 1, its key, how to resume) and completed by
 ``--resume`` once the fault is gone."""
 
@@ -8,8 +9,9 @@ import pytest
 
 from dvidetl.cli import main as cli
 from dvidetl.flight.server import start_server
+from dvidetl.pipeline import WRITE_BACKOFF_S, WRITE_TRIES
 from dvidetl.sources import open_source
-from dvidetl.testing.faulty_sink import faults
+from dvidetl.testing.faulty_sink import attempts, faults
 
 from ._support import verify_and_record
 from .conftest import VOLUME
@@ -32,10 +34,20 @@ def _run(server, cluster, sink, *extra):
 def test_transient_sink_failures_are_retried(server, cluster, tmp_path, nodeid, capsys):
     out = tmp_path / "out"
     sink = f"flaky+parquet://{out}?rate=0.5&fails=2&seed=3"
-    rc = _run(server, cluster, sink, "--retries", "3")
+    rc = _run(server, cluster, sink, "--retries", "2")
     err = capsys.readouterr().err
     assert rc == 0, err
     run_id = next((out / "segmentation" / "fs" / "runs").iterdir()).name
+    # block partitions retried their write inside the task (same process), backing off
+    # (>= half the base delay, doubling); the streamed mapping / label indices cannot be
+    # re-sent, so Dask re-ran those tasks
+    tries = attempts(out, run_id)
+    blocks = {k: v for k, v in tries.items() if k.startswith("blocks-")}
+    assert len(blocks) >= 5
+    for key, v in blocks.items():
+        assert len(v) == 3 and len({pid for pid, _ in v}) == 1, (key, v)
+        gaps = [b[1] - a[1] for a, b in zip(v, v[1:], strict=False)]
+        assert gaps[0] >= 0.5 * WRITE_BACKOFF_S and gaps[1] >= WRITE_BACKOFF_S, (key, gaps)
     injected = faults(out, run_id)
     # half the partitions failed twice each, half of those after their data files landed
     assert len(injected) >= 5 and set(injected.values()) == {2}, injected
@@ -56,7 +68,8 @@ def test_partition_that_keeps_failing_is_reported_then_resumed(server, cluster, 
     assert "1 failed" in err and "FAILED blocks-s0-" in err and "injected poisoned partition" in err
     assert "--resume" in err
     run_id = next((out / "segmentation" / "fs" / "runs").iterdir()).name
-    assert sum(faults(out, run_id).values()) == 3  # first attempt + 2 retries, then reported
+    # each of the 3 task attempts (--retries 2) tried the write WRITE_TRIES times, then reported
+    assert sum(faults(out, run_id).values()) == 3 * WRITE_TRIES
     # the failed partition is visible as such: verify names it, nothing else is missing
     from dvidetl.flight.client import FlightClient
     from dvidetl.sinks import open_sink
