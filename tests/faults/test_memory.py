@@ -27,7 +27,7 @@ from ._support import verify_and_record
 DENSE = "size=256,256,128&scales=2&seed=4&dense=1&mask=full"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 finding: a partition of dense blocks is not "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 7 finding: a partition of dense blocks is not "
                    "bounded by bytes; a low-memory worker is OOM-killed in a loop")
 def test_dense_partition_on_low_memory_worker(tmp_path, nodeid, capsys):
     import dask
