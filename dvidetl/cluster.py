@@ -171,12 +171,18 @@ def _open_client(args: argparse.Namespace) -> Iterator[Any]:
                 raise UserError(f"--worker-memory {args.worker_memory!r}: expected a size such "
                                 "as 4GiB or 2000MB") from None
         n = args.workers or os.cpu_count() or 1
+        import logging
+
+        # a failed task is reported once, in the run's summary: without -v the worker
+        # processes do not also print each failure's traceback on the terminal
+        verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
         cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=1,
             processes=True,
             memory_limit=args.worker_memory or "auto",
             dashboard_address=args.dashboard_address,
+            silence_logs=logging.WARNING if verbose else logging.CRITICAL,
         )
         client = Client(cluster)
         _say(f"local cluster with {n} workers; dashboard {_dashboard_url(client)}")
