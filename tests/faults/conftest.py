@@ -52,7 +52,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _OUTCOMES:
         return
     tr = terminalreporter
-    tr.section("fault injection")
     head = ("fault", "runs", "blocks expected", "blocks found", "duplicates",
             "errors reported", "verify", "result")
     rows = []
@@ -66,6 +65,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         else:
             rows.append((r["fault"], r["runs"], r["expected"], r["found"], r["duplicates"],
                          r["errors"], r["verify"], res))
+    if not rows:
+        return
+    tr.section("fault injection")
     w = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda r: "  ".join(str(v).ljust(w[i]) if i == 0 else str(v).rjust(w[i])  # noqa: E731
                                 for i, v in enumerate(r))

@@ -89,3 +89,22 @@ def test_partition_that_keeps_failing_is_reported_then_resumed(server, cluster, 
                           location=server.location, uuid="fs", sink_url=f"parquet://{out}",
                           runs=2, run_id=run_id)
     assert o.exact, o.report.text()
+
+
+def test_failed_partition_output_has_no_traceback(server, tmp_path):
+    """Through `python -m dvidetl run` with its own LocalCluster, as a user runs it: a
+    partition that cannot be written is one FAILED line in the summary, no worker traceback."""
+    import subprocess
+    import sys
+
+    first = next(open_source(f"synthetic://fs?{VOLUME}").read_blocks(0, 0, 1 << 40))
+    m = int(first.column("morton")[0].as_py())
+    p = subprocess.run(
+        [sys.executable, "-m", "dvidetl", "run", "--uuid", "fs", "--flight", server.location,
+         "--sink", f"flaky+parquet://{tmp_path}/out?poison=0:{m}", "--workers", "1",
+         "--dashboard-address", ":0", "--partition-blocks", "64", "--retries", "0", "--quiet",
+         "--no-indices", "--no-mapping"],
+        capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert "FAILED blocks-s0-" in p.stderr and "injected poisoned partition" in p.stderr
+    assert "Traceback" not in p.stderr and "Compute Failed" not in p.stderr, p.stderr
