@@ -245,6 +245,10 @@ def test_rewrite_replaces_rows_and_skip_when_done(sim):
     fresh = open_sink(url, uuid="u1", instance="seg")
     assert len(big.to_json()) > S.DEFAULT_CELL_LIMIT
     assert fresh.load_run("r3").partitions == parts
+    from dvidetl.sinks.vastdb import list_exports
+
+    assert list_exports(url) == [("seg", "u1")]
+    assert list_exports(_url(sim, "nosuchschema")) == []
     # another volume into the same schema is refused (a partition rewrite would delete its rows)
     other = open_sink(url, uuid="u2", instance="seg")
     with pytest.raises(UserError, match="already holds the export of seg@u1"):

@@ -807,6 +807,17 @@ def _compare_columns(where: str, table: str, have: pa.Schema, want: pa.Schema) -
                         "write: drop the table or export into another schema")
 
 
+def list_exports(url: str) -> list[tuple[str, str]]:
+    """(instance, uuid) of the exports stored at ``url`` (from ``export_runs``; [] when the
+    schema or table does not exist) — lets readers open an export without naming it."""
+    probe = VastDBSink(url, uuid="", instance="")
+    t = probe._tx(lambda tx: probe._select_missing_ok(tx, "export_runs", _col("part") == 0,
+                                                      ["instance", "uuid"]), "list exports")
+    if t is None:
+        return []
+    return sorted(set(zip(t.column("instance").to_pylist(), t.column("uuid").to_pylist(), strict=True)))
+
+
 def open_url(url: str, *, uuid: str, instance: str) -> VastDBSink:
     """``vastdb://HOST[:PORT]/BUCKET/SCHEMA``; credentials from the environment."""
     return VastDBSink(url, uuid=uuid, instance=instance)
