@@ -729,8 +729,11 @@ class VastDBSink:
             terms.append(_col("scale") == int(scale))
         if morton_range is not None and "morton" in names:
             terms += [_col("morton") >= int(morton_range[0]), _col("morton") < int(morton_range[1])]
-        if run_id is not None and table in ("export_ledger", "export_errors"):
-            terms.append(_col("run_id") == run_id)
+        if table in ("export_ledger", "export_errors"):
+            # rows carrying a run id: those of the run read (default the latest), as Parquet does
+            run_id = run_id or self.latest_run()
+            if run_id is not None:
+                terms.append(_col("run_id") == run_id)
         pred = self._and(terms)
         cols = None if columns is None else [n for n in names if n in set(columns)]
         splits = len(self.cfg.endpoints)
