@@ -32,14 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, modname in COMMANDS.items():
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:  # command not built yet in this checkout
-            if exc.name != modname:
-                raise
-            continue
-        mod.add_parser(sub)
+    for modname in COMMANDS.values():
+        importlib.import_module(modname).add_parser(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from dvidetl import schema as S
 from dvidetl.geometry import Vec3, morton_encode
+from dvidetl.spill import SPILL_BYTES, SpillBudget, SpilledTable
 
 
 @dataclass
@@ -227,6 +228,78 @@ def map_lists(supervoxels: pa.Array, mapper: Callable[[np.ndarray], np.ndarray])
     )
 
 
+#: repacked bytes (bodies + lists) a partition transform gathers before it maps supervoxels
+#: and cuts cells for that group: bounds the transform's working set (a dense block's
+#: intermediates are ~4x its output) while keeping ``mapper`` round trips few (one per group)
+GROUP_BYTES = 8 << 20
+
+
+def _concat_parts(parts: list[dict]) -> dict:
+    """One group's repacked columns, concatenated (the parts are dropped by the caller)."""
+    if not parts:
+        return dict(
+            x=np.zeros(0, np.int32), y=np.zeros(0, np.int32), z=np.zeros(0, np.int32),
+            morton=np.zeros(0, np.uint64), supervoxels=pa.array([], pa.list_(pa.uint64())),
+            sv_voxels=pa.array([], pa.list_(pa.uint32())), raw_size=np.zeros(0, np.uint32),
+            crc32=np.zeros(0, np.uint32), body=pa.array([], pa.binary()),
+        )
+    return dict(
+        x=np.concatenate([p["x"] for p in parts]),
+        y=np.concatenate([p["y"] for p in parts]),
+        z=np.concatenate([p["z"] for p in parts]),
+        morton=np.concatenate([p["morton"] for p in parts]),
+        supervoxels=pa.concat_arrays([p["supervoxels"].cast(pa.list_(pa.uint64())) for p in parts]),
+        sv_voxels=pa.concat_arrays([p["sv_voxels"].cast(pa.list_(pa.uint32())) for p in parts]),
+        raw_size=np.concatenate([p["raw_size"] for p in parts]),
+        crc32=np.concatenate([p["crc32"] for p in parts]),
+        body=pa.concat_arrays([p["body"].cast(pa.binary()) for p in parts]),
+    )
+
+
+def _drop_duplicates(g: dict, seen: np.ndarray, err_parts: list[dict]) -> dict:
+    """Rows of ``g`` whose Morton code repeats (inside the group or in an earlier group of
+    the partition) go to ``err_parts``; a source must never serve a block twice."""
+    m = g["morton"]
+    if len(m) == 0:
+        return g
+    order = np.argsort(m, kind="stable")
+    ms = m[order]
+    dup_sorted = np.concatenate([[False], ms[1:] == ms[:-1]])
+    dup = np.zeros(len(m), bool)
+    dup[order[dup_sorted]] = True
+    if len(seen):
+        dup |= np.isin(m, seen)
+    if not dup.any():
+        return g
+    n = int(dup.sum())
+    # the original bytes are not kept past repack; report the body instead
+    err_parts.append(
+        dict(x=g["x"][dup], y=g["y"][dup], z=g["z"][dup], morton=m[dup],
+             stage=np.full(n, "duplicate", dtype=object),
+             reason=np.full(n, "block served twice in one partition", dtype=object),
+             data=g["body"].filter(pa.array(dup)))
+    )
+    keep_np = ~dup
+    keep = pa.array(np.flatnonzero(keep_np))
+    out = {k: (v[keep_np] if isinstance(v, np.ndarray) else v.take(keep)) for k, v in g.items()}
+    return out
+
+
+def _sort_overflow(overflow: pa.Table | SpilledTable, spill_dir: str | None) -> pa.Table | SpilledTable:
+    """Overflow rows in (morton, column, part) order when the groups did not arrive in Morton
+    order (each group's rows are sorted; the Flight server streams in order, so normally no
+    copy is made). A spilled table is read back, sorted and spilled again."""
+    keys = [("morton", "ascending"), ("column", "ascending"), ("part", "ascending")]
+    if not isinstance(overflow, SpilledTable):
+        return overflow.sort_by(keys)
+    t = overflow.read_all().sort_by(keys)
+    overflow.close()
+    budget = SpillBudget(0)
+    out = budget.table("block_overflow", S.BLOCK_OVERFLOW, spill_dir)
+    out.append(t)
+    return out.result()
+
+
 def transform_blocks(
     batches: Iterable[pa.RecordBatch],
     codec: str,
@@ -239,122 +312,137 @@ def transform_blocks(
     run_id: str,
     cell_limit: int = S.DEFAULT_CELL_LIMIT,
     zstd_level: int = 3,
-) -> tuple[dict[str, pa.Table], TransformStats]:
+    group_bytes: int = GROUP_BYTES,
+    spill_dir: str | None = None,
+    spill_bytes: int = SPILL_BYTES,
+) -> tuple[dict[str, pa.Table | SpilledTable], TransformStats]:
     """Everything one block partition writes: ``{"blocks", "block_overflow", "export_errors"}``.
 
     A block is rejected (to ``export_errors``) when ``repack`` reports an error (stage
     ``repack``), when its Morton code does not match its coordinates or lies outside
     ``[lo, hi)`` (stage ``validate``), or when it repeats a Morton code of the partition
     (stage ``duplicate``). Everything else is exported.
+
+    Batches are gathered into groups of about ``group_bytes`` repacked bytes; each group is
+    mapped and cut into rows on its own and only its output is kept (tables of several
+    chunks), so the working set is the partition's output plus one group — not four copies
+    of the whole partition, which OOM-killed low-memory workers on dense blocks.
+
+    With ``spill_dir``, once the ``blocks`` and ``block_overflow`` rows pass ``spill_bytes``
+    they go to files there (``dvidetl.spill``) and come back as ``SpilledTable`` (the caller
+    removes them with ``spill.close_tables``), so the working set is one group whatever the
+    partition's size.
     """
     from dvidetl.codec import repack
 
     stats = TransformStats()
     parts: list[dict] = []
+    part_bytes = 0
     err_parts: list[dict] = []
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        data = batch.column("data")
-        stats.bytes_in += int(pc.sum(pc.binary_length(data)).as_py() or 0)
-        x = batch.column("x").to_numpy().astype(np.int32)
-        y = batch.column("y").to_numpy().astype(np.int32)
-        z = batch.column("z").to_numpy().astype(np.int32)
-        m = batch.column("morton").to_numpy().astype(np.uint64)
-        rp = repack(data, codec, zstd_level=zstd_level)
-        errs = rp.errors
-        bad = np.asarray(pc.is_valid(errs)) if errs.null_count != len(errs) else np.zeros(len(m), bool)
-        reasons = np.asarray(errs.to_numpy(zero_copy_only=False), dtype=object)
-        stages = np.where(bad, "repack", "").astype(object)
-        expect = morton_encode(x, y, z, grid)
-        inval = ~bad & ((expect != m) | (m < np.uint64(lo)) | (m >= np.uint64(hi)))
-        if inval.any():
-            why = np.where(
-                expect != m,
-                "morton code does not match block coordinates",
-                f"morton code outside the partition [{lo}, {hi})",
-            )
-            reasons = np.where(inval, why.astype(object), reasons)
-            stages = np.where(inval, "validate", stages)
-            bad |= inval
-        if bad.any():
-            idx = pa.array(np.flatnonzero(bad))
-            err_parts.append(
-                dict(x=x[bad], y=y[bad], z=z[bad], morton=m[bad], stage=stages[bad],
-                     reason=reasons[bad], data=data.take(idx))
-            )
-        ok = ~bad
-        keep = pa.array(np.flatnonzero(ok))
-        parts.append(
-            dict(
+    budget = SpillBudget(spill_bytes)
+    out_blocks = budget.table("blocks", S.BLOCKS, spill_dir)
+    out_overflow = budget.table("block_overflow", S.BLOCK_OVERFLOW, spill_dir)
+    last_overflow = -1  # Morton code of the last overflow row kept
+    unordered = False  # groups came out of Morton order (only a direct caller can do that)
+    seen: list[np.ndarray] = []
+
+    def flush() -> None:
+        nonlocal parts, part_bytes, last_overflow, unordered
+        g = _concat_parts(parts)
+        parts, part_bytes = [], 0
+        g = _drop_duplicates(g, np.concatenate(seen) if seen else np.zeros(0, np.uint64), err_parts)
+        if len(g["morton"]) == 0:
+            return
+        seen.append(g["morton"])
+        labels = map_lists(g["supervoxels"], mapper)
+        b, o = blocks_tables(
+            scale, g["x"], g["y"], g["z"], g["morton"], g["supervoxels"], labels, g["sv_voxels"],
+            g["raw_size"], g["crc32"], g["body"], cell_limit=cell_limit,
+        )
+        stats.raw_bytes += int(g["raw_size"].astype(np.int64).sum())
+        stats.bytes_out += (
+            int(body_size_sum(b)) + 2 * int(_list_nbytes(g["supervoxels"]).sum())
+            + int(_list_nbytes(g["sv_voxels"]).sum())
+        )
+        stats.blocks += b.num_rows
+        stats.overflow_blocks += int(pc.sum(pc.cast(b.column("overflow"), pa.int64())).as_py() or 0)
+        if o.num_rows:
+            unordered |= o.column("morton")[0].as_py() <= last_overflow
+            last_overflow = o.column("morton")[-1].as_py()
+        out_blocks.append(b)
+        out_overflow.append(o)
+
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            data = batch.column("data")
+            stats.bytes_in += int(pc.sum(pc.binary_length(data)).as_py() or 0)
+            x = batch.column("x").to_numpy().astype(np.int32)
+            y = batch.column("y").to_numpy().astype(np.int32)
+            z = batch.column("z").to_numpy().astype(np.int32)
+            m = batch.column("morton").to_numpy().astype(np.uint64)
+            rp = repack(data, codec, zstd_level=zstd_level)
+            errs = rp.errors
+            bad = np.asarray(pc.is_valid(errs)) if errs.null_count != len(errs) else np.zeros(len(m), bool)
+            reasons = np.asarray(errs.to_numpy(zero_copy_only=False), dtype=object)
+            stages = np.where(bad, "repack", "").astype(object)
+            expect = morton_encode(x, y, z, grid)
+            inval = ~bad & ((expect != m) | (m < np.uint64(lo)) | (m >= np.uint64(hi)))
+            if inval.any():
+                why = np.where(
+                    expect != m,
+                    "morton code does not match block coordinates",
+                    f"morton code outside the partition [{lo}, {hi})",
+                )
+                reasons = np.where(inval, why.astype(object), reasons)
+                stages = np.where(inval, "validate", stages)
+                bad |= inval
+            if bad.any():
+                idx = pa.array(np.flatnonzero(bad))
+                err_parts.append(
+                    dict(x=x[bad], y=y[bad], z=z[bad], morton=m[bad], stage=stages[bad],
+                         reason=reasons[bad], data=data.take(idx))
+                )
+            ok = ~bad
+            keep = pa.array(np.flatnonzero(ok))
+            part = dict(
                 x=x[ok], y=y[ok], z=z[ok], morton=m[ok],
                 supervoxels=rp.supervoxels.take(keep), sv_voxels=rp.sv_voxels.take(keep),
                 raw_size=rp.raw_size.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
                 crc32=rp.crc32.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
                 body=rp.body.take(keep),
             )
-        )
-    if parts:
-        x = np.concatenate([p["x"] for p in parts])
-        y = np.concatenate([p["y"] for p in parts])
-        z = np.concatenate([p["z"] for p in parts])
-        m = np.concatenate([p["morton"] for p in parts])
-        svs = pa.concat_arrays([p["supervoxels"].cast(pa.list_(pa.uint64())) for p in parts])
-        svv = pa.concat_arrays([p["sv_voxels"].cast(pa.list_(pa.uint32())) for p in parts])
-        raw_size = np.concatenate([p["raw_size"] for p in parts])
-        crc = np.concatenate([p["crc32"] for p in parts])
-        body = pa.concat_arrays([p["body"].cast(pa.binary()) for p in parts])
-    else:
-        x = y = z = np.zeros(0, np.int32)
-        m = np.zeros(0, np.uint64)
-        svs = pa.array([], pa.list_(pa.uint64()))
-        svv = pa.array([], pa.list_(pa.uint32()))
-        raw_size = crc = np.zeros(0, np.uint32)
-        body = pa.array([], pa.binary())
-    # duplicates (a source must never serve a block twice): keep the first, report the rest
-    if len(m) > 1:
-        order = np.argsort(m, kind="stable")
-        ms = m[order]
-        dup_sorted = np.concatenate([[False], ms[1:] == ms[:-1]])
-        if dup_sorted.any():
-            dup = np.zeros(len(m), bool)
-            dup[order[dup_sorted]] = True
-            # the original bytes are not kept past repack; report the body instead
-            err_parts.append(
-                dict(x=x[dup], y=y[dup], z=z[dup], morton=m[dup],
-                     stage=np.full(int(dup.sum()), "duplicate", dtype=object),
-                     reason=np.full(int(dup.sum()), "block served twice in one partition", dtype=object),
-                     data=body.filter(pa.array(dup)))
+            del rp, data, batch
+            parts.append(part)
+            part_bytes += sum(part[k].nbytes for k in ("supervoxels", "sv_voxels", "body"))
+            if part_bytes >= group_bytes:
+                flush()
+        if parts or stats.blocks == 0:
+            flush()
+        if err_parts:
+            errors = errors_table(
+                run_id, scale,
+                np.concatenate([e["x"] for e in err_parts]),
+                np.concatenate([e["y"] for e in err_parts]),
+                np.concatenate([e["z"] for e in err_parts]),
+                np.concatenate([e["morton"] for e in err_parts]),
+                np.concatenate([np.asarray(e["stage"], dtype=object) for e in err_parts]),
+                np.concatenate([np.asarray(e["reason"], dtype=object) for e in err_parts]),
+                pa.concat_arrays([e["data"].cast(pa.binary()) for e in err_parts]),
+                cell_limit=cell_limit,
             )
-            keep = pa.array(np.flatnonzero(~dup))
-            x, y, z, m = x[~dup], y[~dup], z[~dup], m[~dup]
-            svs, svv, body = svs.take(keep), svv.take(keep), body.take(keep)
-            raw_size, crc = raw_size[~dup], crc[~dup]
-    labels = map_lists(svs, mapper)
-    blocks, overflow = blocks_tables(
-        scale, x, y, z, m, svs, labels, svv, raw_size, crc, body, cell_limit=cell_limit
-    )
-    if err_parts:
-        errors = errors_table(
-            run_id, scale,
-            np.concatenate([e["x"] for e in err_parts]),
-            np.concatenate([e["y"] for e in err_parts]),
-            np.concatenate([e["z"] for e in err_parts]),
-            np.concatenate([e["morton"] for e in err_parts]),
-            np.concatenate([np.asarray(e["stage"], dtype=object) for e in err_parts]),
-            np.concatenate([np.asarray(e["reason"], dtype=object) for e in err_parts]),
-            pa.concat_arrays([e["data"].cast(pa.binary()) for e in err_parts]),
-            cell_limit=cell_limit,
-        )
-        stats.errors = int(sum(len(e["morton"]) for e in err_parts))
-    else:
-        errors = S.empty("export_errors")
-    stats.blocks = blocks.num_rows
-    stats.raw_bytes = int(raw_size.astype(np.int64).sum())
-    stats.bytes_out = (
-        int(body_size_sum(blocks)) + 2 * int(_list_nbytes(svs).sum()) + int(_list_nbytes(svv).sum())
-    )
-    stats.overflow_blocks = int(pc.sum(pc.cast(blocks.column("overflow"), pa.int64())).as_py() or 0)
+            stats.errors = int(sum(len(e["morton"]) for e in err_parts))
+        else:
+            errors = S.empty("export_errors")
+        blocks = out_blocks.result()
+        overflow = out_overflow.result()
+    except BaseException:
+        out_blocks.discard()
+        out_overflow.discard()
+        raise
+    if unordered:
+        overflow = _sort_overflow(overflow, spill_dir)
     return {"blocks": blocks, "block_overflow": overflow, "export_errors": errors}, stats
 
 

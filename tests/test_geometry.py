@@ -5,8 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dvidetl.geometry import (
-    VolumeInfo,
     ScaleInfo,
+    VolumeInfo,
     axis_bits,
     in_grid,
     morton_decode,
@@ -49,7 +49,7 @@ def test_mcns_scale1_shard(shared_data):
     st.lists(st.tuples(*[st.floats(0, 1, exclude_max=True)] * 3), min_size=1, max_size=50),
 )
 def test_roundtrip_matches_reference(grid, fracs):
-    pts = np.array([[int(f * g) for f, g in zip(fr, grid)] for fr in fracs])
+    pts = np.array([[int(f * g) for f, g in zip(fr, grid, strict=True)] for fr in fracs])
     codes = morton_encode(pts[:, 0], pts[:, 1], pts[:, 2], grid)
     assert [int(c) for c in codes] == [_ref_morton(tuple(p), grid) for p in pts]
     assert (codes < morton_end(grid)).all()

@@ -393,3 +393,35 @@ def test_lost_commit_and_lost_inserts_are_resolved(sim):
     t = sink.read("blocks", scale=0, morton_range=(100, 200))
     assert sorted(t.column("morton").to_pylist()) == [101, 102, 103]
     assert sink.ledger("r").num_rows == 2
+
+
+def test_spilled_tables_are_reread_by_a_redone_transaction(sim, tmp_path):
+    """A partition spilled to disk (``dvidetl.spill``) is inserted from its file, batch by
+    batch, and read again when its transaction is redone; its rows land exactly once."""
+    from dvidetl.spill import SpillBudget, close_tables
+
+    url = _url(sim, "spill")
+    sink = open_sink(url, uuid="u", instance="seg")
+    part = Partition("blocks", 0, 0, 1000, 60)
+    sink.prepare(RunInfo("r", "u", "seg", [part]))
+    budget = SpillBudget(1)
+    sp = budget.table("blocks", S.BLOCKS, tmp_path)
+    body = os.urandom(100_000)
+    for lo in range(0, 60, 20):
+        sp.append(_blocks(range(lo, lo + 20), body=body))
+    tables = {"blocks": sp.result()}
+    assert type(tables["blocks"]).__name__ == "SpilledTable"
+    before = dict(sim.counters)
+    sim.set_faults(drop_after_apply_rate=0.5, commands=("POST rows",), seed=11)
+    try:
+        sink.write_partition("r", part, tables, {"blocks": 60})
+    finally:
+        sim.clear_faults()
+        close_tables(tables)
+    hit = {k: sim.counters.get(k, 0) - before.get(k, 0) for k in sim.counters}
+    assert hit["POST rows"] > 4, hit  # some inserts were lost and the transaction redone
+    t = sink.read("blocks", columns=["morton", "body0"])
+    assert sorted(t.column("morton").to_pylist()) == list(range(60))
+    assert set(t.column("body0").to_pylist()) == {body}
+    assert sink.ledger("r").column("rows").to_pylist() == [60]
+    assert list(tmp_path.iterdir()) == []

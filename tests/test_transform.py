@@ -104,3 +104,31 @@ def test_transform_mapper_wrong_size_is_an_error():
     with pytest.raises(ValueError, match="mapping returned"):
         transform_blocks([_batch([ok], [(0, 0, 0)])], "gzip", lambda s: np.zeros(5, np.uint64),
                          scale=0, grid=GRID, lo=0, hi=512, run_id="r")
+
+
+def test_transform_in_groups_is_identical_and_bounded():
+    """Groups of ``group_bytes`` bound the working set: the tables are the same as one group's
+    (order, overflow, errors), a block repeated in a later group is still a duplicate, and
+    the mapper runs once per group."""
+    rng = np.random.default_rng(2)
+    vols = [encode_block(_volume(rng, k)) for k in (3, 20000, 1, 400, 20000)]
+    coords = [(0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0)]
+    batches = [_batch([wrap(v, "gzip")], [c]) for v, c in zip(vols, coords, strict=True)]
+    batches.append(_batch([wrap(vols[1], "gzip")], [coords[1]]))  # served again, later group
+    kw = dict(scale=0, grid=GRID, lo=0, hi=512, run_id="r", cell_limit=16 * 1024)
+    whole, st1 = transform_blocks(batches, "gzip", lambda s: s + np.uint64(1), **kw)
+    calls = []
+
+    def mapper(s):
+        calls.append(len(s))
+        return s + np.uint64(1)
+
+    grouped, st2 = transform_blocks(batches, "gzip", mapper, group_bytes=1, **kw)
+    assert len(calls) == 5  # one per group holding a new block; the repeat maps nothing
+    assert grouped["blocks"].column("morton").num_chunks == 5
+    for t in ("blocks", "block_overflow", "export_errors"):
+        assert grouped[t].combine_chunks().equals(whole[t].combine_chunks()), t
+    assert st1.blocks == st2.blocks == 5 and st1.errors == st2.errors == 1
+    assert st1.bytes_out == st2.bytes_out and st1.raw_bytes == st2.raw_bytes
+    err = grouped["export_errors"]
+    assert set(err.column("stage").to_pylist()) == {"duplicate"} and set(err.column("x").to_pylist()) == {1}

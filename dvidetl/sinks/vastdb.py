@@ -36,7 +36,7 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
@@ -633,13 +633,22 @@ class VastDBSink:
             return None  # all rows (also label 2**64-1, never a real label)
         return (_col(col) >= part.lo) & (_col(col) < part.hi)
 
-    def _prepare_rows(self, table: str, data: TableData | None) -> list[pa.RecordBatch]:
-        """The table's rows conformed, cell-checked and cut into one-RPC batches (a stream is
-        consumed here, before the transaction, so a retried transaction can resend it)."""
+    def _prepare_rows(self, table: str, data: TableData | None) -> _Rows:
+        """The table's rows conformed, cell-checked and cut into one-RPC batches. A one-shot
+        stream is consumed here, before the transaction, so a retried transaction can resend
+        it; a replayable source (``spill.SpilledTable``) is checked here and read again, one
+        group at a time, by each transaction attempt (its rows are never all in memory)."""
         if data is None:
-            return []
+            return _Rows([], 0)
+        if getattr(data, "replayable", False):
+            for _ in self._conformed(table, data):
+                pass
+            return _Rows(lambda: self._conformed(table, data), data.num_rows)
+        out = list(self._conformed(table, data))
+        return _Rows(out, sum(b.num_rows for b in out))
+
+    def _conformed(self, table: str, data: TableData) -> Iterator[pa.RecordBatch]:
         chunks: Iterable = [data] if isinstance(data, (pa.Table, pa.RecordBatch)) else data
-        out: list[pa.RecordBatch] = []
         for chunk in chunks:
             if isinstance(chunk, pa.RecordBatch):
                 chunk = pa.Table.from_batches([chunk])
@@ -647,8 +656,7 @@ class VastDBSink:
             if chunk.num_rows == 0:
                 continue
             check_cells(table, chunk, self.cfg.cell_limit)
-            out += cut_rows(chunk)
-        return out
+            yield from cut_rows(chunk)
 
     def write_partition(
         self, run_id: str, part: Partition, tables: Mapping[str, TableData], stats: Mapping
@@ -657,7 +665,7 @@ class VastDBSink:
         if unknown:
             raise ValueError(f"partition kind {part.kind!r} does not write tables {sorted(unknown)}")
         batches = {t: self._prepare_rows(t, tables.get(t)) for t in S.KIND_TABLES[part.kind]}
-        rows = sum(b.num_rows for bs in batches.values() for b in bs)
+        rows = sum(bs.num_rows for bs in batches.values())
         row = {
             "run_id": run_id, "kind": part.kind, "scale": part.scale, "lo": part.lo, "hi": part.hi,
             "blocks": int(stats.get("blocks", 0)), "rows": rows, "errors": int(stats.get("errors", 0)),
@@ -685,7 +693,7 @@ class VastDBSink:
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
 
-    def _write_tx(self, ep: str, run_id: str, part: Partition, batches: dict[str, list[pa.RecordBatch]],
+    def _write_tx(self, ep: str, run_id: str, part: Partition, batches: dict[str, _Rows],
                   ledger_rb: pa.RecordBatch, state: dict) -> None:
         """One transaction: ledger check, delete the partition's old rows, insert, ledger row.
         Any failure before the commit leaves the transaction uncommitted (rolled back by
@@ -755,6 +763,16 @@ class VastDBSink:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+class _Rows:
+    """A table's insert batches: a list, or a function re-reading them for each attempt."""
+
+    def __init__(self, source: list[pa.RecordBatch] | Callable[[], Iterator[pa.RecordBatch]], num_rows: int):
+        self.source, self.num_rows = source, num_rows
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        return iter(self.source() if callable(self.source) else self.source)
 
 
 class _col:  # noqa: N801 — reads like the ibis ``_`` it wraps
