@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.flight as fl
 import pytest
+from conftest import environ
 
 from dvidetl.cli import main as cli
 from dvidetl.flight import protocol as P
@@ -34,14 +35,8 @@ VOL = "synthetic://sec?size=256,256,128&scales=2&seed=3"
 @pytest.fixture(scope="module")
 def creds():
     """VastDB keys only in the environment, set before the worker processes start."""
-    old = {k: os.environ.get(k) for k in ("VASTDB_ACCESS_KEY", "VASTDB_SECRET_KEY")}
-    os.environ["VASTDB_ACCESS_KEY"], os.environ["VASTDB_SECRET_KEY"] = ACCESS, SECRET
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        yield
 
 
 @pytest.fixture(scope="module")

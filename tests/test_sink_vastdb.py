@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import environ
 
 from dvidetl import schema as S
 from dvidetl.cli import main as cli
@@ -29,14 +30,8 @@ OVF = "synthetic://ovf?size=256,256,128&scales=3&seed=5&dense=0.2&bigids=1"
 @pytest.fixture(scope="module")
 def creds():
     """Credentials only through the environment (set before any worker process starts)."""
-    old = {k: os.environ.get(k) for k in ("VASTDB_ACCESS_KEY", "VASTDB_SECRET_KEY")}
-    os.environ["VASTDB_ACCESS_KEY"], os.environ["VASTDB_SECRET_KEY"] = ACCESS, SECRET
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        yield
 
 
 @pytest.fixture(scope="module")

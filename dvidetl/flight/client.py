@@ -245,6 +245,18 @@ class FlightClient:
             return False  # the server told us it is a bug / broken source, not the network
         return True
 
+    def _next_attempt(self, exc: BaseException, call: str, attempt: int) -> int:
+        """The number of the retry after a transport error ``exc`` in attempt ``attempt``, or
+        the error to raise: a dvidetl error for final ones, ``FlightUnavailable`` once the
+        retries are used up."""
+        self._raise_final(exc, call)
+        if not self._retryable(exc):
+            raise exc
+        attempt += 1
+        if attempt > self.retries:
+            raise self._unavailable(call, attempt, exc) from exc
+        return attempt
+
     def _with_retries(self, call: str, fn: Callable[[flight.FlightClient], Any]) -> Any:
         """Run a complete call ``fn(connection)``, reconnecting and retrying on transport errors."""
         attempt = 0
@@ -254,26 +266,12 @@ class FlightClient:
                 conn = self._client()
                 return fn(conn)
             except _RETRYABLE as exc:
-                self._raise_final(exc, call)
-                if not self._retryable(exc):
-                    raise
-                attempt += 1
-                if attempt > self.retries:
-                    raise self._unavailable(call, attempt, exc) from exc
-                log.warning(
-                    "%s on %s failed (%s); retry %d/%d",
-                    call,
-                    self.location,
-                    _clean(exc),
-                    attempt,
-                    self.retries,
-                )
+                attempt = self._next_attempt(exc, call, attempt)
+                log.warning("%s on %s failed (%s); retry %d/%d",
+                            call, self.location, _clean(exc), attempt, self.retries)
                 self._reset(conn)
                 self._sleep(attempt)
-            except flight.FlightError as exc:
-                self._raise_final(exc, call)
-                raise
-            except pa.ArrowInvalid as exc:
+            except (flight.FlightError, pa.ArrowInvalid) as exc:
                 self._raise_final(exc, call)
                 raise
 
@@ -333,21 +331,9 @@ class FlightClient:
                     )
                 return
             except _RETRYABLE as exc:
-                self._raise_final(exc, call)
-                if not self._retryable(exc):
-                    raise
-                attempt += 1
-                if attempt > self.retries:
-                    raise self._unavailable(call, attempt, exc) from exc
-                log.warning(
-                    "%s on %s broke after %d rows (%s); restarting the stream, retry %d/%d",
-                    call,
-                    self.location,
-                    delivered,
-                    _clean(exc),
-                    attempt,
-                    self.retries,
-                )
+                attempt = self._next_attempt(exc, call, attempt)
+                log.warning("%s on %s broke after %d rows (%s); restarting the stream, retry %d/%d",
+                            call, self.location, delivered, _clean(exc), attempt, self.retries)
                 self._reset(conn)
                 self._sleep(attempt)
             except (flight.FlightError, pa.ArrowInvalid) as exc:
