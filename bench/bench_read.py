@@ -166,6 +166,7 @@ def _subvolume(ex, tag: str) -> list[dict]:
 
 def run() -> list[dict]:
     from dvidetl.read import connect, open_export
+    from dvidetl.testing.env import environ
     from dvidetl.testing.vastsim import start_vastsim
 
     rows: list[dict] = []
@@ -178,23 +179,14 @@ def run() -> list[dict]:
         rows += _subvolume(ex, "parquet")
     # VastDB: the real SDK against the local server (in memory, this process)
     keys = {"VASTDB_ACCESS_KEY": "AKIDBENCHREAD", "VASTDB_SECRET_KEY": "bench-read-only-local"}
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
-        with start_vastsim(None, access_key=keys["VASTDB_ACCESS_KEY"],
-                           secret_key=keys["VASTDB_SECRET_KEY"]) as sim:
-            url, secs, size = build(f"vastdb://127.0.0.1:{sim.port}/bucket/bench", N_VAST)
-            rows.append({"name": f"vastdb: build {N_VAST:,}-block export", "value": secs, "unit": "s",
-                         "target": f"{size / 1e6:,.0f} MB of block bodies"})
-            ex = open_export(url)
-            rows += _points(ex, N_VAST, "vastdb")
-            rows += _subvolume(ex, "vastdb")
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ(**keys), start_vastsim(None, access_key=keys["VASTDB_ACCESS_KEY"],
+                                        secret_key=keys["VASTDB_SECRET_KEY"]) as sim:
+        url, secs, size = build(f"vastdb://127.0.0.1:{sim.port}/bucket/bench", N_VAST)
+        rows.append({"name": f"vastdb: build {N_VAST:,}-block export", "value": secs, "unit": "s",
+                     "target": f"{size / 1e6:,.0f} MB of block bodies"})
+        ex = open_export(url)
+        rows += _points(ex, N_VAST, "vastdb")
+        rows += _subvolume(ex, "vastdb")
     return rows
 
 

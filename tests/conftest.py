@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,18 +17,3 @@ def shared_data() -> Path:
         pytest.fail(f"../shared/data not found beside the project (looked in {SHARED_DATA})")
     return SHARED_DATA
 
-
-@contextlib.contextmanager
-def environ(**values: str) -> Iterator[None]:
-    """Set environment variables for a block (module-scoped fixtures: ``monkeypatch`` is per
-    test) — set before worker processes start, so they inherit them — then restore them."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -19,10 +19,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.flight as fl
 import pytest
-from conftest import environ
 
 from dvidetl.cli import main as cli
 from dvidetl.flight import protocol as P
+from dvidetl.testing.env import environ
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "flight-" + secrets.token_hex(16)

@@ -13,13 +13,13 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import environ
 
 from dvidetl import schema as S
 from dvidetl.cli import main as cli
 from dvidetl.errors import UserError
 from dvidetl.sinks import open_sink
 from dvidetl.sinks.base import Partition, RunInfo
+from dvidetl.testing.env import environ
 from dvidetl.testing.vastsim import start_vastsim
 
 ACCESS = "AKIDVASTTEST"
