@@ -124,3 +124,26 @@ def test_repack_rejects_bad_arguments():
         repack(pa.array([b"x"]), "brotli")
     with pytest.raises(TypeError, match="binary"):
         repack(pa.array([1, 2]), "gzip")
+
+
+def test_repack_and_restore_from_many_threads(raws):
+    """Dask runs tasks in threads: repack / unwrap / restore_block from 4 threads at once give
+    the serial bytes (zstandard contexts are not thread safe; a shared one corrupted frames)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wrapped = {c: pa.array([wrap(b, c) for b in raws[:64]], pa.binary()) for c in ("gzip", "zstd")}
+    serial = {c: repack(w, c).body.to_pylist() for c, w in wrapped.items()}
+
+    def work(i: int) -> bool:
+        c = ("gzip", "zstd")[i % 2]
+        r = repack(wrapped[c], c)
+        if r.body.to_pylist() != serial[c]:
+            return False
+        ok = all(unwrap(w, c) == b for w, b in zip(wrapped[c].to_pylist()[:16], raws, strict=False))
+        svs = r.supervoxels.to_pylist()
+        return ok and all(
+            restore_block(np.asarray(svs[k], np.uint64), serial[c][k]) == raws[k] for k in range(len(svs))
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(24)))
