@@ -45,10 +45,10 @@ from dvidetl.errors import UserError
 
 #: dvidetl's fallbacks where neither a flag nor the site's jobqueue config says anything.
 DEFAULT_WORKER_CORES = 1
-#: measured: a full 4096-block partition (65 MB stored) peaks ~950 MiB above an idle worker
-#: (numba compile included); a worker holds ~2 partitions and Dask spills at 60 % of its
-#: limit -> 2 x 1 GiB / 0.6 ~ 3.3 GiB: 4 GiB per core (deploy/README.md, Sizing).
-DEFAULT_MEMORY_PER_CORE_GIB = 4
+#: measured (bench_pipeline): a warmed worker ~335 MiB plus ~120 MiB for the partition it
+#: transforms, whatever its size (rows past 32 MiB spill to local disk); Dask pauses at 80 %
+#: -> 1 GiB per core is enough, 2 GiB leaves room for dense volumes (deploy/README.md, Sizing).
+DEFAULT_MEMORY_PER_CORE_GIB = 2
 DEFAULT_JOBS = 2
 DEFAULT_DASHBOARD = ":8787"
 #: seconds between checks for lost SLURM jobs that need a replacement.

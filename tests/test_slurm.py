@@ -301,7 +301,7 @@ def test_scancel_mid_export_still_exactly_once(slurm, tmp_path) -> None:
 def test_deploy_export_sbatch_runs_the_driver_as_a_job(slurm, tmp_path) -> None:
     """deploy/export.sbatch as an operator submits it: the driver is a SLURM job that
     submits its own worker jobs, with deploy/jobqueue.yaml as the Dask config (flags shrink
-    its 8-core/32 GiB jobs to this machine); the export verifies exactly once."""
+    its 8-core/16 GiB jobs to this machine); the export verifies exactly once."""
     uuid = "slurm-sbatch"
     src = "synthetic://{uuid}?size=256,256,256&scales=2&seed=1"
     sink = f"parquet://{tmp_path}/out"
