@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -184,3 +185,83 @@ def test_128_cube_roundtrip():
     assert blk[:12] == np.array([16, 16, 16], "<u4").tobytes()
     assert np.array_equal(decode_block(blk), vol)
     assert int(label_voxel_counts(blk).sum()) == 128**3
+
+
+def _pack_subs(grid, table, subs) -> bytes:
+    """A block from (palette, local values) per sub-block, packed MSB-first by plain numpy."""
+    ns, pals, vals = [], [], []
+    for pal, local in subs:
+        ns.append(len(pal))
+        pals.extend(pal)
+        if len(pal) >= 2:
+            b = (len(pal) - 1).bit_length()
+            bits = ((np.asarray(local)[:, None] >> np.arange(b - 1, -1, -1)) & 1).astype(np.uint8)
+            vals.append(np.packbits(bits.reshape(-1)).tobytes())
+    return (
+        np.array([*grid, len(table)], "<u4").tobytes()
+        + np.asarray(table, "<u8").tobytes()
+        + np.array(ns, "<u2").tobytes()
+        + np.array(pals, "<u4").tobytes()
+        + b"".join(vals)
+    )
+
+
+def _local_values(rng, k: int, mode: int) -> np.ndarray:
+    if mode == 0:  # uniform
+        return rng.integers(0, k, 512)
+    if mode == 1:  # a single value (the largest valid one, or 0)
+        return np.full(512, int(rng.choice([0, k - 1])), np.int64)
+    if mode == 2:  # runs of random length
+        return np.repeat(rng.integers(0, k, 512), rng.integers(1, 40, 512))[:512]
+    return np.where(rng.random(512) < 0.9, k - 1, rng.integers(0, k, 512))  # skewed
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(seed=st.integers(0, 2**32 - 1), mode=st.integers(0, 3))
+def test_counts_every_width_exact(seed, mode):
+    """label_voxel_counts per table entry equals the counts of the packed local values, and
+    matches np.unique over decode_block, for sub-blocks of every width 1..9 (several palette
+    sizes per width, uniform / constant / run / skewed values)."""
+    rng = np.random.default_rng(seed)
+    ks = [2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 17, 31, 32, 33, 64, 65, 100, 128, 129, 255, 256, 257, 400, 512]
+    n_table = 700
+    table = rng.permutation(np.arange(1, n_table + 1, dtype=np.uint64) * np.uint64(7919))
+    subs, expect = [], np.zeros(n_table, np.int64)
+    for k in ks:
+        pal = rng.integers(0, n_table, k)
+        local = _local_values(rng, k, mode)
+        subs.append((pal.tolist(), local))
+        np.add.at(expect, pal[local], 1)
+    blk = _pack_subs((len(ks), 1, 1), table, subs)
+    counts = label_voxel_counts(blk)
+    assert counts.tolist() == expect.tolist()
+    u, c = np.unique(decode_block(blk), return_counts=True)
+    assert _by_label(table, counts) == dict(zip(u.tolist(), c.tolist(), strict=True))
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(k=st.sampled_from([3, 5, 6, 7, 9, 13, 17, 40, 65, 100, 129, 200, 257, 511]), seed=st.integers(0, 2**32 - 1))
+def test_counts_reject_local_value_past_palette_every_width(k, seed):
+    """A local value >= Ns is reported with the same message and offset as the decoder's
+    row-by-row check, whatever the width (the 3-bit path tallies values it does not check)."""
+    from dvidetl.codec import BlockFormatError
+
+    rng = np.random.default_rng(seed)
+    b = (k - 1).bit_length()
+    local = rng.integers(0, k, 512)
+    pos = int(rng.integers(0, 512))
+    bad = int(rng.integers(k, 1 << b))
+    local[pos] = bad
+    if rng.random() < 0.5:
+        local[pos + 1 :] = np.minimum(local[pos + 1 :], k - 1)  # first bad value is at pos
+    else:
+        local[pos + 1 :] = rng.integers(0, 1 << b, 511 - pos)  # later bad values too
+    subs = [([0], None), (list(rng.integers(0, 4, 2)), rng.integers(0, 2, 512)), (list(rng.integers(0, 4, k)), local)]
+    blk = _pack_subs((3, 1, 1), [10, 20, 30, 40], subs)
+    with pytest.raises(BlockFormatError, match=f"value {bad} >= palette size {k} in sub-block 2") as ei:
+        label_voxel_counts(blk)
+    with pytest.raises(BlockFormatError) as ed:
+        decode_block(blk)
+    assert str(ei.value) == str(ed.value)
+    vstart = 16 + 8 * 4 + 2 * 3 + 4 * (1 + 2 + k) + 64
+    assert ei.value.offset == vstart + (pos * b) // 8

@@ -79,6 +79,57 @@ def _bits(n):
     return b
 
 
+# Loaders with unsigned indices. numba fixes up every signed index (``if i < 0: i += n``),
+# which keeps LLVM from fusing a run of byte loads into one load; an unsigned index has no
+# fix-up (and is still bounds-checked under NUMBA_BOUNDSCHECK). Callers guarantee p >= 0.
+
+
+@nb.njit(cache=True, inline="always")
+def _lu16(buf, p):
+    q = np.uint64(p)
+    return np.int64(buf[q]) | (np.int64(buf[q + np.uint64(1)]) << 8)
+
+
+@nb.njit(cache=True, inline="always")
+def _lu32(buf, p):
+    q = np.uint64(p)
+    return (
+        np.int64(buf[q])
+        | (np.int64(buf[q + np.uint64(1)]) << 8)
+        | (np.int64(buf[q + np.uint64(2)]) << 16)
+        | (np.int64(buf[q + np.uint64(3)]) << 24)
+    )
+
+
+@nb.njit(cache=True, inline="always")
+def _lle8(buf, p):
+    """Little-endian uint64 of buf[p:p+8] (caller guarantees 0 <= p, p + 8 <= end)."""
+    q = np.uint64(p)
+    v = np.uint64(0)
+    for k in range(7, -1, -1):
+        v = (v << np.uint64(8)) | np.uint64(buf[q + np.uint64(k)])
+    return v
+
+
+@nb.njit(cache=True, inline="always")
+def _lbe8(buf, p):
+    """Big-endian uint64 of buf[p:p+8] (caller guarantees 0 <= p, p + 8 <= end)."""
+    q = np.uint64(p)
+    v = np.uint64(0)
+    for k in range(8):
+        v = (v << np.uint64(8)) | np.uint64(buf[q + np.uint64(k)])
+    return v
+
+
+@nb.njit(cache=True, inline="always")
+def _width(c):
+    """_bits(c) for 0 <= c <= 512, branch-free."""
+    return (
+        np.int64(c > 1) + np.int64(c > 2) + np.int64(c > 4) + np.int64(c > 8) + np.int64(c > 16)
+        + np.int64(c > 32) + np.int64(c > 64) + np.int64(c > 128) + np.int64(c > 256)
+    )
+
+
 @nb.njit(cache=True, nogil=True)
 def scan(buf, s, e, info):
     """Validate the structure of the block ``buf[s:e]`` (header, section lengths, Ns <= 512,
@@ -132,17 +183,23 @@ def scan(buf, s, e, info):
         info[I_B] = n
         return E_NS_TRUNC
     S = 0
-    vbytes = 0
-    for i in range(nsb):
-        c = _u16(buf, s + tab_end + 2 * i)
-        if c > MAX_NS:
-            info[I_ERR] = E_NS_BIG
-            info[I_POS] = tab_end + 2 * i
-            info[I_A] = i
-            info[I_B] = c
-            return E_NS_BIG
+    wsum = 0
+    cmax = 0
+    for i in range(nsb):  # branch-free: vectorizes
+        c = _lu16(buf, s + tab_end + 2 * i)
+        cmax = max(cmax, c)
         S += c
-        vbytes += 64 * _bits(c)
+        wsum += _width(c)
+    if cmax > MAX_NS:  # rare: locate the first oversized sub-block
+        for i in range(nsb):
+            c = _lu16(buf, s + tab_end + 2 * i)
+            if c > MAX_NS:
+                info[I_ERR] = E_NS_BIG
+                info[I_POS] = tab_end + 2 * i
+                info[I_A] = i
+                info[I_B] = c
+                return E_NS_BIG
+    vbytes = 64 * wsum
     info[I_S] = S
     pal_end = ns_end + 4 * S
     if pal_end > n:
@@ -153,7 +210,7 @@ def scan(buf, s, e, info):
         return E_PAL_TRUNC
     mx = 0
     for j in range(S):
-        mx = max(mx, _u32(buf, s + ns_end + 4 * j))
+        mx = max(mx, _lu32(buf, s + ns_end + 4 * j))
     if mx >= N:  # rare: locate the first bad entry and its sub-block
         p = s + ns_end
         for i in range(nsb):
@@ -277,6 +334,83 @@ def _hist_rows(buf, vp, e, B, hist):
         hist[j] += hist[n + j]
 
 
+def _first_bit_mask(w: int, b: int) -> np.uint64:
+    """Bits of word w (big-endian, MSB = stream bit 64 w) at stream positions t = 0 mod b."""
+    m = 0
+    for i in range(64):
+        if (64 * w + i) % b == 0:
+            m |= 1 << (63 - i)
+    return np.uint64(m)
+
+
+_M3A = _first_bit_mask(0, 3)
+_M3B = _first_bit_mask(1, 3)
+_M3C = _first_bit_mask(2, 3)
+
+
+@nb.njit(cache=True, inline="always")
+def _slice3(x, x1, x2, m):
+    """Popcounts (h, m, l, hm, hl, ml, hml) of the bit planes of the 3-bit values whose first
+    bit is at a set bit of mask m; x, x1, x2 = the stream word, shifted left by 0, 1, 2 bits."""
+    h = x & m
+    md = x1 & m
+    lo = x2 & m
+    hm = h & md
+    return (
+        np.int64(_popc(h)),
+        np.int64(_popc(md)),
+        np.int64(_popc(lo)),
+        np.int64(_popc(hm)),
+        np.int64(_popc(h & lo)),
+        np.int64(_popc(md & lo)),
+        np.int64(_popc(hm & lo)),
+    )
+
+
+@nb.njit(cache=True, inline="always")
+def _hist3(buf, vp, hist):
+    """hist[0:8] for 512 3-bit values by bit slicing: 24 bytes (three big-endian words) hold
+    64 values exactly; the high, middle and low bit of every value are gathered in place (the
+    stream shifted by 0, 1, 2 bits, masked at each value's first bit) and popcounted, and
+    inclusion-exclusion turns the 7 plane/intersection counts into the 8 value counts."""
+    a = 0
+    b = 0
+    c = 0
+    ab = 0
+    ac = 0
+    bc = 0
+    abc = 0
+    for g in range(8):
+        p = vp + 24 * g
+        w0 = _lbe8(buf, p)
+        w1 = _lbe8(buf, p + 8)
+        w2 = _lbe8(buf, p + 16)
+        one = np.uint64(1)
+        two = np.uint64(2)
+        r0 = _slice3(
+            w0, (w0 << one) | (w1 >> np.uint64(63)), (w0 << two) | (w1 >> np.uint64(62)), _M3A
+        )
+        r1 = _slice3(
+            w1, (w1 << one) | (w2 >> np.uint64(63)), (w1 << two) | (w2 >> np.uint64(62)), _M3B
+        )
+        r2 = _slice3(w2, w2 << one, w2 << two, _M3C)
+        a += r0[0] + r1[0] + r2[0]
+        b += r0[1] + r1[1] + r2[1]
+        c += r0[2] + r1[2] + r2[2]
+        ab += r0[3] + r1[3] + r2[3]
+        ac += r0[4] + r1[4] + r2[4]
+        bc += r0[5] + r1[5] + r2[5]
+        abc += r0[6] + r1[6] + r2[6]
+    hist[7] = abc
+    hist[6] = ab - abc
+    hist[5] = ac - abc
+    hist[3] = bc - abc
+    hist[4] = a - ab - ac + abc
+    hist[2] = b - ab - bc + abc
+    hist[1] = c - ac - bc + abc
+    hist[0] = 512 - a - b - c + ab + ac + bc - abc
+
+
 @nb.njit(cache=True)
 def _hist_subblock(buf, vp, e, b, hist):
     """hist[v] = number of the sub-block's 512 b-bit values equal to v (v < 2**b)."""
@@ -285,27 +419,27 @@ def _hist_subblock(buf, vp, e, b, hist):
     if b == 1:
         ones = 0
         for w in range(8):
-            ones += _popc(_le8(buf, vp + 8 * w))
+            ones += np.int64(_popc(_lle8(buf, vp + 8 * w)))
         hist[1] = ones
         hist[0] = 512 - ones
-    elif b == 2:
+    elif b == 2:  # 2-bit values never straddle a byte: any byte order works
         lo_m = np.uint64(0x5555555555555555)
-        n1 = 0
-        n2 = 0
-        n3 = 0
+        nh = 0
+        nl = 0
+        nhl = 0
         for w in range(16):
-            x = _le8(buf, vp + 8 * w)
+            x = _lle8(buf, vp + 8 * w)
             hi = (x >> np.uint64(1)) & lo_m
             lo = x & lo_m
-            n3 += _popc(hi & lo)
-            n2 += _popc(hi & ~lo & lo_m)
-            n1 += _popc(~hi & lo & lo_m)
-        hist[1] = n1
-        hist[2] = n2
-        hist[3] = n3
-        hist[0] = 512 - n1 - n2 - n3
+            nh += np.int64(_popc(hi))
+            nl += np.int64(_popc(lo))
+            nhl += np.int64(_popc(hi & lo))
+        hist[3] = nhl
+        hist[2] = nh - nhl
+        hist[1] = nl - nhl
+        hist[0] = 512 - nh - nl + nhl
     elif b == 3:
-        _hist_rows(buf, vp, e, 3, hist)
+        _hist3(buf, vp, hist)
     elif b == 4:
         for j in range(16, 32):  # a second tally at hist[16:32]: fewer store-to-load stalls
             hist[j] = 0
@@ -370,29 +504,29 @@ def count_into(buf, s, e, info, counts, c0):
     val_p = pal_p + 4 * info[I_S]
     hist = np.zeros(2 * MAX_NS, np.int64)  # 512 bins + room for the 8-bit path's tallies
     for i in range(nsb):
-        c = _u16(buf, ns_p + 2 * i)
+        c = _lu16(buf, ns_p + 2 * i)
         if c == 0:
             continue
         if c == 1:
-            counts[c0 + _u32(buf, pal_p)] += 512
+            counts[c0 + _lu32(buf, pal_p)] += 512
             pal_p += 4
             continue
         if c == 2:  # the commonest case: one POPCNT per 64 voxels, no histogram
             ones = 0
             for w in range(8):
-                ones += _popc(_le8(buf, val_p + 8 * w))
-            counts[c0 + _u32(buf, pal_p)] += 512 - ones
-            counts[c0 + _u32(buf, pal_p + 4)] += ones
+                ones += np.int64(_popc(_lle8(buf, val_p + 8 * w)))
+            counts[c0 + _lu32(buf, pal_p)] += 512 - ones
+            counts[c0 + _lu32(buf, pal_p + 4)] += ones
             pal_p += 8
             val_p += 64
             continue
-        b = _bits(c)
+        b = _width(c)
         _hist_subblock(buf, val_p, e, b, hist)
         for j in range(c, 1 << b):
             if hist[j] != 0:
                 return _find_bad_local(buf, val_p, e, b, c, i, s, info)
         for j in range(c):
-            counts[c0 + _u32(buf, pal_p + 4 * j)] += hist[j]
+            counts[c0 + _lu32(buf, pal_p + 4 * j)] += hist[j]
         pal_p += 4 * c
         val_p += 64 * b
     return E_OK
