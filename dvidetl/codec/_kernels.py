@@ -299,8 +299,9 @@ def _row_acc(buf, rp, B):
     at each call site so the loop unrolls."""
     nbytes = B if B < 8 else 8
     acc = np.uint64(0)
+    r = np.uint64(rp)  # unsigned: the byte loads fuse (see _lu16)
     for q in range(nbytes):
-        acc = (acc << np.uint64(8)) | np.uint64(buf[rp + q])
+        acc = (acc << np.uint64(8)) | np.uint64(buf[r + np.uint64(q)])
     if nbytes < 8:
         acc <<= np.uint64(8 * (8 - nbytes))
     return acc
@@ -314,7 +315,7 @@ def _row_value(acc, x, b, buf, rp):
         return np.int64((acc >> np.uint64(64 - (x + 1) * b)) & np.uint64((1 << b) - 1))
     if x < 7:
         return np.int64((acc >> np.uint64(64 - (x + 1) * 9)) & np.uint64(511))
-    return (np.int64(acc & np.uint64(1)) << 8) | np.int64(buf[rp + 8])
+    return (np.int64(acc & np.uint64(1)) << 8) | np.int64(buf[np.uint64(rp + 8)])
 
 
 @nb.njit(cache=True, inline="always")
@@ -546,7 +547,7 @@ def _dec_rows(buf, vp, e, B, pl, c, outf, o0, sz_, sy_):
             for x in range(8):
                 v = _row_value(acc, x, B, buf, rp)
                 mx = max(mx, v)
-                outf[ob + x] = pl[v & 511]
+                outf[np.uint64(ob + x)] = pl[v & 511]
     return mx
 
 
@@ -556,16 +557,16 @@ def decode_into(buf, s, e, info, out):
     C-contiguous. Returns the error code (E_LOCAL on a local value >= Ns)."""
     N = info[I_N]
     nsb = info[I_NSB]
-    gx = _u32(buf, s)
-    gy = _u32(buf, s + 4)
-    gz = _u32(buf, s + 8)
+    gx = _lu32(buf, s)
+    gy = _lu32(buf, s + 4)
+    gz = _lu32(buf, s + 8)
     outf = out.reshape(out.size)
     if N == 1:
-        outf[:] = _le8(buf, s + 16)
+        outf[:] = _lle8(buf, s + 16)
         return E_OK
     L = np.empty(N, np.uint64)
     for k in range(N):
-        L[k] = _le8(buf, s + 16 + 8 * k)
+        L[k] = _lle8(buf, s + 16 + 8 * k)
     nx = 8 * gx
     sy_ = nx
     sz_ = nx * 8 * gy
@@ -579,24 +580,33 @@ def decode_into(buf, s, e, info, out):
             for bx in range(gx):
                 i += 1
                 o0 = bz * 8 * sz_ + by * 8 * sy_ + bx * 8
-                c = _u16(buf, ns_p + 2 * i)
+                c = _lu16(buf, ns_p + 2 * i)
                 if c < 2:
                     lab = np.uint64(0)
                     if c == 1:
-                        lab = L[_u32(buf, pal_p)]
+                        lab = L[_lu32(buf, pal_p)]
                         pal_p += 4
                     for z in range(8):
                         for y in range(8):
                             ob = o0 + z * sz_ + y * sy_
                             for x in range(8):
-                                outf[ob + x] = lab
+                                outf[np.uint64(ob + x)] = lab
                     continue
                 for j in range(c):
-                    pl[j] = L[_u32(buf, pal_p + 4 * j)]
+                    pl[j] = L[_lu32(buf, pal_p + 4 * j)]
                 pal_p += 4 * c
-                b = _bits(c)
-                if b == 1:
-                    bad = _dec_rows(buf, val_p, e, 1, pl, c, outf, o0, sz_, sy_)
+                b = _width(c)
+                if b == 1:  # c == 2, every value valid: a branch-free select, 8 lanes per row
+                    p0 = pl[0]
+                    d = pl[1] ^ p0
+                    for z in range(8):
+                        for y in range(8):
+                            byte = np.uint64(buf[np.uint64(val_p + z * 8 + y)])
+                            ob = o0 + z * sz_ + y * sy_
+                            for x in range(8):
+                                bit = (byte >> np.uint64(7 - x)) & np.uint64(1)
+                                outf[np.uint64(ob + x)] = p0 ^ (d & (np.uint64(0) - bit))
+                    bad = 0
                 elif b == 2:
                     bad = _dec_rows(buf, val_p, e, 2, pl, c, outf, o0, sz_, sy_)
                 elif b == 3:
