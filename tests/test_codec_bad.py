@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -218,11 +219,13 @@ FUZZ = textwrap.dedent(
 )
 
 
-def test_kernels_never_read_out_of_bounds(request):
+def test_kernels_never_read_out_of_bounds():
     """Numba compiled with bounds checking: an OOB index would raise IndexError here.
     The bounds-checked build has its own numba cache (in pytest's cache dir) so only the
     first run pays the compile."""
-    cache = request.config.cache.mkdir("numba-boundscheck")
+    # the same directory as tests/fuzz.py; works with pytest's cache plugin off (-p no:cacheprovider)
+    cache = Path(__file__).resolve().parents[1] / ".pytest_cache" / "d" / "numba-boundscheck"
+    cache.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(cache))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run(
