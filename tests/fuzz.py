@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dvidetl.testing.blocks import pack_block
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CODECS = ("gzip", "lz4", "zstd", "dvid")
@@ -43,21 +45,6 @@ BATCH = 500  # inputs per repack call / watchdog period
 
 
 # ---------------------------------------------------------------------------------- seeds ---
-
-
-def _pack(grid, table, subs) -> bytes:
-    """A block from (palette, local values) per sub-block by plain numpy, so the seeds do not
-    depend on our encoder (every width 0..9 bits is reachable)."""
-    ns, pals, vals = [], [], []
-    for pal, local in subs:
-        ns.append(len(pal))
-        pals.extend(pal)
-        if len(pal) >= 2:
-            b = (len(pal) - 1).bit_length()
-            bits = ((np.asarray(local)[:, None] >> np.arange(b - 1, -1, -1)) & 1).astype(np.uint8)
-            vals.append(np.packbits(bits.reshape(-1)).tobytes())
-    return (np.array([*grid, len(table)], "<u4").tobytes() + np.asarray(table, "<u8").tobytes()
-            + np.array(ns, "<u2").tobytes() + np.array(pals, "<u4").tobytes() + b"".join(vals))
 
 
 def seeds(rng: np.random.Generator) -> tuple[list[bytes], list[bytes]]:
@@ -69,10 +56,10 @@ def seeds(rng: np.random.Generator) -> tuple[list[bytes], list[bytes]]:
     for k in (0, 1, 2, 3, 5, 9, 17, 40, 200, 512):  # palette sizes: every bit width 0..9
         table = rng.integers(0, 2**63, max(k, 1) + 3, dtype=np.uint64)
         subs = [(list(rng.integers(0, len(table), k)), rng.integers(0, max(k, 1), 512))]
-        small.append(_pack((1, 1, 1), table, subs))
+        small.append(pack_block((1, 1, 1), table, subs))
     subs = [(list(rng.integers(0, 600, k)), rng.integers(0, max(k, 1), 512))
             for k in (0, 1, 2, 3, 5, 9, 17, 40, 200, 512)]
-    small.append(_pack((5, 2, 1), rng.integers(0, 2**63, 600, dtype=np.uint64), subs))
+    small.append(pack_block((5, 2, 1), rng.integers(0, 2**63, 600, dtype=np.uint64), subs))
     for shape, nlab in (((8, 8, 8), 1), ((8, 8, 8), 3), ((16, 16, 16), 7), ((16, 8, 24), 40),
                         ((16, 16, 16), 300), ((8, 16, 16), 2)):
         vol = rng.integers(0, nlab, shape).astype(np.uint64) * np.uint64(2**40 + 3)

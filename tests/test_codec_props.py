@@ -21,6 +21,7 @@ from dvidetl.codec import (
     restore_block,
     split_block,
 )
+from dvidetl.testing.blocks import pack_block
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -187,25 +188,6 @@ def test_128_cube_roundtrip():
     assert int(label_voxel_counts(blk).sum()) == 128**3
 
 
-def _pack_subs(grid, table, subs) -> bytes:
-    """A block from (palette, local values) per sub-block, packed MSB-first by plain numpy."""
-    ns, pals, vals = [], [], []
-    for pal, local in subs:
-        ns.append(len(pal))
-        pals.extend(pal)
-        if len(pal) >= 2:
-            b = (len(pal) - 1).bit_length()
-            bits = ((np.asarray(local)[:, None] >> np.arange(b - 1, -1, -1)) & 1).astype(np.uint8)
-            vals.append(np.packbits(bits.reshape(-1)).tobytes())
-    return (
-        np.array([*grid, len(table)], "<u4").tobytes()
-        + np.asarray(table, "<u8").tobytes()
-        + np.array(ns, "<u2").tobytes()
-        + np.array(pals, "<u4").tobytes()
-        + b"".join(vals)
-    )
-
-
 def _local_values(rng, k: int, mode: int) -> np.ndarray:
     if mode == 0:  # uniform
         return rng.integers(0, k, 512)
@@ -232,7 +214,7 @@ def test_counts_every_width_exact(seed, mode):
         local = _local_values(rng, k, mode)
         subs.append((pal.tolist(), local))
         np.add.at(expect, pal[local], 1)
-    blk = _pack_subs((len(ks), 1, 1), table, subs)
+    blk = pack_block((len(ks), 1, 1), table, subs)
     counts = label_voxel_counts(blk)
     assert counts.tolist() == expect.tolist()
     u, c = np.unique(decode_block(blk), return_counts=True)
@@ -257,7 +239,7 @@ def test_counts_reject_local_value_past_palette_every_width(k, seed):
     else:
         local[pos + 1 :] = rng.integers(0, 1 << b, 511 - pos)  # later bad values too
     subs = [([0], None), (list(rng.integers(0, 4, 2)), rng.integers(0, 2, 512)), (list(rng.integers(0, 4, k)), local)]
-    blk = _pack_subs((3, 1, 1), [10, 20, 30, 40], subs)
+    blk = pack_block((3, 1, 1), [10, 20, 30, 40], subs)
     with pytest.raises(BlockFormatError, match=f"value {bad} >= palette size {k} in sub-block 2") as ei:
         label_voxel_counts(blk)
     with pytest.raises(BlockFormatError) as ed:
