@@ -2,9 +2,9 @@
 
 `vastsim` is a local, wire-compatible subset of the VAST DataBase tabular HTTP API, driven by
 the unmodified `vastdb` SDK (see docs/vastsim.md); `conformance` runs VAST's own SDK
-integration tests against it. Also: `fake_dvid` (a DVID HTTP server over any source
-), `corrupt` (the corrupt-block corpus), `faulty_sink` (`flaky+parquet://`), `blocks`
-(DVID blocks packed by plain numpy), `env` (environment variables for a block).
+integration tests against it. Also: `fake_dvid` (a DVID HTTP server over any source),
+`corrupt` (the corrupt-block corpus), `faulty_sink` (`flaky+parquet://`), `blocks` (DVID
+blocks packed by plain numpy), `env` (environment variables for a block).
 """
 
 from __future__ import annotations
