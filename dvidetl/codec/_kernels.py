@@ -45,29 +45,6 @@ MAX_NS = 512  # an 8x8x8 sub-block has at most 512 distinct values
 
 
 @nb.njit(cache=True, inline="always")
-def _u16(buf, p):
-    return np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8)
-
-
-@nb.njit(cache=True, inline="always")
-def _u32(buf, p):
-    return (
-        np.int64(buf[p])
-        | (np.int64(buf[p + 1]) << 8)
-        | (np.int64(buf[p + 2]) << 16)
-        | (np.int64(buf[p + 3]) << 24)
-    )
-
-
-@nb.njit(cache=True, inline="always")
-def _u64(buf, p):
-    v = np.uint64(0)
-    for k in range(7, -1, -1):
-        v = (v << np.uint64(8)) | np.uint64(buf[p + k])
-    return v
-
-
-@nb.njit(cache=True, inline="always")
 def _bits(n):
     if n < 2:
         return 0
@@ -85,13 +62,13 @@ def _bits(n):
 
 
 @nb.njit(cache=True, inline="always")
-def _lu16(buf, p):
+def _u16(buf, p):
     q = np.uint64(p)
     return np.int64(buf[q]) | (np.int64(buf[q + np.uint64(1)]) << 8)
 
 
 @nb.njit(cache=True, inline="always")
-def _lu32(buf, p):
+def _u32(buf, p):
     q = np.uint64(p)
     return (
         np.int64(buf[q])
@@ -102,7 +79,7 @@ def _lu32(buf, p):
 
 
 @nb.njit(cache=True, inline="always")
-def _lle8(buf, p):
+def _le8(buf, p):
     """Little-endian uint64 of buf[p:p+8] (caller guarantees 0 <= p, p + 8 <= end)."""
     q = np.uint64(p)
     v = np.uint64(0)
@@ -186,13 +163,13 @@ def scan(buf, s, e, info):
     wsum = 0
     cmax = 0
     for i in range(nsb):  # branch-free: vectorizes
-        c = _lu16(buf, s + tab_end + 2 * i)
+        c = _u16(buf, s + tab_end + 2 * i)
         cmax = max(cmax, c)
         S += c
         wsum += _width(c)
     if cmax > MAX_NS:  # rare: locate the first oversized sub-block
         for i in range(nsb):
-            c = _lu16(buf, s + tab_end + 2 * i)
+            c = _u16(buf, s + tab_end + 2 * i)
             if c > MAX_NS:
                 info[I_ERR] = E_NS_BIG
                 info[I_POS] = tab_end + 2 * i
@@ -210,7 +187,7 @@ def scan(buf, s, e, info):
         return E_PAL_TRUNC
     mx = 0
     for j in range(S):
-        mx = max(mx, _lu32(buf, s + ns_end + 4 * j))
+        mx = max(mx, _u32(buf, s + ns_end + 4 * j))
     if mx >= N:  # rare: locate the first bad entry and its sub-block
         p = s + ns_end
         for i in range(nsb):
@@ -278,28 +255,13 @@ def _be8(buf, p, e):
 
 
 @nb.njit(cache=True, inline="always")
-def _le8(buf, p):
-    """Little-endian uint64 of buf[p:p+8] (caller guarantees p + 8 <= end)."""
-    return (
-        np.uint64(buf[p])
-        | (np.uint64(buf[p + 1]) << np.uint64(8))
-        | (np.uint64(buf[p + 2]) << np.uint64(16))
-        | (np.uint64(buf[p + 3]) << np.uint64(24))
-        | (np.uint64(buf[p + 4]) << np.uint64(32))
-        | (np.uint64(buf[p + 5]) << np.uint64(40))
-        | (np.uint64(buf[p + 6]) << np.uint64(48))
-        | (np.uint64(buf[p + 7]) << np.uint64(56))
-    )
-
-
-@nb.njit(cache=True, inline="always")
 def _row_acc(buf, rp, B):
     """The first min(B, 8) bytes of a row of 8 B-bit values, big-endian, left-aligned in a
     uint64. Reads only the row's own bytes (always inside a validated block); B is a literal
     at each call site so the loop unrolls."""
     nbytes = B if B < 8 else 8
     acc = np.uint64(0)
-    r = np.uint64(rp)  # unsigned: the byte loads fuse (see _lu16)
+    r = np.uint64(rp)  # unsigned: the byte loads fuse (see _u16)
     for q in range(nbytes):
         acc = (acc << np.uint64(8)) | np.uint64(buf[r + np.uint64(q)])
     if nbytes < 8:
@@ -420,7 +382,7 @@ def _hist_subblock(buf, vp, e, b, hist):
     if b == 1:
         ones = 0
         for w in range(8):
-            ones += np.int64(_popc(_lle8(buf, vp + 8 * w)))
+            ones += np.int64(_popc(_le8(buf, vp + 8 * w)))
         hist[1] = ones
         hist[0] = 512 - ones
     elif b == 2:  # 2-bit values never straddle a byte: any byte order works
@@ -429,7 +391,7 @@ def _hist_subblock(buf, vp, e, b, hist):
         nl = 0
         nhl = 0
         for w in range(16):
-            x = _lle8(buf, vp + 8 * w)
+            x = _le8(buf, vp + 8 * w)
             hi = (x >> np.uint64(1)) & lo_m
             lo = x & lo_m
             nh += np.int64(_popc(hi))
@@ -505,19 +467,19 @@ def count_into(buf, s, e, info, counts, c0):
     val_p = pal_p + 4 * info[I_S]
     hist = np.zeros(2 * MAX_NS, np.int64)  # 512 bins + room for the 8-bit path's tallies
     for i in range(nsb):
-        c = _lu16(buf, ns_p + 2 * i)
+        c = _u16(buf, ns_p + 2 * i)
         if c == 0:
             continue
         if c == 1:
-            counts[c0 + _lu32(buf, pal_p)] += 512
+            counts[c0 + _u32(buf, pal_p)] += 512
             pal_p += 4
             continue
         if c == 2:  # the commonest case: one POPCNT per 64 voxels, no histogram
             ones = 0
             for w in range(8):
-                ones += np.int64(_popc(_lle8(buf, val_p + 8 * w)))
-            counts[c0 + _lu32(buf, pal_p)] += 512 - ones
-            counts[c0 + _lu32(buf, pal_p + 4)] += ones
+                ones += np.int64(_popc(_le8(buf, val_p + 8 * w)))
+            counts[c0 + _u32(buf, pal_p)] += 512 - ones
+            counts[c0 + _u32(buf, pal_p + 4)] += ones
             pal_p += 8
             val_p += 64
             continue
@@ -527,7 +489,7 @@ def count_into(buf, s, e, info, counts, c0):
             if hist[j] != 0:
                 return _find_bad_local(buf, val_p, e, b, c, i, s, info)
         for j in range(c):
-            counts[c0 + _lu32(buf, pal_p + 4 * j)] += hist[j]
+            counts[c0 + _u32(buf, pal_p + 4 * j)] += hist[j]
         pal_p += 4 * c
         val_p += 64 * b
     return E_OK
@@ -557,16 +519,16 @@ def decode_into(buf, s, e, info, out):
     C-contiguous. Returns the error code (E_LOCAL on a local value >= Ns)."""
     N = info[I_N]
     nsb = info[I_NSB]
-    gx = _lu32(buf, s)
-    gy = _lu32(buf, s + 4)
-    gz = _lu32(buf, s + 8)
+    gx = _u32(buf, s)
+    gy = _u32(buf, s + 4)
+    gz = _u32(buf, s + 8)
     outf = out.reshape(out.size)
     if N == 1:
-        outf[:] = _lle8(buf, s + 16)
+        outf[:] = _le8(buf, s + 16)
         return E_OK
     L = np.empty(N, np.uint64)
     for k in range(N):
-        L[k] = _lle8(buf, s + 16 + 8 * k)
+        L[k] = _le8(buf, s + 16 + 8 * k)
     nx = 8 * gx
     sy_ = nx
     sz_ = nx * 8 * gy
@@ -580,11 +542,11 @@ def decode_into(buf, s, e, info, out):
             for bx in range(gx):
                 i += 1
                 o0 = bz * 8 * sz_ + by * 8 * sy_ + bx * 8
-                c = _lu16(buf, ns_p + 2 * i)
+                c = _u16(buf, ns_p + 2 * i)
                 if c < 2:
                     lab = np.uint64(0)
                     if c == 1:
-                        lab = L[_lu32(buf, pal_p)]
+                        lab = L[_u32(buf, pal_p)]
                         pal_p += 4
                     for z in range(8):
                         for y in range(8):
@@ -593,7 +555,7 @@ def decode_into(buf, s, e, info, out):
                                 outf[np.uint64(ob + x)] = lab
                     continue
                 for j in range(c):
-                    pl[j] = L[_lu32(buf, pal_p + 4 * j)]
+                    pl[j] = L[_u32(buf, pal_p + 4 * j)]
                 pal_p += 4 * c
                 b = _width(c)
                 if b == 1:  # c == 2, every value valid: a branch-free select, 8 lanes per row
