@@ -59,10 +59,6 @@ class TableSpill:
         self._file = None
         self._path: Path | None = None
 
-    @property
-    def spilled(self) -> bool:
-        return self._writer is not None
-
     def append(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return

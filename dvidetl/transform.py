@@ -236,13 +236,6 @@ GROUP_BYTES = 8 << 20
 
 def _concat_parts(parts: list[dict]) -> dict:
     """One group's repacked columns, concatenated (the parts are dropped by the caller)."""
-    if not parts:
-        return dict(
-            x=np.zeros(0, np.int32), y=np.zeros(0, np.int32), z=np.zeros(0, np.int32),
-            morton=np.zeros(0, np.uint64), supervoxels=pa.array([], pa.list_(pa.uint64())),
-            sv_voxels=pa.array([], pa.list_(pa.uint32())), raw_size=np.zeros(0, np.uint32),
-            crc32=np.zeros(0, np.uint32), body=pa.array([], pa.binary()),
-        )
     return dict(
         x=np.concatenate([p["x"] for p in parts]),
         y=np.concatenate([p["y"] for p in parts]),
@@ -418,7 +411,7 @@ def transform_blocks(
             part_bytes += sum(part[k].nbytes for k in ("supervoxels", "sv_voxels", "body"))
             if part_bytes >= group_bytes:
                 flush()
-        if parts or stats.blocks == 0:
+        if parts:
             flush()
         if err_parts:
             errors = errors_table(
@@ -437,12 +430,12 @@ def transform_blocks(
             errors = S.empty("export_errors")
         blocks = out_blocks.result()
         overflow = out_overflow.result()
+        if unordered:
+            overflow = _sort_overflow(overflow, spill_dir)
     except BaseException:
         out_blocks.discard()
         out_overflow.discard()
         raise
-    if unordered:
-        overflow = _sort_overflow(overflow, spill_dir)
     return {"blocks": blocks, "block_overflow": overflow, "export_errors": errors}, stats
 
 

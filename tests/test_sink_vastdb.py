@@ -420,3 +420,18 @@ def test_spilled_tables_are_reread_by_a_redone_transaction(sim, tmp_path):
     assert set(t.column("body0").to_pylist()) == {body}
     assert sink.ledger("r").column("rows").to_pylist() == [60]
     assert list(tmp_path.iterdir()) == []
+    # a spilled table is checked inside the transaction: a cell over the limit fails it
+    # before the commit, and nothing of the partition becomes visible
+    bad_part = Partition("blocks", 0, 1000, 2000, 21)
+    sink.prepare(RunInfo("r2", "u", "seg", [bad_part]))
+    sp = SpillBudget(1).table("blocks", S.BLOCKS, tmp_path)
+    sp.append(_blocks(range(1000, 1020), body=body))
+    sp.append(_blocks([1020], body=b"z" * (S.DEFAULT_CELL_LIMIT + 1)))
+    tables = {"blocks": sp.result()}
+    try:
+        with pytest.raises(ValueError, match="body0.*cell limit"):
+            sink.write_partition("r2", bad_part, tables, {"blocks": 21})
+    finally:
+        close_tables(tables)
+    assert sink.ledger("r2").num_rows == 0
+    assert sink.read("blocks", scale=0, morton_range=(1000, 2000)).num_rows == 0

@@ -636,13 +636,12 @@ class VastDBSink:
     def _prepare_rows(self, table: str, data: TableData | None) -> _Rows:
         """The table's rows conformed, cell-checked and cut into one-RPC batches. A one-shot
         stream is consumed here, before the transaction, so a retried transaction can resend
-        it; a replayable source (``spill.SpilledTable``) is checked here and read again, one
-        group at a time, by each transaction attempt (its rows are never all in memory)."""
+        it; a replayable source (``spill.SpilledTable``) is read, conformed and checked by
+        each transaction attempt, one group at a time (its rows are never all in memory; a
+        bad cell fails the attempt before its commit, so nothing of it becomes visible)."""
         if data is None:
             return _Rows([], 0)
         if getattr(data, "replayable", False):
-            for _ in self._conformed(table, data):
-                pass
             return _Rows(lambda: self._conformed(table, data), data.num_rows)
         out = list(self._conformed(table, data))
         return _Rows(out, sum(b.num_rows for b in out))
