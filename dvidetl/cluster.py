@@ -53,6 +53,8 @@ DEFAULT_JOBS = 2
 DEFAULT_DASHBOARD = ":8787"
 #: seconds between checks for lost SLURM jobs that need a replacement.
 KEEPER_INTERVAL_S = 5.0
+# after a worker disconnects, squeue is asked every second for this long
+PROMPT_CHECK_S = 10.0
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -427,8 +429,8 @@ class _JobKeeper:
 
     dask-jobqueue never replaces such a job: SpecCluster keeps it in its spec (so neither
     `scale` nor adaptive scaling sees a gap) and, with several processes per job, does not
-    even notice it is gone. Every few seconds the keeper asks `squeue` for the state of the
-    cluster's jobs; a job that has ended is dropped from the spec and the cluster is scaled
+    even notice it is gone. Every few seconds, and every second for a while after a worker disconnects, the
+    keeper asks `squeue` for the state of the cluster's jobs; a job that has ended is dropped from the spec and the cluster is scaled
     back to its size, which submits a fresh job under a new name. Jobs that keep ending
     before their worker ever connected (broken environment) are not resubmitted forever:
     after a few, the keeper stops and says where the job logs are.
@@ -442,6 +444,10 @@ class _JobKeeper:
         self.gave_up = False
         self._seen: set[str] = set()  # job names whose worker(s) connected at least once
         self._connected: set[str] = set()  # worker names the scheduler has seen connect
+        # a worker left: ask squeue every second for a few seconds (its job may take a
+        # moment to leave RUNNING) instead of waiting for the next regular poll
+        self._prompt_until = 0.0
+        self._handled: set[str] = set()  # ended job ids already reported and replaced
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dvidetl-slurm-keeper", daemon=True)
 
@@ -452,8 +458,9 @@ class _JobKeeper:
         while not self._stop.wait(1.0):
             try:
                 self._note_connected()
-                if time.monotonic() - last >= self.interval:
-                    last = time.monotonic()
+                now = time.monotonic()
+                if now - last >= self.interval or now < self._prompt_until:
+                    last = now
                     self.check()
             except Exception as exc:  # noqa: BLE001 - never kill the run over a poll
                 _say(f"SLURM job check failed ({exc!r}); will retry")
@@ -482,7 +489,9 @@ class _JobKeeper:
         states = squeue_states(sorted(set(jobs.values())))
         if states is None:
             return
-        dead = {n: j for n, j in jobs.items() if states.get(j) not in _ALIVE}
+        dead = {
+            n: j for n, j in jobs.items() if states.get(j) not in _ALIVE and j not in self._handled
+        }
         if not dead:
             return
         log_dir = getattr(c._dummy_job, "log_directory", None)
@@ -505,6 +514,7 @@ class _JobKeeper:
             )
             return
         self.replaced += len(dead)
+        self._handled |= set(dead.values())  # replaced on the loop; never counted twice
         c.loop.add_callback(self._replace, dead)
 
     def _replace(self, dead: dict[str, str]) -> None:
@@ -524,6 +534,7 @@ class _JobKeeper:
         from distributed.diagnostics.plugin import SchedulerPlugin
 
         connected = self._connected
+        keeper = self
 
         class _NoteWorkers(SchedulerPlugin):
             name = "dvidetl-note-workers"
@@ -532,6 +543,9 @@ class _JobKeeper:
                 ws = scheduler.workers.get(worker)
                 if ws is not None:
                     connected.add(str(ws.name))
+
+            def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+                keeper._prompt_until = time.monotonic() + PROMPT_CHECK_S
 
         sched = getattr(self.cluster, "scheduler", None)
         if sched is not None and hasattr(sched, "add_plugin"):

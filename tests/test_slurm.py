@@ -183,9 +183,10 @@ def test_rejected_job_is_a_one_line_error(slurm, tmp_path) -> None:
 
 PY = sys.executable
 #: multi-scale synthetic volumes over 3 scales: ~127 blocks (19 partitions of 8) for the
-#: plain export, ~229 blocks (60 partitions of 4) where a job is cancelled mid-run.
+#: plain export, ~450 blocks (~115 partitions of 4) where a job is cancelled mid-run: long
+#: enough that the run still has work when the driver notices the job is gone.
 SRC = "synthetic://{uuid}?size=384,384,256&scales=3&seed=7"
-SRC_BIG = "synthetic://{uuid}?size=512,512,256&scales=3&seed=7"
+SRC_BIG = "synthetic://{uuid}?size=512,512,512&scales=3&seed=7"
 
 
 def _run_cmd(src: str, uuid: str, sink: str, log_dir: Path, *extra: str) -> list[str]:
@@ -264,7 +265,7 @@ def test_scancel_mid_export_still_exactly_once(slurm, tmp_path) -> None:
     )
     victim = None
     try:
-        # once the first partitions are committed (workers warm, ~55 partitions to go),
+        # once the first partitions are committed (workers warm, ~110 partitions to go),
         # take one worker job away as SLURM would on preemption or walltime
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
