@@ -44,18 +44,6 @@ MAX_GRID = 128  # Go's UnmarshalBinary limit: gx, gy, gz <= 128
 MAX_NS = 512  # an 8x8x8 sub-block has at most 512 distinct values
 
 
-@nb.njit(cache=True, inline="always")
-def _bits(n):
-    if n < 2:
-        return 0
-    b = 0
-    m = n - 1
-    while m > 0:
-        b += 1
-        m >>= 1
-    return b
-
-
 # Loaders with unsigned indices. numba fixes up every signed index (``if i < 0: i += n``),
 # which keeps LLVM from fusing a run of byte loads into one load; an unsigned index has no
 # fix-up (and is still bounds-checked under NUMBA_BOUNDSCHECK). Callers guarantee p >= 0.
@@ -100,7 +88,8 @@ def _lbe8(buf, p):
 
 @nb.njit(cache=True, inline="always")
 def _width(c):
-    """_bits(c) for 0 <= c <= 512, branch-free."""
+    """Bits per local value of a sub-block with c palette entries (0 for c < 2; c <= 512 =
+    MAX_NS, which every caller guarantees): ceil(log2(c)), branch-free."""
     return (
         np.int64(c > 1) + np.int64(c > 2) + np.int64(c > 4) + np.int64(c > 8) + np.int64(c > 16)
         + np.int64(c > 32) + np.int64(c > 64) + np.int64(c > 128) + np.int64(c > 256)
@@ -765,7 +754,7 @@ def encode(vol, order, use_order, vals, dist, out):
                         loc[k] = j
                         last = v
                         lastli = j
-                    b = _bits(c)
+                    b = _width(c)
                     _pack(loc, vals, vp, b)
                     vp += 64 * b
                 ns[i] = c
