@@ -91,20 +91,22 @@ class TableSpill:
             if not self.tables:
                 return self.schema.empty_table()
             return pa.concat_tables(self.tables)
-        self._writer.close()
-        self._file.close()
-        self._writer = None
+        self._close_writer()
         return SpilledTable(self._path, self.schema, self.num_rows, self.nbytes)
 
     def discard(self) -> None:
         """Drop everything (an error path): close and remove the file."""
-        if self._writer is not None:
-            self._writer.close()
-            self._file.close()
-            self._writer = None
+        self._close_writer()
         if self._path is not None:
             self._path.unlink(missing_ok=True)
         self.tables = []
+
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._file.close()
+            self._writer = self._file = None
 
 
 class SpillBudget:

@@ -274,8 +274,7 @@ def _drop_duplicates(g: dict, seen: np.ndarray, err_parts: list[dict]) -> dict:
     )
     keep_np = ~dup
     keep = pa.array(np.flatnonzero(keep_np))
-    out = {k: (v[keep_np] if isinstance(v, np.ndarray) else v.take(keep)) for k, v in g.items()}
-    return out
+    return {k: (v[keep_np] if isinstance(v, np.ndarray) else v.take(keep)) for k, v in g.items()}
 
 
 def _sort_overflow(overflow: pa.Table | SpilledTable, spill_dir: str | None) -> pa.Table | SpilledTable:
@@ -287,10 +286,13 @@ def _sort_overflow(overflow: pa.Table | SpilledTable, spill_dir: str | None) -> 
         return overflow.sort_by(keys)
     t = overflow.read_all().sort_by(keys)
     overflow.close()
-    budget = SpillBudget(0)
-    out = budget.table("block_overflow", S.BLOCK_OVERFLOW, spill_dir)
-    out.append(t)
-    return out.result()
+    out = SpillBudget(0).table("block_overflow", S.BLOCK_OVERFLOW, spill_dir)
+    try:
+        out.append(t)
+        return out.result()
+    except BaseException:
+        out.discard()  # a failed re-spill (disk full) leaves no file behind
+        raise
 
 
 def transform_blocks(

@@ -116,3 +116,25 @@ def test_spilled_partition_write_is_retried_whole(tmp_path, monkeypatch):
         assert sink.read(t, run_id="r").equals(mem[t].combine_chunks()), t
     assert sink.ledger("r").column("blocks").to_pylist() == [5]
     assert list((tmp_path / "spill").iterdir()) == []
+
+
+def test_failed_overflow_resort_leaves_no_file(tmp_path, monkeypatch):
+    """Groups out of Morton order make the transform re-sort the spilled overflow rows into a
+    new file; a failure while writing it (a full disk) leaves no spill file behind."""
+    import errno
+
+    from dvidetl.spill import TableSpill
+
+    real_result = TableSpill.result
+
+    def result_then_disk_full(self):
+        out = real_result(self)
+        if self.budget.limit == 0:  # the re-sort's own spill: its file is written, then fail
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return out
+
+    monkeypatch.setattr(TableSpill, "result", result_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        transform_blocks(_dense_batches((4, 2, 0, 3, 1)), "gzip", lambda s: s, group_bytes=1,
+                         spill_dir=str(tmp_path), spill_bytes=1, **KW)
+    assert list(tmp_path.iterdir()) == []
