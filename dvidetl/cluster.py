@@ -53,7 +53,7 @@ DEFAULT_JOBS = 2
 DEFAULT_DASHBOARD = ":8787"
 #: seconds between checks for lost SLURM jobs that need a replacement.
 KEEPER_INTERVAL_S = 5.0
-# after a worker disconnects, squeue is asked every second for this long
+#: seconds after a worker disconnects during which squeue is asked every second.
 PROMPT_CHECK_S = 10.0
 
 
@@ -429,9 +429,10 @@ class _JobKeeper:
 
     dask-jobqueue never replaces such a job: SpecCluster keeps it in its spec (so neither
     `scale` nor adaptive scaling sees a gap) and, with several processes per job, does not
-    even notice it is gone. Every few seconds, and every second for a while after a worker disconnects, the
-    keeper asks `squeue` for the state of the cluster's jobs; a job that has ended is dropped from the spec and the cluster is scaled
-    back to its size, which submits a fresh job under a new name. Jobs that keep ending
+    even notice it is gone. Every few seconds, and every second for a while after a worker
+    disconnects, the keeper asks `squeue` for the state of the cluster's jobs; a job that
+    has ended is dropped from the spec and the cluster is scaled back to its size, which
+    submits a fresh job under a new name. Jobs that keep ending
     before their worker ever connected (broken environment) are not resubmitted forever:
     after a few, the keeper stops and says where the job logs are.
     """
@@ -530,10 +531,10 @@ class _JobKeeper:
 
     def start(self) -> None:
         """Start polling; also hook the (in-process) scheduler so that every worker that
-        connects is noted at once, however short-lived it is."""
+        connects is noted at once, however short-lived it is, and one that leaves starts the
+        prompt checks (its job may be gone)."""
         from distributed.diagnostics.plugin import SchedulerPlugin
 
-        connected = self._connected
         keeper = self
 
         class _NoteWorkers(SchedulerPlugin):
@@ -542,7 +543,7 @@ class _JobKeeper:
             def add_worker(self, scheduler: Any, worker: str) -> None:
                 ws = scheduler.workers.get(worker)
                 if ws is not None:
-                    connected.add(str(ws.name))
+                    keeper._connected.add(str(ws.name))
 
             def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
                 keeper._prompt_until = time.monotonic() + PROMPT_CHECK_S

@@ -16,4 +16,3 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"../shared/data not found beside the project (looked in {SHARED_DATA})")
     return SHARED_DATA
-
