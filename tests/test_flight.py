@@ -373,12 +373,42 @@ def test_one_client_many_threads(client, source):
         np.testing.assert_array_equal(b, source.body[i::5])
 
 
-def test_early_stop_releases_the_stream(client, source):
-    it = client.read_blocks(0, 0, 256)
-    first = next(it)
-    it.close()  # consumer stops: the stream is cancelled, the client stays usable
-    assert first.num_rows > 0
-    assert client.read_blocks_table(1, 0, 32).num_rows == source.tables[1].num_rows
+class _WatchedSource(DictSource):
+    """Records how many batches the server pulled from ``read_blocks`` and whether the
+    generator was closed (the server's side of a cancelled stream)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.pulled = 0
+        self.closed = threading.Event()
+
+    def read_blocks(self, scale, lo, hi):
+        try:
+            for b in super().read_blocks(scale, lo, hi):
+                self.pulled += 1
+                yield b
+        finally:
+            self.closed.set()
+
+
+def test_early_stop_releases_the_stream():
+    # 4,096 blocks of 8 KiB, one per source batch, 2 ms each: ~8 s to read them all
+    grid = (16, 16, 16)
+    blocks = {(x, y, z): bytes([x, y, z]) * 2731 for x in range(16) for y in range(16) for z in range(16)}
+    src = _WatchedSource({0: blocks}, {0: grid}, batch_rows=1, delay=0.002)
+    total = src.tables[0].num_rows
+    with start_server(src) as srv:
+        c = FlightClient(srv.location)
+        it = c.read_blocks(0, 0, total)
+        first = next(it)
+        it.close()  # consumer stops: the stream must be cancelled on the server
+        assert first.num_rows > 0
+        # the server closed the source generator long before it ran out of blocks
+        assert src.closed.wait(10), "server kept reading the source after the client cancelled"
+        assert src.pulled < total // 4, (src.pulled, total)
+        # and the client stays usable
+        assert c.read_blocks_table(0, 0, 64).num_rows == 64
+        c.close()
 
 
 def test_any_uuid_source():
