@@ -51,15 +51,15 @@ def test_serve_host_wildcard_is_advertised_by_name(tmp_path, capsys):
         (["run", "--uuid", "demo", "--flight", "http://x:1"], "--flight"),
         (["plan", "--uuid", "demo", "--serve-host", "192.0.2.1"], "--serve-host"),
         (["run", "--uuid", "demo", "--resume", "nope", "--sink", "parquet://{tmp}"], "no run"),
-        (["verify", "--uuid", "demo", "--sink", "parquet://{tmp}"], None),
-        (["inspect", "--sink", "parquet://{tmp}", "--block", "1,2"], None),
+        (["verify", "--uuid", "demo", "--sink", "parquet://{tmp}"], "no run found"),
+        (["verify", "--uuid", "demo", "--sink", "parquet://{tmp}", "--run", "nope"], "no run"),
+        (["inspect", "--sink", "parquet://{tmp}", "--block", "1,2"], "no export found"),
     ],
 )
 def test_user_errors_are_one_line(argv, msg, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     rc = cli(argv)
     err = capsys.readouterr()
-    assert rc != 0
-    if msg:
-        assert msg in err.err
-        assert "Traceback" not in err.err and len(err.err.strip().splitlines()) == 1
+    assert rc == 2, (rc, err.err)
+    assert msg in err.err
+    assert "Traceback" not in err.err and len(err.err.strip().splitlines()) == 1

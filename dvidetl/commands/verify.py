@@ -38,6 +38,11 @@ def main(args: argparse.Namespace) -> int:
     ep = open_flight(args)
     try:
         sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
+        if args.run is None and sink.latest_run() is None:
+            from dvidetl.errors import UserError
+
+            raise UserError(f"no run found in {args.sink} for {sink.instance}@{sink.uuid}: "
+                            "nothing to verify (export it first with `dvidetl run`)")
         report = verify_export(ep.client, sink, args.run, scales)
     finally:
         ep.close()
