@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# the fault-injecting test sink is registered for the tests only (inherited by Dask workers
+# and CLI subprocesses), never in the production scheme table
+os.environ.setdefault("DVIDETL_EXTRA_SINKS", "flaky+parquet=dvidetl.testing.faulty_sink:open_url")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT.parent / "shared").resolve()

@@ -117,3 +117,18 @@ def test_real_entry_point_prints_one_line():
     assert p.returncode == 2
     assert p.stderr.strip().startswith("dvidetl run: error: synthetic URL")
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_test_sink_is_not_a_production_scheme(monkeypatch):
+    """flaky+parquet:// exists only where the environment registers it (the test suite)."""
+    from dvidetl.errors import UserError
+    from dvidetl.sinks import SCHEMES, known_schemes, open_sink
+
+    assert "flaky+parquet" not in SCHEMES
+    monkeypatch.delenv("DVIDETL_EXTRA_SINKS", raising=False)
+    assert "flaky+parquet" not in known_schemes()
+    with pytest.raises(UserError, match="unknown sink URL scheme"):
+        open_sink("flaky+parquet:///tmp/x", uuid="u", instance="i")
+    monkeypatch.setenv("DVIDETL_EXTRA_SINKS", "flaky+parquet")
+    with pytest.raises(UserError, match="scheme=module:callable"):
+        known_schemes()
