@@ -154,3 +154,16 @@ def test_parquet_sink_blocks_layout(tmp_path):
     r = S.reassemble(sink.read("blocks"), sink.read("block_overflow"))
     assert r.column("body").to_pylist() == [b"a" * 10, b"b" * 300, b"c"]
     assert sink.read("blocks", scale=1).num_rows == 0
+
+
+def test_open_export_at_the_package_top_is_lazy():
+    """`from dvidetl import open_export` is the documented entry point; `import dvidetl`
+    alone must not pull in the read stack (the CLI and workers import it first)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dvidetl; assert 'dvidetl.read' not in sys.modules; "
+            "from dvidetl import open_export; import dvidetl.read as R; "
+            "assert open_export is R.open_export; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

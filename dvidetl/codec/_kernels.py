@@ -37,8 +37,6 @@ E_PAL_IDX = 9  # a = index, b = sub-block
 E_VAL_TRUNC = 10  # a = need, b = have
 E_TRAIL = 11  # a = need, b = have
 E_LOCAL = 12  # a = local value, b = sub-block, c = Ns
-E_NULL = 13  # (repack) null input row
-E_WRAP = 14  # (repack) unwrap failed; message kept in Python
 
 MAX_GRID = 128  # Go's UnmarshalBinary limit: gx, gy, gz <= 128
 MAX_NS = 512  # an 8x8x8 sub-block has at most 512 distinct values

@@ -69,8 +69,6 @@ def describe_error(info: np.ndarray) -> str:
         return f"block: {b - a} trailing bytes after the values (block ends at byte {pos})"
     if err == K.E_LOCAL:
         return f"block: value {a} >= palette size {c} in sub-block {b} at byte {pos}"
-    if err == K.E_NULL:
-        return "null block"
     return f"block: error code {err} at byte {pos}"
 
 
