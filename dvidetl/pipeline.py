@@ -536,9 +536,12 @@ def add_flight_arguments(parser) -> None:
 
 
 def read_token(path: str | None) -> str | None:
-    """The bearer token from a file (never from argv); a missing file is a UserError."""
+    """The bearer token from a file (never from argv), else env ``DVIDETL_FLIGHT_TOKEN``
+    (as docs/flight-protocol.md promises); a missing file is a UserError."""
     if not path:
-        return None
+        from dvidetl.flight.client import load_token
+
+        return load_token()
     from dvidetl.errors import UserError
 
     try:

@@ -216,18 +216,105 @@ def test_random_ranges(shared_fake, real_source, lo, n, box_bits):
     c.close()
 
 
-def test_retries_on_503(fake, real_source, caplog):
-    c = _client(fake)
-    fake.fail_first = 3
-    with caplog.at_level("WARNING", logger="dvidetl.sources.dvid_http"):
-        got = _all(c, 0, 0, 1 << 15)
+def test_retries_on_503(fake, real_source, caplog, monkeypatch):
+    """503 is DVID's throttle: waited out with backoff+jitter, not counted as a failed attempt."""
+    c = _client(fake, retries=2)
+    fake.fail_first = 12  # far more 503s than retries: still no failure
+    got = _all(c, 0, 0, 1 << 15)
     assert got.equals(real_source.tables[0])
     assert fake.fail_first == 0
-    assert sum("retrying GET" in r.message and "HTTP 503" in r.message for r in caplog.records) == 3
-    c2 = _client(fake, retries=2)
-    fake.fail_first = -1  # throttled forever: a clear error after the retries
-    with pytest.raises(DvidHttpError, match=r"failed after 3 attempts: HTTP 503.*throttled"):
-        _all(c2, 0, 0, 8)
+    assert c.http.throttled == 12
+    monkeypatch.setattr(dh, "THROTTLE_PATIENCE", 0.3)
+    fake.fail_first = -1  # throttled forever: the server counts as down after the patience
+    with pytest.raises(dh.DvidUnavailable, match=r"503 \(throttled\) for 0 s"):
+        _all(c, 0, 0, 8)
+
+
+def test_throttle_caps_inflight(fake, real_source):
+    """throttle=true: DVID admits one throttled request per server by default; with
+    parallel=4 we still send one at a time (inflight defaults to 1), so 503s stay rare (only
+    the race between DVID freeing its slot and our next request) and none fails the read."""
+    fake.throttle_slots = 1
+    c = _client(fake, throttle="true", parallel=4, box_bits=3, retries=0)
+    got = _all(c, 0, 0, 1 << 15)
+    assert got.equals(real_source.tables[0])
+    n = sum("/blocks/" in p for p in fake.requests)
+    capped = fake.answered_503
+    assert capped <= n // 10, (capped, n)
+    fake.answered_503 = 0
+    fake.requests.clear()
+    c4 = _client(fake, throttle="true", parallel=4, box_bits=3, retries=0, inflight=4)
+    assert _all(c4, 0, 0, 1 << 15).equals(real_source.tables[0])  # 503s waited out
+    assert fake.answered_503 > capped, (fake.answered_503, capped)
+
+
+def test_dvid_down_is_unavailable(fake):
+    """A DVID that cannot be reached is a SourceUnavailable, which Flight answers UNAVAILABLE
+    (workers retry) — not INVALID_ARGUMENT like a bad ticket."""
+    import pyarrow.flight as flight
+
+    from dvidetl.errors import SourceUnavailable
+    from dvidetl.flight.server import _to_flight_error
+
+    c = _client(fake, retries=1)
+    fake.stop()
+    with pytest.raises(SourceUnavailable) as ei:
+        _all(c, 0, 0, 8)
+    assert isinstance(ei.value, DvidHttpError)  # old callers still catch it
+    mapped = _to_flight_error(ei.value, "read_blocks")
+    assert isinstance(mapped, flight.FlightUnavailableError)
+    assert not isinstance(_to_flight_error(UserError("bad"), "x"), flight.FlightUnavailableError)
+
+
+def test_dvid_auth_token(fake, real_source, tmp_path, monkeypatch, caplog):
+    """An auth-enabled DVID needs a bearer token on every request: from env or a file, never
+    in the URL, never logged; a missing or refused token is said so."""
+    monkeypatch.delenv(dh.DVID_TOKEN_ENV, raising=False)
+    monkeypatch.delenv(dh.DVID_TOKEN_FILE_ENV, raising=False)
+    fake.token = "s3cr3t-jwt"
+    with pytest.raises(dh.DvidAuthError, match=dh.DVID_TOKEN_ENV):
+        _client(fake)
+    monkeypatch.setenv(dh.DVID_TOKEN_ENV, "wrong")
+    with pytest.raises(dh.DvidAuthError, match="token was refused"):
+        _client(fake)
+    monkeypatch.setenv(dh.DVID_TOKEN_ENV, "s3cr3t-jwt")
+    with caplog.at_level("DEBUG"):
+        c = _client(fake)
+        assert _all(c, 0, 0, 1 << 15).equals(real_source.tables[0])
+    monkeypatch.delenv(dh.DVID_TOKEN_ENV)
+    f = tmp_path / "tok"
+    f.write_text("s3cr3t-jwt\n")
+    c2 = _client(fake, token_file=str(f))
+    assert c2.info().scales
+    assert all("s3cr3t" not in r.getMessage() for r in caplog.records)
+    assert all("s3cr3t" not in p for p in fake.requests)
+
+
+def test_locked_state(fake, caplog):
+    """Only a locked node exports deterministically: the source reports DVID's Locked flag
+    and warns on an unlocked node."""
+    fake.locked = False
+    with caplog.at_level("WARNING", logger="dvidetl.sources.dvid_http"):
+        c = _client(fake)
+    assert c.locked is False
+    assert any("not locked" in r.message for r in caplog.records)
+    fake.locked = True
+    assert _client(fake).locked is True
+
+
+def test_supervoxel_zero_never_mapped(real_source, caplog):
+    """DVID never maps supervoxel 0 (background): a pair for it is dropped with a warning, and
+    map_supervoxels keeps 0 as 0."""
+    bad = DictSource(
+        {0: {}}, {0: (32, 32, 32)}, {0: 777, **real_source.mapping}, {}
+    )
+    with FakeDvid(bad, uuid="a1b2c3d4") as f, caplog.at_level("WARNING"):
+        c = _client(f)
+        assert c.map_supervoxels(np.array([0], np.uint64)).tolist() == [0]
+        t = pa.Table.from_batches(list(c.read_mapping()))
+        assert 0 not in t["supervoxel"].to_pylist()
+        assert t.num_rows == len(real_source.mapping)
+    assert any("supervoxel 0" in r.getMessage() and "777" in r.getMessage() for r in caplog.records)
 
 
 def test_appended_error_text(fake, real_source):

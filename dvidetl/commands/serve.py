@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--prefetch {args.prefetch}: use 0..64")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
-    token = load_token(args.token_file) if args.token_file else None
+    token = load_token(args.token_file)  # else env DVIDETL_FLIGHT_TOKEN
     certs = None
     if args.tls_cert:
         certs = [(_read(args.tls_cert, "TLS certificate"), _read(args.tls_key, "TLS key"))]

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from dvidetl.errors import UserError
+from dvidetl.errors import SourceUnavailable, UserError
 from dvidetl.flight import protocol as P
 from dvidetl.geometry import VolumeInfo, in_grid, morton_encode
 from dvidetl.sources.base import Source
@@ -170,6 +170,9 @@ def _flight_errors(fn: Callable) -> Callable:
 def _to_flight_error(exc: BaseException, where: str) -> BaseException:
     if isinstance(exc, (flight.FlightError, pa.ArrowInvalid)):
         return exc
+    if isinstance(exc, SourceUnavailable):  # before UserError: DvidUnavailable is both
+        log.warning("%s: source unavailable: %s", where, exc)
+        return flight.FlightUnavailableError(f"source unavailable: {exc}")
     if isinstance(exc, UserError):  # incl. TicketError
         log.info("%s: rejected: %s", where, exc)
         return pa.ArrowInvalid(str(exc))

@@ -52,7 +52,7 @@ import numba
 import numpy as np
 import pyarrow as pa
 
-from dvidetl.errors import UserError
+from dvidetl.errors import SourceUnavailable, UserError, drop_background
 from dvidetl.geometry import (
     ScaleInfo,
     VolumeInfo,
@@ -79,6 +79,43 @@ class DvidHttpError(UserError):
     """DVID answered with an error, or could not be reached after retries (message names the URL)."""
 
 
+class DvidUnavailable(SourceUnavailable, DvidHttpError):
+    """DVID could not be reached, or kept failing (5xx, cut or broken bodies) after retries.
+
+    A `SourceUnavailable` first, so the Flight server answers UNAVAILABLE and workers retry;
+    still a `DvidHttpError` so callers catching that keep working.
+    """
+
+
+class DvidAuthError(DvidHttpError):
+    """DVID refused the request's credentials (or wants some): fix the DVID token."""
+
+
+#: environment variables naming the DVID token (JWT or DSG token) and a file holding it
+DVID_TOKEN_ENV = "DVIDETL_DVID_TOKEN"
+DVID_TOKEN_FILE_ENV = "DVIDETL_DVID_TOKEN_FILE"
+#: longest wait for one throttled (503) request before it counts as the server being down
+THROTTLE_PATIENCE = 1800.0
+
+
+def dvid_token(token_file: str | None = None) -> str | None:
+    """The DVID bearer token: from ``token_file`` (URL ``token_file=``), else the file named by
+    ``DVIDETL_DVID_TOKEN_FILE``, else ``DVIDETL_DVID_TOKEN``; never from the URL itself (URLs
+    reach argv and logs)."""
+    import os
+
+    path = token_file or os.environ.get(DVID_TOKEN_FILE_ENV)
+    if path:
+        try:
+            tok = open(path, encoding="utf-8").read().strip()
+        except OSError as exc:
+            raise UserError(f"cannot read DVID token file {path!r}: {exc.strerror or exc}") from None
+        if not tok or any(c.isspace() for c in tok):
+            raise UserError(f"DVID token file {path!r} is empty or holds whitespace inside the token")
+        return tok
+    return os.environ.get(DVID_TOKEN_ENV, "").strip() or None
+
+
 class _StreamError(Exception):
     """A 200 body that does not parse: probably an error text appended by the server."""
 
@@ -94,10 +131,16 @@ class _Http:
     """Keep-alive HTTP(S) connections (one per thread) with timeouts and retries."""
 
     def __init__(
-        self, scheme: str, host: str, port: int | None, timeout: float, retries: int, backoff: float
+        self, scheme: str, host: str, port: int | None, timeout: float, retries: int, backoff: float,
+        *, inflight: int = 64, token: str | None = None,
     ) -> None:
         self.scheme, self.host, self.port = scheme, host, port
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        # DVID answers requests beyond its throttle slots 503 at once: never send more than it
+        # admits (``inflight``), so throttling costs waiting, not failed attempts
+        self._slots = threading.BoundedSemaphore(max(1, inflight))
+        self._token = token  # never logged: messages below name the URL only
+        self.throttled = 0  # 503 answers seen (reported by benchmarks and tests)
         self._local = threading.local()
         netloc = host if port is None else f"{host}:{port}"
         self.base = f"{scheme}://{netloc}"
@@ -128,24 +171,33 @@ class _Http:
         """
         url = self.base + path
         last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
+        attempt = 0  # failed attempts; 503 (throttled) answers do not count
+        throttled_since: float | None = None
+        n503 = 0
+        while attempt <= self.retries:
+            if throttled_since is not None:  # throttled: full jitter spreads the workers out
+                time.sleep(random.uniform(0, min(max(self.backoff, 0.02) * 2 ** min(n503, 9), 10.0)))
+            elif attempt:
                 log.warning("retrying GET %s (attempt %d): %s", url, attempt + 1, last)
                 delay = min(self.backoff * (2 ** (attempt - 1)), 30.0)
                 time.sleep(delay * (0.75 + 0.5 * random.random()))
+            headers = {"Accept-Encoding": "identity"}
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            if self._token:
+                headers["Authorization"] = f"Bearer {self._token}"
             try:
-                conn = self._conn()
-                headers = {"Accept-Encoding": "identity"}
-                if body is not None:
-                    headers["Content-Type"] = "application/json"
-                conn.request("GET", path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
+                with self._slots:
+                    conn = self._conn()
+                    conn.request("GET", path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
                 status = resp.status
                 retry_after = resp.getheader("Retry-After")
                 if resp.will_close:
                     self._drop()
             except (TimeoutError, OSError, http.client.HTTPException) as exc:
+                attempt += 1
                 self._drop()
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 continue
@@ -153,16 +205,42 @@ class _Http:
                 try:
                     return parse(data)
                 except _StreamError as exc:
+                    attempt += 1
                     last = f"bad response body: {exc}"
                     continue
             text = data[:300].decode("utf-8", "replace").strip()
+            if status == 503:  # DVID's throttle: wait and retry, not a failure
+                self.throttled += 1
+                n503 += 1
+                now = time.monotonic()
+                if throttled_since is None:
+                    throttled_since = now
+                if now - throttled_since < THROTTLE_PATIENCE:
+                    last = f"HTTP 503: {text}"
+                    if retry_after and retry_after.isdigit():
+                        time.sleep(min(float(retry_after), 30.0))
+                    continue
+                raise DvidUnavailable(
+                    f"GET {url}: DVID answered 503 (throttled) for {THROTTLE_PATIENCE:.0f} s; "
+                    "raise its throttle (POST /api/server/settings) or lower parallel="
+                )
+            throttled_since, n503 = None, 0
             if status in _RETRY_STATUS:
+                attempt += 1
                 last = f"HTTP {status}: {text}"
                 if retry_after and retry_after.isdigit():
                     time.sleep(min(float(retry_after), 30.0))
                 continue
+            if status in (401, 403) or (
+                status == 400 and ("auth" in text.lower() or "token" in text.lower())
+            ):
+                how = "the DVID token was refused" if self._token else (
+                    f"DVID wants a token: set {DVID_TOKEN_ENV} or {DVID_TOKEN_FILE_ENV} "
+                    "(or token_file= in the URL)"
+                )
+                raise DvidAuthError(f"GET {url}: HTTP {status}: {how}: {text}")
             raise DvidHttpError(f"DVID error for GET {url}: HTTP {status}: {text}")
-        raise DvidHttpError(f"GET {url} failed after {self.retries + 1} attempts: {last}")
+        raise DvidUnavailable(f"GET {url} failed after {self.retries + 1} attempts: {last}")
 
     def close(self) -> None:
         self._drop()
@@ -288,6 +366,8 @@ def open_url(url: str) -> DvidHttpSource:
         "throttle",
         "minpoint",
         "maxpoint",
+        "inflight",
+        "token_file",
     }
     unknown = set(q) - known
     if unknown:
@@ -327,6 +407,8 @@ def open_url(url: str) -> DvidHttpSource:
         throttle=one.get("throttle", "false").lower() in ("1", "true", "yes"),
         minpoint=_point(one, "minpoint", url),
         maxpoint=_point(one, "maxpoint", url),
+        inflight=num("inflight", int, None, 1, 256),
+        token_file=one.get("token_file"),
     )
 
 
@@ -361,8 +443,17 @@ class DvidHttpSource:
         throttle: bool = False,
         minpoint: tuple[int, int, int] | None = None,
         maxpoint: tuple[int, int, int] | None = None,
+        inflight: int | None = None,
+        token_file: str | None = None,
     ) -> None:
-        self.http = _Http("https" if https else "http", host, port, timeout, retries, backoff)
+        # throttle=true: DVID admits 1 throttled request per server by default (more after
+        # POST /api/server/settings {"throttle": N}; say so with inflight=N)
+        if inflight is None:
+            inflight = 1 if throttle else parallel
+        self.http = _Http(
+            "https" if https else "http", host, port, timeout, retries, backoff,
+            inflight=inflight, token=dvid_token(token_file),
+        )
         self.instance = instance
         self.box_bits = box_bits
         self.parallel = parallel
@@ -373,6 +464,32 @@ class DvidHttpSource:
         self._mapping: tuple[np.ndarray, np.ndarray] | None = None
         self.uuid = uuid if uuid else self._discover_uuid()
         self._info = self._load_info()
+        self.locked = self._node_locked()
+        if self.locked is False:
+            log.warning(
+                "DVID node %s is not locked: its range reads are not one snapshot, so an export "
+                "of it is not reproducible (lock the node, or export a locked one)", self.uuid,
+            )
+
+    def _node_locked(self) -> bool | None:
+        """The node's ``Locked`` flag from its repo's DAG (None when DVID does not say).
+
+        Why: DVID's range reads are not single-snapshot, so only a locked node exports
+        deterministically; ``info`` reports this and ``run`` refuses an unlocked node unless
+        ``--allow-unlocked``."""
+        try:
+            repo = self._json(f"/api/repo/{quote(self.uuid, safe=':')}/info")
+        except DvidHttpError:
+            try:
+                repo = next(iter((self._json("/api/repos/info") or {}).values()), None)
+            except DvidHttpError:
+                return None
+        nodes = ((repo or {}).get("DAG") or {}).get("Nodes") or {}
+        for key, node in nodes.items():
+            full = str((node or {}).get("UUID") or key)
+            if full.startswith(self.uuid.split(":")[0]) and "Locked" in (node or {}):
+                return bool(node["Locked"])
+        return None
 
     # -------------------------------------------------------------- info
     def _node(self, endpoint: str) -> str:
@@ -680,8 +797,7 @@ class DvidHttpSource:
             return np.frombuffer(body, dtype="<u8").reshape(-1, 2)
 
         pairs = self.http.get(self._node("mappings?format=binary"), parse)
-        sv = pairs[:, 0].astype(np.uint64)
-        body = pairs[:, 1].astype(np.uint64)
+        sv, body = drop_background(pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64), url)
         order = np.lexsort((body, sv))
         sv, body = sv[order], body[order]
         keep = np.ones(sv.size, dtype=bool)
@@ -708,6 +824,7 @@ class DvidHttpSource:
             pos = np.minimum(np.searchsorted(keys, svs), keys.size - 1)
             hit = keys[pos] == svs
             out[hit] = vals[pos[hit]]
+        out[svs == 0] = 0  # background is never mapped
         return out
 
     def read_mapping(self) -> Iterator[pa.RecordBatch]:
@@ -827,4 +944,6 @@ def _unwrap_index(v: bytes, url: str, label: int) -> bytes:
     raise DvidHttpError(f"{url}: label {label}: unknown index wrapper byte 0x{v[0]:02x}")
 
 
-__all__ = ["DvidHttpSource", "DvidHttpError", "open_url"]
+__all__ = [
+    "DvidAuthError", "DvidHttpError", "DvidHttpSource", "DvidUnavailable", "dvid_token", "open_url",
+]

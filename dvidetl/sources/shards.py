@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
 
-from dvidetl.errors import UserError
+from dvidetl.errors import UserError, drop_background
 from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_encode
 from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, MAPPING_SCHEMA
 
@@ -649,7 +649,8 @@ class ShardsSource:
         except pa.ArrowInvalid as exc:
             raise UserError(f"{sf.path}: cannot read the Arrow stream ({exc})") from None
         keep = sv != body
-        return _dedupe_pairs(sv[keep], body[keep], sf.path)
+        sv, body = drop_background(sv[keep], body[keep], str(sf.path))
+        return _dedupe_pairs(sv, body, sf.path)
 
     def map_supervoxels(self, svs: np.ndarray) -> np.ndarray:
         """Body of each supervoxel (identity where unmapped); vectorized searchsorted."""
@@ -662,6 +663,7 @@ class ShardsSource:
         pos_c = np.minimum(pos, keys.size - 1)
         hit = keys[pos_c] == svs
         out[hit] = vals[pos_c[hit]]
+        out[svs == 0] = 0  # background is never mapped
         return out
 
     def read_mapping(self) -> Iterator[pa.RecordBatch]:

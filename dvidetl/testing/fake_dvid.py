@@ -80,6 +80,14 @@ class FakeDvid:
         self.truncate_first = 0
         self.listlabels_error_first = 0
         self.requests: list[str] = []
+        #: like DVID's throttle: at most this many throttle=true requests at once, the rest 503
+        self.throttle_slots = 0  # 0 = no throttling emulated
+        self.throttled_active = 0
+        self.throttled_max = 0  # most throttle=true requests seen in progress at once
+        self.answered_503 = 0
+        #: a DVID with auth on: every request must carry "Authorization: Bearer <token>"
+        self.token: str | None = None
+        self.locked = False
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._indices: dict[int, bytes] | None = None
@@ -274,12 +282,39 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.take("fail_first"):
             self._error(503, "Server is too busy, try again later (throttled)")
             return
+        if fake.token is not None and self.headers.get("Authorization") != f"Bearer {fake.token}":
+            self._error(400, "bad or missing authorization token")  # what DVID answers
+            return
         parts = urlsplit(self.path)
         q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        slot = fake.throttle_slots > 0 and q.get("throttle") == "true"
+        if slot:
+            with fake._lock:
+                if fake.throttled_active >= fake.throttle_slots:
+                    fake.answered_503 += 1
+                    busy = True
+                else:
+                    busy = False
+                    fake.throttled_active += 1
+                    fake.throttled_max = max(fake.throttled_max, fake.throttled_active)
+            if busy:
+                self._error(503, "Server already running maximum of throttled operations")
+                return
+            try:
+                time.sleep(0.005)  # hold the slot long enough for requests to overlap
+                self._route(parts, q, req_body)
+            finally:
+                with fake._lock:
+                    fake.throttled_active -= 1
+            return
+        self._route(parts, q, req_body)
+
+    def _route(self, parts, q: dict, req_body: bytes) -> None:
+        fake = self.owner
         path = unquote(parts.path)
         try:
             if path == "/api/repos/info":
-                node = {"UUID": fake.uuid, "Children": [], "Parents": [], "Locked": False}
+                node = {"UUID": fake.uuid, "Children": [], "Parents": [], "Locked": fake.locked}
                 body = {
                     fake.uuid: {
                         "Root": fake.uuid,
