@@ -84,7 +84,7 @@ def connect(
     con = duckdb.connect(database)
     for table in S.TABLES:
         if table == "export_ledger":
-            files = sorted(str(f) for f in (sink.root / "export_ledger").glob("run=*/*.parquet"))
+            files = [str(f) for f in sink.ledger_files()]
         else:
             files = [str(f) for f in sink.committed_files(table, run_id=run_id)] if run_id else []
         if files:

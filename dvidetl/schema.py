@@ -140,7 +140,7 @@ KIND_TABLES: dict[str, tuple[str, ...]] = {
     "mapping": ("mapping",),
 }
 
-#: tables partitioned by scale (laid out under ``scale=<s>/``)
+#: tables partitioned by scale (laid out under ``scale-<s>/``)
 SCALED_TABLES = frozenset({"blocks", "block_overflow", "export_errors"})
 
 

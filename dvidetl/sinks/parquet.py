@@ -1,24 +1,36 @@
 """The embedded default sink: a local Parquet dataset with the same tables as VastDB.
 
-Layout under ``DIR/<instance>/<uuid>/``::
+Layout under ``DIR/<instance>/<uuid>/`` (layout 2, recorded in ``layout.json``)::
 
-    <table>/scale=<s>/part-<lo>-<hi>.parquet      blocks, block_overflow, export_errors
+    layout.json                                   {"layout": 2}
+    <table>/scale-<s>/part-<lo>-<hi>.parquet      blocks, block_overflow, export_errors
     <table>/part-<lo>-<hi>.parquet                label_index (label range), mapping
-    export_ledger/run=<run_id>/<partition key>.parquet
+    export_ledger/<run_id>/<partition key>.parquet
     runs/<run_id>/run.json                        the run's options and plan
 
 ``lo``/``hi`` are 16 hex digits (Morton codes, or labels), so names sort in range order.
+
+Why no ``key=value`` directory names: every column lives in the files with its documented
+type (``scale`` uint8, ``run_id`` string), so a table directory reads as it is with the
+defaults of pandas, pyarrow (``parquet.read_table``, ``dataset(partitioning="hive")``),
+DuckDB (``hive_partitioning``) and polars. Hive-style names would add a second ``scale``
+column of another type, and those readers refuse to merge the two. Pushdown by scale and
+Morton range stays: our reader picks files from the plan, plain readers prune row groups by
+the ``scale`` / ``morton`` statistics. Exports of layout 1 (``scale=<s>``, ``run=<id>``
+directories, no ``layout.json``) are still read and appended to in their own layout.
 
 Exactly once: each table file is written to a hidden temp name in its directory and renamed
 into place (atomic on POSIX); the partition's ledger file is renamed LAST. Readers use only
 files whose partition has a ledger row in the run they read (default: the latest run), so a
 driver or worker killed between renames leaves nothing visible; the retried or resumed
 partition rewrites the same names. Table files carry no run id, so a later run over the same
-plan replaces them with identical content.
+plan replaces them with identical content. (A plain reader pointed at a table directory sees
+every file in it: exact for a finished run; see the README.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid as uuidlib
@@ -31,6 +43,10 @@ import pyarrow.parquet as pq
 from dvidetl import schema as S
 from dvidetl.errors import UserError
 from dvidetl.sinks.base import Partition, RunInfo, TableData, Where, where_filters
+
+#: the directory layout this code writes into a new export (see the module docstring)
+LAYOUT = 2
+LAYOUT_FILE = "layout.json"
 
 #: binary payload columns are zstd already: store them uncompressed, no dictionary
 _PAYLOAD = {*S.BODY_COLUMNS, "data"}
@@ -56,29 +72,56 @@ class ParquetSink:
         self.url = url or f"parquet://{self.base}"
         self.root = self.base / _safe(instance, "instance") / _safe(uuid, "uuid")
         self._runs: dict[str, RunInfo] = {}  # stored runs never change: cache them
+        self.layout = self._read_layout()
 
     def __repr__(self) -> str:
         return f"ParquetSink({str(self.root)!r})"
+
+    def _read_layout(self) -> int:
+        """2 for new and layout-2 exports, 1 for an export written before ``layout.json``
+        existed; a newer layout than this code knows is refused (not misread)."""
+        f = self.root / LAYOUT_FILE
+        if f.exists():
+            try:
+                layout = int(json.loads(f.read_text())["layout"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{f}: not a dvidetl layout file ({exc})") from None
+            if layout not in (1, LAYOUT):
+                raise UserError(f"{self.root}: written with Parquet layout {layout}; this dvidetl "
+                                f"reads layouts 1 and {LAYOUT} — upgrade dvidetl")
+            return layout
+        if (self.root / "runs").is_dir():  # an export, but no layout file: layout 1
+            return 1
+        return LAYOUT
 
     # -- paths ---------------------------------------------------------------------------
     def table_dir(self, table: str, scale: int | None = None) -> Path:
         S.schema(table)
         d = self.root / table
         if table in S.SCALED_TABLES:
-            d = d / f"scale={int(scale or 0)}"
+            d = d / (f"scale={int(scale or 0)}" if self.layout == 1 else f"scale-{int(scale or 0)}")
         return d
 
     def file_of(self, table: str, part: Partition) -> Path:
         return self.table_dir(table, part.scale) / f"part-{_fmt(part.lo)}-{_fmt(part.hi)}.parquet"
 
     def _ledger_dir(self, run_id: str) -> Path:
-        return self.root / "export_ledger" / f"run={_safe(run_id, 'run id')}"
+        name = _safe(run_id, "run id")
+        return self.root / "export_ledger" / (f"run={name}" if self.layout == 1 else name)
+
+    def ledger_files(self) -> list[Path]:
+        """Every run's ledger files (the ledger of all runs, as one directory tree)."""
+        pattern = "run=*/*.parquet" if self.layout == 1 else "*/*.parquet"
+        return sorted((self.root / "export_ledger").glob(pattern))
 
     def _run_file(self, run_id: str) -> Path:
         return self.root / "runs" / _safe(run_id, "run id") / "run.json"
 
     # -- runs ------------------------------------------------------------------------------
     def prepare(self, run: RunInfo) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / LAYOUT_FILE).exists():
+            _atomic_write_bytes(self.root / LAYOUT_FILE, json.dumps({"layout": self.layout}).encode())
         for table in S.TABLES:
             if table != "export_ledger":
                 (self.root / table).mkdir(parents=True, exist_ok=True)
@@ -120,10 +163,10 @@ class ParquetSink:
 
     def ledger(self, run_id: str | None = None) -> pa.Table:
         if run_id is None:
-            dirs = sorted((self.root / "export_ledger").glob("run=*"))
+            files = [str(f) for f in self.ledger_files()]
         else:
-            dirs = [self._ledger_dir(run_id)]
-        files = [str(f) for d in dirs if d.is_dir() for f in sorted(d.glob("*.parquet"))]
+            d = self._ledger_dir(run_id)
+            files = [str(f) for f in sorted(d.glob("*.parquet"))] if d.is_dir() else []
         if not files:
             return S.empty("export_ledger")
         return pa.concat_tables([S.conform("export_ledger", pq.read_table(f)) for f in files])

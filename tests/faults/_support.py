@@ -88,11 +88,11 @@ class ServerProcess:
 
 def ledger_count(sink_dir: str | os.PathLike, uuid: str) -> tuple[str | None, int]:
     """(run id, committed partitions) of the newest run under a Parquet sink directory."""
-    dirs = sorted(Path(sink_dir).glob(f"*/{uuid}/export_ledger/run=*"))
+    dirs = sorted(Path(sink_dir).glob(f"*/{uuid}/export_ledger/*"))
     if not dirs:
         return None, 0
     d = dirs[-1]
-    return d.name[len("run="):], sum(1 for f in d.iterdir() if f.name.endswith(".parquet")
+    return d.name.removeprefix("run="), sum(1 for f in d.iterdir() if f.name.endswith(".parquet")
                                       and not f.name.startswith("."))
 
 
