@@ -16,11 +16,39 @@ def test_help_lists_the_commands(capsys):
         assert c in out
 
 
-def test_plan_prints_partitions_and_totals(capsys):
-    assert cli(["plan", "--uuid", "demo", "--partition-blocks", "512"]) == 0
-    out = capsys.readouterr().out
-    assert "total blocks scale 0" in out and "total:" in out
-    assert "indices" in out and "mapping" in out
+def _plan(capsys, *extra) -> tuple[list[str], list[list[str]]]:
+    assert cli(["plan", "--uuid", "demo", "--partition-blocks", "32", *extra]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    return lines, [ln.split() for ln in lines]
+
+
+def test_plan_prints_a_summary_by_default(capsys):
+    """One line per kind and scale, however many partitions: the summary's block totals add
+    up to the plan's, and no partition line is printed unless asked."""
+    lines, rows = _plan(capsys)
+    assert rows[0][:3] == ["kind", "scale", "partitions"]
+    body = [r for r in rows[1:] if r and r[0] in ("blocks", "indices", "mapping")]
+    scales = [int(r[1]) for r in body if r[0] == "blocks"]
+    assert scales == sorted(set(scales)) and 0 in scales
+    nparts = sum(int(r[2].replace(",", "")) for r in body)
+    assert nparts > 60  # 32-block partitions of the demo volume: many more than lines
+    assert len(lines) < 16
+    total = [ln for ln in lines if ln.startswith("total:")]
+    assert total and f"{nparts:,} partitions" in total[0]
+    blocks = sum(int(r[3].lstrip("~").replace(",", "")) for r in body if r[0] == "blocks")
+    assert f"~{blocks:,} blocks" in total[0]
+    assert {"indices", "mapping"} <= {r[0] for r in body}
+
+
+def test_plan_lists_partitions_when_asked(capsys):
+    _, summary = _plan(capsys)
+    nparts = sum(int(r[2].replace(",", "")) for r in summary[1:]
+                 if r and r[0] in ("blocks", "indices", "mapping"))
+    lines, rows = _plan(capsys, "--partitions")
+    listed = [r for r in rows if len(r) == 7 and r[0].isdigit()]
+    assert [int(r[0]) for r in listed] == list(range(nparts))
+    blocks = [r for r in listed if r[1] == "blocks"]
+    assert all(int(r[4]) > int(r[3]) for r in blocks)  # hi > lo
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys):

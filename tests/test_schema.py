@@ -146,8 +146,8 @@ def test_parquet_sink_blocks_layout(tmp_path):
         pa.array([b"a" * 10, b"b" * 300, b"c"], pa.binary()), cell_limit=64,
     )
     sink.write_partition("r1", p, {"blocks": b, "block_overflow": o}, {"blocks": 3})
-    assert (tmp_path / "out/seg/u/blocks/scale=2/part-0000000000000010-0000000000000020.parquet").exists()
-    assert (tmp_path / "out/seg/u/block_overflow/scale=2").is_dir()
+    assert (tmp_path / "out/seg/u/blocks/scale-2/part-0000000000000010-0000000000000020.parquet").exists()
+    assert (tmp_path / "out/seg/u/block_overflow/scale-2").is_dir()
     assert list((tmp_path / "out/seg/u/export_ledger/r1").glob("*.parquet"))
     got = sink.read("blocks", scale=2, morton_range=(0x11, 0x20))
     assert got.column("morton").to_pylist() == [0x11, 0x1F]

@@ -16,26 +16,37 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
     p.add_argument("--partition-blocks", type=int, default=None,
                    help=f"blocks per partition (default: {DEFAULT_PARTITION_BLOCKS}, less for small volumes)")
-    p.add_argument("--summary", action="store_true", help="totals only, not every partition")
+    p.add_argument("--partitions", action="store_true",
+                   help="also list every partition (a full-size volume has ~10^5 of them)")
+    p.add_argument("--summary", action="store_true", help=argparse.SUPPRESS)  # the default now
     return p
 
 
-def print_plan(parts, out: TextIO, *, every: bool = True) -> None:
-    """One line per partition (kind, scale, Morton/label range, estimated blocks), then
-    per-scale totals."""
+def print_plan(parts, out: TextIO, *, every: bool = False) -> None:
+    """A summary per kind and scale (partitions, planned blocks / rows, largest and smallest
+    partition), then the totals; with ``every`` first one line per partition. A male-CNS plan
+    has ~10^5..10^6 partitions: the list is opt-in (``--partitions``), the summary is short."""
     if every:
-        print(f"{'#':>6} {'kind':8} {'scale':>5} {'lo':>20} {'hi':>20} {'blocks':>10}", file=out)
+        print(f"{'#':>7} {'kind':8} {'scale':>5} {'lo':>20} {'hi':>20} {'blocks':>10} {'rows':>12}",
+              file=out)
         for i, p in enumerate(parts):
-            print(f"{i:>6} {p.kind:8} {p.scale:>5} {p.lo:>20} {p.hi:>20} {p.blocks:>10,}", file=out)
+            print(f"{i:>7} {p.kind:8} {p.scale:>5} {p.lo:>20} {p.hi:>20} {p.blocks:>10,} "
+                  f"{getattr(p, 'rows', 0):>12,}", file=out)
+        print(file=out)
     per: dict = {}
     for p in parts:
         k = (p.kind, p.scale if p.kind == "blocks" else "-")
-        n, b, mx = per.get(k, (0, 0, 0))
-        per[k] = (n + 1, b + p.blocks, max(mx, p.blocks))
-    for (kind, scale), (n, b, mx) in per.items():
-        extra = f", ~{b:,} blocks, largest {mx:,}" if kind == "blocks" else ""
-        print(f"total {kind} scale {scale}: {n:,} partitions{extra}", file=out)
-    print(f"total: {len(parts):,} partitions, ~{sum(p.blocks for p in parts):,} blocks", file=out)
+        size = p.blocks if p.kind == "blocks" else getattr(p, "rows", 0)
+        n, b, r, mx, mn = per.get(k, (0, 0, 0, 0, None))
+        per[k] = (n + 1, b + p.blocks, r + getattr(p, "rows", 0), max(mx, size),
+                  size if mn is None else min(mn, size))
+    print(f"{'kind':8} {'scale':>5} {'partitions':>11} {'blocks':>14} {'rows':>16} "
+          f"{'largest':>12} {'smallest':>12}", file=out)
+    for (kind, scale), (n, b, r, mx, mn) in per.items():
+        print(f"{kind:8} {scale!s:>5} {n:>11,} {(f'~{b:,}' if kind == 'blocks' else '-'):>14} "
+              f"{(f'~{r:,}' if r else '-'):>16} {f'{mx:,}':>12} {f'{mn or 0:,}':>12}", file=out)
+    print(f"total: {len(parts):,} partitions, ~{sum(p.blocks for p in parts):,} blocks"
+          + ("" if every else " (--partitions lists them)"), file=out)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -53,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"--scales {args.scales}: the volume has scales {have}")
         t0 = time.perf_counter()
         parts = make_plan(ep.info, ep.client.count, scales, args.partition_blocks)
-        print_plan(parts, sys.stdout, every=not args.summary)
+        print_plan(parts, sys.stdout, every=args.partitions)
         print(f"planned in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
         return 0
     finally:

@@ -42,6 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--zstd-level", type=int, default=3, help="zstd level of block bodies (default 3)")
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run: reuse its plan, skip committed partitions")
     p.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
+    p.add_argument("--partitions", action="store_true", help="with --dry-run: list every partition")
     p.add_argument("--max-errors", type=int, default=None, help="stop submitting after more than N corrupt blocks")
     p.add_argument("--retries", type=int, default=3, help="retries per failed partition (default 3)")
     p.add_argument("--no-indices", action="store_true", help="skip the label_index table")
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
         if args.dry_run:
             from dvidetl.commands.plan import print_plan
 
-            print_plan(run.partitions, sys.stdout)
+            print_plan(run.partitions, sys.stdout, every=getattr(args, "partitions", False))
             return 0
         sink.prepare(run)
         opts = run.options
