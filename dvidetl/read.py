@@ -227,6 +227,31 @@ def open_export(
     return Export(open_sink(url, uuid=uuid, instance=instance), run_id=run_id)
 
 
+def _frame_meta(table: str, columns: list[str] | None):
+    t = S.empty(table)
+    if columns is not None:
+        t = t.select([n for n in t.schema.names if n in set(columns)])
+    return t.to_pandas()
+
+
+def _frame_part(part: tuple, *, export: Export, table: str, columns, where: dict):
+    """One dataframe partition: the rows of one export partition, read through the sink."""
+    kind, scale, lo, hi = part
+    if kind == "blocks":
+        t = export.read(table, scale=scale, morton_range=(lo, hi), where=where or None,
+                        columns=columns)
+    else:
+        key = "label" if kind == "indices" else "supervoxel"
+        w = dict(where)
+        # a range on the key is cut to this partition; an equality was pruned to the one
+        # partition holding the value (partition ranges are disjoint) and stays as it is
+        r = w.get(key)
+        if r is None or isinstance(r, tuple):
+            w[key] = (lo, hi) if r is None else (max(lo, int(r[0])), min(hi, int(r[1])))
+        t = export.read(table, where=w, columns=columns)
+    return t.to_pandas()
+
+
 def _reopen(url: str, uuid: str, instance: str, run_id: str | None) -> Export:
     return open_export(url, uuid=uuid, instance=instance, run_id=run_id)
 
@@ -556,6 +581,52 @@ class Export:
                 vals.append(c.astype(np.uint64))
         u, s = _sum_by(np.concatenate(keys), np.concatenate(vals))
         return _body_table(u, s)
+
+    # -- dask dataframes -------------------------------------------------------------------
+    def frame(
+        self,
+        table: str,
+        *,
+        scale: int | None = None,
+        columns: list[str] | None = None,
+        where: dict | None = None,
+    ):
+        """A ``dask.dataframe`` over ``blocks``, ``block_overflow``, ``export_errors``,
+        ``label_index`` or ``mapping``: one dataframe partition per export partition of the
+        run (a Morton range of one scale, a label range, a supervoxel range), so the graph is
+        as long as the plan and every task reads only its own range through the sink, with
+        ``columns`` projected and ``where`` pushed down (``{"label": 7}``,
+        ``{"supervoxel": (lo, hi)}``; a range on the partition key also prunes partitions).
+        Runs on whatever dask scheduler is active — on a cluster, with ``distributed``.
+        Column types are the table's (``dvidetl/schema.py``); list columns hold arrays."""
+        import dask.dataframe as dd
+
+        kind = next((k for k, ts in S.KIND_TABLES.items() if table in ts), None)
+        if kind is None:
+            raise UserError(f"frame({table!r}): tables with partitions are "
+                            f"{sorted(t for ts in S.KIND_TABLES.values() for t in ts)}")
+        names = S.schema(table).names
+        if columns is not None:
+            unknown = [c for c in columns if c not in names]
+            if unknown:
+                raise UserError(f"frame({table!r}): no column(s) {unknown}; columns are {names}")
+        key = {"blocks": "morton", "indices": "label", "mapping": "supervoxel"}[kind]
+        rng = (where or {}).get(key)
+        parts = []
+        for p in self.run.partitions:
+            if p.kind != kind or (kind == "blocks" and scale is not None and p.scale != scale):
+                continue
+            if isinstance(rng, tuple) and (p.hi <= rng[0] or p.lo >= rng[1]):
+                continue
+            if rng is not None and not isinstance(rng, tuple) and not p.lo <= int(rng) < p.hi:
+                continue
+            parts.append((kind, p.scale, p.lo, p.hi))
+        meta = _frame_meta(table, columns)
+        if not parts:
+            return dd.from_pandas(meta, npartitions=1)
+        return dd.from_map(_frame_part, parts, export=self, table=table, columns=columns,
+                           where=dict(where or {}), meta=meta, enforce_metadata=False,
+                           label=f"dvidetl-{table}")
 
     def largest_bodies(self, n: int = 10) -> pa.Table:
         """The ``n`` largest bodies by scale-0 voxels (body, voxels, blocks). Aggregates the

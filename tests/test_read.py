@@ -321,3 +321,57 @@ def test_open_export_errors(tmp_path, parquet_url):
         R.open_export(f"parquet://{tmp_path}/two")
     ex = R.open_export(str(tmp_path / "two"), uuid="other")  # a bare directory is Parquet
     assert ex.uuid == "other" and ex.block(0, 2, 2, 1).any()
+
+
+# ---------------------------------------------------------------------------------------
+# dask dataframes (Export.frame)
+# ---------------------------------------------------------------------------------------
+
+
+def test_frame_partitions_follow_the_export_plan(ex):
+    for s in ex.scales:
+        plan = [p for p in ex.run.partitions if p.kind == "blocks" and p.scale == s]
+        f = ex.frame("blocks", scale=s, columns=["x", "y", "z", "morton"])
+        assert f.npartitions == len(plan)
+        got = f.compute()
+        want = ex.read("blocks", scale=s, columns=["x", "y", "z", "morton"])
+        assert sorted(got["morton"].tolist()) == sorted(want.column("morton").to_pylist())
+        assert list(got.columns) == ["x", "y", "z", "morton"]
+        assert str(got["morton"].dtype) == "uint64"
+
+
+def test_frame_label_index_voxels_per_body_on_the_cluster(ex, cluster):
+    """The notebook's use: voxels per body from label_index, computed by the cluster."""
+    from distributed import Client
+
+    want = ex.read("label_index", columns=["label", "voxels"])
+    totals: dict[int, int] = {}
+    for lab, v in zip(want.column("label").to_pylist(), want.column("voxels").to_pylist(),
+                      strict=True):
+        totals[lab] = totals.get(lab, 0) + v
+    with Client(cluster) as c:
+        f = ex.frame("label_index", columns=["label", "voxels"])
+        f = f.assign(voxels=f.voxels.astype("uint64"))
+        got = c.compute(f.groupby("label").voxels.sum()).result()
+    assert {int(k): int(v) for k, v in got.items()} == totals
+    top = max(totals, key=totals.get)
+    assert ex.body_size(top) == totals[top]
+
+
+def test_frame_pushes_filters_down_and_projects(ex):
+    li = ex.read("label_index", columns=["label", "supervoxel"])
+    lab = int(li.column("label")[li.num_rows // 2].as_py())
+    f = ex.frame("label_index", where={"label": lab}, columns=["supervoxel", "voxels"])
+    got = f.compute()
+    want = ex.read("label_index", where={"label": lab}, columns=["supervoxel", "voxels"])
+    assert len(got) == want.num_rows > 0
+    assert list(got.columns) == ["supervoxel", "voxels"]
+    m = ex.read("mapping")
+    svs = sorted(m.column("supervoxel").to_pylist())
+    lo, hi = svs[len(svs) // 4], svs[3 * len(svs) // 4]
+    fm = ex.frame("mapping", where={"supervoxel": (lo, hi)}).compute()
+    assert sorted(fm["supervoxel"].tolist()) == [s for s in svs if lo <= s < hi]
+    with pytest.raises(UserError, match="no column"):
+        ex.frame("mapping", columns=["nope"])
+    with pytest.raises(UserError, match="tables with partitions"):
+        ex.frame("export_ledger")
