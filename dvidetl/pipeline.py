@@ -22,18 +22,32 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from dvidetl import schema as S
 from dvidetl.geometry import VolumeInfo
 from dvidetl.sinks.base import LABEL_END, Partition, RunInfo
+from dvidetl.sources.base import KeyCounts
 from dvidetl.spill import close_tables
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITION_BLOCKS = 4096
 MIN_AUTO_PARTITION = 128
+#: label_index rows per indices partition: ~40 B each in Arrow (plus the protobufs being
+#: decoded), so ~80 MB of output, spilled past 32 MiB — well under 256 MiB on a worker; the
+#: male CNS's ~6e9 rows become ~3,000 partitions
+DEFAULT_INDEX_ROWS = 2_000_000
+#: mapping pairs per mapping partition (16 B each: 128 MB; 10^8 pairs -> ~13 partitions)
+DEFAULT_MAPPING_ROWS = 8_000_000
+#: auto sizing never cuts keyed tables finer than this many rows per partition
+MIN_AUTO_ROWS = 16_384
+#: a count_keys request refines one cell into at most 2**KEY_FAN_BITS child cells
+KEY_FAN_BITS = 16
 
 CountFn = Callable[[int, int], tuple[np.ndarray, np.ndarray, bool]]
+#: count_keys(kind, level, lo, hi) -> KeyCounts (see sources.base.Source.count_keys)
+KeyCountFn = Callable[[str, int, int, int], KeyCounts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +131,93 @@ def merge_cells(
     ]
 
 
+class _KeyRanges:
+    """Gathers key-ordered cells (lo, rows) into contiguous partitions of about
+    ``target`` rows (a partition closes once the rows before a cell reach a multiple of
+    ``target``, as ``merge_cells`` does), covering ``[0, LABEL_END)`` without gaps so that a
+    key the counts missed still belongs to a partition. Memory: the partitions only."""
+
+    def __init__(self, kind: str, target: int):
+        self.kind, self.target = kind, int(target)
+        self.bounds: list[int] = [0]
+        self.rows: list[int] = [0]
+        self.total = 0  # rows added so far
+        self.group = 0  # group of the last cell added
+
+    def add(self, lo: np.ndarray, rows: np.ndarray) -> None:
+        if len(lo) == 0:
+            return
+        rows = rows.astype(np.int64)
+        excl = self.total + np.cumsum(rows) - rows
+        group = excl // self.target
+        prev = np.concatenate([[self.group], group[:-1]])
+        new = np.flatnonzero(group != prev)
+        if self.total == 0:  # the first cell opens the first partition (which starts at 0)
+            new = new[new != 0]
+        csum = np.concatenate([[0], np.cumsum(rows)])
+        edges = np.concatenate([[0], new, [len(lo)]])
+        sums = csum[edges[1:]] - csum[edges[:-1]]  # rows before the first new group, then each
+        self.rows[-1] += int(sums[0])
+        for start, n in zip(new.tolist(), sums[1:].tolist(), strict=True):
+            self.bounds.append(int(lo[start]))
+            self.rows.append(int(n))
+        self.total += int(rows.sum())
+        self.group = int(group[-1])
+
+    def partitions(self) -> list[Partition]:
+        if self.total == 0:
+            return []
+        ends = [*self.bounds[1:], LABEL_END]
+        return [Partition(self.kind, 0, a, b, 0, r)
+                for a, b, r in zip(self.bounds, ends, self.rows, strict=True)]
+
+
+def plan_keys(count_keys: KeyCountFn, kind: str, target: int | None, *, auto_min: int = MIN_AUTO_ROWS,
+              auto_parts: int = 8) -> list[Partition]:
+    """Partitions of ``kind`` (``indices``: body labels, ``mapping``: supervoxels) of about
+    ``target`` output rows, from the source's ``count_keys``.
+
+    Top-down and depth-first in key order: one request counts the whole key space in 2**16
+    cells; a cell over ``target`` rows is counted again in 2**16 finer cells, and so on down
+    to single keys (a single label over the target is a partition of its own). So the
+    planner never holds a label list — memory is one answer per level plus the partitions —
+    and asks about ``rows / target`` requests. ``target=None``: ``DEFAULT_*_ROWS``, lowered
+    for small tables to give about ``auto_parts`` partitions (never below ``auto_min``)."""
+    top = 64 - KEY_FAN_BITS
+    first = count_keys(kind, top, 0, LABEL_END + 1)
+    if target is None:
+        total = int(np.asarray(first.rows, np.int64).sum())
+        default = DEFAULT_INDEX_ROWS if kind == "indices" else DEFAULT_MAPPING_ROWS
+        target = min(default, max(auto_min, -(-total // auto_parts)))
+    if target < 1:
+        raise ValueError(f"{kind} partition size must be at least 1 row (got {target})")
+    out = _KeyRanges(kind, target)
+
+    def visit(level: int, answer) -> None:
+        cells = np.asarray(answer.cells, np.uint64)
+        rows = np.asarray(answer.rows, np.int64)
+        keys = np.asarray(answer.keys, np.int64)
+        nz = (rows > 0) | (keys > 0)
+        cells, rows = cells[nz], np.maximum(rows[nz], 1)
+        if len(cells) > 1 and not bool(np.all(cells[1:] > cells[:-1])):
+            raise ValueError(f"count_keys({kind}, level={level}) cells are not ascending and unique")
+        sh = np.uint64(level) if level < 64 else None
+        lo = cells << sh if sh is not None else np.zeros(len(cells), np.uint64)
+        heavy = np.flatnonzero(rows > target) if level > 0 else np.zeros(0, np.int64)
+        start = 0
+        for h in heavy.tolist():
+            out.add(lo[start:h], rows[start:h])
+            nxt = max(level - KEY_FAN_BITS, 0)
+            c_lo = int(lo[h])
+            c_hi = min(c_lo + (1 << level), LABEL_END + 1)
+            visit(nxt, count_keys(kind, nxt, c_lo, c_hi))
+            start = h + 1
+        out.add(lo[start:], rows[start:])
+
+    visit(top, first)
+    return out.partitions()
+
+
 def make_plan(
     info: VolumeInfo,
     count: CountFn,
@@ -125,9 +226,14 @@ def make_plan(
     *,
     indices: bool = True,
     mapping: bool = True,
+    count_keys: KeyCountFn | None = None,
+    index_rows: int | None = None,
+    mapping_rows: int | None = None,
 ) -> list[Partition]:
     """The whole run's partitions: blocks of each scale (Morton order), then the label
-    indices (one label range) and the mapping (one partition, streamed).
+    indices by body-label range and the mapping by supervoxel range, each planned from the
+    source's ``count_keys`` (``index_rows`` / ``mapping_rows`` per partition; None = auto).
+    Without ``count_keys`` (a server predating it) each is one partition.
 
     ``partition_blocks=None`` (auto): ``DEFAULT_PARTITION_BLOCKS`` (4096: measured peak
     worker memory stays well under 1 GiB, and per-partition overhead — a Flight stream, one
@@ -150,10 +256,24 @@ def make_plan(
             for s in scales:
                 parts += plan_scale(count, s, info.scale(s).morton_end, small)
     if indices and info.has_indices and 0 in scales:
-        parts.append(Partition("indices", 0, 0, LABEL_END))
+        parts += _keyed_partitions(count_keys, "indices", index_rows)
     if mapping and info.has_mapping:
-        parts.append(Partition("mapping", 0, 0, LABEL_END))
+        parts += _keyed_partitions(count_keys, "mapping", mapping_rows)
     return parts
+
+
+def _keyed_partitions(count_keys: KeyCountFn | None, kind: str, target: int | None) -> list[Partition]:
+    if count_keys is not None:
+        from dvidetl.flight.protocol import TicketError
+
+        try:
+            return plan_keys(count_keys, kind, target)
+        except TicketError as exc:
+            if "count_keys" not in str(exc) and "unknown action" not in str(exc):
+                raise
+            log.warning("the server cannot count %s keys (%s): exporting %s as one partition",
+                        kind, str(exc).splitlines()[0][:200], kind)
+    return [Partition(kind, 0, 0, LABEL_END)]
 
 
 def new_run_id() -> str:
@@ -236,7 +356,7 @@ def _skipped(part: Partition) -> dict:
 def export_partition(ctx: TaskContext, part: Partition) -> dict:
     """One task: read, transform and commit one partition (or nothing if already committed
     by an earlier attempt). Returns small stats for the driver."""
-    from dvidetl.transform import label_index_rows, transform_blocks
+    from dvidetl.transform import transform_blocks
 
     t0 = time.perf_counter()
     sink = _sink(ctx)
@@ -259,33 +379,60 @@ def export_partition(ctx: TaskContext, part: Partition) -> dict:
             spill_dir=_spill_dir(),
         )
         stats = {"blocks": st.blocks, "errors": st.errors, "bytes_in": st.bytes_in,
-                 "bytes_out": st.bytes_out, "raw_bytes": st.raw_bytes}
-    elif part.kind == "indices":
-        grid0 = tuple(ctx.grids.get(0) or ctx.grids.get("0"))
-        counter = _Counter()
-        tables = {"label_index": counter.wrap(label_index_rows(client.read_indices(part.lo, part.hi), grid0))}
-        stats = {"errors": 0}
-    elif part.kind == "mapping":
-        counter = _Counter()
-        tables = {"mapping": counter.wrap(client.read_mapping())}
-        stats = {"errors": 0}
+                 "bytes_out": st.bytes_out, "raw_bytes": st.raw_bytes,
+                 "seconds": time.perf_counter() - t0}
+    elif part.kind in ("indices", "mapping"):
+        tables, stats = _keyed_tables(client, part, ctx)
     else:
         raise ValueError(f"unknown partition kind {part.kind!r}")
-    stats["seconds"] = 0.0
-    if part.kind != "blocks":
-        # streamed tables: stats are known once the sink has consumed the stream
-        stats = _LazyStats(stats, counter, t0)
-    else:
-        stats["seconds"] = time.perf_counter() - t0
     try:
         write_with_backoff(sink, ctx.run_id, part, tables, stats)
     finally:
         close_tables(tables)
         del tables
         release_memory()
-    out = stats.final() if isinstance(stats, _LazyStats) else dict(stats)
-    out.update(key=part.key, kind=part.kind, skipped=False, rows=out.get("blocks", 0))
+    out = dict(stats)
+    out["seconds"] = time.perf_counter() - t0
+    out.update(key=part.key, kind=part.kind, skipped=False)
+    out.setdefault("rows", out.get("blocks", 0))
     return out
+
+
+def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, dict]:
+    """The label_index rows of a body-label range, or the mapping pairs of a supervoxel
+    range, gathered whole before the write (in memory, spilled to the worker's disk past
+    ``SPILL_BYTES``) so a failed write is retried from them and the source is read once."""
+    from dvidetl.spill import SpillBudget
+    from dvidetl.transform import label_index_rows
+
+    t0 = time.perf_counter()
+    table = "label_index" if part.kind == "indices" else "mapping"
+    spill = SpillBudget().table(table, S.schema(table), _spill_dir())
+    nbytes = 0
+    try:
+        if part.kind == "indices":
+            grid0 = tuple(ctx.grids.get(0) or ctx.grids.get("0"))
+            for batch in _counted(client.read_indices(part.lo, part.hi), "data"):
+                nbytes += batch[1]
+                for t in label_index_rows([batch[0]], grid0):
+                    spill.append(t)
+        else:
+            for batch, n in _counted(client.read_mapping(part.lo, part.hi), None):
+                nbytes += n
+                spill.append(S.conform("mapping", pa.Table.from_batches([batch])))
+        result = spill.result()
+    except BaseException:
+        spill.discard()
+        raise
+    stats = {"blocks": 0, "errors": 0, "rows": spill.num_rows, "bytes_in": nbytes,
+             "bytes_out": spill.nbytes, "seconds": time.perf_counter() - t0}
+    return {table: result}, stats
+
+
+def _counted(batches, data_col: str | None) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """Each batch with the bytes it brought (its data column, else the whole batch)."""
+    for b in batches:
+        yield b, (b.column(data_col).nbytes if data_col else b.nbytes)
 
 
 def release_memory() -> None:
@@ -348,52 +495,6 @@ def write_with_backoff(sink, run_id: str, part: Partition, tables: dict, stats) 
             delay *= 2
 
 
-class _Counter:
-    """Counts rows and bytes of a stream as the sink consumes it."""
-
-    def __init__(self):
-        self.rows = 0
-        self.nbytes = 0
-
-    def wrap(self, it) -> Iterator:
-        for chunk in it:
-            self.rows += chunk.num_rows
-            self.nbytes += chunk.nbytes
-            yield chunk
-
-
-class _LazyStats(dict):
-    """Stats of a streamed partition, read by the sink (``.get``) after it consumed the
-    stream, so rows / bytes / seconds are final by then."""
-
-    def __init__(self, base: dict, counter: _Counter, t0: float):
-        super().__init__(base)
-        self._counter, self._t0 = counter, t0
-
-    def get(self, k, default=None):
-        if k == "blocks":
-            return self._counter.rows
-        if k in ("bytes_in", "bytes_out"):
-            return self._counter.nbytes
-        if k == "seconds":
-            return time.perf_counter() - self._t0
-        return super().get(k, default)
-
-    def __getitem__(self, k):
-        if k in ("blocks", "bytes_in", "bytes_out", "seconds"):
-            return self.get(k)
-        return super().__getitem__(k)
-
-    def keys(self):
-        return list(dict.fromkeys([*super().keys(), "blocks", "bytes_in", "bytes_out", "seconds"]))
-
-    def items(self):
-        return [(k, self[k]) for k in self.keys()]
-
-    def final(self) -> dict:
-        return {k: self.get(k) for k in ("blocks", "bytes_in", "bytes_out", "seconds", "errors")}
-
-
 # ---------------------------------------------------------------------------------------------
 # the run (driver)
 # ---------------------------------------------------------------------------------------------
@@ -411,12 +512,35 @@ class RunResult:
     bytes_in: int = 0
     bytes_out: int = 0
     raw_bytes: int = 0
+    index_rows: int = 0  # label_index rows committed (this invocation and earlier ones)
+    mapping_rows: int = 0
     seconds: float = 0.0
     aborted: str | None = None
 
     @property
     def ok(self) -> bool:
         return not self.failed and self.errors == 0 and self.aborted is None
+
+
+def _interleaved(todo: list[Partition]) -> list[Partition]:
+    """Blocks in plan order with the indices and mapping partitions spread evenly among
+    them (and the first ones early), so that all kinds run on all workers side by side
+    and no kind is left as a long tail at the end."""
+    blocks = [p for p in todo if p.kind == "blocks"]
+    keyed = [p for p in todo if p.kind != "blocks"]
+    if not blocks or not keyed:
+        return keyed + blocks
+    # position of each keyed partition among the blocks: evenly over the first half of the run
+    pos = (np.arange(len(keyed)) * (len(blocks) / 2 / len(keyed))).astype(np.int64)
+    out: list[Partition] = []
+    k = 0
+    for i, b in enumerate(blocks):
+        while k < len(keyed) and pos[k] <= i:
+            out.append(keyed[k])
+            k += 1
+        out.append(b)
+    out.extend(keyed[k:])
+    return out
 
 
 def execute(
@@ -438,8 +562,7 @@ def execute(
     res = RunResult(run.run_id, partitions=len(run.partitions))
     done_keys = sink.done(run.run_id)
     todo = [p for p in run.partitions if p.key not in done_keys]
-    # the indices and mapping are single long streams: start them first, beside the blocks
-    todo.sort(key=lambda p: p.kind == "blocks")
+    todo = _interleaved(todo)
     res.skipped = len(run.partitions) - len(todo)
     if res.skipped:
         prev = sink.ledger(run.run_id)
@@ -451,6 +574,9 @@ def execute(
             res.errors += int(pc.sum(prev.column("errors")).as_py() or 0)
             res.bytes_in += int(pc.sum(pc.filter(prev.column("bytes_in"), isb)).as_py() or 0)
             res.bytes_out += int(pc.sum(pc.filter(prev.column("bytes_out"), isb)).as_py() or 0)
+            for kind, attr in (("indices", "index_rows"), ("mapping", "mapping_rows")):
+                rows = pc.filter(prev.column("rows"), pc.equal(prev.column("kind"), kind))
+                setattr(res, attr, int(pc.sum(rows).as_py() or 0))
     if progress is not None:
         progress.start(total_blocks=sum(p.blocks for p in run.partitions),
                        done_blocks=res.blocks, total_parts=len(run.partitions), done_parts=res.skipped)
@@ -494,6 +620,10 @@ def execute(
                     res.bytes_in += int(st.get("bytes_in", 0))
                     res.bytes_out += int(st.get("bytes_out", 0))
                     res.raw_bytes += int(st.get("raw_bytes", 0))
+                elif part.kind == "indices":
+                    res.index_rows += int(st.get("rows", 0))
+                elif part.kind == "mapping":
+                    res.mapping_rows += int(st.get("rows", 0))
                 res.errors += int(st.get("errors", 0))
         finally:
             fut.release()

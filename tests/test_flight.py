@@ -37,7 +37,13 @@ from dvidetl.flight.client import (
 )
 from dvidetl.flight.server import bounded_batches, start_server
 from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_encode
-from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, INDICES_SCHEMA, MAPPING_SCHEMA, Source
+from dvidetl.sources.base import (
+    BLOCKS_WIRE_SCHEMA,
+    INDICES_SCHEMA,
+    MAPPING_SCHEMA,
+    Source,
+    count_sorted,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -127,10 +133,15 @@ class DictSource:
         i = np.clip(np.searchsorted(self.sv, svs), 0, len(self.sv) - 1)
         return np.where(self.sv[i] == svs, self.body[i], svs)
 
-    def read_mapping(self):
+    def read_mapping(self, lo=0, hi=2**64):
+        i0, i1 = self._range(self.sv, lo, hi)
         yield from self._yield(
-            pa.table([pa.array(self.sv), pa.array(self.body)], schema=MAPPING_SCHEMA)
+            pa.table([pa.array(self.sv[i0:i1]), pa.array(self.body[i0:i1])], schema=MAPPING_SCHEMA)
         )
+
+    def count_keys(self, kind, level, lo=0, hi=2**64):
+        keys = self.sv if kind == "mapping" else self.idx.column("label").to_numpy()
+        return count_sorted(keys, None, level, lo, hi)
 
     def read_indices(self, lo, hi):
         i0, i1 = self._range(self.idx.column("label").to_numpy(), lo, hi)
@@ -239,7 +250,7 @@ def test_info_and_flight_info(server, client, source):
         assert got.num_rows == source.tables[1].num_rows
     flights = list(raw.list_flights(options=auth_opts()))
     assert len(flights) == 1 and VolumeInfo.from_json(flights[0].app_metadata).uuid == "abc123"
-    assert {a.type for a in raw.list_actions(auth_opts())} == {"info", "count"}
+    assert {a.type for a in raw.list_actions(auth_opts())} == {"info", "count", "count_keys"}
     assert (
         raw.get_schema(
             fl.FlightDescriptor.for_path("abc123", "segmentation"), auth_opts()

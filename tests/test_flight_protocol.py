@@ -96,8 +96,12 @@ def test_range_clipped_to_grid():
             "hi",
         ),
         (
-            json.dumps({"v": 1, "kind": "mapping", "uuid": "u", "instance": "i", "lo": 3}).encode(),
+            json.dumps({"v": 1, "kind": "mapping", "uuid": "u", "instance": "i", "lo": "3"}).encode(),
             "lo",
+        ),
+        (
+            json.dumps({"v": 1, "kind": "mapping", "uuid": "u", "instance": "i", "lo": 5, "hi": 5}).encode(),
+            "hi",
         ),
     ],
 )

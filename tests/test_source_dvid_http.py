@@ -357,12 +357,19 @@ def test_mapping(fake, real_source):
     assert len(fake.requests) == n
 
 
-def test_indices(fake, real_source, monkeypatch):
+def _index_requests(fake) -> int:
+    return sum("indices-compressed" in r for r in fake.requests)
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["existing-labels", "listlabels"])
+def test_indices(fake, real_source, monkeypatch, existing):
+    """Every label range reads exactly the source's indices, listing the labels once (from
+    /existing-labels, or paged /listlabels on an older DVID) for all ranges and counts."""
     monkeypatch.setattr(dh, "LISTLABELS_PAGE", 37)
-    monkeypatch.setattr(dh, "INDICES_PER_REQUEST", 50)
-    c = _client(fake)
+    fake.existing_labels = existing
+    c = _client(fake, index_batch=50)
     labels = list(real_source.indices)
-    rng = np.random.default_rng(0)
+    requests = 0
     for lo, hi in [
         (0, 2**64),
         (labels[10], labels[200]),
@@ -373,10 +380,66 @@ def test_indices(fake, real_source, monkeypatch):
         want = {k: v for k, v in real_source.indices.items() if lo <= k < hi}
         assert got["label"].to_pylist() == list(want)
         assert dict(zip(got["label"].to_pylist(), got["data"].to_pylist(), strict=True)) == want
-    assert rng is not None
+        requests += math.ceil(len(want) / 50)  # index_batch labels per request, none if empty
+    kc = c.count_keys("indices", 0)
+    assert kc.cells.tolist() == labels and kc.exact is False
+    assert kc.rows.tolist() == [dh.ROWS_PER_LABEL] * len(labels)
+    listing = [r for r in fake.requests if "existing-labels" in r or "listlabels" in r]
+    if existing:
+        assert len(listing) == 1 and "existing-labels" in listing[0]
+    else:  # the one 400 for /existing-labels, then the pages, once
+        pages = [r for r in listing if "listlabels" in r]
+        assert len(pages) == math.ceil((len(labels) + 1) / 37)
+        assert sum("existing-labels" in r for r in listing) == 1
+    assert _index_requests(fake) == requests
+
+
+def test_listlabels_error_is_detected(fake, monkeypatch):
+    monkeypatch.setattr(dh, "LISTLABELS_PAGE", 37)
     fake.listlabels_error_first = -1
+    c = _client(fake, labels="listlabels", retries=1)
     with pytest.raises(DvidHttpError, match="listlabels.*32 zero bytes"):
         list(c.read_indices(0, 2**64))
+
+
+def test_indices_requests_in_flight(fake, real_source):
+    """index_parallel=4 keeps four /indices-compressed requests at DVID at once (and the
+    labels still arrive in order); index_parallel=1 one at a time."""
+    fake.indices_seconds = 0.05
+    labels = list(real_source.indices)
+    for par, want_max in ((4, 4), (1, 1)):
+        fake.indices_max = 0
+        c = _client(fake, index_batch=10, index_parallel=par)
+        got = pa.Table.from_batches(list(c.read_indices(0, 2**64)), schema=INDICES_SCHEMA)
+        assert got["label"].to_pylist() == labels
+        assert fake.indices_max == want_max
+
+
+def test_index_label_comes_from_the_record_header(fake, real_source):
+    """Old DVIDs stored LabelIndex protobufs with label 0: the label is the record's."""
+    from dvidetl.codec.labelindex import label_index_table
+
+    fake.index_label_zero = True
+    c = _client(fake)
+    got = pa.Table.from_batches(list(c.read_indices(0, 2**64)), schema=INDICES_SCHEMA)
+    assert got["label"].to_pylist() == list(real_source.indices)
+    rows = label_index_table(got["label"], got["data"])
+    want = label_index_table(list(real_source.indices), list(real_source.indices.values()))
+    assert rows.num_rows == want.num_rows > 0 and rows.equals(want)
+    assert 0 not in set(rows["label"].to_pylist())
+
+
+def test_mapping_ranges_and_counts(fake, real_source):
+    c = _client(fake)
+    svs = sorted(real_source.mapping)
+    lo, hi = svs[3], svs[-3]
+    got = pa.Table.from_batches(list(c.read_mapping(lo, hi)), schema=MAPPING_SCHEMA)
+    assert got["supervoxel"].to_pylist() == [v for v in svs if lo <= v < hi]
+    assert got["body"].to_pylist() == [real_source.mapping[v] for v in svs if lo <= v < hi]
+    kc = c.count_keys("mapping", 8)
+    assert kc.exact and int(kc.keys.sum()) == int(kc.rows.sum()) == len(svs)
+    assert kc.cells.tolist() == sorted({v >> 8 for v in svs})
+    assert sum("mappings" in r for r in fake.requests) == 1  # one /mappings for all of it
 
 
 def test_count_upper_bounds(fake, real_source):

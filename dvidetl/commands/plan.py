@@ -8,14 +8,42 @@ import time
 from typing import TextIO
 
 
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """Partition sizes, shared by ``plan`` and ``run``."""
+    from dvidetl.pipeline import DEFAULT_INDEX_ROWS, DEFAULT_MAPPING_ROWS, DEFAULT_PARTITION_BLOCKS
+
+    p.add_argument("--partition-blocks", type=int, default=None,
+                   help=f"blocks per partition (default: {DEFAULT_PARTITION_BLOCKS}, less for small volumes)")
+    p.add_argument("--index-partition-rows", type=int, default=None, metavar="ROWS",
+                   help=f"label_index rows per indices partition (default: {DEFAULT_INDEX_ROWS:,}, "
+                        "less for small volumes)")
+    p.add_argument("--mapping-partition-rows", type=int, default=None, metavar="ROWS",
+                   help=f"supervoxel pairs per mapping partition (default: {DEFAULT_MAPPING_ROWS:,}, "
+                        "less for small volumes)")
+
+
+def plan_from_args(args: argparse.Namespace, ep, scales, *, indices: bool = True, mapping: bool = True):
+    """The partitions the options ask for, counted through the endpoint's Flight client."""
+    from dvidetl.errors import UserError
+    from dvidetl.pipeline import make_plan
+
+    for opt in ("partition_blocks", "index_partition_rows", "mapping_partition_rows"):
+        v = getattr(args, opt, None)
+        if v is not None and v < 1:
+            raise UserError(f"--{opt.replace('_', '-')} must be at least 1 (got {v})")
+    return make_plan(ep.info, ep.client.count, scales, args.partition_blocks,
+                     indices=indices, mapping=mapping, count_keys=ep.client.count_keys,
+                     index_rows=getattr(args, "index_partition_rows", None),
+                     mapping_rows=getattr(args, "mapping_partition_rows", None))
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
-    from dvidetl.pipeline import DEFAULT_PARTITION_BLOCKS, add_flight_arguments
+    from dvidetl.pipeline import add_flight_arguments
 
     p = sub.add_parser("plan", help="print the partitions and totals of an export (no blocks read)")
     add_flight_arguments(p)
     p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
-    p.add_argument("--partition-blocks", type=int, default=None,
-                   help=f"blocks per partition (default: {DEFAULT_PARTITION_BLOCKS}, less for small volumes)")
+    add_plan_arguments(p)
     p.add_argument("--partitions", action="store_true",
                    help="also list every partition (a full-size volume has ~10^5 of them)")
     p.add_argument("--summary", action="store_true", help=argparse.SUPPRESS)  # the default now
@@ -52,10 +80,8 @@ def print_plan(parts, out: TextIO, *, every: bool = False) -> None:
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands.run import parse_scales
     from dvidetl.errors import UserError
-    from dvidetl.pipeline import make_plan, open_flight
+    from dvidetl.pipeline import open_flight
 
-    if args.partition_blocks is not None and args.partition_blocks < 1:
-        raise UserError(f"--partition-blocks must be at least 1 (got {args.partition_blocks})")
     scales = parse_scales(args.scales)
     ep = open_flight(args)
     try:
@@ -63,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         if scales is not None and any(s not in have for s in scales):
             raise UserError(f"--scales {args.scales}: the volume has scales {have}")
         t0 = time.perf_counter()
-        parts = make_plan(ep.info, ep.client.count, scales, args.partition_blocks)
+        parts = plan_from_args(args, ep, scales)
         print_plan(parts, sys.stdout, every=args.partitions)
         print(f"planned in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
         return 0

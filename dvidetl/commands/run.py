@@ -26,7 +26,8 @@ def parse_scales(text: str | None) -> list[int] | None:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from dvidetl.pipeline import DEFAULT_PARTITION_BLOCKS, add_flight_arguments
+    from dvidetl.commands.plan import add_plan_arguments
+    from dvidetl.pipeline import add_flight_arguments
     from dvidetl.sinks import DEFAULT_SINK
 
     p = sub.add_parser("run", help="export a labelmap (blocks, label indices, mapping) to a sink")
@@ -35,8 +36,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--vast-endpoints", default=None, metavar="H:P,H:P",
                    help="vastdb:// sink: more CNode endpoints; workers spread across them")
     p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
-    p.add_argument("--partition-blocks", type=int, default=None,
-                   help=f"blocks per partition (default: {DEFAULT_PARTITION_BLOCKS}, less for small volumes)")
+    add_plan_arguments(p)
     p.add_argument("--cell-limit", type=int, default=S.DEFAULT_CELL_LIMIT,
                    help=f"max bytes per binary/list cell (default {S.DEFAULT_CELL_LIMIT})")
     p.add_argument("--zstd-level", type=int, default=3, help="zstd level of block bodies (default 3)")
@@ -53,12 +53,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.pipeline import RunInfo, TaskContext, execute, make_plan, new_run_id, open_flight
+    from dvidetl.commands.plan import plan_from_args
+    from dvidetl.pipeline import RunInfo, TaskContext, execute, new_run_id, open_flight
     from dvidetl.progress import Progress, summary
     from dvidetl.sinks import open_sink
 
-    if args.partition_blocks is not None and args.partition_blocks < 1:
-        raise UserError(f"--partition-blocks must be at least 1 (got {args.partition_blocks})")
+    for opt in ("partition_blocks", "index_partition_rows", "mapping_partition_rows"):
+        v = getattr(args, opt, None)
+        if v is not None and v < 1:
+            raise UserError(f"--{opt.replace('_', '-')} must be at least 1 (got {v})")
     if args.cell_limit < 1024:
         raise UserError(f"--cell-limit must be at least 1024 bytes (got {args.cell_limit})")
     if not -7 <= args.zstd_level <= 22:  # zstd's fast (negative) levels through its maximum
@@ -88,12 +91,15 @@ def main(args: argparse.Namespace) -> int:
                     f"run {args.resume} exported {run.instance}@{run.uuid}, not {ep.instance}@{args.uuid}"
                 )
         else:
-            parts = make_plan(info, ep.client.count, scales, args.partition_blocks,
-                              indices=not args.no_indices, mapping=not args.no_mapping)
+            parts = plan_from_args(args, ep, scales, indices=not args.no_indices,
+                                   mapping=not args.no_mapping)
             run = RunInfo(
                 run_id=new_run_id(), uuid=args.uuid, instance=ep.instance, partitions=parts,
                 options={"scales": scales if scales is not None else have,
-                         "partition_blocks": args.partition_blocks, "cell_limit": args.cell_limit,
+                         "partition_blocks": args.partition_blocks,
+                         "index_partition_rows": args.index_partition_rows,
+                         "mapping_partition_rows": args.mapping_partition_rows,
+                         "cell_limit": args.cell_limit,
                          "zstd_level": args.zstd_level},
                 volume=__import__("json").loads(info.to_json()),
             )

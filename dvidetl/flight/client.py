@@ -32,6 +32,7 @@ import pyarrow.flight as flight
 from dvidetl.errors import UserError
 from dvidetl.flight import protocol as P
 from dvidetl.geometry import VolumeInfo
+from dvidetl.sources.base import KeyCounts
 
 log = logging.getLogger(__name__)
 
@@ -409,11 +410,24 @@ class FlightClient:
         end = sc.morton_end if sc else hi
         return P.blocks_schema(info, info.uuid, scale, lo, min(hi, end)).empty_table()
 
-    def read_mapping(self) -> Iterator[pa.RecordBatch]:
-        """All non-identity (supervoxel, body) pairs."""
+    def count_keys(self, kind: str, level: int, lo: int = 0, hi: int = P.U64_END) -> KeyCounts:
+        """Body labels (``kind="indices"``) or supervoxels (``"mapping"``) per aligned cell
+        ``key >> level`` of ``[lo, hi)``, with the output rows of each cell."""
+        uuid, instance = self._ref()
+        body = P.CountKeysRequest(uuid, instance, kind, int(level), int(lo), int(hi)).to_json()
+        parts = self._action(f"count_keys({kind}, level={level}, lo={lo}, hi={hi})",
+                             P.ACTION_COUNT_KEYS, body)
+        return P.key_count_from_ipc(parts)
+
+    def read_mapping(self, lo: int = 0, hi: int = P.U64_END) -> Iterator[pa.RecordBatch]:
+        """Non-identity (supervoxel, body) pairs of supervoxels ``lo <= sv < hi`` (default all)."""
+        lo, hi = int(lo), int(hi)
+        if lo >= hi:
+            raise P.TicketError("hi", f"empty supervoxel range: lo={lo} >= hi={hi}")
         uuid, instance = self._ref()
         return self._stream(
-            "read_mapping()", P.MappingTicket(uuid, instance).to_json(), "supervoxel"
+            f"read_mapping(lo={lo}, hi={hi})", P.MappingTicket(uuid, instance, lo=lo, hi=hi).to_json(),
+            "supervoxel",
         )
 
     def read_indices(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:

@@ -28,7 +28,13 @@ import pyarrow as pa
 
 from dvidetl.errors import UserError
 from dvidetl.geometry import VolumeInfo
-from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, INDICES_SCHEMA, MAPPING_SCHEMA
+from dvidetl.sources.base import (
+    BLOCKS_WIRE_SCHEMA,
+    INDICES_SCHEMA,
+    KEY_KINDS,
+    MAPPING_SCHEMA,
+    KeyCounts,
+)
 
 #: Version of the ticket / descriptor / action-body JSON. Bumped on incompatible changes.
 PROTOCOL_VERSION = 1
@@ -49,11 +55,15 @@ KINDS = ("blocks", "mapping", "indices")
 #: DoAction types.
 ACTION_INFO = "info"
 ACTION_COUNT = "count"
+ACTION_COUNT_KEYS = "count_keys"
 ACTIONS = {
     ACTION_INFO: "Volume description (VolumeInfo JSON). Body: {} or {v, uuid, instance}.",
     ACTION_COUNT: "Blocks per aligned Morton cell (code >> level). Body: {v, uuid, instance, "
     "scale, level}. Answer: Arrow IPC stream(s) of (cell uint64, count uint64), "
     "schema metadata exact=true|false.",
+    ACTION_COUNT_KEYS: "Body labels (kind indices) or supervoxels (kind mapping) per aligned "
+    "cell (key >> level) of [lo, hi). Body: {v, uuid, instance, kind, level, lo?, hi?}. Answer: "
+    "Arrow IPC stream(s) of (cell uint64, count uint64, rows uint64), metadata exact=true|false.",
 }
 #: DoExchange command kind.
 EXCHANGE_MAP = "map"
@@ -62,6 +72,7 @@ EXCHANGE_MAP = "map"
 MAP_REQUEST_SCHEMA = pa.schema([("supervoxel", pa.uint64())])
 MAP_RESPONSE_SCHEMA = pa.schema([("body", pa.uint64())])
 COUNT_SCHEMA = pa.schema([("cell", pa.uint64()), ("count", pa.uint64())])
+KEY_COUNT_SCHEMA = pa.schema([("cell", pa.uint64()), ("count", pa.uint64()), ("rows", pa.uint64())])
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -75,6 +86,11 @@ __all__ = [
     "Ticket",
     "VolumeRef",
     "CountRequest",
+    "CountKeysRequest",
+    "parse_count_keys_request",
+    "KEY_COUNT_SCHEMA",
+    "key_count_to_ipc",
+    "key_count_from_ipc",
     "parse_ticket",
     "parse_json_body",
     "parse_volume_ref",
@@ -265,20 +281,30 @@ class BlocksTicket:
 
 @dataclass(frozen=True)
 class MappingTicket:
-    """All non-identity supervoxel -> body pairs of the instance at the uuid."""
+    """Non-identity supervoxel -> body pairs of supervoxels ``lo <= sv < hi`` (default all;
+    ``lo``/``hi`` are sent only when they narrow the range, so a whole-mapping ticket reads
+    the same as before ranges existed)."""
 
     uuid: str
     instance: str
     kind: str = "mapping"
+    lo: int = 0
+    hi: int = U64_END
 
     def validate(self, info: VolumeInfo) -> MappingTicket:
         _check_volume(self.uuid, self.instance, info)
         if not info.has_mapping:
             raise TicketError("kind", "this volume serves no mapping")
+        if self.lo >= self.hi:
+            raise TicketError("hi", f"empty supervoxel range: lo={self.lo} >= hi={self.hi}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.lo == 0:
+            del d["lo"]
+        if self.hi >= U64_END - 1:
+            del d["hi"]
         d["v"] = PROTOCOL_VERSION
         return d
 
@@ -334,8 +360,12 @@ def parse_ticket(raw: bytes | str) -> Ticket:
             raise TicketError("hi", f"empty range: lo={lo} >= hi={hi}")
         return BlocksTicket(uuid, instance, scale, lo, hi)
     if kind == "mapping":
-        _check_keys(d, common, "mapping ticket")
-        return MappingTicket(uuid, instance)
+        _check_keys(d, common | {"lo", "hi"}, "mapping ticket")
+        lo = _int(d, "lo", 0, U64_END - 1) if "lo" in d else 0
+        hi = _int(d, "hi", 0, U64_END) if "hi" in d else U64_END
+        if lo >= hi:
+            raise TicketError("hi", f"empty supervoxel range: lo={lo} >= hi={hi}")
+        return MappingTicket(uuid, instance, lo=lo, hi=hi)
     _check_keys(d, common | {"lo", "hi"}, "indices ticket")
     lo = _int(d, "lo", 0, U64_END - 1)
     hi = _int(d, "hi", 0, U64_END)
@@ -386,6 +416,47 @@ def parse_count_request(raw: bytes | str) -> CountRequest:
         _str(d, "instance", MAX_INSTANCE_CHARS),
         _int(d, "scale", 0, 63),
         _int(d, "level", 0, 64),
+    )
+
+
+@dataclass(frozen=True)
+class CountKeysRequest:
+    """Body of DoAction("count_keys"): body labels (``indices``) or supervoxels (``mapping``)
+    per ``key >> level`` cell of ``[lo, hi)``, with the output rows of each cell."""
+
+    uuid: str
+    instance: str
+    kind: str
+    level: int
+    lo: int = 0
+    hi: int = U64_END
+
+    def validate(self, info: VolumeInfo) -> CountKeysRequest:
+        _check_volume(self.uuid, self.instance, info)
+        if self.kind == "indices" and not info.has_indices:
+            raise TicketError("kind", "this volume serves no label indices")
+        if self.kind == "mapping" and not info.has_mapping:
+            raise TicketError("kind", "this volume serves no mapping")
+        return self
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["v"] = PROTOCOL_VERSION
+        return _dumps(d)
+
+
+def parse_count_keys_request(raw: bytes | str) -> CountKeysRequest:
+    d = parse_json_body(raw, "count_keys body")
+    _check_keys(d, {"v", "uuid", "instance", "kind", "level", "lo", "hi"}, "count_keys body")
+    kind = d.get("kind")
+    if kind not in KEY_KINDS:
+        raise TicketError("kind", f"{kind!r} is not one of {', '.join(KEY_KINDS)}")
+    lo = _int(d, "lo", 0, U64_END - 1) if "lo" in d else 0
+    hi = _int(d, "hi", 0, U64_END) if "hi" in d else U64_END
+    if lo >= hi:
+        raise TicketError("hi", f"empty key range: lo={lo} >= hi={hi}")
+    return CountKeysRequest(
+        _uuid(d), _str(d, "instance", MAX_INSTANCE_CHARS), kind, _int(d, "level", 0, 64), lo, hi
     )
 
 
@@ -449,8 +520,8 @@ def blocks_schema(info: VolumeInfo, uuid: str, scale: int, lo: int, hi: int) -> 
     )
 
 
-def mapping_schema(info: VolumeInfo, uuid: str) -> pa.Schema:
-    return MAPPING_SCHEMA.with_metadata(_meta(info, uuid, "mapping"))
+def mapping_schema(info: VolumeInfo, uuid: str, lo: int = 0, hi: int = U64_END) -> pa.Schema:
+    return MAPPING_SCHEMA.with_metadata(_meta(info, uuid, "mapping", lo=lo, hi=hi))
 
 
 def indices_schema(info: VolumeInfo, uuid: str, lo: int, hi: int) -> pa.Schema:
@@ -462,20 +533,13 @@ def indices_schema(info: VolumeInfo, uuid: str, lo: int, hi: int) -> pa.Schema:
 # ---------------------------------------------------------------------------------------
 
 
-def count_to_ipc(
-    cells: np.ndarray, counts: np.ndarray, exact: bool, max_rows: int = 1 << 19
-) -> list[bytes]:
-    """The count answer as Arrow IPC streams of at most ``max_rows`` rows each (8 MiB)."""
-    cells = np.ascontiguousarray(cells, dtype=np.uint64)
-    counts = np.ascontiguousarray(counts, dtype=np.uint64)
-    schema = COUNT_SCHEMA.with_metadata({b"exact": b"true" if exact else b"false"})
+def _columns_to_ipc(schema: pa.Schema, columns: list, exact: bool, max_rows: int) -> list[bytes]:
+    """uint64 columns as Arrow IPC streams of at most ``max_rows`` rows each."""
+    cols = [np.ascontiguousarray(c, dtype=np.uint64) for c in columns]
+    schema = schema.with_metadata({b"exact": b"true" if exact else b"false"})
     out = []
-    n = len(cells)
-    for start in range(0, max(n, 1), max_rows):
-        batch = pa.record_batch(
-            [pa.array(cells[start : start + max_rows]), pa.array(counts[start : start + max_rows])],
-            schema=schema,
-        )
+    for start in range(0, max(len(cols[0]), 1), max_rows):
+        batch = pa.record_batch([pa.array(c[start : start + max_rows]) for c in cols], schema=schema)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, schema) as w:
             w.write_batch(batch)
@@ -483,15 +547,37 @@ def count_to_ipc(
     return out
 
 
-def count_from_ipc(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Inverse of :func:`count_to_ipc` (concatenates the parts in order)."""
-    cells, counts, exact = [], [], True
+def _columns_from_ipc(parts: list[bytes], names: list[str]) -> tuple[list[np.ndarray], bool]:
+    cols: list[list[np.ndarray]] = [[] for _ in names]
+    exact = True
     for p in parts:
         t = pa.ipc.open_stream(pa.py_buffer(p)).read_all()
         meta = t.schema.metadata or {}
         exact = exact and meta.get(b"exact", b"true") == b"true"
-        cells.append(t.column("cell").to_numpy().astype(np.uint64, copy=False))
-        counts.append(t.column("count").to_numpy().astype(np.uint64, copy=False))
-    if not cells:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), exact
-    return np.concatenate(cells), np.concatenate(counts), exact
+        for acc, name in zip(cols, names, strict=True):
+            acc.append(t.column(name).to_numpy().astype(np.uint64, copy=False))
+    return [np.concatenate(c) if c else np.zeros(0, np.uint64) for c in cols], exact
+
+
+def count_to_ipc(
+    cells: np.ndarray, counts: np.ndarray, exact: bool, max_rows: int = 1 << 19
+) -> list[bytes]:
+    """The count answer as Arrow IPC streams of at most ``max_rows`` rows each (8 MiB)."""
+    return _columns_to_ipc(COUNT_SCHEMA, [cells, counts], exact, max_rows)
+
+
+def count_from_ipc(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Inverse of :func:`count_to_ipc` (concatenates the parts in order)."""
+    (cells, counts), exact = _columns_from_ipc(parts, ["cell", "count"])
+    return cells, counts, exact
+
+
+def key_count_to_ipc(cells, counts, rows, exact: bool, max_rows: int = 1 << 18) -> list[bytes]:
+    """The count_keys answer as Arrow IPC streams (6 MiB each at most)."""
+    return _columns_to_ipc(KEY_COUNT_SCHEMA, [cells, counts, rows], exact, max_rows)
+
+
+def key_count_from_ipc(parts: list[bytes]) -> KeyCounts:
+    """Inverse of :func:`key_count_to_ipc`."""
+    (cells, counts, rows), exact = _columns_from_ipc(parts, ["cell", "count", "rows"])
+    return KeyCounts(cells, counts, rows, exact)

@@ -415,6 +415,19 @@ class DvidFlightServer(flight.FlightServerBase):
                     "source count() broke its contract: cells must be ascending, unique"
                 )
             return iter([flight.Result(p) for p in P.count_to_ipc(cells, counts, bool(exact))])
+        if kind == P.ACTION_COUNT_KEYS:
+            req = P.parse_count_keys_request(body).validate(self._info)
+            count_keys = getattr(self._source, "count_keys", None)
+            if count_keys is None:
+                raise P.TicketError("action", f"source {type(self._source).__name__} cannot count keys")
+            kc = count_keys(req.kind, req.level, req.lo, req.hi)
+            cells, keys, rows = (np.asarray(a, dtype=np.uint64) for a in kc[:3])
+            if not (cells.shape == keys.shape == rows.shape) or cells.ndim != 1:
+                raise RuntimeError(f"source count_keys() returned arrays of shapes "
+                                   f"{cells.shape}, {keys.shape}, {rows.shape}")
+            if len(cells) > 1 and not bool(np.all(cells[1:] > cells[:-1])):
+                raise RuntimeError("source count_keys() broke its contract: cells must be ascending, unique")
+            return iter([flight.Result(p) for p in P.key_count_to_ipc(cells, keys, rows, bool(kc[3]))])
         raise P.TicketError("action", f"unknown action {kind!r} (known: {', '.join(P.ACTIONS)})")
 
     @_flight_errors
@@ -425,8 +438,8 @@ class DvidFlightServer(flight.FlightServerBase):
             schema = P.blocks_schema(info, t.uuid, t.scale, t.lo, t.hi)
             gen = self._blocks(schema, t)
         elif isinstance(t, P.MappingTicket):
-            schema = P.mapping_schema(info, t.uuid)
-            gen = self._simple(schema, self._source.read_mapping(), None, "read_mapping")
+            schema = P.mapping_schema(info, t.uuid, t.lo, t.hi)
+            gen = self._mapping(schema, t)
         else:
             schema = P.indices_schema(info, t.uuid, t.lo, t.hi)
             gen = self._indices(schema, t)
@@ -531,6 +544,17 @@ class DvidFlightServer(flight.FlightServerBase):
                         f"source read_blocks broke its contract: x, y, z do not match the "
                         f"morton codes of grid {grid} at scale {t.scale}"
                     )
+            yield batch
+
+    def _mapping(self, schema: pa.Schema, t: P.MappingTicket) -> Iterator[pa.RecordBatch]:
+        whole = t.lo == 0 and t.hi >= P.U64_END - 1
+        # a source written before ranges existed still serves the whole mapping
+        src = self._source.read_mapping() if whole else self._source.read_mapping(t.lo, t.hi)
+        last = -1
+        for batch in self._simple(schema, src, None, "read_mapping"):
+            if self._check_source and not whole:
+                last = self._keys_check(batch.column("supervoxel").to_numpy(), t.lo, t.hi, last,
+                                        "read_mapping")
             yield batch
 
     def _indices(self, schema: pa.Schema, t: P.IndicesTicket) -> Iterator[pa.RecordBatch]:

@@ -44,6 +44,7 @@ class Partition:
     lo: int
     hi: int
     blocks: int = 0  # planned (estimated) blocks; 0 for indices / mapping
+    rows: int = 0  # planned (estimated) label_index rows / mapping pairs; 0 for blocks
 
     @property
     def key(self) -> str:
@@ -51,11 +52,15 @@ class Partition:
         return f"{self.kind}-s{self.scale}-{self.lo:016x}-{self.hi:016x}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["rows"]:
+            del d["rows"]  # block partitions: keep stored plans (10^5+ entries) compact
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Partition:
-        return cls(str(d["kind"]), int(d["scale"]), int(d["lo"]), int(d["hi"]), int(d.get("blocks", 0)))
+        return cls(str(d["kind"]), int(d["scale"]), int(d["lo"]), int(d["hi"]), int(d.get("blocks", 0)),
+                   int(d.get("rows", 0)))
 
 
 @dataclass

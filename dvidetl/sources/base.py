@@ -8,7 +8,7 @@ record batches so no source ever needs a whole volume in memory.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +30,55 @@ MAPPING_SCHEMA = pa.schema([("supervoxel", pa.uint64()), ("body", pa.uint64())])
 
 #: label = body label; data = the LabelIndex protobuf bytes, unwrapped (DVID stores them LZ4).
 INDICES_SCHEMA = pa.schema([("label", pa.uint64()), ("data", pa.binary())])
+
+
+#: exclusive end of the uint64 key space (labels, supervoxels, Morton codes)
+KEY_END = 1 << 64
+#: kinds of keyed tables a source counts with ``count_keys``
+KEY_KINDS = ("indices", "mapping")
+
+
+class KeyCounts(NamedTuple):
+    """Answer of ``count_keys``: cells ascending and unique, keys and rows per cell."""
+
+    cells: np.ndarray  # uint64, key >> level
+    keys: np.ndarray  # uint64, labels / supervoxels in the cell
+    rows: np.ndarray  # uint64, output rows of the cell (label_index rows, mapping pairs)
+    exact: bool
+
+
+def count_sorted(keys: np.ndarray, rows: np.ndarray | None, level: int, lo: int = 0,
+                 hi: int = KEY_END, *, exact: bool = True) -> KeyCounts:
+    """``count_keys`` over a sorted unique key array (a source's cached label or supervoxel
+    list); ``rows`` per key (None: one row each). Vectorized: one searchsorted and one
+    reduceat, whatever the number of keys."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    sl = key_slice(keys, int(lo), int(hi))
+    sub = keys[sl]
+    r = np.ones(sub.size, np.uint64) if rows is None else np.asarray(rows, np.uint64)[sl]
+    if sub.size == 0:
+        z = np.zeros(0, np.uint64)
+        return KeyCounts(z, z, z, exact)
+    cells = sub >> np.uint64(level) if level < 64 else np.zeros(sub.size, np.uint64)
+    starts = np.flatnonzero(np.concatenate([[True], cells[1:] != cells[:-1]]))
+    nkeys = np.diff(np.append(starts, sub.size)).astype(np.uint64)
+    return KeyCounts(cells[starts], nkeys, np.add.reduceat(r, starts).astype(np.uint64), exact)
+
+
+def key_slice(keys: np.ndarray, lo: int, hi: int) -> slice:
+    """The slice of sorted ``keys`` with ``lo <= key < hi`` (hi may be 2**64)."""
+    a = int(np.searchsorted(keys, np.uint64(lo), "left")) if lo > 0 else 0
+    b = keys.size if hi >= KEY_END else int(np.searchsorted(keys, np.uint64(hi), "left"))
+    return slice(a, max(a, b))
+
+
+def mapping_batches(sv: np.ndarray, body: np.ndarray, lo: int = 0, hi: int = KEY_END,
+                    step: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+    """``read_mapping(lo, hi)`` over a source's cached pairs sorted by supervoxel."""
+    sl = key_slice(sv, lo, hi)
+    for i in range(sl.start, sl.stop, step):
+        j = min(sl.stop, i + step)
+        yield pa.RecordBatch.from_arrays([pa.array(sv[i:j]), pa.array(body[i:j])], schema=MAPPING_SCHEMA)
 
 
 @runtime_checkable
@@ -54,8 +103,16 @@ class Source(Protocol):
         """Body of each supervoxel (uint64, identity where unmapped)."""
         ...
 
-    def read_mapping(self) -> Iterator[pa.RecordBatch]:
-        """All non-identity (supervoxel, body) pairs, as MAPPING_SCHEMA."""
+    def read_mapping(self, lo: int = 0, hi: int = KEY_END) -> Iterator[pa.RecordBatch]:
+        """Non-identity (supervoxel, body) pairs with ``lo <= supervoxel < hi``, ascending
+        supervoxel, as MAPPING_SCHEMA."""
+        ...
+
+    def count_keys(self, kind: str, level: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
+        """What the planner needs to cut ``indices`` (body labels) or ``mapping``
+        (supervoxels) into partitions: per aligned cell ``key >> level`` of keys in
+        ``[lo, hi)``, the number of keys and of output rows (label_index rows, mapping pairs).
+        Only non-empty cells need be listed. ``exact=False``: ``rows`` are estimates."""
         ...
 
     def read_indices(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:

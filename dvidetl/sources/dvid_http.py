@@ -13,8 +13,11 @@ DVID has no Flight endpoint yet, so this source speaks the documented labelmap H
 * DVID cannot count blocks cheaply, so ``count`` answers flagged upper bounds (``exact=False``):
   block slots inside the extents per Morton cell, computed arithmetically per axis.
 * ``/mappings?format=binary`` is fetched once and cached as sorted arrays.
-* ``read_indices`` pages ``/listlabels`` then fetches ``/indices-compressed`` in chunks of at
-  most 50,000 labels and unwraps DVID's LZ4 wrapper to the LabelIndex protobuf.
+* The labels with an index are listed once (``/existing-labels``, keys only; else paged
+  ``/listlabels``) and cached: ``count_keys`` plans from them, ``read_indices`` fetches their
+  ``/indices-compressed`` in requests of ``index_batch`` labels (default 2,000),
+  ``index_parallel`` in flight (default ``parallel``), and unwraps DVID's LZ4 wrapper to the
+  LabelIndex protobuf.
 
 Robustness: explicit timeouts; retries with exponential backoff on connection errors, 5xx and
 503 throttling; and because DVID cannot change the status of a streamed 200 response, an error
@@ -27,7 +30,9 @@ URL parameters besides ``uuid``/``instance``: ``timeout`` (s, default 60), ``ret
 blocks per request), ``parallel`` (requests in flight, default 4), ``throttle=true`` (ask DVID
 to throttle /blocks; its 503s are retried), ``minpoint``/``maxpoint`` (``X,Y,Z`` scale-0 voxels,
 inclusive: override DVID's extents, which are only hints and can be stale — e.g. after
-``ingest-supervoxels`` without ``POST /extents``; blocks outside the extents are never read).
+``ingest-supervoxels`` without ``POST /extents``; blocks outside the extents are never read),
+``index_parallel``, ``index_batch``, ``rows_per_label`` (planning estimate of label_index rows
+per label, default 64), ``labels=auto|existing|listlabels`` (how labels are listed).
 """
 
 from __future__ import annotations
@@ -61,14 +66,28 @@ from dvidetl.geometry import (
     morton_decode,
     morton_encode,
 )
-from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, INDICES_SCHEMA, MAPPING_SCHEMA
+from dvidetl.sources.base import (
+    BLOCKS_WIRE_SCHEMA,
+    INDICES_SCHEMA,
+    KEY_END,
+    KeyCounts,
+    count_sorted,
+    key_slice,
+    mapping_batches,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 MAX_BATCH_BYTES = 8 << 20
 MAX_BATCH_BLOCKS = 8192
-INDICES_PER_REQUEST = 50_000
+#: labels per /indices-compressed request: DVID serves each with one Get, so a request of
+#: 2,000 labels is a few seconds of its time (far from its 600 s response cut) and several
+#: such requests keep DVID's Badger busy in parallel
+INDICES_PER_REQUEST = 2_000
+#: label_index rows assumed per body label when planning (DVID cannot count them cheaply;
+#: the mCNS has ~5-7e9 rows over its labels); ``rows_per_label=`` overrides it
+ROWS_PER_LABEL = 64
 LISTLABELS_PAGE = 100_000
 #: cells a count() may return before asking for a coarser level
 MAX_COUNT_CELLS = 1 << 26
@@ -368,6 +387,10 @@ def open_url(url: str) -> DvidHttpSource:
         "maxpoint",
         "inflight",
         "token_file",
+        "index_parallel",
+        "index_batch",
+        "rows_per_label",
+        "labels",
     }
     unknown = set(q) - known
     if unknown:
@@ -409,7 +432,18 @@ def open_url(url: str) -> DvidHttpSource:
         maxpoint=_point(one, "maxpoint", url),
         inflight=num("inflight", int, None, 1, 256),
         token_file=one.get("token_file"),
+        index_parallel=num("index_parallel", int, None, 1, 64),
+        index_batch=num("index_batch", int, INDICES_PER_REQUEST, 1, 1_000_000),
+        rows_per_label=num("rows_per_label", int, ROWS_PER_LABEL, 1, 1 << 40),
+        labels=_choice(one, "labels", ("auto", "existing", "listlabels"), url),
     )
+
+
+def _choice(one: dict, key: str, allowed: tuple[str, ...], url: str) -> str:
+    v = one.get(key, allowed[0])
+    if v not in allowed:
+        raise UserError(f"parameter {key}={v!r} in {url!r} must be one of {', '.join(allowed)}")
+    return v
 
 
 def _point(one: dict, key: str, url: str) -> tuple[int, int, int] | None:
@@ -445,6 +479,10 @@ class DvidHttpSource:
         maxpoint: tuple[int, int, int] | None = None,
         inflight: int | None = None,
         token_file: str | None = None,
+        index_parallel: int | None = None,
+        index_batch: int = INDICES_PER_REQUEST,
+        rows_per_label: int = ROWS_PER_LABEL,
+        labels: str = "auto",
     ) -> None:
         # throttle=true: DVID admits 1 throttled request per server by default (more after
         # POST /api/server/settings {"throttle": N}; say so with inflight=N)
@@ -457,6 +495,11 @@ class DvidHttpSource:
         self.instance = instance
         self.box_bits = box_bits
         self.parallel = parallel
+        self.index_parallel = parallel if index_parallel is None else index_parallel
+        self.index_batch = index_batch
+        self.rows_per_label = rows_per_label
+        self.labels_from = labels
+        self._labels: np.ndarray | None = None
         self.throttle = throttle
         self._minpoint, self._maxpoint = minpoint, maxpoint
         self._lock = threading.Lock()
@@ -722,7 +765,8 @@ class DvidHttpSource:
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="dvid-http")
+                self._pool = ThreadPoolExecutor(max(self.parallel, self.index_parallel),
+                                                thread_name_prefix="dvid-http")
             return self._pool
 
     def read_blocks(self, scale: int, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
@@ -827,15 +871,64 @@ class DvidHttpSource:
         out[svs == 0] = 0  # background is never mapped
         return out
 
-    def read_mapping(self) -> Iterator[pa.RecordBatch]:
-        keys, vals = self._mapping_arrays()
-        step = 1 << 20
-        for a in range(0, keys.size, step):
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(keys[a : a + step]), pa.array(vals[a : a + step])], schema=MAPPING_SCHEMA
-            )
+    def read_mapping(self, lo: int = 0, hi: int = KEY_END) -> Iterator[pa.RecordBatch]:
+        """Pairs with ``lo <= supervoxel < hi`` from the cached sorted /mappings arrays."""
+        return mapping_batches(*self._mapping_arrays(), lo, hi)
+
+    def count_keys(self, kind: str, level: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
+        """Mapping: exact, from the cached /mappings. Indices: the labels exactly (from the
+        cached label list, see ``label_list``), their rows estimated at ``rows_per_label``
+        each (DVID would have to read every index to count them)."""
+        if kind == "mapping":
+            return count_sorted(self._mapping_arrays()[0], None, level, lo, hi)
+        if not self._info.has_indices:
+            return count_sorted(np.zeros(0, np.uint64), None, level, lo, hi)
+        kc = count_sorted(self.label_list(), None, level, lo, hi, exact=False)
+        return kc._replace(rows=kc.keys * np.uint64(self.rows_per_label))
 
     # -------------------------------------------------------------- indices
+    def label_list(self) -> np.ndarray:
+        """Every body label with an index, ascending; fetched once and cached, so planning
+        and every indices partition share one listing. ``/existing-labels`` walks only the
+        keys of DVID's label-index space (no values read); DVIDs without it get paged
+        ``/listlabels``, which reads every index value (a second full pass besides the
+        export's own /indices-compressed)."""
+        with self._lock:
+            if self._labels is not None:
+                return self._labels
+        labels = None
+        if self.labels_from in ("auto", "existing"):
+            try:
+                labels = self._existing_labels()
+            except DvidHttpError as exc:
+                if self.labels_from == "existing" or isinstance(exc, (DvidUnavailable, DvidAuthError)):
+                    raise
+                log.info("DVID has no /existing-labels (%s); listing labels with /listlabels",
+                         str(exc).splitlines()[0][:200])
+        if labels is None:
+            labels = self.list_labels(0, KEY_END)
+        with self._lock:
+            if self._labels is None:
+                self._labels = labels
+            return self._labels
+
+    def _existing_labels(self) -> np.ndarray:
+        path = self._node("existing-labels")
+
+        def parse(body: bytes) -> np.ndarray:
+            text = body.strip()
+            if not text.startswith(b"[") or not text.endswith(b"]"):
+                raise _StreamError(0, "/existing-labels did not answer one JSON array", body)
+            try:
+                vals = json.loads(text)
+            except ValueError as exc:
+                raise _StreamError(0, f"/existing-labels is not JSON ({exc})", body) from None
+            arr = np.array(vals, dtype=np.uint64) if vals else np.zeros(0, np.uint64)
+            arr = np.unique(arr)
+            return arr[arr != 0]
+
+        return self.http.get(path, parse)
+
     def list_labels(self, lo: int, hi: int) -> np.ndarray:
         """Body labels with an index, ``lo <= label < hi``, ascending (paged /listlabels)."""
         out: list[np.ndarray] = []
@@ -868,48 +961,68 @@ class DvidHttpSource:
             start = last + 1
         return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
 
+    def _fetch_indices(self, chunk: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
+        """One /indices-compressed request: (labels, unwrapped protobufs) of ``chunk``, the
+        label of each record taken from its header (old stored protobufs carry label 0)."""
+        url = self.http.base + self._node("indices-compressed")
+        want = set(chunk.tolist())
+        body = json.dumps(chunk.tolist()).encode()
+
+        def parse(data: bytes) -> tuple[list[int], list[bytes]]:
+            got_l: list[int] = []
+            got_d: list[bytes] = []
+            p = 0
+            while p < len(data):
+                if len(data) - p < 16:
+                    raise _StreamError(p, "truncated index record header", data)
+                n, label = struct.unpack_from("<QQ", data, p)
+                if n == 0 and label == 0:
+                    raise _StreamError(p, "DVID signalled an error (record n=0, label=0)", data)
+                if label not in want:
+                    raise _StreamError(p, f"unrequested label {label}", data)
+                if p + 16 + n > len(data):
+                    raise _StreamError(p, "index record runs past the end of the body", data)
+                if n:
+                    got_l.append(label)
+                    got_d.append(_unwrap_index(data[p + 16 : p + 16 + n], url, label))
+                p += 16 + n
+            return got_l, got_d
+
+        got_l, got_d = self.http.get(self._node("indices-compressed"), parse, body=body)
+        arr = np.array(got_l, dtype=np.uint64)
+        order = np.argsort(arr, kind="stable")
+        return arr[order], [got_d[i] for i in order.tolist()]
+
     def read_indices(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
-        """LabelIndex protobufs (unwrapped) of the labels in ``[lo, hi)``, ascending.
+        """LabelIndex protobufs (unwrapped) of the labels in ``[lo, hi)``, ascending: the
+        labels from the cached list, fetched ``index_batch`` per /indices-compressed request
+        with ``index_parallel`` requests in flight, delivered in label order.
 
         Nothing for an instance with ``IndexedLabels: false`` (DVID keeps no indices then)."""
         if not self._info.has_indices:
             return
-        labels = self.list_labels(lo, hi)
-        url = self.http.base + self._node("indices-compressed")
-        for a in range(0, labels.size, INDICES_PER_REQUEST):
-            chunk = labels[a : a + INDICES_PER_REQUEST]
-            want = set(chunk.tolist())
-            body = json.dumps(chunk.tolist()).encode()
-
-            def parse(data: bytes, want=want) -> tuple[list[int], list[bytes]]:
-                got_l: list[int] = []
-                got_d: list[bytes] = []
-                p = 0
-                while p < len(data):
-                    if len(data) - p < 16:
-                        raise _StreamError(p, "truncated index record header", data)
-                    n, label = struct.unpack_from("<QQ", data, p)
-                    if n == 0 and label == 0:
-                        raise _StreamError(p, "DVID signalled an error (record n=0, label=0)", data)
-                    if label not in want:
-                        raise _StreamError(p, f"unrequested label {label}", data)
-                    if p + 16 + n > len(data):
-                        raise _StreamError(p, "index record runs past the end of the body", data)
-                    if n:
-                        got_l.append(label)
-                        got_d.append(_unwrap_index(data[p + 16 : p + 16 + n], url, label))
-                    p += 16 + n
-                return got_l, got_d
-
-            got_l, got_d = self.http.get(self._node("indices-compressed"), parse, body=body)
-            if not got_l:
-                continue
-            arr_l = np.array(got_l, dtype=np.uint64)
-            order = np.argsort(arr_l, kind="stable")
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(arr_l[order]), pa.array([got_d[i] for i in order.tolist()], pa.binary())],
-                schema=INDICES_SCHEMA,
-            )
+        labels = self.label_list()
+        labels = labels[key_slice(labels, int(lo), int(hi))]
+        pool = self._executor()
+        chunks = (labels[a : a + self.index_batch] for a in range(0, labels.size, self.index_batch))
+        window: deque[Future] = deque()
+        try:
+            while True:
+                while len(window) < self.index_parallel:
+                    nxt = next(chunks, None)
+                    if nxt is None:
+                        break
+                    window.append(pool.submit(self._fetch_indices, nxt))
+                if not window:
+                    break
+                got_l, got_d = window.popleft().result()
+                if got_l.size:
+                    yield pa.RecordBatch.from_arrays(
+                        [pa.array(got_l), pa.array(got_d, pa.binary())], schema=INDICES_SCHEMA
+                    )
+        finally:
+            for f in window:
+                f.cancel()
 
     def close(self) -> None:
         with self._lock:

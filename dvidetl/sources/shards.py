@@ -45,7 +45,13 @@ import pyarrow.ipc as ipc
 
 from dvidetl.errors import UserError, drop_background
 from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_encode
-from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, MAPPING_SCHEMA
+from dvidetl.sources.base import (
+    BLOCKS_WIRE_SCHEMA,
+    KEY_END,
+    KeyCounts,
+    count_sorted,
+    mapping_batches,
+)
 
 BLOCK = 64
 _SCALE_RE = re.compile(r"^s(\d+)$")
@@ -666,14 +672,16 @@ class ShardsSource:
         out[svs == 0] = 0  # background is never mapped
         return out
 
-    def read_mapping(self) -> Iterator[pa.RecordBatch]:
-        """All non-identity pairs, sorted by supervoxel."""
-        keys, vals = self._mapping_arrays()
-        for a in range(0, keys.size, _MAPPING_BATCH):
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(keys[a : a + _MAPPING_BATCH]), pa.array(vals[a : a + _MAPPING_BATCH])],
-                schema=MAPPING_SCHEMA,
-            )
+    def read_mapping(self, lo: int = 0, hi: int = KEY_END) -> Iterator[pa.RecordBatch]:
+        """Non-identity pairs with ``lo <= supervoxel < hi``, sorted by supervoxel."""
+        return mapping_batches(*self._mapping_arrays(), lo, hi, _MAPPING_BATCH)
+
+    def count_keys(self, kind: str, level: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
+        """Exact for the mapping (from the label lists of every block); shards carry no
+        label indices, so ``indices`` counts nothing."""
+        if kind == "mapping":
+            return count_sorted(self._mapping_arrays()[0], None, level, lo, hi)
+        return count_sorted(np.zeros(0, np.uint64), None, level, lo, hi)
 
     def read_indices(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
         """Shards carry no label indices (``info().has_indices`` is False)."""

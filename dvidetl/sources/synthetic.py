@@ -60,9 +60,11 @@ How it is built (all numba, lazily, per block):
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlsplit
 
 import numba as nb
@@ -74,7 +76,11 @@ from dvidetl.geometry import ScaleInfo, VolumeInfo, _bit_plan
 from dvidetl.sources.base import (
     BLOCKS_WIRE_SCHEMA,
     INDICES_SCHEMA,
+    KEY_END,
     MAPPING_SCHEMA,
+    KeyCounts,
+    count_sorted,
+    mapping_batches,
 )
 
 __all__ = ["SyntheticSource", "open_url", "downres_dvid", "DEMO_QUERY"]
@@ -1057,6 +1063,7 @@ class SyntheticSource:
         self._bytes = _LRU(cache_mb << 19)  # half for block bytes
         self._lock = threading.Lock()
         self._index_rows = None
+        self._mapping_sorted: tuple[np.ndarray, np.ndarray] | None = None
         self._idx_dummy = np.zeros((1, 1, 1), np.uint32)
         #: per-block (supervoxel, voxels) counts gathered while generating, so the index pass
         #: need not regenerate blocks already served (volumes small enough for indices only)
@@ -1076,6 +1083,7 @@ class SyntheticSource:
         self._vox = _LRU(self._vox.max_bytes)
         self._bytes = _LRU(self._bytes.max_bytes)
         self._index_rows = None
+        self._mapping_sorted = None
         if self._stash is not None:
             self._stash = {}
             self._stash_bytes = 0
@@ -1175,8 +1183,9 @@ class SyntheticSource:
         ip = self._ip
         return int(ip[P_NLX]) * int(ip[P_NLY]) * int(ip[P_NLZ])
 
-    def read_mapping(self, batch: int = 1 << 20) -> Iterator[pa.RecordBatch]:
-        """All non-identity (supervoxel, body) pairs of the supervoxel lattice."""
+    def _mapping_batches(self, batch: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+        """All non-identity (supervoxel, body) pairs, in generation order (lattice, then the
+        fragments of dense blocks)."""
         total = self._n_lattice()
         limit = max(self.maxindex * 200, 20_000_000)
         if total > limit:
@@ -1205,10 +1214,48 @@ class SyntheticSource:
                     [pa.array(frag), pa.array(self.map_supervoxels(frag))], schema=MAPPING_SCHEMA
                 )
 
+    def _mapping_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The non-identity pairs sorted by supervoxel, unique (generated once and cached, so
+        range reads and counts are a searchsorted; bounded by read_mapping's limit)."""
+        with self._lock:
+            if self._mapping_sorted is not None:
+                return self._mapping_sorted
+        bs = list(self._mapping_batches())
+        if bs:
+            sv = np.concatenate([b.column(0).to_numpy() for b in bs]).astype(np.uint64)
+            body = np.concatenate([b.column(1).to_numpy() for b in bs]).astype(np.uint64)
+            sv, first = np.unique(sv, return_index=True)  # a fragment may sit in two blocks
+            body = body[first]
+        else:
+            sv = body = np.zeros(0, np.uint64)
+        with self._lock:
+            self._mapping_sorted = (sv, body)
+        return sv, body
+
+    def read_mapping(self, lo: int = 0, hi: int = KEY_END) -> Iterator[pa.RecordBatch]:
+        """Non-identity (supervoxel, body) pairs with ``lo <= supervoxel < hi``, ascending."""
+        return mapping_batches(*self._mapping_arrays(), lo, hi)
+
+    def count_keys(self, kind: str, level: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
+        """Exact: indices count the rows of the (cached) index table per body, the mapping
+        its pairs per supervoxel."""
+        if kind == "mapping":
+            return count_sorted(self._mapping_arrays()[0], None, level, lo, hi)
+        labels, rows = self._index_labels()
+        return count_sorted(labels, rows, level, lo, hi)
+
+    def _index_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Body labels with an index (ascending) and their label_index rows."""
+        body = self._index_table()["body"]
+        if body.size == 0:
+            return body, np.zeros(0, np.uint64)
+        starts = np.flatnonzero(np.concatenate([[True], body[1:] != body[:-1]]))
+        return body[starts], np.diff(np.append(starts, body.size)).astype(np.uint64)
+
     def mapping_dict(self) -> dict[int, int]:
         """The non-identity mapping as a dict (small volumes; ground truth for tests)."""
         out: dict[int, int] = {}
-        for b in self.read_mapping():
+        for b in self._mapping_batches():
             out.update(zip(b.column(0).to_pylist(), b.column(1).to_pylist(), strict=True))
         return out
 
@@ -1350,23 +1397,29 @@ class SyntheticSource:
                     f"scale-0 blocks; the limit is maxindex={self.maxindex:,}"
                 )
             xs, ys, zs, _ = self.present_blocks(0)
+            coords = list(zip(xs.tolist(), ys.tolist(), zs.tolist(), strict=True))
+
+            def generate(chunk: list) -> list:
+                # the kernels release the GIL: blocks generate on every core at once
+                scratch = np.empty((BS, BS, BS), np.uint64)
+                out = []
+                for x, y, z in chunk:
+                    got = self._stash.get((x, y, z)) if self._stash is not None else None
+                    if got is None:
+                        got = self._gen0_voxels(x, y, z, scratch)
+                    svs, cnt = got
+                    n = len(svs)
+                    out.append((np.full(n, x, np.int32), np.full(n, y, np.int32),
+                                np.full(n, z, np.int32), svs, cnt))
+                return out
+
+            nthreads = max(1, min(os.cpu_count() or 1, 8))
+            step = max(1, -(-len(coords) // (4 * nthreads)))
+            chunks = [coords[i:i + step] for i in range(0, len(coords), step)]
             parts = []
-            scratch = np.empty((BS, BS, BS), np.uint64)
-            for x, y, z in zip(xs.tolist(), ys.tolist(), zs.tolist(), strict=True):
-                got = self._stash.get((x, y, z)) if self._stash is not None else None
-                if got is None:
-                    got = self._gen0_voxels(x, y, z, scratch)
-                svs, cnt = got
-                n = len(svs)
-                parts.append(
-                    (
-                        np.full(n, x, np.int32),
-                        np.full(n, y, np.int32),
-                        np.full(n, z, np.int32),
-                        svs,
-                        cnt,
-                    )
-                )
+            with ThreadPoolExecutor(nthreads, thread_name_prefix="synthetic-index") as pool:
+                for got in pool.map(generate, chunks):
+                    parts.extend(got)
             if parts:
                 bx, by, bz, sv, vc = (np.concatenate([p[i] for p in parts]) for i in range(5))
             else:

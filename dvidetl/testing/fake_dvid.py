@@ -10,7 +10,12 @@
 * ``GET .../mappings[?format=binary]`` — uint64 LE (sv, body) pairs (or text lines), random order;
 * ``GET .../indices-compressed`` with a JSON body of labels — ``uint64 n, uint64 label`` +
   the stored value (``0x80`` + uint32 size + LZ4 block of the LabelIndex protobuf);
-* ``GET .../listlabels?start=&number=`` — ascending uint64 labels.
+* ``GET .../listlabels?start=&number=`` — ascending uint64 labels; ``GET .../existing-labels``
+  — the same labels as one JSON array (``existing_labels = False``: an older DVID without it).
+
+Concurrency of ``/indices-compressed`` is recorded (``indices_active``, ``indices_max``;
+``indices_seconds`` delays each request, as DVID's one Get per label does);
+``index_label_zero`` stores protobufs with label 0 inside (as old DVIDs did).
 
 ``replay=path`` serves the bytes of a recorded real stream (``stream_1block.dat``) verbatim
 for any scale-0 ``/blocks`` request whose box contains block (0,0,0).
@@ -88,6 +93,15 @@ class FakeDvid:
         #: a DVID with auth on: every request must carry "Authorization: Bearer <token>"
         self.token: str | None = None
         self.locked = False
+        #: an older DVID: no /existing-labels endpoint (the client must page /listlabels)
+        self.existing_labels = True
+        #: /indices-compressed requests in progress now / at most at once, and a delay per
+        #: request (DVID reads each label's index with one Get: requests take a while)
+        self.indices_active = 0
+        self.indices_max = 0
+        self.indices_seconds = 0.0
+        #: store indices with label 0 inside the protobuf (what old DVIDs wrote)
+        self.index_label_zero = False
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._indices: dict[int, bytes] | None = None
@@ -342,6 +356,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._mappings(q)
             elif rest == "listlabels":
                 self._listlabels(q)
+            elif rest == "existing-labels" and fake.existing_labels:
+                labels, _ = fake._load_indices()
+                self._stream([json.dumps([int(v) for v in labels.tolist()]).encode()])
             elif rest == "indices-compressed":
                 self._indices(req_body)
             else:
@@ -412,6 +429,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, f"too many labels ({len(wanted)} > 50000)")
             return
         _, index = fake._load_indices()
+        with fake._lock:
+            fake.indices_active += 1
+            fake.indices_max = max(fake.indices_max, fake.indices_active)
+        try:
+            if fake.indices_seconds:
+                time.sleep(fake.indices_seconds)
+            self._stream(self._index_records(wanted, index))
+        finally:
+            with fake._lock:
+                fake.indices_active -= 1
+
+    def _index_records(self, wanted: list, index: dict) -> list[bytes]:
+        fake = self.owner
         out = []
         for lab in wanted:
             if lab == 0:
@@ -421,9 +451,21 @@ class _Handler(BaseHTTPRequestHandler):
             if pb is None:
                 out.append(struct.pack("<QQ", 0, lab))
                 continue
+            if fake.index_label_zero:
+                pb = _without_label(pb)
             stored = b"\x80" + lz4.block.compress(pb, store_size=True)
             out.append(struct.pack("<QQ", len(stored), lab) + stored)
-        self._stream(out)
+        return out
+
+
+def _without_label(pb: bytes) -> bytes:
+    """The LabelIndex with its label field cleared (as old DVIDs stored some indices)."""
+    from dvidetl.codec.labelindex import _WLabelIndex
+
+    msg = _WLabelIndex()
+    msg.ParseFromString(pb)
+    msg.label = 0
+    return msg.SerializeToString()
 
 
 __all__ = ["FakeDvid", "ERROR_TEXT", "to_dvid_gzip"]
