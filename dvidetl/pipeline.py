@@ -322,6 +322,20 @@ class TaskContext:
     zstd_level: int = 3
 
 
+def task_context(run: RunInfo, ep, sink_url: str, *, cell_limit: int = S.DEFAULT_CELL_LIMIT,
+                 zstd_level: int = 3) -> TaskContext:
+    """The context of ``run``'s tasks, reaching the source through endpoint ``ep`` (the
+    options the run was planned with win over the defaults given here)."""
+    opts = run.options
+    return TaskContext(
+        run_id=run.run_id, location=ep.location, token=ep.token, uuid=run.uuid,
+        instance=ep.instance, sink_url=sink_url, codec=ep.info.codec,
+        grids={s.scale: tuple(s.grid) for s in ep.info.scales},
+        cell_limit=int(opts.get("cell_limit") or cell_limit),
+        zstd_level=int(opts.get("zstd_level", zstd_level)),
+    )
+
+
 _CLIENTS: dict = {}
 _SINKS: dict = {}
 

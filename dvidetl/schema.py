@@ -140,6 +140,9 @@ KIND_TABLES: dict[str, tuple[str, ...]] = {
     "mapping": ("mapping",),
 }
 
+#: the key a label-range (indices) or supervoxel-range (mapping) partition is cut along
+KEY_COLUMN: dict[str, str] = {"label_index": "label", "mapping": "supervoxel"}
+
 #: tables partitioned by scale (laid out under ``scale-<s>/``)
 SCALED_TABLES = frozenset({"blocks", "block_overflow", "export_errors"})
 

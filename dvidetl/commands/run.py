@@ -54,7 +54,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands.plan import plan_from_args
-    from dvidetl.pipeline import RunInfo, TaskContext, execute, new_run_id, open_flight
+    from dvidetl.pipeline import RunInfo, execute, new_run_id, open_flight, task_context
     from dvidetl.progress import Progress, summary
     from dvidetl.sinks import open_sink
 
@@ -112,14 +112,7 @@ def main(args: argparse.Namespace) -> int:
             print_plan(run.partitions, sys.stdout, every=getattr(args, "partitions", False))
             return 0
         sink.prepare(run)
-        opts = run.options
-        ctx = TaskContext(
-            run_id=run.run_id, location=ep.location, token=ep.token, uuid=args.uuid,
-            instance=ep.instance, sink_url=args.sink, codec=info.codec,
-            grids={s.scale: tuple(s.grid) for s in info.scales},
-            cell_limit=int(opts.get("cell_limit", args.cell_limit)),
-            zstd_level=int(opts.get("zstd_level", args.zstd_level)),
-        )
+        ctx = task_context(run, ep, args.sink, cell_limit=args.cell_limit, zstd_level=args.zstd_level)
         progress = None if args.quiet else Progress()
         with open_client(args) as client:
             res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,

@@ -1,5 +1,8 @@
 """`python -m dvidetl verify`: re-read every exported block and compare it with the source.
 
+One task per partition of the run on the same kind of Dask cluster ``run`` uses (a local
+one by default, ``--cluster slurm`` ...), or ``--in-process``.
+
 Exit 0 only when every source block is exported exactly once and byte-exact, and
 label_index and mapping agree; 1 with the differences listed by coordinates otherwise.
 """
@@ -11,6 +14,7 @@ import sys
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from dvidetl.cluster import add_cluster_arguments
     from dvidetl.pipeline import add_flight_arguments
     from dvidetl.sinks import DEFAULT_SINK
 
@@ -21,6 +25,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="vastdb:// sink: more CNode endpoints to read through")
     p.add_argument("--run", default=None, metavar="RUN_ID", help="run to check (default: the latest)")
     p.add_argument("--scales", default=None, help="only these scales (default: all the run exported)")
+    p.add_argument("--in-process", action="store_true",
+                   help="check every partition in this process instead of on a Dask cluster")
+    add_cluster_arguments(p)
     return p
 
 
@@ -43,7 +50,17 @@ def main(args: argparse.Namespace) -> int:
 
             raise UserError(f"no run found in {args.sink} for {sink.instance}@{sink.uuid}: "
                             "nothing to verify (export it first with `dvidetl run`)")
-        report = verify_export(ep.client, sink, args.run, scales)
+        if args.in_process:
+            report = verify_export(ep.client, sink, args.run, scales)
+        else:
+            from dvidetl.cluster import open_client
+            from dvidetl.pipeline import task_context
+
+            run = sink.load_run(args.run or sink.latest_run())
+            ctx = task_context(run, ep, args.sink)
+            with open_client(args) as dask_client:
+                report = verify_export(ep.client, sink, run.run_id, scales,
+                                       dask_client=dask_client, ctx=ctx)
     finally:
         ep.close()
     print(report.text())

@@ -212,9 +212,10 @@ class ParquetSink:
     # -- reading ---------------------------------------------------------------------------
     def committed_files(
         self, table: str, scale: int | None = None, morton_range: tuple[int, int] | None = None,
-        run_id: str | None = None,
+        run_id: str | None = None, key_range: tuple[int, int] | None = None,
     ) -> list[Path]:
-        """Files of ``table`` whose partitions are committed in the run (default latest)."""
+        """Files of ``table`` whose partitions are committed in the run (default latest);
+        ``key_range`` keeps only the label / supervoxel partitions that meet it."""
         kind = next((k for k, ts in S.KIND_TABLES.items() if table in ts), None)
         if kind is None:
             raise ValueError(f"table {table!r} is not written by partitions")
@@ -228,6 +229,8 @@ class ParquetSink:
             and not (scale is not None and kind == "blocks" and p.scale != scale)
             and not (morton_range is not None and kind == "blocks"
                      and (p.hi <= morton_range[0] or p.lo >= morton_range[1]))
+            and not (key_range is not None and kind != "blocks"
+                     and (p.hi <= key_range[0] or p.lo >= key_range[1]))
         ]
         if len(cands) <= 64:
             done = {p.key for p in cands if self.is_done(run_id, p)}
@@ -254,7 +257,11 @@ class ParquetSink:
         if table == "export_ledger":
             t = self.ledger(run_id or self.latest_run())
             return _project(t, columns)
-        files = self.committed_files(table, scale, morton_range, run_id)
+        key = S.KEY_COLUMN.get(table)
+        kr = (where or {}).get(key) if key else None
+        if kr is not None and not isinstance(kr, tuple):
+            kr = (int(kr), int(kr) + 1)
+        files = self.committed_files(table, scale, morton_range, run_id, key_range=kr)
         if not files:
             return _project(S.empty(table), columns)
         filters = where_filters(where, S.schema(table).names)

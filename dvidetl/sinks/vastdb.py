@@ -628,7 +628,7 @@ class VastDBSink:
         """Rows of ``table`` that belong to the partition (whatever run wrote them)."""
         if part.kind == "blocks":
             return (_col("scale") == part.scale) & (_col("morton") >= part.lo) & (_col("morton") < part.hi)
-        col = {"label_index": "label", "mapping": "supervoxel"}[table]
+        col = S.KEY_COLUMN[table]
         if part.lo == 0 and part.hi >= (1 << 64) - 1:
             return None  # all rows (also label 2**64-1, never a real label)
         return (_col(col) >= part.lo) & (_col(col) < part.hi)
