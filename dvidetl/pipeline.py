@@ -178,10 +178,12 @@ def plan_keys(count_keys: KeyCountFn, kind: str, target: int | None, *, auto_min
     ``target`` output rows, from the source's ``count_keys``.
 
     Top-down and depth-first in key order: one request counts the whole key space in 2**16
-    cells; a cell over ``target`` rows is counted again in 2**16 finer cells, and so on down
-    to single keys (a single label over the target is a partition of its own). So the
-    planner never holds a label list — memory is one answer per level plus the partitions —
-    and asks about ``rows / target`` requests. ``target=None``: ``DEFAULT_*_ROWS``, lowered
+    cells; a cell of more than ``target / 8`` rows (and more than one key) is counted again
+    in finer cells — about 64 per target's worth of its rows, at most 2**16 — and so on down
+    to single keys (one label over the target is a partition of its own). Cells are then
+    merged in order, so a partition holds at most ~1.125 x ``target`` rows. The planner never
+    holds a label list — memory is one answer per level plus the partitions — and the
+    answers total ~64 cells per partition and level. ``target=None``: ``DEFAULT_*_ROWS``, lowered
     for small tables to give about ``auto_parts`` partitions (never below ``auto_min``)."""
     top = 64 - KEY_FAN_BITS
     first = count_keys(kind, top, 0, LABEL_END + 1)
@@ -193,21 +195,24 @@ def plan_keys(count_keys: KeyCountFn, kind: str, target: int | None, *, auto_min
         raise ValueError(f"{kind} partition size must be at least 1 row (got {target})")
     out = _KeyRanges(kind, target)
 
+    fine = max(target // 8, 1)  # cells are cut to at most this, so a partition is <= 1.125 x target
+
     def visit(level: int, answer) -> None:
         cells = np.asarray(answer.cells, np.uint64)
         rows = np.asarray(answer.rows, np.int64)
         keys = np.asarray(answer.keys, np.int64)
         nz = (rows > 0) | (keys > 0)
-        cells, rows = cells[nz], np.maximum(rows[nz], 1)
+        cells, rows, keys = cells[nz], np.maximum(rows[nz], 1), keys[nz]
         if len(cells) > 1 and not bool(np.all(cells[1:] > cells[:-1])):
             raise ValueError(f"count_keys({kind}, level={level}) cells are not ascending and unique")
-        sh = np.uint64(level) if level < 64 else None
-        lo = cells << sh if sh is not None else np.zeros(len(cells), np.uint64)
-        heavy = np.flatnonzero(rows > target) if level > 0 else np.zeros(0, np.int64)
+        lo = cells << np.uint64(level) if level < 64 else np.zeros(len(cells), np.uint64)
+        coarse = np.flatnonzero((rows > fine) & (keys > 1)) if level > 0 else np.zeros(0, np.int64)
         start = 0
-        for h in heavy.tolist():
+        for h in coarse.tolist():
             out.add(lo[start:h], rows[start:h])
-            nxt = max(level - KEY_FAN_BITS, 0)
+            # enough child cells for ~64 per target's worth of rows, at most 2**KEY_FAN_BITS
+            bits = min(KEY_FAN_BITS, max(1, int(np.ceil(np.log2(64 * int(rows[h]) / target)))), level)
+            nxt = level - bits
             c_lo = int(lo[h])
             c_hi = min(c_lo + (1 << level), LABEL_END + 1)
             visit(nxt, count_keys(kind, nxt, c_lo, c_hi))

@@ -27,9 +27,9 @@ ROWS: dict[str, dict] = {}
 
 
 class SlowSource:
-    """A real source whose ``read_blocks`` waits ``delay`` seconds first, so a run lasts long
-    enough for a fault to land while partitions are in flight. Everything else is the
-    inner source's."""
+    """A real source whose ``read_blocks``, ``read_indices`` and ``read_mapping`` wait
+    ``delay`` seconds first, so a run lasts long enough for a fault to land while
+    partitions are in flight. Everything else is the inner source's."""
 
     def __init__(self, inner, delay: float):
         self.inner, self.delay = inner, delay
@@ -40,6 +40,14 @@ class SlowSource:
     def read_blocks(self, scale, lo, hi):
         time.sleep(self.delay)
         yield from self.inner.read_blocks(scale, lo, hi)
+
+    def read_indices(self, lo, hi):
+        time.sleep(self.delay)
+        yield from self.inner.read_indices(lo, hi)
+
+    def read_mapping(self, lo=0, hi=1 << 64):
+        time.sleep(self.delay)
+        yield from self.inner.read_mapping(lo, hi)
 
 
 def free_port() -> int:

@@ -79,6 +79,42 @@ def test_worker_sigkilled_mid_run(slow_server, cluster, tmp_path, nodeid):
     assert o.exact, o.report.text()
 
 
+def _keyed_committed(out, kind: str) -> int:
+    return sum(1 for f in out.glob(f"*/k/export_ledger/*/{kind}-*.parquet"))
+
+
+def test_worker_sigkilled_mid_indices(slow_server, cluster, tmp_path, nodeid):
+    """Many small indices partitions; a worker dies while they run: each label range still
+    ends committed exactly once (no label_index row twice, none missing)."""
+    from distributed import Client
+
+    out = tmp_path / "out"
+    logf = tmp_path / "run.log"
+    cmd = _cmd(slow_server.location, f"parquet://{out}", cluster.scheduler_address,
+               "--scales", "0", "--index-partition-rows", "300", "--no-mapping")
+    cmd[cmd.index("--partition-blocks") + 1] = "64"  # few block partitions: indices dominate
+    with Client(cluster.scheduler_address) as dc:
+        pids = dc.run(os.getpid)
+        with open(logf, "wb") as log:
+            p = _popen(cmd, log)
+            try:
+                n = wait_for(lambda: (lambda k: k if k >= 2 else None)(_keyed_committed(out, "indices")),
+                             120, "2 committed indices partitions", alive=_alive(p, logf))
+                os.kill(sorted(pids.items())[0][1], signal.SIGKILL)
+                rc = p.wait(240)
+            finally:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+        assert rc == 0, logf.read_text()[-3000:]
+    total = _keyed_committed(out, "indices")
+    assert n < total, "killed too late: every indices partition was already committed"
+    o = verify_and_record(nodeid, "dask worker SIGKILL mid-indices (many label ranges)",
+                          location=slow_server.location, uuid="k", sink_url=f"parquet://{out}",
+                          runs=1)
+    assert o.exact, o.report.text()
+    assert o.report.index_rows > 0 and o.report.index_diffs == 0
+
+
 def test_flight_server_killed_and_restarted_mid_run(cluster, tmp_path, nodeid):
     out = tmp_path / "out"
     logf = tmp_path / "run.log"
