@@ -27,8 +27,8 @@ from pathlib import Path
 
 SOURCE = os.environ.get("DVIDETL_BENCH_KEYED_SOURCE", "synthetic://bk?size=2048,2048,512&scales=1&seed=5")
 ROUNDS = int(os.environ.get("DVIDETL_BENCH_ROUNDS", "2"))
-INDEX_ROWS = 200_000
-MAPPING_ROWS = 400_000
+INDEX_ROWS = 20_000
+MAPPING_ROWS = 8_000
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from dvidetl import schema as S
 from dvidetl.cluster import add_cluster_arguments, open_client
@@ -84,16 +85,17 @@ def main(args: argparse.Namespace) -> int:
             if missing:
                 raise UserError(f"--scales {args.scales}: scales {missing} not in the volume (has {have})")
         sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
-        if args.resume:
-            run = sink.load_run(args.resume)
-            if run.uuid != args.uuid or run.instance != ep.instance:
-                raise UserError(
-                    f"run {args.resume} exported {run.instance}@{run.uuid}, not {ep.instance}@{args.uuid}"
-                )
-        else:
+        def make_run() -> RunInfo:
+            if args.resume:
+                run = sink.load_run(args.resume)
+                if run.uuid != args.uuid or run.instance != ep.instance:
+                    raise UserError(
+                        f"run {args.resume} exported {run.instance}@{run.uuid}, not {ep.instance}@{args.uuid}"
+                    )
+                return run
             parts = plan_from_args(args, ep, scales, indices=not args.no_indices,
                                    mapping=not args.no_mapping)
-            run = RunInfo(
+            return RunInfo(
                 run_id=new_run_id(), uuid=args.uuid, instance=ep.instance, partitions=parts,
                 options={"scales": scales if scales is not None else have,
                          "partition_blocks": args.partition_blocks,
@@ -103,20 +105,33 @@ def main(args: argparse.Namespace) -> int:
                          "zstd_level": args.zstd_level},
                 volume=__import__("json").loads(info.to_json()),
             )
-        nblocks = sum(p.blocks for p in run.partitions)
-        print(f"run {run.run_id}: {len(run.partitions)} partitions, ~{nblocks:,} blocks "
-              f"({ep.instance}@{args.uuid} from {ep.location} -> {args.sink})", file=sys.stderr)
+
+        def announce(run: RunInfo) -> None:
+            nblocks = sum(p.blocks for p in run.partitions)
+            print(f"run {run.run_id}: {len(run.partitions)} partitions, ~{nblocks:,} blocks "
+                  f"({ep.instance}@{args.uuid} from {ep.location} -> {args.sink})", file=sys.stderr)
+
         if args.dry_run:
             from dvidetl.commands.plan import print_plan
 
+            run = make_run()
+            announce(run)
             print_plan(run.partitions, sys.stdout, every=getattr(args, "partitions", False))
             return 0
-        sink.prepare(run)
-        ctx = task_context(run, ep, args.sink, cell_limit=args.cell_limit, zstd_level=args.zstd_level)
         progress = None if args.quiet else Progress()
-        with open_client(args) as client:
-            res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,
-                          max_errors=args.max_errors)
+        # plan while the cluster starts: both take seconds, neither needs the other (a
+        # resumed run's stored plan loads first: a wrong run id fails before any cluster)
+        resumed = make_run() if args.resume else None
+        with ThreadPoolExecutor(1, thread_name_prefix="dvidetl-plan") as pool:
+            planned = pool.submit(make_run) if resumed is None else None
+            with open_client(args) as client:
+                run = resumed if planned is None else planned.result()
+                announce(run)
+                sink.prepare(run)
+                ctx = task_context(run, ep, args.sink, cell_limit=args.cell_limit,
+                                   zstd_level=args.zstd_level)
+                res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,
+                              max_errors=args.max_errors)
         print(summary(res, sink_desc=args.sink), file=sys.stderr)
         print(f"run_id {run.run_id}", file=sys.stdout, flush=True)
         if res.failed:

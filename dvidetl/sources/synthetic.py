@@ -1405,6 +1405,12 @@ class SyntheticSource:
                 out = []
                 for x, y, z in chunk:
                     got = self._stash.get((x, y, z)) if self._stash is not None else None
+                    if got is None and self._stash is not None and \
+                            self._bytes.nbytes < self._bytes.max_bytes // 2:
+                        # encode the block too while its voxels are at hand: the export's
+                        # read_blocks then serves it from the cache instead of regenerating
+                        self._encoded(0, x, y, z)
+                        got = self._stash.get((x, y, z))
                     if got is None:
                         got = self._gen0_voxels(x, y, z, scratch)
                     svs, cnt = got
