@@ -400,6 +400,8 @@ def export_partition(ctx: TaskContext, part: Partition) -> dict:
         stats = {"blocks": st.blocks, "errors": st.errors, "bytes_in": st.bytes_in,
                  "bytes_out": st.bytes_out, "raw_bytes": st.raw_bytes,
                  "seconds": time.perf_counter() - t0}
+        if st.errors:
+            stats["error_samples"] = _error_samples(tables.get("export_errors"))
     elif part.kind in ("indices", "mapping"):
         tables, stats = _keyed_tables(client, part, ctx)
     else:
@@ -414,6 +416,24 @@ def export_partition(ctx: TaskContext, part: Partition) -> dict:
     out["seconds"] = time.perf_counter() - t0
     out.update(key=part.key, kind=part.kind, skipped=False)
     out.setdefault("rows", out.get("blocks", 0))
+    return out
+
+
+def _error_samples(errors, limit: int = 5) -> list[dict]:
+    """The first corrupt blocks of a partition (scale, x, y, z, reason) for the dashboard."""
+    if errors is None:
+        return []
+    first = errors if isinstance(errors, pa.Table) else next(iter(errors), None)
+    if first is None or first.num_rows == 0:
+        return []
+    t = first.slice(0, limit * 4).select(["scale", "x", "y", "z", "reason"]) if isinstance(first, pa.Table) \
+        else pa.Table.from_batches([first]).slice(0, limit * 4).select(["scale", "x", "y", "z", "reason"])
+    out, seen = [], set()
+    for r in t.to_pylist():  # a block split over several parts is listed once
+        k = (r["scale"], r["x"], r["y"], r["z"])
+        if k not in seen and len(out) < limit:
+            seen.add(k)
+            out.append({**r, "reason": str(r["reason"])[:200]})
     return out
 
 
@@ -572,6 +592,7 @@ def execute(
     retries: int = 3,
     max_errors: int | None = None,
     window: int | None = None,
+    dashboard=None,
 ) -> RunResult:
     """Submit every not-yet-committed partition of ``run`` (bounded window), follow
     completions, and return totals. Partitions already in the ledger are skipped."""
@@ -596,6 +617,9 @@ def execute(
             for kind, attr in (("indices", "index_rows"), ("mapping", "mapping_rows")):
                 rows = pc.filter(prev.column("rows"), pc.equal(prev.column("kind"), kind))
                 setattr(res, attr, int(pc.sum(rows).as_py() or 0))
+    if dashboard is not None:
+        dashboard.skipped([p for p in run.partitions if p.key in done_keys])
+        dashboard.publish(res, force=True)
     if progress is not None:
         progress.start(total_blocks=sum(p.blocks for p in run.partitions),
                        done_blocks=res.blocks, total_parts=len(run.partitions), done_parts=res.skipped)
@@ -629,6 +653,8 @@ def execute(
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             res.failed.append((part.key, reason))
             log.error("partition %s failed after %d retries: %s", part.key, retries, reason)
+            if dashboard is not None:
+                dashboard.completed(part, None, res, failure=reason)
         else:
             if st.get("skipped"):
                 res.skipped += 1
@@ -644,6 +670,8 @@ def execute(
                 elif part.kind == "mapping":
                     res.mapping_rows += int(st.get("rows", 0))
                 res.errors += int(st.get("errors", 0))
+            if dashboard is not None:
+                dashboard.completed(part, st, res)
         finally:
             fut.release()
         if progress is not None:
@@ -654,6 +682,8 @@ def execute(
         if not stop:
             submit_next()
     res.seconds = time.perf_counter() - t0
+    if dashboard is not None:
+        dashboard.finish(res)
     if progress is not None:
         progress.finish(res)
     return res

@@ -130,8 +130,14 @@ def main(args: argparse.Namespace) -> int:
                 sink.prepare(run)
                 ctx = task_context(run, ep, args.sink, cell_limit=args.cell_limit,
                                    zstd_level=args.zstd_level)
+                from dvidetl.dashboard import RunState, install
+
+                page = install(client)
+                if page:
+                    print(f"dvidetl: run page {page}", file=sys.stderr)
                 res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,
-                              max_errors=args.max_errors)
+                              max_errors=args.max_errors,
+                              dashboard=RunState(client, run, args.sink))
         print(summary(res, sink_desc=args.sink), file=sys.stderr)
         print(f"run_id {run.run_id}", file=sys.stdout, flush=True)
         if res.failed:

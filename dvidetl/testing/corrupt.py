@@ -59,6 +59,8 @@ def _one(raw: bytes, kind: str, codec: str, rng: np.random.Generator) -> bytes:
         gx, gy, gz, n = _header(raw)
         nsb = gx * gy * gz
         pal0 = 16 + 8 * n + 2 * nsb
+        if len(raw) < pal0:  # a header-only (solid) block has no index to break: miscount it
+            return _one(raw, "wrong_counts", codec, rng)
         ns = np.frombuffer(raw, "<u2", nsb, 16 + 8 * n)
         k = int(rng.integers(0, max(int(ns.sum()), 1)))
         off = pal0 + 4 * k

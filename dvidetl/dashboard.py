@@ -1,0 +1,227 @@
+"""A dvidetl page on the Dask dashboard: the run as a whole, not the submission window.
+
+Dask's own progress bar shows only the tasks the driver has submitted (a bounded window of
+a plan of 10^5+ partitions), so it cannot say how far an export is. This page can: the
+driver publishes a small state document (partitions and blocks/rows done and planned, by
+kind and scale; rate; ETA; the latest corrupt blocks with their coordinates) into the
+scheduler's metadata store (``Client.set_metadata``) as tasks complete, and two handlers on
+the scheduler's own HTTP server serve it:
+
+* ``/dvidetl`` — the page (plain HTML; its script re-reads the state every second);
+* ``/dvidetl/state.json`` — the state itself, for scripts and monitoring.
+
+This module is a Dask HTTP *routes module* (the documented way to extend the dashboard:
+list it under ``distributed.scheduler.http.routes``). Schedulers dvidetl does not start
+(``--cluster tcp://...``) get the routes installed at run time by :func:`install`, which
+needs dvidetl importable on the scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from distributed.http.utils import RequestHandler
+
+METADATA_KEY = "dvidetl"
+#: corrupt blocks listed on the page (the rest are in export_errors)
+MAX_ERRORS_LISTED = 50
+
+
+class StateHandler(RequestHandler):
+    def get(self) -> None:
+        state = self.server.get_metadata([METADATA_KEY], default=None)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.write(json.dumps(state or {"run_id": None}))
+
+
+class PageHandler(RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.write(PAGE)
+
+
+routes: list[tuple] = [
+    (r"dvidetl", PageHandler, {}),
+    (r"dvidetl/state.json", StateHandler, {}),
+]
+
+
+def _install(dask_scheduler=None) -> str:
+    """Add the routes to a running scheduler's HTTP server (once); returns their prefix."""
+    from distributed.http.utils import get_handlers
+
+    app = getattr(dask_scheduler, "http_application", None)
+    if app is None:
+        return "no http server"
+    if not getattr(dask_scheduler, "_dvidetl_routes", False):
+        app.add_handlers(r".*$", get_handlers(dask_scheduler, [__name__], prefix="/"))
+        dask_scheduler._dvidetl_routes = True
+    return "/"
+
+
+def install(client) -> str | None:
+    """Serve the page on ``client``'s scheduler; returns its URL (None if it cannot be)."""
+    import logging
+
+    try:
+        client.run_on_scheduler(_install)
+    except Exception as exc:  # noqa: BLE001 - the page is a convenience, never a failure
+        logging.getLogger(__name__).warning(
+            "dvidetl dashboard page not available on this scheduler (%s); install dvidetl "
+            "there, or add dvidetl.dashboard to distributed.scheduler.http.routes",
+            str(exc).splitlines()[0][:200])
+        return None
+    link = getattr(client, "dashboard_link", None)
+    if not link:
+        return None
+    base = link.rsplit("/", 1)[0] if link.endswith("/status") else link.rstrip("/")
+    return base + "/dvidetl"
+
+
+class RunState:
+    """What the page shows, kept by the driver from task completions and published to the
+    scheduler at most every ``interval`` seconds (and at the end)."""
+
+    def __init__(self, client, run, sink_desc: str = "", interval: float = 0.5):
+        self.client, self.interval = client, interval
+        self.run_id = run.run_id
+        self.sink_desc = sink_desc
+        self.t0 = time.time()
+        self._last = 0.0
+        self.groups: dict[str, dict[str, Any]] = {}
+        for p in run.partitions:
+            g = self._group(p)
+            g["parts_total"] += 1
+            g["planned"] += p.blocks if p.kind == "blocks" else p.rows
+        self.errors: list[dict] = []
+        self.failed: list[dict] = []
+        self.finished = False
+
+    def _group(self, p) -> dict[str, Any]:
+        name = f"{p.kind} scale {p.scale}" if p.kind == "blocks" else p.kind
+        g = self.groups.get(name)
+        if g is None:
+            g = self.groups[name] = {"kind": p.kind, "scale": p.scale if p.kind == "blocks" else None,
+                                     "parts_total": 0, "parts_done": 0, "planned": 0, "done": 0,
+                                     "unit": "blocks" if p.kind == "blocks" else "rows", "errors": 0}
+        return g
+
+    def skipped(self, parts) -> None:
+        """Partitions committed before this invocation (a resumed run)."""
+        for p in parts:
+            g = self._group(p)
+            g["parts_done"] += 1
+            g["done"] += p.blocks if p.kind == "blocks" else p.rows
+
+    def completed(self, part, stats: dict | None, res, failure: str | None = None) -> None:
+        g = self._group(part)
+        if failure is not None:
+            self.failed.append({"partition": part.key, "reason": failure})
+        elif stats is not None:
+            g["parts_done"] += 1
+            g["done"] += int(stats.get("blocks" if part.kind == "blocks" else "rows", 0) or 0)
+            g["errors"] += int(stats.get("errors", 0) or 0)
+            for e in stats.get("error_samples", ()):
+                if len(self.errors) < MAX_ERRORS_LISTED:
+                    self.errors.append(e)
+        self.publish(res)
+
+    def snapshot(self, res) -> dict[str, Any]:
+        el = max(time.time() - self.t0, 1e-9)
+        blocks = [g for g in self.groups.values() if g["kind"] == "blocks"]
+        total = sum(g["planned"] for g in blocks)
+        done = sum(g["done"] for g in blocks)
+        rate = res.blocks / el if res is not None else 0.0
+        parts_total = sum(g["parts_total"] for g in self.groups.values())
+        parts_done = sum(g["parts_done"] for g in self.groups.values())
+        left_parts = parts_total - parts_done
+        part_rate = parts_done / el
+        eta = None if self.finished else (left_parts / part_rate if part_rate > 0 else None)
+        return {
+            "run_id": self.run_id, "sink": self.sink_desc, "started": self.t0, "elapsed_s": el,
+            "finished": self.finished, "partitions_total": parts_total, "partitions_done": parts_done,
+            "blocks_total": total, "blocks_done": done, "blocks_per_s": rate,
+            "bytes_in": getattr(res, "bytes_in", 0), "eta_s": eta,
+            "errors": sum(g["errors"] for g in self.groups.values()),
+            "groups": list(self.groups.values()), "error_blocks": self.errors,
+            "failed": self.failed[:MAX_ERRORS_LISTED],
+        }
+
+    def publish(self, res, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        try:
+            self.client.set_metadata(METADATA_KEY, self.snapshot(res))
+        except Exception:  # noqa: BLE001 - a dashboard hiccup never stops an export
+            pass
+
+    def finish(self, res) -> None:
+        self.finished = True
+        self.publish(res, force=True)
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>dvidetl run</title>
+<style>
+ body { font-family: sans-serif; margin: 1.5em; color: #222; }
+ table { border-collapse: collapse; margin: 0.8em 0; }
+ td, th { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
+ th { background: #f0f0f0; } td.l, th.l { text-align: left; }
+ .bar { background: #e8e8e8; width: 12em; height: 0.9em; display: inline-block; }
+ .bar > span { background: #3b7dd8; height: 100%; display: block; }
+ .err { color: #b00; }
+</style></head>
+<body>
+<h2>dvidetl export <span id="run">(waiting for a run)</span></h2>
+<p id="summary"></p>
+<table id="groups"><thead><tr><th class="l">kind</th><th>partitions</th><th>done</th>
+<th>planned</th><th class="l">progress</th><th>errors</th></tr></thead><tbody></tbody></table>
+<h3>Corrupt blocks <span id="nerr"></span></h3>
+<table id="errors"><thead><tr><th>scale</th><th>x</th><th>y</th><th>z</th>
+<th class="l">reason</th></tr></thead><tbody></tbody></table>
+<h3>Failed partitions</h3><table id="failed"><tbody></tbody></table>
+<script>
+function fmt(n) { return n === null || n === undefined ? "-" : Number(n).toLocaleString("en-US"); }
+function dur(s) { if (s === null || s === undefined) return "--:--";
+  s = Math.round(s); var h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60), x = s % 60;
+  return (h ? h + ":" : "") + String(m).padStart(2, "0") + ":" + String(x).padStart(2, "0"); }
+function cell(tr, text, cls) { var td = document.createElement("td"); td.textContent = text;
+  if (cls) td.className = cls; tr.appendChild(td); return td; }
+function render(s) {
+  if (!s.run_id) return;
+  document.getElementById("run").textContent = s.run_id + (s.finished ? " (finished)" : "");
+  document.getElementById("summary").textContent =
+    fmt(s.partitions_done) + " / " + fmt(s.partitions_total) + " partitions, " +
+    fmt(s.blocks_done) + " / " + fmt(s.blocks_total) + " blocks, " +
+    fmt(Math.round(s.blocks_per_s)) + " blocks/s, " + fmt(s.errors) + " errors, ETA " + dur(s.eta_s) +
+    (s.sink ? " -> " + s.sink : "");
+  var tb = document.querySelector("#groups tbody"); tb.innerHTML = "";
+  s.groups.forEach(function (g) {
+    var tr = document.createElement("tr"); tr.className = "group";
+    tr.dataset.kind = g.kind; tr.dataset.scale = g.scale === null ? "" : g.scale;
+    tr.dataset.partsDone = g.parts_done; tr.dataset.partsTotal = g.parts_total;
+    cell(tr, g.kind + (g.scale === null ? "" : " scale " + g.scale), "l");
+    cell(tr, fmt(g.parts_done) + " / " + fmt(g.parts_total));
+    cell(tr, fmt(g.done) + " " + g.unit); cell(tr, fmt(g.planned) + " " + g.unit);
+    var td = cell(tr, "", "l"), bar = document.createElement("span"), inner = document.createElement("span");
+    bar.className = "bar"; inner.style.width = (g.parts_total ? 100 * g.parts_done / g.parts_total : 100) + "%";
+    bar.appendChild(inner); td.appendChild(bar);
+    cell(tr, fmt(g.errors), g.errors ? "err" : ""); tb.appendChild(tr); });
+  document.getElementById("nerr").textContent = "(" + fmt(s.errors) + ")";
+  var eb = document.querySelector("#errors tbody"); eb.innerHTML = "";
+  s.error_blocks.forEach(function (e) { var tr = document.createElement("tr"); tr.className = "error";
+    [e.scale, e.x, e.y, e.z].forEach(function (v) { cell(tr, v); }); cell(tr, e.reason, "l err");
+    eb.appendChild(tr); });
+  var fb = document.querySelector("#failed tbody"); fb.innerHTML = "";
+  s.failed.forEach(function (f) { var tr = document.createElement("tr");
+    cell(tr, f.partition, "l"); cell(tr, f.reason, "l err"); fb.appendChild(tr); });
+}
+function poll() { fetch(location.pathname.replace(/\\/?$/, "") + "/state.json", {cache: "no-store"}).then(function (r) { return r.json(); }).then(render).catch(function () {}); }
+poll(); setInterval(poll, 1000);
+</script></body></html>
+"""
