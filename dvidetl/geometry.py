@@ -106,6 +106,9 @@ class VolumeInfo:
     scales: list[ScaleInfo] = field(default_factory=list)
     has_mapping: bool = True
     has_indices: bool = True
+    #: a versioned source's node state: True locked (committed, immutable), False open (its
+    #: data can change under an export), None when the source is not a versioned node
+    locked: bool | None = None
 
     def scale(self, s: int) -> ScaleInfo:
         for info in self.scales:
@@ -136,4 +139,5 @@ class VolumeInfo:
             scales=scales,
             has_mapping=bool(d.get("has_mapping", True)),
             has_indices=bool(d.get("has_indices", True)),
+            locked=None if d.get("locked") is None else bool(d["locked"]),
         )

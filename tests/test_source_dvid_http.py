@@ -298,8 +298,36 @@ def test_locked_state(fake, caplog):
         c = _client(fake)
     assert c.locked is False
     assert any("not locked" in r.message for r in caplog.records)
+    assert c.info().locked is False
     fake.locked = True
-    assert _client(fake).locked is True
+    assert _client(fake).locked is True and _client(fake).info().locked is True
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_run_refuses_an_unlocked_node(fake, locked, tmp_path, capsys):
+    """Through Flight, as a user runs it: plan reports the node's state; run refuses an
+    unlocked node (exit 2, says how to fix it) unless --allow-unlocked, which warns."""
+    from dvidetl.cli import main as cli
+    from dvidetl.flight.server import start_server
+
+    fake.locked = locked
+    src = _client(fake)
+    with start_server(src) as srv:
+        base = ["--uuid", fake.uuid, "--flight", srv.location]
+        assert cli(["plan", *base]) == 0
+        err = capsys.readouterr().err
+        assert ("NOT locked" in err) is (not locked) and ("locked" in err)
+        run = ["run", *base, "--sink", f"parquet://{tmp_path}/out", "--dry-run"]
+        rc = cli(run)
+        err = capsys.readouterr().err
+        if locked:
+            assert rc == 0 and "not locked" not in err
+        else:
+            assert rc == 2 and "is not locked" in err and "--allow-unlocked" in err
+            assert "/commit" in err and "Traceback" not in err
+            assert cli([*run, "--allow-unlocked"]) == 0
+            assert "warning" in capsys.readouterr().err
+    src.close()
 
 
 def test_supervoxel_zero_never_mapped(real_source, caplog):

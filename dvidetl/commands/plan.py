@@ -88,6 +88,9 @@ def main(args: argparse.Namespace) -> int:
         have = [s.scale for s in ep.info.scales]
         if scales is not None and any(s not in have for s in scales):
             raise UserError(f"--scales {args.scales}: the volume has scales {have}")
+        locked = {True: "locked", False: "NOT locked (run refuses it without --allow-unlocked)",
+                  None: "not a versioned node"}[ep.info.locked]
+        print(f"source: {ep.instance}@{ep.info.uuid}, {locked}", file=sys.stderr)
         t0 = time.perf_counter()
         parts = plan_from_args(args, ep, scales)
         print_plan(parts, sys.stdout, every=args.partitions)

@@ -26,6 +26,19 @@ def parse_scales(text: str | None) -> list[int] | None:
         raise UserError(f"--scales {text!r}: expected comma-separated scale numbers, e.g. 0,1") from None
 
 
+def check_locked(info, uuid: str, allow: bool) -> None:
+    """Only a locked DVID node exports deterministically (its range reads are not one
+    snapshot): refuse an open node unless the user says it is fine."""
+    if info.locked is not False:
+        return
+    msg = (f"DVID node {uuid} is not locked: blocks, indices and mapping read during the run "
+           "may come from different states of it, and a rerun may differ")
+    if not allow:
+        raise UserError(f"{msg}; lock (commit) the node first — POST /api/node/{uuid}/commit — "
+                        "or export it anyway with --allow-unlocked")
+    print(f"dvidetl run: warning: {msg} (--allow-unlocked)", file=sys.stderr)
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.commands.plan import add_plan_arguments
     from dvidetl.pipeline import add_flight_arguments
@@ -49,6 +62,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-indices", action="store_true", help="skip the label_index table")
     p.add_argument("--no-mapping", action="store_true", help="skip the mapping table")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--allow-unlocked", action="store_true",
+                   help="export a DVID node that is not locked (its data may change during the run)")
     add_cluster_arguments(p)
     return p
 
@@ -84,6 +99,7 @@ def main(args: argparse.Namespace) -> int:
             missing = [s for s in scales if s not in have]
             if missing:
                 raise UserError(f"--scales {args.scales}: scales {missing} not in the volume (has {have})")
+        check_locked(info, args.uuid, args.allow_unlocked)
         sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
         def make_run() -> RunInfo:
             if args.resume:

@@ -37,6 +37,7 @@ per label, default 64), ``labels=auto|existing|listlabels`` (how labels are list
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import logging
@@ -508,6 +509,7 @@ class DvidHttpSource:
         self.uuid = uuid if uuid else self._discover_uuid()
         self._info = self._load_info()
         self.locked = self._node_locked()
+        self._info = dataclasses.replace(self._info, locked=self.locked)
         if self.locked is False:
             log.warning(
                 "DVID node %s is not locked: its range reads are not one snapshot, so an export "
