@@ -360,6 +360,30 @@ def test_appended_error_text(fake, real_source):
         c.map_supervoxels(np.array([1], np.uint64))
 
 
+def test_mappings_text_and_appended_errors(fake, real_source):
+    """An old DVID answers /mappings as text: read all the same. An error text DVID appends
+    to a 200 body is found whatever its length (a whole number of 16-byte pairs too)."""
+    from dvidetl.sources.dvid_http import _StreamError, parse_mappings
+
+    fake.mappings_text = True
+    c = _client(fake)
+    t = pa.Table.from_batches(list(c.read_mapping()))
+    assert dict(zip(t["supervoxel"].to_pylist(), t["body"].to_pylist(), strict=True)) == real_source.mapping
+    pairs = np.array([[5, 7], [9, 2**64 - 1], [2**40, 3]], np.uint64)
+    assert parse_mappings(pairs.astype("<u8").tobytes()).tolist() == pairs.tolist()
+    assert parse_mappings(b"5 7\n9 18446744073709551615\n").tolist() == [[5, 7], [9, 2**64 - 1]]
+    binary = pairs.astype("<u8").tobytes()
+    for tail in (b"ERROR: storage read failed, ctx!", b"E" * 16, b"x" * 40):  # 32, 16, 40 bytes
+        with pytest.raises(_StreamError) as ei:
+            parse_mappings(binary + tail)
+        assert ei.value.offset == len(binary)
+    with pytest.raises(_StreamError, match="appended error") as ei:
+        parse_mappings(b"5 7\n9 10\nERROR: deadline exceeded\n")
+    assert ei.value.offset == len(b"5 7\n9 10\n")
+    with pytest.raises(_StreamError, match="odd"):
+        parse_mappings(b"5 7\n9\n")
+
+
 def test_truncated_and_slow_responses_are_retried(fake, real_source):
     c = _client(fake, timeout=0.5)
     fake.truncate_first = 2

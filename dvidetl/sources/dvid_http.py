@@ -836,11 +836,7 @@ class DvidHttpSource:
         url = self.http.base + self._node("mappings?format=binary")
 
         def parse(body: bytes) -> np.ndarray:
-            if len(body) % 16:
-                raise _StreamError(
-                    len(body) - len(body) % 16, "mapping is not whole uint64 pairs", body
-                )
-            return np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+            return parse_mappings(body)
 
         pairs = self.http.get(self._node("mappings?format=binary"), parse)
         sv, body = drop_background(pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64), url)
@@ -1033,6 +1029,43 @@ class DvidHttpSource:
                 self._pool = None
             self._mapping = None
         self.http.close()
+
+
+_TEXT_BYTES = b"0123456789 \t\r\n"
+_PRINTABLE = np.zeros(256, bool)
+_PRINTABLE[0x20:0x7F] = True
+_PRINTABLE[[9, 10, 13]] = True
+
+
+def parse_mappings(body: bytes) -> np.ndarray:
+    """(sv, body) pairs of a ``/mappings`` answer, whatever DVID sent: binary uint64 pairs
+    (``format=binary``, DVID >= 0.9.0) or ``"sv body"`` text lines (older DVIDs, which ignore
+    ``format``). DVID cannot change the status of a streamed 200, so a failure mid-stream
+    appends an error text: in binary, a tail that is not whole pairs or a pair made only of
+    printable characters (a real id would have to be >= 0x2020202020202020 in both halves);
+    in text, anything but digits and whitespace. Either raises ``_StreamError`` (retried)."""
+    if not body:
+        return np.zeros((0, 2), np.uint64)
+    if not body.translate(None, _TEXT_BYTES):  # only digits and whitespace: text lines
+        vals = np.fromstring(body, dtype=np.uint64, sep=" ")
+        if vals.size % 2:
+            raise _StreamError(len(body), "text mapping has an odd number of ids", body)
+        return vals.reshape(-1, 2)
+    raw = np.frombuffer(body, np.uint8)
+    istext = np.zeros(256, bool)
+    istext[list(_TEXT_BYTES)] = True
+    first_other = int(np.argmin(istext[raw]))
+    if body[:1].isdigit() and b"\n" in body[:first_other]:
+        # whole text lines, then something else: the error DVID appended
+        raise _StreamError(first_other, "text mapping stream carries an appended error", body)
+    whole = len(body) - len(body) % 16
+    printable = _PRINTABLE[raw[:whole]].reshape(-1, 16).all(axis=1)
+    if printable.any():
+        i = int(np.argmax(printable)) * 16
+        raise _StreamError(i, "mapping stream carries text (an appended DVID error)", body)
+    if whole != len(body):
+        raise _StreamError(whole, "mapping is not whole uint64 pairs", body)
+    return np.frombuffer(body, dtype="<u8").reshape(-1, 2)
 
 
 def _unwrap_index(v: bytes, url: str, label: int) -> bytes:

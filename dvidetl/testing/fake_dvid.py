@@ -102,6 +102,8 @@ class FakeDvid:
         self.indices_seconds = 0.0
         #: store indices with label 0 inside the protobuf (what old DVIDs wrote)
         self.index_label_zero = False
+        #: a DVID before v0.9.0: /mappings answers text lines whatever format= says
+        self.mappings_text = False
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._indices: dict[int, bytes] | None = None
@@ -394,7 +396,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _mappings(self, q: dict) -> None:
         fake = self.owner
         pairs = fake.mapping_pairs()
-        if q.get("format") == "binary":
+        if q.get("format") == "binary" and not fake.mappings_text:
             body = pairs.tobytes()
         else:
             body = "".join(f"{int(a)} {int(b)}\n" for a, b in pairs.tolist()).encode()
