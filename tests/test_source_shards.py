@@ -307,8 +307,9 @@ def test_bad_inputs(tmp_path, shared_data, spec):
     (d / "s1" / f"{NAME}.csv").write_text(
         "# schema_size=688\nx,y,z,offset,size,batch_idx\n509,413,469,688,99999999,0\n"
     )
-    with pytest.raises(UserError, match="bad byte range"):
-        ShardsSource(d, spec=str(spec))
+    s = ShardsSource(d, spec=str(spec))  # a row without its record: reported, not exported
+    assert s.anomaly_counts() == {"dangling_row": 1}
+    assert s.anomalies[0]["block"] == (509, 413, 469) and _all(s, 1, 0, 1 << 64).num_rows == 0
     # a sidecar pointing at the wrong record
     (d / "s1" / f"{NAME}.csv").write_text(
         "# schema_size=688\nx,y,z,offset,size,batch_idx\n508,413,469,688,792,0\n"
@@ -321,8 +322,9 @@ def test_bad_inputs(tmp_path, shared_data, spec):
     small.write_text(
         '{"scales": [{"size": [64, 64, 64]}, {"size": [64, 64, 64], "chunk_sizes": [[64,64,64]]}]}'
     )
-    with pytest.raises(UserError, match="outside the scale-1 grid"):
-        ShardsSource(_arrange(tmp_path / "g", shared_data), spec=str(small))
+    s = ShardsSource(_arrange(tmp_path / "g", shared_data), spec=str(small))
+    assert s.anomaly_counts()["outside_grid"] == 258  # exported on a grown grid, each reported
+    assert _all(s, 1, 0, 1 << 64).num_rows == 258
     # a scale directory that resolves outside the root
     out = tmp_path / "escape"
     out.mkdir()
@@ -333,7 +335,7 @@ def test_bad_inputs(tmp_path, shared_data, spec):
     junk = tmp_path / "junk"
     (junk / "s0").mkdir(parents=True)
     (junk / "s0" / "0_0_0.arrow").write_bytes(b"not arrow at all")
-    with pytest.raises(UserError, match="not an Arrow IPC stream"):
+    with pytest.raises(UserError, match="not an Arrow IPC stream or file"):
         ShardsSource(junk)
     shutil.rmtree(junk)
 
@@ -367,3 +369,65 @@ def test_partial_sidecar_reads_per_message(tmp_path, shared_data, spec, src):
     full = _all(src, 1, 0, 1 << 64)
     m = got["morton"].to_numpy()
     assert got.equals(full.filter(pa.array(np.isin(full["morton"].to_numpy(), m))))
+
+
+def test_real_export_quirks_are_exported_and_reported(tmp_path, caplog):
+    """What DVID's exporter leaves on real runs — a sidecar row whose record was never
+    written, a rerun appended to the same files, all-zero blocks with label list [0] — is
+    exported where it can be and reported with coordinates; nothing else of the shard is lost."""
+    (tmp_path / "s0").mkdir()
+    rows = [(x, y, 0, [x + 10], [x + 10], bytes([x, y]) * 7) for x in range(3) for y in range(2)]
+    rows.append((3, 0, 0, [0], [0], b"zero-block"))
+    f = tmp_path / "s0" / "0_0_0.arrow"
+    _write_shard(f, rows)
+    csv = f.with_suffix(".csv")
+    text = csv.read_text()
+    # a rerun into the same directory: the stream and its sidecar appended once more
+    first = f.read_bytes()
+    _write_shard(tmp_path / "again.arrow", rows[:2])
+    again = (tmp_path / "again.arrow").read_bytes()
+    shift = len(first)
+    lines = (tmp_path / "again.csv").read_text().splitlines()
+    moved = [ln if not ln[0].isdigit() else ",".join(
+        [*ln.split(",")[:3], str(int(ln.split(",")[3]) + shift), *ln.split(",")[4:]]) for ln in lines]
+    f.write_bytes(first + again)
+    # ... and a row DVID wrote before the record that never came
+    csv.write_text(text + "\n".join(moved) + "\n" + f"9,9,0,{shift + len(again)},500,0\n")
+    with caplog.at_level("WARNING", logger="dvidetl.sources.shards"):
+        s = ShardsSource(tmp_path)
+        t = _all(s, 0, 0, 1 << 64)
+        s.map_supervoxels(np.array([1], np.uint64))
+    c = s.anomaly_counts()
+    assert c == {"sidecar_rerun": 1, "duplicate": 2, "dangling_row": 1, "background_block": 1}, s.anomalies
+    assert {a["block"] for a in s.anomalies if a["kind"] == "duplicate"} == {(0, 0, 0), (0, 1, 0)}
+    assert [a["block"] for a in s.anomalies if a["kind"] == "dangling_row"] == [(9, 9, 0)]
+    assert [a["block"] for a in s.anomalies if a["kind"] == "background_block"] == [(3, 0, 0)]
+    got = dict(zip(zip(t["x"].to_pylist(), t["y"].to_pylist(), t["z"].to_pylist(), strict=True),
+                   t["data"].to_pylist(), strict=True))
+    assert got == {(r[0], r[1], r[2]): r[5] for r in rows}  # each block once, the zero block too
+    assert "dangling_row" in caplog.text and "(9, 9, 0)" in caplog.text
+
+
+def test_arrow_ipc_file_format(tmp_path, shared_data, file_table):
+    """Shards written as Arrow IPC files (other tools) read like DVID's streams, with or
+    without a sidecar."""
+    for with_csv in (False, True):
+        d = tmp_path / f"f{with_csv}"
+        (d / "s1").mkdir(parents=True)
+        out = d / "s1" / f"{NAME}.arrow"
+        with ipc.new_file(str(out), file_table.schema) as w:
+            for b in file_table.to_batches(max_chunksize=1):
+                w.write_batch(b)
+        if with_csv:  # offsets of each record batch message, found by walking the file
+            from dvidetl.sources.shards import _scan_messages
+
+            off, size, _ = _scan_messages(out, file_table.schema)
+            out.with_suffix(".csv").write_text("x,y,z,offset,size,batch_idx\n" + "".join(
+                f"{x},{y},{z},{o},{n},0\n" for x, y, z, o, n in zip(
+                    file_table["chunk_x"].to_pylist(), file_table["chunk_y"].to_pylist(),
+                    file_table["chunk_z"].to_pylist(), off.tolist(), size.tolist(), strict=True)))
+        s = ShardsSource(d)
+        t = _all(s, 1, 0, 1 << 64)
+        assert t.num_rows == file_table.num_rows and not s.anomalies
+        assert sorted(t["data"].to_pylist()) == sorted(file_table["dvid_compressed_block"].to_pylist())
+        assert s.map_supervoxels(np.array([0], np.uint64)).tolist() == [0]

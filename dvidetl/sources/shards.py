@@ -27,7 +27,9 @@ with the schema read from the start of the file).
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import os
 import re
@@ -73,11 +75,17 @@ _COALESCE_GAP = 256 << 10
 _MAPPING_BATCH = 1 << 20
 
 
+_ARROW_FILE_MAGIC = b"ARROW1"
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class _ShardFile:
     path: Path
     schema: pa.Schema
     size: int
+    #: an Arrow IPC *file* (magic, messages, footer) rather than a stream
+    file_format: bool = False
     #: the schema as an IPC message, to read a run of record-batch messages as one stream
     schema_msg: bytes = b""
     #: every record-batch message of the file known from the index: offsets (sorted), ends
@@ -156,12 +164,21 @@ def _load_spec(spec_path: str) -> list[dict]:
     return scales
 
 
+def _is_ipc_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6) == _ARROW_FILE_MAGIC
+
+
 def _read_schema(path: Path) -> pa.Schema:
+    """The schema of a shard written as an Arrow IPC stream (DVID) or file (other tools)."""
     try:
-        with pa.OSFile(str(path)) as f:
-            schema = ipc.open_stream(f).schema
+        if _is_ipc_file(path):
+            schema = ipc.open_file(str(path)).schema
+        else:
+            with pa.OSFile(str(path)) as f:
+                schema = ipc.open_stream(f).schema
     except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{path}: not an Arrow IPC stream ({exc})") from None
+        raise UserError(f"{path}: not an Arrow IPC stream or file ({exc})") from None
     missing = [n for n in _REQUIRED_FIELDS if n not in schema.names]
     if missing:
         raise UserError(f"{path}: not a DVID export-shards file, missing column(s) {missing}")
@@ -171,10 +188,13 @@ def _read_schema(path: Path) -> pa.Schema:
 def _scan_messages(path: Path, schema: pa.Schema) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(offset, size, rows) of every record-batch message, by walking headers via a mmap.
 
-    Bodies are mapped, not read: only used for sidecars without byte offsets.
+    Bodies are mapped, not read: only used for sidecars without byte offsets. An IPC file
+    is the same messages after its 8-byte magic (then an end marker and the footer).
     """
     offs, sizes, rows = [], [], []
     with pa.memory_map(str(path)) as mm:
+        if _is_ipc_file(path):
+            mm.seek(8)
         reader = ipc.MessageReader.open_stream(mm)
         while True:
             start = mm.tell()
@@ -194,14 +214,20 @@ def _scan_messages(path: Path, schema: pa.Schema) -> tuple[np.ndarray, np.ndarra
     )
 
 
-def _read_sidecar(csv_path: Path, arrow: _ShardFile) -> dict[str, np.ndarray]:
-    """x, y, z, offset, size, row arrays of one shard from its CSV (any known header)."""
+def _read_sidecar(csv_path: Path, arrow: _ShardFile, note) -> dict[str, np.ndarray]:
+    """x, y, z, offset, size, row arrays of one shard from its CSV (any known header).
+
+    DVID opens sidecars with O_APPEND, so a rerun into the same directory appends a second
+    comment + header + rows: the repeated lines are dropped (``note``d). A row whose byte
+    range, row or coordinates cannot be right (DVID writes the row before the record: a
+    failed write leaves a dangling row) is dropped and noted, never the whole shard."""
     schema_size = None
     try:
-        with open(csv_path, "rb") as f:
-            first = f.readline()
+        text = csv_path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read sidecar {csv_path}: {exc}") from None
+    lines = text.splitlines(keepends=True)
+    first = lines[0] if lines else b""
     skip = 0
     if first.startswith(b"#"):
         m = re.match(rb"#\s*schema_size\s*=\s*(\d+)", first)
@@ -209,10 +235,16 @@ def _read_sidecar(csv_path: Path, arrow: _ShardFile) -> dict[str, np.ndarray]:
             raise UserError(f"{csv_path}: unrecognized comment line {first[:80]!r}")
         schema_size = int(m.group(1))
         skip = 1
+    header = lines[skip] if len(lines) > skip else b""
+    body = [ln for ln in lines[skip + 1:] if not ln.startswith(b"#") and ln != header]
+    if len(body) != len(lines) - skip - 1:
+        note("sidecar_rerun", csv_path, None,
+             f"{len(lines) - skip - 1 - len(body)} repeated comment/header lines (the export ran "
+             "again into this directory: its sidecar and shard were appended to)")
     try:
         table = pacsv.read_csv(
-            csv_path,
-            read_options=pacsv.ReadOptions(skip_rows=skip),
+            io.BytesIO(header + b"".join(body)),
+            read_options=pacsv.ReadOptions(),
             convert_options=pacsv.ConvertOptions(
                 column_types={
                     "x": pa.int64(),
@@ -253,16 +285,20 @@ def _read_sidecar(csv_path: Path, arrow: _ShardFile) -> dict[str, np.ndarray]:
         )
     if schema_size is not None and n and off.min() < schema_size:
         raise UserError(f"{csv_path}: a block offset lies inside the {schema_size}-byte schema")
-    bad = (off < 0) | (size <= 8) | (off + size > arrow.size) | (row < 0)
+    dangling = (off + size > arrow.size) & (off >= 0) & (size > 8)
+    bad = (off < 0) | (size <= 8) | (row < 0)
     bad |= (col["x"] < 0) | (col["y"] < 0) | (col["z"] < 0)
     bad |= (col["x"] >= 2**31) | (col["y"] >= 2**31) | (col["z"] >= 2**31)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise UserError(
-            f"{csv_path}: data row {i + 1} (block {col['x'][i]},{col['y'][i]},{col['z'][i]}) "
-            f"has a bad byte range/row/coordinate for the {arrow.size}-byte {arrow.path.name}"
-        )
-    return {"x": col["x"], "y": col["y"], "z": col["z"], "offset": off, "size": size, "row": row}
+    for mask, kind, why in ((dangling, "dangling_row", f"the sidecar row points past the end of "
+                             f"the {arrow.size}-byte {arrow.path.name}: no record was written for it"),
+                            (bad & ~dangling, "bad_row", "the sidecar row has a bad byte range, "
+                             "row or coordinate")):
+        for i in np.flatnonzero(mask).tolist():
+            note(kind, csv_path, (int(col["x"][i]), int(col["y"][i]), int(col["z"][i])),
+                 f"data row {i + 1}: {why}; block not exported")
+    keep = ~(bad | dangling)
+    d = {"x": col["x"], "y": col["y"], "z": col["z"], "offset": off, "size": size, "row": row}
+    return {k: v[keep] for k, v in d.items()} if not keep.all() else d
 
 
 class ShardsSource:
@@ -288,7 +324,36 @@ class ShardsSource:
         self._scales: dict[int, _ScaleIndex] = {}
         self._mapping: tuple[np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()
+        #: what in the files is not as DVID's exporter should have written it, each with its
+        #: file, block coordinates and what was done about it (reported, never silent)
+        self.anomalies: list[dict] = []
         self._build_index()
+        self._report("index")
+
+    def _note(self, kind: str, path, xyz, reason: str) -> None:
+        with self._lock:
+            self.anomalies.append({"kind": kind, "path": str(path),
+                                   "block": None if xyz is None else tuple(int(v) for v in xyz),
+                                   "reason": reason})
+
+    def anomaly_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a in self.anomalies:
+            out[a["kind"]] = out.get(a["kind"], 0) + 1
+        return out
+
+    def _report(self, when: str, start: int = 0) -> None:
+        """One warning per kind of anomaly found (count and the first examples)."""
+        new = self.anomalies[start:]
+        kinds: dict[str, list[dict]] = {}
+        for a in new:
+            kinds.setdefault(a["kind"], []).append(a)
+        for kind, items in kinds.items():
+            ex = "; ".join(f"{Path(a['path']).name}" + (f" block {a['block']}" if a["block"] else "")
+                           + f": {a['reason']}" for a in items[:3])
+            log.warning("%s: %d x %s (%s)%s", self.root, len(items), kind, ex,
+                        " ..." if len(items) > 3 else "")
 
     # ------------------------------------------------------------------ index
     def _scale_dirs(self) -> list[tuple[int, Path]]:
@@ -319,13 +384,15 @@ class ShardsSource:
                 path = sdir / name  # may be a symlink to the real file (tests, shared data)
                 if not path.is_file():
                     raise UserError(f"{path}: not a regular file")
-                sf = _ShardFile(path=path, schema=_read_schema(path), size=path.stat().st_size)
+                sf = _ShardFile(path=path, schema=_read_schema(path), size=path.stat().st_size,
+                                file_format=_is_ipc_file(path))
                 csv_path = path.with_suffix(".csv")
                 if csv_path.is_file():
-                    d = _read_sidecar(csv_path, sf)
+                    d = _read_sidecar(csv_path, sf, self._note)
                 else:  # no sidecar: walk the stream's message headers
                     moff, msize, mrows = _scan_messages(path, sf.schema)
                     d = self._index_by_scan(sf, moff, msize, mrows)
+                d = self._last_copy_only(d, path)
                 d["file_id"] = np.full(len(d["x"]), len(files), dtype=np.int32)
                 sf.schema_msg = sf.schema.serialize().to_pybytes()
                 sf.msg_off, first = np.unique(d["offset"], return_index=True)
@@ -333,6 +400,23 @@ class ShardsSource:
                 files.append(sf)
                 parts.append(d)
             self._scales[scale] = self._make_scale_index(scale, files, parts)
+
+    def _last_copy_only(self, d: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+        """A block listed twice in one file (an appended rerun): keep the copy written last."""
+        key = (d["x"].astype(np.int64) << 42) | (d["y"].astype(np.int64) << 21) | d["z"].astype(np.int64)
+        if len(key) < 2:
+            return d
+        rev = key[::-1]
+        _, first_rev = np.unique(rev, return_index=True)
+        last = np.sort(len(key) - 1 - first_rev)
+        if len(last) == len(key):
+            return d
+        dropped = np.setdiff1d(np.arange(len(key)), last)
+        for i in dropped.tolist():
+            self._note("duplicate", path, (d["x"][i], d["y"][i], d["z"][i]),
+                       "block listed again later in the same file (a rerun appended it): the "
+                       "later copy is exported")
+        return {k: v[last] for k, v in d.items()}
 
     @staticmethod
     def _index_by_scan(sf: _ShardFile, moff, msize, mrows) -> dict[str, np.ndarray]:
@@ -379,12 +463,21 @@ class ShardsSource:
             vmin, vmax = (0, 0, 0), tuple(size)
             outside = (x >= grid[0]) | (y >= grid[1]) | (z >= grid[2])
             if outside.any():
-                i = int(np.flatnonzero(outside)[0])
-                fid = int(cat("file_id", np.int32)[i])
-                raise UserError(
-                    f"{files[fid].path}: block ({x[i]},{y[i]},{z[i]}) lies outside the scale-{scale} "
-                    f"grid {grid} of spec {self._spec_path!r} (wrong spec?)"
-                )
+                # DVID's exporter writes blocks past the spec's extent at coarse scales: export
+                # them, on a grid grown to hold them (the Morton codes change only if an
+                # axis then needs another bit)
+                fids = cat("file_id", np.int32)
+                grown = (max(grid[0], int(x.max()) + 1), max(grid[1], int(y.max()) + 1),
+                         max(grid[2], int(z.max()) + 1))
+                same = all(math.ceil(math.log2(max(a, 1))) == math.ceil(math.log2(max(b, 1)))
+                           for a, b in zip(grid, grown, strict=True))
+                for i in np.flatnonzero(outside).tolist():
+                    self._note("outside_grid", files[int(fids[i])].path, (x[i], y[i], z[i]),
+                               f"outside the scale-{scale} grid {grid} of the spec: exported on "
+                               f"the grid {grown}" + ("" if same else " (Morton codes of this "
+                               "scale then differ from the spec's)"))
+                grid = grown
+                vmax = tuple(max(v, g * BLOCK) for v, g in zip(vmax, grid, strict=True))
         elif len(x):
             grid = (int(x.max()) + 1, int(y.max()) + 1, int(z.max()) + 1)
             vmin = (int(x.min()) * BLOCK, int(y.min()) * BLOCK, int(z.min()) * BLOCK)
@@ -612,9 +705,11 @@ class ShardsSource:
 
     # ------------------------------------------------------------------ mapping
     def _mapping_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock:
+        with self._build_lock:
             if self._mapping is None:
+                start = len(self.anomalies)
                 self._mapping = self._build_mapping()
+                self._report("mapping", start)
             return self._mapping
 
     def _build_mapping(self) -> tuple[np.ndarray, np.ndarray]:
@@ -633,11 +728,11 @@ class ShardsSource:
             return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
         return _dedupe_pairs(np.concatenate(acc_sv), np.concatenate(acc_body), self.root)
 
-    @staticmethod
-    def _file_pairs(sf: _ShardFile) -> tuple[np.ndarray, np.ndarray]:
+    def _file_pairs(self, sf: _ShardFile) -> tuple[np.ndarray, np.ndarray]:
         try:
             with pa.memory_map(str(sf.path)) as mm:
-                table = ipc.open_stream(mm).read_all().select(["supervoxels", "labels"])
+                opened = ipc.open_file(mm) if sf.file_format else ipc.open_stream(mm)
+                table = opened.read_all().select(["supervoxels", "labels", "chunk_x", "chunk_y", "chunk_z"])
                 svs = table.column("supervoxels")
                 bodies = table.column("labels")
                 if table.num_rows == 0:
@@ -652,6 +747,14 @@ class ShardsSource:
                     )
                 sv = pc.list_flatten(svs).to_numpy().astype(np.uint64, copy=True)
                 body = pc.list_flatten(bodies).to_numpy().astype(np.uint64, copy=True)
+                # all-background blocks (label list [0]): exported as stored, but reported
+                ln = len_sv.to_numpy(zero_copy_only=False)
+                starts = np.concatenate([[0], np.cumsum(ln)[:-1]]).astype(np.int64)
+                zero = (ln == 1) & (sv[np.minimum(starts, max(len(sv) - 1, 0))] == 0) if len(sv) else ln < 0
+                for i in np.flatnonzero(zero).tolist():
+                    self._note("background_block", sf.path,
+                               tuple(table.column(c)[i].as_py() for c in ("chunk_x", "chunk_y", "chunk_z")),
+                               "all-zero block (label list [0]): exported as stored")
         except pa.ArrowInvalid as exc:
             raise UserError(f"{sf.path}: cannot read the Arrow stream ({exc})") from None
         keep = sv != body
