@@ -908,3 +908,17 @@ def _serve_forever(port: int) -> None:
 
 if __name__ == "__main__":
     _serve_forever(int(sys.argv[1]))
+
+
+def test_supervoxel_zero_is_never_mapped_whatever_the_source_says(caplog):
+    """A source with a pair for supervoxel 0 (background): the server answers 0 for it in
+    map exchanges and leaves it out of the mapping stream, and says so."""
+    src = DictSource({0: {}}, {0: (4, 4, 4)}, mapping={0: 55, 3: 4, 9: 8}, batch_rows=1)
+    with start_server(src) as srv, FlightClient(srv.location) as c:
+        with caplog.at_level("WARNING", logger="dvidetl.flight.server"):
+            assert c.map_supervoxels(np.array([0, 3, 5, 9], np.uint64)).tolist() == [0, 4, 5, 8]
+            t = pa.Table.from_batches(list(c.read_mapping()))
+            r = pa.Table.from_batches(list(c.read_mapping(1, 2**64)))
+    assert t["supervoxel"].to_pylist() == [3, 9] and t["body"].to_pylist() == [4, 8]
+    assert r.equals(t)
+    assert "supervoxel 0" in caplog.text

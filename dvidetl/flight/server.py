@@ -311,6 +311,7 @@ class DvidFlightServer(flight.FlightServerBase):
         self._max_batch_bytes = int(max_batch_bytes)
         self._check_source = check_source
         self._prefetch = int(prefetch)
+        self._warned_zero = False
         #: set when the server is stopping: running streams end at their next batch
         self.stopping = threading.Event()
         self._scheme = location.split("://", 1)[0]
@@ -486,6 +487,15 @@ class DvidFlightServer(flight.FlightServerBase):
             bodies = np.asarray(self._source.map_supervoxels(svs), dtype=np.uint64)
             if bodies.shape != svs.shape:
                 raise RuntimeError(f"source mapped {len(svs)} supervoxels to {bodies.shape} bodies")
+            zero = svs == 0
+            if zero.any() and bodies[zero].any():  # background is never a body, whatever the source says
+                bodies = bodies.copy()
+                if not self._warned_zero:
+                    self._warned_zero = True
+                    log.warning("source %s maps supervoxel 0 (background) to body %d: answered 0 "
+                                "(DVID never maps it)", type(self._source).__name__,
+                                int(bodies[zero][0]))
+                bodies[zero] = 0
             writer.write_batch(pa.record_batch([pa.array(bodies)], schema=out_schema))
 
     # -- streams -------------------------------------------------------------------------
@@ -552,6 +562,14 @@ class DvidFlightServer(flight.FlightServerBase):
         src = self._source.read_mapping() if whole else self._source.read_mapping(t.lo, t.hi)
         last = -1
         for batch in self._simple(schema, src, None, "read_mapping"):
+            sv = batch.column("supervoxel").to_numpy()
+            if (sv == 0).any():  # never a pair for background, whatever the source says
+                keep = sv != 0
+                log.warning("source %s lists a mapping pair for supervoxel 0 (background): "
+                            "dropped (DVID never maps it)", type(self._source).__name__)
+                batch = batch.filter(pa.array(keep))
+                if batch.num_rows == 0:
+                    continue
             if self._check_source and not whole:
                 last = self._keys_check(batch.column("supervoxel").to_numpy(), t.lo, t.hi, last,
                                         "read_mapping")

@@ -81,6 +81,28 @@ def mapping_batches(sv: np.ndarray, body: np.ndarray, lo: int = 0, hi: int = KEY
         yield pa.RecordBatch.from_arrays([pa.array(sv[i:j]), pa.array(body[i:j])], schema=MAPPING_SCHEMA)
 
 
+def drop_background(sv, body, where: str):
+    """Drop mapping pairs of supervoxel 0 (background), logging how many and why.
+
+    DVID never maps supervoxel 0 (it is not a segment); a pair for it in a mapping file is an
+    error in whatever wrote it, and honouring it would paint every background voxel as a body.
+    Returns the filtered ``(sv, body)`` arrays.
+    """
+    import logging
+
+    import numpy as np
+
+    zero = np.asarray(sv) == 0
+    if zero.any():
+        bad = np.unique(np.asarray(body)[zero])
+        logging.getLogger("dvidetl.mapping").warning(
+            "%s: dropped %d mapping pair(s) for supervoxel 0 (background; DVID never maps it) "
+            "to bodies %s", where, int(zero.sum()), [int(b) for b in bad[:10]],
+        )
+        return np.asarray(sv)[~zero], np.asarray(body)[~zero]
+    return sv, body
+
+
 @runtime_checkable
 class Source(Protocol):
     """A labelmap at one UUID, readable by Morton range."""

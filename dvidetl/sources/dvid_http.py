@@ -58,7 +58,7 @@ import numba
 import numpy as np
 import pyarrow as pa
 
-from dvidetl.errors import SourceUnavailable, UserError, drop_background
+from dvidetl.errors import SourceUnavailable, UserError
 from dvidetl.geometry import (
     ScaleInfo,
     VolumeInfo,
@@ -73,6 +73,7 @@ from dvidetl.sources.base import (
     KEY_END,
     KeyCounts,
     count_sorted,
+    drop_background,
     key_slice,
     mapping_batches,
 )

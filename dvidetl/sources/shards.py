@@ -45,13 +45,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
 
-from dvidetl.errors import UserError, drop_background
+from dvidetl.errors import UserError
 from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_encode
 from dvidetl.sources.base import (
     BLOCKS_WIRE_SCHEMA,
     KEY_END,
     KeyCounts,
     count_sorted,
+    drop_background,
     mapping_batches,
 )
 
