@@ -530,13 +530,23 @@ def test_count_is_arithmetic_on_a_huge_volume(fake):
         c.count(0, 0)
     # the boxes read_blocks requests for a range cover exactly the slots count() bounds
     cells, counts, _ = c.count(0, 27)
-    for cell in cells[[0, len(cells) // 2, -1]].tolist():
-        lo, hi = cell << 27, (cell + 1) << 27
-        boxes = list(c._boxes(0, lo, hi))
-        vol = sum(math.prod(b[3][d] - b[2][d] for d in range(3)) for b in boxes)
-        assert vol == int(counts[cells == cell][0])
-        assert all(lo <= b[0] < b[1] <= hi for b in boxes)
-        assert all(b1[1] <= b2[0] for b1, b2 in zip(boxes, boxes[1:], strict=False))
+    for shape in ("rows", "cube"):
+        c.box_shape = shape
+        for cell in cells[[0, len(cells) // 2, -1]].tolist():
+            lo, hi = cell << 27, (cell + 1) << 27
+            groups = list(c._boxes(0, lo, hi))
+            boxes = [b for g in groups for b in g[2]]
+            vols = [math.prod(b[1][d] - b[0][d] for d in range(3)) for b in boxes]
+            assert sum(vols) == int(counts[cells == cell][0])
+            assert max(vols) <= 1 << c.box_bits
+            assert all(lo <= g[0] < g[1] <= hi for g in groups)
+            assert all(g1[1] <= g2[0] for g1, g2 in zip(groups, groups[1:], strict=False))
+            # every box lies inside its group's Morton range
+            for g in groups[:50]:
+                for b_lo, b_hi in g[2]:
+                    corners = morton_encode(*(np.array([b_lo[d], b_hi[d] - 1]) for d in range(3)),
+                                            c.info().scale(0).grid)
+                    assert g[0] <= int(corners.min()) and int(corners.max()) < g[1]
 
 
 def test_errors(fake, real_source):
@@ -652,3 +662,17 @@ def test_real_shard_through_fake_dvid(tmp_path, shared_data):
         assert len(f.requests) == n  # IndexedLabels false: no /listlabels request at all
         cells, bounds, exact = c.count(1, 15)
         assert not exact and int(bounds[np.searchsorted(cells, lo >> 15)]) == 1 << 15
+
+
+def test_row_boxes_halve_dvid_range_scans(fake, real_source):
+    """DVID reads a /blocks box with one range scan per (y, z) row: ranges of many boxes
+    fetched as whole X rows need fewer scans than Morton cubes, same blocks, same order."""
+    grid = real_source.info().scale(0).grid
+    end = 1 << sum(int(math.ceil(math.log2(g))) for g in grid)
+    got = {}
+    for shape in ("cube", "rows"):
+        fake.block_scans = 0
+        c = _client(fake, box_bits=12, box_shape=shape)
+        got[shape] = (_all(c, 0, 0, end), fake.block_scans)
+    assert got["rows"][0].equals(got["cube"][0]) and got["rows"][0].equals(real_source.tables[0])
+    assert got["rows"][1] * 2 <= got["cube"][1], (got["rows"][1], got["cube"][1])

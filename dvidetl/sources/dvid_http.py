@@ -31,7 +31,8 @@ blocks per request), ``parallel`` (requests in flight, default 4), ``throttle=tr
 to throttle /blocks; its 503s are retried), ``minpoint``/``maxpoint`` (``X,Y,Z`` scale-0 voxels,
 inclusive: override DVID's extents, which are only hints and can be stale — e.g. after
 ``ingest-supervoxels`` without ``POST /extents``; blocks outside the extents are never read),
-``index_parallel``, ``index_batch``, ``rows_per_label`` (planning estimate of label_index rows
+``box_shape=rows|cube`` (ranges of many boxes fetched as whole X rows, default, or as Morton
+cubes), ``index_parallel``, ``index_batch``, ``rows_per_label`` (planning estimate of label_index rows
 per label, default 64), ``labels=auto|existing|listlabels`` (how labels are listed).
 """
 
@@ -87,6 +88,11 @@ MAX_BATCH_BLOCKS = 8192
 #: 2,000 labels is a few seconds of its time (far from its 600 s response cut) and several
 #: such requests keep DVID's Badger busy in parallel
 INDICES_PER_REQUEST = 2_000
+#: a range of many boxes is fetched in groups of 2^GROUP_BITS boxes' worth of slots, each
+#: group as boxes of whole X rows (``box_shape=rows``)
+GROUP_BITS = 4
+_EMPTY_PART = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32),
+               np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(1, np.int64))
 #: label_index rows assumed per body label when planning (DVID cannot count them cheaply;
 #: the mCNS has ~5-7e9 rows over its labels); ``rows_per_label=`` overrides it
 ROWS_PER_LABEL = 64
@@ -356,6 +362,23 @@ _ERRS = {
 }
 
 
+def _merge_parts(parts: list[tuple]) -> tuple:
+    """The blocks of one request group's boxes, merged into Morton order (one box: as is)."""
+    parts = [p for p in parts if p[3].size]
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return _EMPTY_PART
+    codes = np.concatenate([p[3] for p in parts])
+    order = np.argsort(codes, kind="stable")
+    lens = np.concatenate([np.diff(p[5]) for p in parts])
+    base = np.cumsum([0] + [int(p[5][-1]) for p in parts[:-1]])
+    starts = np.concatenate([p[5][:-1] + b for p, b in zip(parts, base, strict=True)])
+    data, offsets = _gather(np.concatenate([p[4] for p in parts]), starts, lens, order)
+    xyz = [np.concatenate([p[d] for p in parts])[order] for d in range(3)]
+    return xyz[0], xyz[1], xyz[2], codes[order], data, offsets
+
+
 def _binary_array(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
     n = offsets.shape[0] - 1
     if offsets[-1] < 2**31:
@@ -393,6 +416,7 @@ def open_url(url: str) -> DvidHttpSource:
         "index_batch",
         "rows_per_label",
         "labels",
+        "box_shape",
     }
     unknown = set(q) - known
     if unknown:
@@ -438,6 +462,7 @@ def open_url(url: str) -> DvidHttpSource:
         index_batch=num("index_batch", int, INDICES_PER_REQUEST, 1, 1_000_000),
         rows_per_label=num("rows_per_label", int, ROWS_PER_LABEL, 1, 1 << 40),
         labels=_choice(one, "labels", ("auto", "existing", "listlabels"), url),
+        box_shape=_choice(one, "box_shape", ("rows", "cube"), url),
     )
 
 
@@ -485,6 +510,7 @@ class DvidHttpSource:
         index_batch: int = INDICES_PER_REQUEST,
         rows_per_label: int = ROWS_PER_LABEL,
         labels: str = "auto",
+        box_shape: str = "rows",
     ) -> None:
         # throttle=true: DVID admits 1 throttled request per server by default (more after
         # POST /api/server/settings {"throttle": N}; say so with inflight=N)
@@ -501,6 +527,7 @@ class DvidHttpSource:
         self.index_batch = index_batch
         self.rows_per_label = rows_per_label
         self.labels_from = labels
+        self.box_shape = box_shape
         self._labels: np.ndarray | None = None
         self.throttle = throttle
         self._minpoint, self._maxpoint = minpoint, maxpoint
@@ -693,9 +720,11 @@ class DvidHttpSource:
         return cells[keep], counts[keep], False
 
     # -------------------------------------------------------------- blocks
-    def _boxes(self, scale: int, lo: int, hi: int) -> Iterator[tuple[int, int, tuple, tuple]]:
-        """Aligned boxes covering ``[lo, hi)``: (code_lo, code_hi, box_lo, box_hi), clipped to
-        the extents, ascending; at most ``2^box_bits`` slots each."""
+    def _boxes(self, scale: int, lo: int, hi: int) -> Iterator[tuple[int, int, list]]:
+        """Requests covering ``[lo, hi)`` in ascending Morton ranges: (code_lo, code_hi,
+        [(box_lo, box_hi), ...]) clipped to the extents, at most ``2^box_bits`` slots a box:
+        an aligned cube per range (``box_shape=cube``) or, for ranges bigger than one box,
+        boxes of whole X rows (``rows``, the default: fewer DVID range scans)."""
         sc = self._scale(scale)
         grid = sc.grid
         plan = _bit_plan(grid)
@@ -717,6 +746,10 @@ class DvidHttpSource:
             while lo + (1 << k) > hi:
                 k -= 1
             kb = min(k, m)
+            if self.box_shape == "rows" and k > kb:
+                yield from self._row_groups(lo, k, kb, grid, side_bits, ext_lo, ext_hi)
+                lo += 1 << k
+                continue
             side = np.int64(1) << side_bits(kb)
             n_sub = 1 << (k - kb)  # a big aligned range: its 2^kb sub-boxes, vectorized
             for c in range(0, n_sub, 1 << 20):
@@ -729,8 +762,34 @@ class DvidHttpSource:
                 ok = np.all(b_hi > b_lo, axis=1)
                 for i in np.flatnonzero(ok).tolist():
                     c0 = int(starts[i])
-                    yield c0, c0 + (1 << kb), tuple(b_lo[i].tolist()), tuple(b_hi[i].tolist())
+                    yield c0, c0 + (1 << kb), [(tuple(b_lo[i].tolist()), tuple(b_hi[i].tolist()))]
             lo += 1 << k
+
+    def _row_groups(self, lo: int, k: int, kb: int, grid, side_bits, ext_lo, ext_hi):
+        """An aligned range of 2^k slots (k > kb) as groups of 2^(kb+4) slots, each fetched as
+        boxes holding whole X rows of the group (DVID reads a box with one Badger range scan
+        per (y, z) row: rows of a 16^3 cube are 16 keys long, a group's up to 4x longer), at
+        most 2^kb slots per request. A group's blocks are one Morton range: they are merged
+        and sorted before they are served, so the stream stays in Morton order."""
+        g = min(k - kb, GROUP_BITS)
+        span = kb + g
+        side = np.int64(1) << side_bits(span)
+        n_groups = 1 << (k - span)
+        for c in range(0, n_groups, 1 << 16):
+            idx = np.arange(c, min(n_groups, c + (1 << 16)), dtype=np.uint64)
+            starts = np.uint64(lo) + (idx << np.uint64(span))
+            ox, oy, oz = morton_decode(starts, grid)
+            org = np.stack([ox, oy, oz], axis=1).astype(np.int64)
+            g_lo = np.maximum(org, ext_lo)
+            g_hi = np.minimum(org + side, ext_hi)
+            for i in np.flatnonzero(np.all(g_hi > g_lo, axis=1)).tolist():
+                (x0, y0, z0), (x1, y1, z1) = g_lo[i].tolist(), g_hi[i].tolist()
+                ny = max(1, min(y1 - y0, (1 << kb) // (x1 - x0)))
+                nz = max(1, min(z1 - z0, (1 << kb) // ((x1 - x0) * ny)))
+                boxes = [((x0, y, z), (x1, min(y + ny, y1), min(z + nz, z1)))
+                         for z in range(z0, z1, nz) for y in range(y0, y1, ny)]
+                c0 = int(starts[i])
+                yield c0, c0 + (1 << span), boxes
 
     def _fetch_box(self, scale: int, box_lo: tuple, box_hi: tuple) -> tuple:
         """One /blocks request: (x, y, z, morton, data, offsets) sorted by Morton."""
@@ -777,20 +836,22 @@ class DvidHttpSource:
         self._scale(scale)
         lo, hi = max(int(lo), 0), int(hi)
         pool = self._executor()
-        boxes = self._boxes(scale, lo, hi)
-        window: deque[Future] = deque()
+        groups = self._boxes(scale, lo, hi)
+        # every box is its own request (several in flight); a group's parts merge in order
+        window: deque[list[Future]] = deque()
         pending: list[tuple] = []
         pending_bytes = 0
         try:
             while True:
-                while len(window) < 2 * self.parallel:
-                    nxt = next(boxes, None)
+                while sum(len(w) for w in window) < 2 * self.parallel:
+                    nxt = next(groups, None)
                     if nxt is None:
                         break
-                    window.append(pool.submit(self._fetch_box, scale, nxt[2], nxt[3]))
+                    window.append([pool.submit(self._fetch_box, scale, b_lo, b_hi)
+                                   for b_lo, b_hi in nxt[2]])
                 if not window:
                     break
-                part = window.popleft().result()
+                part = _merge_parts([f.result() for f in window.popleft()])
                 if part[3].size == 0:
                     continue
                 pending.append(part)
@@ -802,8 +863,9 @@ class DvidHttpSource:
             if pending:
                 yield from self._emit(pending)
         finally:
-            for f in window:
-                f.cancel()
+            for fs in window:
+                for f in fs:
+                    f.cancel()
 
     @staticmethod
     def _emit(parts: list[tuple]) -> Iterator[pa.RecordBatch]:

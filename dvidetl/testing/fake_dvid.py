@@ -104,6 +104,10 @@ class FakeDvid:
         self.index_label_zero = False
         #: a DVID before v0.9.0: /mappings answers text lines whatever format= says
         self.mappings_text = False
+        #: what DVID's Badger would do for the /blocks requests: one range scan per (y, z)
+        #: row of each requested box (clipped to the grid), and the block slots those scan
+        self.block_scans = 0
+        self.blocks_served = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._indices: dict[int, bytes] | None = None
@@ -202,6 +206,8 @@ class FakeDvid:
         hi = [min(box_hi[d], sc.grid[d]) for d in range(3)]
         if any(hi[d] <= lo[d] for d in range(3)):
             return []
+        with self._lock:
+            self.block_scans += (hi[1] - lo[1]) * (hi[2] - lo[2])
         # Morton codes grow with every coordinate, so the box lies in [code(lo), code(hi-1)]
         c0 = int(morton_encode(*lo, sc.grid))
         c1 = int(morton_encode(*(h - 1 for h in hi), sc.grid)) + 1
@@ -217,6 +223,8 @@ class FakeDvid:
                 out.append(
                     struct.pack("<iiiI", int(x[i]), int(y[i]), int(z[i]), len(payload)) + payload
                 )
+        with self._lock:
+            self.blocks_served += len(out)
         return self.shuffled(out)
 
     def mapping_pairs(self) -> np.ndarray:
