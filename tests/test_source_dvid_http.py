@@ -676,3 +676,28 @@ def test_row_boxes_halve_dvid_range_scans(fake, real_source):
         got[shape] = (_all(c, 0, 0, end), fake.block_scans)
     assert got["rows"][0].equals(got["cube"][0]) and got["rows"][0].equals(real_source.tables[0])
     assert got["rows"][1] * 2 <= got["cube"][1], (got["rows"][1], got["cube"][1])
+
+
+def test_spec_gives_the_shards_grid(fake, real_source, tmp_path, caplog):
+    """spec= plans on the neuroglancer spec's grid (what export-shards uses), not DVID's
+    extents: the Morton codes then follow that grid, and the source says which it used."""
+    import json as _json
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(_json.dumps({"scales": [
+        {"size": [2100, 2048, 2048], "chunk_sizes": [[64, 64, 64]]},
+        {"size": [1050, 1024, 1024], "chunk_sizes": [[64, 64, 64]]}]}))
+    plain = _client(fake)
+    with caplog.at_level("INFO", logger="dvidetl.sources.dvid_http"):
+        c = _client(fake, spec=str(spec))
+    assert "neuroglancer spec" in caplog.text
+    assert plain.info().scale(0).grid == (32, 32, 32)
+    assert c.info().scale(0).grid == (33, 32, 32) and c.info().scale(1).grid == (17, 16, 16)
+    end = c.info().scale(0).morton_end
+    t = _all(c, 0, 0, end)
+    ref = _all(plain, 0, 0, plain.info().scale(0).morton_end)
+    assert t.num_rows == ref.num_rows
+    want = morton_encode(t["x"].to_numpy(), t["y"].to_numpy(), t["z"].to_numpy(), (33, 32, 32))
+    assert np.array_equal(t["morton"].to_numpy(), want)
+    # the spec's grid needs one more x bit: its code space (and its plan's cells) doubles
+    assert c.info().scale(0).morton_end == 2 * plain.info().scale(0).morton_end

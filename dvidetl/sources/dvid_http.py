@@ -31,7 +31,9 @@ blocks per request), ``parallel`` (requests in flight, default 4), ``throttle=tr
 to throttle /blocks; its 503s are retried), ``minpoint``/``maxpoint`` (``X,Y,Z`` scale-0 voxels,
 inclusive: override DVID's extents, which are only hints and can be stale — e.g. after
 ``ingest-supervoxels`` without ``POST /extents``; blocks outside the extents are never read),
-``box_shape=rows|cube`` (ranges of many boxes fetched as whole X rows, default, or as Morton
+``spec=PATH`` (the neuroglancer multiscale spec export-shards used: every scale's grid is
+then ``ceil(size / block)``, so both sources plan the same Morton codes; default: DVID's
+extents), ``box_shape=rows|cube`` (ranges of many boxes fetched as whole X rows, default, or as Morton
 cubes), ``index_parallel``, ``index_batch``, ``rows_per_label`` (planning estimate of label_index rows
 per label, default 64), ``labels=auto|existing|listlabels`` (how labels are listed).
 """
@@ -417,6 +419,7 @@ def open_url(url: str) -> DvidHttpSource:
         "rows_per_label",
         "labels",
         "box_shape",
+        "spec",
     }
     unknown = set(q) - known
     if unknown:
@@ -463,6 +466,7 @@ def open_url(url: str) -> DvidHttpSource:
         rows_per_label=num("rows_per_label", int, ROWS_PER_LABEL, 1, 1 << 40),
         labels=_choice(one, "labels", ("auto", "existing", "listlabels"), url),
         box_shape=_choice(one, "box_shape", ("rows", "cube"), url),
+        spec=one.get("spec"),
     )
 
 
@@ -511,6 +515,7 @@ class DvidHttpSource:
         rows_per_label: int = ROWS_PER_LABEL,
         labels: str = "auto",
         box_shape: str = "rows",
+        spec: str | None = None,
     ) -> None:
         # throttle=true: DVID admits 1 throttled request per server by default (more after
         # POST /api/server/settings {"throttle": N}; say so with inflight=N)
@@ -528,6 +533,13 @@ class DvidHttpSource:
         self.rows_per_label = rows_per_label
         self.labels_from = labels
         self.box_shape = box_shape
+        self.spec_path = spec
+        if spec:
+            from dvidetl.sources.shards import _load_spec
+
+            self._spec = _load_spec(spec)
+        else:
+            self._spec = None
         self._labels: np.ndarray | None = None
         self.throttle = throttle
         self._minpoint, self._maxpoint = minpoint, maxpoint
@@ -640,9 +652,26 @@ class DvidHttpSource:
                 f"{url}: empty extents MinPoint {pmin} > MaxPoint {pmax} (no blocks written yet?)"
             )
         max_level = int(ext.get("MaxDownresLevel") or 0)
+        if self._spec is not None:
+            if len(self._spec) < max_level + 1:
+                log.warning("spec %s has %d scales, DVID %d: exporting the first %d", self.spec_path,
+                            len(self._spec), max_level + 1, len(self._spec))
+                max_level = len(self._spec) - 1
+            log.info("grid of every scale from the neuroglancer spec %s (ceil(size / %s)), as "
+                     "export-shards uses it: Morton codes equal the shards'", self.spec_path, bs)
+        else:
+            log.info("grid of every scale from DVID's extents (MaxPoint %s): pass spec= to plan "
+                     "on the neuroglancer spec's grid instead", pmax)
         scales = []
         for s in range(max_level + 1):
             f = 1 << s
+            if self._spec is not None:
+                size = [int(v) for v in self._spec[s]["size"]]
+                grid = tuple(max(1, math.ceil(size[d] / bs[d])) for d in range(3))
+                scales.append(ScaleInfo(scale=s, block_size=bs, grid=grid,
+                                        voxel_min=tuple(pmin[d] // f for d in range(3)),
+                                        voxel_max=tuple(size)))
+                continue
             grid = tuple(max(1, math.ceil((pmax[d] + 1) / f / bs[d])) for d in range(3))
             scales.append(
                 ScaleInfo(
