@@ -409,7 +409,7 @@ def check_partition(client, sink, run, part, env: VerifyEnv) -> VerifyReport:
 
 def verify_task(ctx, part, env: VerifyEnv) -> VerifyReport:
     """A cluster task: check one partition with the worker's Flight client and sink."""
-    from dvidetl.pipeline import _client, _sink, release_memory
+    from dvidetl.tasks import _client, _sink, release_memory
 
     sink = _sink(ctx)
     try:

@@ -96,7 +96,7 @@ class _FailOnce:
 def test_spilled_partition_write_is_retried_whole(tmp_path, monkeypatch):
     """A spilled table is replayable: the write retried after a failure that consumed part of
     it stores every row, the same as an in-memory partition's."""
-    import dvidetl.pipeline as P
+    import dvidetl.tasks as P
 
     monkeypatch.setattr(P, "WRITE_BACKOFF_S", 0.01)
     mem, _ = transform_blocks(_dense_batches(), "gzip", lambda s: s, **KW)

@@ -10,7 +10,7 @@ from typing import TextIO
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """Partition sizes, shared by ``plan`` and ``run``."""
-    from dvidetl.pipeline import DEFAULT_INDEX_ROWS, DEFAULT_MAPPING_ROWS, DEFAULT_PARTITION_BLOCKS
+    from dvidetl.planning import DEFAULT_INDEX_ROWS, DEFAULT_MAPPING_ROWS, DEFAULT_PARTITION_BLOCKS
 
     p.add_argument("--partition-blocks", type=int, default=None,
                    help=f"blocks per partition (default: {DEFAULT_PARTITION_BLOCKS}, less for small volumes)")
@@ -25,7 +25,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 def plan_from_args(args: argparse.Namespace, ep, scales, *, indices: bool = True, mapping: bool = True):
     """The partitions the options ask for, counted through the endpoint's Flight client."""
     from dvidetl.errors import UserError
-    from dvidetl.pipeline import make_plan
+    from dvidetl.planning import make_plan
 
     for opt in ("partition_blocks", "index_partition_rows", "mapping_partition_rows"):
         v = getattr(args, opt, None)
@@ -38,7 +38,7 @@ def plan_from_args(args: argparse.Namespace, ep, scales, *, indices: bool = True
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from dvidetl.pipeline import add_flight_arguments
+    from dvidetl.endpoint import add_flight_arguments
 
     p = sub.add_parser("plan", help="print the partitions and totals of an export (no blocks read)")
     add_flight_arguments(p)
@@ -79,8 +79,8 @@ def print_plan(parts, out: TextIO, *, every: bool = False) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands.run import parse_scales
+    from dvidetl.endpoint import open_flight
     from dvidetl.errors import UserError
-    from dvidetl.pipeline import open_flight
 
     scales = parse_scales(args.scales)
     ep = open_flight(args)

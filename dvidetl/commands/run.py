@@ -41,7 +41,7 @@ def check_locked(info, uuid: str, allow: bool) -> None:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.commands.plan import add_plan_arguments
-    from dvidetl.pipeline import add_flight_arguments
+    from dvidetl.endpoint import add_flight_arguments
     from dvidetl.sinks import DEFAULT_SINK
 
     p = sub.add_parser("run", help="export a labelmap (blocks, label indices, mapping) to a sink")
@@ -70,9 +70,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands.plan import plan_from_args
-    from dvidetl.pipeline import RunInfo, execute, new_run_id, open_flight, task_context
+    from dvidetl.driver import execute
+    from dvidetl.endpoint import open_flight
+    from dvidetl.planning import new_run_id
     from dvidetl.progress import Progress, summary
     from dvidetl.sinks import open_sink
+    from dvidetl.sinks.base import RunInfo
+    from dvidetl.tasks import task_context
 
     for opt in ("partition_blocks", "index_partition_rows", "mapping_partition_rows"):
         v = getattr(args, opt, None)

@@ -15,7 +15,7 @@ import sys
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.cluster import add_cluster_arguments
-    from dvidetl.pipeline import add_flight_arguments
+    from dvidetl.endpoint import add_flight_arguments
     from dvidetl.sinks import DEFAULT_SINK
 
     p = sub.add_parser("verify", help="check an export against its source, block by block")
@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands.run import parse_scales
-    from dvidetl.pipeline import open_flight
+    from dvidetl.endpoint import open_flight
     from dvidetl.sinks import open_sink
     from dvidetl.verify import verify_export
 
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
             report = verify_export(ep.client, sink, args.run, scales)
         else:
             from dvidetl.cluster import open_client
-            from dvidetl.pipeline import task_context
+            from dvidetl.tasks import task_context
 
             run = sink.load_run(args.run or sink.latest_run())
             ctx = task_context(run, ep, args.sink)

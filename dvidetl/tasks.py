@@ -1,0 +1,264 @@
+"""The work of one partition, run on a Dask worker: read it through Flight, transform it,
+commit it to the sink with its ledger row (write retried in-task), return small stats.
+
+A task gets only small arguments (a :class:`TaskContext` and one plan entry); each worker
+process keeps one Flight client and one sink per context (``_client`` / ``_sink``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from dvidetl import schema as S
+from dvidetl.sinks.base import Partition, RunInfo
+from dvidetl.spill import close_tables
+
+log = logging.getLogger(__name__)
+
+class Secret:
+    """A token that never shows in reprs, logs or the dashboard."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None):
+        self._value = value
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)" if self._value else "Secret(None)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return (Secret, (self._value,))
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """The small, picklable context every task gets."""
+
+    run_id: str
+    location: str
+    token: Secret
+    uuid: str
+    instance: str
+    sink_url: str
+    codec: str
+    grids: dict  # scale -> grid (x, y, z)
+    cell_limit: int = S.DEFAULT_CELL_LIMIT
+    zstd_level: int = 3
+
+
+def task_context(run: RunInfo, ep, sink_url: str, *, cell_limit: int = S.DEFAULT_CELL_LIMIT,
+                 zstd_level: int = 3) -> TaskContext:
+    """The context of ``run``'s tasks, reaching the source through endpoint ``ep`` (the
+    options the run was planned with win over the defaults given here)."""
+    opts = run.options
+    return TaskContext(
+        run_id=run.run_id, location=ep.location, token=ep.token, uuid=run.uuid,
+        instance=ep.instance, sink_url=sink_url, codec=ep.info.codec,
+        grids={s.scale: tuple(s.grid) for s in ep.info.scales},
+        cell_limit=int(opts.get("cell_limit") or cell_limit),
+        zstd_level=int(opts.get("zstd_level", zstd_level)),
+    )
+
+
+_CLIENTS: dict = {}
+_SINKS: dict = {}
+
+
+def _client(ctx: TaskContext):
+    from dvidetl.flight.client import FlightClient
+
+    key = (ctx.location, ctx.token.get(), ctx.uuid, ctx.instance)
+    c = _CLIENTS.get(key)
+    if c is None:
+        c = FlightClient(ctx.location, token=ctx.token.get(), uuid=ctx.uuid, instance=ctx.instance)
+        _CLIENTS[key] = c
+    return c
+
+
+def _sink(ctx: TaskContext):
+    from dvidetl.sinks import open_sink
+
+    key = (ctx.sink_url, ctx.uuid, ctx.instance)
+    s = _SINKS.get(key)
+    if s is None:
+        s = open_sink(ctx.sink_url, uuid=ctx.uuid, instance=ctx.instance)
+        _SINKS[key] = s
+    return s
+
+
+def _skipped(part: Partition) -> dict:
+    return {"key": part.key, "kind": part.kind, "skipped": True, "blocks": 0, "errors": 0,
+            "bytes_in": 0, "bytes_out": 0, "rows": 0}
+
+
+def export_partition(ctx: TaskContext, part: Partition) -> dict:
+    """One task: read, transform and commit one partition (or nothing if already committed
+    by an earlier attempt). Returns small stats for the driver."""
+    from dvidetl.transform import transform_blocks
+
+    t0 = time.perf_counter()
+    sink = _sink(ctx)
+    if sink.is_done(ctx.run_id, part):
+        return _skipped(part)
+    client = _client(ctx)
+    if part.kind == "blocks":
+        grid = tuple(ctx.grids[part.scale] if part.scale in ctx.grids else ctx.grids[str(part.scale)])
+        tables, st = transform_blocks(
+            client.read_blocks(part.scale, part.lo, part.hi),
+            ctx.codec,
+            client.map_supervoxels,
+            scale=part.scale,
+            grid=grid,
+            lo=part.lo,
+            hi=part.hi,
+            run_id=ctx.run_id,
+            cell_limit=ctx.cell_limit,
+            zstd_level=ctx.zstd_level,
+            spill_dir=_spill_dir(),
+        )
+        stats = {"blocks": st.blocks, "errors": st.errors, "bytes_in": st.bytes_in,
+                 "bytes_out": st.bytes_out, "raw_bytes": st.raw_bytes,
+                 "seconds": time.perf_counter() - t0}
+        if st.errors:
+            stats["error_samples"] = _error_samples(tables.get("export_errors"))
+    elif part.kind in ("indices", "mapping"):
+        tables, stats = _keyed_tables(client, part, ctx)
+    else:
+        raise ValueError(f"unknown partition kind {part.kind!r}")
+    try:
+        write_with_backoff(sink, ctx.run_id, part, tables, stats)
+    finally:
+        close_tables(tables)
+        del tables
+        release_memory()
+    out = dict(stats)
+    out["seconds"] = time.perf_counter() - t0
+    out.update(key=part.key, kind=part.kind, skipped=False)
+    out.setdefault("rows", out.get("blocks", 0))
+    return out
+
+
+def _error_samples(errors, limit: int = 5) -> list[dict]:
+    """The first corrupt blocks of a partition (scale, x, y, z, reason) for the dashboard."""
+    if errors is None:
+        return []
+    first = errors if isinstance(errors, pa.Table) else next(iter(errors), None)
+    if first is None or first.num_rows == 0:
+        return []
+    t = first.slice(0, limit * 4).select(["scale", "x", "y", "z", "reason"]) if isinstance(first, pa.Table) \
+        else pa.Table.from_batches([first]).slice(0, limit * 4).select(["scale", "x", "y", "z", "reason"])
+    out, seen = [], set()
+    for r in t.to_pylist():  # a block split over several parts is listed once
+        k = (r["scale"], r["x"], r["y"], r["z"])
+        if k not in seen and len(out) < limit:
+            seen.add(k)
+            out.append({**r, "reason": str(r["reason"])[:200]})
+    return out
+
+
+def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, dict]:
+    """The label_index rows of a body-label range, or the mapping pairs of a supervoxel
+    range, gathered whole before the write (in memory, spilled to the worker's disk past
+    ``SPILL_BYTES``) so a failed write is retried from them and the source is read once."""
+    from dvidetl.spill import SpillBudget
+    from dvidetl.transform import label_index_rows
+
+    t0 = time.perf_counter()
+    table = "label_index" if part.kind == "indices" else "mapping"
+    spill = SpillBudget().table(table, S.schema(table), _spill_dir())
+    nbytes = 0
+    try:
+        if part.kind == "indices":
+            grid0 = tuple(ctx.grids.get(0) or ctx.grids.get("0"))
+            for batch in _counted(client.read_indices(part.lo, part.hi), "data"):
+                nbytes += batch[1]
+                for t in label_index_rows([batch[0]], grid0):
+                    spill.append(t)
+        else:
+            for batch, n in _counted(client.read_mapping(part.lo, part.hi), None):
+                nbytes += n
+                spill.append(S.conform("mapping", pa.Table.from_batches([batch])))
+        result = spill.result()
+    except BaseException:
+        spill.discard()
+        raise
+    stats = {"blocks": 0, "errors": 0, "rows": spill.num_rows, "bytes_in": nbytes,
+             "bytes_out": spill.nbytes, "seconds": time.perf_counter() - t0}
+    return {table: result}, stats
+
+
+def _counted(batches, data_col: str | None) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """Each batch with the bytes it brought (its data column, else the whole batch)."""
+    for b in batches:
+        yield b, (b.column(data_col).nbytes if data_col else b.nbytes)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS after a partition. A Dask worker pauses at 80% of its
+    memory limit by *process* memory, and a partition's freed buffers otherwise stay in the
+    allocators' free lists: measured, a worker that had finished a dense partition stayed
+    paused above the threshold and never ran the next one."""
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _spill_dir() -> str:
+    """Where a task spills partition output: the Dask worker's local directory (cleaned up
+    with the worker), else the system temp directory."""
+    import tempfile
+
+    try:
+        from distributed import get_worker
+
+        return os.path.join(get_worker().local_directory, "dvidetl-spill")
+    except (ImportError, ValueError):
+        return os.path.join(tempfile.gettempdir(), "dvidetl-spill")
+
+
+#: a failed sink write (EIO, a full disk, a store hiccup) is retried inside the task with
+#: exponential backoff before the task fails: Dask's own retries are immediate and redo the
+#: whole partition (re-read + transform), so a few seconds of trouble would use them all up
+WRITE_TRIES = 3
+WRITE_BACKOFF_S = 0.5
+
+
+def write_with_backoff(sink, run_id: str, part: Partition, tables: dict, stats) -> None:
+    """``sink.write_partition`` retried on ``OSError`` (up to ``WRITE_TRIES`` attempts,
+    backoff doubling from ``WRITE_BACKOFF_S``), only when every table is materialized (a
+    consumed stream cannot be sent again). Rewriting a partition is idempotent (sinks replace
+    what an earlier attempt left), so this never duplicates rows."""
+    import random
+
+    import pyarrow as pa
+
+    replayable = all(isinstance(t, pa.Table) or getattr(t, "replayable", False) for t in tables.values())
+    delay = WRITE_BACKOFF_S
+    for attempt in range(1, WRITE_TRIES + 1):
+        try:
+            sink.write_partition(run_id, part, tables, stats)
+            return
+        except OSError as exc:
+            if not replayable or attempt == WRITE_TRIES:
+                raise
+            log.warning("partition %s: write failed (%s); retry %d/%d in %.1f s", part.key,
+                        str(exc).splitlines()[0][:200], attempt, WRITE_TRIES - 1, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay *= 2
