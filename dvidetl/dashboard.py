@@ -116,15 +116,16 @@ class RunState:
             g["parts_done"] += 1
             g["done"] += p.blocks if p.kind == "blocks" else p.rows
 
-    def completed(self, part, stats: dict | None, res, failure: str | None = None) -> None:
+    def completed(self, part, stats, res, failure: str | None = None) -> None:
+        """A task's outcome: its ``tasks.PartitionStats``, or the reason it failed."""
         g = self._group(part)
         if failure is not None:
             self.failed.append({"partition": part.key, "reason": failure})
         elif stats is not None:
             g["parts_done"] += 1
-            g["done"] += int(stats.get("blocks" if part.kind == "blocks" else "rows", 0) or 0)
-            g["errors"] += int(stats.get("errors", 0) or 0)
-            for e in stats.get("error_samples", ()):
+            g["done"] += stats.blocks if part.kind == "blocks" else stats.rows
+            g["errors"] += stats.errors
+            for e in stats.error_samples:
                 if len(self.errors) < MAX_ERRORS_LISTED:
                     self.errors.append(e)
         self.publish(res)

@@ -144,20 +144,20 @@ def execute(
             if dashboard is not None:
                 dashboard.completed(part, None, res, failure=reason)
         else:
-            if st.get("skipped"):
+            if st.skipped:
                 res.skipped += 1
             else:
                 res.done += 1
                 if part.kind == "blocks":
-                    res.blocks += int(st.get("blocks", 0))
-                    res.bytes_in += int(st.get("bytes_in", 0))
-                    res.bytes_out += int(st.get("bytes_out", 0))
-                    res.raw_bytes += int(st.get("raw_bytes", 0))
+                    res.blocks += st.blocks
+                    res.bytes_in += st.bytes_in
+                    res.bytes_out += st.bytes_out
+                    res.raw_bytes += st.raw_bytes
                 elif part.kind == "indices":
-                    res.index_rows += int(st.get("rows", 0))
+                    res.index_rows += st.rows
                 elif part.kind == "mapping":
-                    res.mapping_rows += int(st.get("rows", 0))
-                res.errors += int(st.get("errors", 0))
+                    res.mapping_rows += st.rows
+                res.errors += st.errors
             if dashboard is not None:
                 dashboard.completed(part, st, res)
         finally:

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -97,12 +97,35 @@ def _sink(ctx: TaskContext):
     return s
 
 
-def _skipped(part: Partition) -> dict:
-    return {"key": part.key, "kind": part.kind, "skipped": True, "blocks": 0, "errors": 0,
-            "bytes_in": 0, "bytes_out": 0, "rows": 0}
+@dataclass
+class PartitionStats:
+    """What one partition's task did: the ledger row's figures and the driver's totals.
+
+    ``blocks``: blocks read (block partitions); ``rows``: rows written (label_index rows,
+    mapping pairs; for block partitions the blocks); ``error_samples``: the first corrupt
+    blocks (scale, x, y, z, reason) for the dashboard. Read like a mapping (``get``) by the
+    sinks, which take the ledger figures from it."""
+
+    key: str
+    kind: str
+    skipped: bool = False
+    blocks: int = 0
+    rows: int = 0
+    errors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    raw_bytes: int = 0
+    seconds: float = 0.0
+    error_samples: list = field(default_factory=list)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name, default)
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
 
 
-def export_partition(ctx: TaskContext, part: Partition) -> dict:
+def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
     """One task: read, transform and commit one partition (or nothing if already committed
     by an earlier attempt). Returns small stats for the driver."""
     from dvidetl.transform import transform_blocks
@@ -110,7 +133,7 @@ def export_partition(ctx: TaskContext, part: Partition) -> dict:
     t0 = time.perf_counter()
     sink = _sink(ctx)
     if sink.is_done(ctx.run_id, part):
-        return _skipped(part)
+        return PartitionStats(part.key, part.kind, skipped=True)
     client = _client(ctx)
     if part.kind == "blocks":
         grid = tuple(ctx.grids[part.scale] if part.scale in ctx.grids else ctx.grids[str(part.scale)])
@@ -127,11 +150,11 @@ def export_partition(ctx: TaskContext, part: Partition) -> dict:
             zstd_level=ctx.zstd_level,
             spill_dir=_spill_dir(),
         )
-        stats = {"blocks": st.blocks, "errors": st.errors, "bytes_in": st.bytes_in,
-                 "bytes_out": st.bytes_out, "raw_bytes": st.raw_bytes,
-                 "seconds": time.perf_counter() - t0}
-        if st.errors:
-            stats["error_samples"] = _error_samples(tables.get("export_errors"))
+        stats = PartitionStats(
+            part.key, part.kind, blocks=st.blocks, rows=st.blocks, errors=st.errors,
+            bytes_in=st.bytes_in, bytes_out=st.bytes_out, raw_bytes=st.raw_bytes,
+            seconds=time.perf_counter() - t0,
+            error_samples=_error_samples(tables.get("export_errors")) if st.errors else [])
     elif part.kind in ("indices", "mapping"):
         tables, stats = _keyed_tables(client, part, ctx)
     else:
@@ -142,11 +165,8 @@ def export_partition(ctx: TaskContext, part: Partition) -> dict:
         close_tables(tables)
         del tables
         release_memory()
-    out = dict(stats)
-    out["seconds"] = time.perf_counter() - t0
-    out.update(key=part.key, kind=part.kind, skipped=False)
-    out.setdefault("rows", out.get("blocks", 0))
-    return out
+    stats.seconds = time.perf_counter() - t0
+    return stats
 
 
 def _error_samples(errors, limit: int = 5) -> list[dict]:
@@ -167,7 +187,7 @@ def _error_samples(errors, limit: int = 5) -> list[dict]:
     return out
 
 
-def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, dict]:
+def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, PartitionStats]:
     """The label_index rows of a body-label range, or the mapping pairs of a supervoxel
     range, gathered whole before the write (in memory, spilled to the worker's disk past
     ``SPILL_BYTES``) so a failed write is retried from them and the source is read once."""
@@ -193,8 +213,8 @@ def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, dict
     except BaseException:
         spill.discard()
         raise
-    stats = {"blocks": 0, "errors": 0, "rows": spill.num_rows, "bytes_in": nbytes,
-             "bytes_out": spill.nbytes, "seconds": time.perf_counter() - t0}
+    stats = PartitionStats(part.key, part.kind, rows=spill.num_rows, bytes_in=nbytes,
+                           bytes_out=spill.nbytes, seconds=time.perf_counter() - t0)
     return {table: result}, stats
 
 
