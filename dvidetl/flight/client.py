@@ -242,7 +242,7 @@ class FlightClient:
         )
 
     def _retryable(self, exc: BaseException) -> bool:
-        if isinstance(exc, flight.FlightInternalError) and "dvidetl server error in" in str(exc):
+        if isinstance(exc, flight.FlightInternalError) and P.SERVER_ERROR_PREFIX in str(exc):
             return False  # the server told us it is a bug / broken source, not the network
         return True
 

@@ -50,6 +50,11 @@ MAX_INSTANCE_CHARS = 256
 #: Label and Morton ranges are half-open ranges of uint64 values: hi may be 2**64.
 U64_END = 1 << 64
 
+#: Starts the message of an INTERNAL error a server raises deliberately (a server bug, a
+#: source breaking its contract): clients do **not** retry those, unlike transport-level
+#: INTERNAL errors (see docs/flight-protocol.md, "Errors").
+SERVER_ERROR_PREFIX = "dvidetl server error in"
+
 #: Ticket kinds for DoGet.
 KINDS = ("blocks", "mapping", "indices")
 #: DoAction types.
@@ -76,6 +81,7 @@ KEY_COUNT_SCHEMA = pa.schema([("cell", pa.uint64()), ("count", pa.uint64()), ("r
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "SERVER_ERROR_PREFIX",
     "MAX_TICKET_BYTES",
     "MAX_BATCH_BYTES",
     "KINDS",

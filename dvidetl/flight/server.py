@@ -37,9 +37,7 @@ from dvidetl.sources.base import Source
 
 log = logging.getLogger(__name__)
 
-#: marks INTERNAL errors raised deliberately by this server (a bug or a broken source
-#: contract): clients do not retry those, unlike transport-level INTERNAL errors
-SERVER_ERROR_PREFIX = "dvidetl server error in"
+SERVER_ERROR_PREFIX = P.SERVER_ERROR_PREFIX
 
 __all__ = ["DvidFlightServer", "RunningServer", "start_server", "bounded_batches", "prefetched"]
 

@@ -56,11 +56,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
-import lz4.block
 import numba
 import numpy as np
 import pyarrow as pa
 
+from dvidetl.codec._kernels import _u32  # the codec's little-endian reader, one for all
 from dvidetl.errors import SourceUnavailable, UserError
 from dvidetl.geometry import (
     ScaleInfo,
@@ -276,16 +276,6 @@ class _Http:
 
 
 # ---------------------------------------------------------------------------- stream parsing
-@numba.njit(cache=True)
-def _u32(buf, p):
-    return (
-        np.int64(buf[p])
-        | (np.int64(buf[p + 1]) << 8)
-        | (np.int64(buf[p + 2]) << 16)
-        | (np.int64(buf[p + 3]) << 24)
-    )
-
-
 @numba.njit(cache=True)
 def _i32(buf, p):
     v = _u32(buf, p)
@@ -1161,27 +1151,17 @@ def parse_mappings(body: bytes) -> np.ndarray:
 
 
 def _unwrap_index(v: bytes, url: str, label: int) -> bytes:
-    """DVID's stored-value wrapper around a LabelIndex (normally 0x80 + uint32 size + LZ4)."""
+    """DVID's stored-value wrapper around a LabelIndex (normally 0x80 + uint32 size + LZ4),
+    through the codec's ``dvid`` unwrapper (which also checks a stored CRC32)."""
     if not v:
         return b""
-    comp, ck = v[0] >> 5, (v[0] >> 3) & 3
-    p = 5 if ck == 1 else 1
-    data = v[p:]
-    try:
-        if comp == 0:
-            return bytes(data)
-        if comp == 4:
-            (size,) = struct.unpack_from("<I", data, 0)
-            return bytes(data[4:]) if size == 0 else lz4.block.decompress(data)
-        if comp == 2:
-            import gzip
+    from dvidetl.codec import unwrap
+    from dvidetl.codec.errors import BlockFormatError
 
-            return gzip.decompress(data)
-    except (lz4.block.LZ4BlockError, struct.error, OSError, EOFError) as exc:
-        raise DvidHttpError(
-            f"{url}: label {label}: cannot unwrap the stored index ({exc})"
-        ) from None
-    raise DvidHttpError(f"{url}: label {label}: unknown index wrapper byte 0x{v[0]:02x}")
+    try:
+        return bytes(unwrap(v, "dvid"))
+    except BlockFormatError as exc:
+        raise DvidHttpError(f"{url}: label {label}: cannot unwrap the stored index ({exc})") from None
 
 
 __all__ = [
