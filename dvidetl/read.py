@@ -173,7 +173,7 @@ def _find_export(url: str, uuid: str | None, instance: str | None) -> tuple[str,
     import importlib
 
     mod = importlib.import_module(SCHEMES[scheme].split(":")[0])
-    lister = getattr(mod, "list_exports", None) or (_vastdb_exports if scheme == "vastdb" else None)
+    lister = getattr(mod, "list_exports", None)
     if lister is None:
         raise UserError(f"{scheme}:// cannot list its exports: pass uuid= and instance=")
     found = [(i, u) for i, u in lister(url) if (not instance or i == instance) and (not uuid or u == uuid)]
@@ -183,33 +183,6 @@ def _find_export(url: str, uuid: str | None, instance: str | None) -> tuple[str,
         names = ", ".join(f"{i}@{u}" for i, u in found[:6])
         raise UserError(f"several exports at {url} ({names}): pass uuid= and instance=")
     return found[0]
-
-
-def _vastdb_exports(url: str) -> list[tuple[str, str]]:
-    """(instance, uuid) of the runs stored in a VastDB schema (its ``export_runs`` table), read
-    with the SDK in one transaction (URL and credentials handled as the sink does)."""
-    import vastdb
-
-    from dvidetl.sinks.vastdb import load_credentials, parse_url
-
-    cfg = parse_url(url)
-    creds = load_credentials()
-    try:
-        session = vastdb.connect(endpoint=cfg.endpoints[0], access=creds.access, secret=creds.secret)
-        with session.transaction() as tx:
-            sch = tx.bucket(cfg.bucket)
-            for name in cfg.schema.split("/"):
-                sch = sch.schema(name, fail_if_missing=False)
-                if sch is None:
-                    return []
-            t = sch.table("export_runs", fail_if_missing=False)
-            if t is None:
-                return []
-            rows = t.select(columns=["instance", "uuid"]).read_all()
-    except Exception as exc:  # noqa: BLE001 — any SDK / network failure: say what to do instead
-        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot list the exports at {url} ({msg}): pass uuid= and instance=") from None
-    return sorted(set(zip(rows.column("instance").to_pylist(), rows.column("uuid").to_pylist(), strict=True)))
 
 
 def open_export(

@@ -15,7 +15,7 @@ Per partition, never per block in Python:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,6 @@ class TransformStats:
     bytes_out: int = 0  # body + list payload bytes written
     raw_bytes: int = 0  # unwrapped DVID block bytes of the exported blocks
     overflow_blocks: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _list_nbytes(arr: pa.Array) -> np.ndarray:

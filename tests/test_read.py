@@ -375,3 +375,22 @@ def test_frame_pushes_filters_down_and_projects(ex):
         ex.frame("mapping", columns=["nope"])
     with pytest.raises(UserError, match="tables with partitions"):
         ex.frame("export_ledger")
+
+
+def test_inspect_works_on_every_sink(export_url, ex, src, capsys):
+    """`dvidetl inspect` reads through the same API on Parquet and VastDB."""
+    from dvidetl.cli import main as cli
+
+    st = ex.block_stats(0).to_pylist()[0]
+    x, y, z = st["x"], st["y"], st["z"]
+    assert cli(["inspect", "--sink", export_url, "--block", f"{x},{y},{z}"]) == 0
+    out = capsys.readouterr().out
+    svs = np.unique(src.block_voxels(0, x, y, z))
+    assert f"block ({x}, {y}, {z}) scale 0" in out and f" {len(svs)} supervoxels" in out
+    idx = ex.read("label_index", columns=["label"])
+    lab, n = np.unique(idx.column("label").to_numpy(), return_counts=True)
+    big = int(lab[np.argmax(n)])
+    assert cli(["inspect", "--sink", export_url, "--label", str(big)]) == 0
+    assert f"{int(n.max()):,} block entries" in capsys.readouterr().out
+    assert cli(["inspect", "--sink", export_url, "--label", "3"]) == 1
+    assert "not in label_index" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The DVID compressed label Block codec (docs/dvid-formats.md §1–4): pure functions, no I/O.
+"""The DVID compressed label Block codec (DVID's labels/compressed.go and the storage wrappers
+of dvid/storage/serialize.go): pure functions, no I/O.
 
 Stable API (other tools call these names):
 ``decode_block``, ``encode_block``, ``block_labels``, ``label_voxel_counts``,

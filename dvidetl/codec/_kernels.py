@@ -1,4 +1,5 @@
-"""Numba kernels for the DVID compressed label Block (see docs/dvid-formats.md §1–2).
+"""Numba kernels for the DVID compressed label Block (the layout of DVID's
+datatype/common/labels/compressed.go).
 
 All kernels work on a flat ``uint8`` buffer with explicit ``[s, e)`` bounds so the same code
 serves one block (``decode_block``) and a whole concatenated Arrow buffer (``repack``).
@@ -889,16 +890,6 @@ def repack_kernel(buf, offs, ok):
         c0 += N
     sv_offs[R] = c0
     return info, sv_offs, sv[:c0], counts[:c0].astype(np.uint32), body_start
-
-
-@nb.njit(cache=True, nogil=True)
-def scan_many(buf, offs):
-    """Structural validation of many concatenated blocks; returns info (R, 8)."""
-    R = offs.shape[0] - 1
-    info = np.zeros((R, INFO_LEN), np.int64)
-    for r in range(R):
-        scan(buf, offs[r], offs[r + 1], info[r])
-    return info
 
 
 @nb.njit(cache=True, nogil=True)

@@ -1,6 +1,6 @@
 """One DVID compressed label Block at a time: decode, encode, labels, counts, split/join.
 
-Pure functions, no I/O. The byte layout is in docs/dvid-formats.md §1; the heavy lifting is
+Pure functions, no I/O. The byte layout is DVID's (datatype/common/labels/compressed.go); the heavy lifting is
 in the numba kernels of ``_kernels.py``. Decoders accept every valid block (any table and
 palette order, duplicates, unused entries, Ns == 0 sub-blocks, solid blocks, grids other
 than 8³) and reject everything else with ``BlockFormatError`` — including trailing bytes,

@@ -1,5 +1,5 @@
 """DVID's storage forms of a block value: gzip, LZ4 (size-prefixed block), zstd, none, and
-the ``dvid`` serialization wrapper (format byte + optional CRC32, docs/dvid-formats.md §4.1).
+the ``dvid`` serialization wrapper (format byte + optional CRC32, as DVID's dvid/serialize.go writes it).
 
 Every failure is a ``BlockFormatError`` whose message starts with the codec name
 ("gzip: invalid stored block lengths") so a per-row error column stays readable.

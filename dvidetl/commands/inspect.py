@@ -33,30 +33,30 @@ def _xyz(text: str) -> tuple[int, int, int]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Reads through ``dvidetl.read.open_export``: the same pushed-down reads on every sink."""
     import numpy as np
+    import pyarrow.compute as pc
 
-    from dvidetl import schema as S
-    from dvidetl.read import block_rows, connect
+    from dvidetl.read import open_export
 
-    if not args.sink.startswith("parquet://"):
-        raise UserError("inspect reads parquet:// exports (VastDB: query the tables directly)")
-    con = connect(args.sink, uuid=args.uuid, instance=args.instance, run_id=args.run)
+    ex = open_export(args.sink, uuid=args.uuid, instance=args.instance, run_id=args.run)
     out = sys.stdout
     if args.block is not None:
         x, y, z = _xyz(args.block)
-        b, o = block_rows(con, args.scale, x, y, z)
+        b = ex._one(args.scale, x, y, z)
         if b.num_rows == 0:
             print(f"block ({x}, {y}, {z}) scale {args.scale}: not in the export (empty or not exported)", file=out)
-            err = con.execute("SELECT stage, reason FROM export_errors WHERE scale=? AND x=? AND y=? AND z=? LIMIT 1",
-                              [args.scale, x, y, z]).fetchall()
-            if err:
-                print(f"  in export_errors: {err[0][0]}: {err[0][1]}", file=out)
+            m = ex._morton(args.scale, x, y, z)
+            err = ex.read("export_errors", scale=args.scale, morton_range=(m, m + 1),
+                          columns=["stage", "reason"])
+            if err.num_rows:
+                print(f"  in export_errors: {err['stage'][0].as_py()}: {err['reason'][0].as_py()}", file=out)
             return 1
-        r = S.reassemble(b, o).to_pylist()[0]
+        r = b.to_pylist()[0]
         svs, labels, vox = (np.asarray(r[c], np.uint64) for c in ("supervoxels", "labels", "sv_voxels"))
         print(f"block ({x}, {y}, {z}) scale {args.scale}: morton {r['morton']} (0x{r['morton']:x})", file=out)
         print(f"  raw DVID block {r['raw_size']:,} bytes, crc32 {r['crc32']:08x}; zstd body {r['body_size']:,} bytes "
-              f"in {r['nparts']} cells{' (overflow rows: ' + str(o.num_rows) + ')' if r['overflow'] else ''}", file=out)
+              f"in {r['nparts']} cells{' (with overflow rows)' if r['overflow'] else ''}", file=out)
         print(f"  {len(svs)} label-table entries, {len(np.unique(svs))} supervoxels, {len(np.unique(labels))} bodies, "
               f"{int(vox.sum()):,} voxels", file=out)
         order = np.argsort(-vox.astype(np.int64), kind="stable")[:10]
@@ -64,19 +64,23 @@ def main(args: argparse.Namespace) -> int:
             print(f"    supervoxel {int(svs[i]):>20} body {int(labels[i]):>20} voxels {int(vox[i]):>9,}", file=out)
         return 0
     col = "supervoxel" if args.supervoxel else "label"
-    rows = con.execute(
-        f"SELECT label, supervoxel, count(*) AS blocks, sum(voxels) AS voxels, min(x), min(y), min(z), max(x), max(y), max(z) "
-        f"FROM label_index WHERE {col} = ? GROUP BY label, supervoxel ORDER BY voxels DESC",
-        [args.label],
-    ).fetchall()
-    what = "supervoxel" if args.supervoxel else "label"
-    if not rows:
-        body = con.execute("SELECT body FROM mapping WHERE supervoxel = ?", [args.label]).fetchall()
-        print(f"{what} {args.label}: not in label_index" + (f" (supervoxel of body {body[0][0]})" if body else ""), file=out)
+    what = col
+    t = ex.read("label_index", where={col: int(args.label)},
+                columns=["label", "supervoxel", "x", "y", "z", "voxels"])
+    if t.num_rows == 0:
+        body = ex.read("mapping", where={"supervoxel": int(args.label)}, columns=["body"])
+        print(f"{what} {args.label}: not in label_index"
+              + (f" (supervoxel of body {body['body'][0].as_py()})" if body.num_rows else ""), file=out)
         return 1
-    total_blocks = sum(r[2] for r in rows)
-    total_vox = sum(int(r[3]) for r in rows)
-    print(f"{what} {args.label}: {len(rows)} (label, supervoxel) pairs, {total_blocks:,} block entries, {total_vox:,} voxels (scale 0)", file=out)
-    for r in rows[:20]:
-        print(f"  label {r[0]} supervoxel {r[1]}: {r[2]:,} blocks, {int(r[3]):,} voxels, blocks ({r[4]},{r[5]},{r[6]})..({r[7]},{r[8]},{r[9]})", file=out)
+    g = t.group_by(["label", "supervoxel"]).aggregate(
+        [("voxels", "count"), ("voxels", "sum"), ("x", "min"), ("y", "min"), ("z", "min"),
+         ("x", "max"), ("y", "max"), ("z", "max")])
+    g = g.sort_by([("voxels_sum", "descending")])
+    total_vox = int(pc.sum(t.column("voxels")).as_py())
+    print(f"{what} {args.label}: {g.num_rows} (label, supervoxel) pairs, {t.num_rows:,} block entries, "
+          f"{total_vox:,} voxels (scale 0)", file=out)
+    for r in g.slice(0, 20).to_pylist():
+        print(f"  label {r['label']} supervoxel {r['supervoxel']}: {r['voxels_count']:,} blocks, "
+              f"{int(r['voxels_sum']):,} voxels, blocks ({r['x_min']},{r['y_min']},{r['z_min']}).."
+              f"({r['x_max']},{r['y_max']},{r['z_max']})", file=out)
     return 0

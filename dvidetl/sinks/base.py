@@ -1,4 +1,4 @@
-"""The small protocol every sink implements (Parquet now, VastDB next), and the plan types.
+"""The small protocol every sink implements (parquet://, vastdb://), and the plan types.
 
 Exactly once rests on one rule: **a partition's rows and its ledger row become visible
 together** (one VastDB transaction; for Parquet, data files renamed into place and then the
