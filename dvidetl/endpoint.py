@@ -28,21 +28,12 @@ def add_flight_arguments(parser) -> None:
 
 
 def read_token(path: str | None) -> str | None:
-    """The bearer token from a file (never from argv), else env ``DVIDETL_FLIGHT_TOKEN``
-    (as docs/flight-protocol.md promises); a missing file is a UserError."""
-    if not path:
-        from dvidetl.flight.client import load_token
+    """The bearer token of ``--token-file`` (never from argv), else env
+    ``DVIDETL_FLIGHT_TOKEN`` (as docs/flight-protocol.md promises); one reader for both
+    (``flight.client.load_token``), whose errors name the file."""
+    from dvidetl.flight.client import load_token
 
-        return load_token()
-    from dvidetl.errors import UserError
-
-    try:
-        tok = open(path, encoding="utf-8").read().strip()
-    except OSError as exc:
-        raise UserError(f"cannot read --token-file {path!r}: {exc.strerror}") from None
-    if not tok:
-        raise UserError(f"--token-file {path!r} is empty")
-    return tok
+    return load_token(path)
 
 
 class FlightEndpoint:

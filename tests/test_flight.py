@@ -33,7 +33,6 @@ from dvidetl.flight.client import (
     FlightClient,
     FlightRequestError,
     FlightUnavailable,
-    load_token,
 )
 from dvidetl.flight.server import bounded_batches, start_server
 from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_encode
@@ -520,21 +519,33 @@ def test_client_auth_error_is_clear(server):
             )
 
 
-def test_load_token(tmp_path, monkeypatch):
-    monkeypatch.delenv("DVIDETL_FLIGHT_TOKEN", raising=False)
-    assert load_token() is None
-    monkeypatch.setenv("DVIDETL_FLIGHT_TOKEN", " from-env\n")
-    assert load_token() == "from-env"
-    f = tmp_path / "tok"
-    f.write_text("from-file\n")
-    assert load_token(f) == "from-file"
-    (tmp_path / "empty").write_text("\n")
-    from dvidetl.errors import UserError
+def test_commands_take_the_token_from_env_or_file(tmp_path, monkeypatch, capsys):
+    """What every command does with a token-protected server (here `plan`): the token from
+    DVIDETL_FLIGHT_TOKEN or --token-file is sent; none, a wrong one, an empty or missing file
+    give one-line errors that say what to fix."""
+    from dvidetl.cli import main as cli
+    from dvidetl.sources import open_source
 
-    with pytest.raises(UserError, match="empty"):
-        load_token(tmp_path / "empty")
-    with pytest.raises(UserError, match="cannot read"):
-        load_token(tmp_path / "missing")
+    with start_server(open_source("synthetic://tok?size=128,128,64&scales=1"), token=TOKEN) as srv:
+        base = ["plan", "--uuid", "tok", "--flight", srv.location]
+        monkeypatch.delenv("DVIDETL_FLIGHT_TOKEN", raising=False)
+        assert cli(base) == 2
+        assert "token" in capsys.readouterr().err.lower()
+        monkeypatch.setenv("DVIDETL_FLIGHT_TOKEN", f" {TOKEN}\n")
+        assert cli(base) == 0
+        assert "partitions" in capsys.readouterr().out
+        monkeypatch.setenv("DVIDETL_FLIGHT_TOKEN", "tok-q8z-not-it")
+        assert cli(base) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "tok-q8z" not in err  # never echoes a token
+        f = tmp_path / "tok"
+        f.write_text(TOKEN + "\n")
+        assert cli([*base, "--token-file", str(f)]) == 0  # the file wins over the env
+        capsys.readouterr()
+        (tmp_path / "empty").write_text("\n")
+        for name, msg in (("empty", "is empty"), ("missing", "cannot read")):
+            assert cli([*base, "--token-file", str(tmp_path / name)]) == 2
+            assert msg in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------
