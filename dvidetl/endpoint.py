@@ -31,9 +31,13 @@ def read_token(path: str | None) -> str | None:
     """The bearer token of ``--token-file`` (never from argv), else env
     ``DVIDETL_FLIGHT_TOKEN`` (as docs/flight-protocol.md promises); one reader for both
     (``flight.client.load_token``), whose errors name the file."""
+    from dvidetl.errors import UserError
     from dvidetl.flight.client import load_token
 
-    return load_token(path)
+    try:
+        return load_token(path)
+    except UserError as exc:
+        raise UserError(f"--token-file: {exc}") from None
 
 
 class FlightEndpoint:
