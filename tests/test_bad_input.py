@@ -33,7 +33,7 @@ def _one_line(capsys, argv: list[str]) -> str:
         # source URLs (the embedded server's --source)
         (["--source", "nope://x"], "unknown source URL scheme"),
         (["--source", "synthetic://x?size=abc"], "size='abc' must be X,Y,Z"),
-        (["--source", "synthetic://x?bogus=1"], "unknown key(s) bogus"),
+        (["--source", "synthetic://x?bogus=1"], "unknown parameter(s) ['bogus']"),
         (["--source", "synthetic://x?scales=0"], "scales=0 out of range"),
         (["--source", "shards:///nonexistent/dvidetl-dir"], "does not exist"),
         (["--source", "shards:///tmp?bogus=1"], "unknown parameter"),

@@ -352,7 +352,7 @@ def test_endpoints_spread_and_url_errors(sim, creds):
     for bad, msg in [("vastdb://h:1/bucket", "names no BUCKET/SCHEMA"),
                      ("vastdb://h:x/b/s", "port must be a number"),
                      ("vastdb://h:1/b/s?cell_limit=999999", "cell_limit"),
-                     ("vastdb://h:1/b/s?bogus=1", "unknown option")]:
+                     ("vastdb://h:1/b/s?bogus=1", "unknown parameter")]:
         with pytest.raises(UserError, match=msg):
             parse_url(bad)
     with pytest.raises(UserError, match="only applies to a vastdb"):

@@ -56,7 +56,7 @@ def test_open_source_and_info(small):
 
 
 def test_url_errors():
-    with pytest.raises(UserError, match="unknown key"):
+    with pytest.raises(UserError, match="unknown parameter"):
         open_url("synthetic://a?sizes=1,2,3")
     with pytest.raises(UserError, match="size"):
         open_url("synthetic://a?size=10,10")

@@ -38,7 +38,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 from dvidetl import schema as S
 from dvidetl.errors import UserError
 from dvidetl.sinks.base import Partition, RunInfo, TableData, Where
+from dvidetl.urlquery import Query
 
 log = logging.getLogger(__name__)
 
@@ -186,24 +187,13 @@ def parse_url(url: str) -> VastUrl:
     parts = [p for p in u.path.split("/") if p]
     if len(parts) < 2:
         raise UserError(f"sink URL {url!r} names no BUCKET/SCHEMA: use vastdb://HOST[:PORT]/BUCKET/SCHEMA")
-    q = parse_qs(u.query)
-    unknown = set(q) - {"endpoints", "cell_limit", "timeout", "tries"}
-    if unknown:
-        raise UserError(f"sink URL {url!r}: unknown option(s) {sorted(unknown)} "
-                        "(known: endpoints, cell_limit, timeout, tries)")
+    q = Query(url, ("endpoints", "cell_limit", "timeout", "tries"), multi=("endpoints",))
     eps = [_endpoint(u.netloc, "sink URL host")]
-    for v in q.get("endpoints", []):
+    for v in q.all("endpoints"):
         eps += [_endpoint(e, "endpoints entry") for e in v.split(",") if e.strip()]
-
-    def num(key, cast, default):
-        try:
-            return cast(q[key][-1]) if key in q else default
-        except ValueError:
-            raise UserError(f"sink URL {url!r}: {key}={q[key][-1]!r} is not a number") from None
-
     out = VastUrl(tuple(dict.fromkeys(eps)), parts[0], "/".join(parts[1:]),
-                  num("cell_limit", int, S.DEFAULT_CELL_LIMIT), num("timeout", float, DEFAULT_TIMEOUT[1]),
-                  num("tries", int, DEFAULT_TRIES))
+                  q.int("cell_limit", S.DEFAULT_CELL_LIMIT), q.float("timeout", DEFAULT_TIMEOUT[1]),
+                  q.int("tries", DEFAULT_TRIES))
     if not 1024 <= out.cell_limit <= S.DEFAULT_CELL_LIMIT:
         raise UserError(f"sink URL {url!r}: cell_limit must be 1024 .. {S.DEFAULT_CELL_LIMIT}")
     if out.tries < 1 or out.timeout <= 0:

@@ -54,7 +54,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import quote, urlsplit
 
 import numba
 import numpy as np
@@ -80,6 +80,7 @@ from dvidetl.sources.base import (
     key_slice,
     mapping_batches,
 )
+from dvidetl.urlquery import Query
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -390,47 +391,7 @@ def open_url(url: str) -> DvidHttpSource:
         raise UserError(f"not a dvid+http(s):// URL: {url!r}")
     if not parts.hostname:
         raise UserError(f"no host in {url!r} (use dvid+http://host:port?uuid=...)")
-    q = parse_qs(parts.query, keep_blank_values=True)
-    known = {
-        "uuid",
-        "instance",
-        "timeout",
-        "retries",
-        "backoff",
-        "box_bits",
-        "parallel",
-        "throttle",
-        "minpoint",
-        "maxpoint",
-        "inflight",
-        "token_file",
-        "index_parallel",
-        "index_batch",
-        "rows_per_label",
-        "labels",
-        "box_shape",
-        "spec",
-    }
-    unknown = set(q) - known
-    if unknown:
-        raise UserError(f"unknown parameter(s) {sorted(unknown)} in {url!r}: use {sorted(known)}")
-    one = {}
-    for k, v in q.items():
-        if len(v) != 1 or not v[0]:
-            raise UserError(f"parameter {k!r} in {url!r} must be given once, non-empty")
-        one[k] = v[0]
-
-    def num(key, conv, default, lo, hi):
-        if key not in one:
-            return default
-        try:
-            val = conv(one[key])
-        except ValueError:
-            raise UserError(f"parameter {key}={one[key]!r} in {url!r} is not a number") from None
-        if not lo <= val <= hi:
-            raise UserError(f"parameter {key}={val} in {url!r} must be in [{lo}, {hi}]")
-        return val
-
+    q = Query(url, KNOWN_PARAMS)
     try:
         port = parts.port
     except ValueError:
@@ -439,43 +400,42 @@ def open_url(url: str) -> DvidHttpSource:
         host=parts.hostname,
         port=port,
         https=parts.scheme == "dvid+https",
-        uuid=one.get("uuid"),
-        instance=one.get("instance", "segmentation"),
-        timeout=num("timeout", float, 60.0, 0.01, 3600),
-        retries=num("retries", int, 6, 0, 100),
-        backoff=num("backoff", float, 0.2, 0.0, 60),
-        box_bits=num("box_bits", int, 12, 0, 30),
-        parallel=num("parallel", int, 4, 1, 64),
-        throttle=one.get("throttle", "false").lower() in ("1", "true", "yes"),
-        minpoint=_point(one, "minpoint", url),
-        maxpoint=_point(one, "maxpoint", url),
-        inflight=num("inflight", int, None, 1, 256),
-        token_file=one.get("token_file"),
-        index_parallel=num("index_parallel", int, None, 1, 64),
-        index_batch=num("index_batch", int, INDICES_PER_REQUEST, 1, 1_000_000),
-        rows_per_label=num("rows_per_label", int, ROWS_PER_LABEL, 1, 1 << 40),
-        labels=_choice(one, "labels", ("auto", "existing", "listlabels"), url),
-        box_shape=_choice(one, "box_shape", ("rows", "cube"), url),
-        spec=one.get("spec"),
+        uuid=q.str("uuid"),
+        instance=q.str("instance", "segmentation"),
+        timeout=q.float("timeout", 60.0, 0.01, 3600),
+        retries=q.int("retries", 6, 0, 100),
+        backoff=q.float("backoff", 0.2, 0.0, 60),
+        box_bits=q.int("box_bits", 12, 0, 30),
+        parallel=q.int("parallel", 4, 1, 64),
+        throttle=q.bool("throttle"),
+        minpoint=_point(q, "minpoint", url),
+        maxpoint=_point(q, "maxpoint", url),
+        inflight=q.int("inflight", None, 1, 256),
+        token_file=q.str("token_file"),
+        index_parallel=q.int("index_parallel", None, 1, 64),
+        index_batch=q.int("index_batch", INDICES_PER_REQUEST, 1, 1_000_000),
+        rows_per_label=q.int("rows_per_label", ROWS_PER_LABEL, 1, 1 << 40),
+        labels=q.choice("labels", ("auto", "existing", "listlabels")),
+        box_shape=q.choice("box_shape", ("rows", "cube")),
+        spec=q.str("spec"),
     )
 
 
-def _choice(one: dict, key: str, allowed: tuple[str, ...], url: str) -> str:
-    v = one.get(key, allowed[0])
-    if v not in allowed:
-        raise UserError(f"parameter {key}={v!r} in {url!r} must be one of {', '.join(allowed)}")
-    return v
+#: the options of a dvid+http URL (module docstring)
+KNOWN_PARAMS = ("uuid", "instance", "timeout", "retries", "backoff", "box_bits", "parallel",
+                "throttle", "minpoint", "maxpoint", "inflight", "token_file", "index_parallel",
+                "index_batch", "rows_per_label", "labels", "box_shape", "spec")
 
 
-def _point(one: dict, key: str, url: str) -> tuple[int, int, int] | None:
-    if key not in one:
+def _point(q: Query, key: str, url: str) -> tuple[int, int, int] | None:
+    if key not in q:
         return None
     try:
-        p = tuple(int(v) for v in one[key].split(","))
+        p = tuple(int(v) for v in q.str(key).split(","))
     except ValueError:
         p = ()
     if len(p) != 3 or min(p) < 0:
-        raise UserError(f"parameter {key}={one[key]!r} in {url!r} must be X,Y,Z (>= 0 voxels)")
+        raise UserError(f"parameter {key}={q.str(key)!r} in {url!r} must be X,Y,Z (>= 0 voxels)")
     return p  # type: ignore[return-value]
 
 

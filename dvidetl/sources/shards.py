@@ -37,7 +37,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +55,7 @@ from dvidetl.sources.base import (
     drop_background,
     mapping_batches,
 )
+from dvidetl.urlquery import Query
 
 BLOCK = 64
 _SCALE_RE = re.compile(r"^s(\d+)$")
@@ -118,21 +119,9 @@ def open_url(url: str) -> ShardsSource:
     path = unquote(parts.netloc + parts.path)
     if not path:
         raise UserError(f"shards URL {url!r} names no directory (use shards:///abs/dir)")
-    query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = set(query) - {"spec", "uuid", "instance"}
-    if unknown:
-        raise UserError(
-            f"unknown parameter(s) {sorted(unknown)} in {url!r}: use spec, uuid, instance"
-        )
-    for key, vals in query.items():
-        if len(vals) != 1 or not vals[0]:
-            raise UserError(f"parameter {key!r} in {url!r} must be given once, non-empty")
-    return ShardsSource(
-        path,
-        spec=query["spec"][0] if "spec" in query else None,
-        uuid=query["uuid"][0] if "uuid" in query else "*",
-        instance=query["instance"][0] if "instance" in query else "segmentation",
-    )
+    q = Query(url, ("spec", "uuid", "instance"))
+    return ShardsSource(path, spec=q.str("spec"), uuid=q.str("uuid", "*"),
+                        instance=q.str("instance", "segmentation"))
 
 
 def _load_spec(spec_path: str) -> list[dict]:

@@ -65,7 +65,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import numba as nb
 import numpy as np
@@ -82,6 +82,7 @@ from dvidetl.sources.base import (
     count_sorted,
     mapping_batches,
 )
+from dvidetl.urlquery import Query
 
 __all__ = ["SyntheticSource", "open_url", "downres_dvid", "DEMO_QUERY"]
 
@@ -990,19 +991,8 @@ class SyntheticSource:
         self.url = url
         self.name = name
         query = parts.query or DEMO_QUERY
-        try:
-            q = parse_qs(query, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            raise UserError(f"synthetic URL: cannot parse query {query!r}") from None
-        unknown = sorted(set(q) - set(KNOWN_KEYS))
-        if unknown:
-            raise UserError(
-                f"synthetic URL: unknown key(s) {', '.join(unknown)}; known: {', '.join(KNOWN_KEYS)}"
-            )
-        for k, v in q.items():
-            if len(v) != 1:
-                raise UserError(f"synthetic URL: {k} given {len(v)} times")
-        g = {k: v[0] for k, v in q.items()}
+        q = Query(url, KNOWN_KEYS, query=query)
+        g = {k: q.str(k) for k in KNOWN_KEYS if k in q}
         size_s = g.get("size", "1024,1024,768")
         try:
             size = tuple(int(t) for t in size_s.split(","))

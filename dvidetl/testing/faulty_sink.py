@@ -30,11 +30,12 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from dvidetl.errors import UserError
 from dvidetl.sinks.base import Partition
 from dvidetl.sinks.parquet import ParquetSink
+from dvidetl.urlquery import Query
 
 SCHEME = "flaky+parquet"
 MODES = ("before", "mid", "mixed")
@@ -157,23 +158,16 @@ def open_url(url: str, *, uuid: str, instance: str) -> FlakySink:
     base = parts.netloc + parts.path
     if not base:
         raise UserError(f"sink URL {url!r} names no directory: use {SCHEME}://DIR?rate=0.3")
-    q = parse_qs(parts.query, keep_blank_values=True)
-    unknown = set(q) - {"rate", "fails", "seed", "poison", "mode"}
-    if unknown:
-        raise UserError(f"unknown parameter(s) {sorted(unknown)} in {url!r}: use rate, fails, "
-                        "seed, poison, mode")
+    q = Query(url, ("rate", "fails", "seed", "poison", "mode"), multi=("poison",))
+    rate = q.float("rate", 0.0, 0.0, 1.0)
+    fails = q.int("fails", 1, 0)
+    seed = q.int("seed", 0)
     try:
-        rate = float(q.get("rate", ["0"])[-1])
-        fails = int(q.get("fails", ["1"])[-1])
-        seed = int(q.get("seed", ["0"])[-1])
-        poison = tuple(tuple(int(v) for v in p.split(":")) for p in q.get("poison", []))
+        poison = tuple(tuple(int(v) for v in p.split(":")) for p in q.all("poison"))
     except ValueError:
-        raise UserError(f"bad number in {url!r}: rate is a fraction, fails/seed integers, "
-                        "poison SCALE:MORTON") from None
-    mode = q.get("mode", ["mixed"])[-1]
-    if not 0.0 <= rate <= 1.0 or fails < 0 or any(len(p) != 2 for p in poison):
-        raise UserError(f"{url!r}: need 0 <= rate <= 1, fails >= 0, poison=SCALE:MORTON")
-    if mode not in MODES:
-        raise UserError(f"{url!r}: mode must be one of {', '.join(MODES)}")
+        poison = ((),)
+    if any(len(p) != 2 for p in poison):
+        raise UserError(f"{url!r}: poison must be SCALE:MORTON")
+    mode = q.choice("mode", MODES, "mixed")
     return FlakySink(base, uuid=uuid, instance=instance, url=url, rate=rate, fails=fails,
                      seed=seed, poison=poison, mode=mode)
