@@ -34,24 +34,8 @@ from dvidetl.errors import UserError
 
 
 def _find_volume(base: Path, uuid: str | None, instance: str | None) -> tuple[str, str]:
-    """(instance, uuid) under ``base``: given, or the only one there."""
-    if instance and uuid:
-        return instance, uuid
-    found = []
-    if base.is_dir():
-        for inst in sorted(p for p in base.iterdir() if p.is_dir()):
-            if instance and inst.name != instance:
-                continue
-            for u in sorted(p for p in inst.iterdir() if p.is_dir() and (p / "runs").is_dir()):
-                if uuid and u.name != uuid:
-                    continue
-                found.append((inst.name, u.name))
-    if not found:
-        raise UserError(f"no export found under {base} (expected <instance>/<uuid>/runs/)")
-    if len(found) > 1:
-        names = ", ".join(f"{i}@{u}" for i, u in found[:6])
-        raise UserError(f"several exports under {base} ({names}): pass uuid= and instance=")
-    return found[0]
+    """(instance, uuid) under a Parquet export directory: given, or the only one there."""
+    return _find_export(f"parquet://{base}", uuid, instance)
 
 
 def _sql_str(s: str) -> str:
@@ -160,11 +144,6 @@ def _find_export(url: str, uuid: str | None, instance: str | None) -> tuple[str,
     from dvidetl.sinks import SCHEMES
 
     scheme = _scheme(url)
-    if scheme == "parquet":
-        rest = url[len("parquet://"):]
-        if not rest:
-            raise UserError(f"export URL {url!r} names no directory: use parquet://DIR")
-        return _find_volume(Path(rest), uuid, instance)
     if scheme not in SCHEMES:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise UserError(f"unknown export URL scheme in {url!r}: use one of {known}")
@@ -178,7 +157,8 @@ def _find_export(url: str, uuid: str | None, instance: str | None) -> tuple[str,
         raise UserError(f"{scheme}:// cannot list its exports: pass uuid= and instance=")
     found = [(i, u) for i, u in lister(url) if (not instance or i == instance) and (not uuid or u == uuid)]
     if not found:
-        raise UserError(f"no export found at {url}")
+        raise UserError(f"no export found at {url} (a Parquet export is <instance>/<uuid>/runs/ "
+                        "under its directory)" if scheme == "parquet" else f"no export found at {url}")
     if len(found) > 1:
         names = ", ".join(f"{i}@{u}" for i, u in found[:6])
         raise UserError(f"several exports at {url} ({names}): pass uuid= and instance=")

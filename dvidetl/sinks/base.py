@@ -22,6 +22,7 @@ instance=)``) and must not hold secrets in its ``repr``.
 
 from __future__ import annotations
 
+import abc
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -123,6 +124,77 @@ def where_filters(where: Where | None, names: Sequence[str]) -> list[tuple[str, 
         else:
             out.append((col, "=", int(v)))
     return out
+
+
+class SinkBase(abc.ABC):
+    """What every sink shares, so a new sink implements only its storage: the abstract core
+    (``prepare``, ``load_run``, ``runs``, ``is_done``, ``ledger``, ``write_partition``,
+    ``read``) and, optionally, a faster ``done``. The defaults here are the contract's
+    semantics written once: the latest run, the finished keys from the ledger, the tables a
+    partition may write, and its ledger row."""
+
+    url: str
+    uuid: str
+    instance: str
+
+    @abc.abstractmethod
+    def prepare(self, run: RunInfo) -> None: ...
+
+    @abc.abstractmethod
+    def load_run(self, run_id: str) -> RunInfo: ...
+
+    @abc.abstractmethod
+    def runs(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def is_done(self, run_id: str, part: Partition) -> bool: ...
+
+    @abc.abstractmethod
+    def ledger(self, run_id: str | None = None) -> pa.Table: ...
+
+    @abc.abstractmethod
+    def write_partition(self, run_id: str, part: Partition, tables: Mapping[str, TableData],
+                        stats: Mapping) -> None: ...
+
+    @abc.abstractmethod
+    def read(self, table: str, scale: int | None = None,
+             morton_range: tuple[int, int] | None = None, run_id: str | None = None, *,
+             where: Where | None = None, columns: Sequence[str] | None = None) -> pa.Table: ...
+
+    def latest_run(self) -> str | None:
+        runs = self.runs()
+        return runs[-1] if runs else None
+
+    def done(self, run_id: str) -> set[str]:
+        t = self.ledger(run_id)
+        return {Partition(k, s, lo, hi).key for k, s, lo, hi in zip(
+            t.column("kind").to_pylist(), t.column("scale").to_pylist(),
+            t.column("lo").to_pylist(), t.column("hi").to_pylist(), strict=True)}
+
+    @staticmethod
+    def check_tables(part: Partition, tables: Mapping[str, TableData]) -> None:
+        """A partition writes only its kind's tables (``schema.KIND_TABLES``)."""
+        from dvidetl import schema as S
+
+        unknown = set(tables) - set(S.KIND_TABLES[part.kind])
+        if unknown:
+            raise ValueError(f"partition kind {part.kind!r} does not write tables {sorted(unknown)}")
+
+    @staticmethod
+    def ledger_row(run_id: str, part: Partition, stats: Mapping, rows: int) -> pa.Table:
+        """The partition's ledger row (``schema.EXPORT_LEDGER``), stamped now."""
+        import time
+
+        from dvidetl import schema as S
+
+        row = {
+            "run_id": run_id, "kind": part.kind, "scale": part.scale, "lo": part.lo, "hi": part.hi,
+            "blocks": int(stats.get("blocks", 0)), "rows": int(rows),
+            "errors": int(stats.get("errors", 0)), "bytes_in": int(stats.get("bytes_in", 0)),
+            "bytes_out": int(stats.get("bytes_out", 0)), "seconds": float(stats.get("seconds", 0.0)),
+            "finished_at": pa.scalar(int(time.time() * 1e6), pa.timestamp("us", tz="UTC")),
+        }
+        return pa.Table.from_pylist([row], schema=S.EXPORT_LEDGER)
 
 
 @runtime_checkable

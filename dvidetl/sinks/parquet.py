@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid as uuidlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ import pyarrow.parquet as pq
 
 from dvidetl import schema as S
 from dvidetl.errors import UserError
-from dvidetl.sinks.base import Partition, RunInfo, TableData, Where, where_filters
+from dvidetl.sinks.base import Partition, RunInfo, SinkBase, TableData, Where, where_filters
 
 #: the directory layout this code writes into a new export (see the module docstring)
 LAYOUT = 2
@@ -62,7 +61,7 @@ def _safe(name: str, what: str) -> str:
     return name
 
 
-class ParquetSink:
+class ParquetSink(SinkBase):
     """``parquet://DIR`` for one (uuid, instance)."""
 
     def __init__(self, base: str | os.PathLike, *, uuid: str, instance: str, url: str | None = None):
@@ -147,10 +146,6 @@ class ParquetSink:
             return []
         return sorted(p.name for p in d.iterdir() if (p / "run.json").exists())
 
-    def latest_run(self) -> str | None:
-        runs = self.runs()
-        return runs[-1] if runs else None
-
     # -- ledger ----------------------------------------------------------------------------
     def is_done(self, run_id: str, part: Partition) -> bool:
         return (self._ledger_dir(run_id) / f"{part.key}.parquet").exists()
@@ -175,9 +170,7 @@ class ParquetSink:
     def write_partition(
         self, run_id: str, part: Partition, tables: Mapping[str, TableData], stats: Mapping
     ) -> None:
-        unknown = set(tables) - set(S.KIND_TABLES[part.kind])
-        if unknown:
-            raise ValueError(f"partition kind {part.kind!r} does not write tables {sorted(unknown)}")
+        self.check_tables(part, tables)
         rows = 0
         for table in S.KIND_TABLES[part.kind]:
             final = self.file_of(table, part)
@@ -190,21 +183,7 @@ class ParquetSink:
                 except FileNotFoundError:
                     pass
             rows += n
-        row = {
-            "run_id": run_id,
-            "kind": part.kind,
-            "scale": part.scale,
-            "lo": part.lo,
-            "hi": part.hi,
-            "blocks": int(stats.get("blocks", 0)),
-            "rows": rows,
-            "errors": int(stats.get("errors", 0)),
-            "bytes_in": int(stats.get("bytes_in", 0)),
-            "bytes_out": int(stats.get("bytes_out", 0)),
-            "seconds": float(stats.get("seconds", 0.0)),
-            "finished_at": pa.scalar(int(time.time() * 1e6), pa.timestamp("us", tz="UTC")),
-        }
-        ledger = pa.Table.from_pylist([row], schema=S.EXPORT_LEDGER)
+        ledger = self.ledger_row(run_id, part, stats, rows)
         d = self._ledger_dir(run_id)
         d.mkdir(parents=True, exist_ok=True)
         _write_atomic(d / f"{part.key}.parquet", "export_ledger", ledger, keep_empty=True)
@@ -367,3 +346,17 @@ def open_url(url: str, *, uuid: str, instance: str) -> ParquetSink:
     if not rest:
         raise UserError(f"sink URL {url!r} names no directory: use parquet://DIR")
     return ParquetSink(rest, uuid=uuid, instance=instance, url=url)
+
+
+def list_exports(url: str) -> list[tuple[str, str]]:
+    """(instance, uuid) of every export under a ``parquet://DIR`` (``<instance>/<uuid>/runs/``)."""
+    rest = url[len("parquet://"):] if url.startswith("parquet://") else url
+    if not rest:
+        raise UserError(f"export URL {url!r} names no directory: use parquet://DIR")
+    base = Path(rest)
+    found = []
+    if base.is_dir():
+        for inst in sorted(p for p in base.iterdir() if p.is_dir()):
+            for u in sorted(p for p in inst.iterdir() if p.is_dir() and (p / "runs").is_dir()):
+                found.append((inst.name, u.name))
+    return found

@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 
 from dvidetl import schema as S
 from dvidetl.errors import UserError
-from dvidetl.sinks.base import Partition, RunInfo, TableData, Where
+from dvidetl.sinks.base import Partition, RunInfo, SinkBase, TableData, Where
 from dvidetl.urlquery import Query
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ def chunk_json(text: bytes, limit: int) -> list[bytes]:
 # ---------------------------------------------------------------------------------------------
 
 
-class VastDBSink:
+class VastDBSink(SinkBase):
     """``vastdb://HOST[:PORT]/BUCKET/SCHEMA`` for one (uuid, instance)."""
 
     def __init__(self, url: str, *, uuid: str, instance: str):
@@ -581,10 +581,6 @@ class VastDBSink:
             return []
         return sorted(set(t.column("run_id").to_pylist()))
 
-    def latest_run(self) -> str | None:
-        runs = self.runs()
-        return runs[-1] if runs else None
-
     # -- ledger ------------------------------------------------------------------------------
     @staticmethod
     def _ledger_pred(run_id: str, part: Partition):
@@ -598,12 +594,6 @@ class VastDBSink:
     def is_done(self, run_id: str, part: Partition) -> bool:
         ep = self._endpoint_for(part.key)
         return self._tx(lambda tx: self._ledger_count(tx, run_id, part, ep), "is_done", ep) > 0
-
-    def done(self, run_id: str) -> set[str]:
-        t = self.ledger(run_id)
-        return {Partition(k, s, lo, hi).key for k, s, lo, hi in zip(
-            t.column("kind").to_pylist(), t.column("scale").to_pylist(),
-            t.column("lo").to_pylist(), t.column("hi").to_pylist(), strict=True)}
 
     def ledger(self, run_id: str | None = None) -> pa.Table:
         pred = None if run_id is None else (_col("run_id") == run_id)
@@ -650,19 +640,10 @@ class VastDBSink:
     def write_partition(
         self, run_id: str, part: Partition, tables: Mapping[str, TableData], stats: Mapping
     ) -> None:
-        unknown = set(tables) - set(S.KIND_TABLES[part.kind])
-        if unknown:
-            raise ValueError(f"partition kind {part.kind!r} does not write tables {sorted(unknown)}")
+        self.check_tables(part, tables)
         batches = {t: self._prepare_rows(t, tables.get(t)) for t in S.KIND_TABLES[part.kind]}
         rows = sum(bs.num_rows for bs in batches.values())
-        row = {
-            "run_id": run_id, "kind": part.kind, "scale": part.scale, "lo": part.lo, "hi": part.hi,
-            "blocks": int(stats.get("blocks", 0)), "rows": rows, "errors": int(stats.get("errors", 0)),
-            "bytes_in": int(stats.get("bytes_in", 0)), "bytes_out": int(stats.get("bytes_out", 0)),
-            "seconds": float(stats.get("seconds", 0.0)),
-            "finished_at": pa.scalar(int(time.time() * 1e6), pa.timestamp("us", tz="UTC")),
-        }
-        ledger_rb = pa.RecordBatch.from_pylist([row], schema=S.EXPORT_LEDGER)
+        ledger_rb = self.ledger_row(run_id, part, stats, rows).to_batches()[0]
         ep = self._endpoint_for(part.key)
         delay = 0.2
         for attempt in range(1, self.cfg.tries + 1):
