@@ -224,7 +224,7 @@ def test_retries_on_503(fake, real_source, caplog, monkeypatch):
     assert got.equals(real_source.tables[0])
     assert fake.fail_first == 0
     assert c.http.throttled == 12
-    monkeypatch.setattr(dh, "THROTTLE_PATIENCE", 0.3)
+    monkeypatch.setattr(c.http, "patience", 0.3)
     fake.fail_first = -1  # throttled forever: the server counts as down after the patience
     with pytest.raises(dh.DvidUnavailable, match=r"503 \(throttled\) for 0 s"):
         _all(c, 0, 0, 8)

@@ -41,27 +41,21 @@ per label, default 64), ``labels=auto|existing|listlabels`` (how labels are list
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 import logging
 import math
-import random
-import ssl
 import struct
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote, urlsplit
 
-import numba
 import numpy as np
 import pyarrow as pa
 
-from dvidetl.codec._kernels import _u32  # the codec's little-endian reader, one for all
-from dvidetl.errors import SourceUnavailable, UserError
+from dvidetl.errors import UserError
 from dvidetl.geometry import (
     ScaleInfo,
     VolumeInfo,
@@ -69,6 +63,26 @@ from dvidetl.geometry import (
     axis_bits,
     morton_decode,
     morton_encode,
+)
+from dvidetl.sources._dvid_parse import (
+    _ERRS,
+    _binary_array,
+    _gather,
+    _merge_parts,
+    _scan_block_records,
+    _unwrap_index,
+    parse_mappings,
+)
+from dvidetl.sources._dvid_transport import (  # noqa: F401 - re-exported names
+    DVID_TOKEN_ENV,
+    DVID_TOKEN_FILE_ENV,
+    THROTTLE_PATIENCE,
+    DvidAuthError,
+    DvidHttpError,
+    DvidUnavailable,
+    _Http,
+    _StreamError,
+    dvid_token,
 )
 from dvidetl.sources.base import (
     BLOCKS_WIRE_SCHEMA,
@@ -82,7 +96,6 @@ from dvidetl.sources.base import (
 )
 from dvidetl.urlquery import Query
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 MAX_BATCH_BYTES = 8 << 20
@@ -94,295 +107,12 @@ INDICES_PER_REQUEST = 2_000
 #: a range of many boxes is fetched in groups of 2^GROUP_BITS boxes' worth of slots, each
 #: group as boxes of whole X rows (``box_shape=rows``)
 GROUP_BITS = 4
-_EMPTY_PART = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32),
-               np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(1, np.int64))
 #: label_index rows assumed per body label when planning (DVID cannot count them cheaply;
 #: the mCNS has ~5-7e9 rows over its labels); ``rows_per_label=`` overrides it
 ROWS_PER_LABEL = 64
 LISTLABELS_PAGE = 100_000
 #: cells a count() may return before asking for a coarser level
 MAX_COUNT_CELLS = 1 << 26
-_RETRY_STATUS = {429, 500, 502, 503, 504}
-
-
-class DvidHttpError(UserError):
-    """DVID answered with an error, or could not be reached after retries (message names the URL)."""
-
-
-class DvidUnavailable(SourceUnavailable, DvidHttpError):
-    """DVID could not be reached, or kept failing (5xx, cut or broken bodies) after retries.
-
-    A `SourceUnavailable` first, so the Flight server answers UNAVAILABLE and workers retry;
-    still a `DvidHttpError` so callers catching that keep working.
-    """
-
-
-class DvidAuthError(DvidHttpError):
-    """DVID refused the request's credentials (or wants some): fix the DVID token."""
-
-
-#: environment variables naming the DVID token (JWT or DSG token) and a file holding it
-DVID_TOKEN_ENV = "DVIDETL_DVID_TOKEN"
-DVID_TOKEN_FILE_ENV = "DVIDETL_DVID_TOKEN_FILE"
-#: longest wait for one throttled (503) request before it counts as the server being down
-THROTTLE_PATIENCE = 1800.0
-
-
-def dvid_token(token_file: str | None = None) -> str | None:
-    """The DVID bearer token: from ``token_file`` (URL ``token_file=``), else the file named by
-    ``DVIDETL_DVID_TOKEN_FILE``, else ``DVIDETL_DVID_TOKEN``; never from the URL itself (URLs
-    reach argv and logs)."""
-    import os
-
-    path = token_file or os.environ.get(DVID_TOKEN_FILE_ENV)
-    if path:
-        try:
-            tok = open(path, encoding="utf-8").read().strip()
-        except OSError as exc:
-            raise UserError(f"cannot read DVID token file {path!r}: {exc.strerror or exc}") from None
-        if not tok or any(c.isspace() for c in tok):
-            raise UserError(f"DVID token file {path!r} is empty or holds whitespace inside the token")
-        return tok
-    return os.environ.get(DVID_TOKEN_ENV, "").strip() or None
-
-
-class _StreamError(Exception):
-    """A 200 body that does not parse: probably an error text appended by the server."""
-
-    def __init__(self, offset: int, why: str, body: bytes):
-        self.offset = offset
-        tail = body[offset : offset + 160]
-        text = tail.decode("utf-8", "replace").strip()
-        super().__init__(f"{why} at byte {offset} of {len(body)}" + (f": {text!r}" if text else ""))
-
-
-# ---------------------------------------------------------------------------- HTTP transport
-class _Http:
-    """Keep-alive HTTP(S) connections (one per thread) with timeouts and retries."""
-
-    def __init__(
-        self, scheme: str, host: str, port: int | None, timeout: float, retries: int, backoff: float,
-        *, inflight: int = 64, token: str | None = None,
-    ) -> None:
-        self.scheme, self.host, self.port = scheme, host, port
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        # DVID answers requests beyond its throttle slots 503 at once: never send more than it
-        # admits (``inflight``), so throttling costs waiting, not failed attempts
-        self._slots = threading.BoundedSemaphore(max(1, inflight))
-        self._token = token  # never logged: messages below name the URL only
-        self.throttled = 0  # 503 answers seen (reported by benchmarks and tests)
-        self._local = threading.local()
-        netloc = host if port is None else f"{host}:{port}"
-        self.base = f"{scheme}://{netloc}"
-
-    def _conn(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self.scheme == "https":
-                conn = http.client.HTTPSConnection(
-                    self.host, self.port, timeout=self.timeout, context=ssl.create_default_context()
-                )
-            else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-            self._local.conn = conn
-        return conn
-
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
-    def get(self, path: str, parse: Callable[[bytes], T], body: bytes | None = None) -> T:
-        """GET ``path`` (optionally with a body, as DVID's /indices wants) and parse the 200 body.
-
-        Retries connection errors, timeouts, 429/5xx and unparsable 200 bodies with exponential
-        backoff; any other status is an immediate `DvidHttpError` quoting DVID's message.
-        """
-        url = self.base + path
-        last = ""
-        attempt = 0  # failed attempts; 503 (throttled) answers do not count
-        throttled_since: float | None = None
-        n503 = 0
-        while attempt <= self.retries:
-            if throttled_since is not None:  # throttled: full jitter spreads the workers out
-                time.sleep(random.uniform(0, min(max(self.backoff, 0.02) * 2 ** min(n503, 9), 10.0)))
-            elif attempt:
-                log.warning("retrying GET %s (attempt %d): %s", url, attempt + 1, last)
-                delay = min(self.backoff * (2 ** (attempt - 1)), 30.0)
-                time.sleep(delay * (0.75 + 0.5 * random.random()))
-            headers = {"Accept-Encoding": "identity"}
-            if body is not None:
-                headers["Content-Type"] = "application/json"
-            if self._token:
-                headers["Authorization"] = f"Bearer {self._token}"
-            try:
-                with self._slots:
-                    conn = self._conn()
-                    conn.request("GET", path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                status = resp.status
-                retry_after = resp.getheader("Retry-After")
-                if resp.will_close:
-                    self._drop()
-            except (TimeoutError, OSError, http.client.HTTPException) as exc:
-                attempt += 1
-                self._drop()
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                continue
-            if status == 200:
-                try:
-                    return parse(data)
-                except _StreamError as exc:
-                    attempt += 1
-                    last = f"bad response body: {exc}"
-                    continue
-            text = data[:300].decode("utf-8", "replace").strip()
-            if status == 503:  # DVID's throttle: wait and retry, not a failure
-                self.throttled += 1
-                n503 += 1
-                now = time.monotonic()
-                if throttled_since is None:
-                    throttled_since = now
-                if now - throttled_since < THROTTLE_PATIENCE:
-                    last = f"HTTP 503: {text}"
-                    if retry_after and retry_after.isdigit():
-                        time.sleep(min(float(retry_after), 30.0))
-                    continue
-                raise DvidUnavailable(
-                    f"GET {url}: DVID answered 503 (throttled) for {THROTTLE_PATIENCE:.0f} s; "
-                    "raise its throttle (POST /api/server/settings) or lower parallel="
-                )
-            throttled_since, n503 = None, 0
-            if status in _RETRY_STATUS:
-                attempt += 1
-                last = f"HTTP {status}: {text}"
-                if retry_after and retry_after.isdigit():
-                    time.sleep(min(float(retry_after), 30.0))
-                continue
-            if status in (401, 403) or (
-                status == 400 and ("auth" in text.lower() or "token" in text.lower())
-            ):
-                how = "the DVID token was refused" if self._token else (
-                    f"DVID wants a token: set {DVID_TOKEN_ENV} or {DVID_TOKEN_FILE_ENV} "
-                    "(or token_file= in the URL)"
-                )
-                raise DvidAuthError(f"GET {url}: HTTP {status}: {how}: {text}")
-            raise DvidHttpError(f"DVID error for GET {url}: HTTP {status}: {text}")
-        raise DvidUnavailable(f"GET {url} failed after {self.retries + 1} attempts: {last}")
-
-    def close(self) -> None:
-        self._drop()
-
-
-# ---------------------------------------------------------------------------- stream parsing
-@numba.njit(cache=True)
-def _i32(buf, p):
-    v = _u32(buf, p)
-    return v - (np.int64(1) << 32) if v >= (np.int64(1) << 31) else v
-
-
-@numba.njit(cache=True)
-def _scan_block_records(buf, box_lo, box_hi, want_gzip):
-    """Walk a /blocks record stream: (n, x, y, z, start, length, err_offset, err_code).
-
-    err_code: 0 ok, 1 truncated header, 2 block outside the requested box, 3 zero length,
-    4 length runs past the body, 5 payload is not gzip.
-    """
-    size = buf.shape[0]
-    cap = size // 17 + 1
-    xs = np.empty(cap, np.int32)
-    ys = np.empty(cap, np.int32)
-    zs = np.empty(cap, np.int32)
-    starts = np.empty(cap, np.int64)
-    lens = np.empty(cap, np.int64)
-    n = 0
-    p = 0
-    while p < size:
-        if size - p < 16:
-            return n, xs, ys, zs, starts, lens, p, 1
-        x = _i32(buf, p)
-        y = _i32(buf, p + 4)
-        z = _i32(buf, p + 8)
-        ln = _u32(buf, p + 12)
-        if (
-            x < box_lo[0]
-            or y < box_lo[1]
-            or z < box_lo[2]
-            or x >= box_hi[0]
-            or y >= box_hi[1]
-            or z >= box_hi[2]
-        ):
-            return n, xs, ys, zs, starts, lens, p, 2
-        if ln == 0:
-            return n, xs, ys, zs, starts, lens, p, 3
-        if p + 16 + ln > size:
-            return n, xs, ys, zs, starts, lens, p, 4
-        if want_gzip and (ln < 2 or buf[p + 16] != 0x1F or buf[p + 17] != 0x8B):
-            return n, xs, ys, zs, starts, lens, p, 5
-        xs[n] = x
-        ys[n] = y
-        zs[n] = z
-        starts[n] = p + 16
-        lens[n] = ln
-        n += 1
-        p += 16 + ln
-    return n, xs, ys, zs, starts, lens, -1, 0
-
-
-@numba.njit(cache=True)
-def _gather(buf, starts, lens, order):
-    """Concatenate payloads in ``order``: (data uint8, offsets int32 [n+1])."""
-    n = order.shape[0]
-    offsets = np.empty(n + 1, np.int64)
-    offsets[0] = 0
-    for i in range(n):
-        offsets[i + 1] = offsets[i] + lens[order[i]]
-    out = np.empty(offsets[n], np.uint8)
-    for i in range(n):
-        k = order[i]
-        out[offsets[i] : offsets[i + 1]] = buf[starts[k] : starts[k] + lens[k]]
-    return out, offsets
-
-
-_ERRS = {
-    1: "truncated record header (trailing bytes)",
-    2: "record header does not parse (block outside the requested box)",
-    3: "record with zero length",
-    4: "record length runs past the end of the body",
-    5: "payload is not gzip",
-}
-
-
-def _merge_parts(parts: list[tuple]) -> tuple:
-    """The blocks of one request group's boxes, merged into Morton order (one box: as is)."""
-    parts = [p for p in parts if p[3].size]
-    if len(parts) == 1:
-        return parts[0]
-    if not parts:
-        return _EMPTY_PART
-    codes = np.concatenate([p[3] for p in parts])
-    order = np.argsort(codes, kind="stable")
-    lens = np.concatenate([np.diff(p[5]) for p in parts])
-    base = np.cumsum([0] + [int(p[5][-1]) for p in parts[:-1]])
-    starts = np.concatenate([p[5][:-1] + b for p, b in zip(parts, base, strict=True)])
-    data, offsets = _gather(np.concatenate([p[4] for p in parts]), starts, lens, order)
-    xyz = [np.concatenate([p[d] for p in parts])[order] for d in range(3)]
-    return xyz[0], xyz[1], xyz[2], codes[order], data, offsets
-
-
-def _binary_array(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
-    n = offsets.shape[0] - 1
-    if offsets[-1] < 2**31:
-        return pa.Array.from_buffers(
-            pa.binary(), n, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
-        )
-    return pa.Array.from_buffers(
-        pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
-    ).cast(pa.binary())
-
-
 # ---------------------------------------------------------------------------- the source
 def open_url(url: str) -> DvidHttpSource:
     """Open ``dvid+http(s)://host:port[?uuid=&instance=&timeout=&retries=&...]``."""
@@ -1071,57 +801,6 @@ class DvidHttpSource:
                 self._pool = None
             self._mapping = None
         self.http.close()
-
-
-_TEXT_BYTES = b"0123456789 \t\r\n"
-_PRINTABLE = np.zeros(256, bool)
-_PRINTABLE[0x20:0x7F] = True
-_PRINTABLE[[9, 10, 13]] = True
-
-
-def parse_mappings(body: bytes) -> np.ndarray:
-    """(sv, body) pairs of a ``/mappings`` answer, whatever DVID sent: binary uint64 pairs
-    (``format=binary``, DVID >= 0.9.0) or ``"sv body"`` text lines (older DVIDs, which ignore
-    ``format``). DVID cannot change the status of a streamed 200, so a failure mid-stream
-    appends an error text: in binary, a tail that is not whole pairs or a pair made only of
-    printable characters (a real id would have to be >= 0x2020202020202020 in both halves);
-    in text, anything but digits and whitespace. Either raises ``_StreamError`` (retried)."""
-    if not body:
-        return np.zeros((0, 2), np.uint64)
-    if not body.translate(None, _TEXT_BYTES):  # only digits and whitespace: text lines
-        vals = np.fromstring(body, dtype=np.uint64, sep=" ")
-        if vals.size % 2:
-            raise _StreamError(len(body), "text mapping has an odd number of ids", body)
-        return vals.reshape(-1, 2)
-    raw = np.frombuffer(body, np.uint8)
-    istext = np.zeros(256, bool)
-    istext[list(_TEXT_BYTES)] = True
-    first_other = int(np.argmin(istext[raw]))
-    if body[:1].isdigit() and b"\n" in body[:first_other]:
-        # whole text lines, then something else: the error DVID appended
-        raise _StreamError(first_other, "text mapping stream carries an appended error", body)
-    whole = len(body) - len(body) % 16
-    printable = _PRINTABLE[raw[:whole]].reshape(-1, 16).all(axis=1)
-    if printable.any():
-        i = int(np.argmax(printable)) * 16
-        raise _StreamError(i, "mapping stream carries text (an appended DVID error)", body)
-    if whole != len(body):
-        raise _StreamError(whole, "mapping is not whole uint64 pairs", body)
-    return np.frombuffer(body, dtype="<u8").reshape(-1, 2)
-
-
-def _unwrap_index(v: bytes, url: str, label: int) -> bytes:
-    """DVID's stored-value wrapper around a LabelIndex (normally 0x80 + uint32 size + LZ4),
-    through the codec's ``dvid`` unwrapper (which also checks a stored CRC32)."""
-    if not v:
-        return b""
-    from dvidetl.codec import unwrap
-    from dvidetl.codec.errors import BlockFormatError
-
-    try:
-        return bytes(unwrap(v, "dvid"))
-    except BlockFormatError as exc:
-        raise DvidHttpError(f"{url}: label {label}: cannot unwrap the stored index ({exc})") from None
 
 
 __all__ = [
