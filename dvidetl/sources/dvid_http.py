@@ -113,6 +113,24 @@ ROWS_PER_LABEL = 64
 LISTLABELS_PAGE = 100_000
 #: cells a count() may return before asking for a coarser level
 MAX_COUNT_CELLS = 1 << 26
+def _aligned_cells(lo: int, k: int, bits: int, grid, side_bits: np.ndarray, ext_lo: np.ndarray,
+                   ext_hi: np.ndarray, chunk: int = 1 << 20) -> Iterator[tuple[int, tuple, tuple]]:
+    """The 2^(k-bits) aligned cells of 2^bits slots in the aligned range [lo, lo + 2^k):
+    (first code, box lo, box hi) clipped to the extents, empty ones left out; origins are
+    decoded vectorized, ``chunk`` cells at a time."""
+    side = np.int64(1) << side_bits
+    n = 1 << (k - bits)
+    for c in range(0, n, chunk):
+        idx = np.arange(c, min(n, c + chunk), dtype=np.uint64)
+        starts = np.uint64(lo) + (idx << np.uint64(bits))
+        ox, oy, oz = morton_decode(starts, grid)
+        org = np.stack([ox, oy, oz], axis=1).astype(np.int64)
+        b_lo = np.maximum(org, ext_lo)
+        b_hi = np.minimum(org + side, ext_hi)
+        for i in np.flatnonzero(np.all(b_hi > b_lo, axis=1)).tolist():
+            yield int(starts[i]), tuple(b_lo[i].tolist()), tuple(b_hi[i].tolist())
+
+
 # ---------------------------------------------------------------------------- the source
 def open_url(url: str) -> DvidHttpSource:
     """Open ``dvid+http(s)://host:port[?uuid=&instance=&timeout=&retries=&...]``."""
@@ -459,19 +477,9 @@ class DvidHttpSource:
                 yield from self._row_groups(lo, k, kb, grid, side_bits, ext_lo, ext_hi)
                 lo += 1 << k
                 continue
-            side = np.int64(1) << side_bits(kb)
-            n_sub = 1 << (k - kb)  # a big aligned range: its 2^kb sub-boxes, vectorized
-            for c in range(0, n_sub, 1 << 20):
-                idx = np.arange(c, min(n_sub, c + (1 << 20)), dtype=np.uint64)
-                starts = np.uint64(lo) + (idx << np.uint64(kb))
-                ox, oy, oz = morton_decode(starts, grid)
-                org = np.stack([ox, oy, oz], axis=1).astype(np.int64)
-                b_lo = np.maximum(org, ext_lo)
-                b_hi = np.minimum(org + side, ext_hi)
-                ok = np.all(b_hi > b_lo, axis=1)
-                for i in np.flatnonzero(ok).tolist():
-                    c0 = int(starts[i])
-                    yield c0, c0 + (1 << kb), [(tuple(b_lo[i].tolist()), tuple(b_hi[i].tolist()))]
+            # a big aligned range: its 2^kb sub-boxes
+            for c0, b_lo, b_hi in _aligned_cells(lo, k, kb, grid, side_bits(kb), ext_lo, ext_hi):
+                yield c0, c0 + (1 << kb), [(b_lo, b_hi)]
             lo += 1 << k
 
     def _row_groups(self, lo: int, k: int, kb: int, grid, side_bits, ext_lo, ext_hi):
@@ -480,25 +488,14 @@ class DvidHttpSource:
         per (y, z) row: rows of a 16^3 cube are 16 keys long, a group's up to 4x longer), at
         most 2^kb slots per request. A group's blocks are one Morton range: they are merged
         and sorted before they are served, so the stream stays in Morton order."""
-        g = min(k - kb, GROUP_BITS)
-        span = kb + g
-        side = np.int64(1) << side_bits(span)
-        n_groups = 1 << (k - span)
-        for c in range(0, n_groups, 1 << 16):
-            idx = np.arange(c, min(n_groups, c + (1 << 16)), dtype=np.uint64)
-            starts = np.uint64(lo) + (idx << np.uint64(span))
-            ox, oy, oz = morton_decode(starts, grid)
-            org = np.stack([ox, oy, oz], axis=1).astype(np.int64)
-            g_lo = np.maximum(org, ext_lo)
-            g_hi = np.minimum(org + side, ext_hi)
-            for i in np.flatnonzero(np.all(g_hi > g_lo, axis=1)).tolist():
-                (x0, y0, z0), (x1, y1, z1) = g_lo[i].tolist(), g_hi[i].tolist()
-                ny = max(1, min(y1 - y0, (1 << kb) // (x1 - x0)))
-                nz = max(1, min(z1 - z0, (1 << kb) // ((x1 - x0) * ny)))
-                boxes = [((x0, y, z), (x1, min(y + ny, y1), min(z + nz, z1)))
-                         for z in range(z0, z1, nz) for y in range(y0, y1, ny)]
-                c0 = int(starts[i])
-                yield c0, c0 + (1 << span), boxes
+        span = kb + min(k - kb, GROUP_BITS)
+        for c0, (x0, y0, z0), (x1, y1, z1) in _aligned_cells(lo, k, span, grid, side_bits(span),
+                                                               ext_lo, ext_hi):
+            ny = max(1, min(y1 - y0, (1 << kb) // (x1 - x0)))
+            nz = max(1, min(z1 - z0, (1 << kb) // ((x1 - x0) * ny)))
+            boxes = [((x0, y, z), (x1, min(y + ny, y1), min(z + nz, z1)))
+                     for z in range(z0, z1, nz) for y in range(y0, y1, ny)]
+            yield c0, c0 + (1 << span), boxes
 
     def _fetch_box(self, scale: int, box_lo: tuple, box_hi: tuple) -> tuple:
         """One /blocks request: (x, y, z, morton, data, offsets) sorted by Morton."""
