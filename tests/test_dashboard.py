@@ -17,22 +17,9 @@ from dvidetl.flight.server import start_server
 from dvidetl.sinks import open_sink
 from dvidetl.sources import open_source
 from dvidetl.testing.corrupt import CorruptSource
+from dvidetl.testing.slow import SlowSource
 
 VOLUME = "synthetic://dash?size=512,512,256&scales=2&seed=9"
-
-
-class _Slow:
-    """Blocks arrive slowly enough for the page to be looked at mid-run."""
-
-    def __init__(self, inner, delay: float):
-        self.inner, self.delay = inner, delay
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def read_blocks(self, scale, lo, hi):
-        time.sleep(self.delay)
-        yield from self.inner.read_blocks(scale, lo, hi)
 
 
 def _chromium() -> str:
@@ -77,7 +64,7 @@ def _state(base: str) -> dict:
 def test_run_page_renders_the_whole_run(tmp_path):
     from distributed import LocalCluster
 
-    src = _Slow(CorruptSource(open_source(VOLUME), rate=0.06, seed=4), 0.25)
+    src = SlowSource(CorruptSource(open_source(VOLUME), rate=0.06, seed=4), 0.25)
     sink = f"parquet://{tmp_path}/out"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address="127.0.0.1:0") as cluster, start_server(src) as srv:

@@ -20,34 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dvidetl.testing.slow import SlowSource  # noqa: F401 - the fault tests import it from here
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: fault table rows by test node id (filled by ``verify_and_record``, printed by conftest)
 ROWS: dict[str, dict] = {}
-
-
-class SlowSource:
-    """A real source whose ``read_blocks``, ``read_indices`` and ``read_mapping`` wait
-    ``delay`` seconds first, so a run lasts long enough for a fault to land while
-    partitions are in flight. Everything else is the inner source's."""
-
-    def __init__(self, inner, delay: float):
-        self.inner, self.delay = inner, delay
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def read_blocks(self, scale, lo, hi):
-        time.sleep(self.delay)
-        yield from self.inner.read_blocks(scale, lo, hi)
-
-    def read_indices(self, lo, hi):
-        time.sleep(self.delay)
-        yield from self.inner.read_indices(lo, hi)
-
-    def read_mapping(self, lo=0, hi=1 << 64):
-        time.sleep(self.delay)
-        yield from self.inner.read_mapping(lo, hi)
 
 
 def free_port() -> int:
