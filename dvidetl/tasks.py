@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -121,9 +120,6 @@ class PartitionStats:
     def get(self, name: str, default=None):
         return getattr(self, name, default)
 
-    def __getitem__(self, name: str):
-        return getattr(self, name)
-
 
 def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
     """One task: read, transform and commit one partition (or nothing if already committed
@@ -173,11 +169,12 @@ def _error_samples(errors, limit: int = 5) -> list[dict]:
     """The first corrupt blocks of a partition (scale, x, y, z, reason) for the dashboard."""
     if errors is None:
         return []
-    first = errors if isinstance(errors, pa.Table) else next(iter(errors), None)
-    if first is None or first.num_rows == 0:
+    if not isinstance(errors, pa.Table):  # spilled: its first batch is enough
+        first = next(iter(errors), None)
+        errors = pa.Table.from_batches([first]) if first is not None else None
+    if errors is None or errors.num_rows == 0:
         return []
-    t = first.slice(0, limit * 4).select(["scale", "x", "y", "z", "reason"]) if isinstance(first, pa.Table) \
-        else pa.Table.from_batches([first]).slice(0, limit * 4).select(["scale", "x", "y", "z", "reason"])
+    t = errors.slice(0, limit * 4).select(["scale", "x", "y", "z", "reason"])
     out, seen = [], set()
     for r in t.to_pylist():  # a block split over several parts is listed once
         k = (r["scale"], r["x"], r["y"], r["z"])
@@ -201,13 +198,13 @@ def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, Part
     try:
         if part.kind == "indices":
             grid0 = tuple(ctx.grids.get(0) or ctx.grids.get("0"))
-            for batch in _counted(client.read_indices(part.lo, part.hi), "data"):
-                nbytes += batch[1]
-                for t in label_index_rows([batch[0]], grid0):
+            for batch in client.read_indices(part.lo, part.hi):
+                nbytes += batch.column("data").nbytes
+                for t in label_index_rows([batch], grid0):
                     spill.append(t)
         else:
-            for batch, n in _counted(client.read_mapping(part.lo, part.hi), None):
-                nbytes += n
+            for batch in client.read_mapping(part.lo, part.hi):
+                nbytes += batch.nbytes
                 spill.append(S.conform("mapping", pa.Table.from_batches([batch])))
         result = spill.result()
     except BaseException:
@@ -216,12 +213,6 @@ def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, Part
     stats = PartitionStats(part.key, part.kind, rows=spill.num_rows, bytes_in=nbytes,
                            bytes_out=spill.nbytes, seconds=time.perf_counter() - t0)
     return {table: result}, stats
-
-
-def _counted(batches, data_col: str | None) -> Iterator[tuple[pa.RecordBatch, int]]:
-    """Each batch with the bytes it brought (its data column, else the whole batch)."""
-    for b in batches:
-        yield b, (b.column(data_col).nbytes if data_col else b.nbytes)
 
 
 def release_memory() -> None:

@@ -22,15 +22,21 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                         "less for small volumes)")
 
 
-def plan_from_args(args: argparse.Namespace, ep, scales, *, indices: bool = True, mapping: bool = True):
-    """The partitions the options ask for, counted through the endpoint's Flight client."""
+def check_plan_options(args: argparse.Namespace) -> None:
+    """The partition sizes must be positive: checked before any server is reached."""
     from dvidetl.errors import UserError
-    from dvidetl.planning import make_plan
 
     for opt in ("partition_blocks", "index_partition_rows", "mapping_partition_rows"):
         v = getattr(args, opt, None)
         if v is not None and v < 1:
             raise UserError(f"--{opt.replace('_', '-')} must be at least 1 (got {v})")
+
+
+def plan_from_args(args: argparse.Namespace, ep, scales, *, indices: bool = True, mapping: bool = True):
+    """The partitions the options ask for (``check_plan_options`` first), counted through
+    the endpoint's Flight client."""
+    from dvidetl.planning import make_plan
+
     return make_plan(ep.info, ep.client.count, scales, args.partition_blocks,
                      indices=indices, mapping=mapping, count_keys=ep.client.count_keys,
                      index_rows=getattr(args, "index_partition_rows", None),
@@ -82,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
     from dvidetl.endpoint import open_flight
     from dvidetl.errors import UserError
 
+    check_plan_options(args)
     scales = parse_scales(args.scales)
     ep = open_flight(args)
     try:

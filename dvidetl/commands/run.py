@@ -69,7 +69,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands.plan import plan_from_args
+    from dvidetl.commands.plan import check_plan_options, plan_from_args
     from dvidetl.driver import execute
     from dvidetl.endpoint import open_flight
     from dvidetl.planning import new_run_id
@@ -78,10 +78,7 @@ def main(args: argparse.Namespace) -> int:
     from dvidetl.sinks.base import RunInfo
     from dvidetl.tasks import task_context
 
-    for opt in ("partition_blocks", "index_partition_rows", "mapping_partition_rows"):
-        v = getattr(args, opt, None)
-        if v is not None and v < 1:
-            raise UserError(f"--{opt.replace('_', '-')} must be at least 1 (got {v})")
+    check_plan_options(args)
     if args.cell_limit < 1024:
         raise UserError(f"--cell-limit must be at least 1024 bytes (got {args.cell_limit})")
     if not -7 <= args.zstd_level <= 22:  # zstd's fast (negative) levels through its maximum

@@ -605,9 +605,11 @@ class SyntheticSource:
                 for x, y, z in chunk:
                     got = self._stash.get((x, y, z)) if self._stash is not None else None
                     if got is None and self._stash is not None and \
+                            self._stash_bytes < self._vox.max_bytes and \
                             self._bytes.nbytes < self._bytes.max_bytes // 2:
                         # encode the block too while its voxels are at hand: the export's
                         # read_blocks then serves it from the cache instead of regenerating
+                        # (only while the stash keeps the counts, or they would be generated twice)
                         self._encoded(0, x, y, z)
                         got = self._stash.get((x, y, z))
                     if got is None:
