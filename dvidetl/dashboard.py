@@ -49,17 +49,14 @@ routes: list[tuple] = [
 ]
 
 
-def _install(dask_scheduler=None) -> str:
-    """Add the routes to a running scheduler's HTTP server (once); returns their prefix."""
+def _install(dask_scheduler=None) -> None:
+    """Add the routes to a running scheduler's HTTP server (once; none without a server)."""
     from distributed.http.utils import get_handlers
 
     app = getattr(dask_scheduler, "http_application", None)
-    if app is None:
-        return "no http server"
-    if not getattr(dask_scheduler, "_dvidetl_routes", False):
+    if app is not None and not getattr(dask_scheduler, "_dvidetl_routes", False):
         app.add_handlers(r".*$", get_handlers(dask_scheduler, [__name__], prefix="/"))
         dask_scheduler._dvidetl_routes = True
-    return "/"
 
 
 def install(client) -> str | None:

@@ -143,11 +143,8 @@ def verify_block_partition(client, sink, run, part, env: VerifyEnv, report: Veri
     report.blocks_source += src.num_rows
     exp = sink.read("blocks", scale=part.scale, morton_range=(part.lo, part.hi), run_id=run.run_id)
     ov = sink.read("block_overflow", scale=part.scale, morton_range=(part.lo, part.hi), run_id=run.run_id)
-    errs = sink.read("export_errors", scale=part.scale, morton_range=(part.lo, part.hi), run_id=run.run_id)
-    if errs.num_rows:  # the sink may return whole files: keep this partition's rows
-        em_ = errs.column("morton").to_numpy()
-        errs = errs.filter(pa.array((errs.column("scale").to_numpy() == part.scale)
-                                    & (em_ >= np.uint64(part.lo)) & (em_ < np.uint64(part.hi))))
+    errs = sink.read("export_errors", scale=part.scale, morton_range=(part.lo, part.hi),
+                     run_id=run.run_id, columns=["morton", "reason"])
     err_m = np.unique(errs.column("morton").to_numpy()) if errs.num_rows else np.zeros(0, np.uint64)
     sm = src.column("morton").to_numpy() if src.num_rows else np.zeros(0, np.uint64)
     em = exp.column("morton").to_numpy() if exp.num_rows else np.zeros(0, np.uint64)
@@ -477,9 +474,8 @@ def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_
     bounds = np.array([p.lo for p in idx_parts], np.uint64) if idx_parts else None
     bad0 = np.zeros(0, np.uint64)
     if bounds is not None:
-        errs = sink.read("export_errors", scale=0, run_id=run_id)
+        errs = sink.read("export_errors", scale=0, run_id=run_id, columns=["morton"])
         if errs.num_rows:
-            errs = errs.filter(pc.equal(errs.column("scale"), 0))
             bad0 = np.unique(errs.column("morton").to_numpy().astype(np.uint64))
     env = VerifyEnv(client.info(), bounds, bad0)
     if dask_client is None:

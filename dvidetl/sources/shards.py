@@ -537,9 +537,9 @@ class ShardsSource:
                 sv = pc.list_flatten(svs).to_numpy().astype(np.uint64, copy=True)
                 body = pc.list_flatten(bodies).to_numpy().astype(np.uint64, copy=True)
                 # all-background blocks (label list [0]): exported as stored, but reported
-                ln = len_sv.to_numpy(zero_copy_only=False)
-                starts = np.concatenate([[0], np.cumsum(ln)[:-1]]).astype(np.int64)
-                zero = (ln == 1) & (sv[np.minimum(starts, max(len(sv) - 1, 0))] == 0) if len(sv) else ln < 0
+                one = pc.equal(len_sv, 1)
+                zero = pc.and_(one, pc.equal(pc.list_element(pc.if_else(one, svs, None), 0), 0))
+                zero = pc.fill_null(zero, False).to_numpy(zero_copy_only=False)
                 for i in np.flatnonzero(zero).tolist():
                     self._note("background_block", sf.path,
                                tuple(table.column(c)[i].as_py() for c in ("chunk_x", "chunk_y", "chunk_z")),
