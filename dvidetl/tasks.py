@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from dvidetl import schema as S
+from dvidetl.retry import Backoff, retry
 from dvidetl.sinks.base import Partition, RunInfo
 from dvidetl.spill import close_tables
 
@@ -256,20 +257,8 @@ def write_with_backoff(sink, run_id: str, part: Partition, tables: dict, stats) 
     backoff doubling from ``WRITE_BACKOFF_S``), only when every table is materialized (a
     consumed stream cannot be sent again). Rewriting a partition is idempotent (sinks replace
     what an earlier attempt left), so this never duplicates rows."""
-    import random
-
-    import pyarrow as pa
-
     replayable = all(isinstance(t, pa.Table) or getattr(t, "replayable", False) for t in tables.values())
-    delay = WRITE_BACKOFF_S
-    for attempt in range(1, WRITE_TRIES + 1):
-        try:
-            sink.write_partition(run_id, part, tables, stats)
-            return
-        except OSError as exc:
-            if not replayable or attempt == WRITE_TRIES:
-                raise
-            log.warning("partition %s: write failed (%s); retry %d/%d in %.1f s", part.key,
-                        str(exc).splitlines()[0][:200], attempt, WRITE_TRIES - 1, delay)
-            time.sleep(delay * (0.5 + random.random()))
-            delay *= 2
+    retry(lambda: sink.write_partition(run_id, part, tables, stats),
+          Backoff(tries=WRITE_TRIES, base=WRITE_BACKOFF_S, cap=float("inf")),
+          retryable=lambda exc: replayable and isinstance(exc, OSError),
+          what=f"partition {part.key}: write failed", logger=log, level=logging.WARNING)

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import pyarrow.flight as flight
 from dvidetl.errors import UserError
 from dvidetl.flight import protocol as P
 from dvidetl.geometry import VolumeInfo
+from dvidetl.retry import Backoff, retry
 from dvidetl.sources.base import KeyCounts
 
 log = logging.getLogger(__name__)
@@ -232,8 +232,9 @@ class FlightClient:
                 f"Flight server {self.location} rejected {call}: {_clean(exc)}"
             ) from None
 
-    def _sleep(self, attempt: int) -> None:
-        time.sleep(min(self.max_backoff, self.backoff * (2 ** (attempt - 1))))
+    def _policy(self) -> Backoff:
+        # exact waits: a Flight client per worker, and the server is one process that recovers
+        return Backoff(tries=self.retries + 1, base=self.backoff, cap=self.max_backoff, jitter=0.0)
 
     def _unavailable(self, call: str, attempts: int, exc: BaseException) -> FlightUnavailable:
         return FlightUnavailable(
@@ -241,48 +242,39 @@ class FlightClient:
             f"{type(exc).__name__}: {_clean(exc)}"
         )
 
-    def _retryable(self, exc: BaseException) -> bool:
-        if isinstance(exc, flight.FlightInternalError) and P.SERVER_ERROR_PREFIX in str(exc):
-            return False  # the server told us it is a bug / broken source, not the network
-        return True
-
-    def _next_attempt(self, exc: BaseException, call: str, attempt: int) -> int:
-        """The number of the retry after a transport error ``exc`` in attempt ``attempt``, or
-        the error to raise: a dvidetl error for final ones, ``FlightUnavailable`` once the
-        retries are used up."""
-        self._raise_final(exc, call)
-        if not self._retryable(exc):
-            raise exc
-        attempt += 1
-        if attempt > self.retries:
-            raise self._unavailable(call, attempt, exc) from exc
-        return attempt
+    def _transient(self, exc: BaseException, call: str) -> bool:
+        """Worth another attempt? Final Flight errors are raised as dvidetl errors instead."""
+        if isinstance(exc, (flight.FlightError, pa.ArrowInvalid)):
+            self._raise_final(exc, call)
+        if not isinstance(exc, _RETRYABLE):
+            return False
+        # the server told us when it is a bug / broken source, not the network
+        return not (isinstance(exc, flight.FlightInternalError) and P.SERVER_ERROR_PREFIX in str(exc))
 
     def _with_retries(self, call: str, fn: Callable[[flight.FlightClient], Any]) -> Any:
         """Run a complete call ``fn(connection)``, reconnecting and retrying on transport errors."""
-        attempt = 0
-        while True:
-            conn = None
+
+        def once() -> Any:
+            conn = self._client()
             try:
-                conn = self._client()
                 return fn(conn)
-            except _RETRYABLE as exc:
-                attempt = self._next_attempt(exc, call, attempt)
-                log.warning("%s on %s failed (%s); retry %d/%d",
-                            call, self.location, _clean(exc), attempt, self.retries)
+            except _RETRYABLE:
                 self._reset(conn)
-                self._sleep(attempt)
-            except (flight.FlightError, pa.ArrowInvalid) as exc:
-                self._raise_final(exc, call)
                 raise
+
+        return retry(once, self._policy(), retryable=lambda exc: self._transient(exc, call),
+                     what=f"{call} on {self.location}", describe=_clean,
+                     exhausted=lambda n, exc: self._unavailable(call, n, exc),
+                     logger=log, level=logging.WARNING)
 
     def _stream(self, call: str, ticket: bytes, key: str | None = None) -> Iterator[pa.RecordBatch]:
         """DoGet ``ticket``; on failure re-send it from the start and skip delivered rows.
 
         ``key``: a column whose value at the resume point must be the one last delivered
         (streams are deterministic; this catches a source that changed between attempts)."""
+        policy = self._policy()
         delivered = 0
-        attempt = 0
+        attempt = 0  # retries since the last delivered batch
         last_key = None  # key of the last row handed out
         while True:
             reader = conn = None
@@ -331,15 +323,16 @@ class FlightClient:
                         f"but {delivered} were delivered before the failure (source changed?)"
                     )
                 return
-            except _RETRYABLE as exc:
-                attempt = self._next_attempt(exc, call, attempt)
+            except Exception as exc:  # noqa: BLE001 — classified by _transient
+                if not self._transient(exc, call):
+                    raise
+                attempt += 1
+                if attempt > self.retries:
+                    raise self._unavailable(call, attempt, exc) from exc
                 log.warning("%s on %s broke after %d rows (%s); restarting the stream, retry %d/%d",
                             call, self.location, delivered, _clean(exc), attempt, self.retries)
                 self._reset(conn)
-                self._sleep(attempt)
-            except (flight.FlightError, pa.ArrowInvalid) as exc:
-                self._raise_final(exc, call)
-                raise
+                policy.pause(attempt)
             finally:
                 if reader is not None:
                     try:

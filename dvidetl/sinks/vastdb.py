@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -43,6 +41,7 @@ import pyarrow as pa
 
 from dvidetl import schema as S
 from dvidetl.errors import UserError
+from dvidetl.retry import Backoff, retry
 from dvidetl.sinks._vastdb_support import (  # noqa: F401 - re-exported names
     CRED_FILE_ENV,
     DEFAULT_TIMEOUT,
@@ -158,30 +157,28 @@ class VastDBSink(SinkBase):
         eps = [endpoint] if endpoint else list(self.cfg.endpoints)
         return QueryConfig(num_splits=max(splits, 1), num_sub_splits=4, data_endpoints=eps)
 
-    def _call(self, fn, what: str):
-        """``fn()`` with retries on transient errors (only for idempotent work: reads, connect,
-        whole transactions that abort cleanly)."""
+    def _policy(self) -> Backoff:
+        return Backoff(tries=self.cfg.tries, base=0.2, cap=10.0)
+
+    def _retryable(self, exc: BaseException) -> bool:
+        """Transient? Errors the user must fix become a `UserError` here instead."""
         from vastdb import errors as E
         from vastdb._internal import UnsupportedServer
 
-        delay = 0.2
-        for attempt in range(1, self.cfg.tries + 1):
-            try:
-                return fn()
-            except E.MissingBucket:
-                raise UserError(f"{self!r}: bucket {self.cfg.bucket!r} does not exist") from None
-            except E.Forbidden as exc:
-                raise UserError(f"{self!r}: access denied ({getattr(exc, 'code', None) or 'Forbidden'}): "
-                                "check the VastDB credentials") from None
-            except UnsupportedServer as exc:
-                raise UserError(f"{self!r}: not a VAST server ({exc})") from None
-            except Exception as exc:  # noqa: BLE001 — classified below
-                if not _retryable(exc) or attempt == self.cfg.tries:
-                    raise
-                log.info("%s: %s, retry %d/%d", what, _describe(exc), attempt, self.cfg.tries - 1)
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 10.0)
-        raise AssertionError("unreachable")
+        if isinstance(exc, E.MissingBucket):
+            raise UserError(f"{self!r}: bucket {self.cfg.bucket!r} does not exist") from None
+        if isinstance(exc, E.Forbidden):
+            raise UserError(f"{self!r}: access denied ({getattr(exc, 'code', None) or 'Forbidden'}): "
+                            "check the VastDB credentials") from None
+        if isinstance(exc, UnsupportedServer):
+            raise UserError(f"{self!r}: not a VAST server ({exc})") from None
+        return _retryable(exc)
+
+    def _call(self, fn, what: str):
+        """``fn()`` with retries on transient errors (only for idempotent work: reads, connect,
+        whole transactions that abort cleanly)."""
+        return retry(fn, self._policy(), retryable=self._retryable, what=what, describe=_describe,
+                     logger=log)
 
     def _tx(self, fn, what: str, endpoint: str | None = None, *, write: bool = False):
         """``fn(tx)`` in a fresh transaction, retried as a whole on transient errors (readers
@@ -391,23 +388,21 @@ class VastDBSink(SinkBase):
         rows = sum(bs.num_rows for bs in batches.values())
         ledger_rb = self.ledger_row(run_id, part, stats, rows).to_batches()[0]
         ep = self._endpoint_for(part.key)
-        delay = 0.2
-        for attempt in range(1, self.cfg.tries + 1):
+
+        def attempt() -> None:
             state = {"body_done": False}
             try:
                 self._write_tx(ep, run_id, part, batches, ledger_rb, state)
-                return
-            except Exception as exc:  # noqa: BLE001 — classified below
+            except Exception:
                 if state["body_done"]:
                     # the commit's answer was lost or refused: did it apply? Only the ledger knows.
                     if self._tx(lambda tx: self._ledger_count(tx, run_id, part, ep), "ledger check", ep):
                         log.info("%s: commit outcome resolved by the ledger: committed", part.key)
                         return
-                if not _retryable(exc) or attempt == self.cfg.tries:
-                    raise
-                log.info("%s: transaction attempt %d failed (%s); retrying", part.key, attempt, _describe(exc))
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 10.0)
+                raise
+
+        retry(attempt, self._policy(), retryable=_retryable, what=f"{part.key}: transaction failed",
+              describe=_describe, logger=log)
 
     def _write_tx(self, ep: str, run_id: str, part: Partition, batches: dict[str, _Rows],
                   ledger_rb: pa.RecordBatch, state: dict) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import logging
 import os
-import random
 import ssl
 import threading
 import time
@@ -15,6 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from dvidetl.errors import SourceUnavailable, UserError
+from dvidetl.retry import Backoff
 
 T = TypeVar("T")
 log = logging.getLogger("dvidetl.sources.dvid_http")
@@ -122,13 +122,15 @@ class _Http:
         attempt = 0  # failed attempts; 503 (throttled) answers do not count
         throttled_since: float | None = None
         n503 = 0
+        failing = Backoff(tries=self.retries + 1, base=self.backoff, cap=30.0, jitter=0.25)
+        # throttled: full jitter, uniform(0, min(backoff * 2**n, 10 s)), spreads the workers out
+        throttle = Backoff(tries=1, base=max(self.backoff, 0.02), cap=5.0, jitter=1.0)
         while attempt <= self.retries:
-            if throttled_since is not None:  # throttled: full jitter spreads the workers out
-                time.sleep(random.uniform(0, min(max(self.backoff, 0.02) * 2 ** min(n503, 9), 10.0)))
+            if throttled_since is not None:
+                throttle.pause(min(n503, 9))
             elif attempt:
                 log.warning("retrying GET %s (attempt %d): %s", url, attempt + 1, last)
-                delay = min(self.backoff * (2 ** (attempt - 1)), 30.0)
-                time.sleep(delay * (0.75 + 0.5 * random.random()))
+                failing.pause(attempt)
             headers = {"Accept-Encoding": "identity"}
             if body is not None:
                 headers["Content-Type"] = "application/json"
