@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from dvidetl.batching import cut_points
 from dvidetl.errors import SourceUnavailable, UserError
 from dvidetl.flight import protocol as P
 from dvidetl.geometry import VolumeInfo, in_grid, morton_encode
@@ -111,7 +112,7 @@ def bounded_batches(
     """Re-cut a stream of batches so each is at most ``max_bytes`` (a single larger row goes
     alone), coalescing small neighbours so a source yielding tiny batches still streams well.
 
-    Cut points come from one cumulative sum per input batch (no per-row Python).
+    Cut points come from `dvidetl.batching.cut_points` (no per-row Python).
     """
     pending: list[pa.RecordBatch] = []
     pending_bytes = 0
@@ -126,23 +127,18 @@ def bounded_batches(
         n = batch.num_rows
         if n == 0:
             continue
-        cum = np.cumsum(_row_bytes(batch, data_col))
-        start = 0
-        base = 0
-        while start < n:
-            # largest end with cum[end-1] - base <= max_bytes, at least one row
-            end = int(np.searchsorted(cum, base + max_bytes, side="right"))
-            end = max(end, start + 1)
-            piece_bytes = int(cum[end - 1] - base)
+        sizes = _row_bytes(batch, data_col)
+        cuts = cut_points(sizes, max_bytes)
+        piece_bytes = np.add.reduceat(sizes, cuts[:-1]).tolist()
+        c = cuts.tolist()
+        for start, end, nbytes in zip(c[:-1], c[1:], piece_bytes, strict=True):
             piece = batch.slice(start, end - start) if (start, end) != (0, n) else batch
-            if pending and pending_bytes + piece_bytes > max_bytes:
+            if pending and pending_bytes + nbytes > max_bytes:
                 yield flush()
             pending.append(piece)
-            pending_bytes += piece_bytes
+            pending_bytes += nbytes
             if pending_bytes >= max_bytes // 2:
                 yield flush()
-            base = int(cum[end - 1])
-            start = end
     if pending:
         yield flush()
 

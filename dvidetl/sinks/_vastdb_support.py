@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dvidetl import schema as S
+from dvidetl.batching import spans
 from dvidetl.errors import UserError
 from dvidetl.urlquery import Query
 
@@ -252,22 +253,17 @@ def cut_rows(batch: pa.Table, budget: int = INSERT_BUDGET, max_rows: int = INSER
     """``batch`` as record batches each below ``budget`` serialized bytes and ``max_rows``."""
     if batch.num_rows == 0:
         return []
-    sizes = row_bytes(batch)
-    cum = np.cumsum(sizes)
     out: list[pa.RecordBatch] = []
-    start = 0
-    base = 0
-    n = batch.num_rows
-    while start < n:
-        end = int(np.searchsorted(cum, base + budget, side="right"))
-        end = max(start + 1, min(end, start + max_rows, n))
-        rb = _one_batch(batch.slice(start, end - start))
-        while rb.num_rows > 1 and pa.ipc.get_record_batch_size(rb) > budget:
-            end = start + rb.num_rows // 2  # estimate was off: halve until it fits
+    for a, b in spans(row_bytes(batch), budget, max_rows):
+        start = a
+        while start < b:
+            end = b
             rb = _one_batch(batch.slice(start, end - start))
-        out.append(rb)
-        base = int(cum[end - 1])
-        start = end
+            while rb.num_rows > 1 and pa.ipc.get_record_batch_size(rb) > budget:
+                end = start + rb.num_rows // 2  # estimate was off: halve until it fits
+                rb = _one_batch(batch.slice(start, end - start))
+            out.append(rb)
+            start = end
     return out
 
 

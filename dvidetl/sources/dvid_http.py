@@ -55,6 +55,7 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 import pyarrow as pa
 
+from dvidetl.batching import spans
 from dvidetl.errors import UserError
 from dvidetl.geometry import (
     ScaleInfo,
@@ -584,18 +585,13 @@ class DvidHttpSource:
         data = np.concatenate([p[4] for p in parts]) if len(parts) > 1 else parts[0][4]
         offsets = np.zeros(lens.size + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
-        a = 0
-        n = codes.size
-        while a < n:
-            b = int(np.searchsorted(offsets, offsets[a] + MAX_BATCH_BYTES, side="right")) - 1
-            b = min(max(b, a + 1), n, a + MAX_BATCH_BLOCKS)
+        for a, b in spans(lens, MAX_BATCH_BYTES, MAX_BATCH_BLOCKS):
             sub_off = offsets[a : b + 1] - offsets[a]
             arr = _binary_array(data[offsets[a] : offsets[b]], sub_off)
             yield pa.RecordBatch.from_arrays(
                 [pa.array(x[a:b]), pa.array(y[a:b]), pa.array(z[a:b]), pa.array(codes[a:b]), arr],
                 schema=BLOCKS_WIRE_SCHEMA,
             )
-            a = b
 
     # -------------------------------------------------------------- mapping
     def _mapping_arrays(self) -> tuple[np.ndarray, np.ndarray]:

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from dvidetl.batching import spans
 from dvidetl.errors import UserError
 from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_encode
 from dvidetl.sources._shard_files import (  # noqa: F401 - _load_spec, _scan_messages re-exported
@@ -349,13 +350,9 @@ class ShardsSource:
         """Blocks with ``lo <= morton < hi`` in ascending Morton order, read by byte range."""
         idx = self._scale(scale)
         i0, i1 = self.block_range(scale, lo, hi)
-        start = i0
-        while start < i1:
-            # cut at <= MAX_BATCH_BYTES of IPC messages (an upper bound of the payloads)
-            csum = np.cumsum(idx.size[start : min(i1, start + MAX_BATCH_BLOCKS)])
-            n = max(1, int(np.searchsorted(csum, MAX_BATCH_BYTES, side="right")))
-            yield self._read_span(idx, start, start + n)
-            start += n
+        # cut at <= MAX_BATCH_BYTES of IPC messages (an upper bound of the payloads)
+        for a, b in spans(idx.size[i0:i1], MAX_BATCH_BYTES, MAX_BATCH_BLOCKS):
+            yield self._read_span(idx, i0 + a, i0 + b)
 
     def _read_span(self, idx: _ScaleIndex, a: int, b: int) -> pa.RecordBatch:
         n = b - a

@@ -70,6 +70,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow as pa
 
+from dvidetl.batching import spans
 from dvidetl.errors import UserError
 from dvidetl.geometry import ScaleInfo, VolumeInfo, _bit_plan
 from dvidetl.sources._synthetic_downres import _downres_kernel, downres_dvid
@@ -674,17 +675,12 @@ class SyntheticSource:
                 rows["supervoxel"][sl],
                 rows["voxels"][sl],
             )
-            i = 0
-            while i < len(labels):
-                j, nbytes = i, 0
-                while j < len(labels) and (j == i or nbytes + len(datas[j]) <= batch_bytes):
-                    nbytes += len(datas[j])
-                    j += 1
+            sizes = np.fromiter(map(len, datas), np.int64, len(datas))
+            for i, j in spans(sizes, batch_bytes):
                 yield pa.RecordBatch.from_arrays(
                     [pa.array(labels[i:j], pa.uint64()), pa.array(datas[i:j], pa.binary())],
                     schema=INDICES_SCHEMA,
                 )
-                i = j
             a = e
 
 
