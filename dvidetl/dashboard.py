@@ -24,6 +24,8 @@ from typing import Any
 
 from distributed.http.utils import RequestHandler
 
+from dvidetl.errors import first_line
+
 METADATA_KEY = "dvidetl"
 #: corrupt blocks listed on the page (the rest are in export_errors)
 MAX_ERRORS_LISTED = 50
@@ -69,7 +71,7 @@ def install(client) -> str | None:
         logging.getLogger(__name__).warning(
             "dvidetl dashboard page not available on this scheduler (%s); install dvidetl "
             "there, or add dvidetl.dashboard to distributed.scheduler.http.routes",
-            str(exc).splitlines()[0][:200])
+            first_line(exc))
         return None
     link = getattr(client, "dashboard_link", None)
     if not link:

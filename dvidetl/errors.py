@@ -12,3 +12,9 @@ class SourceUnavailable(Exception):
     UNAVAILABLE so workers retry (elsewhere or later) instead of treating it as a bad ticket;
     the CLI still prints it as one line.
     """
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An error as one short log line (server answers can be pages long)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0][:limit] if text else "") or type(exc).__name__

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from dvidetl.errors import first_line
 from dvidetl.geometry import VolumeInfo
 from dvidetl.sinks.base import LABEL_END, Partition
 from dvidetl.sources.base import KeyCounts
@@ -263,7 +264,7 @@ def _keyed_partitions(count_keys: KeyCountFn | None, kind: str, target: int | No
             if "count_keys" not in str(exc) and "unknown action" not in str(exc):
                 raise
             log.warning("the server cannot count %s keys (%s): exporting %s as one partition",
-                        kind, str(exc).splitlines()[0][:200], kind)
+                        kind, first_line(exc), kind)
     return [Partition(kind, 0, 0, LABEL_END)]
 
 

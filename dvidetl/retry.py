@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from dvidetl.errors import first_line
+
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,6 @@ class Backoff:
 
     def pause(self, retry: int) -> None:
         time.sleep(self.delay(retry))
-
-
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """An error as one short log line (server answers can be pages long)."""
-    text = str(exc).strip()
-    return (text.splitlines()[0][:limit] if text else "") or type(exc).__name__
 
 
 def retry(

@@ -90,3 +90,11 @@ def test_classifier_may_translate_the_error(no_sleep):
     with pytest.raises(ValueError, match="credentials"):
         retry(forbidden, Backoff(tries=4, base=0.1), retryable=classify, what="x")
     assert no_sleep == []
+
+
+def test_first_line_of_long_and_empty_errors():
+    from dvidetl.errors import first_line
+
+    assert first_line(OSError("line one\nline two")) == "line one"
+    assert first_line(RuntimeError("x" * 500)) == "x" * 200
+    assert first_line(TimeoutError()) == "TimeoutError"  # an empty message still says something

@@ -56,7 +56,7 @@ import numpy as np
 import pyarrow as pa
 
 from dvidetl.batching import spans
-from dvidetl.errors import UserError
+from dvidetl.errors import UserError, first_line
 from dvidetl.geometry import (
     ScaleInfo,
     VolumeInfo,
@@ -667,7 +667,7 @@ class DvidHttpSource:
                 if self.labels_from == "existing" or isinstance(exc, (DvidUnavailable, DvidAuthError)):
                     raise
                 log.info("DVID has no /existing-labels (%s); listing labels with /listlabels",
-                         str(exc).splitlines()[0][:200])
+                         first_line(exc))
         if labels is None:
             labels = self.list_labels(0, KEY_END)
         with self._lock:

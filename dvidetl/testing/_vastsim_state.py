@@ -124,18 +124,13 @@ class SimState:
             if handle not in tx.new_data and handle not in self.data:
                 raise SimError(409, "Conflict", "table was dropped by a concurrent transaction")
         self.seq += 1
-        for key, meta in tx.schemas.items():
-            if meta is None:
-                self.schemas.pop(key, None)
-            else:
-                self.schemas[key] = meta
-            self.changed_at[key] = self.seq
-        for key, meta in tx.tables.items():
-            if meta is None:
-                self.tables.pop(key, None)
-            else:
-                self.tables[key] = meta
-            self.changed_at[key] = self.seq
+        for committed, changes in ((self.schemas, tx.schemas), (self.tables, tx.tables)):
+            for key, meta in changes.items():
+                if meta is None:  # dropped
+                    committed.pop(key, None)
+                else:
+                    committed[key] = meta
+                self.changed_at[key] = self.seq
         for handle, td in tx.new_data.items():
             self.data[handle] = td
         metas = {m.handle: m for m in self.tables.values()}
