@@ -3,7 +3,7 @@ bounded partitions, beside the in-process ``label_index_table`` rate.
 
 * rows/s of label_index and of mapping, with 1 and 2 workers, planned by ``plan_keys`` from
   the server's ``count_keys``; baseline = decoding the same LabelIndex protobufs in this
-  process (``transform.label_index_rows``, single core), measured in the same run, times the
+  process (``transform.label_index_tables``, single core), measured in the same run, times the
   number of workers (this machine has 2 cores; the Flight server needs CPU too).
 * peak worker memory gained while exporting the largest indices partition (RSS sampled in
   the task), against the worker's RSS before it.
@@ -84,12 +84,12 @@ class _KeyedMemorySource:
 
 
 def _decode_rate(ep, src) -> tuple[float, int]:
-    from dvidetl.transform import label_index_rows
+    from dvidetl.transform import label_index_tables
 
     grid0 = ep.info.scale(0).grid
     batches = src.idx.to_batches(max_chunksize=2048)
     t0 = time.perf_counter()
-    n = sum(t.num_rows for t in label_index_rows(batches, grid0))
+    n = sum(t.num_rows for t in label_index_tables(batches, grid0))
     return n / (time.perf_counter() - t0), n
 
 
@@ -164,13 +164,13 @@ def run() -> list[dict]:
                 ideal = base * nw
                 out.append(dict(
                     name=f"label_index e2e, {nw} worker(s), {n_idx:,} rows / {len(p_idx)} parts",
-                    value=best["indices"], unit="rows/s", baseline=f"label_index_rows x {nw}",
+                    value=best["indices"], unit="rows/s", baseline=f"label_index_tables x {nw}",
                     baseline_value=ideal, ratio=best["indices"] / ideal if ideal else None,
                     target=">= 0.5" if nw == 2 else ""))
                 out.append(dict(
                     name=f"mapping e2e, {nw} worker(s), {n_map:,} rows / {len(p_map)} parts",
                     value=best["mapping"], unit="rows/s"))
-            out.append(dict(name="label_index_rows in process, 1 core", value=base, unit="rows/s"))
+            out.append(dict(name="label_index_tables in process, 1 core", value=base, unit="rows/s"))
             # peak memory of the largest indices partition, on a fresh warmed worker
             with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                               dashboard_address=":0") as cluster, Client(cluster) as client:

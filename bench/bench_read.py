@@ -76,7 +76,7 @@ def build(url: str, n_blocks: int = N_BLOCKS) -> tuple[str, float, int]:
             rp.raw_size.to_numpy().astype(np.uint32)[m % len(picks)],
             rp.crc32.to_numpy().astype(np.uint32)[m % len(picks)], rp.body.take(take),
         )
-        nbytes = int(pc.sum(b.column("body_size")).as_py())
+        nbytes = int(pc.sum(b.column("payload_size")).as_py())
         sink.write_partition(run.run_id, p, {"blocks": b, "block_overflow": o},
                              {"blocks": b.num_rows, "bytes_out": nbytes})
         size += nbytes
@@ -98,7 +98,7 @@ def _points(ex, n_blocks: int, tag: str, con=None) -> list[dict]:
     import pyarrow.compute as pc
 
     from dvidetl.geometry import morton_decode
-    from dvidetl.read import reassemble_body
+    from dvidetl.read import reassemble_block
 
     rng = random.Random(5)
     xs, ys, zs = morton_decode(np.array(rng.sample(range(n_blocks), POINTS), np.uint64), GRID)
@@ -116,7 +116,7 @@ def _points(ex, n_blocks: int, tag: str, con=None) -> list[dict]:
         point.append(_ms(lambda: ex.block(0, *next(it)), POINTS // 3 or 1))
         raw.append(_ms(lambda: ex.raw_block(0, *next(it2)), POINTS // 3 or 1))
         if con is not None:
-            duck.append(_ms(lambda: reassemble_body(con, 0, *next(it3)), 3))
+            duck.append(_ms(lambda: reassemble_block(con, 0, *next(it3)), 3))
         base.append(_ms(lambda: scan(coords[0]), 1))
     assert scan(coords[1]).num_rows == 1
     p, b, r = statistics.median(point), statistics.median(base), statistics.median(raw)

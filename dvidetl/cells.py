@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dvidetl.schema import BODY_CELLS, BODY_COLUMNS, LIST_COLUMNS, empty
+from dvidetl.schema import LIST_COLUMNS, PAYLOAD_CELLS, PAYLOAD_COLUMNS, empty
 
 
 def nparts_of(sizes: np.ndarray, cell_limit: int) -> np.ndarray:
@@ -86,14 +86,14 @@ def binary_as_list(data: pa.Array, value_type: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(loff, pa.int32()), pa.array(vals, value_type), mask=mask)
 
 
-def join_body_cells(blocks: pa.Table) -> pa.Array:
-    """The zstd body cells of ``blocks`` rows joined back (``body0 || body1 || ...``), without
+def join_payload_cells(blocks: pa.Table) -> pa.Array:
+    """The zstd payload cells of ``blocks`` rows joined back (``payload0 || payload1 || ...``), without
     overflow parts: ``binary_join_element_wise`` with nulls skipped, one C kernel."""
     if blocks.num_rows == 0:
         return pa.array([], pa.binary())
-    cols = [blocks.column(c).combine_chunks().cast(pa.binary()) for c in BODY_COLUMNS]
+    cols = [blocks.column(c).combine_chunks().cast(pa.binary()) for c in PAYLOAD_COLUMNS]
     # pyarrow 23 drops rows whose every input is null under null_handling="skip" (the output
-    # comes out shorter); body0 is null only for an empty body, so make it b"" first.
+    # comes out shorter); payload0 is null only for an empty payload, so make it b"" first.
     cols[0] = pc.fill_null(cols[0], pa.scalar(b"", pa.binary()))
     joined = pc.binary_join_element_wise(*cols, b"", null_handling="skip")
     if len(joined) != blocks.num_rows:
@@ -118,15 +118,15 @@ def _group_join(keys: np.ndarray, data: pa.Array) -> tuple[np.ndarray, pa.Array]
 
 
 def reassemble(blocks: pa.Table, overflow: pa.Table | None) -> pa.Table:
-    """``blocks`` rows with their full payloads: ``body`` (the whole zstd body, replacing
-    ``body0..3``) and the list columns filled from ``block_overflow`` where they overflowed.
+    """``blocks`` rows with their full payloads: ``payload`` (the whole zstd payload, replacing
+    ``payload0..3``) and the list columns filled from ``block_overflow`` where they overflowed.
     Rows keep their order.
 
     ``overflow`` may hold rows of other blocks (e.g. a whole scale); only matching
     (scale, morton) are used. A block whose overflow rows are missing raises ``ValueError``
     naming it: an incomplete export must never reassemble silently."""
-    body = join_body_cells(blocks)
-    out = blocks.drop_columns(list(BODY_COLUMNS)).append_column("body", body)
+    payload = join_payload_cells(blocks)
+    out = blocks.drop_columns(list(PAYLOAD_COLUMNS)).append_column("payload", payload)
     n = blocks.num_rows
     flag = np.asarray(blocks.column("overflow").to_numpy(zero_copy_only=False), dtype=bool) if n else np.zeros(0, bool)
     if flag.any():
@@ -137,7 +137,7 @@ def reassemble(blocks: pa.Table, overflow: pa.Table | None) -> pa.Table:
         nparts = blocks.column("nparts").to_numpy().astype(np.int64)
         ov_scale = overflow.column("scale").to_numpy()
         replaced: dict[str, tuple[list[np.ndarray], list[pa.Array]]] = {
-            c: ([], []) for c in ("body", *LIST_COLUMNS)
+            c: ([], []) for c in ("payload", *LIST_COLUMNS)
         }
         for s in np.unique(scales[flag]):
             rows = np.flatnonzero(flag & (scales == s))
@@ -149,10 +149,10 @@ def reassemble(blocks: pa.Table, overflow: pa.Table | None) -> pa.Table:
             omorton = ov.column("morton").to_numpy()
             odata = ov.column("data").combine_chunks() if ov.num_rows else pa.array([], pa.binary())
             opart = ov.column("part").to_numpy().astype(np.int64)
-            for colname in ("body", *LIST_COLUMNS):
+            for colname in ("payload", *LIST_COLUMNS):
                 m = ocol == colname
                 k, pp = omorton[m], opart[m]
-                first = BODY_CELLS if colname == "body" else 0
+                first = PAYLOAD_CELLS if colname == "payload" else 0
                 if len(k):
                     start = np.concatenate([[True], k[1:] != k[:-1]])
                     expect = np.where(start, first, np.concatenate([[0], pp[:-1] + 1]))
@@ -163,8 +163,8 @@ def reassemble(blocks: pa.Table, overflow: pa.Table | None) -> pa.Table:
                             f"repeated (morton {bad})"
                         )
                 ukeys, joined = _group_join(k, odata.filter(pa.array(m)))
-                if colname == "body":
-                    need = rows[nparts[rows] > BODY_CELLS]
+                if colname == "payload":
+                    need = rows[nparts[rows] > PAYLOAD_CELLS]
                 else:
                     cell = out.column(colname).combine_chunks()
                     need = rows[np.asarray(pc.is_null(cell.take(pa.array(rows))))]
@@ -187,7 +187,7 @@ def reassemble(blocks: pa.Table, overflow: pa.Table | None) -> pa.Table:
             idx = np.concatenate(idxs)
             extra = pa.concat_arrays(vals)
             cur = out.column(colname).combine_chunks()
-            if colname == "body":
+            if colname == "payload":
                 head = pc.fill_null(cur.take(pa.array(idx)).cast(pa.large_binary()), b"")
                 merged = pc.binary_join_element_wise(
                     head, extra, pa.scalar(b"", pa.large_binary()), null_handling="skip"
@@ -205,9 +205,13 @@ def reassemble(blocks: pa.Table, overflow: pa.Table | None) -> pa.Table:
         if col.null_count:
             bad = pc.filter(out.column("morton"), pc.is_null(col)).to_pylist()[:5]
             raise ValueError(f"column {colname!r} is null without overflow rows (morton {bad})")
-    got = pc.binary_length(out.column("body")).to_numpy(zero_copy_only=False)
-    want = out.column("body_size").to_numpy(zero_copy_only=False)
+    got = pc.binary_length(out.column("payload")).to_numpy(zero_copy_only=False)
+    want = out.column("payload_size").to_numpy(zero_copy_only=False)
     if n and np.any(got != want):
         bad = pc.filter(out.column("morton"), pa.array(got != want)).to_pylist()[:5]
-        raise ValueError(f"reassembled body sizes differ from body_size (morton {bad})")
+        raise ValueError(f"reassembled payload sizes differ from payload_size (morton {bad})")
     return out
+
+
+#: the format-1 name (the payload was called "body")
+join_body_cells = join_payload_cells

@@ -36,41 +36,41 @@ MIN_AUTO_ROWS = 16_384
 KEY_FAN_BITS = 16
 
 CountFn = Callable[[int, int], tuple[np.ndarray, np.ndarray, bool]]
-#: count_keys(kind, level, lo, hi) -> KeyCounts (see sources.base.Source.count_keys)
+#: count_keys(kind, cell_bits, lo, hi) -> KeyCounts (see sources.base.Source.count_keys)
 KeyCountFn = Callable[[str, int, int, int], KeyCounts]
 
 
 
 
 def plan_scale(
-    count: CountFn, scale: int, morton_end: int, target: int, *, start_level: int | None = None
+    count: CountFn, scale: int, morton_end: int, target: int, *, start_cell_bits: int | None = None
 ) -> list[Partition]:
     """Partitions of about ``target`` blocks covering every non-empty cell of one scale.
 
-    ``count(scale, level)`` answers blocks per aligned cell ``morton >> level`` (only
-    non-empty cells need be listed). By default ONE count call at the level whose cells hold
+    ``count(scale, cell_bits)`` answers blocks per aligned cell ``morton >> cell_bits`` (only
+    non-empty cells need be listed). By default ONE count call with the ``cell_bits`` whose cells hold
     at most ``target`` block slots (a source's count is a full pass over its index, so the
     number of calls matters more than their size). A cell still holding more than ``target``
-    blocks (a coarser ``start_level``, or a source over-reporting) is replaced by its children
-    at a finer level (three levels per round). Empty cells are dropped, then Morton-consecutive
+    blocks (a coarser ``start_cell_bits``, or a source over-reporting) is replaced by its children
+    with finer cells (``cell_bits`` 3 lower per round). Empty cells are dropped, then Morton-consecutive
     cells are merged greedily into partitions (cumulative sum, vectorized). Deterministic:
     the same counts give the same plan. Memory is bounded by the number of non-empty cells
-    (<= blocks, and <= slots / 2**level), never by the blocks themselves.
+    (<= blocks, and <= slots / 2**cell_bits), never by the blocks themselves.
     """
     if target < 1:
         raise ValueError(f"partition size must be at least 1 block (got {target})")
     total_bits = max(int(morton_end).bit_length() - 1, 0)
     fine = min(max(int(target).bit_length() - 1, 0), total_bits)  # 2**fine <= target
-    level = fine if start_level is None else min(max(int(start_level), 0), total_bits)
-    lo, hi, cnt = _cells(count, scale, level)
-    while level > 0:
+    cell_bits = fine if start_cell_bits is None else min(max(int(start_cell_bits), 0), total_bits)
+    lo, hi, cnt = _cells(count, scale, cell_bits)
+    while cell_bits > 0:
         heavy = cnt > target
         if not heavy.any():
             break
-        nxt = max(level - 3, fine) if level > fine else level - 1
+        nxt = max(cell_bits - 3, fine) if cell_bits > fine else cell_bits - 1
         flo, fhi, fcnt = _cells(count, scale, nxt)
-        parents = flo >> np.uint64(level)
-        heavy_ids = np.unique(lo[heavy] >> np.uint64(level))
+        parents = flo >> np.uint64(cell_bits)
+        heavy_ids = np.unique(lo[heavy] >> np.uint64(cell_bits))
         sel = np.isin(parents, heavy_ids)
         keep = ~heavy
         lo = np.concatenate([lo[keep], flo[sel]])
@@ -78,23 +78,23 @@ def plan_scale(
         cnt = np.concatenate([cnt[keep], fcnt[sel]])
         order = np.argsort(lo, kind="stable")
         lo, hi, cnt = lo[order], hi[order], cnt[order]
-        level = nxt
+        cell_bits = nxt
     return merge_cells(scale, lo, hi, cnt, target, morton_end)
 
 
-def _cells(count: CountFn, scale: int, level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cells, counts, _exact = count(scale, level)
+def _cells(count: CountFn, scale: int, cell_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cells, counts, _exact = count(scale, cell_bits)
     cells = np.asarray(cells, dtype=np.uint64)
     counts = np.asarray(counts, dtype=np.int64)
     if cells.shape != counts.shape:
-        raise ValueError(f"count(scale={scale}, level={level}) returned mismatched arrays")
+        raise ValueError(f"count(scale={scale}, cell_bits={cell_bits}) returned mismatched arrays")
     nz = counts > 0
     cells, counts = cells[nz], counts[nz]
     order = np.argsort(cells, kind="stable")
     cells, counts = cells[order], counts[order]
     if len(cells) > 1 and np.any(cells[1:] == cells[:-1]):
-        raise ValueError(f"count(scale={scale}, level={level}) listed a cell twice")
-    sh = np.uint64(level)
+        raise ValueError(f"count(scale={scale}, cell_bits={cell_bits}) listed a cell twice")
+    sh = np.uint64(cell_bits)
     return cells << sh, (cells + np.uint64(1)) << sh, counts
 
 
@@ -169,8 +169,8 @@ def plan_keys(count_keys: KeyCountFn, kind: str, target: int | None, *, auto_min
     in finer cells — about 64 per target's worth of its rows, at most 2**16 — and so on down
     to single keys (one label over the target is a partition of its own). Cells are then
     merged in order, so a partition holds at most ~1.125 x ``target`` rows. The planner never
-    holds a label list — memory is one answer per level plus the partitions — and the
-    answers total ~64 cells per partition and level. ``target=None``: ``DEFAULT_*_ROWS``, lowered
+    holds a label list — memory is one answer per round plus the partitions — and the
+    answers total ~64 cells per partition and round. ``target=None``: ``DEFAULT_*_ROWS``, lowered
     for small tables to give about ``auto_parts`` partitions (never below ``auto_min``)."""
     top = 64 - KEY_FAN_BITS
     first = count_keys(kind, top, 0, LABEL_END + 1)
@@ -184,24 +184,24 @@ def plan_keys(count_keys: KeyCountFn, kind: str, target: int | None, *, auto_min
 
     fine = max(target // 8, 1)  # cells are cut to at most this, so a partition is <= 1.125 x target
 
-    def visit(level: int, answer) -> None:
+    def visit(cell_bits: int, answer) -> None:
         cells = np.asarray(answer.cells, np.uint64)
         rows = np.asarray(answer.rows, np.int64)
         keys = np.asarray(answer.keys, np.int64)
         nz = (rows > 0) | (keys > 0)
         cells, rows, keys = cells[nz], np.maximum(rows[nz], 1), keys[nz]
         if len(cells) > 1 and not bool(np.all(cells[1:] > cells[:-1])):
-            raise ValueError(f"count_keys({kind}, level={level}) cells are not ascending and unique")
-        lo = cells << np.uint64(level) if level < 64 else np.zeros(len(cells), np.uint64)
-        coarse = np.flatnonzero((rows > fine) & (keys > 1)) if level > 0 else np.zeros(0, np.int64)
+            raise ValueError(f"count_keys({kind}, cell_bits={cell_bits}) cells are not ascending and unique")
+        lo = cells << np.uint64(cell_bits) if cell_bits < 64 else np.zeros(len(cells), np.uint64)
+        coarse = np.flatnonzero((rows > fine) & (keys > 1)) if cell_bits > 0 else np.zeros(0, np.int64)
         start = 0
         for h in coarse.tolist():
             out.add(lo[start:h], rows[start:h])
             # enough child cells for ~64 per target's worth of rows, at most 2**KEY_FAN_BITS
-            bits = min(KEY_FAN_BITS, max(1, int(np.ceil(np.log2(64 * int(rows[h]) / target)))), level)
-            nxt = level - bits
+            bits = min(KEY_FAN_BITS, max(1, int(np.ceil(np.log2(64 * int(rows[h]) / target)))), cell_bits)
+            nxt = cell_bits - bits
             c_lo = int(lo[h])
-            c_hi = min(c_lo + (1 << level), LABEL_END + 1)
+            c_hi = min(c_lo + (1 << cell_bits), LABEL_END + 1)
             visit(nxt, count_keys(kind, nxt, c_lo, c_hi))
             start = h + 1
         out.add(lo[start:], rows[start:])

@@ -88,7 +88,7 @@ def summary(res, *, sink_desc: str = "") -> str:
         f"{len(res.failed):,} failed",
         f"  blocks      {res.blocks:,}",
         f"  rows        {getattr(res, 'index_rows', 0):,} label_index, {getattr(res, 'mapping_rows', 0):,} mapping",
-        f"  bytes in    {_mb(res.bytes_in)} (as served)   out {_mb(res.bytes_out)} (bodies + lists)"
+        f"  bytes in    {_mb(res.bytes_in)} (as served)   out {_mb(res.bytes_out)} (zstd payloads + lists)"
         + (f"   compression {ratio:.2f}x of raw DVID blocks" if ratio else ""),
         f"  errors      {res.errors:,} blocks in export_errors",
         f"  wall time   {_dur(res.seconds)} ({res.seconds:.1f} s), {rate:,.0f} blocks/s",

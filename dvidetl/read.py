@@ -16,7 +16,7 @@ default the latest run), so a half-written run never shows partial or duplicate 
 
     >>> con = connect("./dvidetl-out")
     >>> con.sql("select scale, count(*) from blocks group by scale").fetchall()
-    >>> reassemble_body(con, 0, 10, 11, 12)     # the exact DVID block bytes of one block
+    >>> reassemble_block(con, 0, 10, 11, 12)    # the exact DVID block bytes of one block
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from dvidetl import schema as S
 from dvidetl.errors import UserError
-from dvidetl.read_sql import block_rows, connect, reassemble_body  # noqa: F401 - public API
+from dvidetl.read_sql import block_rows, connect, reassemble_block, reassemble_body  # noqa: F401 - public API
 
 # ---------------------------------------------------------------------------------------------
 # open_export: the same read calls over any sink
@@ -127,7 +127,7 @@ def _block_voxels(rows: pa.Table, i: int, bodies: bool) -> np.ndarray:
     from dvidetl.codec import decode_block, restore_block
 
     table = rows.column("labels" if bodies else "supervoxels")[i].values
-    return decode_block(restore_block(table.to_numpy(zero_copy_only=False), rows.column("body")[i].as_py()))
+    return decode_block(restore_block(table.to_numpy(zero_copy_only=False), rows.column("payload")[i].as_py()))
 
 
 def _chunk(rows: pa.Table, xyz: tuple[int, int, int], sl: tuple, bodies: bool) -> np.ndarray:
@@ -302,7 +302,7 @@ class Export:
         if r.num_rows == 0:
             return None
         return restore_block(r.column("supervoxels")[0].values.to_numpy(zero_copy_only=False),
-                             r.column("body")[0].as_py())
+                             r.column("payload")[0].as_py())
 
     def subvolume(self, scale: int, box: Box, *, bodies: bool = True):
         """A dask array (uint64 [z, y, x]) of the voxel box ((x0, y0, z0), (x1, y1, z1)) at
@@ -349,10 +349,10 @@ class Export:
         return da.Array(graph, name, chunks, dtype=np.uint64)
 
     def block_stats(self, scale: int) -> pa.Table:
-        """Per exported block of a scale: x, y, z, raw_size (DVID bytes), body_size (zstd body
+        """Per exported block of a scale: x, y, z, raw_size (DVID bytes), payload_size (zstd payload
         bytes) and ``labels`` (label-table entries) — for histograms; reads no block bodies
         except those whose label table overflowed."""
-        cols = ["x", "y", "z", "morton", "raw_size", "body_size", "supervoxels"]
+        cols = ["x", "y", "z", "morton", "raw_size", "payload_size", "supervoxels"]
         t = self.read("blocks", scale=scale, columns=cols)
         n = pc.fill_null(pc.list_value_length(t.column("supervoxels")), -1).to_numpy().astype(np.int64)
         missing = np.flatnonzero(n < 0)

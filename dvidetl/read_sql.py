@@ -1,6 +1,6 @@
 """SQL over a Parquet export: ``connect(DIR)`` gives a DuckDB connection with one view per
 table over the committed files only (a half-written run never shows partial or duplicate
-rows), and ``block_rows`` / ``reassemble_body`` get one block back from it. (For the same
+rows), and ``block_rows`` / ``reassemble_block`` get one block back from it. (For the same
 reads on every sink, ``dvidetl.read.open_export``.)"""
 
 from __future__ import annotations
@@ -22,6 +22,22 @@ def _find_volume(base: Path, uuid: str | None, instance: str | None) -> tuple[st
 
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
+
+
+def _current_names(table: str, fmt: int) -> str:
+    """The select list that shows a format-``fmt`` table under this format's names (``*`` for
+    this format): SQL sees one format, as ``ParquetSink.read`` does."""
+    if fmt == S.FORMAT:
+        return "*"
+    out = "*"
+    if table == "block_overflow":
+        old, new = _sql_str(S.OVERFLOW_PAYLOAD[fmt]), _sql_str(S.OVERFLOW_PAYLOAD[S.FORMAT])
+        out += f' REPLACE (CASE WHEN "column" = {old} THEN {new} ELSE "column" END AS "column")'
+    renames = [(S.stored_name(table, c, fmt), c) for c in S.schema(table).names
+               if S.stored_name(table, c, fmt) != c]
+    if renames:
+        out += " RENAME (" + ", ".join(f'"{o}" AS "{n}"' for o, n in renames) + ")"
+    return out
 
 
 def connect(
@@ -55,7 +71,8 @@ def connect(
             files = [str(f) for f in sink.committed_files(table, run_id=run_id)] if run_id else []
         if files:
             lst = "[" + ", ".join(_sql_str(f) for f in files) + "]"
-            con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({lst})")
+            con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT {_current_names(table, sink.format)} "
+                        f"FROM read_parquet({lst})")
         else:
             # a real (empty) table, not a view of a registered Arrow object: registrations
             # are per cursor, and block_rows queries on a cursor of its own
@@ -85,10 +102,10 @@ def block_rows(con, scale: int, x: int, y: int, z: int) -> tuple[pa.Table, pa.Ta
     return b, S.conform("block_overflow", o)
 
 
-def reassemble_body(con, scale: int, x: int, y: int, z: int, *, raw: bool = True) -> bytes | None:
+def reassemble_block(con, scale: int, x: int, y: int, z: int, *, raw: bool = True) -> bytes | None:
     """One exported block put back together: with ``raw=True`` (default) the exact DVID
-    block bytes (label table joined back into the unzstd'ed body), else the zstd body as
-    stored (cells ``body0..3`` joined with ``binary_join_element_wise``, plus overflow parts).
+    block bytes (label table joined back into the unzstd'ed payload), else the zstd payload as
+    stored (cells ``payload0..3`` joined with ``binary_join_element_wise``, plus overflow parts).
     None if the block is not in the export (absent or all-background)."""
     b, o = block_rows(con, scale, x, y, z)
     if b.num_rows == 0:
@@ -96,9 +113,13 @@ def reassemble_body(con, scale: int, x: int, y: int, z: int, *, raw: bool = True
     if b.num_rows > 1:
         raise ValueError(f"block ({x}, {y}, {z}) of scale {scale} is exported {b.num_rows} times")
     r = S.reassemble(b, o)
-    body = r.column("body")[0].as_py()
+    payload = r.column("payload")[0].as_py()
     if not raw:
-        return body
+        return payload
     from dvidetl.codec import restore_block
 
-    return restore_block(r.column("supervoxels")[0].values.to_numpy(), body)
+    return restore_block(r.column("supervoxels")[0].values.to_numpy(), payload)
+
+
+#: the name from before the zstd payload stopped being called "body" (a body is a neuron)
+reassemble_body = reassemble_block

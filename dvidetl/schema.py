@@ -5,10 +5,10 @@ one works against the other. The tables:
 
 ``blocks``          one row per stored block: its label table (``supervoxels``, stored order),
                     the body of each entry (``labels``), voxels per entry (``sv_voxels``), the
-                    size and CRC32 of the original (unwrapped) DVID block, and the zstd "body"
+                    size and CRC32 of the original (unwrapped) DVID block, and the zstd ``payload``
                     (the block without its N x 8 label bytes, see ``dvidetl.codec.split_block``)
-                    cut into cells ``body0..body3`` of at most ``cell_limit`` bytes each.
-``block_overflow``  what does not fit in ``blocks`` cells: body parts 4.. (``column="body"``,
+                    cut into cells ``payload0..payload3`` of at most ``cell_limit`` bytes each.
+``block_overflow``  what does not fit in ``blocks`` cells: payload parts 4.. (``column="payload"``,
                     ``part`` = 4, 5, ...), and list columns whose cell would pass the limit
                     (``column`` = ``supervoxels`` / ``labels`` / ``sv_voxels``: the list's
                     little-endian values, cut into parts 0..k; the ``blocks`` cell is then null).
@@ -21,17 +21,26 @@ one works against the other. The tables:
 Why cells: VastDB limits a cell to about 126 KiB; coarse scales reach 1.5 MB bodies and
 119,000-entry label tables. Cutting is lossless and the reader reassembles (see
 ``dvidetl.cells.reassemble``).
+
+Format versions (``FORMAT``): the column names above are format 2. Format 1 (dvidetl before
+December 2026) called the payload ``body`` (``body0..3``, ``body_size``, overflow
+``column="body"``), the word that also means a neuron id (``mapping.body``). Sinks record the
+format of each export, read older formats renamed to these names (``from_stored``), append to
+them in their own format (``to_stored``), and refuse a newer format than ``FORMAT``.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from dvidetl.errors import UserError
 
 #: VastDB's cell limit, 126 KiB; every binary / list cell we write stays at or below it.
 DEFAULT_CELL_LIMIT = 126 * 1024  # 129,024 bytes
-#: body cells kept in the ``blocks`` row; more parts go to ``block_overflow``.
-BODY_CELLS = 4
-BODY_COLUMNS = tuple(f"body{i}" for i in range(BODY_CELLS))
+#: payload cells kept in the ``blocks`` row; more parts go to ``block_overflow``.
+PAYLOAD_CELLS = 4
+PAYLOAD_COLUMNS = tuple(f"payload{i}" for i in range(PAYLOAD_CELLS))
 #: list columns of ``blocks`` that may overflow, with their value type
 LIST_COLUMNS = {"supervoxels": pa.uint64(), "labels": pa.uint64(), "sv_voxels": pa.uint32()}
 
@@ -47,9 +56,9 @@ BLOCKS = pa.schema(
         ("sv_voxels", pa.list_(pa.uint32())),
         ("raw_size", pa.uint32()),
         ("crc32", pa.uint32()),
-        ("body_size", pa.uint32()),
+        ("payload_size", pa.uint32()),
         ("nparts", pa.uint8()),
-        *[(c, pa.binary()) for c in BODY_COLUMNS],
+        *[(c, pa.binary()) for c in PAYLOAD_COLUMNS],
         ("overflow", pa.bool_()),
     ]
 )
@@ -89,7 +98,7 @@ EXPORT_LEDGER = pa.schema(
         ("rows", pa.uint64()),  # rows written over all tables of the partition
         ("errors", pa.uint64()),  # blocks that went to export_errors
         ("bytes_in", pa.uint64()),  # bytes read from the Flight server
-        ("bytes_out", pa.uint64()),  # payload bytes written (bodies + lists)
+        ("bytes_out", pa.uint64()),  # payload bytes written (zstd payloads + lists)
         ("seconds", pa.float64()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
     ]
@@ -171,13 +180,95 @@ def conform(name: str, table: pa.Table) -> pa.Table:
     return t
 
 
+# ---------------------------------------------------------------------------------------------
+# format versions
+# ---------------------------------------------------------------------------------------------
+
+#: the table format this code writes (see the module docstring)
+FORMAT = 2
+#: block_overflow ``column`` value of payload parts 4.., per format
+OVERFLOW_PAYLOAD = {1: "body", 2: "payload"}
+#: per older format: table -> {column name now: column name stored}
+_STORED_NAMES: dict[int, dict[str, dict[str, str]]] = {
+    1: {"blocks": {"payload_size": "body_size",
+                   **{c: f"body{i}" for i, c in enumerate(PAYLOAD_COLUMNS)}}},
+}
+
+
+def check_format(fmt: int, where: str) -> int:
+    """``fmt`` if this code reads it; a newer (or nonsense) format is a ``UserError`` rather
+    than a misread export."""
+    if not isinstance(fmt, int) or not 1 <= fmt <= FORMAT:
+        raise UserError(f"{where}: written in table format {fmt!r}; this dvidetl reads formats "
+                        f"1..{FORMAT} — upgrade dvidetl")
+    return fmt
+
+
+def format_of_columns(table: str, names: list[str] | tuple[str, ...]) -> int:
+    """The format a stored table's columns are in (its column names tell the formats apart):
+    how a sink without a place for a version marker (VastDB) checks what it reads."""
+    names = set(names)
+    for fmt in sorted(_STORED_NAMES):
+        old = set(_STORED_NAMES[fmt].get(table, {}).values())
+        if old and old <= names:
+            return fmt
+    return FORMAT
+
+
+def stored_name(table: str, column: str, fmt: int) -> str:
+    """The name ``column`` of ``table`` is stored under in format ``fmt``."""
+    return _STORED_NAMES.get(fmt, {}).get(table, {}).get(column, column)
+
+
+def stored_schema(table: str, fmt: int) -> pa.Schema:
+    """``table``'s schema as stored in format ``fmt``."""
+    sch = schema(table)
+    return pa.schema([f.with_name(stored_name(table, f.name, fmt)) for f in sch])
+
+
+def _rename_payload_parts(t: pa.Table, frm: str, to: str) -> pa.Table:
+    col = t.column("column")
+    return t.set_column(t.schema.get_field_index("column"), "column",
+                        pc.if_else(pc.equal(col, frm), pa.scalar(to, col.type), col))
+
+
+def from_stored(table: str, t: pa.Table, fmt: int) -> pa.Table:
+    """A table read from a format-``fmt`` export with this format's names (and overflow
+    ``column`` values): readers see one format whatever wrote the export."""
+    if fmt == FORMAT:
+        return t
+    names = {v: k for k, v in _STORED_NAMES[fmt].get(table, {}).items()}
+    if names:
+        t = t.rename_columns([names.get(n, n) for n in t.column_names])
+    if table == "block_overflow" and "column" in t.column_names:
+        t = _rename_payload_parts(t, OVERFLOW_PAYLOAD[fmt], OVERFLOW_PAYLOAD[FORMAT])
+    return t
+
+
+def to_stored(table: str, t: pa.Table, fmt: int) -> pa.Table:
+    """``from_stored`` backwards: rows of this format as a format-``fmt`` export stores them
+    (a run resumed into an older export stays in that export's format)."""
+    if fmt == FORMAT:
+        return t
+    names = _STORED_NAMES[fmt].get(table, {})
+    if names:
+        t = t.rename_columns([names.get(n, n) for n in t.column_names])
+    if table == "block_overflow" and "column" in t.column_names:
+        t = _rename_payload_parts(t, OVERFLOW_PAYLOAD[FORMAT], OVERFLOW_PAYLOAD[fmt])
+    return t
+
+
 #: the cell cutting and reassembly, in ``dvidetl.cells``, still reachable here
 _CELLS = ("nparts_of", "cut_cells", "binary_buffers", "list_as_binary", "binary_as_list",
-          "join_body_cells", "reassemble")
+          "join_payload_cells", "reassemble")
+#: format-1 names kept for code written against them
+_ALIASES = {"BODY_CELLS": "PAYLOAD_CELLS", "BODY_COLUMNS": "PAYLOAD_COLUMNS"}
 
 
 def __getattr__(name: str):
-    if name in _CELLS:
+    if name in _ALIASES:
+        return globals()[_ALIASES[name]]
+    if name in _CELLS or name == "join_body_cells":
         from dvidetl import cells
 
         return getattr(cells, name)

@@ -190,7 +190,7 @@ def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, Part
     range, gathered whole before the write (in memory, spilled to the worker's disk past
     ``SPILL_BYTES``) so a failed write is retried from them and the source is read once."""
     from dvidetl.spill import SpillBudget
-    from dvidetl.transform import label_index_rows
+    from dvidetl.transform import label_index_tables
 
     t0 = time.perf_counter()
     table = "label_index" if part.kind == "indices" else "mapping"
@@ -201,7 +201,7 @@ def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, Part
             grid0 = tuple(ctx.grids.get(0) or ctx.grids.get("0"))
             for batch in client.read_indices(part.lo, part.hi):
                 nbytes += batch.column("data").nbytes
-                for t in label_index_rows([batch], grid0):
+                for t in label_index_tables([batch], grid0):
                     spill.append(t)
         else:
             for batch in client.read_mapping(part.lo, part.hi):

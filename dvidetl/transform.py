@@ -3,10 +3,10 @@
 Per partition, never per block in Python:
 
 1. ``dvidetl.codec.repack`` per record batch (unwrap, validate, split the label table off,
-   count voxels per entry, zstd the body) — numba + C over whole buffers;
+   count voxels per entry, zstd the rest: the payload) — numba + C over whole buffers;
 2. one vectorized supervoxel -> body lookup for the whole partition (``mapper`` is the Flight
    client's ``DoExchange("map")`` on the partition's unique supervoxels);
-3. cut bodies into ``<= cell_limit`` cells ``body0..body3`` (+ ``block_overflow`` parts 4..)
+3. cut payloads into ``<= cell_limit`` cells ``payload0..payload3`` (+ ``block_overflow`` parts 4..)
    and move list cells that would pass the limit to ``block_overflow`` — Arrow C kernels;
 4. blocks that fail (corrupt bytes, wrong coordinates) become ``export_errors`` rows with
    their original bytes; their neighbours are unaffected.
@@ -33,7 +33,7 @@ class TransformStats:
     blocks: int = 0  # blocks exported into ``blocks``
     errors: int = 0  # blocks sent to ``export_errors``
     bytes_in: int = 0  # wrapped bytes received
-    bytes_out: int = 0  # body + list payload bytes written
+    bytes_out: int = 0  # zstd payload + list bytes written
     raw_bytes: int = 0  # unwrapped DVID block bytes of the exported blocks
     overflow_blocks: int = 0
 
@@ -44,8 +44,8 @@ def _list_nbytes(arr: pa.Array) -> np.ndarray:
     return lengths * arr.type.value_type.byte_width
 
 
-def body_size_sum(blocks: pa.Table) -> int:
-    return int(pc.sum(blocks.column("body_size").cast(pa.uint64())).as_py() or 0)
+def payload_size_sum(blocks: pa.Table) -> int:
+    return int(pc.sum(blocks.column("payload_size").cast(pa.uint64())).as_py() or 0)
 
 
 def blocks_tables(
@@ -59,27 +59,27 @@ def blocks_tables(
     sv_voxels: pa.Array,
     raw_size: np.ndarray,
     crc32: np.ndarray,
-    body: pa.Array,
+    payload: pa.Array,
     *,
     cell_limit: int = S.DEFAULT_CELL_LIMIT,
 ) -> tuple[pa.Table, pa.Table]:
     """The ``blocks`` and ``block_overflow`` rows of already repacked blocks.
 
-    Bodies are cut into cells of at most ``cell_limit`` bytes: parts 0..3 in ``body0..3``,
-    parts 4.. in ``block_overflow`` (column ``body``); a list cell whose payload would pass
+    Payloads (zstd, see ``dvidetl.codec.repack``) are cut into cells of at most ``cell_limit``
+    bytes: parts 0..3 in ``payload0..3``, parts 4.. in ``block_overflow`` (column ``payload``); a list cell whose payload would pass
     the limit is null in ``blocks`` and stored as its little-endian values, cut into parts,
     in ``block_overflow`` under the column's name. Codec-independent (tests use it directly).
     """
     if cell_limit < 64:
         raise ValueError(f"cell limit {cell_limit} bytes is too small (minimum 64)")
     n = len(morton)
-    body = body.combine_chunks() if isinstance(body, pa.ChunkedArray) else body
-    body_size = pc.fill_null(pc.binary_length(body), 0).to_numpy().astype(np.int64)
-    nparts = S.nparts_of(body_size, cell_limit)
+    payload = payload.combine_chunks() if isinstance(payload, pa.ChunkedArray) else payload
+    payload_size = pc.fill_null(pc.binary_length(payload), 0).to_numpy().astype(np.int64)
+    nparts = S.nparts_of(payload_size, cell_limit)
     if n and nparts.max() > 255:
-        raise ValueError(f"a block body of {body_size.max()} bytes needs more than 255 cells")
+        raise ValueError(f"a block payload of {payload_size.max()} bytes needs more than 255 cells")
     ov_scale, ov_morton, ov_col, ov_part, ov_data = [], [], [], [], []
-    overflow = nparts > S.BODY_CELLS
+    overflow = nparts > S.PAYLOAD_CELLS
     mortons = np.asarray(morton, dtype=np.uint64)
 
     def add_overflow(rows: np.ndarray, colname: str, data: pa.Array, first_part: int) -> None:
@@ -100,7 +100,7 @@ def blocks_tables(
 
     if overflow.any():
         rows = np.flatnonzero(overflow)
-        add_overflow(rows, "body", body.take(pa.array(rows)), S.BODY_CELLS)
+        add_overflow(rows, S.OVERFLOW_PAYLOAD[S.FORMAT], payload.take(pa.array(rows)), S.PAYLOAD_CELLS)
     cols: dict[str, pa.Array] = {}
     for colname, arr in (("supervoxels", supervoxels), ("labels", labels), ("sv_voxels", sv_voxels)):
         arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
@@ -123,9 +123,9 @@ def blocks_tables(
             **cols,
             "raw_size": pa.array(np.asarray(raw_size, np.uint32)),
             "crc32": pa.array(np.asarray(crc32, np.uint32)),
-            "body_size": pa.array(body_size.astype(np.uint32)),
+            "payload_size": pa.array(payload_size.astype(np.uint32)),
             "nparts": pa.array(nparts.astype(np.uint8)),
-            **{c: S.cut_cells(body, i, cell_limit) for i, c in enumerate(S.BODY_COLUMNS)},
+            **{c: S.cut_cells(payload, i, cell_limit) for i, c in enumerate(S.PAYLOAD_COLUMNS)},
             "overflow": pa.array(overflow),
         },
         schema=S.BLOCKS,
@@ -227,7 +227,7 @@ def map_lists(supervoxels: pa.Array, mapper: Callable[[np.ndarray], np.ndarray])
     )
 
 
-#: repacked bytes (bodies + lists) a partition transform gathers before it maps supervoxels
+#: repacked bytes (payloads + lists) a partition transform gathers before it maps supervoxels
 #: and cuts cells for that group: bounds the transform's working set (a dense block's
 #: intermediates are ~4x its output) while keeping ``mapper`` round trips few (one per group)
 GROUP_BYTES = 8 << 20
@@ -244,7 +244,7 @@ def _concat_parts(parts: list[dict]) -> dict:
         sv_voxels=pa.concat_arrays([p["sv_voxels"].cast(pa.list_(pa.uint32())) for p in parts]),
         raw_size=np.concatenate([p["raw_size"] for p in parts]),
         crc32=np.concatenate([p["crc32"] for p in parts]),
-        body=pa.concat_arrays([p["body"].cast(pa.binary()) for p in parts]),
+        payload=pa.concat_arrays([p["payload"].cast(pa.binary()) for p in parts]),
     )
 
 
@@ -264,12 +264,12 @@ def _drop_duplicates(g: dict, seen: np.ndarray, err_parts: list[dict]) -> dict:
     if not dup.any():
         return g
     n = int(dup.sum())
-    # the original bytes are not kept past repack; report the body instead
+    # the original bytes are not kept past repack; report the zstd payload instead
     err_parts.append(
         dict(x=g["x"][dup], y=g["y"][dup], z=g["z"][dup], morton=m[dup],
              stage=np.full(n, "duplicate", dtype=object),
              reason=np.full(n, "block served twice in one partition", dtype=object),
-             data=g["body"].filter(pa.array(dup)))
+             data=g["payload"].filter(pa.array(dup)))
     )
     keep_np = ~dup
     keep = pa.array(np.flatnonzero(keep_np))
@@ -351,11 +351,11 @@ def transform_blocks(
         labels = map_lists(g["supervoxels"], mapper)
         b, o = blocks_tables(
             scale, g["x"], g["y"], g["z"], g["morton"], g["supervoxels"], labels, g["sv_voxels"],
-            g["raw_size"], g["crc32"], g["body"], cell_limit=cell_limit,
+            g["raw_size"], g["crc32"], g["payload"], cell_limit=cell_limit,
         )
         stats.raw_bytes += int(g["raw_size"].astype(np.int64).sum())
         stats.bytes_out += (
-            int(body_size_sum(b)) + 2 * int(_list_nbytes(g["supervoxels"]).sum())
+            int(payload_size_sum(b)) + 2 * int(_list_nbytes(g["supervoxels"]).sum())
             + int(_list_nbytes(g["sv_voxels"]).sum())
         )
         stats.blocks += b.num_rows
@@ -405,11 +405,11 @@ def transform_blocks(
                 supervoxels=rp.supervoxels.take(keep), sv_voxels=rp.sv_voxels.take(keep),
                 raw_size=rp.raw_size.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
                 crc32=rp.crc32.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
-                body=rp.body.take(keep),
+                payload=rp.body.take(keep),
             )
             del rp, data, batch
             parts.append(part)
-            part_bytes += sum(part[k].nbytes for k in ("supervoxels", "sv_voxels", "body"))
+            part_bytes += sum(part[k].nbytes for k in ("supervoxels", "sv_voxels", "payload"))
             if part_bytes >= group_bytes:
                 flush()
         if parts:
@@ -440,9 +440,11 @@ def transform_blocks(
     return {"blocks": blocks, "block_overflow": overflow, "export_errors": errors}, stats
 
 
-def label_index_rows(batches: Iterable[pa.RecordBatch], grid0: Vec3) -> Iterable[pa.Table]:
-    """``label_index`` rows from the server's ``read_indices`` batches (label, LabelIndex
-    protobuf bytes), one table per batch, with the scale-0 Morton code of each block."""
+def label_index_tables(batches: Iterable[pa.RecordBatch], grid0: Vec3) -> Iterable[pa.Table]:
+    """``label_index`` tables from the server's ``read_indices`` batches (label, LabelIndex
+    protobuf bytes), one table per batch, with the scale-0 Morton code of each block.
+    (``codec.labelindex.label_index_table`` decodes the protobufs; its ``label_index_rows``
+    decodes one.)"""
     from dvidetl.codec.labelindex import label_index_table
 
     for batch in batches:
@@ -456,3 +458,7 @@ def label_index_rows(batches: Iterable[pa.RecordBatch], grid0: Vec3) -> Iterable
         z = t.column("z").to_numpy().astype(np.int64)
         t = t.append_column("morton", pa.array(morton_encode(x, y, z, grid0)))
         yield S.conform("label_index", t)
+
+
+#: the name this had while it shared it with ``codec.labelindex.label_index_rows``
+label_index_rows = label_index_tables

@@ -2,7 +2,7 @@
 
 For every block partition of the run's plan: re-read the source's blocks of that Morton
 range through Flight, re-read the exported rows, reassemble each block's exact DVID bytes
-(``body0..3`` joined with ``binary_join_element_wise`` + overflow parts, label table joined
+(``payload0..3`` joined with ``binary_join_element_wise`` + overflow parts, label table joined
 back) and check:
 
 * every source block is exported exactly once (missing / duplicated / extra by coordinates;
@@ -197,12 +197,12 @@ def verify_block_partition(client, sink, run, part, env: VerifyEnv, report: Veri
     flag(~_lists_equal(e.column("labels"), want_labels), "labels differ from the server's mapping")
     # byte-exact: restore each block (C: zstd) and compare with the source's unwrapped bytes
     sdata = s.column("data").to_pylist()
-    ebody = e.column("body").to_pylist()
+    epayload = e.column("payload").to_pylist()
     ecrc = e.column("crc32").to_numpy()
     sv_off = np.concatenate([[0], np.cumsum(pc.list_value_length(svs).to_numpy())])
     for i in range(len(common)):
         try:
-            got = restore_block(flat[sv_off[i]:sv_off[i + 1]], ebody[i])
+            got = restore_block(flat[sv_off[i]:sv_off[i + 1]], epayload[i])
             want = unwrap(sdata[i], codec)
         except Exception as exc:  # noqa: BLE001 — reported by coordinates
             flags.one(i, f"cannot restore: {exc}")
@@ -343,12 +343,12 @@ def verify_index_partition(client, sink, run, part, env: VerifyEnv, report: Veri
     """One indices partition: the exported label_index rows of its label range equal the
     source's label indices (decoded afresh), and their digest is kept for the cross-check
     against the exported scale-0 blocks."""
-    from dvidetl.transform import label_index_rows
+    from dvidetl.transform import label_index_tables
 
     idx = sink.read("label_index", run_id=run.run_id, where={"label": (part.lo, part.hi)})
     report.index_rows += idx.num_rows
     grid0 = env.info.scale(0).grid
-    src_parts = list(label_index_rows(client.read_indices(part.lo, part.hi), grid0))
+    src_parts = list(label_index_tables(client.read_indices(part.lo, part.hi), grid0))
     src = pa.concat_tables(src_parts) if src_parts else S.empty("label_index")
     where = f"label_index [{part.lo}, {part.hi})"
     got = idx.select([*_INDEX_KEYS, "voxels"]).group_by(_INDEX_KEYS).aggregate(

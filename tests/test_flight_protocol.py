@@ -150,7 +150,13 @@ def test_no_mapping_no_indices():
 
 def test_count_request_and_descriptors():
     req = P.parse_count_request(P.CountRequest("abc123", "segmentation", 1, 3).to_json())
-    assert req.validate(INFO) == req
+    assert req.validate(INFO) == req and req.cell_bits == 3
+    # cell_bits travels under its protocol-v1 name, so v1 peers of other makers still agree
+    wire = json.loads(P.CountRequest("abc123", "segmentation", 1, 3).to_json())
+    assert wire == {"v": 1, "uuid": "abc123", "instance": "segmentation", "scale": 1, "level": 3}
+    kreq = P.CountKeysRequest("abc123", "segmentation", "indices", 40, 5, 9)
+    assert json.loads(kreq.to_json())["level"] == 40 and "cell_bits" not in json.loads(kreq.to_json())
+    assert P.parse_count_keys_request(kreq.to_json()) == kreq
     with pytest.raises(P.TicketError) as ei:
         P.parse_count_request(P.CountRequest("abc123", "segmentation", 1, 65).to_json())
     assert ei.value.field == "level"

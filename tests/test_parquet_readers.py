@@ -16,6 +16,7 @@ import duckdb
 import pandas as pd
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -63,7 +64,7 @@ def _sorted(t: pa.Table) -> pa.Table:
 
 def test_layout_has_no_hive_names_and_records_its_version(export):
     root = _root(export)
-    assert json.loads((root / "layout.json").read_text()) == {"layout": 2}
+    assert json.loads((root / "layout.json").read_text()) == {"layout": 2, "format": S.FORMAT}
     names = [p.name for p in root.rglob("*") if p.is_dir()]
     assert not [n for n in names if "=" in n], names
     assert (root / "blocks" / "scale-0").is_dir()
@@ -133,8 +134,17 @@ def test_layout_1_exports_still_read(export, tmp_path):
             d.rename(d.with_name("scale=" + d.name[len("scale-"):]))
     for d in sorted((root / "export_ledger").iterdir()):
         d.rename(d.with_name("run=" + d.name))
+    # and the table format of its time: the zstd payload was called "body"
+    legacy = {"payload_size": "body_size", **{f"payload{i}": f"body{i}" for i in range(4)}}
+    for f in sorted(root.glob("blocks/scale=*/*.parquet")):
+        t = pq.ParquetFile(f).read()
+        pq.write_table(t.rename_columns([legacy.get(n, n) for n in t.column_names]), f)
+    for f in sorted(root.glob("block_overflow/scale=*/*.parquet")):
+        t = pq.ParquetFile(f).read()
+        col = pc.if_else(pc.equal(t["column"], "payload"), "body", t["column"])
+        pq.write_table(t.set_column(t.schema.get_field_index("column"), "column", col), f)
     sink = ParquetSink(old, uuid=UUID, instance=root.parent.name)
-    assert sink.layout == 1
+    assert sink.layout == 1 and sink.format == 1
     for table in ("blocks", "label_index", "mapping"):
         assert sink.read(table).num_rows == _expected(export, table).num_rows
     assert sink.ledger().num_rows == _expected(export, "export_ledger").num_rows

@@ -59,7 +59,7 @@ def test_demo_run_and_verify(tmp_path, capsys):
     assert cli(["verify", "--uuid", "demo", "--sink", sink]) == 0, capsys.readouterr().out
     rep = capsys.readouterr().out
     assert "OK" in rep
-    from dvidetl.read import connect, reassemble_body
+    from dvidetl.read import connect, reassemble_block
 
     con = connect(f"{tmp_path}/out")
     n = con.execute("select count(*) from blocks").fetchone()[0]
@@ -71,7 +71,7 @@ def test_demo_run_and_verify(tmp_path, capsys):
     x, y, z = con.execute("select x, y, z from blocks where scale = 0 limit 1").fetchone()
     src = open_source("synthetic://demo")
     try:
-        assert reassemble_body(con, 0, x, y, z) == src.block_bytes(0, x, y, z)
+        assert reassemble_block(con, 0, x, y, z) == src.block_bytes(0, x, y, z)
     finally:
         src.close()
     # inspect finds it
@@ -93,7 +93,7 @@ def test_multiscale_overflow_run_and_verify(tmp_path, cluster, capsys):
     assert rc == 0, capsys.readouterr().err
     t = _tables(sink, "ovf", _instance(f"{tmp_path}/out", "ovf"))
     assert t["block_overflow"].num_rows > 0
-    assert set(t["block_overflow"].column("column").to_pylist()) >= {"body", "supervoxels"}
+    assert set(t["block_overflow"].column("column").to_pylist()) >= {"payload", "supervoxels"}
     assert sorted(set(t["blocks"].column("scale").to_pylist())) == [0, 1, 2]
     assert cli(["verify", *common[:4], "--sink", sink]) == 0, capsys.readouterr().out
 

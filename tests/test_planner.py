@@ -49,7 +49,7 @@ def test_plan_covers_every_block_once(codes, target):
     count, _ = _count_from_codes(codes)
     parts = plan_scale(count, 0, 1 << 18, target)
     _check(parts, codes, target)
-    _check(plan_scale(count, 0, 1 << 18, target, start_level=12), codes, target)
+    _check(plan_scale(count, 0, 1 << 18, target, start_cell_bits=12), codes, target)
 
 
 def test_plan_is_deterministic_and_balances():
@@ -57,8 +57,8 @@ def test_plan_is_deterministic_and_balances():
     # a dense clump and a sparse tail: heavy cells must be split, light ones merged
     codes = np.concatenate([np.arange(100_000, 160_000), rng.integers(0, 1 << 24, 5_000)]).astype(np.uint64)
     count, calls = _count_from_codes(codes)
-    a = plan_scale(count, 3, 1 << 24, 1000, start_level=18)
-    b = plan_scale(count, 3, 1 << 24, 1000, start_level=18)
+    a = plan_scale(count, 3, 1 << 24, 1000, start_cell_bits=18)
+    b = plan_scale(count, 3, 1 << 24, 1000, start_cell_bits=18)
     _check(plan_scale(count, 3, 1 << 24, 1000), codes, 1000)  # one call at the fine level
     assert a == b
     _check(a, codes, 1000)

@@ -119,7 +119,7 @@ def test_every_block_at_every_scale(ex, src):
     the export does overflow, so reassembly is exercised."""
     assert ex.read("block_overflow", columns=["column"]).num_rows > 0
     kinds = set(ex.read("block_overflow", columns=["column"]).column("column").to_pylist())
-    assert {"body", "supervoxels"} <= kinds
+    assert {"payload", "supervoxels"} <= kinds
     for s in ex.scales:
         xs, ys, zs, _ = src.present_blocks(s)
         assert len(xs) == ex.read("blocks", scale=s, columns=["morton"]).num_rows

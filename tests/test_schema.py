@@ -19,7 +19,7 @@ def test_tables_exactly_as_specified():
     assert S.DEFAULT_CELL_LIMIT == 129_024
     assert S.BLOCKS.names == [
         "scale", "x", "y", "z", "morton", "supervoxels", "labels", "sv_voxels", "raw_size",
-        "crc32", "body_size", "nparts", "body0", "body1", "body2", "body3", "overflow",
+        "crc32", "payload_size", "nparts", "payload0", "payload1", "payload2", "payload3", "overflow",
     ]
     assert S.BLOCKS.field("supervoxels").type == pa.list_(pa.uint64())
     assert S.BLOCKS.field("sv_voxels").type == pa.list_(pa.uint32())
@@ -60,7 +60,7 @@ def test_cut_and_reassemble_roundtrip(n, limit, big, seed):
         pa.array(bodies, pa.binary()), cell_limit=limit,
     )
     # every cell within the limit
-    for c in S.BODY_COLUMNS:
+    for c in S.PAYLOAD_COLUMNS:
         assert (pc.max(pc.binary_length(b.column(c))).as_py() or 0) <= limit
     for c in S.LIST_COLUMNS:
         w = S.LIST_COLUMNS[c].byte_width
@@ -69,7 +69,7 @@ def test_cut_and_reassemble_roundtrip(n, limit, big, seed):
     # any row order, overflow table of a superset
     perm = rng.permutation(n)
     r = S.reassemble(b.take(pa.array(perm)), o)
-    assert r.column("body").to_pylist() == [bodies[i] for i in perm]
+    assert r.column("payload").to_pylist() == [bodies[i] for i in perm]
     assert r.column("supervoxels").to_pylist() == [svs[i] for i in perm]
     assert r.column("labels").to_pylist() == [labs[i] for i in perm]
     assert r.column("sv_voxels").to_pylist() == [vox[i] for i in perm]
@@ -82,9 +82,9 @@ def test_cut_and_reassemble_roundtrip(n, limit, big, seed):
             S.reassemble(b, o.slice(1))
 
 
-def test_join_body_cells_keeps_rows_with_empty_bodies():
-    t = pa.table({c: pa.array([None, b"a" if c == "body0" else None, None], pa.binary()) for c in S.BODY_COLUMNS})
-    assert S.join_body_cells(t).to_pylist() == [b"", b"a", b""]
+def test_join_payload_cells_keeps_rows_with_empty_payloads():
+    t = pa.table({c: pa.array([None, b"a" if c == "payload0" else None, None], pa.binary()) for c in S.PAYLOAD_COLUMNS})
+    assert S.join_payload_cells(t).to_pylist() == [b"", b"a", b""]
 
 
 def test_errors_table_parts():
@@ -152,7 +152,7 @@ def test_parquet_sink_blocks_layout(tmp_path):
     got = sink.read("blocks", scale=2, morton_range=(0x11, 0x20))
     assert got.column("morton").to_pylist() == [0x11, 0x1F]
     r = S.reassemble(sink.read("blocks"), sink.read("block_overflow"))
-    assert r.column("body").to_pylist() == [b"a" * 10, b"b" * 300, b"c"]
+    assert r.column("payload").to_pylist() == [b"a" * 10, b"b" * 300, b"c"]
     assert sink.read("blocks", scale=1).num_rows == 0
 
 

@@ -81,12 +81,12 @@ def test_run_and_verify_overflow_and_dense_blocks(sim, cluster, capsys):
     blocks = sink.read("blocks")
     ov = sink.read("block_overflow")
     assert sorted(set(blocks.column("scale").to_pylist())) == [0, 1, 2]
-    assert set(ov.column("column").to_pylist()) >= {"body", "supervoxels", "labels", "sv_voxels"}
+    assert set(ov.column("column").to_pylist()) >= {"payload", "supervoxels", "labels", "sv_voxels"}
     full = S.reassemble(blocks, ov)
     nlabels = np.asarray([len(v) for v in full.column("supervoxels").to_pylist()])
     assert nlabels.max() >= 120_000, nlabels.max()
     # every stored cell respects the limit the run asked for
-    for col in S.BODY_COLUMNS:
+    for col in S.PAYLOAD_COLUMNS:
         assert max((len(b) for b in blocks.column(col).to_pylist() if b is not None), default=0) <= 4096
     # pushed-down reads: one scale, a Morton range, a label >= 2**63, a projection
     s1 = sink.read("blocks", scale=1, columns=["scale", "morton"])
@@ -225,11 +225,11 @@ def test_rewrite_replaces_rows_and_skip_when_done(sim):
         sink.prepare(RunInfo(rid, "u1", "seg", [part]))
     sink.write_partition("r1", part, rows, {"blocks": 3})
     sink.write_partition("r1", part, {"blocks": _blocks(range(10, 13), body=b"X")}, {"blocks": 3})  # skipped
-    assert sink.read("blocks").column("body0").to_pylist() == [b"A"] * 3
+    assert sink.read("blocks").column("payload0").to_pylist() == [b"A"] * 3
     sink.write_partition("r2", part, {"blocks": _blocks(range(11, 15), body=b"B")}, {"blocks": 4})
     t = sink.read("blocks").sort_by("morton")
     assert t.column("morton").to_pylist() == [11, 12, 13, 14]
-    assert t.column("body0").to_pylist() == [b"B"] * 4
+    assert t.column("payload0").to_pylist() == [b"B"] * 4
     assert sink.runs() == ["r1", "r2"] and sink.latest_run() == "r2"
     assert sink.is_done("r1", part) and sink.is_done("r2", part)
     assert sink.ledger().num_rows == 2
@@ -250,7 +250,7 @@ def test_rewrite_replaces_rows_and_skip_when_done(sim):
         other.prepare(RunInfo("r9", "u2", "seg", [part]))
     # a cell over the VastDB limit is caught before anything is sent
     huge = _blocks([20], body=b"z" * (S.DEFAULT_CELL_LIMIT + 1))
-    with pytest.raises(ValueError, match="body0.*cell limit"):
+    with pytest.raises(ValueError, match="payload0.*cell limit"):
         sink.write_partition("r2", Partition("blocks", 0, 0, 100, 1), {"blocks": huge}, {})
 
 
@@ -260,8 +260,8 @@ def _blocks(mortons, body: bytes) -> pa.Table:
     d = {
         "scale": [0] * n, "x": ms, "y": [0] * n, "z": [0] * n, "morton": ms,
         "supervoxels": [[1, 2]] * n, "labels": [[1, 1]] * n, "sv_voxels": [[5, 6]] * n,
-        "raw_size": [1] * n, "crc32": [0] * n, "body_size": [len(body)] * n, "nparts": [1] * n,
-        "body0": [body] * n, "body1": [None] * n, "body2": [None] * n, "body3": [None] * n,
+        "raw_size": [1] * n, "crc32": [0] * n, "payload_size": [len(body)] * n, "nparts": [1] * n,
+        "payload0": [body] * n, "payload1": [None] * n, "payload2": [None] * n, "payload3": [None] * n,
         "overflow": [False] * n,
     }
     return pa.table(d, schema=S.BLOCKS)
@@ -280,8 +280,8 @@ def test_inserts_are_one_rpc_each(sim):
     hit = {k: sim.counters.get(k, 0) - before.get(k, 0) for k in sim.counters}
     assert hit.get("PUT rows", 0) == 0, hit
     assert hit["POST rows"] >= 3  # 9.6 MB of bodies: at least 2 insert RPCs + the ledger row
-    t = sink.read("blocks", columns=["morton", "body0"])
-    assert t.num_rows == 80 and set(t.column("body0").to_pylist()) == {body}
+    t = sink.read("blocks", columns=["morton", "payload0"])
+    assert t.num_rows == 80 and set(t.column("payload0").to_pylist()) == {body}
 
 
 def test_schema_mismatch_names_the_column(sim, capsys):
@@ -415,9 +415,9 @@ def test_spilled_tables_are_reread_by_a_redone_transaction(sim, tmp_path):
         close_tables(tables)
     hit = {k: sim.counters.get(k, 0) - before.get(k, 0) for k in sim.counters}
     assert hit["POST rows"] > 4, hit  # some inserts were lost and the transaction redone
-    t = sink.read("blocks", columns=["morton", "body0"])
+    t = sink.read("blocks", columns=["morton", "payload0"])
     assert sorted(t.column("morton").to_pylist()) == list(range(60))
-    assert set(t.column("body0").to_pylist()) == {body}
+    assert set(t.column("payload0").to_pylist()) == {body}
     assert sink.ledger("r").column("rows").to_pylist() == [60]
     assert list(tmp_path.iterdir()) == []
     # a spilled table is checked inside the transaction: a cell over the limit fails it
@@ -429,7 +429,7 @@ def test_spilled_tables_are_reread_by_a_redone_transaction(sim, tmp_path):
     sp.append(_blocks([1020], body=b"z" * (S.DEFAULT_CELL_LIMIT + 1)))
     tables = {"blocks": sp.result()}
     try:
-        with pytest.raises(ValueError, match="body0.*cell limit"):
+        with pytest.raises(ValueError, match="payload0.*cell limit"):
             sink.write_partition("r2", bad_part, tables, {"blocks": 21})
     finally:
         close_tables(tables)

@@ -526,7 +526,7 @@ def test_count_is_arithmetic_on_a_huge_volume(fake):
     cells, counts, exact = c.count(0, 15)
     assert not exact and int(counts.sum()) == 1471 * 1224 * 2103
     assert counts.max() == 1 << 15
-    with pytest.raises(UserError, match="coarser level"):
+    with pytest.raises(UserError, match="coarser cells"):
         c.count(0, 0)
     # the boxes read_blocks requests for a range cover exactly the slots count() bounds
     cells, counts, _ = c.count(0, 27)

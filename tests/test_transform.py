@@ -53,7 +53,7 @@ def test_transform_exact_and_mapping_one_call(shared_data):
     r = S.reassemble(blocks, tables["block_overflow"])
     for i, raw in enumerate(raws):
         svs = np.asarray(r.column("supervoxels")[i].as_py(), np.uint64)
-        assert restore_block(svs, r.column("body")[i].as_py()) == raw
+        assert restore_block(svs, r.column("payload")[i].as_py()) == raw
         assert r.column("crc32")[i].as_py() == zlib.crc32(raw)
         assert r.column("raw_size")[i].as_py() == len(raw)
         assert r.column("labels")[i].as_py() == (svs // np.uint64(2)).tolist()
@@ -86,7 +86,7 @@ def test_transform_overflow_and_errors():
     assert set(ov.column("column").to_pylist()) >= {"supervoxels", "labels", "sv_voxels"}
     r = S.reassemble(tables["blocks"], ov)
     i = r.column("morton").to_pylist().index(0)
-    assert restore_block(np.asarray(r.column("supervoxels")[i].as_py(), np.uint64), r.column("body")[i].as_py()) == dense
+    assert restore_block(np.asarray(r.column("supervoxels")[i].as_py(), np.uint64), r.column("payload")[i].as_py()) == dense
     assert tables["blocks"].column("overflow").to_pylist()[i] is True
 
 

@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         r = b.to_pylist()[0]
         svs, labels, vox = (np.asarray(r[c], np.uint64) for c in ("supervoxels", "labels", "sv_voxels"))
         print(f"block ({x}, {y}, {z}) scale {args.scale}: morton {r['morton']} (0x{r['morton']:x})", file=out)
-        print(f"  raw DVID block {r['raw_size']:,} bytes, crc32 {r['crc32']:08x}; zstd body {r['body_size']:,} bytes "
+        print(f"  raw DVID block {r['raw_size']:,} bytes, crc32 {r['crc32']:08x}; zstd payload {r['payload_size']:,} bytes "
               f"in {r['nparts']} cells{' (with overflow rows)' if r['overflow'] else ''}", file=out)
         print(f"  {len(svs)} label-table entries, {len(np.unique(svs))} supervoxels, {len(np.unique(labels))} bodies, "
               f"{int(vox.sum()):,} voxels", file=out)

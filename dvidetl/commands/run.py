@@ -53,7 +53,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_plan_arguments(p)
     p.add_argument("--cell-limit", type=int, default=S.DEFAULT_CELL_LIMIT,
                    help=f"max bytes per binary/list cell (default {S.DEFAULT_CELL_LIMIT})")
-    p.add_argument("--zstd-level", type=int, default=3, help="zstd level of block bodies (default 3)")
+    p.add_argument("--zstd-level", type=int, default=3, help="zstd level of the block payloads (default 3)")
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run: reuse its plan, skip committed partitions")
     p.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
     p.add_argument("--partitions", action="store_true", help="with --dry-run: list every partition")

@@ -372,13 +372,13 @@ class FlightClient:
         info = self.info()
         return info.uuid, info.instance
 
-    def count(self, scale: int, level: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Blocks per aligned Morton cell ``code >> level`` of one scale: (cells, counts, exact).
+    def count(self, scale: int, cell_bits: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Blocks per aligned Morton cell ``code >> cell_bits`` of one scale: (cells, counts, exact).
 
         ``exact=False``: the counts are upper bounds (the source cannot count cheaply)."""
         uuid, instance = self._ref()
-        body = P.CountRequest(uuid, instance, int(scale), int(level)).to_json()
-        parts = self._action(f"count(scale={scale}, level={level})", P.ACTION_COUNT, body)
+        body = P.CountRequest(uuid, instance, int(scale), int(cell_bits)).to_json()
+        parts = self._action(f"count(scale={scale}, cell_bits={cell_bits})", P.ACTION_COUNT, body)
         return P.count_from_ipc(parts)
 
     # -- streams -------------------------------------------------------------------------
@@ -403,12 +403,12 @@ class FlightClient:
         end = sc.morton_end if sc else hi
         return P.blocks_schema(info, info.uuid, scale, lo, min(hi, end)).empty_table()
 
-    def count_keys(self, kind: str, level: int, lo: int = 0, hi: int = P.U64_END) -> KeyCounts:
+    def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = P.U64_END) -> KeyCounts:
         """Body labels (``kind="indices"``) or supervoxels (``"mapping"``) per aligned cell
-        ``key >> level`` of ``[lo, hi)``, with the output rows of each cell."""
+        ``key >> cell_bits`` of ``[lo, hi)``, with the output rows of each cell."""
         uuid, instance = self._ref()
-        body = P.CountKeysRequest(uuid, instance, kind, int(level), int(lo), int(hi)).to_json()
-        parts = self._action(f"count_keys({kind}, level={level}, lo={lo}, hi={hi})",
+        body = P.CountKeysRequest(uuid, instance, kind, int(cell_bits), int(lo), int(hi)).to_json()
+        parts = self._action(f"count_keys({kind}, cell_bits={cell_bits}, lo={lo}, hi={hi})",
                              P.ACTION_COUNT_KEYS, body)
         return P.key_count_from_ipc(parts)
 

@@ -70,6 +70,9 @@ ACTIONS = {
     "cell (key >> level) of [lo, hi). Body: {v, uuid, instance, kind, level, lo?, hi?}. Answer: "
     "Arrow IPC stream(s) of (cell uint64, count uint64, rows uint64), metadata exact=true|false.",
 }
+#: the count bodies' key for ``cell_bits`` (the low Morton / key bits a cell spans): named
+#: ``level`` in protocol v1, kept so v1 servers and clients of other makers still agree
+WIRE_CELL_BITS = "level"
 #: DoExchange command kind.
 EXCHANGE_MAP = "map"
 
@@ -396,12 +399,13 @@ def parse_volume_ref(raw: bytes | str | None, what: str = "body") -> VolumeRef |
 
 @dataclass(frozen=True)
 class CountRequest:
-    """Body of DoAction("count"): blocks per ``morton >> level`` cell of one scale."""
+    """Body of DoAction("count"): blocks per ``morton >> cell_bits`` cell of one scale
+    (``cell_bits`` travels as ``"level"``, its name in protocol v1)."""
 
     uuid: str
     instance: str
     scale: int
-    level: int
+    cell_bits: int
 
     def validate(self, info: VolumeInfo) -> CountRequest:
         _check_volume(self.uuid, self.instance, info)
@@ -409,31 +413,30 @@ class CountRequest:
         return self
 
     def to_json(self) -> bytes:
-        d = asdict(self)
-        d["v"] = PROTOCOL_VERSION
-        return _dumps(d)
+        return _count_json(self)
 
 
 def parse_count_request(raw: bytes | str) -> CountRequest:
     d = parse_json_body(raw, "count body")
-    _check_keys(d, {"v", "uuid", "instance", "scale", "level"}, "count body")
+    _check_keys(d, {"v", "uuid", "instance", "scale", WIRE_CELL_BITS}, "count body")
     return CountRequest(
         _uuid(d),
         _str(d, "instance", MAX_INSTANCE_CHARS),
         _int(d, "scale", 0, 63),
-        _int(d, "level", 0, 64),
+        _int(d, WIRE_CELL_BITS, 0, 64),
     )
 
 
 @dataclass(frozen=True)
 class CountKeysRequest:
     """Body of DoAction("count_keys"): body labels (``indices``) or supervoxels (``mapping``)
-    per ``key >> level`` cell of ``[lo, hi)``, with the output rows of each cell."""
+    per ``key >> cell_bits`` cell of ``[lo, hi)``, with the output rows of each cell
+    (``cell_bits`` travels as ``"level"``)."""
 
     uuid: str
     instance: str
     kind: str
-    level: int
+    cell_bits: int
     lo: int = 0
     hi: int = U64_END
 
@@ -446,14 +449,19 @@ class CountKeysRequest:
         return self
 
     def to_json(self) -> bytes:
-        d = asdict(self)
-        d["v"] = PROTOCOL_VERSION
-        return _dumps(d)
+        return _count_json(self)
+
+
+def _count_json(req: CountRequest | CountKeysRequest) -> bytes:
+    d = asdict(req)
+    d[WIRE_CELL_BITS] = d.pop("cell_bits")
+    d["v"] = PROTOCOL_VERSION
+    return _dumps(d)
 
 
 def parse_count_keys_request(raw: bytes | str) -> CountKeysRequest:
     d = parse_json_body(raw, "count_keys body")
-    _check_keys(d, {"v", "uuid", "instance", "kind", "level", "lo", "hi"}, "count_keys body")
+    _check_keys(d, {"v", "uuid", "instance", "kind", WIRE_CELL_BITS, "lo", "hi"}, "count_keys body")
     kind = d.get("kind")
     if kind not in KEY_KINDS:
         raise TicketError("kind", f"{kind!r} is not one of {', '.join(KEY_KINDS)}")
@@ -462,7 +470,7 @@ def parse_count_keys_request(raw: bytes | str) -> CountKeysRequest:
     if lo >= hi:
         raise TicketError("hi", f"empty key range: lo={lo} >= hi={hi}")
     return CountKeysRequest(
-        _uuid(d), _str(d, "instance", MAX_INSTANCE_CHARS), kind, _int(d, "level", 0, 64), lo, hi
+        _uuid(d), _str(d, "instance", MAX_INSTANCE_CHARS), kind, _int(d, WIRE_CELL_BITS, 0, 64), lo, hi
     )
 
 

@@ -398,7 +398,7 @@ class DvidFlightServer(flight.FlightServerBase):
             return iter([flight.Result(self._info_for(ref).to_json().encode())])
         if kind == P.ACTION_COUNT:
             req = P.parse_count_request(body).validate(self._info)
-            cells, counts, exact = self._source.count(req.scale, req.level)
+            cells, counts, exact = self._source.count(req.scale, req.cell_bits)
             cells = np.asarray(cells, dtype=np.uint64)
             counts = np.asarray(counts, dtype=np.uint64)
             if cells.shape != counts.shape or cells.ndim != 1:
@@ -415,7 +415,7 @@ class DvidFlightServer(flight.FlightServerBase):
             count_keys = getattr(self._source, "count_keys", None)
             if count_keys is None:
                 raise P.TicketError("action", f"source {type(self._source).__name__} cannot count keys")
-            kc = count_keys(req.kind, req.level, req.lo, req.hi)
+            kc = count_keys(req.kind, req.cell_bits, req.lo, req.hi)
             cells, keys, rows = (np.asarray(a, dtype=np.uint64) for a in kc[:3])
             if not (cells.shape == keys.shape == rows.shape) or cells.ndim != 1:
                 raise RuntimeError(f"source count_keys() returned arrays of shapes "

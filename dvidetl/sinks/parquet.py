@@ -1,8 +1,9 @@
 """The embedded default sink: a local Parquet dataset with the same tables as VastDB.
 
-Layout under ``DIR/<instance>/<uuid>/`` (layout 2, recorded in ``layout.json``)::
+Layout under ``DIR/<instance>/<uuid>/`` (layout 2, recorded in ``layout.json`` with the
+table format, ``dvidetl.schema.FORMAT``)::
 
-    layout.json                                   {"layout": 2}
+    layout.json                                   {"layout": 2, "format": 2}
     <table>/scale-<s>/part-<lo>-<hi>.parquet      blocks, block_overflow, export_errors
     <table>/part-<lo>-<hi>.parquet                label_index (label range), mapping
     export_ledger/<run_id>/<partition key>.parquet
@@ -17,7 +18,10 @@ DuckDB (``hive_partitioning``) and polars. Hive-style names would add a second `
 column of another type, and those readers refuse to merge the two. Pushdown by scale and
 Morton range stays: our reader picks files from the plan, plain readers prune row groups by
 the ``scale`` / ``morton`` statistics. Exports of layout 1 (``scale=<s>``, ``run=<id>``
-directories, no ``layout.json``) are still read and appended to in their own layout.
+directories, no ``layout.json``) are still read and appended to in their own layout, and an
+export in an older table format (a ``layout.json`` without ``"format"``: format 1) is read
+with today's column names and appended to in its own format; a newer layout or format than
+this code knows is refused.
 
 Exactly once: each table file is written to a hidden temp name in its directory and renamed
 into place (atomic on POSIX); the partition's ledger file is renamed LAST. Readers use only
@@ -48,7 +52,7 @@ LAYOUT = 2
 LAYOUT_FILE = "layout.json"
 
 #: binary payload columns are zstd already: store them uncompressed, no dictionary
-_PAYLOAD = {*S.BODY_COLUMNS, "data"}
+_PAYLOAD = {*S.PAYLOAD_COLUMNS, *(S.stored_name("blocks", c, 1) for c in S.PAYLOAD_COLUMNS), "data"}
 
 
 def _fmt(v: int) -> str:
@@ -71,27 +75,29 @@ class ParquetSink(SinkBase):
         self.url = url or f"parquet://{self.base}"
         self.root = self.base / _safe(instance, "instance") / _safe(uuid, "uuid")
         self._runs: dict[str, RunInfo] = {}  # stored runs never change: cache them
-        self.layout = self._read_layout()
+        self.layout, self.format = self._read_layout()
 
     def __repr__(self) -> str:
         return f"ParquetSink({str(self.root)!r})"
 
-    def _read_layout(self) -> int:
-        """2 for new and layout-2 exports, 1 for an export written before ``layout.json``
-        existed; a newer layout than this code knows is refused (not misread)."""
+    def _read_layout(self) -> tuple[int, int]:
+        """(layout, table format): this code's for a new export, (1, 1) for an export written
+        before ``layout.json`` existed, format 1 for a layout file without ``"format"``; a
+        newer layout or format than this code knows is refused (not misread)."""
         f = self.root / LAYOUT_FILE
         if f.exists():
             try:
-                layout = int(json.loads(f.read_text())["layout"])
-            except (ValueError, KeyError, TypeError) as exc:
+                d = json.loads(f.read_text())
+                layout, fmt = int(d["layout"]), d.get("format", 1)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise UserError(f"{f}: not a dvidetl layout file ({exc})") from None
             if layout not in (1, LAYOUT):
                 raise UserError(f"{self.root}: written with Parquet layout {layout}; this dvidetl "
                                 f"reads layouts 1 and {LAYOUT} — upgrade dvidetl")
-            return layout
+            return layout, S.check_format(fmt, str(self.root))
         if (self.root / "runs").is_dir():  # an export, but no layout file: layout 1
-            return 1
-        return LAYOUT
+            return 1, 1
+        return LAYOUT, S.FORMAT
 
     # -- paths ---------------------------------------------------------------------------
     def table_dir(self, table: str, scale: int | None = None) -> Path:
@@ -120,7 +126,8 @@ class ParquetSink(SinkBase):
     def prepare(self, run: RunInfo) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / LAYOUT_FILE).exists():
-            _atomic_write_bytes(self.root / LAYOUT_FILE, json.dumps({"layout": self.layout}).encode())
+            _atomic_write_bytes(self.root / LAYOUT_FILE,
+                                json.dumps({"layout": self.layout, "format": self.format}).encode())
         for table in S.TABLES:
             if table != "export_ledger":
                 (self.root / table).mkdir(parents=True, exist_ok=True)
@@ -175,7 +182,7 @@ class ParquetSink(SinkBase):
         for table in S.KIND_TABLES[part.kind]:
             final = self.file_of(table, part)
             data = tables.get(table)
-            n = _write_atomic(final, table, data) if data is not None else 0
+            n = _write_atomic(final, table, data, fmt=self.format) if data is not None else 0
             if n == 0:
                 # nothing to store: remove what an earlier attempt may have left
                 try:
@@ -250,7 +257,12 @@ class ParquetSink(SinkBase):
             filters += [("morton", ">=", morton_range[0]), ("morton", "<", morton_range[1])]
         sch = S.schema(table)
         cols = None if columns is None else [n for n in sch.names if n in set(columns)]
-        t = pq.read_table([str(f) for f in files], schema=sch, filters=_expr(filters, sch), columns=cols)
+        # files hold the export's format: filter and project by stored names, then rename
+        stored = S.stored_schema(table, self.format)
+        filters = [(S.stored_name(table, c, self.format), op, v) for c, op, v in filters]
+        t = pq.read_table([str(f) for f in files], schema=stored, filters=_expr(filters, stored),
+                          columns=None if cols is None else [S.stored_name(table, c, self.format) for c in cols])
+        t = S.from_stored(table, t, self.format)
         if cols is None:
             return S.conform(table, t)
         return t.cast(pa.schema([sch.field(n) for n in cols]))
@@ -279,8 +291,8 @@ def _project(t: pa.Table, columns: Sequence[str] | None) -> pa.Table:
     return t.select([n for n in t.schema.names if n in set(columns)])
 
 
-def _writer_options(table: str) -> dict:
-    sch = S.schema(table)
+def _writer_options(table: str, fmt: int = S.FORMAT) -> dict:
+    sch = S.stored_schema(table, fmt)
     comp = {f.name: ("none" if f.name in _PAYLOAD else "zstd") for f in sch}
     dict_cols = [f.name for f in sch if f.name not in _PAYLOAD and not pa.types.is_list(f.type)]
     return dict(compression=comp, use_dictionary=dict_cols, write_statistics=True)
@@ -297,13 +309,14 @@ def _row_group_rows(chunk: pa.Table) -> int:
     return int(min(64 * 1024, max(8, ROW_GROUP_BYTES // max(per_row, 1))))
 
 
-def _write_atomic(final: Path, table: str, data: TableData, keep_empty: bool = False) -> int:
-    """Write ``data`` (a table or a stream of batches/tables) to a temp file beside ``final``
-    and rename it into place. Returns rows written; with no rows (and not ``keep_empty``)
-    nothing is left on disk and 0 is returned."""
+def _write_atomic(final: Path, table: str, data: TableData, keep_empty: bool = False,
+                  fmt: int = S.FORMAT) -> int:
+    """Write ``data`` (a table or a stream of batches/tables) to a temp file beside ``final``,
+    in table format ``fmt``, and rename it into place. Returns rows written; with no rows (and
+    not ``keep_empty``) nothing is left on disk and 0 is returned."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
-    sch = S.schema(table)
+    sch = S.stored_schema(table, fmt)
     rows = 0
     writer = None
     try:
@@ -311,11 +324,11 @@ def _write_atomic(final: Path, table: str, data: TableData, keep_empty: bool = F
         for chunk in chunks:
             if isinstance(chunk, pa.RecordBatch):
                 chunk = pa.Table.from_batches([chunk])
-            chunk = S.conform(table, chunk)
+            chunk = S.to_stored(table, S.conform(table, chunk), fmt)
             if chunk.num_rows == 0 and not keep_empty:
                 continue
             if writer is None:
-                writer = pq.ParquetWriter(str(tmp), sch, **_writer_options(table))
+                writer = pq.ParquetWriter(str(tmp), sch, **_writer_options(table, fmt))
             writer.write_table(chunk, row_group_size=_row_group_rows(chunk))
             rows += chunk.num_rows
         if writer is None:

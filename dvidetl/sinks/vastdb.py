@@ -19,6 +19,9 @@ Why it is shaped like this (see ``../shared/docs/vastdb-notes.md``):
 * **One RPC per insert**: every cell is checked against the cell limit on the client (the SDK
   never does) and batches are cut below ``INSERT_BUDGET`` bytes, so the SDK never falls back
   to its insert + update splitting.
+* **The table format is the ``blocks`` table's columns** (VAST keeps no other marker we
+  could trust): an export in an older format (``dvidetl.schema.FORMAT``) is read under
+  today's column names and appended to in its own format, like the Parquet sink does.
 * Credentials come only from the environment (``VASTDB_ACCESS_KEY``/``VASTDB_SECRET_KEY``,
   then ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) or the file named by
   ``VASTDB_CREDENTIALS_FILE``; they never appear in the URL, ``repr`` or logs.
@@ -99,6 +102,7 @@ class VastDBSink(SinkBase):
         self._local = threading.local()  # one SDK session per (process, thread, endpoint)
         self._runs: dict[str, RunInfo] = {}
         self._md: dict[str, object] = {}
+        self._format: int | None = None
 
     def __repr__(self) -> str:
         return f"VastDBSink({self.cfg.endpoints[0]}/{self.cfg.bucket}/{self.cfg.schema})"
@@ -106,10 +110,35 @@ class VastDBSink(SinkBase):
     __str__ = __repr__
 
     def __getstate__(self):
-        return {"url": self.url, "uuid": self.uuid, "instance": self.instance}
+        return {"url": self.url, "uuid": self.uuid, "instance": self.instance, "format": self._format}
 
     def __setstate__(self, st):
         self.__init__(st["url"], uuid=st["uuid"], instance=st["instance"])
+        self._format = st.get("format")
+
+    @property
+    def format(self) -> int:
+        """The export's table format: from the stored ``blocks`` columns, this code's format
+        when there is no table yet (asked once per process; workers get it pickled)."""
+        if self._format is None:
+            self._format = self._tx(self._stored_format, "table format")
+        return self._format
+
+    def _stored_format(self, tx) -> int:
+        from vastdb import errors as E
+
+        try:
+            sch = self._schema_obj(tx, create=False)
+            t = sch.table("blocks", fail_if_missing=False) if sch is not None else None
+        except (E.MissingSchema, E.MissingBucket, E.NotFound):
+            return S.FORMAT
+        if t is None:
+            return S.FORMAT
+        return S.check_format(S.format_of_columns("blocks", t.arrow_schema.names),
+                              f"{self.cfg.bucket}/{self.cfg.schema}")
+
+    def _stored_schema(self, table: str) -> pa.Schema:
+        return EXPORT_RUNS if table == "export_runs" else S.stored_schema(table, self.format)
 
     # -- sessions ------------------------------------------------------------------------------
     def _session(self, endpoint: str | None = None):
@@ -147,7 +176,7 @@ class VastDBSink(SinkBase):
         if md is None:
             ttype = TableType.Elysium if table in SORTING_KEYS else TableType.Regular
             md = TableMetadata(TableRef(self.cfg.bucket, self.cfg.schema, table),
-                               arrow_schema=ALL_TABLES[table], table_type=ttype)
+                               arrow_schema=self._stored_schema(table), table_type=ttype)
             self._md[table] = md
         return md
 
@@ -228,7 +257,9 @@ class VastDBSink(SinkBase):
         sch = tx.bucket(self.cfg.bucket)
         for name in self.cfg.schema.split("/"):
             nxt = sch.schema(name, fail_if_missing=False)
-            sch = nxt if nxt is not None or not create else sch.create_schema(name, fail_if_exists=False)
+            if nxt is None and not create:
+                return None
+            sch = nxt if nxt is not None else sch.create_schema(name, fail_if_exists=False)
         return sch
 
     def _ensure_table(self, tx, table: str) -> None:
@@ -237,7 +268,7 @@ class VastDBSink(SinkBase):
         from vastdb import errors as E
 
         sch = self._schema_obj(tx, create=False)
-        want = ALL_TABLES[table]
+        want = self._stored_schema(table)
         t = sch.table(table, fail_if_missing=False)
         if t is None:
             try:
@@ -258,6 +289,7 @@ class VastDBSink(SinkBase):
         # DDL in small idempotent transactions (schema, then one per table), each retried:
         # progress survives a fault, and nothing is half-created (uncommitted = absent)
         self._tx(lambda tx: self._schema_obj(tx, create=True), "create schema", write=True)
+        self._format = None  # the tables decide (an older export keeps its format)
         for table in ALL_TABLES:
             self._tx(lambda tx, table=table: self._ensure_table(tx, table), f"create table {table}",
                      write=True)
@@ -374,7 +406,7 @@ class VastDBSink(SinkBase):
         for chunk in chunks:
             if isinstance(chunk, pa.RecordBatch):
                 chunk = pa.Table.from_batches([chunk])
-            chunk = S.conform(table, chunk)
+            chunk = S.to_stored(table, S.conform(table, chunk), self.format)
             if chunk.num_rows == 0:
                 continue
             check_cells(table, chunk, self.cfg.cell_limit)
@@ -440,6 +472,7 @@ class VastDBSink(SinkBase):
         for col, v in (where or {}).items():
             if col not in names:
                 raise ValueError(f"no column {col!r} to filter on: columns are {list(names)}")
+            col = S.stored_name(table, col, self.format)
             if isinstance(v, tuple):
                 terms += [_col(col) >= int(v[0]), _col(col) < int(v[1])]
             else:
@@ -455,12 +488,13 @@ class VastDBSink(SinkBase):
                 terms.append(_col("run_id") == run_id)
         pred = self._and(terms)
         cols = None if columns is None else [n for n in names if n in set(columns)]
+        stored = None if cols is None else [S.stored_name(table, c, self.format) for c in cols]
         splits = len(self.cfg.endpoints)
-        t = self._tx(lambda tx: self._select_read(tx, table, pred, cols, splits), f"read {table}")
+        t = self._tx(lambda tx: self._select_read(tx, table, pred, stored, splits), f"read {table}")
         out_schema = sch if cols is None else pa.schema([sch.field(n) for n in cols])
         if t is None:
             return out_schema.empty_table()
-        return _as_schema(t, out_schema)
+        return _as_schema(S.from_stored(table, t, self.format), out_schema)
 
     def _select_read(self, tx, table, pred, cols, splits):
         from vastdb import errors as E

@@ -41,13 +41,13 @@ KEY_KINDS = ("indices", "mapping")
 class KeyCounts(NamedTuple):
     """Answer of ``count_keys``: cells ascending and unique, keys and rows per cell."""
 
-    cells: np.ndarray  # uint64, key >> level
+    cells: np.ndarray  # uint64, key >> cell_bits
     keys: np.ndarray  # uint64, labels / supervoxels in the cell
     rows: np.ndarray  # uint64, output rows of the cell (label_index rows, mapping pairs)
     exact: bool
 
 
-def count_sorted(keys: np.ndarray, rows: np.ndarray | None, level: int, lo: int = 0,
+def count_sorted(keys: np.ndarray, rows: np.ndarray | None, cell_bits: int, lo: int = 0,
                  hi: int = KEY_END, *, exact: bool = True) -> KeyCounts:
     """``count_keys`` over a sorted unique key array (a source's cached label or supervoxel
     list); ``rows`` per key (None: one row each). Vectorized: one searchsorted and one
@@ -59,7 +59,7 @@ def count_sorted(keys: np.ndarray, rows: np.ndarray | None, level: int, lo: int 
     if sub.size == 0:
         z = np.zeros(0, np.uint64)
         return KeyCounts(z, z, z, exact)
-    cells = sub >> np.uint64(level) if level < 64 else np.zeros(sub.size, np.uint64)
+    cells = sub >> np.uint64(cell_bits) if cell_bits < 64 else np.zeros(sub.size, np.uint64)
     starts = np.flatnonzero(np.concatenate([[True], cells[1:] != cells[:-1]]))
     nkeys = np.diff(np.append(starts, sub.size)).astype(np.uint64)
     return KeyCounts(cells[starts], nkeys, np.add.reduceat(r, starts).astype(np.uint64), exact)
@@ -111,8 +111,8 @@ class Source(Protocol):
         """Volume description. ``info().uuid == "*"`` means "answers for any UUID"."""
         ...
 
-    def count(self, scale: int, level: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Blocks per aligned Morton cell ``code >> level``: (cells uint64 ascending,
+    def count(self, scale: int, cell_bits: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Blocks per aligned Morton cell ``code >> cell_bits``: (cells uint64 ascending,
         counts uint64, exact). Only non-empty cells need be listed. ``exact=False`` means the
         counts are upper bounds (block slots inside the extents)."""
         ...
@@ -130,9 +130,9 @@ class Source(Protocol):
         supervoxel, as MAPPING_SCHEMA."""
         ...
 
-    def count_keys(self, kind: str, level: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
+    def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
         """What the planner needs to cut ``indices`` (body labels) or ``mapping``
-        (supervoxels) into partitions: per aligned cell ``key >> level`` of keys in
+        (supervoxels) into partitions: per aligned cell ``key >> cell_bits`` of keys in
         ``[lo, hi)``, the number of keys and of output rows (label_index rows, mapping pairs).
         Only non-empty cells need be listed. ``exact=False``: ``rows`` are estimates."""
         ...

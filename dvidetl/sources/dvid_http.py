@@ -112,7 +112,7 @@ GROUP_BITS = 4
 #: the mCNS has ~5-7e9 rows over its labels); ``rows_per_label=`` overrides it
 ROWS_PER_LABEL = 64
 LISTLABELS_PAGE = 100_000
-#: cells a count() may return before asking for a coarser level
+#: cells a count() may return before asking for coarser cells (more ``cell_bits``)
 MAX_COUNT_CELLS = 1 << 26
 def _aligned_cells(lo: int, k: int, bits: int, grid, side_bits: np.ndarray, ext_lo: np.ndarray,
                    ext_hi: np.ndarray, chunk: int = 1 << 20) -> Iterator[tuple[int, tuple, tuple]]:
@@ -404,20 +404,20 @@ class DvidHttpSource:
             raise UserError(str(exc.args[0])) from None
 
     # -------------------------------------------------------------- count
-    def count(self, scale: int, level: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    def count(self, scale: int, cell_bits: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """Upper bounds: block slots inside the extents per Morton cell (``exact=False``).
 
-        A cell ``code >> level`` is an aligned box whose side along each axis is 2^(bits of
-        that axis among the low ``level`` code bits); its count is the product of the per-axis
+        A cell ``code >> cell_bits`` is an aligned box whose side along each axis is 2^(bits of
+        that axis among the low ``cell_bits`` code bits); its count is the product of the per-axis
         overlaps with the extents, so nothing is enumerated per block slot.
         """
         sc = self._scale(scale)
-        if level < 0:
-            raise UserError(f"count level must be >= 0, got {level}")
+        if cell_bits < 0:
+            raise UserError(f"count cell_bits must be >= 0, got {cell_bits}")
         grid = sc.grid
         k = [0, 0, 0]
         for d, _i, j in _bit_plan(grid):
-            if j < level:
+            if j < cell_bits:
                 k[d] += 1
         lo_b = self._min_block[scale]
         c_lo = [lo_b[d] >> k[d] for d in range(3)]
@@ -425,8 +425,8 @@ class DvidHttpSource:
         ncells = math.prod(c_hi[d] - c_lo[d] for d in range(3))
         if ncells > MAX_COUNT_CELLS:
             raise UserError(
-                f"count at level {level} of scale {scale} would list {ncells:,} cells "
-                f"(more than {MAX_COUNT_CELLS:,}): ask for a coarser level"
+                f"count with cell_bits {cell_bits} of scale {scale} would list {ncells:,} cells "
+                f"(more than {MAX_COUNT_CELLS:,}): ask for coarser cells (more cell_bits)"
             )
         per_axis = []
         origins = []
@@ -439,9 +439,9 @@ class DvidHttpSource:
         ox, oy, oz = np.meshgrid(*origins, indexing="ij")
         nx, ny, nz = np.meshgrid(*per_axis, indexing="ij")
         counts = (nx * ny * nz).ravel()
-        shift = np.uint64(min(level, 63))
+        shift = np.uint64(min(cell_bits, 63))
         cells = morton_encode(ox.ravel(), oy.ravel(), oz.ravel(), grid)
-        cells = cells >> shift if level < 64 else np.zeros_like(cells)
+        cells = cells >> shift if cell_bits < 64 else np.zeros_like(cells)
         order = np.argsort(cells, kind="stable")
         cells, counts = cells[order], counts[order]
         keep = counts > 0
@@ -638,15 +638,15 @@ class DvidHttpSource:
         """Pairs with ``lo <= supervoxel < hi`` from the cached sorted /mappings arrays."""
         return mapping_batches(*self._mapping_arrays(), lo, hi)
 
-    def count_keys(self, kind: str, level: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
+    def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
         """Mapping: exact, from the cached /mappings. Indices: the labels exactly (from the
         cached label list, see ``label_list``), their rows estimated at ``rows_per_label``
         each (DVID would have to read every index to count them)."""
         if kind == "mapping":
-            return count_sorted(self._mapping_arrays()[0], None, level, lo, hi)
+            return count_sorted(self._mapping_arrays()[0], None, cell_bits, lo, hi)
         if not self._info.has_indices:
-            return count_sorted(np.zeros(0, np.uint64), None, level, lo, hi)
-        kc = count_sorted(self.label_list(), None, level, lo, hi, exact=False)
+            return count_sorted(np.zeros(0, np.uint64), None, cell_bits, lo, hi)
+        kc = count_sorted(self.label_list(), None, cell_bits, lo, hi, exact=False)
         return kc._replace(rows=kc.keys * np.uint64(self.rows_per_label))
 
     # -------------------------------------------------------------- indices

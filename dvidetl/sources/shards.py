@@ -323,12 +323,12 @@ class ShardsSource:
                 f"scale {scale} not in {self.root} (scales {sorted(self._scales)})"
             ) from None
 
-    def count(self, scale: int, level: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    def count(self, scale: int, cell_bits: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """Exact block counts per Morton cell, straight from the sidecar index."""
         idx = self._scale(scale)
-        if level < 0:
-            raise UserError(f"count level must be >= 0, got {level}")
-        cells = idx.morton >> np.uint64(min(level, 63)) if level < 64 else np.zeros_like(idx.morton)
+        if cell_bits < 0:
+            raise UserError(f"count cell_bits must be >= 0, got {cell_bits}")
+        cells = idx.morton >> np.uint64(min(cell_bits, 63)) if cell_bits < 64 else np.zeros_like(idx.morton)
         uniq, counts = np.unique(cells, return_counts=True)
         return uniq.astype(np.uint64), counts.astype(np.uint64), True
 
@@ -565,12 +565,12 @@ class ShardsSource:
         """Non-identity pairs with ``lo <= supervoxel < hi``, sorted by supervoxel."""
         return mapping_batches(*self._mapping_arrays(), lo, hi, _MAPPING_BATCH)
 
-    def count_keys(self, kind: str, level: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
+    def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
         """Exact for the mapping (from the label lists of every block); shards carry no
         label indices, so ``indices`` counts nothing."""
         if kind == "mapping":
-            return count_sorted(self._mapping_arrays()[0], None, level, lo, hi)
-        return count_sorted(np.zeros(0, np.uint64), None, level, lo, hi)
+            return count_sorted(self._mapping_arrays()[0], None, cell_bits, lo, hi)
+        return count_sorted(np.zeros(0, np.uint64), None, cell_bits, lo, hi)
 
     def read_indices(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
         """Shards carry no label indices (``info().has_indices`` is False)."""

@@ -295,24 +295,24 @@ class SyntheticSource:
             )
         return self._info.scales[scale]
 
-    def count(self, scale: int, level: int, max_pairs: int = 64_000_000):
-        """Exact blocks per aligned Morton cell ``code >> level`` (see module docstring)."""
+    def count(self, scale: int, cell_bits: int, max_pairs: int = 64_000_000):
+        """Exact blocks per aligned Morton cell ``code >> cell_bits`` (see module docstring)."""
         si = self._scale(scale)
-        if level < 0:
-            raise UserError(f"count level must be >= 0, got {level}")
+        if cell_bits < 0:
+            raise UserError(f"count cell_bits must be >= 0, got {cell_bits}")
         plan = self._plans[scale]
-        level = min(int(level), len(plan))  # past the code's bits every block is in cell 0
+        cell_bits = min(int(cell_bits), len(plan))  # past the code's bits every block is in cell 0
         gs = np.array(si.grid, np.int64)
         empty = np.zeros(0, np.uint64)
-        n = _count_kernel(self._ip, self._fp, scale, plan, gs, level, False, empty, empty)
+        n = _count_kernel(self._ip, self._fp, scale, plan, gs, cell_bits, False, empty, empty)
         if n > max_pairs:
             raise UserError(
-                f"count of {self.name} scale {scale} at level {level} would list ~{n:,} cells; "
-                "use a coarser level"
+                f"count of {self.name} scale {scale} with cell_bits {cell_bits} would list ~{n:,} cells; "
+                "use coarser cells (more cell_bits)"
             )
         cells = np.empty(n, np.uint64)
         counts = np.empty(n, np.uint64)
-        n = _count_kernel(self._ip, self._fp, scale, plan, gs, level, True, cells, counts)
+        n = _count_kernel(self._ip, self._fp, scale, plan, gs, cell_bits, True, cells, counts)
         cells, counts = cells[:n], counts[:n]
         order = np.argsort(cells, kind="stable")
         cells, counts = cells[order], counts[order]
@@ -436,13 +436,13 @@ class SyntheticSource:
         """Non-identity (supervoxel, body) pairs with ``lo <= supervoxel < hi``, ascending."""
         return mapping_batches(*self._mapping_arrays(), lo, hi)
 
-    def count_keys(self, kind: str, level: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
+    def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
         """Exact: indices count the rows of the (cached) index table per body, the mapping
         its pairs per supervoxel."""
         if kind == "mapping":
-            return count_sorted(self._mapping_arrays()[0], None, level, lo, hi)
+            return count_sorted(self._mapping_arrays()[0], None, cell_bits, lo, hi)
         labels, rows = self._index_labels()
-        return count_sorted(labels, rows, level, lo, hi)
+        return count_sorted(labels, rows, cell_bits, lo, hi)
 
     def _index_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """Body labels with an index (ascending) and their label_index rows."""
