@@ -136,7 +136,7 @@ def run() -> list[dict]:
         t = _interleaved({"repack": lambda arr=arr: repack(arr, "gzip"), "base": baseline})
         r = repack(arr, "gzip")
         assert r.n_errors == 0
-        out_size = sum(len(x) for x in r.body.to_pylist()) + 8 * len(r.supervoxels.values)
+        out_size = sum(len(x) for x in r.payload.to_pylist()) + 8 * len(r.supervoxels.values)
         z3 = sum(len(cctx.compress(b)) for b in blocks)
         rows.append(
             _row(

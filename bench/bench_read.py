@@ -74,7 +74,7 @@ def build(url: str, n_blocks: int = N_BLOCKS) -> tuple[str, float, int]:
         b, o = blocks_tables(
             0, x, y, z, m, rp.supervoxels.take(take), labels.take(take), rp.sv_voxels.take(take),
             rp.raw_size.to_numpy().astype(np.uint32)[m % len(picks)],
-            rp.crc32.to_numpy().astype(np.uint32)[m % len(picks)], rp.body.take(take),
+            rp.crc32.to_numpy().astype(np.uint32)[m % len(picks)], rp.payload.take(take),
         )
         nbytes = int(pc.sum(b.column("payload_size")).as_py())
         sink.write_partition(run.run_id, p, {"blocks": b, "block_overflow": o},

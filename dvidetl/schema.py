@@ -198,7 +198,7 @@ _STORED_NAMES: dict[int, dict[str, dict[str, str]]] = {
 def check_format(fmt: int, where: str) -> int:
     """``fmt`` if this code reads it; a newer (or nonsense) format is a ``UserError`` rather
     than a misread export."""
-    if not isinstance(fmt, int) or not 1 <= fmt <= FORMAT:
+    if type(fmt) is not int or not 1 <= fmt <= FORMAT:  # (a JSON true is no format)
         raise UserError(f"{where}: written in table format {fmt!r}; this dvidetl reads formats "
                         f"1..{FORMAT} — upgrade dvidetl")
     return fmt

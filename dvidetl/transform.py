@@ -405,7 +405,7 @@ def transform_blocks(
                 supervoxels=rp.supervoxels.take(keep), sv_voxels=rp.sv_voxels.take(keep),
                 raw_size=rp.raw_size.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
                 crc32=rp.crc32.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
-                payload=rp.body.take(keep),
+                payload=rp.payload.take(keep),
             )
             del rp, data, batch
             parts.append(part)

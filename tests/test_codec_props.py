@@ -174,7 +174,7 @@ def test_decode_any_valid_block(grid, n_table, seed):
     # our encoder with the same table reproduces the voxels
     assert np.array_equal(decode_block(encode_block(vol, label_order=np.append(table, np.uint64(0)))), vol)
     r = repack(pa.array([blk]), "none")
-    assert r.n_errors == 0 and restore_block(r.supervoxels[0].values.to_numpy(), r.body[0].as_py()) == blk
+    assert r.n_errors == 0 and restore_block(r.supervoxels[0].values.to_numpy(), r.payload[0].as_py()) == blk
     assert r.sv_voxels[0].values.to_numpy().tolist() == counts.tolist()
 
 

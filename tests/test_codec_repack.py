@@ -39,7 +39,7 @@ def _check_rows(r: Repacked, raws: list[bytes], rows) -> None:
         svs = r.supervoxels[i].values.to_numpy()
         assert np.array_equal(svs, block_labels(b))
         assert np.array_equal(r.sv_voxels[i].values.to_numpy(), label_voxel_counts(b))
-        z = r.body[i].as_py()
+        z = r.payload[i].as_py()
         assert zstandard.ZstdDecompressor().decompress(z) == split_block(b)[1]
         assert restore_block(svs, z) == b
 
@@ -51,7 +51,7 @@ def test_repack_all_mcns_blocks(raws, codec):
     assert len(r) == len(raws) and r.n_errors == 0
     assert r.supervoxels.type == pa.list_(pa.uint64())
     assert r.sv_voxels.type == pa.list_(pa.uint32())
-    assert r.body.type == pa.binary() and r.raw_size.type == pa.uint32()
+    assert r.payload.type == pa.binary() and r.raw_size.type == pa.uint32()
     assert r.crc32.type == pa.uint32() and r.errors.type == pa.string()
     _check_rows(r, raws, range(len(raws)))
 
@@ -71,7 +71,7 @@ def test_go_gzip_stream_block(shared_data):
     r = repack(pa.array([s, b"\x40" + s]), "gzip")
     assert r.errors.to_pylist() == [None, "gzip: bad magic 401f at byte 0"]
     raw = gzip.decompress(s)
-    assert restore_block(r.supervoxels[0].values.to_numpy(), r.body[0].as_py()) == raw
+    assert restore_block(r.supervoxels[0].values.to_numpy(), r.payload[0].as_py()) == raw
     assert r.crc32[0].as_py() == zlib.crc32(raw)
     r2 = repack(pa.array([b"\x40" + s]), "dvid")
     assert r2.n_errors == 0 and r2.crc32[0].as_py() == zlib.crc32(raw)
@@ -104,7 +104,7 @@ def test_bad_rows_do_not_spoil_neighbours(raws):
     assert errs[5].startswith("block: 2 trailing bytes")
     assert errs[7].startswith("gzip: truncated")
     for i in (1, 3, 4, 5, 7):
-        for col in (r.supervoxels, r.sv_voxels, r.body, r.raw_size, r.crc32):
+        for col in (r.supervoxels, r.sv_voxels, r.payload, r.raw_size, r.crc32):
             assert col[i].as_py() is None
     _check_rows(r, [good[0], good[1], good[3]], [0, 2, 6])
 
@@ -137,7 +137,7 @@ def test_repack_and_restore_from_many_threads(raws):
     def work(i: int) -> bool:
         c = ("gzip", "zstd")[i % 2]
         r = repack(wrapped[c], c)
-        if r.body.to_pylist() != serial[c]:
+        if r.payload.to_pylist() != serial[c]:
             return False
         ok = all(unwrap(w, c) == b for w, b in zip(wrapped[c].to_pylist()[:16], raws, strict=False))
         svs = r.supervoxels.to_pylist()

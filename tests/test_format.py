@@ -149,6 +149,7 @@ def test_run_into_format1_export_keeps_format1_and_new_export_is_format2(
     ({"layout": 2, "format": 3}, "table format 3.*upgrade dvidetl"),
     ({"layout": 2, "format": "two"}, "table format 'two'"),
     ({"layout": 2, "format": 0}, "table format 0"),
+    ({"layout": 2, "format": True}, "table format True"),
     ({"layout": 9, "format": 2}, "Parquet layout 9.*upgrade dvidetl"),
 ])
 def test_unknown_format_is_refused(old_export, layout, message):

@@ -11,6 +11,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pytest
 
@@ -132,16 +133,22 @@ def test_eight_parallel_transactions_and_killed_worker(sim, cluster, capsys):
     result: dict = {}
     th = threading.Thread(target=lambda: result.setdefault("rc", cli(
         ["run", *common, "--cluster", cluster.scheduler_address, "--partition-blocks", "4", "--quiet"])))
-    peak, killed = 0, None
+    peak, killed, victim_ports = 0, None, set()
     try:
         th.start()
         deadline = time.time() + 240
         while th.is_alive() and time.time() < deadline:
-            n = len(_open_txs_with_rows(sim))
-            peak = max(peak, n)
-            if killed is None and n >= 6:
-                killed = pids[0]
-                os.kill(killed, signal.SIGKILL)
+            open_txs = _open_txs_with_rows(sim)
+            peak = max(peak, len(open_txs))
+            if killed is None and len(open_txs) >= 6:
+                # kill the worker process whose connection began an open transaction with rows
+                tx_ports = {t.client[1] for t in open_txs if t.client}
+                for pid in pids:
+                    ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.laddr}
+                    if ports & tx_ports:
+                        killed, victim_ports = pid, ports & tx_ports
+                        os.kill(pid, signal.SIGKILL)
+                        break
             time.sleep(0.02)
         th.join(timeout=max(1.0, deadline - time.time()))
     finally:
@@ -151,8 +158,8 @@ def test_eight_parallel_transactions_and_killed_worker(sim, cluster, capsys):
     assert killed is not None, f"never saw 6 transactions in flight (peak {peak})"
     assert peak >= 8, f"at most {peak} transactions held rows at once"
     # the killed worker's transactions stay open (uncommitted) on the server, holding rows
-    orphans = _open_txs_with_rows(sim)
-    assert orphans, "the kill did not land mid-transaction"
+    orphans = [t for t in _open_txs_with_rows(sim) if t.client and t.client[1] in victim_ports]
+    assert orphans, "the killed worker's transactions did not stay open"
     sink = _sink_of(url, "par")
     st = sim.state
     # rows of the killed transactions, by table, as key tuples

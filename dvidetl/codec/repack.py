@@ -1,12 +1,13 @@
 """``repack``: the export's hot path over a whole Arrow array of stored blocks at once.
 
 Per row: unwrap (gzip/lz4/zstd/none/dvid), validate the block completely, cut out its label
-table, count voxels per table entry, and zstd the body (block minus table). The only
+table, count voxels per table entry, and zstd the body (block minus table) into the block's
+*payload*. The only
 per-row Python is the loop around the C library calls (inflate, zstd); parsing, validation,
 counting and the table/body copies are one numba pass over the concatenated buffer. A
 corrupt row gets a reason in ``errors`` and NULL elsewhere; its neighbours are unaffected.
 
-``restore_block(supervoxels, zbody)`` inverts it exactly: the original unwrapped block.
+``restore_block(supervoxels, payload)`` inverts it exactly: the original unwrapped block.
 """
 
 from __future__ import annotations
@@ -32,13 +33,18 @@ class Repacked:
 
     supervoxels: pa.ListArray  # list<uint64>: the block's label table, stored order
     sv_voxels: pa.ListArray  # list<uint32>: voxels per table entry
-    body: pa.BinaryArray  # zstd frame of data[:16] + data[16 + 8N:]
+    payload: pa.BinaryArray  # zstd frame of the body, data[:16] + data[16 + 8N:]
     raw_size: pa.UInt32Array  # length of the unwrapped block
     crc32: pa.UInt32Array  # zlib.crc32 of the unwrapped block
     errors: pa.StringArray  # null = ok, else the reason
 
     def __len__(self) -> int:
         return len(self.errors)
+
+    @property
+    def body(self) -> pa.BinaryArray:
+        """The format-1 name of ``payload``."""
+        return self.payload
 
     @property
     def n_errors(self) -> int:
@@ -188,7 +194,7 @@ def repack(
     mask = pa.array(bad) if n_bad else None
     supervoxels = pa.ListArray.from_arrays(sv_offsets, pa.array(sv, pa.uint64()), mask=mask)
     sv_voxels = pa.ListArray.from_arrays(sv_offsets, pa.array(counts, pa.uint32()), mask=mask)
-    body_arr = pa.Array.from_buffers(
+    payload_arr = pa.Array.from_buffers(
         pa.binary(),
         n,
         [validity, pa.py_buffer(zoffs.astype(np.int32)), pa.py_buffer(zdata)],
@@ -197,25 +203,25 @@ def repack(
     return Repacked(
         supervoxels=supervoxels,
         sv_voxels=sv_voxels,
-        body=body_arr,
+        payload=payload_arr,
         raw_size=pa.array(raw_size, pa.uint32(), mask=bad if n_bad else None),
         crc32=pa.array(crcs.astype(np.uint32), pa.uint32(), mask=bad if n_bad else None),
         errors=pa.array(errors, pa.string()),
     )
 
 
-def restore_block(supervoxels, zbody) -> bytes:
+def restore_block(supervoxels, payload) -> bytes:
     """The exact original (unwrapped) DVID block from a repacked row: zstd-decompress the
     body and put the label table back (``join_block``)."""
     d = _dctx().decompressobj()
     try:
-        body = d.decompress(zbody)
+        body = d.decompress(payload)
     except zstandard.ZstdError as exc:
         raise BlockFormatError(f"zstd: {exc}", 0) from None
     if not d.eof:
-        raise BlockFormatError(f"zstd: truncated body frame ({len(zbody)} bytes)", len(zbody))
+        raise BlockFormatError(f"zstd: truncated payload frame ({len(payload)} bytes)", len(payload))
     if d.unused_data:
-        raise BlockFormatError(f"zstd: {len(d.unused_data)} trailing bytes after the body frame")
+        raise BlockFormatError(f"zstd: {len(d.unused_data)} trailing bytes after the payload frame")
     if len(body) > MAX_RAW:
         raise BlockFormatError(f"zstd: body larger than {MAX_RAW} bytes")
     return join_block(supervoxels, body)

@@ -81,13 +81,13 @@ def main(args: argparse.Namespace) -> int:
     wrapped = pa.array([wrap(b, "gzip") for b in blocks], pa.binary())
     rep = repack(wrapped, "gzip")
     exact = all(
-        restore_block(rep.supervoxels[i].values.to_numpy(), rep.body[i].as_py()) == blocks[i]
+        restore_block(rep.supervoxels[i].values.to_numpy(), rep.payload[i].as_py()) == blocks[i]
         for i in range(n)
     )
     print(f"mCNS shard: {n} blocks, {raw_mb:.2f} MB raw, {sum(map(len, wrapped.to_pylist())) / 1e6:.2f} MB gzip")
     print(f"  repack errors: {rep.n_errors}, restore_block exact: {exact}")
-    body_mb = sum(len(x) for x in rep.body.to_pylist()) / 1e6
-    print(f"  repacked bodies (zstd-3): {body_mb:.2f} MB + tables {8 * len(rep.supervoxels.values) / 1e6:.2f} MB")
+    payload_mb = sum(len(x) for x in rep.payload.to_pylist()) / 1e6
+    print(f"  repacked payloads (zstd-3): {payload_mb:.2f} MB + tables {8 * len(rep.supervoxels.values) / 1e6:.2f} MB")
 
     def each(f, items):
         def run():

@@ -82,6 +82,11 @@ class _Http:
     ) -> None:
         self.scheme, self.host, self.port = scheme, host, port
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        #: failed attempts (errors, timeouts, 429/5xx other than 503) spend this budget
+        self._failing = Backoff(tries=retries + 1, base=backoff, cap=30.0, jitter=0.25)
+        #: 503 (throttled) answers do not count as tries — ``patience`` bounds them in time —
+        #: and wait with full jitter, uniform(0, 2 * min(backoff * 2**n, 5 s)), spreading workers
+        self._throttle = Backoff(tries=1, base=max(backoff, 0.02), cap=5.0, jitter=1.0)
         # DVID answers requests beyond its throttle slots 503 at once: never send more than it
         # admits (``inflight``), so throttling costs waiting, not failed attempts
         self._slots = threading.BoundedSemaphore(max(1, inflight))
@@ -122,15 +127,12 @@ class _Http:
         attempt = 0  # failed attempts; 503 (throttled) answers do not count
         throttled_since: float | None = None
         n503 = 0
-        failing = Backoff(tries=self.retries + 1, base=self.backoff, cap=30.0, jitter=0.25)
-        # throttled: full jitter, uniform(0, min(backoff * 2**n, 10 s)), spreads the workers out
-        throttle = Backoff(tries=1, base=max(self.backoff, 0.02), cap=5.0, jitter=1.0)
-        while attempt <= self.retries:
+        while attempt < self._failing.tries:
             if throttled_since is not None:
-                throttle.pause(min(n503, 9))
+                self._throttle.pause(min(n503, 9))
             elif attempt:
                 log.warning("retrying GET %s (attempt %d): %s", url, attempt + 1, last)
-                failing.pause(attempt)
+                self._failing.pause(attempt)
             headers = {"Accept-Encoding": "identity"}
             if body is not None:
                 headers["Content-Type"] = "application/json"
@@ -190,7 +192,7 @@ class _Http:
                 )
                 raise DvidAuthError(f"GET {url}: HTTP {status}: {how}: {text}")
             raise DvidHttpError(f"DVID error for GET {url}: HTTP {status}: {text}")
-        raise DvidUnavailable(f"GET {url} failed after {self.retries + 1} attempts: {last}")
+        raise DvidUnavailable(f"GET {url} failed after {self._failing.tries} attempts: {last}")
 
     def close(self) -> None:
         self._drop()

@@ -109,6 +109,7 @@ class Tx:
     last_used: float = field(default_factory=time.monotonic)
     version: int = 0  # bumped on every insert/update/delete (view cache key)
     view_cache: dict = field(default_factory=dict)  # handle -> (key, table)
+    client: tuple = ()  # (host, port) of the connection that began it (tests find its process)
 
 
 # --------------------------------------------------------------------------------------------

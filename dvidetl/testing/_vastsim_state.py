@@ -73,7 +73,7 @@ class SimState:
             self._load()
 
     # ---- transactions
-    def begin(self) -> int:
+    def begin(self, client: tuple = ()) -> int:
         with self.lock:
             now = time.monotonic()  # abandoned transactions (a killed client) expire
             for old in [t for t in self.txs.values() if now - t.last_used > self.tx_timeout_s]:
@@ -83,7 +83,7 @@ class SimState:
                 self._release(old.txid)
             txid = self.next_txid
             self.next_txid += 1
-            self.txs[txid] = Tx(txid=txid, begin_seq=self.seq)
+            self.txs[txid] = Tx(txid=txid, begin_seq=self.seq, client=tuple(client))
             return txid
 
     def tx(self, txid: int) -> Tx:

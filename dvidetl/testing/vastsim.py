@@ -307,7 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
                     st.tx(self._txid())
                 return 200, b"", {}
             if m == "POST":
-                return 200, b"", {"tabular-txid": st.begin()}
+                return 200, b"", {"tabular-txid": st.begin(self.client_address)}
             if m == "PUT":
                 st.commit(self._txid())
                 return 200, b"", {}
