@@ -198,21 +198,23 @@ _STORED_NAMES: dict[int, dict[str, dict[str, str]]] = {
 def check_format(fmt: int, where: str) -> int:
     """``fmt`` if this code reads it; a newer (or nonsense) format is a ``UserError`` rather
     than a misread export."""
-    if type(fmt) is not int or not 1 <= fmt <= FORMAT:  # (a JSON true is no format)
-        raise UserError(f"{where}: written in table format {fmt!r}; this dvidetl reads formats "
+    if type(fmt) is not int or fmt < 1:  # (a JSON true is no format)
+        raise UserError(f"{where}: table format {fmt!r} is not a dvidetl table format")
+    if fmt > FORMAT:
+        raise UserError(f"{where}: written in table format {fmt}; this dvidetl reads formats "
                         f"1..{FORMAT} — upgrade dvidetl")
     return fmt
 
 
-def format_of_columns(table: str, names: list[str] | tuple[str, ...]) -> int:
+def format_of_columns(table: str, names: list[str] | tuple[str, ...]) -> int | None:
     """The format a stored table's columns are in (its column names tell the formats apart):
-    how a sink without a place for a version marker (VastDB) checks what it reads."""
+    how a sink without a place for a version marker (VastDB) checks what it reads. None when
+    they match no format this code knows (a newer one)."""
     names = set(names)
-    for fmt in sorted(_STORED_NAMES):
-        old = set(_STORED_NAMES[fmt].get(table, {}).values())
-        if old and old <= names:
+    for fmt in (*sorted(_STORED_NAMES), FORMAT):
+        if {stored_name(table, c, fmt) for c in schema(table).names} == names:
             return fmt
-    return FORMAT
+    return None
 
 
 def stored_name(table: str, column: str, fmt: int) -> str:

@@ -460,5 +460,8 @@ def label_index_tables(batches: Iterable[pa.RecordBatch], grid0: Vec3) -> Iterab
         yield S.conform("label_index", t)
 
 
+#: the format-1 name (the payload was called "body")
+body_size_sum = payload_size_sum
+
 #: the name this had while it shared it with ``codec.labelindex.label_index_rows``
 label_index_rows = label_index_tables

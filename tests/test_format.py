@@ -140,16 +140,18 @@ def test_run_into_format1_export_keeps_format1_and_new_export_is_format2(
 
     new = tmp_path / "new"
     _run(f"parquet://{new}", cluster)
-    assert json.loads((new / ROOT / "layout.json").read_text()) == {"layout": 2, "format": S.FORMAT}
+    assert json.loads((new / ROOT / "layout.json").read_text()) == {"layout": 3, "format": S.FORMAT}
     assert _stored_blocks_columns(new) >= TODAY and not (LEGACY & _stored_blocks_columns(new))
     _assert_reads_like_source(R.open_export(f"parquet://{new}"), src)
 
 
 @pytest.mark.parametrize("layout, message", [
-    ({"layout": 2, "format": 3}, "table format 3.*upgrade dvidetl"),
-    ({"layout": 2, "format": "two"}, "table format 'two'"),
-    ({"layout": 2, "format": 0}, "table format 0"),
-    ({"layout": 2, "format": True}, "table format True"),
+    ({"layout": 3, "format": 3}, "table format 3.*upgrade dvidetl"),
+    ({"layout": 3, "format": "two"}, "table format 'two' is not"),
+    ({"layout": 3, "format": 0}, "table format 0 is not"),
+    ({"layout": 3, "format": True}, "table format True is not"),
+    ({"layout": 3}, "layout 3 names no table format"),
+    ({"layout": True, "format": 2}, "not a dvidetl layout file"),
     ({"layout": 9, "format": 2}, "Parquet layout 9.*upgrade dvidetl"),
 ])
 def test_unknown_format_is_refused(old_export, layout, message):
@@ -166,6 +168,7 @@ def test_format_names_round_trip():
     assert S.from_stored("blocks", old, 1).schema == b.schema
     assert S.format_of_columns("blocks", old.column_names) == 1
     assert S.format_of_columns("blocks", b.column_names) == S.FORMAT
+    assert S.format_of_columns("blocks", [*b.column_names, "payload4"]) is None  # a newer one
     ov = pa.table({"scale": pa.array([0, 0, 1], pa.uint8()), "morton": pa.array([1, 1, 2], pa.uint64()),
                    "column": ["payload", "labels", "payload"], "part": pa.array([4, 0, 5], pa.uint16()),
                    "data": [b"a", b"b", b"c"]})
@@ -230,3 +233,23 @@ def test_format1_vastdb_export_reads_and_resumes_in_its_format(vast_old, src, cl
     assert len(ex.sink.runs()) == 2
     _assert_reads_like_source(ex, src)
     assert "0 differences" in _verify(url, cluster, capsys)
+
+
+def test_vastdb_blocks_of_an_unknown_format_are_refused(monkeypatch):
+    """A blocks table whose columns match no known format (a newer dvidetl's) is refused with
+    "upgrade dvidetl" on read and on prepare, not misread or "drop the table"."""
+    import vastdb
+
+    from dvidetl.sinks import open_sink
+    from dvidetl.testing.vastsim import start_vastsim
+
+    monkeypatch.setenv("VASTDB_ACCESS_KEY", ACCESS)
+    monkeypatch.setenv("VASTDB_SECRET_KEY", SECRET)
+    with start_vastsim(None, access_key=ACCESS, secret_key=SECRET) as sim:
+        session = vastdb.connect(endpoint=sim.endpoint, access=ACCESS, secret=SECRET)
+        newer = S.BLOCKS.append(pa.field("payload4", pa.binary()))
+        with session.transaction() as tx:
+            tx.bucket("bucket").create_schema("new").create_table("blocks", newer)
+        sink = open_sink(f"vastdb://127.0.0.1:{sim.port}/bucket/new", uuid=UUID, instance="segmentation")
+        with pytest.raises(UserError, match="no table format this dvidetl knows.*upgrade dvidetl"):
+            sink.read("blocks")

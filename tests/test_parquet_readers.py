@@ -64,7 +64,7 @@ def _sorted(t: pa.Table) -> pa.Table:
 
 def test_layout_has_no_hive_names_and_records_its_version(export):
     root = _root(export)
-    assert json.loads((root / "layout.json").read_text()) == {"layout": 2, "format": S.FORMAT}
+    assert json.loads((root / "layout.json").read_text()) == {"layout": 3, "format": S.FORMAT}
     names = [p.name for p in root.rglob("*") if p.is_dir()]
     assert not [n for n in names if "=" in n], names
     assert (root / "blocks" / "scale-0").is_dir()

@@ -1,9 +1,9 @@
 """The embedded default sink: a local Parquet dataset with the same tables as VastDB.
 
-Layout under ``DIR/<instance>/<uuid>/`` (layout 2, recorded in ``layout.json`` with the
+Layout under ``DIR/<instance>/<uuid>/`` (layout 3, recorded in ``layout.json`` with the
 table format, ``dvidetl.schema.FORMAT``)::
 
-    layout.json                                   {"layout": 2, "format": 2}
+    layout.json                                   {"layout": 3, "format": 2}
     <table>/scale-<s>/part-<lo>-<hi>.parquet      blocks, block_overflow, export_errors
     <table>/part-<lo>-<hi>.parquet                label_index (label range), mapping
     export_ledger/<run_id>/<partition key>.parquet
@@ -17,7 +17,9 @@ defaults of pandas, pyarrow (``parquet.read_table``, ``dataset(partitioning="hiv
 DuckDB (``hive_partitioning``) and polars. Hive-style names would add a second ``scale``
 column of another type, and those readers refuse to merge the two. Pushdown by scale and
 Morton range stays: our reader picks files from the plan, plain readers prune row groups by
-the ``scale`` / ``morton`` statistics. Exports of layout 1 (``scale=<s>``, ``run=<id>``
+the ``scale`` / ``morton`` statistics. Layout 3 is layout 2's directories with a table
+format in ``layout.json``: a dvidetl that knows only layouts 1 and 2 refuses it instead of
+appending format-1 files to it. Exports of layout 1 (``scale=<s>``, ``run=<id>``
 directories, no ``layout.json``) are still read and appended to in their own layout, and an
 export in an older table format (a ``layout.json`` without ``"format"``: format 1) is read
 with today's column names and appended to in its own format; a newer layout or format than
@@ -48,7 +50,9 @@ from dvidetl.errors import UserError
 from dvidetl.sinks.base import Partition, RunInfo, SinkBase, TableData, Where, where_filters
 
 #: the directory layout this code writes into a new export (see the module docstring)
-LAYOUT = 2
+LAYOUT = 3
+#: the layouts this code reads and appends to (2 and 3 differ only in ``layout.json``)
+LAYOUTS = (1, 2, 3)
 LAYOUT_FILE = "layout.json"
 
 #: binary payload columns are zstd already: store them uncompressed, no dictionary
@@ -88,12 +92,16 @@ class ParquetSink(SinkBase):
         if f.exists():
             try:
                 d = json.loads(f.read_text())
-                layout, fmt = int(d["layout"]), d.get("format", 1)
+                layout, fmt = d["layout"], d.get("format", 1)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise UserError(f"{f}: not a dvidetl layout file ({exc})") from None
-            if layout not in (1, LAYOUT):
+            if type(layout) is not int or layout < 1:
+                raise UserError(f"{f}: not a dvidetl layout file (layout {layout!r})")
+            if layout not in LAYOUTS:
                 raise UserError(f"{self.root}: written with Parquet layout {layout}; this dvidetl "
-                                f"reads layouts 1 and {LAYOUT} — upgrade dvidetl")
+                                f"reads layouts {', '.join(map(str, LAYOUTS))} — upgrade dvidetl")
+            if layout >= 3 and "format" not in d:
+                raise UserError(f"{f}: layout {layout} names no table format")
             return layout, S.check_format(fmt, str(self.root))
         if (self.root / "runs").is_dir():  # an export, but no layout file: layout 1
             return 1, 1

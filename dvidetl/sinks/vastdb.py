@@ -134,8 +134,12 @@ class VastDBSink(SinkBase):
             return S.FORMAT
         if t is None:
             return S.FORMAT
-        return S.check_format(S.format_of_columns("blocks", t.arrow_schema.names),
-                              f"{self.cfg.bucket}/{self.cfg.schema}")
+        fmt = S.format_of_columns("blocks", t.arrow_schema.names)
+        if fmt is None:
+            raise UserError(f"VastDB table {self.cfg.bucket}/{self.cfg.schema}/blocks has columns "
+                            f"of no table format this dvidetl knows (1..{S.FORMAT}): written by a "
+                            "newer dvidetl? upgrade dvidetl")
+        return fmt
 
     def _stored_schema(self, table: str) -> pa.Schema:
         return EXPORT_RUNS if table == "export_runs" else S.stored_schema(table, self.format)
@@ -289,7 +293,9 @@ class VastDBSink(SinkBase):
         # DDL in small idempotent transactions (schema, then one per table), each retried:
         # progress survives a fault, and nothing is half-created (uncommitted = absent)
         self._tx(lambda tx: self._schema_obj(tx, create=True), "create schema", write=True)
-        self._format = None  # the tables decide (an older export keeps its format)
+        self._format = None  # the tables decide (an older export keeps its format) ...
+        fmt = self.format  # ... asked here, not from inside the DDL transactions below
+        log.debug("%r: table format %d", self, fmt)
         for table in ALL_TABLES:
             self._tx(lambda tx, table=table: self._ensure_table(tx, table), f"create table {table}",
                      write=True)
