@@ -1,13 +1,12 @@
 """The codec kernels loaded from numba's on-disk cache against the same kernels freshly
 compiled, on real mCNS blocks.
 
-Why: workers almost always load the kernels from the cache (``cache=True``), and on this
-machine (numba 0.68, AMD EPYC) the loaded ``repack_kernel`` and ``count_block`` run several
-times slower than the freshly compiled ones although their machine code is the same (the
-object code in the cache matches ``inspect_asm`` of the fresh compile instruction for
-instruction). The slowdown scales with the packed sub-blocks of 2 and 3 bits (POPCNT and
-``_hist3`` paths); dense 5-9 bit blocks are unaffected. Not understood yet: this row keeps it
-visible. Each figure comes from its own subprocess with an empty ``NUMBA_CACHE_DIR`` (the
+Why: workers almost always load the kernels from the cache (``cache=True``). Until the
+``_le8`` byte loop became one 8-byte load, the loaded ``repack_kernel`` and ``count_block``
+ran ~4.5x slower on mCNS than in the process that compiled them, with the same machine code:
+LLVM had vectorized the POPCNT loops into byte gathers (``vpinsrb``/``insertq``) behind a
+runtime alias check, and which path ran depended on where the heap put the arrays. This row
+guards against that coming back (ratio ~1.0). Each figure comes from its own subprocess with an empty ``NUMBA_CACHE_DIR`` (the
 first compiles and fills it, the second loads it), interleaved over ``ROUNDS``.
 """
 
