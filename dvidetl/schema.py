@@ -234,30 +234,31 @@ def _rename_payload_parts(t: pa.Table, frm: str, to: str) -> pa.Table:
                         pc.if_else(pc.equal(col, frm), pa.scalar(to, col.type), col))
 
 
-def from_stored(table: str, t: pa.Table, fmt: int) -> pa.Table:
-    """A table read from a format-``fmt`` export with this format's names (and overflow
-    ``column`` values): readers see one format whatever wrote the export."""
+def _translate(table: str, t: pa.Table, fmt: int, *, to_stored: bool) -> pa.Table:
+    """Column names and overflow ``column`` values between this format and format ``fmt``."""
     if fmt == FORMAT:
         return t
-    names = {v: k for k, v in _STORED_NAMES[fmt].get(table, {}).items()}
+    names = _STORED_NAMES[fmt].get(table, {})
+    if not to_stored:
+        names = {v: k for k, v in names.items()}
     if names:
         t = t.rename_columns([names.get(n, n) for n in t.column_names])
     if table == "block_overflow" and "column" in t.column_names:
-        t = _rename_payload_parts(t, OVERFLOW_PAYLOAD[fmt], OVERFLOW_PAYLOAD[FORMAT])
+        frm, to = OVERFLOW_PAYLOAD[FORMAT], OVERFLOW_PAYLOAD[fmt]
+        t = _rename_payload_parts(t, frm, to) if to_stored else _rename_payload_parts(t, to, frm)
     return t
+
+
+def from_stored(table: str, t: pa.Table, fmt: int) -> pa.Table:
+    """A table read from a format-``fmt`` export with this format's names (and overflow
+    ``column`` values): readers see one format whatever wrote the export."""
+    return _translate(table, t, fmt, to_stored=False)
 
 
 def to_stored(table: str, t: pa.Table, fmt: int) -> pa.Table:
     """``from_stored`` backwards: rows of this format as a format-``fmt`` export stores them
     (a run resumed into an older export stays in that export's format)."""
-    if fmt == FORMAT:
-        return t
-    names = _STORED_NAMES[fmt].get(table, {})
-    if names:
-        t = t.rename_columns([names.get(n, n) for n in t.column_names])
-    if table == "block_overflow" and "column" in t.column_names:
-        t = _rename_payload_parts(t, OVERFLOW_PAYLOAD[FORMAT], OVERFLOW_PAYLOAD[fmt])
-    return t
+    return _translate(table, t, fmt, to_stored=True)
 
 
 #: the cell cutting and reassembly, in ``dvidetl.cells``, still reachable here

@@ -24,7 +24,6 @@ from dvidetl import read as R
 from dvidetl import schema as S
 from dvidetl.cli import main as cli
 from dvidetl.errors import UserError
-from dvidetl.sources import open_source
 
 SRC = "synthetic://f1?size=128,128,64&scales=2&seed=3&lattice=16&bigids=1"
 UUID = "f1"
@@ -34,22 +33,6 @@ LEGACY = {"body_size", "body0", "body1", "body2", "body3"}
 TODAY = {"payload_size", *S.PAYLOAD_COLUMNS}
 ACCESS = "AKIDFORMATTEST"
 SECRET = "format-test-secret-51a7"  # noqa: S105 — a test key for the local server only
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp://",
-                      dashboard_address=":0") as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def src():
-    s = open_source(SRC)
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -16,27 +16,9 @@ import pytest
 from dvidetl import read as R
 from dvidetl.cli import main as cli
 from dvidetl.errors import UserError
-from dvidetl.sources import open_source
 
 SRC = "synthetic://rd?size=320,256,192&scales=3&seed=7&lattice=16&bigids=1"
 UUID = "rd"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """An in-process dask cluster over TCP (the export's tasks and the distributed read)."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp://",
-                      dashboard_address=":0") as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def src():
-    s = open_source(SRC)
-    yield s
-    s.close()
 
 
 ACCESS = "AKIDREADTEST"

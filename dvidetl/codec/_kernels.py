@@ -92,18 +92,13 @@ def _le8_bytes(buf, p):
     return v
 
 
-@nb.njit(cache=True, inline="always")
-def _le8_load(buf, p):
-    return _load_u64(buf, p)
-
-
 # _le8: little-endian uint64 of buf[p:p+8] (caller guarantees 0 <= p, p + 8 <= end). One
 # 8-byte load on little-endian hosts. The byte loop it replaces let LLVM's loop vectorizer
 # turn the POPCNT loops into byte gathers (vpinsrb/insertq) behind a runtime alias check, so
 # the speed of the same cached kernel depended on where the heap put the arrays (4x apart,
 # bench_numba_cache). The byte loop stays under NUMBA_BOUNDSCHECK (the fuzz relies on it to
 # catch out-of-bounds reads) and on big-endian hosts.
-_le8 = _le8_load if sys.byteorder == "little" and not nb.config.BOUNDSCHECK else _le8_bytes
+_le8 = _load_u64 if sys.byteorder == "little" and not nb.config.BOUNDSCHECK else _le8_bytes
 
 
 @nb.njit(cache=True, inline="always")
