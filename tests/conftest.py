@@ -42,3 +42,35 @@ def src(request):
     s = open_source(request.module.SRC)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def dvid_server(tmp_path_factory):
+    """The real DVID server (../shared/dvid/bin/dvid), started once per test run with its
+    state under a temporary directory. Tests make their own repos on it (or branch), so they
+    never see each other's edits."""
+    from dvidetl.testing.dvid_server import DVID_BINARY, DvidServer
+
+    if not DVID_BINARY.is_file():
+        pytest.fail(f"the real DVID server is not at {DVID_BINARY} (../shared/dvid/bin/dvid)")
+    with DvidServer(tmp_path_factory.mktemp("dvid")) as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def dvid_mcns(dvid_server, shared_data):
+    """A repo on the real server holding the 258 real mCNS blocks, posted as DVID users do
+    (``POST /blocks?downres=true``: DVID computed scales 1 and 2 and the label indices itself).
+    Read-only for tests: edit a branch or a repo of your own, never this node."""
+    from types import SimpleNamespace
+
+    from dvidetl.testing.dvid_server import mcns_blocks, nonzero_voxels
+
+    coords, blocks = mcns_blocks(shared_data)
+    uuid = dvid_server.new_repo("mcns")
+    dvid_server.new_labelmap(uuid, "segmentation", max_downres=2)
+    dvid_server.post_blocks(uuid, "segmentation", coords, blocks)
+    voxels = nonzero_voxels(blocks)
+    dvid_server.wait_indexed(uuid, "segmentation", voxels)
+    return SimpleNamespace(server=dvid_server, uuid=uuid, name="segmentation", coords=coords,
+                           blocks=blocks, voxels=voxels)
