@@ -2,14 +2,16 @@
 ``make test``).
 
 Targets: ``unwrap`` (gzip, lz4, zstd, dvid), ``decode_block``, ``label_voxel_counts``,
-``split_block`` (+ ``join_block``) and ``repack`` (in batches). Contract checked for every
+``split_block`` (+ ``join_block``), ``repack`` and ``cseg.encode_chunks`` (in batches, with
+random labels lists and chunk shapes). Contract checked for every
 input: the call returns, or raises ``BlockFormatError`` / ``ValueError`` (the codec's
 documented errors) — never another exception, a crash, a hang (a watchdog dumps the stack
 and fails) or an out-of-bounds read: the numba kernels run in a child process compiled with
 ``NUMBA_BOUNDSCHECK=1``, where an OOB index raises ``IndexError`` instead of reading
 garbage. Beyond "no crash" the targets must agree with each other (a block that decodes also
 counts, splits and re-joins to the same bytes, sums to its voxel count, and ``repack``
-rejects exactly the blocks ``label_voxel_counts`` rejects, with the same reason).
+rejects exactly the blocks ``label_voxel_counts`` rejects, with the same reason, and so does
+``encode_chunks``, whose background flag must agree with the decoded voxels).
 
 Why mutation-based and not coverage-guided (atheris): the codec's malformed-input space is
 structural (header fields, table lengths, palette sizes, packed values, wrappers), so
@@ -212,6 +214,54 @@ def check_raw(data: bytes) -> str | None:
     return reason
 
 
+def check_cseg(batch: list[bytes], reasons: list, rng: np.random.Generator, fail) -> None:
+    """``encode_chunks`` over the batch with random labels (usually aligned with the table)
+    and random chunk shapes: it accepts exactly the valid blocks (rejects the others with the
+    block codec's reason), and a valid small block's background flag is what its decoded,
+    mapped, clipped voxels say."""
+    from dvidetl.codec import decode_block, join_block, split_block
+    from dvidetl.codec.cseg import encode_chunks
+
+    labels, shapes, expect_ok = [], [], []
+    for d, why in zip(batch, reasons, strict=True):
+        n = int.from_bytes(d[12:16], "little") if len(d) >= 16 else 0
+        dims = np.frombuffer(d[:12], "<u4").astype(np.int64) * 8 if len(d) >= 12 else np.ones(3, np.int64)
+        k = n if rng.random() < 0.95 else int(rng.integers(0, 4))
+        k = min(k, 1 << 16)
+        labels.append(rng.integers(0, 4, k).astype(np.uint64) if rng.random() < 0.5
+                      else np.arange(k, dtype=np.uint64))
+        shp = [int(rng.integers(1, max(2, g + 1))) if rng.random() < 0.5 else int(g) for g in dims]
+        if rng.random() < 0.02:
+            shp[int(rng.integers(0, 3))] = int(rng.choice([0, -5, 10**6]))
+        shapes.append(shp)
+        expect_ok.append(why is None and k == n and all(1 <= a <= b for a, b in zip(shp, dims, strict=True)))
+    try:
+        out = encode_chunks(batch, labels, shapes)
+    except Exception as exc:  # noqa: BLE001
+        for d in batch:
+            fail(d, "cseg-batch", f"{type(exc).__name__}: {exc}")
+        return
+    for r, (d, why) in enumerate(zip(batch, reasons, strict=True)):
+        if why == "?":
+            continue
+        got = out.errors[r]
+        if expect_ok[r] != (got is None):
+            fail(d, "cseg", f"encode_chunks says {got!r}; block {why!r}, shape {shapes[r]}")
+        elif why is not None and got.startswith("block:") and got != why:
+            fail(d, "cseg", f"encode_chunks says {got!r}, label_voxel_counts {why!r}")
+        elif got is None:
+            w = np.frombuffer(out[r], "<u4")
+            nb = int(np.prod([-(-a // 8) for a in shapes[r]]))
+            if w.shape[0] < 1 + 2 * nb or w[0] != 1:
+                fail(d, "cseg", f"chunk of {w.shape[0]} words for {nb} blocks")
+            elif np.prod(shapes[r]) <= (1 << 18):
+                _lab, body = split_block(d)
+                vol = decode_block(join_block(labels[r], body))
+                x, y, z = shapes[r]
+                if bool(out.background[r]) != (not vol[:z, :y, :x].any()):
+                    fail(d, "cseg", f"background flag {bool(out.background[r])} is wrong")
+
+
 def run(n_inputs: int, seed: int, timeout: float) -> int:
     import pyarrow as pa
 
@@ -288,6 +338,7 @@ def run(n_inputs: int, seed: int, timeout: float) -> int:
                         continue
                     if (want is None) != (got is None) or (want and got and want != got):
                         fail(d, "repack", f"repack says {got!r}, label_voxel_counts {want!r}")
+            check_cseg(batch, reasons, rng, fail)
         faulthandler.cancel_dump_traceback_later()
     dt = time.perf_counter() - t0
     print(f"fuzz: {done:,} inputs ({stats['wrapped']:,} through unwrap, {stats['raw']:,} raw "

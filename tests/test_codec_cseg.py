@@ -407,6 +407,24 @@ def test_bad_rows_are_reported_and_neighbours_encode(fib19_block, stream_block):
         encode_chunks([fib19_block], pa.array([[1]], pa.list_(pa.int64())))
 
 
+def test_clipped_chunk_still_validates_the_whole_block():
+    """A corrupt value in a sub-block outside the chunk shape is still a corrupt block (the
+    export's other sinks refuse it): same reason as label_voxel_counts, not a silent edge
+    chunk (found by the fuzzer)."""
+    from dvidetl.codec import label_voxel_counts
+
+    rng = np.random.default_rng(9)
+    subs = [([0, 1, 2], rng.integers(0, 3, 512)) for _ in range(4)]
+    blk = bytearray(pack_block((2, 2, 1), [1, 2, 3], subs))
+    blk[-1] |= 3  # the last value of sub-block 3 (x 8..15, y 8..15) becomes 3 >= Ns
+    blk = bytes(blk)
+    with pytest.raises(BlockFormatError) as want:
+        label_voxel_counts(blk)
+    for shape in [(8, 16, 8), (16, 8, 8), (3, 3, 3), (16, 16, 8)]:
+        out = encode_chunks([blk], shapes=[shape])
+        assert out.errors == [str(want.value)], shape
+
+
 def test_arrow_inputs_sliced_large_chunked(mcns):
     """Sliced arrays (non-zero offsets), large_binary / large_list and chunked arrays give
     the same chunks as the plain batch."""

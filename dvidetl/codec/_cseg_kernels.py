@@ -46,6 +46,7 @@ from dvidetl.codec._kernels import (
     _u16,
     _u32,
     _width,
+    count_into,
     scan,
 )
 
@@ -490,6 +491,7 @@ def encode_many(buf, offs, ok, lab_vals, lab_offs, use_labels, shapes):
     max_nsb = 1
     max_store = 1
     max_n = 1
+    counts = np.zeros(1, np.int64)  # count_into's tallies: only its validation is used
     for r in range(R):
         if not ok[r]:
             continue
@@ -515,6 +517,13 @@ def encode_many(buf, offs, ok, lab_vals, lab_offs, use_labels, shapes):
             row[I_B] = cy
             row[I_C] = cz
             continue
+        if cx < 8 * _u32(buf, s) or cy < 8 * _u32(buf, s + 4) or cz < 8 * _u32(buf, s + 8):
+            # a clipped chunk visits only its sub-blocks; the block is still validated whole
+            # (the export's other sinks reject it otherwise), with the codec's own reason
+            if counts.shape[0] < N:
+                counts = np.zeros(2 * N, np.int64)
+            if count_into(buf, s, offs[r + 1], row, counts, 0) != E_OK:
+                continue
         bound[r] = bound_words(buf, s, row, cx, cy, cz)
         nsb = row[I_NSB]
         max_nsb = max(max_nsb, nsb)
