@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "plan": "dvidetl.commands.plan",
     "verify": "dvidetl.commands.verify",
     "inspect": "dvidetl.commands.inspect",
+    "status": "dvidetl.commands.status",
     "demo-codec": "dvidetl.commands.demo_codec",
 }
 

@@ -43,10 +43,44 @@ class RunResult:
     mapping_rows: int = 0
     seconds: float = 0.0
     aborted: str | None = None
+    #: raw_bytes misses partitions committed by a dvidetl whose ledger had no raw_bytes
+    raw_partial: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.failed and self.errors == 0 and self.aborted is None
+
+
+def result_dict(res: RunResult) -> dict:
+    """The figures of a ``RunResult`` for the run's record (failed partitions: the count and
+    the first ten, with reasons)."""
+    from dataclasses import asdict
+
+    d = asdict(res)
+    d["failed"] = len(res.failed)
+    d["failed_partitions"] = [{"partition": k, "reason": r} for k, r in res.failed[:10]]
+    d["ok"] = res.ok
+    return d
+
+
+def ledger_totals(ledger) -> dict:
+    """A run's totals from its ledger rows (what the partitions committed so far did): the
+    same figures ``execute`` adds up from the tasks, so a resumed run reports what an
+    uninterrupted one does."""
+    import pyarrow.compute as pc
+
+    def total(col: str, kind: str | None = "blocks") -> int:
+        c = ledger.column(col)
+        if kind is not None:
+            c = pc.filter(c, pc.equal(ledger.column("kind"), kind))
+        return int(pc.sum(c).as_py() or 0)
+
+    isb = pc.equal(ledger.column("kind"), "blocks")
+    raw = pc.filter(ledger.column("raw_bytes"), isb)
+    return {"blocks": total("blocks"), "errors": total("errors", None), "bytes_in": total("bytes_in"),
+            "bytes_out": total("bytes_out"), "raw_bytes": int(pc.sum(raw).as_py() or 0),
+            "index_rows": total("rows", "indices"), "mapping_rows": total("rows", "mapping"),
+            "raw_partial": bool(raw.null_count)}
 
 
 def _interleaved(todo: list[Partition]) -> list[Partition]:
@@ -93,18 +127,8 @@ def execute(
     todo = _interleaved(todo)
     res.skipped = len(run.partitions) - len(todo)
     if res.skipped:
-        prev = sink.ledger(run.run_id)
-        if prev.num_rows:
-            import pyarrow.compute as pc
-
-            isb = pc.equal(prev.column("kind"), "blocks")
-            res.blocks += int(pc.sum(pc.filter(prev.column("blocks"), isb)).as_py() or 0)
-            res.errors += int(pc.sum(prev.column("errors")).as_py() or 0)
-            res.bytes_in += int(pc.sum(pc.filter(prev.column("bytes_in"), isb)).as_py() or 0)
-            res.bytes_out += int(pc.sum(pc.filter(prev.column("bytes_out"), isb)).as_py() or 0)
-            for kind, attr in (("indices", "index_rows"), ("mapping", "mapping_rows")):
-                rows = pc.filter(prev.column("rows"), pc.equal(prev.column("kind"), kind))
-                setattr(res, attr, int(pc.sum(rows).as_py() or 0))
+        for name, v in ledger_totals(sink.ledger(run.run_id)).items():
+            setattr(res, name, (getattr(res, name) or v) if name == "raw_partial" else getattr(res, name) + v)
     if dashboard is not None:
         dashboard.skipped([p for p in run.partitions if p.key in done_keys])
         dashboard.publish(res, force=True)

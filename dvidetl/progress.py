@@ -81,6 +81,8 @@ class Progress:
 def summary(res, *, sink_desc: str = "") -> str:
     """The end-of-run summary (several lines)."""
     ratio = (res.raw_bytes / res.bytes_out) if res.bytes_out and res.raw_bytes else 0.0
+    if getattr(res, "raw_partial", False):
+        ratio = 0.0  # part of the run was committed without raw sizes: no honest ratio
     rate = res.blocks / res.seconds if res.seconds > 0 else 0.0
     lines = [
         f"run {res.run_id}" + (f" -> {sink_desc}" if sink_desc else ""),

@@ -101,6 +101,7 @@ EXPORT_LEDGER = pa.schema(
         ("bytes_out", pa.uint64()),  # payload bytes written (zstd payloads + lists)
         ("seconds", pa.float64()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("raw_bytes", pa.uint64()),  # unwrapped DVID block bytes exported (blocks partitions)
     ]
 )
 
@@ -140,6 +141,10 @@ KEYS: dict[str, tuple[str, ...]] = {
     "export_errors": ("run_id", "scale", "morton", "part"),
 }
 
+#: columns added to a table after exports were first written with it: an older export's
+#: rows read them as null, and a sink adds them to its stored table (VastDB: ADD COLUMN)
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"export_ledger": ("raw_bytes",)}
+
 #: which tables a partition of each kind writes (and a sink commits together)
 KIND_TABLES: dict[str, tuple[str, ...]] = {
     "blocks": ("blocks", "block_overflow", "export_errors"),
@@ -172,6 +177,9 @@ def conform(name: str, table: pa.Table) -> pa.Table:
     ``ValueError`` naming the missing column. Sinks call this so nothing else gets stored."""
     sch = schema(name)
     missing = [f.name for f in sch if f.name not in table.column_names]
+    for c in [c for c in ADDED_COLUMNS.get(name, ()) if c in missing]:
+        table = table.append_column(sch.field(c), pa.nulls(table.num_rows, sch.field(c).type))
+        missing.remove(c)
     if missing:
         raise ValueError(f"table {name!r} is missing columns {missing}")
     t = table.select(sch.names)

@@ -175,14 +175,13 @@ def _error_samples(errors, limit: int = 5) -> list[dict]:
         errors = pa.Table.from_batches([first]) if first is not None else None
     if errors is None or errors.num_rows == 0:
         return []
-    t = errors.slice(0, limit * 4).select(["scale", "x", "y", "z", "reason"])
-    out, seen = [], set()
-    for r in t.to_pylist():  # a block split over several parts is listed once
-        k = (r["scale"], r["x"], r["y"], r["z"])
-        if k not in seen and len(out) < limit:
-            seen.add(k)
-            out.append({**r, "reason": str(r["reason"])[:200]})
-    return out
+    # a block's bytes are cut into parts (rows); its part 0 names it once. (Taking the first
+    # rows and skipping repeats listed too few blocks when one block had many parts.)
+    import pyarrow.compute as pc
+
+    first = errors.filter(pc.equal(errors.column("part"), 0))
+    t = first.slice(0, limit).select(["scale", "x", "y", "z", "reason"])
+    return [{**r, "reason": str(r["reason"])[:200]} for r in t.to_pylist()]
 
 
 def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, PartitionStats]:

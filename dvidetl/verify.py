@@ -35,9 +35,41 @@ from dvidetl import schema as S
 
 MAX_LISTED = 50
 
+#: the difference counters of a ``VerifyReport``: the export is exact only when all are 0.
+#: Each counts one kind of difference, once (a tampered row or file moves exactly one of
+#: them), so tests and ``--repair`` can rely on them; add new kinds here, documented below.
+DIFF_COUNTERS = ("missing", "extra", "duplicated", "mismatched", "export_errors", "index_diffs",
+                 "index_vs_blocks", "mapping_diffs", "outside_rows", "unreadable_files",
+                 "partitions_unfinished")
+#: the other counters (sizes of what was checked)
+SIZE_COUNTERS = ("blocks_source", "blocks_checked", "index_rows", "mapping_rows")
+
 
 @dataclass
 class VerifyReport:
+    """What ``verify`` found. Counters (all summed over partitions by ``merge``):
+
+    * ``blocks_source``: source blocks seen; ``blocks_checked``: exported blocks compared byte
+      for byte and found exact; ``index_rows`` / ``mapping_rows``: exported rows read.
+    * ``missing``: source blocks not exported (and not in ``export_errors``); ``extra``:
+      exported blocks (inside a partition's range) the source does not have; ``duplicated``:
+      blocks exported more than once; ``mismatched``: blocks whose bytes, lists, labels, size
+      or CRC differ; ``export_errors``: source blocks the run put in ``export_errors``.
+    * ``index_diffs``: (label, supervoxel, block) rows of ``label_index`` that differ from the
+      source's label indices (missing, extra, other voxel count, listed twice);
+      ``index_vs_blocks``: indices partitions whose rows disagree with the voxel counts of the
+      exported scale-0 blocks (the cross-check); ``mapping_diffs``: supervoxels whose mapping
+      differs (missing, extra, other body, listed twice).
+    * ``outside_rows``: rows a plain reader of the export sees that lie outside every
+      committed partition of the run (a stray file, a row outside its file's range, a VastDB
+      row in no partition's range); ``unreadable_files``: files that cannot be read
+      (truncated, corrupt, or deleted while the ledger says they hold rows);
+      ``partitions_unfinished``: planned partitions without a ledger row.
+
+    ``bad_partitions`` holds the keys of the partitions found wrong and ``outside`` the
+    places holding rows outside every partition (what ``verify --repair`` redoes / removes).
+    """
+
     run_id: str | None = None
     blocks_source: int = 0
     blocks_checked: int = 0  # exported blocks compared byte for byte
@@ -48,11 +80,17 @@ class VerifyReport:
     export_errors: int = 0
     index_rows: int = 0
     index_diffs: int = 0
+    index_vs_blocks: int = 0
     mapping_rows: int = 0
     mapping_diffs: int = 0
+    outside_rows: int = 0
+    unreadable_files: int = 0
     partitions_unfinished: int = 0
     seconds: float = 0.0
     problems: list = field(default_factory=list)  # human-readable lines, capped
+    bad_partitions: set = field(default_factory=set)  # Partition.key of partitions found wrong
+    outside: list = field(default_factory=list)  # sink.Outside records (stray files / row ranges)
+    repaired: dict | None = None  # what ``verify --repair`` did before this report
     #: per indices partition of the plan: (rows, hash sum) of label_index rows derived from
     #: the exported scale-0 blocks, and of the exported label_index rows themselves
     digest_blocks: np.ndarray | None = None
@@ -64,12 +102,12 @@ class VerifyReport:
 
     def merge(self, other: VerifyReport) -> None:
         """Add a partition's report into this one (counters, lines up to the cap, digests)."""
-        for f in ("blocks_source", "blocks_checked", "missing", "extra", "duplicated", "mismatched",
-                  "export_errors", "index_rows", "index_diffs", "mapping_rows", "mapping_diffs",
-                  "partitions_unfinished"):
+        for f in (*SIZE_COUNTERS, *DIFF_COUNTERS):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         for line in other.problems:
             self.add(line)
+        self.bad_partitions |= other.bad_partitions
+        self.outside += other.outside
         for f in ("digest_blocks", "digest_index"):
             d = getattr(other, f)
             if d is not None:
@@ -77,11 +115,16 @@ class VerifyReport:
                 setattr(self, f, d.copy() if mine is None else mine + d)  # uint64: wraps
 
     @property
+    def differences(self) -> int:
+        return sum(getattr(self, f) for f in DIFF_COUNTERS)
+
+    @property
     def ok(self) -> bool:
-        return not (
-            self.missing or self.extra or self.duplicated or self.mismatched or self.export_errors
-            or self.index_diffs or self.mapping_diffs or self.partitions_unfinished
-        ) and self.run_id is not None
+        return self.differences == 0 and self.run_id is not None
+
+    def counters(self) -> dict[str, int]:
+        """Every counter by name (the JSON form of the report)."""
+        return {f: int(getattr(self, f)) for f in (*SIZE_COUNTERS, *DIFF_COUNTERS)}
 
     def text(self) -> str:
         lines = [
@@ -89,11 +132,20 @@ class VerifyReport:
             f"  blocks      {self.blocks_source:,} in the source, {self.blocks_checked:,} exported and "
             f"byte-exact checked; missing {self.missing}, extra {self.extra}, duplicated "
             f"{self.duplicated}, different {self.mismatched}, in export_errors {self.export_errors}",
-            f"  label_index {self.index_rows:,} rows, {self.index_diffs} differences",
+            f"  label_index {self.index_rows:,} rows, {self.index_diffs} differences"
+            + (f", {self.index_vs_blocks} partitions disagree with the exported blocks"
+               if self.index_vs_blocks else ""),
             f"  mapping     {self.mapping_rows:,} rows, {self.mapping_diffs} differences",
         ]
+        if self.outside_rows:
+            lines.append(f"  {self.outside_rows} rows outside every partition of the run (plain readers see them)")
+        if self.unreadable_files:
+            lines.append(f"  {self.unreadable_files} files cannot be read")
         if self.partitions_unfinished:
             lines.append(f"  {self.partitions_unfinished} planned partitions are not committed")
+        if self.repaired:
+            lines.append(f"  repaired first: {len(self.repaired['partitions'])} partitions re-exported, "
+                         f"{self.repaired['rows_removed']:,} rows outside every partition removed")
         lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -133,18 +185,64 @@ class VerifyEnv:
     bad0: np.ndarray  # Morton codes of scale-0 blocks in export_errors (their index rows are skipped)
 
 
+def _read_part(sink, run, part, table: str, report: VerifyReport) -> pa.Table | None:
+    """The partition's rows of ``table`` as stored (all a plain reader sees there), rows
+    outside the partition's range counted and dropped; None when the storage is unreadable
+    (counted, with the file and the partition named)."""
+    from dvidetl.sinks.base import UnreadableFile
+
+    try:
+        t = sink.read_partition(run.run_id, table, part)
+    except UnreadableFile as exc:
+        report.unreadable_files += 1
+        report.bad_partitions.add(part.key)
+        report.add(f"{exc.path} (partition {part.key}): {exc.reason}")
+        return None
+    if t.num_rows == 0:
+        return t
+    if part.kind == "blocks":
+        k = t.column("morton")
+        inside = pc.and_(pc.equal(t.column("scale"), pa.scalar(part.scale, pa.uint8())),
+                         pc.and_(pc.greater_equal(k, pa.scalar(part.lo, pa.uint64())),
+                                 pc.less(k, pa.scalar(part.hi, pa.uint64()))))
+    else:
+        k = t.column(S.KEY_COLUMN[table])
+        inside = pc.greater_equal(k, pa.scalar(part.lo, pa.uint64()))
+        if part.hi < 1 << 64:
+            inside = pc.and_(inside, pc.less(k, pa.scalar(part.hi, pa.uint64())))
+    n_out = t.num_rows - int(pc.sum(pc.cast(inside, pa.int64())).as_py() or 0)
+    if n_out:
+        report.outside_rows += n_out
+        report.bad_partitions.add(part.key)
+        report.add(f"{sink.location(table, part, run.run_id)} (partition {part.key}): {n_out} rows "
+                   "outside the partition's range")
+        t = t.filter(inside)
+    return t
+
+
 def verify_block_partition(client, sink, run, part, env: VerifyEnv, report: VerifyReport) -> None:
     """Check one block partition: every source block once, byte-exact, lists and labels."""
+    src = pa.Table.from_batches(list(client.read_blocks(part.scale, part.lo, part.hi)))
+    report.blocks_source += src.num_rows
+    exp = _read_part(sink, run, part, "blocks", report)
+    ov = _read_part(sink, run, part, "block_overflow", report)
+    errs = _read_part(sink, run, part, "export_errors", report)
+    if exp is None or ov is None or errs is None:
+        return  # reported (the file, the partition); its blocks cannot be compared
+    before = report.differences
+    try:
+        _compare_blocks(client, part, env, report, src, exp, ov, errs)
+    finally:
+        if report.differences > before:
+            report.bad_partitions.add(part.key)
+
+
+def _compare_blocks(client, part, env: VerifyEnv, report: VerifyReport, src: pa.Table, exp: pa.Table,
+                    ov: pa.Table, errs: pa.Table) -> None:
     from dvidetl.codec import repack, restore_block, unwrap
 
     info = env.info
     codec = info.codec
-    src = pa.Table.from_batches(list(client.read_blocks(part.scale, part.lo, part.hi)))
-    report.blocks_source += src.num_rows
-    exp = sink.read("blocks", scale=part.scale, morton_range=(part.lo, part.hi), run_id=run.run_id)
-    ov = sink.read("block_overflow", scale=part.scale, morton_range=(part.lo, part.hi), run_id=run.run_id)
-    errs = sink.read("export_errors", scale=part.scale, morton_range=(part.lo, part.hi),
-                     run_id=run.run_id, columns=["morton", "reason"])
     err_m = np.unique(errs.column("morton").to_numpy()) if errs.num_rows else np.zeros(0, np.uint64)
     sm = src.column("morton").to_numpy() if src.num_rows else np.zeros(0, np.uint64)
     em = exp.column("morton").to_numpy() if exp.num_rows else np.zeros(0, np.uint64)
@@ -343,9 +441,20 @@ def verify_index_partition(client, sink, run, part, env: VerifyEnv, report: Veri
     """One indices partition: the exported label_index rows of its label range equal the
     source's label indices (decoded afresh), and their digest is kept for the cross-check
     against the exported scale-0 blocks."""
+    idx = _read_part(sink, run, part, "label_index", report)
+    if idx is None:
+        return
+    before = report.differences
+    try:
+        _compare_index(client, part, env, report, idx)
+    finally:
+        if report.differences > before:
+            report.bad_partitions.add(part.key)
+
+
+def _compare_index(client, part, env: VerifyEnv, report: VerifyReport, idx: pa.Table) -> None:
     from dvidetl.transform import label_index_tables
 
-    idx = sink.read("label_index", run_id=run.run_id, where={"label": (part.lo, part.hi)})
     report.index_rows += idx.num_rows
     grid0 = env.info.scale(0).grid
     src_parts = list(label_index_tables(client.read_indices(part.lo, part.hi), grid0))
@@ -374,7 +483,18 @@ def verify_index_partition(client, sink, run, part, env: VerifyEnv, report: Veri
 
 def verify_mapping_partition(client, sink, run, part, env: VerifyEnv, report: VerifyReport) -> None:
     """One mapping partition: the exported pairs of its supervoxel range equal the source's."""
-    exp = sink.read("mapping", run_id=run.run_id, where={"supervoxel": (part.lo, part.hi)})
+    exp = _read_part(sink, run, part, "mapping", report)
+    if exp is None:
+        return
+    before = report.differences
+    try:
+        _compare_mapping(client, part, report, exp)
+    finally:
+        if report.differences > before:
+            report.bad_partitions.add(part.key)
+
+
+def _compare_mapping(client, part, report: VerifyReport, exp: pa.Table) -> None:
     src_b = list(client.read_mapping(part.lo, part.hi))
     src = pa.Table.from_batches(src_b) if src_b else S.empty("mapping")
     report.mapping_rows += exp.num_rows
@@ -485,10 +605,24 @@ def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_
     for rep in reports:
         report.merge(rep)
     verify_gaps(client, run, report, scales)
+    if scales is None:
+        check_outside(sink, run, done, report)
     if bounds is not None:
         _compare_digests(report, idx_parts)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_outside(sink, run, done: set[str], report: VerifyReport) -> None:
+    """Rows plain readers see outside every committed partition (stray files, VastDB rows in
+    no partition's range): counted, named, kept for ``--repair``."""
+    for o in sink.outside(run, done):
+        report.outside.append(o)
+        if o.rows < 0:
+            report.unreadable_files += 1
+        else:
+            report.outside_rows += o.rows
+        report.add(o.where)
 
 
 def _compare_digests(report: VerifyReport, idx_parts: list) -> None:
@@ -498,7 +632,8 @@ def _compare_digests(report: VerifyReport, idx_parts: list) -> None:
     b = report.digest_blocks if report.digest_blocks is not None else z
     for i in np.flatnonzero(np.any(a != b, axis=1)):
         p = idx_parts[i]
-        report.index_diffs += 1
+        report.index_vs_blocks += 1
+        report.bad_partitions.add(p.key)
         report.add(f"label_index [{p.lo}, {p.hi}): {int(a[i, 0]):,} exported rows do not match the "
                    f"{int(b[i, 0]):,} (label, supervoxel, block) voxel counts of the exported "
                    "scale-0 blocks" + (" (same rows, different values)" if a[i, 0] == b[i, 0] else ""))

@@ -51,10 +51,10 @@ def _stored_blocks_columns(base: Path) -> set[str]:
     return names[0]
 
 
-def _run(url: str, cluster) -> None:
+def _run(url: str, cluster, *extra: str) -> None:
     assert cli(["run", "--uuid", UUID, "--source", SRC, "--sink", url, "--cluster",
                 cluster.scheduler_address, "--partition-blocks", "16", "--cell-limit", "1024",
-                "--quiet"]) == 0
+                "--quiet", *extra]) == 0
 
 
 def _verify(url: str, cluster, capsys) -> str:
@@ -111,7 +111,7 @@ def test_run_into_format1_export_keeps_format1_and_new_export_is_format2(
         old_export, tmp_path, src, cluster, capsys):
     url = f"parquet://{old_export}"
     layout = (old_export / ROOT / "layout.json").read_text()
-    _run(url, cluster)
+    _run(url, cluster, "--overwrite")  # (a plain run refuses: the export holds a finished run)
     ex = R.open_export(url)
     assert len(ex.sink.runs()) == 2 and ex.sink.format == 1
     assert _stored_blocks_columns(old_export) >= LEGACY and not (TODAY & _stored_blocks_columns(old_export))

@@ -132,3 +132,21 @@ def test_transform_in_groups_is_identical_and_bounded():
     assert st1.bytes_out == st2.bytes_out and st1.raw_bytes == st2.raw_bytes
     err = grouped["export_errors"]
     assert set(err.column("stage").to_pylist()) == {"duplicate"} and set(err.column("x").to_pylist()) == {1}
+
+
+def test_error_samples_name_each_corrupt_block_once():
+    """A corrupt block's bytes are cut into parts (rows); the dashboard's samples list the
+    first corrupt blocks once each, however many parts each has."""
+    from dvidetl.tasks import _error_samples
+    from dvidetl.transform import errors_table
+
+    n = 7
+    t = errors_table("r", 0, np.arange(n, dtype=np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
+                     np.arange(n, dtype=np.uint64), np.full(n, "repack", object),
+                     np.asarray([f"bad {i}" for i in range(n)], object),
+                     pa.array([bytes([i]) * 5000 for i in range(n)], pa.binary()), cell_limit=1024)
+    assert t.num_rows == 5 * n  # five parts per block
+    got = _error_samples(t)
+    assert [(r["x"], r["reason"]) for r in got] == [(i, f"bad {i}") for i in range(5)]
+    assert _error_samples(t, limit=9) == [{"scale": 0, "x": i, "y": 0, "z": 0, "reason": f"bad {i}"}
+                                          for i in range(n)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from dvidetl import schema as S
@@ -39,6 +40,51 @@ def check_locked(info, uuid: str, allow: bool) -> None:
     print(f"dvidetl run: warning: {msg} (--allow-unlocked)", file=sys.stderr)
 
 
+def check_existing(sink, args) -> bool:
+    """A plain run into an export that already has a finished run refuses (naming what to
+    do); with ``--overwrite`` the new run is staged: written apart, and made the export
+    plain readers see only when it finishes. Returns whether the new run is staged."""
+    finished = sink.finished_runs()
+    if not finished:
+        return False
+    if not args.overwrite:
+        raise UserError(f"{args.sink} already holds a finished export of {sink.instance}@{sink.uuid} "
+                        f"(run {finished[-1]}): continue that run with --resume {finished[-1]}, or replace "
+                        "it with --overwrite (the old rows stay readable until the new run finishes)")
+    return True
+
+
+def source_desc(args, ep) -> str:
+    """Where the run reads from, without secrets: the source URL, else the Flight location."""
+    from dvidetl.urlquery import redact_url
+
+    if getattr(args, "flight", None):
+        return redact_url(args.flight)
+    return redact_url(getattr(args, "source", None) or f"synthetic://{args.uuid}")
+
+
+def record_end(sink, run, res, crash: str | None = None) -> None:
+    """The run's outcome into its record: ``finished`` (and published: ``sink.finish``) when
+    every partition is committed, else ``failed`` with the result."""
+    from dvidetl.driver import result_dict
+
+    run.record["ended"] = time.time()
+    if res is not None:
+        run.record["result"] = result_dict(res)
+    complete = res is not None and not res.failed and res.done + res.skipped >= res.partitions
+    if complete:
+        sink.finish(run)
+        return
+    run.record["state"] = "failed"
+    if crash is not None:
+        run.record["result"] = {**run.record.get("result", {}), "crash": crash[:300]}
+    try:
+        sink.update_run(run)
+    except Exception:  # noqa: BLE001 - the original error matters more than its record
+        if crash is None:
+            raise
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.commands.plan import add_plan_arguments
     from dvidetl.endpoint import add_flight_arguments
@@ -55,6 +101,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help=f"max bytes per binary/list cell (default {S.DEFAULT_CELL_LIMIT})")
     p.add_argument("--zstd-level", type=int, default=3, help="zstd level of the block payloads (default 3)")
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run: reuse its plan, skip committed partitions")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished export of the same instance@uuid: the new run is written "
+                        "apart and replaces the old rows only when it finishes")
     p.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
     p.add_argument("--partitions", action="store_true", help="with --dry-run: list every partition")
     p.add_argument("--max-errors", type=int, default=None, help="stop submitting after more than N corrupt blocks")
@@ -102,6 +151,8 @@ def main(args: argparse.Namespace) -> int:
                 raise UserError(f"--scales {args.scales}: scales {missing} not in the volume (has {have})")
         check_locked(info, args.uuid, args.allow_unlocked)
         sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
+        staged = False if args.resume or args.dry_run else check_existing(sink, args)
+
         def make_run() -> RunInfo:
             if args.resume:
                 run = sink.load_run(args.resume)
@@ -109,6 +160,9 @@ def main(args: argparse.Namespace) -> int:
                     raise UserError(
                         f"run {args.resume} exported {run.instance}@{run.uuid}, not {ep.instance}@{args.uuid}"
                     )
+                if run.state == "superseded":
+                    raise UserError(f"run {args.resume} was replaced by run {run.record.get('superseded_by')}: "
+                                    "nothing to resume")
                 return run
             parts = plan_from_args(args, ep, scales, indices=not args.no_indices,
                                    mapping=not args.no_mapping)
@@ -119,8 +173,15 @@ def main(args: argparse.Namespace) -> int:
                          "index_partition_rows": args.index_partition_rows,
                          "mapping_partition_rows": args.mapping_partition_rows,
                          "cell_limit": args.cell_limit,
-                         "zstd_level": args.zstd_level},
+                         "zstd_level": args.zstd_level,
+                         "indices": not args.no_indices, "mapping": not args.no_mapping,
+                         "max_errors": args.max_errors, "retries": args.retries,
+                         "overwrite": bool(args.overwrite), "allow_unlocked": bool(args.allow_unlocked)},
                 volume=__import__("json").loads(info.to_json()),
+                record={"source": source_desc(args, ep), "uuid_requested": args.uuid,
+                        # the uuid as given; a source that resolves it (dvid+http) fills the resolved one
+                        "uuid_resolved": getattr(ep, "resolved_uuid", None) or args.uuid,
+                        "staged": staged},
             )
 
         def announce(run: RunInfo) -> None:
@@ -144,7 +205,11 @@ def main(args: argparse.Namespace) -> int:
             with open_client(args) as client:
                 run = resumed if planned is None else planned.result()
                 announce(run)
+                run.record.update(state="running", started=time.time())
+                run.record.pop("ended", None)
                 sink.prepare(run)
+                if args.resume:
+                    sink.update_run(run)
                 ctx = task_context(run, ep, args.sink, cell_limit=args.cell_limit,
                                    zstd_level=args.zstd_level)
                 from dvidetl.dashboard import RunState, install
@@ -152,9 +217,14 @@ def main(args: argparse.Namespace) -> int:
                 page = install(client)
                 if page:
                     print(f"dvidetl: run page {page}", file=sys.stderr)
-                res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,
-                              max_errors=args.max_errors,
-                              dashboard=RunState(client, run, args.sink))
+                try:
+                    res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,
+                                  max_errors=args.max_errors,
+                                  dashboard=RunState(client, run, args.sink))
+                except BaseException as exc:
+                    record_end(sink, run, None, f"{type(exc).__name__}: {exc}")
+                    raise
+                record_end(sink, run, res)
         print(summary(res, sink_desc=args.sink), file=sys.stderr)
         print(f"run_id {run.run_id}", file=sys.stdout, flush=True)
         if res.failed:

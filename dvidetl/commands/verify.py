@@ -27,8 +27,44 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--scales", default=None, help="only these scales (default: all the run exported)")
     p.add_argument("--in-process", action="store_true",
                    help="check every partition in this process instead of on a Dask cluster")
+    p.add_argument("--repair", action="store_true",
+                   help="re-export the partitions found wrong, remove rows outside every partition, "
+                        "then verify again (exit 0 only when the export is then exact)")
     add_cluster_arguments(p)
     return p
+
+
+def repair(dask_client, sink, run, ctx, report) -> dict:
+    """Re-export exactly the partitions ``report`` found wrong (unreadable, missing,
+    extra, duplicated or different rows, not committed) and remove the rows it found outside
+    every partition; returns what was done (for the summary and the run's record)."""
+    from dvidetl.driver import execute
+
+    bad = [p for p in run.partitions if p.key in report.bad_partitions]
+    unfinished = [p for p in run.partitions if p.key not in sink.done(run.run_id)]
+    removed = sink.remove_outside(run, report.outside)
+    for p in bad:
+        sink.forget(run.run_id, p)
+    print(f"dvidetl verify --repair: re-exporting {len(bad)} partitions found wrong"
+          + (f" and {len(unfinished)} not committed" if unfinished else "")
+          + (f", removed {removed:,} rows outside every partition" if report.outside else ""),
+          file=sys.stderr)
+    res = execute(dask_client, run, ctx, sink)
+    if not res.failed and res.done + res.skipped >= res.partitions:
+        sink.finish(run)
+    return {"partitions": sorted(p.key for p in bad + unfinished), "rows_removed": removed,
+            "failed": [k for k, _ in res.failed]}
+
+
+def record_verify(sink, run, report, scales) -> None:
+    """The outcome into the run's record (``verify``: when, exact or not, the counters)."""
+    import time
+
+    run = sink.load_run(run.run_id)
+    run.record["verify"] = {"at": time.time(), "exact": bool(report.ok), "scales": scales,
+                            "counters": report.counters(), "seconds": round(report.seconds, 3),
+                            **({"repaired": report.repaired} if getattr(report, "repaired", None) else {})}
+    sink.update_run(run)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -42,6 +78,10 @@ def main(args: argparse.Namespace) -> int:
         from dvidetl.sinks.vastdb import with_endpoints
 
         args.sink = with_endpoints(args.sink, args.vast_endpoints)
+    if args.repair and scales is not None:
+        from dvidetl.errors import UserError
+
+        raise UserError("--repair checks the whole export: drop --scales")
     ep = open_flight(args)
     try:
         sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
@@ -50,17 +90,27 @@ def main(args: argparse.Namespace) -> int:
 
             raise UserError(f"no run found in {args.sink} for {sink.instance}@{sink.uuid}: "
                             "nothing to verify (export it first with `dvidetl run`)")
-        if args.in_process:
-            report = verify_export(ep.client, sink, args.run, scales)
+        run = sink.load_run(args.run or sink.latest_run())
+        if args.in_process and not args.repair:
+            report = verify_export(ep.client, sink, run.run_id, scales)
         else:
             from dvidetl.cluster import open_client
             from dvidetl.tasks import task_context
 
-            run = sink.load_run(args.run or sink.latest_run())
             ctx = task_context(run, ep, args.sink)
             with open_client(args) as dask_client:
-                report = verify_export(ep.client, sink, run.run_id, scales,
-                                       dask_client=dask_client, ctx=ctx)
+                def check():
+                    if args.in_process:
+                        return verify_export(ep.client, sink, run.run_id, scales)
+                    return verify_export(ep.client, sink, run.run_id, scales, dask_client=dask_client, ctx=ctx)
+
+                report = check()
+                if args.repair and not report.ok:
+                    print(report.text())
+                    repaired = repair(dask_client, sink, run, ctx, report)
+                    report = check()
+                    report.repaired = repaired
+        record_verify(sink, run, report, scales)
     finally:
         ep.close()
     print(report.text())

@@ -31,6 +31,8 @@ from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 
+from dvidetl import schema as S
+
 #: exclusive upper bound used for "all labels" ranges (label 2**64-1 is never a real label)
 LABEL_END = (1 << 64) - 1
 
@@ -64,10 +66,22 @@ class Partition:
                    int(d.get("rows", 0)))
 
 
+#: the keys of a run's record (``RunInfo.record``), documented in docs/runs.md
+RECORD_KEYS = ("source", "uuid_requested", "uuid_resolved", "state", "started", "ended", "result",
+               "verify", "staged", "published", "superseded_by")
+#: run states: ``running`` (started, not ended — or its driver died), ``finished`` (every
+#: partition committed), ``failed`` (ended with partitions not committed, or aborted),
+#: ``superseded`` (a later run of the export replaced it: its rows are gone)
+RUN_STATES = ("running", "finished", "failed", "superseded")
+
+
 @dataclass
 class RunInfo:
-    """A run: what it exports and its plan. Stored with the run by ``Sink.prepare`` so a
-    resumed run reuses the plan exactly."""
+    """A run: what it exports, its plan, and its record. Stored with the run by
+    ``Sink.prepare`` so a resumed run reuses the plan exactly; the record (``record``: the
+    source URL without secrets, the requested and resolved uuid, state, start and end, the
+    result, the last verify outcome; see ``RECORD_KEYS``) is rewritten by
+    ``Sink.update_run`` as the run goes."""
 
     run_id: str
     uuid: str
@@ -76,6 +90,17 @@ class RunInfo:
     options: dict = field(default_factory=dict)  # scales, partition_blocks, cell_limit, ...
     volume: dict = field(default_factory=dict)  # VolumeInfo as a dict
     created: float = field(default_factory=time.time)
+    record: dict = field(default_factory=dict)
+
+    @property
+    def state(self) -> str | None:
+        """The recorded state (None for a run stored before runs had records)."""
+        return self.record.get("state")
+
+    @property
+    def staged(self) -> bool:
+        """Written apart from the published export until it finishes (``run --overwrite``)."""
+        return bool(self.record.get("staged"))
 
     def to_json(self) -> str:
         d = {
@@ -85,6 +110,7 @@ class RunInfo:
             "options": self.options,
             "volume": self.volume,
             "created": self.created,
+            **{k: self.record[k] for k in RECORD_KEYS if k in self.record},
             "partitions": [p.to_dict() for p in self.partitions],
         }
         return json.dumps(d, sort_keys=True)
@@ -100,7 +126,36 @@ class RunInfo:
             options=d.get("options", {}),
             volume=d.get("volume", {}),
             created=float(d.get("created", 0.0)),
+            record={k: d[k] for k in RECORD_KEYS if k in d},
         )
+
+
+class UnreadableFile(Exception):
+    """A stored file that cannot be read: truncated, corrupt, or gone while the ledger says
+    it holds rows. ``verify`` reports it (file and partition) as a difference, and readers
+    turn it into a one-line ``UserError``; never a traceback."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+@dataclass(frozen=True)
+class Outside:
+    """Rows a plain reader of the export sees that lie outside every committed partition of
+    a run: a stray file (``path``), or a key range of a table (``scale``, ``lo``, ``hi``; the
+    key is ``morton`` for the scaled tables, ``schema.KEY_COLUMN`` otherwise). ``rows`` is
+    -1 for a stray file that cannot be read. ``verify`` counts them, ``--repair`` removes them
+    (``Sink.remove_outside``)."""
+
+    table: str
+    rows: int
+    where: str  # the one line shown for it
+    path: str | None = None
+    scale: int | None = None
+    lo: int = 0
+    hi: int = 1 << 64
+    scales_above: bool = False  # the range covers every scale >= ``scale``
 
 
 #: a table's rows for ``write_partition``: a whole table, or a stream of batches/tables
@@ -162,8 +217,75 @@ class SinkBase(abc.ABC):
              where: Where | None = None, columns: Sequence[str] | None = None) -> pa.Table: ...
 
     def latest_run(self) -> str | None:
+        """The run readers see by default: the newest run, passing over runs still staged
+        (a ``run --overwrite`` not yet finished: the export they replace stays current)."""
         runs = self.runs()
+        for r in reversed(runs):
+            run = self.load_run(r)
+            if run.state == "superseded":
+                continue
+            if not run.staged or run.state in ("publishing", "finished"):
+                return r
         return runs[-1] if runs else None
+
+    def update_run(self, run: RunInfo) -> None:
+        """Store ``run``'s record again (its plan never changes)."""
+        raise NotImplementedError
+
+    def finish(self, run: RunInfo) -> None:
+        """The driver, once every partition of ``run`` is committed: make the run the export
+        plain readers see (sinks publish a staged run and remove what earlier runs left
+        outside its partitions first), record it ``finished`` and every earlier run
+        ``superseded``. Idempotent (a crash inside is redone by the next call)."""
+        for r in self.runs():
+            if r == run.run_id:
+                continue
+            old = self.load_run(r)
+            if old.state != "superseded" and old.created <= run.created:
+                old.record.update(state="superseded", superseded_by=run.run_id)
+                self.update_run(old)
+        run.record.update(state="finished", published=True)
+        self.update_run(run)
+
+    def forget(self, run_id: str, part: Partition) -> None:
+        """Drop the partition's ledger row, so the next ``execute`` of the run redoes it
+        (``verify --repair``); its rows stay until the redo replaces them."""
+        raise NotImplementedError
+
+    def finished_runs(self) -> list[str]:
+        """Runs that finished (every partition committed) and were not superseded, oldest
+        first; a run stored before runs had records counts when its ledger is complete."""
+        out = []
+        for r in self.runs():
+            run = self.load_run(r)
+            if run.state == "finished" or (run.state is None and len(self.done(r)) >= len(run.partitions)):
+                out.append(r)
+        return out
+
+    def location(self, table: str, part: Partition, run_id: str | None = None) -> str:
+        """Where the partition's rows of ``table`` are stored, for messages (a file, a range)."""
+        rng = f"scale {part.scale} morton [{part.lo}, {part.hi})" if part.kind == "blocks" else \
+            f"{S.KEY_COLUMN[table]} [{part.lo}, {part.hi})"
+        return f"{table} {rng}"
+
+    def read_partition(self, run_id: str, table: str, part: Partition) -> pa.Table:
+        """Every stored row a plain reader sees for the partition's share of ``table`` — for
+        ``verify``, which must also see rows the partition should not hold. Raises
+        ``UnreadableFile`` when its storage cannot be read. Default: the range read."""
+        if part.kind == "blocks":
+            return self.read(table, scale=part.scale, morton_range=(part.lo, part.hi), run_id=run_id)
+        return self.read(table, run_id=run_id, where={S.KEY_COLUMN[table]: (part.lo, part.hi)})
+
+    def outside(self, run: RunInfo, done: set[str]) -> list[Outside]:
+        """Rows plain readers see outside every committed partition of ``run`` (``done``: its
+        committed keys). A sink that cannot hold such rows answers []."""
+        return []
+
+    def remove_outside(self, run: RunInfo, found: Sequence[Outside]) -> int:
+        """Remove what ``outside`` found (``verify --repair``); returns rows removed."""
+        if found:
+            raise NotImplementedError(f"{type(self).__name__} cannot remove rows outside partitions")
+        return 0
 
     def done(self, run_id: str) -> set[str]:
         t = self.ledger(run_id)
@@ -174,8 +296,6 @@ class SinkBase(abc.ABC):
     @staticmethod
     def check_tables(part: Partition, tables: Mapping[str, TableData]) -> None:
         """A partition writes only its kind's tables (``schema.KIND_TABLES``)."""
-        from dvidetl import schema as S
-
         unknown = set(tables) - set(S.KIND_TABLES[part.kind])
         if unknown:
             raise ValueError(f"partition kind {part.kind!r} does not write tables {sorted(unknown)}")
@@ -183,16 +303,13 @@ class SinkBase(abc.ABC):
     @staticmethod
     def ledger_row(run_id: str, part: Partition, stats: Mapping, rows: int) -> pa.Table:
         """The partition's ledger row (``schema.EXPORT_LEDGER``), stamped now."""
-        import time
-
-        from dvidetl import schema as S
-
         row = {
             "run_id": run_id, "kind": part.kind, "scale": part.scale, "lo": part.lo, "hi": part.hi,
             "blocks": int(stats.get("blocks", 0)), "rows": int(rows),
             "errors": int(stats.get("errors", 0)), "bytes_in": int(stats.get("bytes_in", 0)),
             "bytes_out": int(stats.get("bytes_out", 0)), "seconds": float(stats.get("seconds", 0.0)),
             "finished_at": pa.scalar(int(time.time() * 1e6), pa.timestamp("us", tz="UTC")),
+            "raw_bytes": int(stats.get("raw_bytes", 0)),
         }
         return pa.Table.from_pylist([row], schema=S.EXPORT_LEDGER)
 
@@ -234,7 +351,7 @@ class Sink(Protocol):
     ) -> None:
         """Write the partition's tables (``schema.KIND_TABLES[part.kind]``; a missing or empty
         table writes no rows) and its ledger row (from ``stats``: blocks, rows, errors,
-        bytes_in, bytes_out, seconds) atomically: all visible or none. Replaces rows an
+        bytes_in, bytes_out, raw_bytes, seconds) atomically: all visible or none. Replaces rows an
         earlier attempt of the same partition may have left behind. Read ``stats`` only
         after consuming the table streams (streamed partitions fill it as they go)."""
         ...

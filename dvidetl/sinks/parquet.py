@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid as uuidlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -46,14 +47,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dvidetl import schema as S
-from dvidetl.errors import UserError
-from dvidetl.sinks.base import Partition, RunInfo, SinkBase, TableData, Where, where_filters
+from dvidetl.errors import UserError, first_line
+from dvidetl.sinks.base import (
+    Outside,
+    Partition,
+    RunInfo,
+    SinkBase,
+    TableData,
+    UnreadableFile,
+    Where,
+    where_filters,
+)
 
 #: the directory layout this code writes into a new export (see the module docstring)
 LAYOUT = 3
 #: the layouts this code reads and appends to (2 and 3 differ only in ``layout.json``)
 LAYOUTS = (1, 2, 3)
 LAYOUT_FILE = "layout.json"
+#: a ``run --overwrite``'s tables until it finishes (hidden: outside every table directory)
+STAGING = ".staging"
+#: the replaced tables during the switch (removed when it completes)
+SUPERSEDED = ".superseded"
 
 #: binary payload columns are zstd already: store them uncompressed, no dictionary
 _PAYLOAD = {*S.PAYLOAD_COLUMNS, *(S.stored_name("blocks", c, 1) for c in S.PAYLOAD_COLUMNS), "data"}
@@ -78,7 +92,7 @@ class ParquetSink(SinkBase):
         self.instance = instance
         self.url = url or f"parquet://{self.base}"
         self.root = self.base / _safe(instance, "instance") / _safe(uuid, "uuid")
-        self._runs: dict[str, RunInfo] = {}  # stored runs never change: cache them
+        self._runs: dict[str, tuple[int, RunInfo]] = {}  # run id -> (run.json mtime, run)
         self.layout, self.format = self._read_layout()
 
     def __repr__(self) -> str:
@@ -115,8 +129,25 @@ class ParquetSink(SinkBase):
             d = d / (f"scale={int(scale or 0)}" if self.layout == 1 else f"scale-{int(scale or 0)}")
         return d
 
-    def file_of(self, table: str, part: Partition) -> Path:
-        return self.table_dir(table, part.scale) / f"part-{_fmt(part.lo)}-{_fmt(part.hi)}.parquet"
+    def file_of(self, table: str, part: Partition, run_id: str | None = None) -> Path:
+        """The partition's file of ``table``: in the table directory, or — for a run written
+        with ``--overwrite`` that has not finished — in its staging directory."""
+        d = self.table_dir(table, part.scale)
+        if run_id is not None:
+            staged = self._staging_root(run_id)
+            if staged is not None and (not self._publishing(run_id) or (staged / table).is_dir()):
+                d = staged / d.relative_to(self.root)
+        return d / f"part-{_fmt(part.lo)}-{_fmt(part.hi)}.parquet"
+
+    def _staging_root(self, run_id: str) -> Path | None:
+        """Where a staged run writes until it is published (None: in place)."""
+        run = self.load_run(run_id)
+        if not run.staged or run.record.get("published"):
+            return None
+        return self.root / STAGING / _safe(run_id, "run id")
+
+    def _publishing(self, run_id: str) -> bool:
+        return self.load_run(run_id).state in ("publishing", "finished")
 
     def _ledger_dir(self, run_id: str) -> Path:
         name = _safe(run_id, "run id")
@@ -146,14 +177,21 @@ class ParquetSink(SinkBase):
             _atomic_write_bytes(f, run.to_json().encode())
 
     def load_run(self, run_id: str) -> RunInfo:
-        if run_id in self._runs:
-            return self._runs[run_id]
         f = self._run_file(run_id)
-        if not f.exists():
+        try:
+            stamp = f.stat().st_mtime_ns
+        except FileNotFoundError:
             known = ", ".join(self.runs()[-5:]) or "none"
-            raise UserError(f"no run {run_id!r} under {self.root} (runs: {known})")
-        run = self._runs[run_id] = RunInfo.from_json(f.read_bytes())
+            raise UserError(f"no run {run_id!r} under {self.root} (runs: {known})") from None
+        cached = self._runs.get(run_id)
+        if cached is not None and cached[0] == stamp:  # the record changes; the plan never
+            return cached[1]
+        run = RunInfo.from_json(f.read_bytes())
+        self._runs[run_id] = (stamp, run)
         return run
+
+    def update_run(self, run: RunInfo) -> None:
+        _atomic_write_bytes(self._run_file(run.run_id), run.to_json().encode())
 
     def runs(self) -> list[str]:
         d = self.root / "runs"
@@ -161,9 +199,39 @@ class ParquetSink(SinkBase):
             return []
         return sorted(p.name for p in d.iterdir() if (p / "run.json").exists())
 
+    def finish(self, run: RunInfo) -> None:
+        """Every partition of ``run`` is committed: make it what plain readers see. A staged
+        run's table directories replace the published ones (one rename per table, after the
+        record says ``publishing``: a crash in between is rolled forward by the next
+        ``finish``); then files that belong to no committed partition of the run (left by
+        earlier runs with another plan, or killed ones) are removed."""
+        if run.staged and not run.record.get("published"):
+            if run.state != "publishing":
+                run.record["state"] = "publishing"
+                self.update_run(run)
+            stage = self.root / STAGING / run.run_id
+            old = self.root / SUPERSEDED / run.run_id
+            for table in S.TABLES:
+                if table == "export_ledger" or not (stage / table).is_dir():
+                    continue
+                main = self.root / table
+                if main.exists():
+                    old.mkdir(parents=True, exist_ok=True)
+                    os.replace(main, old / table)
+                os.replace(stage / table, main)
+            run.record["published"] = True
+            self.update_run(run)
+            for d in (old, stage):
+                shutil.rmtree(d, ignore_errors=True)
+        self.remove_outside(run, self.outside(run, self.done(run.run_id)))
+        super().finish(run)
+
     # -- ledger ----------------------------------------------------------------------------
     def is_done(self, run_id: str, part: Partition) -> bool:
         return (self._ledger_dir(run_id) / f"{part.key}.parquet").exists()
+
+    def forget(self, run_id: str, part: Partition) -> None:
+        (self._ledger_dir(run_id) / f"{part.key}.parquet").unlink(missing_ok=True)
 
     def done(self, run_id: str) -> set[str]:
         d = self._ledger_dir(run_id)
@@ -188,7 +256,7 @@ class ParquetSink(SinkBase):
         self.check_tables(part, tables)
         rows = 0
         for table in S.KIND_TABLES[part.kind]:
-            final = self.file_of(table, part)
+            final = self.file_of(table, part, run_id)
             data = tables.get(table)
             n = _write_atomic(final, table, data, fmt=self.format) if data is not None else 0
             if n == 0:
@@ -217,6 +285,9 @@ class ParquetSink(SinkBase):
         if run_id is None:
             return []
         run = self.load_run(run_id)
+        if run.state == "superseded":
+            raise UserError(f"run {run_id} of {self.root} was replaced by run "
+                            f"{run.record.get('superseded_by')} (run --overwrite): its rows are gone")
         cands = [
             p for p in run.partitions
             if p.kind == kind
@@ -233,10 +304,72 @@ class ParquetSink(SinkBase):
         out = []
         for p in cands:
             if p.key in done:
-                f = self.file_of(table, p)
+                f = self.file_of(table, p, run_id)
                 if f.exists():
                     out.append(f)
         return out
+
+    def location(self, table: str, part: Partition, run_id: str | None = None) -> str:
+        return str(self.file_of(table, part, run_id))
+
+    def _ledger_of(self, run_id: str, part: Partition) -> dict | None:
+        f = self._ledger_dir(run_id) / f"{part.key}.parquet"
+        try:
+            return pq.read_table(f).to_pylist()[0]
+        except (FileNotFoundError, IndexError):
+            return None
+
+    def read_partition(self, run_id: str, table: str, part: Partition) -> pa.Table:
+        """The partition's whole file (no range filter: a plain reader sees every row in it);
+        ``UnreadableFile`` when it cannot be read, or is gone while the ledger says the
+        partition wrote such rows."""
+        f = self.file_of(table, part, run_id)
+        if not f.exists():
+            led = self._ledger_of(run_id, part) or {}
+            want = {"blocks": led.get("blocks", 0), "export_errors": led.get("errors", 0),
+                    "label_index": led.get("rows", 0), "mapping": led.get("rows", 0)}.get(table, 0)
+            if want:
+                what = "blocks" if table in ("blocks", "export_errors") else "rows"
+                raise UnreadableFile(str(f), f"missing: the ledger says the partition wrote {want:,} {what} to it")
+            return S.empty(table)
+        return self._read_file(f, table)
+
+    def _read_file(self, f: Path, table: str) -> pa.Table:
+        try:
+            t = pq.read_table(str(f), schema=S.stored_schema(table, self.format))
+        except (pa.ArrowException, OSError) as exc:
+            raise UnreadableFile(str(f), f"unreadable ({first_line(exc)})") from None
+        return S.conform(table, S.from_stored(table, t, self.format))
+
+    def outside(self, run: RunInfo, done: set[str]) -> list[Outside]:
+        """Parquet files in the table directories that are not a committed partition file of
+        the run (a plain reader reads every ``*.parquet`` there), with their rows."""
+        expected = {self.file_of(t, p, run.run_id) for p in run.partitions if p.key in done
+                    for t in S.KIND_TABLES[p.kind]}
+        out = []
+        for table in S.TABLES:
+            if table == "export_ledger" or not (self.root / table).is_dir():
+                continue
+            for f in sorted((self.root / table).rglob("*.parquet")):
+                if f in expected:
+                    continue
+                try:
+                    rows = pq.read_metadata(f).num_rows
+                    out.append(Outside(table, rows, f"{f}: {rows:,} rows in no committed partition of "
+                                                    f"run {run.run_id} (a stray file)", path=str(f)))
+                except (pa.ArrowException, OSError) as exc:
+                    out.append(Outside(table, -1, f"{f}: a stray file, unreadable ({first_line(exc)})",
+                                       path=str(f)))
+        return out
+
+    def remove_outside(self, run: RunInfo, found) -> int:
+        n = 0
+        for o in found:
+            if o.path is None:
+                raise ValueError(f"{o.where}: not a file of this sink")
+            Path(o.path).unlink(missing_ok=True)
+            n += max(o.rows, 0)
+        return n
 
     def read(
         self,
@@ -268,12 +401,29 @@ class ParquetSink(SinkBase):
         # files hold the export's format: filter and project by stored names, then rename
         stored = S.stored_schema(table, self.format)
         filters = [(S.stored_name(table, c, self.format), op, v) for c, op, v in filters]
-        t = pq.read_table([str(f) for f in files], schema=stored, filters=_expr(filters, stored),
-                          columns=None if cols is None else [S.stored_name(table, c, self.format) for c in cols])
+        try:
+            t = pq.read_table([str(f) for f in files], schema=stored, filters=_expr(filters, stored),
+                              columns=None if cols is None else [S.stored_name(table, c, self.format) for c in cols])
+        except (pa.ArrowException, OSError) as exc:
+            raise self._unreadable(files, table, exc) from None
         t = S.from_stored(table, t, self.format)
         if cols is None:
             return S.conform(table, t)
         return t.cast(pa.schema([sch.field(n) for n in cols]))
+
+
+    def _unreadable(self, files: list[Path], table: str, exc: BaseException) -> UserError:
+        """The one line for a read that failed: which file, and what to do about it."""
+        for f in files:
+            try:
+                pq.read_metadata(f)
+            except (pa.ArrowException, OSError) as e:
+                bad, why = f, first_line(e)
+                break
+        else:
+            bad, why = files[0] if len(files) == 1 else self.root / table, first_line(exc)
+        return UserError(f"{bad}: cannot read it ({why}); `dvidetl verify --repair` re-exports "
+                         "the damaged partitions")
 
 
 def _expr(filters: list[tuple[str, str, int]], sch: pa.Schema):

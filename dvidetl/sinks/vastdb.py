@@ -63,7 +63,7 @@ from dvidetl.sinks._vastdb_support import (  # noqa: F401 - re-exported names
     parse_url,
     with_endpoints,
 )
-from dvidetl.sinks.base import Partition, RunInfo, SinkBase, TableData, Where
+from dvidetl.sinks.base import Outside, Partition, RunInfo, SinkBase, TableData, Where
 
 log = logging.getLogger(__name__)
 
@@ -172,17 +172,29 @@ class VastDBSink(SinkBase):
         eps = self.cfg.endpoints
         return eps[zlib.crc32(key.encode()) % len(eps)]
 
-    def _md_of(self, table: str):
-        """TableMetadata with the schema and type known: an insert is then exactly one RPC."""
+    def _md_of(self, table: str, name: str | None = None):
+        """TableMetadata with the schema and type known: an insert is then exactly one RPC.
+        ``name``: the stored table holding ``table``'s rows, if not ``table`` (a staged run's)."""
         from vastdb.table_metadata import TableMetadata, TableRef, TableType
 
-        md = self._md.get(table)
+        name = name or table
+        md = self._md.get(name)
         if md is None:
             ttype = TableType.Elysium if table in SORTING_KEYS else TableType.Regular
-            md = TableMetadata(TableRef(self.cfg.bucket, self.cfg.schema, table),
+            md = TableMetadata(TableRef(self.cfg.bucket, self.cfg.schema, name),
                                arrow_schema=self._stored_schema(table), table_type=ttype)
-            self._md[table] = md
+            self._md[name] = md
         return md
+
+    def _name(self, table: str, run_id: str | None) -> str:
+        """The stored table holding ``run_id``'s rows of ``table``: the table itself, or for a
+        staged run (``run --overwrite``) not yet published its own ``<table>__stage_<run>``."""
+        if run_id is None or table not in STAGED_TABLES:
+            return table
+        run = self.load_run(run_id)
+        if not run.staged or run.record.get("published"):
+            return table
+        return staged_name(table, run_id)
 
     def _qcfg(self, endpoint: str | None, splits: int = 1):
         from vastdb.config import QueryConfig
@@ -240,8 +252,8 @@ class VastDBSink(SinkBase):
 
     # -- selects -----------------------------------------------------------------------------
     def _select(self, tx, table: str, pred, columns: list[str] | None, *, endpoint: str | None = None,
-                row_ids: bool = False, splits: int = 1) -> pa.Table:
-        t = tx.table_from_metadata(self._md_of(table))
+                row_ids: bool = False, splits: int = 1, name: str | None = None) -> pa.Table:
+        t = tx.table_from_metadata(self._md_of(table, name))
         cols = None if columns is None else list(columns)  # the SDK appends to the list it gets
         rd = t.select(columns=cols, predicate=pred, config=self._qcfg(endpoint, splits),
                       internal_row_id=row_ids)
@@ -266,20 +278,26 @@ class VastDBSink(SinkBase):
             sch = nxt if nxt is not None else sch.create_schema(name, fail_if_exists=False)
         return sch
 
-    def _ensure_table(self, tx, table: str) -> None:
+    def _ensure_table(self, tx, table: str, name: str | None = None) -> None:
         """One table, created if missing (with its sorting key); an existing table must have
         exactly our columns. Idempotent, so a retried transaction just finds it."""
         from vastdb import errors as E
 
         sch = self._schema_obj(tx, create=False)
         want = self._stored_schema(table)
-        t = sch.table(table, fail_if_missing=False)
+        name = name or table
+        t = sch.table(name, fail_if_missing=False)
         if t is None:
             try:
-                sch.create_table(table, want, fail_if_exists=True, sorting_key=SORTING_KEYS.get(table, []))
+                sch.create_table(name, want, fail_if_exists=True, sorting_key=SORTING_KEYS.get(table, []))
             except E.TableExists:
-                t = sch.table(table)
+                t = sch.table(name)
         if t is not None:
+            added = [f for f in want if f.name in S.ADDED_COLUMNS.get(table, ())
+                     and f.name not in t.arrow_schema.names]
+            if added:  # an export written before these columns existed: add them (null)
+                t.add_column(pa.schema(added))
+                t = sch.table(table)
             _compare_columns(f"{self.cfg.bucket}/{self.cfg.schema}", table, t.arrow_schema, want)
 
     def prepare(self, run: RunInfo) -> None:
@@ -299,6 +317,11 @@ class VastDBSink(SinkBase):
         for table in ALL_TABLES:
             self._tx(lambda tx, table=table: self._ensure_table(tx, table), f"create table {table}",
                      write=True)
+        if run.staged:  # run --overwrite: its own tables until it finishes
+            for table in STAGED_TABLES:
+                name = staged_name(table, run.run_id)
+                self._tx(lambda tx, table=table, name=name: self._ensure_table(tx, table, name),
+                         f"create table {name}", write=True)
 
         def store_plan(tx):
             other = self._select(tx, "export_runs", _col("part") == 0, ["run_id", "instance", "uuid"])
@@ -310,18 +333,32 @@ class VastDBSink(SinkBase):
                         f"{self.instance}@{self.uuid} into another schema")
             if run.run_id in set(other.column("run_id").to_pylist()):
                 return
-            data = run.to_json().encode()
-            parts = chunk_json(data, self.cfg.cell_limit)
-            rows = pa.table({
-                "run_id": [run.run_id] * len(parts), "instance": [run.instance] * len(parts),
-                "uuid": [run.uuid] * len(parts), "created": [float(run.created)] * len(parts),
-                "part": list(range(len(parts))), "nparts": [len(parts)] * len(parts), "plan": parts,
-            }, schema=EXPORT_RUNS)
-            t = tx.table_from_metadata(self._md_of("export_runs"))
-            for rb in cut_rows(rows):
-                t.insert(rb)
+            self._insert_run(tx, run)
 
         self._tx(store_plan, "store run plan", write=True)
+        self._runs[run.run_id] = run
+
+    def _insert_run(self, tx, run: RunInfo) -> None:
+        parts = chunk_json(run.to_json().encode(), self.cfg.cell_limit)
+        rows = pa.table({
+            "run_id": [run.run_id] * len(parts), "instance": [run.instance] * len(parts),
+            "uuid": [run.uuid] * len(parts), "created": [float(run.created)] * len(parts),
+            "part": list(range(len(parts))), "nparts": [len(parts)] * len(parts), "plan": parts,
+        }, schema=EXPORT_RUNS)
+        t = tx.table_from_metadata(self._md_of("export_runs"))
+        for rb in cut_rows(rows):
+            t.insert(rb)
+
+    def update_run(self, run: RunInfo) -> None:
+        """The run's rows of ``export_runs`` replaced in one transaction (one run's plan)."""
+        def replace(tx) -> None:
+            old = self._select(tx, "export_runs", (_col("run_id") == run.run_id) & self._mine(), [],
+                               row_ids=True)
+            if old.num_rows:
+                tx.table_from_metadata(self._md_of("export_runs")).delete(old)
+            self._insert_run(tx, run)
+
+        self._tx(replace, "update run record", write=True)
         self._runs[run.run_id] = run
 
     # -- runs --------------------------------------------------------------------------------
@@ -346,12 +383,12 @@ class VastDBSink(SinkBase):
         self._runs[run_id] = run
         return run
 
-    def _select_missing_ok(self, tx, table, pred, columns):
+    def _select_missing_ok(self, tx, table, pred, columns, name=None):
         """A select that answers None when the schema or table does not exist yet."""
         from vastdb import errors as E
 
         try:
-            return self._select(tx, table, pred, columns)
+            return self._select(tx, table, pred, columns, name=name)
         except (E.MissingSchema, E.MissingTable, E.NotFound):
             return None
 
@@ -375,6 +412,14 @@ class VastDBSink(SinkBase):
     def is_done(self, run_id: str, part: Partition) -> bool:
         ep = self._endpoint_for(part.key)
         return self._tx(lambda tx: self._ledger_count(tx, run_id, part, ep), "is_done", ep) > 0
+
+    def forget(self, run_id: str, part: Partition) -> None:
+        def drop(tx) -> None:
+            old = self._select(tx, "export_ledger", self._ledger_pred(run_id, part), [], row_ids=True)
+            if old.num_rows:
+                tx.table_from_metadata(self._md_of("export_ledger")).delete(old)
+
+        self._tx(drop, f"forget {part.key}", write=True)
 
     def ledger(self, run_id: str | None = None) -> pa.Table:
         pred = None if run_id is None else (_col("run_id") == run_id)
@@ -451,9 +496,10 @@ class VastDBSink(SinkBase):
             if self._ledger_count(tx, run_id, part, ep):
                 return  # an earlier attempt committed
             for table, bs in batches.items():
-                t = tx.table_from_metadata(self._md_of(table))
+                name = self._name(table, run_id)
+                t = tx.table_from_metadata(self._md_of(table, name))
                 pred = self._range_pred(table, part)
-                old = self._select(tx, table, pred, [], endpoint=ep, row_ids=True)
+                old = self._select(tx, table, pred, [], endpoint=ep, row_ids=True, name=name)
                 if old.num_rows:
                     t.delete(old)
                 for rb in bs:
@@ -496,17 +542,123 @@ class VastDBSink(SinkBase):
         cols = None if columns is None else [n for n in names if n in set(columns)]
         stored = None if cols is None else [S.stored_name(table, c, self.format) for c in cols]
         splits = len(self.cfg.endpoints)
-        t = self._tx(lambda tx: self._select_read(tx, table, pred, stored, splits), f"read {table}")
+        name = self._name(table, run_id)
+        t = self._tx(lambda tx: self._select_read(tx, table, pred, stored, splits, name), f"read {table}")
         out_schema = sch if cols is None else pa.schema([sch.field(n) for n in cols])
         if t is None:
             return out_schema.empty_table()
         return _as_schema(S.from_stored(table, t, self.format), out_schema)
 
-    def _select_read(self, tx, table, pred, cols, splits):
+    # -- rows outside every partition ------------------------------------------------------
+    def outside(self, run: RunInfo, done: set[str]) -> list[Outside]:
+        """Rows in no planned partition's key range (per table: scales the plan has not, and
+        the gaps between its ranges); each range is one narrow select of its key column."""
+        out = []
+        for kind, tables in S.KIND_TABLES.items():
+            parts = [p for p in run.partitions if p.kind == kind]
+            for table in tables:
+                for scale, lo, hi, above in _uncovered(kind, parts):
+                    key = "morton" if scale is not None else S.KEY_COLUMN[table]
+                    pred = self._outside_pred(key, scale, lo, hi, above)
+                    cols = [key] if scale is None else ["scale", key]
+                    name = self._name(table, run.run_id)
+                    t = self._tx(lambda tx, table=table, pred=pred, cols=cols, name=name: self._select_missing_ok(
+                        tx, table, pred, cols, name=name), f"outside {table}")
+                    if t is None or t.num_rows == 0:
+                        continue
+                    ks = t.column(key).to_numpy()
+                    first = f"first {key} {int(ks.min())}"
+                    if scale is not None:
+                        sc = t.column("scale").to_numpy()
+                        first = f"scale {int(sc.min())}" + (f"..{int(sc.max())}" if sc.max() > sc.min() else "") \
+                            + f", first morton {int(ks.min())}"
+                    rng = f"{key} [{lo}, {hi})" if scale is None else (
+                        f"scales >= {scale}" if above else f"scale {scale}"
+                        + ("" if (lo, hi) == (0, 1 << 64) else f" morton [{lo}, {hi})"))
+                    out.append(Outside(table, t.num_rows,
+                                       f"{table}: {t.num_rows:,} rows outside every partition of run "
+                                       f"{run.run_id} ({rng}; {first})",
+                                       scale=scale, lo=lo, hi=hi, scales_above=above))
+        return out
+
+    @staticmethod
+    def _outside_pred(key: str, scale: int | None, lo: int, hi: int, above: bool = False):
+        terms = [] if scale is None else [_col("scale") >= scale] if above else [_col("scale") == scale]
+        if lo > 0:
+            terms.append(_col(key) >= lo)
+        if hi < 1 << 64:
+            terms.append(_col(key) < hi)
+        return VastDBSink._and(terms)
+
+    def remove_outside(self, run: RunInfo, found) -> int:
+        """Delete the rows ``outside`` found, one transaction per range and at most
+        ``REPAIR_ROWS`` row ids at a time (a stray range can be large)."""
+        n = 0
+        for o in found:
+            key = "morton" if o.scale is not None else S.KEY_COLUMN[o.table]
+            pred = self._outside_pred(key, o.scale, o.lo, o.hi, o.scales_above)
+
+            n += self._delete_rows(o.table, pred, self._name(o.table, run.run_id))
+        return n
+
+    def _delete_rows(self, table: str, pred, name: str | None = None) -> int:
+        """Delete the rows of ``pred``, at most ``REPAIR_ROWS`` per transaction."""
+        def one(tx) -> int:
+            ids = self._select(tx, table, pred, [], row_ids=True, name=name).slice(0, REPAIR_ROWS)
+            if ids.num_rows:
+                tx.table_from_metadata(self._md_of(table, name)).delete(ids)
+            return ids.num_rows
+
+        n = 0
+        while True:
+            k = self._tx(one, f"delete rows of {name or table}", write=True)
+            n += k
+            if k < REPAIR_ROWS:
+                return n
+
+    # -- finishing a run -------------------------------------------------------------------
+    def finish(self, run: RunInfo) -> None:
+        """Every partition of ``run`` is committed. A staged run's tables replace the
+        published ones in ONE transaction (renames, and the run's record marked published),
+        so readers switch at once; the replaced tables are then emptied in bounded
+        transactions (``REPAIR_ROWS`` rows each) and dropped. Rows outside every partition
+        of the run (an earlier run's other plan) are removed the same way."""
+        if run.staged and not run.record.get("published"):
+            run.record.update(state="publishing", published=True)
+
+            def switch(tx) -> None:
+                sch = self._schema_obj(tx, create=False)
+                if sch.table(staged_name("blocks", run.run_id), fail_if_missing=False) is None:
+                    return  # switched by an earlier attempt (its answer lost)
+                for table in STAGED_TABLES:
+                    sch.table(table).rename(old_name(table, run.run_id))
+                    sch.table(staged_name(table, run.run_id)).rename(table)
+                old = self._select(tx, "export_runs", (_col("run_id") == run.run_id) & self._mine(), [],
+                                   row_ids=True)
+                if old.num_rows:
+                    tx.table_from_metadata(self._md_of("export_runs")).delete(old)
+                self._insert_run(tx, run)
+
+            self._tx(switch, "publish the run's tables", write=True)
+            self._runs[run.run_id] = run
+            for table in STAGED_TABLES:
+                name = old_name(table, run.run_id)
+                self._delete_rows(table, None, name)
+                self._tx(lambda tx, name=name: self._drop(tx, name), f"drop {name}", write=True)
+            self._md.clear()
+        self.remove_outside(run, self.outside(run, self.done(run.run_id)))
+        super().finish(run)
+
+    def _drop(self, tx, name: str) -> None:
+        t = self._schema_obj(tx, create=False).table(name, fail_if_missing=False)
+        if t is not None:
+            t.drop()
+
+    def _select_read(self, tx, table, pred, cols, splits, name=None):
         from vastdb import errors as E
 
         try:
-            return self._select(tx, table, pred, cols, splits=splits)
+            return self._select(tx, table, pred, cols, splits=splits, name=name)
         except (E.MissingSchema, E.MissingTable, E.NotFound):
             return None
 
@@ -514,6 +666,54 @@ class VastDBSink(SinkBase):
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+#: rows deleted per transaction when removing rows outside every partition
+REPAIR_ROWS = 100_000
+#: the tables a staged run (``run --overwrite``) writes apart until it finishes
+STAGED_TABLES = tuple(t for ts in S.KIND_TABLES.values() for t in ts)
+
+
+def _run_tag(run_id: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in run_id)
+
+
+def staged_name(table: str, run_id: str) -> str:
+    """The table a staged run writes ``table``'s rows to until it finishes."""
+    return f"{table}__stage_{_run_tag(run_id)}"
+
+
+def old_name(table: str, run_id: str) -> str:
+    """What the table ``run_id`` replaced is called until it is emptied and dropped."""
+    return f"{table}__replaced_by_{_run_tag(run_id)}"
+
+
+def _uncovered(kind: str, parts: list[Partition]) -> list[tuple[int | None, int, int, bool]]:
+    """(scale, lo, hi, and every scale above) ranges no partition of ``parts`` covers: for
+    blocks, every scale the plan does not have (the last entry: all scales past its
+    largest) and the Morton gaps of the ones it has; for keyed kinds (scale None) the gaps
+    of [0, 2**64)."""
+    def gaps(ranges) -> list[tuple[int, int]]:
+        out, pos = [], 0
+        for lo, hi in sorted(ranges):
+            if lo > pos:
+                out.append((pos, lo))
+            pos = max(pos, hi)
+        if pos < 1 << 64:
+            out.append((pos, 1 << 64))
+        return out
+
+    if kind != "blocks":
+        return [(None, lo, hi, False) for lo, hi in gaps((p.lo, p.hi) for p in parts)]
+    scales = {p.scale for p in parts}
+    top = max(scales, default=-1) + 1
+    out: list[tuple[int | None, int, int, bool]] = []
+    for s in range(top):
+        if s not in scales:
+            out.append((s, 0, 1 << 64, False))
+        else:
+            out += [(s, lo, hi, False) for lo, hi in gaps((p.lo, p.hi) for p in parts if p.scale == s)]
+    out.append((top, 0, 1 << 64, True))
+    return out
 
 
 class _Rows:

@@ -1,0 +1,109 @@
+"""`python -m dvidetl status`: every run of an export — state, progress, errors, verify outcome.
+
+Reads only the sink (run records, the ledger): no source, no cluster. Works for a finished
+run and for one still going (its partitions committed so far, the time of its last commit).
+With ``--json`` one JSON document goes to stdout (keys in ``docs/runs.md``) and the text to
+stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+#: the keys of each run in ``status --json`` (documented in docs/runs.md)
+RUN_KEYS = ("run_id", "state", "created", "started", "ended", "source", "uuid_requested", "uuid_resolved",
+            "staged", "superseded_by", "partitions_planned", "partitions_done", "blocks_planned",
+            "blocks_done", "index_rows", "mapping_rows", "errors", "failed_partitions", "last_commit",
+            "verify", "result", "options")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from dvidetl.sinks import DEFAULT_SINK
+
+    p = sub.add_parser("status", help="every run of an export: state, partitions done, errors, verify outcome")
+    p.add_argument("--sink", default=DEFAULT_SINK, help=f"the export (default {DEFAULT_SINK})")
+    p.add_argument("--uuid", default=None, help="UUID (default: the only one in the sink)")
+    p.add_argument("--instance", default=None, help="instance (default: the only one in the sink)")
+    p.add_argument("--run", default=None, metavar="RUN_ID", help="only this run")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout (text on stderr)")
+    return p
+
+
+def run_status(sink, run_id: str) -> dict:
+    """One run's status from its record and its ledger rows."""
+    from dvidetl.driver import ledger_totals
+
+    run = sink.load_run(run_id)
+    led = sink.ledger(run_id)
+    tot = ledger_totals(led)
+    rec = run.record
+    state = rec.get("state")
+    if state is None:  # stored before runs had records: what the ledger says
+        state = "finished" if led.num_rows >= len(run.partitions) else "unknown"
+    last = None
+    if led.num_rows:
+        last = max(led.column("finished_at").to_pylist()).timestamp()
+    result = rec.get("result") or {}
+    return {
+        "run_id": run.run_id, "state": state, "created": run.created, "started": rec.get("started"),
+        "ended": rec.get("ended"), "source": rec.get("source"), "uuid_requested": rec.get("uuid_requested", run.uuid),
+        "uuid_resolved": rec.get("uuid_resolved"), "staged": bool(rec.get("staged")),
+        "superseded_by": rec.get("superseded_by"),
+        "partitions_planned": len(run.partitions), "partitions_done": led.num_rows,
+        "blocks_planned": sum(p.blocks for p in run.partitions), "blocks_done": tot["blocks"],
+        "index_rows": tot["index_rows"], "mapping_rows": tot["mapping_rows"], "errors": tot["errors"],
+        "failed_partitions": result.get("failed_partitions", []), "last_commit": last,
+        "verify": rec.get("verify"), "result": result or None, "options": run.options,
+    }
+
+
+def _when(t: float | None) -> str:
+    if not t:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def text(export: str, runs: list[dict]) -> str:
+    lines = [f"export {export}: {len(runs)} run(s)"]
+    for r in runs:
+        v = r["verify"]
+        ver = "not verified" if not v else \
+            f"verified {_when(v['at'])}: {'exact' if v['exact'] else 'DIFFERENCES FOUND'}"
+        lines.append(f"run {r['run_id']}: {r['state']}"
+                     + (f" (replaced by {r['superseded_by']})" if r["superseded_by"] else "")
+                     + (" (written apart until it finishes: --overwrite)" if r["staged"] and r["state"] == "running" else ""))
+        lines.append(f"  source      {r['source'] or '-'} (uuid {r['uuid_requested']}"
+                     + (f", resolved {r['uuid_resolved']}" if r["uuid_resolved"] not in (None, r["uuid_requested"]) else "")
+                     + ")")
+        lines.append(f"  time        started {_when(r['started'] or r['created'])}, ended {_when(r['ended'])}"
+                     + (f", last commit {_when(r['last_commit'])}" if r["state"] == "running" else ""))
+        lines.append(f"  partitions  {r['partitions_done']:,}/{r['partitions_planned']:,} done; blocks "
+                     f"{r['blocks_done']:,}/{r['blocks_planned']:,}; {r['index_rows']:,} label_index rows, "
+                     f"{r['mapping_rows']:,} mapping pairs")
+        lines.append(f"  errors      {r['errors']:,} blocks in export_errors"
+                     + (f"; {len(r['failed_partitions'])} partitions failed" if r["failed_partitions"] else ""))
+        for f in r["failed_partitions"][:5]:
+            lines.append(f"    FAILED {f['partition']}: {f['reason']}")
+        lines.append(f"  verify      {ver}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from dvidetl.read import _find_export
+    from dvidetl.sinks import open_sink
+
+    instance, uuid = _find_export(args.sink, args.uuid, args.instance)
+    sink = open_sink(args.sink, uuid=uuid, instance=instance)
+    ids = [args.run] if args.run else sink.runs()
+    runs = [run_status(sink, r) for r in ids]
+    doc = {"sink": args.sink, "instance": instance, "uuid": uuid, "current_run": sink.latest_run(), "runs": runs}
+    out = text(f"{args.sink} ({instance}@{uuid})", runs)
+    if args.json:
+        print(out, file=sys.stderr)
+        print(json.dumps(doc, sort_keys=True), flush=True)
+    else:
+        print(out)
+    return 0
