@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 FUZZ_ARGS ?=
 
-.PHONY: all setup run test bench lint fuzz faults vast-conformance strip-notebooks clean
+.PHONY: all setup run test bench lint fuzz faults mutants vast-conformance strip-notebooks clean
 
 all: test
 
@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 ## make run: the demo export end to end on the embedded default (synthetic source → Parquet), then verify.
 run: $(STAMP)
-	$(BIN)/python -m dvidetl run --uuid demo --sink parquet://./dvidetl-out
+	$(BIN)/python -m dvidetl run --uuid demo --sink parquet://./dvidetl-out --overwrite
 	$(BIN)/python -m dvidetl verify --uuid demo --sink parquet://./dvidetl-out
 
 ## make test: the whole suite (tests/faults included), then 200,000 fuzz inputs (~1 min).
@@ -42,6 +42,15 @@ fuzz: $(STAMP)
 faults: $(STAMP)
 	$(BIN)/python -m pytest -q tests/faults $(PYTEST_ARGS)
 
+## make mutants: mutation testing (mutmut 3) of verify, cells, planning, transform and the sinks'
+## exactly-once code ([tool.mutmut] in pyproject.toml), at low priority with one runner process;
+## hours, not part of make test. Prints the killed/survived score per module at the end
+## (MUTANTS_ARGS: mutant name globs, e.g. "dvidetl.cells*").
+MUTANTS_ARGS ?=
+mutants: $(STAMP)
+	nice -n 19 $(BIN)/mutmut run --max-children 1 $(MUTANTS_ARGS) || true
+	$(BIN)/python -m tests.mutation_score
+
 vast-conformance: $(STAMP)
 	$(BIN)/python -m dvidetl.testing.conformance
 
@@ -50,4 +59,4 @@ strip-notebooks: $(STAMP)
 	$(BIN)/python -c "import sys, nbformat; [nbformat.write(nb, p) for p in sys.argv[1:] for nb in [nbformat.read(p, as_version=4)] if [c.update(outputs=[], execution_count=None) for c in nb.cells if c.cell_type == 'code'] is not None]" notebooks/*.ipynb
 
 clean:
-	rm -rf $(VENV) dvidetl-out .pytest_cache
+	rm -rf $(VENV) dvidetl-out .pytest_cache mutants

@@ -162,7 +162,8 @@ def test_corrupt_blocks_go_to_export_errors(tmp_path, cluster, capsys):
         assert cli(["verify", *common]) == 1
         assert "in export_errors" in capsys.readouterr().out
         # --max-errors stops early with a clear reason
-        rc = cli(["run", *common, "--cluster", cluster, "--partition-blocks", "8", "--max-errors", "0", "--quiet"])
+        rc = cli(["run", *common, "--cluster", cluster, "--partition-blocks", "8", "--max-errors", "0", "--quiet",
+                  "--overwrite"])
         assert rc == 1 and "aborted" in capsys.readouterr().err.lower()
     source.close()
 

@@ -15,6 +15,12 @@ Who calls what:
 * worker task: ``is_done(run_id, part)`` (a retried task whose first attempt committed), then
   ``write_partition(run_id, part, tables, stats)``.
 * readers / verify: ``read(table, scale=, morton_range=)``, ``latest_run()``.
+* the run's lifecycle (``docs/runs.md``): ``update_run(run)`` stores its record (state,
+  result, verify outcome); ``finish(run)`` once every partition is committed publishes a
+  staged ``--overwrite`` run and removes what earlier runs left outside its partitions;
+  ``verify`` reads ``read_partition`` (every stored row of a partition, ``UnreadableFile``
+  when its storage cannot be read) and ``outside``; ``--repair`` uses ``forget`` and
+  ``remove_outside``.
 
 A sink object must be cheap to construct from its URL on a worker (``open_sink(url, uuid=,
 instance=)``) and must not hold secrets in its ``repr``.

@@ -552,34 +552,36 @@ class VastDBSink(SinkBase):
     # -- rows outside every partition ------------------------------------------------------
     def outside(self, run: RunInfo, done: set[str]) -> list[Outside]:
         """Rows in no planned partition's key range (per table: scales the plan has not, and
-        the gaps between its ranges); each range is one narrow select of its key column."""
-        out = []
-        for kind, tables in S.KIND_TABLES.items():
-            parts = [p for p in run.partitions if p.kind == kind]
-            for table in tables:
-                for scale, lo, hi, above in _uncovered(kind, parts):
-                    key = "morton" if scale is not None else S.KEY_COLUMN[table]
-                    pred = self._outside_pred(key, scale, lo, hi, above)
-                    cols = [key] if scale is None else ["scale", key]
-                    name = self._name(table, run.run_id)
-                    t = self._tx(lambda tx, table=table, pred=pred, cols=cols, name=name: self._select_missing_ok(
-                        tx, table, pred, cols, name=name), f"outside {table}")
-                    if t is None or t.num_rows == 0:
-                        continue
-                    ks = t.column(key).to_numpy()
-                    first = f"first {key} {int(ks.min())}"
-                    if scale is not None:
-                        sc = t.column("scale").to_numpy()
-                        first = f"scale {int(sc.min())}" + (f"..{int(sc.max())}" if sc.max() > sc.min() else "") \
-                            + f", first morton {int(ks.min())}"
-                    rng = f"{key} [{lo}, {hi})" if scale is None else (
-                        f"scales >= {scale}" if above else f"scale {scale}"
-                        + ("" if (lo, hi) == (0, 1 << 64) else f" morton [{lo}, {hi})"))
-                    out.append(Outside(table, t.num_rows,
-                                       f"{table}: {t.num_rows:,} rows outside every partition of run "
-                                       f"{run.run_id} ({rng}; {first})",
-                                       scale=scale, lo=lo, hi=hi, scales_above=above))
-        return out
+        the gaps between its ranges): one narrow select per range, all in one read
+        transaction."""
+        ranges = [(table, self._name(table, run.run_id), *r) for kind, tables in S.KIND_TABLES.items()
+                  for r in _uncovered(kind, [p for p in run.partitions if p.kind == kind])
+                  for table in tables]
+
+        def scan(tx) -> list[Outside]:
+            out = []
+            for table, name, scale, lo, hi, above in ranges:
+                key = "morton" if scale is not None else S.KEY_COLUMN[table]
+                cols = [key] if scale is None else ["scale", key]
+                t = self._select_missing_ok(tx, table, self._outside_pred(key, scale, lo, hi, above), cols,
+                                            name=name)
+                if t is None or t.num_rows == 0:
+                    continue
+                ks = t.column(key).to_numpy()
+                first = f"first {key} {int(ks.min())}"
+                if scale is not None:
+                    sc = t.column("scale").to_numpy()
+                    first = f"scale {int(sc.min())}" + (f"..{int(sc.max())}" if sc.max() > sc.min() else "") \
+                        + f", first morton {int(ks.min())}"
+                rng = f"{key} [{lo}, {hi})" if scale is None else (
+                    f"scales >= {scale}" if above else f"scale {scale}"
+                    + ("" if (lo, hi) == (0, 1 << 64) else f" morton [{lo}, {hi})"))
+                out.append(Outside(table, t.num_rows, f"{table}: {t.num_rows:,} rows outside every partition "
+                                                      f"of run {run.run_id} ({rng}; {first})",
+                                   scale=scale, lo=lo, hi=hi, scales_above=above))
+            return out
+
+        return self._tx(scan, "rows outside every partition")
 
     @staticmethod
     def _outside_pred(key: str, scale: int | None, lo: int, hi: int, above: bool = False):
