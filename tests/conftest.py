@@ -23,6 +23,41 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def fib19_block(shared_data) -> bytes:
+    """Go's MakeBlock + MarshalBinary output for fib19 sample 1 (the byte-exact reference)."""
+    import gzip
+
+    return gzip.decompress((shared_data / "dvid" / "fib19-64x64x64-sample1-block.dat.gz").read_bytes())
+
+
+@pytest.fixture(scope="session")
+def stream_block(shared_data) -> bytes:
+    """The block of a real /blocks stream record (block 0,0,0; a non-first-occurrence table)."""
+    import struct
+
+    from dvidetl.codec import unwrap
+
+    s = (shared_data / "dvid" / "stream_1block.dat").read_bytes()
+    x, y, z, n = struct.unpack("<4i", s[:16])
+    assert (x, y, z) == (0, 0, 0) and n == len(s) - 16
+    return unwrap(s[16:], "gzip")
+
+
+@pytest.fixture(scope="session")
+def mcns_shard(shared_data):
+    """The real export-shards file (male CNS, scale 1, 258 libdvid-cpp blocks) as an Arrow
+    table, plus a ``block`` column: each unwrapped DVID block."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from dvidetl.codec import unwrap
+
+    t = ipc.open_stream(str(shared_data / "mcns-shard" / "30720_24576_28672.arrow")).read_all()
+    raw = [unwrap(b, "zstd") for b in t.column("dvid_compressed_block").to_pylist()]
+    return t.append_column("block", pa.array(raw, pa.binary()))
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """An in-process dask cluster over TCP (one worker, two threads) for a module's exports

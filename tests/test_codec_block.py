@@ -7,7 +7,6 @@ import gzip
 import struct
 
 import numpy as np
-import pyarrow.ipc as ipc
 import pytest
 
 from dvidetl.codec import (
@@ -18,7 +17,6 @@ from dvidetl.codec import (
     join_block,
     label_voxel_counts,
     split_block,
-    unwrap,
 )
 
 RAW_VOLUMES = [
@@ -35,24 +33,9 @@ def _raw(shared_data, name):
 
 
 @pytest.fixture(scope="module")
-def fib19_block(shared_data) -> bytes:
-    return gzip.decompress((shared_data / "dvid" / "fib19-64x64x64-sample1-block.dat.gz").read_bytes())
-
-
-@pytest.fixture(scope="module")
-def stream_block(shared_data) -> bytes:
-    s = (shared_data / "dvid" / "stream_1block.dat").read_bytes()
-    x, y, z, n = struct.unpack("<4i", s[:16])
-    assert (x, y, z) == (0, 0, 0) and n == len(s) - 16
-    return unwrap(s[16:], "gzip")
-
-
-@pytest.fixture(scope="module")
-def mcns(shared_data):
-    t = ipc.open_stream(str(shared_data / "mcns-shard" / "30720_24576_28672.arrow")).read_all()
-    assert t.num_rows == 258
-    blocks = [unwrap(b, "zstd") for b in t.column("dvid_compressed_block").to_pylist()]
-    return t, blocks
+def mcns(mcns_shard):
+    assert mcns_shard.num_rows == 258
+    return mcns_shard, mcns_shard.column("block").to_pylist()
 
 
 def _bincount_by_label(labels: np.ndarray, counts: np.ndarray) -> dict[int, int]:

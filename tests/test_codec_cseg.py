@@ -15,7 +15,6 @@ import itertools
 import compressed_segmentation as cs
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,7 +25,6 @@ from dvidetl.codec import (
     encode_block,
     join_block,
     split_block,
-    unwrap,
 )
 from dvidetl.codec import _cseg_kernels as CK
 from dvidetl.codec.cseg import CsegChunks, encode_chunk, encode_chunks, is_background
@@ -85,22 +83,8 @@ def bits_of(data: bytes, shape) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fib19_block(shared_data) -> bytes:
-    return gzip.decompress((shared_data / "dvid" / "fib19-64x64x64-sample1-block.dat.gz").read_bytes())
-
-
-@pytest.fixture(scope="module")
-def stream_block(shared_data) -> bytes:
-    s = (shared_data / "dvid" / "stream_1block.dat").read_bytes()
-    n = int.from_bytes(s[12:16], "little")
-    return gzip.decompress(s[16 : 16 + n])
-
-
-@pytest.fixture(scope="module")
-def mcns(shared_data) -> pa.Table:
-    t = ipc.open_stream(str(shared_data / "mcns-shard" / "30720_24576_28672.arrow")).read_all()
-    raw = [unwrap(b, "zstd") for b in t.column("dvid_compressed_block").to_pylist()]
-    return t.append_column("block", pa.array(raw, pa.binary()))
+def mcns(mcns_shard) -> pa.Table:
+    return mcns_shard
 
 
 def test_go_blocks_and_raw_samples(shared_data, fib19_block, stream_block):

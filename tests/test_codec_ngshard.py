@@ -17,11 +17,10 @@ import zlib
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pytest
 import tensorstore as ts
 
-from dvidetl.codec import decode_block, encode_block, join_block, split_block, unwrap
+from dvidetl.codec import decode_block, encode_block, join_block, split_block
 from dvidetl.codec.cseg import encode_chunks
 from dvidetl.codec.ngshard import (
     ShardFormatError,
@@ -193,9 +192,9 @@ def test_unwritten_background_and_padding_read_as_zero(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mcns(shared_data):
-    t = ipc.open_stream(str(shared_data / "mcns-shard" / "30720_24576_28672.arrow")).read_all()
-    blocks = pa.array([unwrap(b, "zstd") for b in t.column("dvid_compressed_block").to_pylist()], pa.binary())
+def mcns(shared_data, mcns_shard):
+    t = mcns_shard
+    blocks = t.column("block").combine_chunks()
     coords = np.stack([t.column(c).to_numpy() for c in ("chunk_x", "chunk_y", "chunk_z")], axis=1)
     spec = json.loads((shared_data / "dvid" / "mcns-ng-specs.json").read_text())
     return blocks, t.column("labels").combine_chunks(), coords, spec

@@ -98,6 +98,8 @@ def _locals_rows(buf, vp, B, loc):
 
 @nb.njit(cache=True)
 def _locals(buf, vp, b, loc):
+    # one branch per width: each call passes b as a literal, so the inlined row loop's shifts
+    # and masks are constants (the dispatch pattern of _kernels._pack)
     if b == 1:
         return _locals_rows(buf, vp, 1, loc)
     if b == 2:
