@@ -279,7 +279,9 @@ def test_multirow_batches_and_two_files(tmp_path):
     assert s.map_supervoxels(np.array([100, 101, 102, 1, 7], np.uint64)).tolist() == [5, 5, 5, 1, 7]
 
 
-def test_mapping_conflict_names_supervoxel(tmp_path):
+def test_mapping_conflict_is_reported_not_refused(tmp_path):
+    """One supervoxel with two bodies (no DVID run writes that): the body of the record
+    written last is exported and the disagreement is an anomaly naming the supervoxel."""
     (tmp_path / "s0").mkdir()
     _write_shard(
         tmp_path / "s0" / "0_0_0.arrow",
@@ -289,41 +291,35 @@ def test_mapping_conflict_names_supervoxel(tmp_path):
         ],
     )
     s = ShardsSource(tmp_path)
-    with pytest.raises(UserError, match="supervoxel 5 is mapped to two bodies"):
-        s.map_supervoxels(np.array([5], np.uint64))
+    assert s.map_supervoxels(np.array([5, 6], np.uint64)).tolist() == [8, 6]
+    (c,) = [a for a in s.anomalies if a["kind"] == "mapping_conflict"]
+    assert "supervoxel 5 is mapped to body 8" in c["reason"] and "7" in c["reason"]
+    assert _all(s, 0, 0, 1 << 64).num_rows == 2
 
 
-def test_bad_inputs(tmp_path, shared_data, spec):
+def _kinds(s: ShardsSource) -> dict[str, int]:
+    """Anomaly counts without the note every hand-made directory gets (it has no export.log)."""
+    return {k: v for k, v in s.anomaly_counts().items() if k != "no_export_log"}
+
+
+def _sidecar(d: Path, rows: str) -> None:
+    (d / "s1" / f"{NAME}.csv").write_text("# schema_size=688\nx,y,z,offset,size,batch_idx\n" + rows)
+
+
+def test_bad_inputs(tmp_path, shared_data, spec, src):
     with pytest.raises(UserError, match="does not exist"):
         open_source(f"shards://{tmp_path}/nope")
     with pytest.raises(UserError, match="unknown parameter"):
         open_source(f"shards://{tmp_path}?bogus=1")
     with pytest.raises(UserError, match="no s<scale>"):
         open_source(f"shards://{tmp_path}")
-    # a sidecar range past the end of the file
-    d = tmp_path / "bad"
-    (d / "s1").mkdir(parents=True)
-    os.symlink(shared_data / "mcns-shard" / f"{NAME}.arrow", d / "s1" / f"{NAME}.arrow")
-    (d / "s1" / f"{NAME}.csv").write_text(
-        "# schema_size=688\nx,y,z,offset,size,batch_idx\n509,413,469,688,99999999,0\n"
-    )
-    s = ShardsSource(d, spec=str(spec))  # a row without its record: reported, not exported
-    assert s.anomaly_counts() == {"dangling_row": 1}
-    assert s.anomalies[0]["block"] == (509, 413, 469) and _all(s, 1, 0, 1 << 64).num_rows == 0
-    # a sidecar pointing at the wrong record
-    (d / "s1" / f"{NAME}.csv").write_text(
-        "# schema_size=688\nx,y,z,offset,size,batch_idx\n508,413,469,688,792,0\n"
-    )
-    s = ShardsSource(d, spec=str(spec))
-    with pytest.raises(UserError, match=r"record there is block \(509, 413, 469\)"):
-        _all(s, 1, 0, 1 << 64)
     # a spec whose grid does not contain the blocks
     small = tmp_path / "small.json"
     small.write_text(
         '{"scales": [{"size": [64, 64, 64]}, {"size": [64, 64, 64], "chunk_sizes": [[64,64,64]]}]}'
     )
     s = ShardsSource(_arrange(tmp_path / "g", shared_data), spec=str(small))
-    assert s.anomaly_counts()["outside_grid"] == 258  # exported on a grown grid, each reported
+    assert _kinds(s) == {"outside_grid": 258}  # exported on a grown grid, each reported
     assert _all(s, 1, 0, 1 << 64).num_rows == 258
     # a scale directory that resolves outside the root
     out = tmp_path / "escape"
@@ -331,86 +327,186 @@ def test_bad_inputs(tmp_path, shared_data, spec):
     os.symlink(_arrange(tmp_path / "elsewhere", shared_data) / "s1", out / "s1")
     with pytest.raises(UserError, match="outside"):
         ShardsSource(out)
-    # a non-stream file
+    # nothing but a file that is no Arrow stream: nothing to export, said in one line
     junk = tmp_path / "junk"
     (junk / "s0").mkdir(parents=True)
     (junk / "s0" / "0_0_0.arrow").write_bytes(b"not arrow at all")
-    with pytest.raises(UserError, match="not an Arrow IPC stream or file"):
+    with pytest.raises(UserError, match=r"no exportable block.*bytes 0\.\.16 are not Arrow IPC"):
         ShardsSource(junk)
+    # ... beside a good shard it is reported and the good shard exported
+    _arrange(junk, shared_data)
+    s = ShardsSource(junk)
+    assert _kinds(s) == {"unreadable": 1} and _all(s, 1, 0, 1 << 64).num_rows == 258
     shutil.rmtree(junk)
 
 
-def test_sidecar_with_rec_offset_size(tmp_path, shared_data, spec, src):
-    """The intermediate sidecar header x,y,z,rec,offset,size (no batch_idx) is accepted."""
+def test_dangling_sidecar_rows(tmp_path, shared_data, spec, src):
+    """A sidecar row is dangling when it does not point at its block's record — past the end
+    of the file, inside the file at no record, at another block's record, at a batch row
+    that does not exist: each is reported with the row's block and why; the stream is the
+    truth, so every record is still exported exactly once."""
+    d = _arrange(tmp_path, shared_data, with_csv=False)
+    good = (shared_data / "mcns-shard" / f"{NAME}-newformat.csv").read_text().splitlines()[2:]
+    bad = [
+        "509,413,469,688,99999999,0",  # past the end of the file
+        "509,413,469,700,792,0",  # inside the file, where no record starts
+        "508,413,469,688,792,0",  # the record there is (509, 413, 469)
+        "509,413,469,688,792,3",  # row 3 of a one-row batch
+        "-1,413,469,688,792,0",  # a negative coordinate
+    ]
+    _sidecar(d, "\n".join(good + bad) + "\n")
+    s = ShardsSource(d, spec=str(spec))
+    assert _kinds(s) == {"dangling_row": 5}
+    rows = [a for a in s.anomalies if a["kind"] == "dangling_row"]
+    assert [a["block"] for a in rows] == [(509, 413, 469)] * 2 + [(508, 413, 469), (509, 413, 469), None]
+    assert "past the end of the 1131168-byte file" in rows[0]["reason"]
+    assert "no record starts there" in rows[1]["reason"]
+    assert "hold the record of block (509, 413, 469)" in rows[2]["reason"]
+    assert [a["lost"] for a in rows] == [False, False, True, False, True]  # 508 has no record
+    assert _all(s, 1, 0, 1 << 64).equals(_all(src, 1, 0, 1 << 64))
+    t = s.anomalies_table()
+    t = t.filter(pa.compute.equal(t["kind"], "dangling_row"))
+    assert t.num_rows == 5 and set(t["file"].to_pylist()) == {f"s1/{NAME}.csv"}
+    assert t["scale"].to_pylist() == [1] * 5 and t["lost"].to_pylist() == [False, False, True, False, True]
+    # the Morton code of a row's block is stored where the block is on the grid
+    assert t["morton"].to_pylist()[0] == 0x7F4F7C7 and t["x"].to_pylist()[-1] is None
+
+
+def test_sidecar_variants(tmp_path, shared_data, spec, src):
+    """Older headers (x,y,z,rec,offset,size) check the same; a sidecar that cannot be read
+    (unknown header, a line cut by a killed export, no rows at all) never costs a block: the
+    stream is indexed without it and the sidecar's problem reported."""
     new = (shared_data / "mcns-shard" / f"{NAME}-newformat.csv").read_text().splitlines()[2:]
     lines = ["x,y,z,rec,offset,size"]
     for i, line in enumerate(new):
         x, y, z, off, size, _b = line.split(",")
         lines.append(f"{x},{y},{z},{i},{off},{size}")
     d = _arrange(tmp_path, shared_data, with_csv=False)
-    (d / "s1" / f"{NAME}.csv").write_text("\n".join(lines) + "\n")
+    csv = d / "s1" / f"{NAME}.csv"
+    csv.write_text("\n".join(lines) + "\n")
     s = ShardsSource(d, spec=str(spec))
-    assert _all(s, 1, 0, 1 << 64).equals(_all(src, 1, 0, 1 << 64))
-    (d / "s1" / f"{NAME}.csv").write_text("a,b,c\n1,2,3\n")
-    with pytest.raises(UserError, match="sidecar header must start with x,y,z"):
-        ShardsSource(d, spec=str(spec))
+    assert _kinds(s) == {} and _all(s, 1, 0, 1 << 64).equals(_all(src, 1, 0, 1 << 64))
+    for text, kinds, words in [
+        ("a,b,c\n1,2,3\n", {"bad_sidecar": 1, "unlisted": 1}, "unknown header"),
+        ("# schema_size=0\nx,y,z,offset,size,batch_idx\n" + "\n".join(new[:10]) + "\n509,4",
+         {"bad_sidecar": 1, "unlisted": 1}, "ends inside a line"),
+        ("", {"empty_sidecar": 1}, "0-byte sidecar"),
+        ("# schema_size=0\nx,y,z,offset,size,batch_idx\n", {"empty_sidecar": 1}, "header-only"),
+    ]:
+        csv.write_text(text)
+        s = ShardsSource(d, spec=str(spec))
+        assert _kinds(s) == kinds, (text[:40], s.anomalies)
+        first = next(a for a in s.anomalies if a["kind"] in ("bad_sidecar", "empty_sidecar"))
+        assert words in first["reason"] and first["lost"] is False
+        assert _all(s, 1, 0, 1 << 64).equals(_all(src, 1, 0, 1 << 64))
+    unlisted = next(a for a in s.anomalies if a["kind"] != "no_export_log")
+    assert "258 records" in unlisted["reason"]
 
 
-def test_partial_sidecar_reads_per_message(tmp_path, shared_data, spec, src):
-    """A sidecar listing only some blocks (spans then hold unlisted messages): the per-message
-    path serves exactly the listed blocks, byte for byte."""
+def test_partial_sidecar_lists_fewer_records(tmp_path, shared_data, spec, src):
+    """A sidecar listing only some blocks: the others are indexed from the stream, exported
+    byte for byte, and counted as unlisted."""
     lines = (shared_data / "mcns-shard" / f"{NAME}-newformat.csv").read_text().splitlines()
     keep = lines[:2] + lines[2::3]
     d = _arrange(tmp_path, shared_data, with_csv=False)
     (d / "s1" / f"{NAME}.csv").write_text("\n".join(keep) + "\n")
     s = ShardsSource(d, spec=str(spec))
-    got = _all(s, 1, 0, 1 << 64)
-    assert got.num_rows == len(keep) - 2 == 86
-    full = _all(src, 1, 0, 1 << 64)
-    m = got["morton"].to_numpy()
-    assert got.equals(full.filter(pa.array(np.isin(full["morton"].to_numpy(), m))))
+    assert _kinds(s) == {"unlisted": 1}
+    (u,) = [a for a in s.anomalies if a["kind"] == "unlisted"]
+    assert u["blocks"] == 258 - 86 and u["lost"] is False
+    assert _all(s, 1, 0, 1 << 64).equals(_all(src, 1, 0, 1 << 64))
 
 
-def test_real_export_quirks_are_exported_and_reported(tmp_path, caplog):
-    """What DVID's exporter leaves on real runs — a sidecar row whose record was never
-    written, a rerun appended to the same files, all-zero blocks with label list [0] — is
-    exported where it can be and reported with coordinates; nothing else of the shard is lost."""
+def _rows(n: int, z: int = 0, label: int = 10):
+    return [(x, y, z, [x + label], [x + label], bytes([x, y, z]) * 7) for x in range(n) for y in range(2)]
+
+
+def test_hand_made_quirks(tmp_path, caplog):
+    """What no DVID run leaves but a damaged copy can: a record cut by the end of the file,
+    all-zero blocks with label list [0], the same block twice in a stream, a block in two
+    files, a sidecar without its shard, a 0-byte shard — each exported where it can be and
+    reported with coordinates; nothing else of the directory is lost."""
     (tmp_path / "s0").mkdir()
-    rows = [(x, y, 0, [x + 10], [x + 10], bytes([x, y]) * 7) for x in range(3) for y in range(2)]
+    rows = _rows(3)
     rows.append((3, 0, 0, [0], [0], b"zero-block"))
     f = tmp_path / "s0" / "0_0_0.arrow"
     _write_shard(f, rows)
-    csv = f.with_suffix(".csv")
-    text = csv.read_text()
-    # a rerun into the same directory: the stream and its sidecar appended once more
-    first = f.read_bytes()
-    _write_shard(tmp_path / "again.arrow", rows[:2])
-    again = (tmp_path / "again.arrow").read_bytes()
-    shift = len(first)
-    lines = (tmp_path / "again.csv").read_text().splitlines()
-    moved = [ln if not ln[0].isdigit() else ",".join(
-        [*ln.split(",")[:3], str(int(ln.split(",")[3]) + shift), *ln.split(",")[4:]]) for ln in lines]
-    f.write_bytes(first + again)
-    # ... and a row DVID wrote before the record that never came
-    csv.write_text(text + "\n".join(moved) + "\n" + f"9,9,0,{shift + len(again)},500,0\n")
+    # the file cut inside the last record, its end marker and the end of the sidecar gone
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 8 - 3])
+    # a second file repeating block (0, 1, 0), written later
+    g = tmp_path / "s0" / "0_0_64.arrow"
+    _write_shard(g, [(0, 1, 0, [10], [99], b"newer copy"), (5, 5, 1, [50], [50], b"x" * 9)])
+    t0 = f.stat().st_mtime
+    os.utime(g, (t0 + 5, t0 + 5))
+    os.utime(g.with_suffix(".csv"), (t0 + 5, t0 + 5))
+    (tmp_path / "s0" / "64_0_0.csv").write_text("x,y,z,offset,size,batch_idx\n1,1,1,0,100,0\n")
+    (tmp_path / "s0" / "0_64_0.arrow").write_bytes(b"")
     with caplog.at_level("WARNING", logger="dvidetl.sources.shards"):
         s = ShardsSource(tmp_path)
-        t = _all(s, 0, 0, 1 << 64)
-        s.map_supervoxels(np.array([1], np.uint64))
-    c = s.anomaly_counts()
-    assert c == {"sidecar_rerun": 1, "duplicate": 2, "dangling_row": 1, "background_block": 1}, s.anomalies
-    assert {a["block"] for a in s.anomalies if a["kind"] == "duplicate"} == {(0, 0, 0), (0, 1, 0)}
-    assert [a["block"] for a in s.anomalies if a["kind"] == "dangling_row"] == [(9, 9, 0)]
-    assert [a["block"] for a in s.anomalies if a["kind"] == "background_block"] == [(3, 0, 0)]
+    k = _kinds(s)
+    assert k == {"truncated": 1, "dangling_row": 1, "duplicate": 1, "missing_shard": 1,
+                 "empty_file": 1}, s.anomalies
+    (tr,) = [a for a in s.anomalies if a["kind"] == "truncated"]
+    assert tr["block"] == (3, 0, 0) and tr["lost"] and tr["blocks"] == 1
+    (dg,) = [a for a in s.anomalies if a["kind"] == "dangling_row"]
+    assert dg["block"] == (3, 0, 0) and "ends inside that record" in dg["reason"]
+    (dup,) = [a for a in s.anomalies if a["kind"] == "duplicate"]
+    assert dup["block"] == (0, 1, 0) and "0_0_64.arrow, written later" in dup["reason"]
+    t = _all(s, 0, 0, 1 << 64)
     got = dict(zip(zip(t["x"].to_pylist(), t["y"].to_pylist(), t["z"].to_pylist(), strict=True),
                    t["data"].to_pylist(), strict=True))
-    assert got == {(r[0], r[1], r[2]): r[5] for r in rows}  # each block once, the zero block too
-    assert "dangling_row" in caplog.text and "(9, 9, 0)" in caplog.text
+    want = {(r[0], r[1], r[2]): r[5] for r in rows[:-1]}
+    want[(0, 1, 0)] = b"newer copy"
+    want[(5, 5, 1)] = b"x" * 9
+    assert got == want
+    # the mapping of exactly the exported records: the newer file's body for supervoxel 10
+    assert s.map_supervoxels(np.array([10, 11, 50], np.uint64)).tolist() == [99, 11, 50]
+    assert "truncated" in caplog.text and "(3, 0, 0)" in caplog.text
+
+
+def test_all_zero_blocks_are_noted(tmp_path):
+    (tmp_path / "s0").mkdir()
+    _write_shard(tmp_path / "s0" / "0_0_0.arrow", [*_rows(1), (3, 0, 0, [0], [0], b"zero-block")])
+    s = ShardsSource(tmp_path)
+    assert _kinds(s) == {"background_block": 1}
+    assert [a["block"] for a in s.anomalies if a["kind"] == "background_block"] == [(3, 0, 0)]
+    assert _all(s, 0, 0, 1 << 64).num_rows == 3
+
+
+def test_every_cut_of_a_stream(tmp_path, shared_data):
+    """A stream cut at any byte (a killed export, a partial copy) opens: the records wholly
+    before the cut are served byte for byte, the cut record is reported (with its block when
+    its coordinate buffers were written), never an OSError."""
+    whole = (shared_data / "mcns-shard" / f"{NAME}.arrow").read_bytes()
+    (tmp_path / "s1").mkdir()
+    f = tmp_path / "s1" / f"{NAME}.arrow"
+    ref = ShardsSource(_arrange(tmp_path / "ref", shared_data, with_csv=False))
+    full = _all(ref, 1, 0, 1 << 64)
+    from dvidetl.sources._shard_files import message_offsets
+
+    off, size, _ = message_offsets(tmp_path / "ref" / "s1" / f"{NAME}.arrow")
+    rng = np.random.default_rng(7)
+    cuts = sorted({*rng.integers(700, len(whole) - 9, 40).tolist(), int(off[3]), int(off[3]) + 1,
+                   int(off[3] + size[3]), int(off[3]) + 300, len(whole) - 8})
+    for cut in cuts:
+        f.write_bytes(whole[:cut])
+        s = ShardsSource(tmp_path)
+        whole_before = int(np.sum(off + size <= cut))
+        t = _all(s, 1, 0, 1 << 64)
+        assert t.num_rows == whole_before, cut
+        assert full.filter(pa.compute.is_in(full["morton"], t["morton"])).equals(t)
+        k = _kinds(s)
+        inside = bool(np.any((off < cut) & (off + size > cut)))
+        assert k == ({"truncated": 1} if inside else {"unterminated": 1}), (cut, s.anomalies)
+        assert all(a["lost"] for a in s.anomalies if a["kind"] != "no_export_log")
 
 
 def test_arrow_ipc_file_format(tmp_path, shared_data, file_table):
     """Shards written as Arrow IPC files (other tools) read like DVID's streams, with or
     without a sidecar."""
+    from dvidetl.sources._shard_files import message_offsets
+
     for with_csv in (False, True):
         d = tmp_path / f"f{with_csv}"
         (d / "s1").mkdir(parents=True)
@@ -419,15 +515,41 @@ def test_arrow_ipc_file_format(tmp_path, shared_data, file_table):
             for b in file_table.to_batches(max_chunksize=1):
                 w.write_batch(b)
         if with_csv:  # offsets of each record batch message, found by walking the file
-            from dvidetl.sources.shards import _scan_messages
-
-            off, size, _ = _scan_messages(out, file_table.schema)
+            off, size, _ = message_offsets(out)
             out.with_suffix(".csv").write_text("x,y,z,offset,size,batch_idx\n" + "".join(
                 f"{x},{y},{z},{o},{n},0\n" for x, y, z, o, n in zip(
                     file_table["chunk_x"].to_pylist(), file_table["chunk_y"].to_pylist(),
                     file_table["chunk_z"].to_pylist(), off.tolist(), size.tolist(), strict=True)))
         s = ShardsSource(d)
         t = _all(s, 1, 0, 1 << 64)
-        assert t.num_rows == file_table.num_rows and not s.anomalies
+        assert t.num_rows == file_table.num_rows and not _kinds(s)
         assert sorted(t["data"].to_pylist()) == sorted(file_table["dvid_compressed_block"].to_pylist())
         assert s.map_supervoxels(np.array([0], np.uint64)).tolist() == [0]
+
+
+def test_walker_against_pyarrow(shared_data):
+    """The numba header walk finds exactly the messages pyarrow's reader finds, and the
+    coordinates it reads from the buffers equal the decoded columns."""
+    from dvidetl.sources._shard_files import M_BLEN, M_BODY, M_OFF, M_TYPE, T_BATCH, scan_file
+
+    path = shared_data / "mcns-shard" / f"{NAME}.arrow"
+    with pa.memory_map(str(path)) as mm:
+        scan = scan_file(path, mm.read_buffer())
+        mm.seek(0)
+        reader = ipc.MessageReader.open_stream(mm)
+        offs, ends, types = [], [], []
+        while True:
+            start = mm.tell()
+            try:
+                msg = reader.read_next_message()
+            except StopIteration:
+                break
+            offs.append(start)
+            ends.append(mm.tell())
+            types.append(msg.type)
+    m = scan.msgs[scan.msgs[:, M_TYPE] != -1]
+    assert m[:, M_OFF].tolist() == offs and (m[:, M_BODY] + m[:, M_BLEN]).tolist() == ends
+    assert [t == T_BATCH for t in m[:, M_TYPE]] == [t == "record batch" for t in types]
+    t = ipc.open_stream(path.read_bytes()).read_all()
+    assert scan.readable.all()
+    assert scan.xyz.tolist() == np.stack([t[c].to_numpy() for c in ("chunk_x", "chunk_y", "chunk_z")], 1).tolist()

@@ -32,10 +32,40 @@ MAPPING_SCHEMA = pa.schema([("supervoxel", pa.uint64()), ("body", pa.uint64())])
 INDICES_SCHEMA = pa.schema([("label", pa.uint64()), ("data", pa.binary())])
 
 
+#: What a source found in its input that is not as the writer of that input should have left
+#: it — superseded copies, dangling index rows, cut records, … (``anomalies_table``): one
+#: row each, ``seq`` numbering them from 0 (the key the planner cuts them on). Nothing a
+#: source skips, drops or chooses between goes unreported: these rows are stored with the
+#: export (table ``source_anomalies``).
+ANOMALIES_SCHEMA = pa.schema(
+    [
+        ("seq", pa.uint64()),
+        ("kind", pa.string()),
+        ("scale", pa.uint8()),  # null: about the whole source
+        ("file", pa.string()),  # where, relative to the source ("" for the whole source)
+        ("x", pa.int32()),  # x, y, z, morton: the block, null when not about one block
+        ("y", pa.int32()),
+        ("z", pa.int32()),
+        ("morton", pa.uint64()),
+        ("blocks", pa.uint64()),  # block records the row stands for (copies, records of a file)
+        ("lost", pa.bool_()),  # blocks the export should hold are missing because of it
+        ("detail", pa.string()),
+    ]
+)
+
 #: exclusive end of the uint64 key space (labels, supervoxels, Morton codes)
 KEY_END = 1 << 64
-#: kinds of keyed tables a source counts with ``count_keys``
-KEY_KINDS = ("indices", "mapping")
+#: kinds of keyed tables a source counts with ``count_keys`` (``anomalies``: by ``seq``,
+#: answered by the Flight server from ``Source.anomalies``)
+KEY_KINDS = ("indices", "mapping", "anomalies")
+
+
+def anomaly_counts(table: pa.Table) -> dict[str, int]:
+    """Rows per ``kind`` of an anomalies table (wire or stored), for summaries."""
+    if table is None or table.num_rows == 0:
+        return {}
+    g = table.group_by("kind").aggregate([("kind", "count")])
+    return dict(sorted(zip(g["kind"].to_pylist(), g["kind_count"].to_pylist(), strict=True)))
 
 
 class KeyCounts(NamedTuple):
@@ -142,3 +172,7 @@ class Source(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # Optional: ``anomalies_table() -> pa.Table`` (ANOMALIES_SCHEMA, ``seq`` = 0, 1, ...):
+    # what the source found wrong in its input and how it dealt with it. A source without
+    # it reports none (the Flight server answers an empty table).

@@ -2,27 +2,47 @@
 
 DVID's exporter writes ``<dir>/s<scale>/<ox>_<oy>_<oz>.arrow`` (an Arrow IPC *stream*, one
 record batch per block by default) next to a ``.csv`` sidecar giving each block's byte range
-in the stream (dvid-formats §6). Real shards are multi-GB, so this source never loads a file:
-it builds a per-scale Morton index from the CSVs alone and, for a Morton range, reads just the
-byte ranges of the IPC messages it needs (``pyarrow.ipc.read_message`` + ``read_record_batch``
-with the schema read from the start of the file).
+in the stream (dvid-formats §6), and ``export.log`` when the export has finished. How DVID
+really writes them — reruns appended as whole new streams, sidecars truncated and written
+after their records, killed exports — is in ``sources._shard_files``; this source reads the
+files that way:
+
+* **The stream is the truth, the sidecar an index to check.** Each file's message headers
+  are walked once (a numba kernel over a memory map: block bytes are never read here); the
+  **last stream is the current export** and older streams are superseded copies, never
+  exported. Sidecar rows are checked against the records; a row that does not point at its
+  block's record is *dangling* (past the end, inside the file at no record, or at another
+  block's record) and reported; a record the sidecar does not list (a killed export's empty
+  sidecar) is exported all the same.
+* **A killed export is readable.** A cut record, a stream without its end marker, a 0-byte
+  shard or sidecar, bytes that are no Arrow message: the readable records are exported, the
+  rest reported with coordinates where the bytes still hold them.
+* **export.log says what the last finished export wrote.** Files written after it mean an
+  unfinished rerun; files older than the ones the log counts are left over from an earlier
+  run (a block set that lost a whole shard) and are not exported.
+* Nothing is silent: every such finding is an anomaly row (``anomalies()``, the
+  ``ANOMALIES_SCHEMA`` of ``sources.base``: kind, scale, file, block, blocks it stands for,
+  whether blocks are lost, a sentence), stored with the export by the run. A directory is
+  refused only when it holds no exportable block at all.
+
+Serving:
 
 * With ``spec`` (the neuroglancer multiscale spec DVID exported with) every scale's grid is
-  ``ceil(size / 64)`` and the Morton codes are the real neuroglancer ones; without it the grid
-  is the blocks' bounding box ``max + 1`` (block coordinates are never shifted).
+  ``ceil(size / 64)`` and the Morton codes are the real neuroglancer ones; blocks outside it
+  (DVID writes some at coarse scales) are exported on a grid grown to hold them, and
+  reported. Without a spec the grid is the blocks' bounding box ``max + 1``.
 * Blocks are served as stored: ``dvid_compressed_block`` is one zstd frame of the DVID block,
-  so ``info().codec == "zstd"``.
-* The mapping comes from the aligned ``supervoxels``/``labels`` columns (non-identity pairs,
-  deduplicated; one supervoxel mapped to two bodies is an error). It needs a scan of every
-  file, done once, lazily, through a memory map (only the list columns' pages are touched).
+  so ``info().codec == "zstd"``; a Morton range is read by byte ranges of its records.
+* The mapping comes from the aligned ``supervoxels``/``labels`` columns of **exactly the
+  records that are exported** (non-identity pairs, deduplicated), read once at open with one
+  zero-copy read per stream (only the list columns' pages are touched).
 * Shards carry no label indices: ``has_indices=False`` and ``read_indices`` yields nothing.
 * Path safety: only names matching ``s<digits>`` / ``<digits>_<digits>_<digits>.arrow`` are
   used (nothing from file contents or tickets becomes a path), and scale directories must
   resolve inside the root. Shard *files* may be symlinks (that is how tests assemble a
   directory from the shared data without copying it).
-* Older sidecars (``x,y,z,rec`` and ``x,y,z,rec,offset,size``) are accepted; for ``rec``-only
-  sidecars (or a missing sidecar) the message offsets are found by walking the stream's
-  message headers through a memory map, without reading block bytes.
+* Older sidecars (``x,y,z,rec`` and ``x,y,z,rec,offset,size``) are checked the same way, and
+  Arrow IPC *files* (other tools) are read like streams.
 """
 
 from __future__ import annotations
@@ -31,8 +51,8 @@ import logging
 import math
 import os
 import re
-import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -43,18 +63,26 @@ import pyarrow.ipc as ipc
 
 from dvidetl.batching import spans
 from dvidetl.errors import UserError
-from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_encode
-from dvidetl.sources._shard_files import (  # noqa: F401 - _load_spec, _scan_messages re-exported
+from dvidetl.geometry import ScaleInfo, VolumeInfo, in_grid, morton_encode
+from dvidetl.sources._shard_files import (  # noqa: F401 - _load_spec re-exported (dvid_http)
     BLOCK,
-    _is_ipc_file,
+    M_OFF,
+    M_ROWS,
+    R_OK,
+    W_BAD,
+    W_CUT,
+    FileScan,
     _load_spec,
-    _read_schema,
-    _read_sidecar,
     _ScaleIndex,
-    _scan_messages,
     _ShardFile,
+    match_sidecar,
+    read_export_log,
+    read_sidecar,
+    record_lists,
+    scan_file,
 )
 from dvidetl.sources.base import (
+    ANOMALIES_SCHEMA,
     BLOCKS_WIRE_SCHEMA,
     KEY_END,
     KeyCounts,
@@ -66,6 +94,7 @@ from dvidetl.urlquery import Query
 
 _SCALE_RE = re.compile(r"^s(\d+)$")
 _FILE_RE = re.compile(r"^(\d+)_(\d+)_(\d+)\.arrow$")
+_SIDECAR_RE = re.compile(r"^(\d+)_(\d+)_(\d+)\.csv$")
 
 #: bounds of one emitted record batch (payload bytes / blocks)
 MAX_BATCH_BYTES = 8 << 20
@@ -73,6 +102,8 @@ MAX_BATCH_BLOCKS = 4096
 #: byte ranges closer than this are read with one pread
 _COALESCE_GAP = 256 << 10
 _MAPPING_BATCH = 1 << 20
+#: mapping pairs gathered before they are deduplicated (bounds the accumulator)
+_PAIRS_COMPACT = 8 << 20
 
 
 log = logging.getLogger(__name__)
@@ -89,6 +120,18 @@ def open_url(url: str) -> ShardsSource:
     q = Query(url, ("spec", "uuid", "instance"))
     return ShardsSource(path, spec=q.str("spec"), uuid=q.str("uuid", "*"),
                         instance=q.str("instance", "segmentation"))
+
+
+@dataclass
+class _File:
+    """One shard file while the index is built: its scan and the records it exports."""
+
+    scale: int
+    path: Path
+    scan: FileScan
+    time: float  # when it was last written (the shard or its sidecar, the later)
+    keep: np.ndarray  # indices of the scan's records that are exported
+    rank: int = 0  # order of ``time`` among all files (the newest is the highest)
 
 
 class ShardsSource:
@@ -112,35 +155,76 @@ class ShardsSource:
         self._spec = _load_spec(spec) if spec else None
         self._spec_path = spec
         self._scales: dict[int, _ScaleIndex] = {}
-        self._mapping: tuple[np.ndarray, np.ndarray] | None = None
-        self._lock = threading.Lock()
-        self._build_lock = threading.Lock()
-        #: what in the files is not as DVID's exporter should have written it, each with its
-        #: file, block coordinates and what was done about it (reported, never silent)
-        self.anomalies: list[dict] = []
-        self._build_index()
-        self._report("index")
+        self._mapping: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+        #: what in the directory is not as DVID's exporter would have written it, each with
+        #: its scale, file, block coordinates, the blocks it stands for, whether blocks are
+        #: lost, and what was done about it (stored with the export: ``anomalies()``)
+        self.anomalies_found: list[dict] = []
+        self._table: pa.Table | None = None
+        self._build()
+        self._report()
 
-    def _note(self, kind: str, path, xyz, reason: str) -> None:
-        with self._lock:
-            self.anomalies.append({"kind": kind, "path": str(path),
-                                   "block": None if xyz is None else tuple(int(v) for v in xyz),
-                                   "reason": reason})
+    # ------------------------------------------------------------------ anomalies
+    def _note(self, kind: str, scale: int | None, path: Path | None, xyz=None, reason: str = "", *,
+              blocks: int = 0, lost: bool = False) -> None:
+        rel = "" if path is None else os.path.relpath(path, self.root)
+        self.anomalies_found.append({
+            "kind": kind, "scale": scale, "file": rel, "path": str(path or self.root),
+            "block": None if xyz is None else tuple(int(v) for v in xyz),
+            "blocks": int(blocks), "lost": bool(lost), "reason": reason})
+
+    @property
+    def anomalies(self) -> list[dict]:
+        """The anomalies as dicts (kind, scale, file, path, block, blocks, lost, reason);
+        ``anomalies_table()`` is the same as rows of ``sources.base.ANOMALIES_SCHEMA``."""
+        return self.anomalies_found
 
     def anomaly_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for a in self.anomalies:
+        for a in self.anomalies_found:
             out[a["kind"]] = out.get(a["kind"], 0) + 1
         return out
 
-    def _report(self, when: str, start: int = 0) -> None:
+    def anomalies_table(self) -> pa.Table:
+        """The anomalies as ``ANOMALIES_SCHEMA`` rows (``seq`` in the order they were found;
+        ``morton`` where the block lies inside its scale's grid)."""
+        if self._table is None:
+            rows = self.anomalies_found
+            n = len(rows)
+            xyz = np.array([a["block"] if a["block"] is not None else (0, 0, 0) for a in rows],
+                           np.int64).reshape(n, 3)
+            has = np.array([a["block"] is not None for a in rows], bool)
+            scale = np.array([-1 if a["scale"] is None else a["scale"] for a in rows], np.int64)
+            morton = np.zeros(n, np.uint64)
+            placed = np.zeros(n, bool)
+            for s, idx in self._scales.items():
+                sel = has & (scale == s)
+                g = idx.info.grid
+                sel &= in_grid(xyz[:, 0], xyz[:, 1], xyz[:, 2], g)
+                morton[sel] = morton_encode(xyz[sel, 0], xyz[sel, 1], xyz[sel, 2], g)
+                placed |= sel
+            small = has & np.all((xyz >= 0) & (xyz < 2**31), axis=1)
+            self._table = pa.table({
+                "seq": pa.array(np.arange(n, dtype=np.uint64)),
+                "kind": pa.array([a["kind"] for a in rows], pa.string()),
+                "scale": pa.array(scale.clip(0, 255).astype(np.uint8), mask=scale < 0),
+                "file": pa.array([a["file"] for a in rows], pa.string()),
+                **{c: pa.array(xyz[:, i].clip(0, 2**31 - 1).astype(np.int32), mask=~small)
+                   for i, c in enumerate("xyz")},
+                "morton": pa.array(morton, mask=~placed),
+                "blocks": pa.array(np.array([a["blocks"] for a in rows], np.uint64)),
+                "lost": pa.array([a["lost"] for a in rows], pa.bool_()),
+                "detail": pa.array([a["reason"] for a in rows], pa.string()),
+            }, schema=ANOMALIES_SCHEMA)
+        return self._table
+
+    def _report(self) -> None:
         """One warning per kind of anomaly found (count and the first examples)."""
-        new = self.anomalies[start:]
         kinds: dict[str, list[dict]] = {}
-        for a in new:
+        for a in self.anomalies_found:
             kinds.setdefault(a["kind"], []).append(a)
         for kind, items in kinds.items():
-            ex = "; ".join(f"{Path(a['path']).name}" + (f" block {a['block']}" if a["block"] else "")
+            ex = "; ".join(f"{a['file'] or '.'}" + (f" block {a['block']}" if a["block"] else "")
                            + f": {a['reason']}" for a in items[:3])
             log.warning("%s: %d x %s (%s)%s", self.root, len(items), kind, ex,
                         " ..." if len(items) > 3 else "")
@@ -158,114 +242,348 @@ class ShardsSource:
                     f"{self.root / entry}: scale directory resolves outside {self.root}"
                 )
             if p.is_dir():
-                out.append((int(m.group(1)), p))
+                out.append((int(m.group(1)), self.root / entry))
         return out
 
-    def _build_index(self) -> None:
+    def _build(self) -> None:
         scale_dirs = self._scale_dirs()
         if not scale_dirs:
             raise UserError(f"{self.root}: no s<scale> directories (not an export-shards output)")
+        files: list[_File] = []
         for scale, sdir in scale_dirs:
-            files: list[_ShardFile] = []
-            parts: list[dict[str, np.ndarray]] = []
-            for name in sorted(os.listdir(sdir)):
-                if not _FILE_RE.match(name):
-                    continue
-                path = sdir / name  # may be a symlink to the real file (tests, shared data)
-                if not path.is_file():
-                    raise UserError(f"{path}: not a regular file")
-                sf = _ShardFile(path=path, schema=_read_schema(path), size=path.stat().st_size,
-                                file_format=_is_ipc_file(path))
-                csv_path = path.with_suffix(".csv")
-                if csv_path.is_file():
-                    d = _read_sidecar(csv_path, sf, self._note)
-                else:  # no sidecar: walk the stream's message headers
-                    moff, msize, mrows = _scan_messages(path, sf.schema)
-                    d = self._index_by_scan(sf, moff, msize, mrows)
-                d = self._last_copy_only(d, path)
-                d["file_id"] = np.full(len(d["x"]), len(files), dtype=np.int32)
-                sf.schema_msg = sf.schema.serialize().to_pybytes()
-                sf.msg_off, first = np.unique(d["offset"], return_index=True)
-                sf.msg_end = sf.msg_off + d["size"][first]
-                files.append(sf)
-                parts.append(d)
-            self._scales[scale] = self._make_scale_index(scale, files, parts)
+            names = sorted(os.listdir(sdir))
+            for name in names:
+                if _FILE_RE.match(name):
+                    f = self._read_file(scale, sdir / name)
+                    if f is not None:
+                        files.append(f)
+                elif _SIDECAR_RE.match(name) and name[:-4] + ".arrow" not in names:
+                    sc = read_sidecar(sdir / name)
+                    self._note("missing_shard", scale, sdir / name, None,
+                               f"a sidecar listing {sc.rows} blocks without its .arrow shard: "
+                               "those blocks are not in the directory", blocks=sc.rows,
+                               lost=sc.rows > 0)
+        for rank, k in enumerate(sorted(range(len(files)), key=lambda i: (files[i].time, i))):
+            files[k].rank = rank
+        self._check_export_log(files, [s for s, _ in scale_dirs])
+        for scale, _ in scale_dirs:
+            self._drop_duplicates([f for f in files if f.scale == scale])
+        self._mapping = self._read_lists(files)
+        for scale, _ in scale_dirs:
+            self._scales[scale] = self._make_scale_index(scale, [f for f in files if f.scale == scale])
+        if files and not any(len(idx.morton) for idx in self._scales.values()) and self.anomalies_found:
+            first = self.anomalies_found[0]
+            raise UserError(f"{self.root}: no exportable block in {len(files)} shard file(s); "
+                            f"{len(self.anomalies_found)} problem(s), the first: "
+                            f"{first['file'] or '.'}: {first['reason']}")
 
-    def _last_copy_only(self, d: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
-        """A block listed twice in one file (an appended rerun): keep the copy written last."""
-        key = (d["x"].astype(np.int64) << 42) | (d["y"].astype(np.int64) << 21) | d["z"].astype(np.int64)
-        if len(key) < 2:
-            return d
-        rev = key[::-1]
-        _, first_rev = np.unique(rev, return_index=True)
-        last = np.sort(len(key) - 1 - first_rev)
-        if len(last) == len(key):
-            return d
-        dropped = np.setdiff1d(np.arange(len(key)), last)
-        for i in dropped.tolist():
-            self._note("duplicate", path, (d["x"][i], d["y"][i], d["z"][i]),
-                       "block listed again later in the same file (a rerun appended it): the "
-                       "later copy is exported")
-        return {k: v[last] for k, v in d.items()}
+    def _read_file(self, scale: int, path: Path) -> _File | None:
+        """One shard file: its streams walked, its sidecar checked, its anomalies noted."""
+        if not path.is_file():
+            self._note("unreadable", scale, path, None, "not a regular file", lost=True)
+            return None
+        csv = path.with_suffix(".csv")
+        st = path.stat()
+        time = max(st.st_mtime, csv.stat().st_mtime if csv.is_file() else 0.0)
+        if st.st_size == 0:
+            scan = FileScan(path, 0, st.st_mtime, False, np.zeros((0, 10), np.int64), [], 0, 0)
+            self._note("empty_file", scale, path, None, "0 bytes: the export created this shard "
+                       "and was killed before it wrote the first record", lost=True)
+        else:
+            with pa.memory_map(str(path)) as mm:
+                scan = scan_file(path, mm.read_buffer())
+            self._note_streams(scale, scan)
+        keep = np.flatnonzero(scan.readable)
+        if csv.is_file():
+            self._check_sidecar(scale, scan, csv)
+        bad = np.flatnonzero(~scan.readable)
+        if len(bad) and scan.current is not None and not scan.current.problem:
+            for r in bad.tolist():
+                self._note("bad_record", scale, path, None,
+                           f"record {int(scan.rec_row[r])} of the batch at byte "
+                           f"{int(scan.msgs[scan.rec_msg[r], M_OFF])}: its block coordinates "
+                           "cannot be read; not exported", blocks=1, lost=True)
+        neg = keep[np.any(scan.xyz[keep] < 0, axis=1)]
+        for r in neg.tolist():
+            self._note("bad_record", scale, path, None, f"negative block coordinates "
+                       f"{tuple(int(v) for v in scan.xyz[r])}: on no neuroglancer grid; not "
+                       "exported", blocks=1, lost=True)
+        keep = np.setdiff1d(keep, neg)
+        return _File(scale, path, scan, time, keep)
 
-    @staticmethod
-    def _index_by_scan(sf: _ShardFile, moff, msize, mrows) -> dict[str, np.ndarray]:
-        """Index of a file without sidecar: block coordinates need each batch's chunk columns."""
-        xs, ys, zs, offs, sizes, rows = [], [], [], [], [], []
-        with pa.memory_map(str(sf.path)) as mm:
-            for off, size, nrows in zip(
-                moff.tolist(), msize.tolist(), mrows.tolist(), strict=False
-            ):
-                mm.seek(off)
-                batch = ipc.read_record_batch(ipc.read_message(mm.read_buffer(size)), sf.schema)
-                xs.append(batch.column("chunk_x").to_numpy())
-                ys.append(batch.column("chunk_y").to_numpy())
-                zs.append(batch.column("chunk_z").to_numpy())
-                offs.append(np.full(nrows, off, dtype=np.int64))
-                sizes.append(np.full(nrows, size, dtype=np.int64))
-                rows.append(np.arange(nrows, dtype=np.int64))
+    def _note_streams(self, scale: int, scan: FileScan) -> None:
+        path, streams = scan.path, scan.streams
+        msgs = scan.msgs
+        for i, s in enumerate(streams[:-1]):
+            n = int(msgs[s.batches, M_ROWS].sum())
+            end = streams[i + 1].start
+            self._note("superseded", scale, path, None,
+                       f"stream {i + 1} of {len(streams)} (bytes {s.start}..{end}): {n} block "
+                       "records an earlier export-shards run into this directory wrote; the last "
+                       "stream is the current export, these copies are not exported", blocks=n)
+        cur = scan.current
+        if scan.orphans:
+            self._note("unreadable", scale, path, None, f"{scan.orphans} record batch(es) outside "
+                       "any stream (no schema before them): not exported", blocks=scan.orphans,
+                       lost=True)
+        if cur is None:
+            if scan.reason != W_BAD:
+                self._note("unreadable", scale, path, None, "no Arrow IPC stream in it", lost=True)
+        elif cur.problem:
+            self._note("unreadable", scale, path, None, f"its current stream: {cur.problem}; its "
+                       f"{cur.records} records are not exported", blocks=cur.records, lost=True)
+        elif cur.writers > 1:
+            self._note("interleaved", scale, path, None,
+                       f"{cur.writers} writers wrote their streams into this file at once "
+                       "(DVID's exporter gives every shard of a non-cubic shard shape the same "
+                       f"file name): all their {cur.records} records are read; the sidecar, which "
+                       "each of them rewrote, cannot index them")
+        if scan.reason == W_BAD:
+            self._note("unreadable", scale, path, None, f"bytes {scan.stop}..{scan.size} are not "
+                       "Arrow IPC messages; the records before them are read", lost=True)
+        elif scan.reason == W_CUT:
+            for xyz, off in scan.cut:
+                self._note("truncated", scale, path, xyz,
+                           f"the file ends at byte {scan.size} inside this record (it starts at "
+                           f"byte {off}): the export was killed while writing it; not exported"
+                           + ("" if xyz else " (its block coordinates were not written yet)"),
+                           blocks=1, lost=True)
+            if not scan.cut:
+                self._note("truncated", scale, path, None,
+                           f"the file ends inside a message header at byte {scan.size}: the "
+                           "export was killed while writing it", lost=True)
+        elif cur is not None and not cur.eos and not scan.file_format:
+            self._note("unterminated", scale, path, None,
+                       "the current stream has no end-of-stream marker: the export stopped "
+                       "writing this shard before finishing it (killed, or still running); "
+                       f"its {cur.records} records are read, blocks it had not written yet are "
+                       "missing", lost=True)
 
-        def cat(a, dt):
-            return np.concatenate(a).astype(dt) if a else np.zeros(0, dtype=dt)
+    def _check_sidecar(self, scale: int, scan: FileScan, csv: Path) -> None:
+        sc = read_sidecar(csv)
+        records = len(scan.rec_msg)
+        if sc.size == 0 or (sc.rows == 0 and not sc.problems):
+            if records:
+                self._note("empty_sidecar", scale, csv, None,
+                           f"{'0-byte' if sc.size == 0 else 'header-only'} sidecar (DVID writes "
+                           "it when the shard is finished, so the export was killed while writing "
+                           f"this shard): its {records} records were indexed from the stream")
+            return
+        status, rec, why = match_sidecar(sc, scan)
+        bad = np.flatnonzero(status != R_OK)
+        have = {tuple(v) for v in scan.xyz[scan.readable].tolist()} if len(bad) else set()
+        for i, reason in zip(bad.tolist(), why, strict=True):
+            xyz = (int(sc.x[i]), int(sc.y[i]), int(sc.z[i]))
+            lost = xyz not in have
+            self._note("dangling_row", scale, csv, xyz if min(xyz) >= 0 else None,
+                       f"sidecar row {i + 1}: {reason}; " + ("this block has no record in the "
+                       "current stream: not exported" if lost else "the block's record is "
+                       "elsewhere in the stream and is exported"), blocks=1, lost=lost)
+        if sc.problems:
+            self._note("bad_sidecar", scale, csv, None, "; ".join(sc.problems)
+                       + f"; {sc.rows} rows read and checked, the records indexed from the stream")
+        listed = np.zeros(records, bool)
+        listed[rec[rec >= 0]] = True
+        unlisted = int((~listed & scan.readable).sum())
+        if unlisted and not (scan.current is not None and scan.current.writers > 1):
+            self._note("unlisted", scale, scan.path, None,
+                       f"{unlisted} records of the current stream are not in the sidecar: indexed "
+                       "from the stream and exported", blocks=unlisted)
 
-        return {
-            "x": cat(xs, np.int64),
-            "y": cat(ys, np.int64),
-            "z": cat(zs, np.int64),
-            "offset": cat(offs, np.int64),
-            "size": cat(sizes, np.int64),
-            "row": cat(rows, np.int64),
-        }
+    def _check_export_log(self, files: list[_File], scales: list[int]) -> None:
+        """What ``export.log`` says the last finished export wrote, against the files:
+        files older than the ones it counts are an earlier run's leftovers (not exported)."""
+        elog = read_export_log(self.root)
+        where = self.root / "export.log"
+        if elog is None or not elog.finished:
+            self._note("no_export_log", None, where, None,
+                       ("export.log is incomplete" if elog else "no export.log")
+                       + " (DVID writes it when export-shards has finished): dvidetl cannot tell "
+                       "whether the export finished, nor whether files of an earlier run into this "
+                       "directory are left over; every shard's current stream is exported")
+            return
+        newer = [f for f in files if f.time > elog.mtime]
+        if newer:
+            self._note("unfinished_export", None, where, None,
+                       f"{len(newer)} shard file(s) (the first: {os.path.relpath(newer[0].path, self.root)}) "
+                       "were written after export.log: an export-shards run into this directory "
+                       "did not finish (killed, or still running); every shard's current stream "
+                       "is exported, and shards that run had not reached hold an earlier run's "
+                       "blocks", lost=True)
+            return
+        for scale in sorted(set(scales) | set(elog.scales)):
+            fs = sorted((f for f in files if f.scale == scale and len(f.scan.rec_msg)),
+                        key=lambda f: -f.rank)
+            written = elog.scales.get(scale, (0, 0))[1]
+            cum = np.cumsum([len(f.scan.rec_msg) for f in fs]).tolist()
+            if written == 0:
+                k = 0
+            elif written in cum:
+                k = cum.index(written) + 1
+            else:
+                have = cum[-1] if cum else 0
+                self._note("export_log_mismatch", scale, where, None,
+                           f"export.log says the export wrote {written} blocks at scale {scale}; "
+                           f"the current streams of its {len(fs)} files hold {have}: files are "
+                           "missing or were changed after the export; every file's current "
+                           "stream is exported", lost=have < written)
+                continue
+            for f in fs[k:]:
+                n = len(f.scan.rec_msg)
+                self._note("stale_file", scale, f.path, None,
+                           f"not written by the export export.log reports ({written} blocks at "
+                           f"scale {scale}, all in newer files): its {n} blocks are left over from "
+                           "an earlier export-shards run and are not exported", blocks=n)
+                f.keep = f.keep[:0]
 
-    def _make_scale_index(self, scale: int, files, parts) -> _ScaleIndex:
-        def cat(key, dt):
-            return np.concatenate([p[key] for p in parts]).astype(dt) if parts else np.zeros(0, dt)
+    def _drop_duplicates(self, files: list[_File]) -> None:
+        """A block with more than one current record in a scale (the same file twice, or two
+        files): the record written last is exported, the others reported."""
+        fid = np.concatenate([np.full(len(f.keep), i) for i, f in enumerate(files)] or [np.zeros(0, int)])
+        rec = np.concatenate([f.keep for f in files] or [np.zeros(0, int)]).astype(np.int64)
+        if len(rec) < 2:
+            return
+        xyz = np.concatenate([f.scan.xyz[f.keep] for f in files])
+        rank = np.array([f.rank for f in files])[fid]
+        order = np.lexsort((-rec, -rank, xyz[:, 2], xyz[:, 1], xyz[:, 0]))
+        sx = xyz[order]
+        dup = np.concatenate([[False], np.all(sx[1:] == sx[:-1], axis=1)])
+        if not dup.any():
+            return
+        keeper = order[np.maximum.accumulate(np.where(~dup, np.arange(len(order)), 0))]
+        drop = np.zeros(len(rec), bool)
+        for j in np.flatnonzero(dup).tolist():
+            i, w = int(order[j]), int(keeper[j])
+            drop[i] = True
+            f, fw = files[fid[i]], files[fid[w]]
+            where = ("later in the same stream" if fid[i] == fid[w] else
+                     f"also in {os.path.relpath(fw.path, self.root)}, written later")
+            self._note("duplicate", f.scale, f.path, xyz[i],
+                       f"the block has another record {where}: that one is exported, not this one",
+                       blocks=1)
+        for i, f in enumerate(files):
+            f.keep = rec[(fid == i) & ~drop]
 
-        x, y, z = cat("x", np.int64), cat("y", np.int64), cat("z", np.int64)
+    def _read_lists(self, files: list[_File]) -> tuple[np.ndarray, np.ndarray]:
+        """The label lists of exactly the exported records: records that do not decode (or
+        whose lists disagree) leave the index, all-background blocks are noted, and the
+        non-identity (supervoxel, body) pairs become the mapping — where files disagree about
+        a supervoxel, the file written last decides (and the disagreement is reported)."""
+        acc_sv: list[np.ndarray] = []
+        acc_body: list[np.ndarray] = []
+        acc_rank: list[np.ndarray] = []
+        for f in files:
+            if not len(f.keep):
+                continue
+            with pa.memory_map(str(f.path)) as mm:
+                table, ok = record_lists(mm.read_buffer(), f.scan)
+                bad = f.keep[~ok[f.keep]]
+                for r in bad.tolist():
+                    self._note("bad_record", f.scale, f.path, f.scan.xyz[r],
+                               f"the record at byte {int(f.scan.msgs[f.scan.rec_msg[r], M_OFF])} "
+                               "does not decode: not exported", blocks=1, lost=True)
+                keep = f.keep[ok[f.keep]]
+                sub = table.take(pa.array(keep)).combine_chunks()
+                svs, bodies = sub.column("supervoxels"), sub.column("labels")
+                len_sv = pc.fill_null(pc.list_value_length(svs), -1).to_numpy()
+                len_b = pc.fill_null(pc.list_value_length(bodies), -2).to_numpy()
+                xyz_t = np.stack([sub.column(c).to_numpy(zero_copy_only=False) for c in
+                                  ("chunk_x", "chunk_y", "chunk_z")], 1)
+                good = (len_sv == len_b) & np.all(xyz_t == f.scan.xyz[keep], axis=1)
+                for j in np.flatnonzero(~good).tolist():
+                    self._note("bad_record", f.scale, f.path, f.scan.xyz[keep[j]],
+                               "its supervoxels and labels lists differ in length (they must be "
+                               "aligned one to one): not exported", blocks=1, lost=True)
+                if not good.all():
+                    keep, sub = keep[good], sub.filter(pa.array(good))
+                    svs, bodies = sub.column("supervoxels"), sub.column("labels")
+                    len_sv = len_sv[good]
+                f.keep = keep
+                sv = pc.list_flatten(svs).to_numpy().astype(np.uint64, copy=True)
+                body = pc.list_flatten(bodies).to_numpy().astype(np.uint64, copy=True)
+                starts = np.concatenate([[0], np.cumsum(len_sv)[:-1]]).astype(np.int64)
+                zero = (len_sv == 1) & (sv[np.minimum(starts, max(len(sv) - 1, 0))] == 0) \
+                    if len(sv) else np.zeros(len(keep), bool)
+                for j in np.flatnonzero(zero).tolist():
+                    self._note("background_block", f.scale, f.path, f.scan.xyz[keep[j]],
+                               "all-zero block (label list [0]; DVID's exporter skips these): "
+                               "exported as stored")
+            nonid = sv != body
+            acc_sv.append(sv[nonid])
+            acc_body.append(body[nonid])
+            acc_rank.append(np.full(int(nonid.sum()), f.rank, np.int64))
+            if sum(len(a) for a in acc_sv) > _PAIRS_COMPACT:
+                acc_sv, acc_body, acc_rank = (
+                    [a] for a in _newest_pairs(*map(np.concatenate, (acc_sv, acc_body, acc_rank))))
+        if not acc_sv:
+            return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        sv, body, rank = _newest_pairs(*map(np.concatenate, (acc_sv, acc_body, acc_rank)))
+        rank = rank[sv != 0]
+        sv, body = drop_background(sv, body, str(self.root))
+        clash = np.flatnonzero(np.concatenate([sv[1:] == sv[:-1], [False]]))
+        keep = np.ones(len(sv), bool)
+        by_rank = sorted(files, key=lambda f: f.rank)
+        for i in clash.tolist():
+            # pairs of one supervoxel sorted by rank: the last (newest) wins
+            j = i
+            while j + 1 < len(sv) and sv[j + 1] == sv[i]:
+                j += 1
+            keep[i:j] = False
+            if i == 0 or sv[i - 1] != sv[i]:
+                self._note("mapping_conflict", None, by_rank[int(rank[j])].path, None,
+                           f"supervoxel {int(sv[i])} is mapped to body {int(body[j])} in this file "
+                           "and to " + ", ".join(f"{int(b)}" for b in body[i:j])
+                           + " in files written earlier (" + ", ".join(
+                               os.path.relpath(by_rank[int(r)].path, self.root) for r in rank[i:j])
+                           + f"): {int(body[j])} is exported")
+        return sv[keep], body[keep]
+
+    def _make_scale_index(self, scale: int, files: list[_File]) -> _ScaleIndex:
+        files = [f for f in files if len(f.keep)]
+        shard_files: list[_ShardFile] = []
+        parts = []
+        for i, f in enumerate(files):
+            scan, cur = f.scan, f.scan.current
+            msg = scan.rec_msg[f.keep]
+            complete = scan.complete()
+            with pa.memory_map(str(f.path)) as mm:
+                schema_msg = bytes(mm.read_at(cur.schema_end - cur.start, cur.start))
+            shard_files.append(_ShardFile(
+                path=f.path, schema=cur.schema, size=scan.size, file_format=scan.file_format,
+                schema_msg=schema_msg, msg_off=scan.msgs[complete, M_OFF],
+                msg_end=scan.msg_end(complete)))
+            parts.append((scan.xyz[f.keep], scan.msgs[msg, M_OFF], scan.msg_end(msg) - scan.msgs[msg, M_OFF],
+                          scan.rec_row[f.keep], np.full(len(f.keep), i, np.int32)))
+        if parts:
+            xyz, off, size, row, fid = (np.concatenate(c) for c in zip(*parts, strict=True))
+        else:
+            xyz = np.zeros((0, 3), np.int64)
+            off = size = row = np.zeros(0, np.int64)
+            fid = np.zeros(0, np.int32)
+        x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
         if self._spec is not None:
             if scale >= len(self._spec):
                 raise UserError(
                     f"{self.root}/s{scale}: the spec {self._spec_path!r} has only "
                     f"{len(self._spec)} scales"
                 )
-            size = [int(v) for v in self._spec[scale]["size"]]
-            grid = tuple(math.ceil(v / BLOCK) for v in size)
-            vmin, vmax = (0, 0, 0), tuple(size)
+            size_v = [int(v) for v in self._spec[scale]["size"]]
+            grid = tuple(math.ceil(v / BLOCK) for v in size_v)
+            vmin, vmax = (0, 0, 0), tuple(size_v)
             outside = (x >= grid[0]) | (y >= grid[1]) | (z >= grid[2])
             if outside.any():
                 # DVID's exporter writes blocks past the spec's extent at coarse scales: export
                 # them, on a grid grown to hold them (the Morton codes change only if an
                 # axis then needs another bit)
-                fids = cat("file_id", np.int32)
                 grown = (max(grid[0], int(x.max()) + 1), max(grid[1], int(y.max()) + 1),
                          max(grid[2], int(z.max()) + 1))
                 same = all(math.ceil(math.log2(max(a, 1))) == math.ceil(math.log2(max(b, 1)))
                            for a, b in zip(grid, grown, strict=True))
                 for i in np.flatnonzero(outside).tolist():
-                    self._note("outside_grid", files[int(fids[i])].path, (x[i], y[i], z[i]),
+                    self._note("outside_grid", scale, files[int(fid[i])].path, xyz[i],
                                f"outside the scale-{scale} grid {grid} of the spec: exported on "
                                f"the grid {grown}" + ("" if same else " (Morton codes of this "
-                               "scale then differ from the spec's)"))
+                               "scale then differ from the spec's)"), blocks=1)
                 grid = grown
                 vmax = tuple(max(v, g * BLOCK) for v, g in zip(vmax, grid, strict=True))
         elif len(x):
@@ -279,28 +597,17 @@ class ShardsSource:
         )
         morton = morton_encode(x, y, z, grid)
         order = np.argsort(morton, kind="stable")
-        morton = morton[order]
-        file_id = cat("file_id", np.int32)[order]
-        dup = np.flatnonzero(morton[1:] == morton[:-1])
-        if dup.size:
-            i = int(order[dup[0]])
-            j = int(order[dup[0] + 1])
-            fids = cat("file_id", np.int32)
-            raise UserError(
-                f"block ({x[i]},{y[i]},{z[i]}) of scale {scale} appears twice: in "
-                f"{files[fids[i]].path.name} and {files[fids[j]].path.name}"
-            )
         return _ScaleIndex(
             info=info,
-            files=files,
-            morton=morton,
+            files=shard_files,
+            morton=morton[order],
             x=x[order].astype(np.int32),
             y=y[order].astype(np.int32),
             z=z[order].astype(np.int32),
-            file_id=file_id,
-            offset=cat("offset", np.int64)[order],
-            size=cat("size", np.int64)[order],
-            row=cat("row", np.int64)[order].astype(np.int32),
+            file_id=fid[order],
+            offset=off[order].astype(np.int64),
+            size=size[order].astype(np.int64),
+            row=row[order].astype(np.int32),
         )
 
     # ------------------------------------------------------------------ Source
@@ -372,7 +679,10 @@ class ShardsSource:
             run_end = np.maximum.accumulate(ends)
             new_span = np.concatenate([[True], offs[1:] > run_end[:-1] + _COALESCE_GAP])
             span_ids = np.cumsum(new_span) - 1
-            fd = os.open(sf.path, os.O_RDONLY)
+            try:
+                fd = os.open(sf.path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise _changed(sf, "the file is gone") from None
             try:
                 for s in range(int(span_ids[-1]) + 1):
                     sel = np.flatnonzero(span_ids == s)
@@ -380,9 +690,8 @@ class ShardsSource:
                     s_hi = int(ends[sel].max())
                     buf = os.pread(fd, s_hi - s_lo, s_lo)
                     if len(buf) != s_hi - s_lo:
-                        raise UserError(
-                            f"{sf.path}: file shorter than its sidecar says (byte {s_lo + len(buf)})"
-                        )
+                        raise _changed(sf, f"it ends at byte {s_lo + len(buf)}, inside a record "
+                                           f"that was complete (was {sf.size} bytes)")
                     if self._read_run(
                         sf, buf, s_lo, s_hi, offs[sel], rows[sel], pos[sel], pieces, xyz_check
                     ):
@@ -397,9 +706,8 @@ class ShardsSource:
                             cache[o] = batch
                         r = int(rows[k])
                         if r >= batch.num_rows:
-                            raise UserError(
-                                f"{sf.path}: sidecar row {r} past the {batch.num_rows}-row batch at byte {o}"
-                            )
+                            raise _changed(sf, f"the batch at byte {o} has {batch.num_rows} rows, "
+                                               f"not the {r + 1} it had")
                         p = int(pos[k])
                         pieces.append(
                             (pos[k : k + 1], batch.column("dvid_compressed_block").slice(r, 1))
@@ -417,10 +725,9 @@ class ShardsSource:
         )
         if bad.size:
             k = int(bad[0])
-            raise UserError(
-                f"{idx.files[int(idx.file_id[a + k])].path}: sidecar says block ({x[k]},{y[k]},{z[k]}) "
-                f"at byte {idx.offset[a + k]} but the record there is block {tuple(xyz_check[k].tolist())}"
-            )
+            raise _changed(idx.files[int(idx.file_id[a + k])],
+                           f"the record at byte {idx.offset[a + k]} is block "
+                           f"{tuple(xyz_check[k].tolist())}, it was ({x[k]}, {y[k]}, {z[k]})")
         where = np.concatenate([pc_[0] for pc_ in pieces])
         data = pa.concat_arrays([pc_[1].cast(pa.binary()) for pc_ in pieces])
         if not np.array_equal(where, np.arange(n)):
@@ -485,67 +792,11 @@ class ShardsSource:
                 raise ValueError(f"message type is {msg.type!r}")
             return ipc.read_record_batch(msg, sf.schema)
         except (pa.ArrowInvalid, ValueError, OSError) as exc:
-            raise UserError(
-                f"{sf.path}: no valid record batch at byte {absolute} (size {size}) as the sidecar says: {exc}"
-            ) from None
+            raise _changed(sf, f"no valid record batch at byte {absolute} (size {size}): {exc}") from None
 
     # ------------------------------------------------------------------ mapping
     def _mapping_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        with self._build_lock:
-            if self._mapping is None:
-                start = len(self.anomalies)
-                self._mapping = self._build_mapping()
-                self._report("mapping", start)
-            return self._mapping
-
-    def _build_mapping(self) -> tuple[np.ndarray, np.ndarray]:
-        """Non-identity (sv, body) pairs of all files, deduplicated, sorted by sv."""
-        acc_sv: list[np.ndarray] = []
-        acc_body: list[np.ndarray] = []
-        for scale in sorted(self._scales):
-            for sf in self._scales[scale].files:
-                sv, body = self._file_pairs(sf)
-                acc_sv.append(sv)
-                acc_body.append(body)
-                if sum(len(a) for a in acc_sv) > (8 << 20):  # keep the accumulator compact
-                    s, b = _dedupe_pairs(np.concatenate(acc_sv), np.concatenate(acc_body), sf.path)
-                    acc_sv, acc_body = [s], [b]
-        if not acc_sv:
-            return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-        return _dedupe_pairs(np.concatenate(acc_sv), np.concatenate(acc_body), self.root)
-
-    def _file_pairs(self, sf: _ShardFile) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            with pa.memory_map(str(sf.path)) as mm:
-                opened = ipc.open_file(mm) if sf.file_format else ipc.open_stream(mm)
-                table = opened.read_all().select(["supervoxels", "labels", "chunk_x", "chunk_y", "chunk_z"])
-                svs = table.column("supervoxels")
-                bodies = table.column("labels")
-                if table.num_rows == 0:
-                    return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-                len_sv = pc.list_value_length(svs)
-                len_b = pc.list_value_length(bodies)
-                if not pc.all(pc.equal(len_sv, len_b)).as_py():
-                    row = int(pc.index(pc.equal(len_sv, len_b), False).as_py())
-                    raise UserError(
-                        f"{sf.path}: row {row} has supervoxels and labels of different lengths "
-                        "(they must be aligned one to one)"
-                    )
-                sv = pc.list_flatten(svs).to_numpy().astype(np.uint64, copy=True)
-                body = pc.list_flatten(bodies).to_numpy().astype(np.uint64, copy=True)
-                # all-background blocks (label list [0]): exported as stored, but reported
-                one = pc.equal(len_sv, 1)
-                zero = pc.and_(one, pc.equal(pc.list_element(pc.if_else(one, svs, None), 0), 0))
-                zero = pc.fill_null(zero, False).to_numpy(zero_copy_only=False)
-                for i in np.flatnonzero(zero).tolist():
-                    self._note("background_block", sf.path,
-                               tuple(table.column(c)[i].as_py() for c in ("chunk_x", "chunk_y", "chunk_z")),
-                               "all-zero block (label list [0]): exported as stored")
-        except pa.ArrowInvalid as exc:
-            raise UserError(f"{sf.path}: cannot read the Arrow stream ({exc})") from None
-        keep = sv != body
-        sv, body = drop_background(sv[keep], body[keep], str(sf.path))
-        return _dedupe_pairs(sv, body, sf.path)
+        return self._mapping
 
     def map_supervoxels(self, svs: np.ndarray) -> np.ndarray:
         """Body of each supervoxel (identity where unmapped); vectorized searchsorted."""
@@ -566,8 +817,8 @@ class ShardsSource:
         return mapping_batches(*self._mapping_arrays(), lo, hi, _MAPPING_BATCH)
 
     def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = KEY_END) -> KeyCounts:
-        """Exact for the mapping (from the label lists of every block); shards carry no
-        label indices, so ``indices`` counts nothing."""
+        """Exact for the mapping (from the label lists of the exported records); shards carry
+        no label indices, so ``indices`` counts nothing."""
         if kind == "mapping":
             return count_sorted(self._mapping_arrays()[0], None, cell_bits, lo, hi)
         return count_sorted(np.zeros(0, np.uint64), None, cell_bits, lo, hi)
@@ -577,26 +828,30 @@ class ShardsSource:
         return iter(())
 
     def close(self) -> None:
-        with self._lock:
-            self._mapping = None
+        """Nothing to release: files are opened per read."""
 
 
-def _dedupe_pairs(sv: np.ndarray, body: np.ndarray, where) -> tuple[np.ndarray, np.ndarray]:
-    """Unique (sv, body) pairs sorted by sv; a supervoxel with two bodies is an error."""
+def _changed(sf: _ShardFile, why: str) -> UserError:
+    """A file that no longer holds what it held when the source indexed it: a data problem
+    (not transient, so never retried as one), most likely an export running into the
+    directory."""
+    return UserError(f"{sf.path}: {why}: the file changed after the shards source indexed it "
+                     "(is an export-shards run writing into this directory?); open the source "
+                     "again once it has finished")
+
+
+def _newest_pairs(sv: np.ndarray, body: np.ndarray, rank: np.ndarray):
+    """Unique (supervoxel, body) pairs, each with the highest ``rank`` (newest file) it was
+    seen in, sorted by supervoxel and then rank (so the newest body of a supervoxel is the
+    last of its run). Vectorized: one lexsort and one reduceat."""
     if sv.size == 0:
-        return sv.astype(np.uint64), body.astype(np.uint64)
+        return sv.astype(np.uint64), body.astype(np.uint64), rank.astype(np.int64)
     order = np.lexsort((body, sv))
-    sv, body = sv[order], body[order]
-    keep = np.concatenate([[True], (sv[1:] != sv[:-1]) | (body[1:] != body[:-1])])
-    sv, body = sv[keep], body[keep]
-    clash = np.flatnonzero(sv[1:] == sv[:-1])
-    if clash.size:
-        i = int(clash[0])
-        raise UserError(
-            f"{where}: supervoxel {int(sv[i])} is mapped to two bodies "
-            f"({int(body[i])} and {int(body[i + 1])}) — the shards disagree about the mapping"
-        )
-    return sv, body
+    sv, body, rank = sv[order], body[order], rank[order]
+    starts = np.flatnonzero(np.concatenate([[True], (sv[1:] != sv[:-1]) | (body[1:] != body[:-1])]))
+    sv, body, rank = sv[starts], body[starts], np.maximum.reduceat(rank, starts)
+    order = np.lexsort((rank, sv))
+    return sv[order], body[order], rank[order]
 
 
 __all__ = ["ShardsSource", "open_url"]
