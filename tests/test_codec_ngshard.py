@@ -385,6 +385,29 @@ def test_writer_streams_into_a_file_object_at_its_position():
     assert read_shard(got[6:], sh) == dict(zip(ids.tolist(), payloads, strict=True))
 
 
+def test_writer_memory_is_bounded_by_the_index_not_the_data(tmp_path):
+    """Streaming 16 MB of chunks into a real file allocates about the index (24 bytes a
+    chunk) plus one chunk at a time, never the data."""
+    import tracemalloc
+
+    sh = Sharding(0, 3, 0, "identity", minishard_index_encoding="gzip", data_encoding="raw")
+    n, size = 4000, 4096
+    tracemalloc.start()
+    with open(tmp_path / "0.shard", "wb") as f:
+        w = ShardWriter(f, sh)
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for i in range(n):
+            w.add(i, i.to_bytes(4, "little") * (size // 4))
+        w.finish()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    assert (tmp_path / "0.shard").stat().st_size > n * size
+    assert peak < 24 * 2 * n + 64 * size  # index arrays (grown by doubling) + a few chunks
+    got = read_shard((tmp_path / "0.shard").read_bytes(), sh)
+    assert len(got) == n and got[1234] == (1234).to_bytes(4, "little") * (size // 4)
+
+
 def test_writer_refuses_what_readers_would_not_read():
     sh = Sharding(0, 1, 2)
     bio = io.BytesIO()
