@@ -48,7 +48,9 @@ faults: $(STAMP)
 ## (MUTANTS_ARGS: mutant name globs, e.g. "dvidetl.cells*").
 MUTANTS_ARGS ?=
 mutants: $(STAMP)
+	ln -sfn "$(abspath ..)/shared" shared   # mutmut runs the tests in ./mutants: ../shared from there
 	nice -n 19 $(BIN)/mutmut run --max-children 1 $(MUTANTS_ARGS) || true
+	rm -f shared
 	$(BIN)/python -m tests.mutation_score
 
 vast-conformance: $(STAMP)

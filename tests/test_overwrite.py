@@ -91,17 +91,24 @@ def _exactly(rows: list, want: set) -> None:
     assert len(rows) == len(set(rows)) == len(want) and set(rows) == want
 
 
-def test_parquet_second_run_refuses_then_overwrite_switches_at_finish(servers, cluster, tmp_path, capsys):
+def _exported_then_refused(servers, cluster, url: str, capsys):
+    """A finished export of the old source; a plain second run (another plan) refuses with
+    one line naming both ways on."""
     old_srv, new_srv = servers
-    url = f"parquet://{tmp_path}/out"
     assert _run(old_srv, cluster, url, "--partition-blocks", "8") == 0
     sink = open_sink(url, uuid="ow", instance="segmentation")
     old = sink.load_run(sink.latest_run())
     capsys.readouterr()
-    # a plain run into the finished export refuses, naming both ways on
     assert _run(new_srv, cluster, url, "--partition-blocks", "16") == 2
     err = capsys.readouterr().err
     assert f"--resume {old.run_id}" in err and "--overwrite" in err and "Traceback" not in err
+    return sink, old
+
+
+def test_parquet_second_run_refuses_then_overwrite_switches_at_finish(servers, cluster, tmp_path, capsys):
+    old_srv, new_srv = servers
+    url = f"parquet://{tmp_path}/out"
+    sink, old = _exported_then_refused(servers, cluster, url, capsys)
     want_old, want_new = _source_blocks(old_srv), _source_blocks(new_srv)
     assert want_old != want_new
     # an overwrite killed half-way: plain readers and verify still see the old export exactly
@@ -149,13 +156,7 @@ def _vast_blocks(sink, name: str = "blocks") -> list:
 def test_vastdb_second_run_refuses_then_overwrite_switches_at_finish(servers, cluster, sim, capsys):
     old_srv, new_srv = servers
     url = f"vastdb://127.0.0.1:{sim.port}/bucket/overwrite"
-    assert _run(old_srv, cluster, url, "--partition-blocks", "8") == 0
-    sink = open_sink(url, uuid="ow", instance="segmentation")
-    old = sink.load_run(sink.latest_run())
-    capsys.readouterr()
-    assert _run(new_srv, cluster, url) == 2
-    err = capsys.readouterr().err
-    assert f"--resume {old.run_id}" in err and "--overwrite" in err
+    sink, old = _exported_then_refused(servers, cluster, url, capsys)
     want_old, want_new = _source_blocks(old_srv), _source_blocks(new_srv)
     new = _killed_overwrite(new_srv, url, sink, old, parts=3)
     _exactly(_vast_blocks(sink), want_old)

@@ -349,16 +349,17 @@ class VastDBSink(SinkBase):
         for rb in cut_rows(rows):
             t.insert(rb)
 
-    def update_run(self, run: RunInfo) -> None:
-        """The run's rows of ``export_runs`` replaced in one transaction (one run's plan)."""
-        def replace(tx) -> None:
-            old = self._select(tx, "export_runs", (_col("run_id") == run.run_id) & self._mine(), [],
-                               row_ids=True)
-            if old.num_rows:
-                tx.table_from_metadata(self._md_of("export_runs")).delete(old)
-            self._insert_run(tx, run)
+    def _replace_run(self, tx, run: RunInfo) -> None:
+        """Inside ``tx``: the run's rows of ``export_runs`` replaced by its JSON now."""
+        old = self._select(tx, "export_runs", (_col("run_id") == run.run_id) & self._mine(), [],
+                           row_ids=True)
+        if old.num_rows:
+            tx.table_from_metadata(self._md_of("export_runs")).delete(old)
+        self._insert_run(tx, run)
 
-        self._tx(replace, "update run record", write=True)
+    def update_run(self, run: RunInfo) -> None:
+        """The run's record replaced in one transaction (one run's plan)."""
+        self._tx(lambda tx: self._replace_run(tx, run), "update run record", write=True)
         self._runs[run.run_id] = run
 
     # -- runs --------------------------------------------------------------------------------
@@ -635,11 +636,7 @@ class VastDBSink(SinkBase):
                 for table in STAGED_TABLES:
                     sch.table(table).rename(old_name(table, run.run_id))
                     sch.table(staged_name(table, run.run_id)).rename(table)
-                old = self._select(tx, "export_runs", (_col("run_id") == run.run_id) & self._mine(), [],
-                                   row_ids=True)
-                if old.num_rows:
-                    tx.table_from_metadata(self._md_of("export_runs")).delete(old)
-                self._insert_run(tx, run)
+                self._replace_run(tx, run)
 
             self._tx(switch, "publish the run's tables", write=True)
             self._runs[run.run_id] = run
