@@ -168,6 +168,18 @@ def test_vastdb_second_run_refuses_then_overwrite_switches_at_finish(servers, cl
     rep = _verify(new_srv, fresh)
     assert rep.ok, rep.text()
     assert fresh.load_run(old.run_id).state == "superseded"
+    # the records live in export_runs: status reads them like run.json
+    import json
+
+    capsys.readouterr()
+    assert cli(["status", "--sink", url, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    st = {r["run_id"]: r for r in doc["runs"]}
+    assert doc["current_run"] == new.run_id
+    assert st[old.run_id]["state"] == "superseded" and st[old.run_id]["superseded_by"] == new.run_id
+    assert st[new.run_id]["state"] == "finished" and st[new.run_id]["staged"]
+    assert st[new.run_id]["partitions_done"] == st[new.run_id]["partitions_planned"]
+    assert st[new.run_id]["result"]["blocks"] == len(want_new) and st[old.run_id]["source"] == old_srv.location
     with fresh._session().transaction() as tx:
         names = {t.name for t in tx.bucket(fresh.cfg.bucket).schema(fresh.cfg.schema).tables()}
     assert not [n for n in names if "__" in n], names  # staged and replaced tables are gone
