@@ -420,3 +420,20 @@ def test_vastdb_repair(server, cluster, flight, vast_sink, capsys):
     assert rec["exact"] is True and rec["repaired"]["rows_removed"] == 1
     assert rec["repaired"]["partitions"] == sorted(before.bad_partitions) and len(before.bad_partitions) == 2
     assert verify_export(flight, fresh).ok
+
+
+def test_damaged_run_records_are_one_line_errors(pq_sink, capsys):
+    """A truncated ledger file or run.json: `status` (and every reader of them) says which
+    file, in one line, exit 2 — never a traceback."""
+    run = pq_sink.load_run(pq_sink.latest_run())
+    led = pq_sink.root / "export_ledger" / run.run_id / f"{run.partitions[0].key}.parquet"
+    led.write_bytes(led.read_bytes()[:20])
+    url = f"parquet://{pq_sink.base}"
+    assert cli(["status", "--sink", url]) == 2
+    err = capsys.readouterr().err
+    assert str(led) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    rj = pq_sink.root / "runs" / run.run_id / "run.json"
+    rj.write_text(rj.read_text()[:100])
+    assert cli(["status", "--sink", url]) == 2
+    err = capsys.readouterr().err
+    assert str(rj) in err and "Traceback" not in err

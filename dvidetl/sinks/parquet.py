@@ -186,7 +186,10 @@ class ParquetSink(SinkBase):
         cached = self._runs.get(run_id)
         if cached is not None and cached[0] == stamp:  # the record changes; the plan never
             return cached[1]
-        run = RunInfo.from_json(f.read_bytes())
+        try:
+            run = RunInfo.from_json(f.read_bytes())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{f}: not a dvidetl run record ({first_line(exc)})") from None
         self._runs[run_id] = (stamp, run)
         return run
 
@@ -247,7 +250,7 @@ class ParquetSink(SinkBase):
             files = [str(f) for f in sorted(d.glob("*.parquet"))] if d.is_dir() else []
         if not files:
             return S.empty("export_ledger")
-        return pa.concat_tables([S.conform("export_ledger", pq.read_table(f)) for f in files])
+        return pa.concat_tables([self._read_file(Path(f), "export_ledger", user_error=True) for f in files])
 
     # -- writing ---------------------------------------------------------------------------
     def write_partition(
@@ -314,10 +317,10 @@ class ParquetSink(SinkBase):
 
     def _ledger_of(self, run_id: str, part: Partition) -> dict | None:
         f = self._ledger_dir(run_id) / f"{part.key}.parquet"
-        try:
-            return pq.read_table(f).to_pylist()[0]
-        except (FileNotFoundError, IndexError):
+        if not f.exists():
             return None
+        rows = self._read_file(f, "export_ledger").to_pylist()
+        return rows[0] if rows else None
 
     def read_partition(self, run_id: str, table: str, part: Partition) -> pa.Table:
         """The partition's whole file (no range filter: a plain reader sees every row in it);
@@ -334,10 +337,18 @@ class ParquetSink(SinkBase):
             return S.empty(table)
         return self._read_file(f, table)
 
-    def _read_file(self, f: Path, table: str) -> pa.Table:
+    def _read_file(self, f: Path, table: str, *, user_error: bool = False) -> pa.Table:
+        """One stored file as ``table``'s schema; ``UnreadableFile`` (or, with ``user_error``,
+        a one-line ``UserError`` naming the file) when it cannot be read."""
         try:
-            t = pq.read_table(str(f), schema=S.stored_schema(table, self.format))
+            if table == "export_ledger":  # (its added columns may be absent: conform fills them)
+                t = pq.read_table(str(f))
+            else:
+                t = pq.read_table(str(f), schema=S.stored_schema(table, self.format))
         except (pa.ArrowException, OSError) as exc:
+            if user_error:
+                raise UserError(f"{f}: cannot read it ({first_line(exc)}); remove it and "
+                                "resume the run to redo its partition") from None
             raise UnreadableFile(str(f), f"unreadable ({first_line(exc)})") from None
         return S.conform(table, S.from_stored(table, t, self.format))
 
