@@ -25,7 +25,68 @@ DEFAULT_WORKER_CORES = 1
 #: -> 1 GiB per core is enough, 2 GiB leaves room for dense volumes (deploy/README.md, Sizing).
 DEFAULT_MEMORY_PER_CORE_GIB = 2
 DEFAULT_JOBS = 2
-DEFAULT_DASHBOARD = ":8787"
+#: loopback: the Dask dashboard has no authentication, so it is reachable from this machine
+#: only unless ``--dashboard-address`` opens it (``0.0.0.0:8787`` / ``HOST:PORT``)
+DEFAULT_DASHBOARD = "127.0.0.1:8787"
+#: the least memory a worker can run a partition in: measured, a warmed worker holds ~335 MiB
+#: (numba alone ~180 MiB) plus ~120 MiB for the partition it transforms (bench_pipeline);
+#: below this a worker is paused or killed before it finishes anything
+MIN_WORKER_MEMORY = 512 * 2**20
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]", "*")
+
+
+def _memory_arg(text: str) -> str:
+    """``--worker-memory``: a size with a unit, at least ``MIN_WORKER_MEMORY`` (as bytes)."""
+    from dvidetl.units import format_size, parse_size
+
+    n = parse_size(text, "--worker-memory")
+    if n < MIN_WORKER_MEMORY:
+        raise UserError(f"--worker-memory {text}: a worker needs at least {format_size(MIN_WORKER_MEMORY)} "
+                        f"to hold one partition ({DEFAULT_MEMORY_PER_CORE_GIB} GiB per core recommended)")
+    return str(n)
+
+
+def parse_dashboard_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` / ``:PORT`` (all interfaces) / ``[::1]:PORT`` -> (host, port); a host
+    that does not resolve or a port out of range is a ``UserError`` before any cluster starts."""
+    import socket
+
+    host, sep, port = str(text).strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UserError(f"--dashboard-address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8787 "
+                        "(0.0.0.0:8787 to open it to the network; port 0: any free port)")
+    host = host.strip("[]")
+    if host not in _WILDCARDS:
+        try:
+            socket.getaddrinfo(host, None)
+        except (socket.gaierror, UnicodeError):
+            raise UserError(f"--dashboard-address {text!r}: unknown host {host!r}") from None
+    return host, int(port)
+
+
+def dashboard_link(host: str, port: int, path: str = "status") -> str:
+    """The URL a browser uses for what is bound at ``host:port``: the bound host itself, or
+    this machine's name for a wildcard bind."""
+    import socket
+
+    shown = socket.getfqdn() if host in _WILDCARDS else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/{path}"
+
+
+def dask_setup(worker) -> None:  # noqa: ARG001 - Dask's preload hook signature
+    """Worker preload (``--preload dvidetl.cluster``): a worker process we start ignores
+    Ctrl-C (the terminal sends SIGINT to the whole process group; the driver stops the
+    workers itself, without a traceback from each) and redacts its log like the CLI does."""
+    import signal
+    import threading
+
+    from dvidetl.redact import install_log_redaction
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    install_log_redaction()
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,12 +102,17 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--worker-memory",
         default=None,
-        help="memory per worker (local) or per SLURM job (slurm), e.g. 4GiB",
+        type=_memory_arg,
+        metavar="SIZE",
+        help="memory per worker (local) or per SLURM job (slurm), with a unit: 4GiB, 2000MB "
+        f"(at least 512 MiB; default local: Dask's share of RAM, slurm: {DEFAULT_MEMORY_PER_CORE_GIB}GiB per core)",
     )
     g.add_argument(
         "--dashboard-address",
         default=DEFAULT_DASHBOARD,
-        help="Dask dashboard address (default :8787)",
+        metavar="HOST:PORT",
+        help=f"where the dashboard listens (default {DEFAULT_DASHBOARD}: this machine only; "
+        "0.0.0.0:8787 opens it to the network, without authentication)",
     )
     s = parser.add_argument_group("slurm (with --cluster slurm)")
     size = s.add_mutually_exclusive_group()
@@ -91,11 +157,25 @@ def _say(msg: str) -> None:
     print(f"dvidetl: {msg}", file=sys.stderr, flush=True)
 
 
-def _dashboard_url(client: Any) -> str:
+def _dashboard_url(client: Any, page: bool = False, bound: tuple[str, int] | None = None) -> str:
+    """The dashboard link to print: what is really bound (``bound``: the local cluster's
+    dashboard host and port) or what the scheduler reports; with ``page`` the run's own
+    dvidetl page (installed on the scheduler), Dask's status page named beside it."""
     try:
-        return str(client.dashboard_link)
+        link = str(client.dashboard_link)
     except Exception:  # no dashboard (bokeh missing) or scheduler without the service
         return "(no dashboard)"
+    if bound is not None:
+        link = dashboard_link(*bound)
+    if not page:
+        return link
+    from dvidetl.dashboard import install
+
+    run_page = install(client)
+    if run_page is None:
+        return link
+    base = link.rsplit("/", 1)[0] if link.endswith("/status") else link.rstrip("/")
+    return f"{base}/dvidetl (the run; Dask's own pages: {base}/status)"
 
 
 @contextlib.contextmanager
@@ -120,29 +200,27 @@ def _quiet_distributed() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def open_client(args: argparse.Namespace) -> Iterator[Any]:
-    """A `distributed.Client` for the cluster the options name; closed on exit."""
+def open_client(args: argparse.Namespace, *, page: bool = False) -> Iterator[Any]:
+    """A `distributed.Client` for the cluster the options name; closed on exit. ``page``:
+    serve the run's own dvidetl page on the dashboard and print *its* link (Dask's own
+    pages show only the submission window of a run)."""
+    from dvidetl.dashboard import silence_bokeh_disconnects
+
+    silence_bokeh_disconnects()
     with _quiet_distributed():
-        with _open_client(args) as client:
+        with _open_client(args, page=page) as client:
             yield client
 
 
 @contextlib.contextmanager
-def _open_client(args: argparse.Namespace) -> Iterator[Any]:
+def _open_client(args: argparse.Namespace, page: bool = False) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     kind = args.cluster
     if kind == "local":
         if args.workers is not None and args.workers < 1:
             raise UserError(f"--workers must be at least 1 (got {args.workers})")
-        if args.worker_memory:
-            from dask.utils import parse_bytes
-
-            try:
-                parse_bytes(args.worker_memory)
-            except ValueError:
-                raise UserError(f"--worker-memory {args.worker_memory!r}: expected a size such "
-                                "as 4GiB or 2000MB") from None
+        host, port = parse_dashboard_address(args.dashboard_address)
         n = args.workers or os.cpu_count() or 1
         import logging
 
@@ -154,11 +232,17 @@ def _open_client(args: argparse.Namespace) -> Iterator[Any]:
             threads_per_worker=1,
             processes=True,
             memory_limit=args.worker_memory or "auto",
-            dashboard_address=args.dashboard_address,
+            dashboard_address=f"{'0.0.0.0' if host in _WILDCARDS else host}:{port}",
             silence_logs=logging.WARNING if verbose else logging.CRITICAL,
+            preload=["dvidetl.cluster"],
         )
         client = Client(cluster)
-        _say(f"local cluster with {n} workers; dashboard {_dashboard_url(client)}")
+        bound = None
+        http = getattr(getattr(cluster, "scheduler", None), "http_server", None)
+        if http is not None:
+            bound = (host, _bound_port(http, port))
+        opened = " (open to the network, no authentication)" if host in _WILDCARDS else ""
+        _say(f"local cluster with {n} workers; dashboard {_dashboard_url(client, page, bound)}{opened}")
         try:
             yield client
         finally:
@@ -169,7 +253,7 @@ def _open_client(args: argparse.Namespace) -> Iterator[Any]:
             client = Client(kind, timeout="30s")
         except OSError as exc:
             raise UserError(f"cannot reach the Dask scheduler at {kind}: {exc}") from None
-        _say(f"scheduler {kind}; dashboard {_dashboard_url(client)}")
+        _say(f"scheduler {kind}; dashboard {_dashboard_url(client, page)}")
         try:
             yield client
         finally:
@@ -177,10 +261,18 @@ def _open_client(args: argparse.Namespace) -> Iterator[Any]:
     elif kind == "slurm":
         from dvidetl.slurm import open_slurm_client
 
-        with open_slurm_client(args) as client:
+        with open_slurm_client(args, page) as client:
             yield client
     else:
         raise UserError(f"--cluster {kind!r} not understood: use local, tcp://HOST:PORT or slurm")
+
+
+def _bound_port(http_server: Any, asked: int) -> int:
+    """The port the scheduler's HTTP server really listens on (``asked`` may be 0, or taken)."""
+    try:
+        return int(next(iter(http_server._sockets.values())).getsockname()[1])
+    except Exception:  # noqa: BLE001 - tornado internals moved: the asked port
+        return asked
 
 
 #: names that moved to ``dvidetl.slurm``, still reachable here (other tools import them)

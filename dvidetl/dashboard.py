@@ -19,12 +19,15 @@ needs dvidetl importable on the scheduler.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 from distributed.http.utils import RequestHandler
 
 from dvidetl.errors import first_line
+from dvidetl.progress import Counts, Estimator
+from dvidetl.redact import redact
 
 METADATA_KEY = "dvidetl"
 #: corrupt blocks listed on the page (the rest are in export_errors)
@@ -80,24 +83,79 @@ def install(client) -> str | None:
     return base + "/dvidetl"
 
 
-class RunState:
-    """What the page shows, kept by the driver from task completions and published to the
-    scheduler at most every ``interval`` seconds (and at the end)."""
+class _BokehDisconnect(logging.Filter):
+    """Closing a browser tab on Dask's own (bokeh) pages makes tornado log "Uncaught
+    exception GET /status/ws" with bokeh's ``assert self._session is not None`` traceback
+    (the socket closed before its session existed): harmless, and not the run's to print.
+    Only that record is dropped; every other tornado error still shows."""
 
-    def __init__(self, client, run, sink_desc: str = "", interval: float = 0.5):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, AssertionError):
+            return True
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return not (tb is not None and "bokeh" in tb.tb_frame.f_code.co_filename
+                    and "server" in tb.tb_frame.f_code.co_filename)
+
+
+def silence_bokeh_disconnects() -> None:
+    """Install :class:`_BokehDisconnect` on tornado's application logger (once)."""
+    lg = logging.getLogger("tornado.application")
+    if not any(isinstance(f, _BokehDisconnect) for f in lg.filters):
+        lg.addFilter(_BokehDisconnect())
+
+
+class RunState:
+    """What the page shows, published to the scheduler at most every ``interval`` seconds
+    (and at each phase change). It exists from the moment the cluster is up, so the page
+    answers during planning (phase ``planning``, with the source, uuid and elapsed time);
+    :meth:`start` brings the plan (phase ``running``), :meth:`finish` the end.
+
+    Counts are the whole run's — every partition of the plan, committed before this
+    invocation (``skipped``) or now, plus what running partitions have streamed — never the
+    submission window Dask's own progress bars show. Rate and ETA come from
+    ``progress.Estimator`` (recent rate, what is left), like the terminal line."""
+
+    def __init__(self, client, run=None, sink_desc: str = "", interval: float = 0.5, *,
+                 source: str = "", uuid: str = "", instance: str = ""):
         self.client, self.interval = client, interval
-        self.run_id = run.run_id
-        self.sink_desc = sink_desc
+        self.sink_desc = redact(sink_desc)
+        self.source, self.uuid, self.instance = redact(source), uuid, instance
         self.t0 = time.time()
+        self.phase = "planning"
+        self.planning_s: float | None = None
+        self.run_id: str | None = None
         self._last = 0.0
         self.groups: dict[str, dict[str, Any]] = {}
+        self.errors: list[dict] = []
+        self.failed: list[dict] = []
+        self.est = Estimator(Counts())
+        self.finished = False
+        self.message = ""
+        if run is not None:
+            self.start(run)
+
+    def planning(self, message: str = "") -> None:
+        """Publish the planning phase (what is being counted, ``message``) at once."""
+        self.message = message
+        self.publish(None, force=True)
+
+    def start(self, run) -> None:
+        """The plan is known: one group per kind and scale, counts from zero."""
+        if self.run_id == run.run_id:
+            return
+        self.run_id = run.run_id
+        self.uuid, self.instance = run.uuid, run.instance
+        self.planning_s = time.time() - self.t0
+        self.phase, self.message = "running", ""
+        self.groups = {}
         for p in run.partitions:
             g = self._group(p)
             g["parts_total"] += 1
             g["planned"] += p.blocks if p.kind == "blocks" else p.rows
-        self.errors: list[dict] = []
-        self.failed: list[dict] = []
-        self.finished = False
+        self.est = Estimator(Counts.of_plan(run.partitions))
 
     def _group(self, p) -> dict[str, Any]:
         name = f"{p.kind} scale {p.scale}" if p.kind == "blocks" else p.kind
@@ -119,50 +177,67 @@ class RunState:
         """A task's outcome: its ``tasks.PartitionStats``, or the reason it failed."""
         g = self._group(part)
         if failure is not None:
-            self.failed.append({"partition": part.key, "reason": failure})
+            self.failed.append({"partition": part.key, "reason": redact(failure)})
         elif stats is not None:
             g["parts_done"] += 1
             g["done"] += stats.blocks if part.kind == "blocks" else stats.rows
             g["errors"] += stats.errors
             for e in stats.error_samples:
                 if len(self.errors) < MAX_ERRORS_LISTED:
-                    self.errors.append(e)
-        self.publish(res)
+                    self.errors.append({**e, "reason": redact(e.get("reason", ""))})
 
-    def snapshot(self, res) -> dict[str, Any]:
-        el = max(time.time() - self.t0, 1e-9)
+    def snapshot(self, res, done: Counts | None = None) -> dict[str, Any]:
+        now = time.time()
+        el = max(now - self.t0, 1e-9)
         blocks = [g for g in self.groups.values() if g["kind"] == "blocks"]
         total = sum(g["planned"] for g in blocks)
-        done = sum(g["done"] for g in blocks)
-        rate = res.blocks / el if res is not None else 0.0
+        committed = sum(g["done"] for g in blocks)
+        streamed = 0
+        if done is not None and res is not None:
+            streamed = max(done.blocks - res.blocks, 0)
         parts_total = sum(g["parts_total"] for g in self.groups.values())
         parts_done = sum(g["parts_done"] for g in self.groups.values())
-        left_parts = parts_total - parts_done
-        part_rate = parts_done / el
-        eta = None if self.finished else (left_parts / part_rate if part_rate > 0 else None)
+        rate = self.est.rate("blocks")
+        eta = None
+        if self.finished:
+            eta = 0.0
+        elif done is not None:
+            eta = self.est.eta(done)
         return {
-            "run_id": self.run_id, "sink": self.sink_desc, "started": self.t0, "elapsed_s": el,
-            "finished": self.finished, "partitions_total": parts_total, "partitions_done": parts_done,
-            "blocks_total": total, "blocks_done": done, "blocks_per_s": rate,
-            "bytes_in": getattr(res, "bytes_in", 0), "eta_s": eta,
+            "phase": self.phase, "message": self.message,
+            "run_id": self.run_id, "source": self.source, "uuid": self.uuid,
+            "instance": self.instance, "sink": self.sink_desc, "started": self.t0,
+            "elapsed_s": el, "planning_s": self.planning_s, "finished": self.finished,
+            "partitions_total": parts_total, "partitions_done": parts_done,
+            "blocks_total": total, "blocks_done": committed + streamed,
+            "blocks_streamed": streamed,
+            "blocks_per_s": rate, "bytes_in": getattr(done or res, "bytes_in", 0), "eta_s": eta,
             "errors": sum(g["errors"] for g in self.groups.values()),
             "groups": list(self.groups.values()), "error_blocks": self.errors,
             "failed": self.failed[:MAX_ERRORS_LISTED],
         }
 
-    def publish(self, res, force: bool = False) -> None:
+    def publish(self, res, done: Counts | None = None, force: bool = False) -> None:
+        if done is not None:
+            self.est.sample(done)
         now = time.time()
         if not force and now - self._last < self.interval:
             return
         self._last = now
         try:
-            self.client.set_metadata(METADATA_KEY, self.snapshot(res))
+            self.client.set_metadata(METADATA_KEY, self.snapshot(res, done))
         except Exception:  # noqa: BLE001 - a dashboard hiccup never stops an export
             pass
 
-    def finish(self, res) -> None:
+    def finish(self, res, done: Counts | None = None) -> None:
         self.finished = True
-        self.publish(res, force=True)
+        self.phase = "aborted" if getattr(res, "aborted", None) else "finished"
+        self.publish(res, done, force=True)
+
+    def fail(self, message: str) -> None:
+        """The run ended before it started exporting (planning failed, interrupted)."""
+        self.phase, self.message, self.finished = "failed", redact(message), True
+        self.publish(None, force=True)
 
 
 PAGE = """<!doctype html>
@@ -178,6 +253,8 @@ PAGE = """<!doctype html>
 </style></head>
 <body>
 <h2>dvidetl export <span id="run">(waiting for a run)</span></h2>
+<p id="what"></p>
+<p id="phase"></p>
 <p id="summary"></p>
 <table id="groups"><thead><tr><th class="l">kind</th><th>partitions</th><th>done</th>
 <th>planned</th><th class="l">progress</th><th>errors</th></tr></thead><tbody></tbody></table>
@@ -193,13 +270,20 @@ function dur(s) { if (s === null || s === undefined) return "--:--";
 function cell(tr, text, cls) { var td = document.createElement("td"); td.textContent = text;
   if (cls) td.className = cls; tr.appendChild(td); return td; }
 function render(s) {
+  if (!s.phase && !s.run_id) return;
+  var el = s.elapsed_s;
+  document.getElementById("run").textContent = s.run_id ? s.run_id : "(planning)";
+  document.getElementById("what").textContent = (s.instance || "") + "@" + (s.uuid || "") +
+    (s.source ? " from " + s.source : "") + (s.sink ? " -> " + s.sink : "");
+  document.getElementById("phase").textContent = s.phase + (s.message ? ": " + s.message : "") +
+    ", elapsed " + dur(el) + (s.planning_s !== null && s.planning_s !== undefined ?
+    " (planning took " + dur(s.planning_s) + ")" : "");
   if (!s.run_id) return;
-  document.getElementById("run").textContent = s.run_id + (s.finished ? " (finished)" : "");
   document.getElementById("summary").textContent =
     fmt(s.partitions_done) + " / " + fmt(s.partitions_total) + " partitions, " +
     fmt(s.blocks_done) + " / " + fmt(s.blocks_total) + " blocks, " +
-    fmt(Math.round(s.blocks_per_s)) + " blocks/s, " + fmt(s.errors) + " errors, ETA " + dur(s.eta_s) +
-    (s.sink ? " -> " + s.sink : "");
+    (s.blocks_per_s === null ? "--" : fmt(Math.round(s.blocks_per_s))) + " blocks/s (recent), " +
+    fmt(s.errors) + " errors, ETA " + dur(s.eta_s);
   var tb = document.querySelector("#groups tbody"); tb.innerHTML = "";
   s.groups.forEach(function (g) {
     var tr = document.createElement("tr"); tr.className = "group";

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from dvidetl.progress import Counts
+from dvidetl.redact import redact
 from dvidetl.sinks.base import Partition, RunInfo
-from dvidetl.tasks import TaskContext, export_partition
+from dvidetl.tasks import PROGRESS_TOPIC, TaskContext, export_partition
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,84 @@ def _interleaved(todo: list[Partition]) -> list[Partition]:
     return out
 
 
+class LiveParts:
+    """What running partitions have streamed so far (``tasks.ProgressReporter`` events),
+    keyed by task; a partition's entry goes when its task completes (its committed figures
+    then count in the ``RunResult``). Filled from the Dask client's event thread, read by
+    the driver's ticker."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._kinds: dict[str, str] = {}  # running task key -> partition kind
+        self._got: dict[str, dict] = {}
+
+    def started(self, key: str, kind: str) -> None:
+        with self._lock:
+            self._kinds[key] = kind
+
+    def ended(self, key: str) -> None:
+        with self._lock:
+            self._kinds.pop(key, None)
+            self._got.pop(key, None)
+
+    def on_event(self, event) -> None:
+        _ts, msg = event
+        key = msg.get("key") if isinstance(msg, dict) else None
+        with self._lock:
+            if key in self._kinds:
+                self._got[key] = msg
+
+    def done(self, res: RunResult) -> Counts:
+        """Committed (``res``) plus streamed by running partitions."""
+        d = Counts(blocks=res.blocks, index_rows=res.index_rows, mapping_rows=res.mapping_rows,
+                 bytes_in=res.bytes_in, errors=res.errors,
+                 parts=res.done + res.skipped + len(res.failed))
+        with self._lock:
+            got = list(self._got.values())
+        for m in got:
+            if m.get("kind") == "blocks":
+                d.blocks += int(m.get("blocks", 0))
+                d.bytes_in += int(m.get("bytes", 0))
+            elif m.get("kind") == "indices":
+                d.index_rows += int(m.get("rows", 0))
+            elif m.get("kind") == "mapping":
+                d.mapping_rows += int(m.get("rows", 0))
+        return d
+
+
+class _Ticker:
+    """Redraws the progress line and republishes the page every ``interval`` seconds while
+    the run goes, whether or not a partition completed (partials and rates move)."""
+
+    def __init__(self, interval: float, fn):
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, args=(interval, fn), daemon=True,
+                                   name="dvidetl-progress")
+
+    def _loop(self, interval: float, fn) -> None:
+        while not self._stop.wait(interval):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - progress is a convenience, never a failure
+                log.debug("progress update failed", exc_info=True)
+
+    def __enter__(self) -> _Ticker:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join(5)
+
+
+def _killed_worker(exc: BaseException) -> bool:
+    try:
+        from distributed import KilledWorker
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, KilledWorker)
+
+
 def execute(
     client,
     run: RunInfo,
@@ -115,9 +196,14 @@ def execute(
     max_errors: int | None = None,
     window: int | None = None,
     dashboard=None,
+    tick: float = 0.5,
 ) -> RunResult:
     """Submit every not-yet-committed partition of ``run`` (bounded window), follow
-    completions, and return totals. Partitions already in the ledger are skipped."""
+    completions, and return totals. Partitions already in the ledger are skipped.
+
+    A partition whose task killed its worker every time it ran (Dask's ``KilledWorker``:
+    the worker cannot hold it, e.g. too little ``--worker-memory``) stops the run at once:
+    every other partition would do the same, restart-looping the workers for minutes."""
     from distributed import as_completed
 
     t0 = time.perf_counter()
@@ -129,73 +215,103 @@ def execute(
     if res.skipped:
         for name, v in ledger_totals(sink.ledger(run.run_id)).items():
             setattr(res, name, (getattr(res, name) or v) if name == "raw_partial" else getattr(res, name) + v)
+    live = LiveParts()
     if dashboard is not None:
+        dashboard.start(run)
         dashboard.skipped([p for p in run.partitions if p.key in done_keys])
-        dashboard.publish(res, force=True)
+        dashboard.publish(res, live.done(res), force=True)
     if progress is not None:
-        progress.start(total_blocks=sum(p.blocks for p in run.partitions),
-                       done_blocks=res.blocks, total_parts=len(run.partitions), done_parts=res.skipped)
+        progress.start(Counts.of_plan(run.partitions))
     if window is None:
         nthreads = sum(client.nthreads().values()) or 1
         window = max(8, 4 * nthreads)
-    ctx_f = ctx
     pending = iter(todo)
     ac = as_completed()
     futs = {}
+    handles = {}
 
     def submit_next() -> bool:
         p = next(pending, None)
         if p is None:
             return False
-        f = client.submit(export_partition, ctx_f, p, key=f"export-{run.run_id}-{p.key}-{os.urandom(2).hex()}",
-                          retries=retries, pure=False)
+        key = f"export-{run.run_id}-{p.key}-{os.urandom(2).hex()}"
+        live.started(key, p.kind)
+        f = client.submit(export_partition, ctx, p, key=key, retries=retries, pure=False)
         futs[f.key] = p
+        handles[f.key] = f
         ac.add(f)
         return True
 
-    for _ in range(window):
-        if not submit_next():
-            break
-    stop = False
-    for fut in ac:
-        part = futs.pop(fut.key)
-        try:
-            st = fut.result()
-        except Exception as exc:  # noqa: BLE001 — a failed partition is reported, not fatal
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            res.failed.append((part.key, reason))
-            log.error("partition %s failed after %d retries: %s", part.key, retries, reason)
-            if dashboard is not None:
-                dashboard.completed(part, None, res, failure=reason)
-        else:
-            if st.skipped:
-                res.skipped += 1
-            else:
-                res.done += 1
-                if part.kind == "blocks":
-                    res.blocks += st.blocks
-                    res.bytes_in += st.bytes_in
-                    res.bytes_out += st.bytes_out
-                    res.raw_bytes += st.raw_bytes
-                elif part.kind == "indices":
-                    res.index_rows += st.rows
-                elif part.kind == "mapping":
-                    res.mapping_rows += st.rows
-                res.errors += st.errors
-            if dashboard is not None:
-                dashboard.completed(part, st, res)
-        finally:
-            fut.release()
+    def refresh() -> None:
+        d = live.done(res)
         if progress is not None:
-            progress.update(part, res)
-        if max_errors is not None and res.errors > max_errors and not stop:
-            res.aborted = f"more than {max_errors} block errors ({res.errors})"
-            stop = True
-        if not stop:
-            submit_next()
+            progress.update(d)
+        if dashboard is not None:
+            dashboard.publish(res, d)
+
+    try:
+        client.subscribe_topic(PROGRESS_TOPIC, live.on_event)
+    except Exception:  # noqa: BLE001 - an old scheduler: counts move at commits only
+        log.debug("no progress events from this scheduler", exc_info=True)
+    try:
+        with _Ticker(tick, refresh):
+            for _ in range(window):
+                if not submit_next():
+                    break
+            stop = killed = False
+            for fut in ac:
+                part = futs.pop(fut.key)
+                handles.pop(fut.key, None)
+                try:
+                    st = fut.result()
+                except Exception as exc:  # noqa: BLE001 — a failed partition is reported, not fatal
+                    reason = redact(f"{type(exc).__name__}: {exc}").splitlines()[0][:300]
+                    res.failed.append((part.key, reason))
+                    log.error("partition %s failed after %d retries: %s", part.key, retries, reason)
+                    if dashboard is not None:
+                        dashboard.completed(part, None, res, failure=reason)
+                    if _killed_worker(exc) and not stop:
+                        res.aborted = (f"partition {part.key} killed its worker every time it ran: "
+                                       "the workers cannot hold one partition (raise --worker-memory, "
+                                       "or lower --partition-blocks)")
+                        stop = killed = True
+                else:
+                    if st.skipped:
+                        res.skipped += 1
+                    else:
+                        res.done += 1
+                        if part.kind == "blocks":
+                            res.blocks += st.blocks
+                            res.bytes_in += st.bytes_in
+                            res.bytes_out += st.bytes_out
+                            res.raw_bytes += st.raw_bytes
+                        elif part.kind == "indices":
+                            res.index_rows += st.rows
+                        elif part.kind == "mapping":
+                            res.mapping_rows += st.rows
+                        res.errors += st.errors
+                    if dashboard is not None:
+                        dashboard.completed(part, st, res)
+                finally:
+                    live.ended(fut.key)
+                    fut.release()
+                if killed:  # the rest would kill their workers too: stop them now
+                    client.cancel(list(handles.values()))
+                    break
+                if max_errors is not None and res.errors > max_errors and not stop:
+                    res.aborted = f"more than {max_errors} block errors ({res.errors})"
+                    stop = True
+                if not stop:
+                    submit_next()
+    finally:
+        try:
+            client.unsubscribe_topic(PROGRESS_TOPIC)
+        except Exception:  # noqa: BLE001
+            pass
     res.seconds = time.perf_counter() - t0
+    final = live.done(res)
     if dashboard is not None:
-        dashboard.finish(res)
+        dashboard.finish(res, final)
     if progress is not None:
-        progress.finish(res)
+        progress.finish(final)
     return res

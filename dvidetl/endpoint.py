@@ -52,7 +52,10 @@ class FlightEndpoint:
         self.token = Secret(token)
         self.server = server
         self.uuid = uuid
-        self.client = FlightClient(location, token=token, uuid=uuid, instance=instance)
+        import logging
+
+        self.client = FlightClient(location, token=token, uuid=uuid, instance=instance,
+                                   retry_log_level=logging.INFO)
         self.info = self.client.info()
         self.instance = instance or self.info.instance
 

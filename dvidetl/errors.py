@@ -15,6 +15,9 @@ class SourceUnavailable(Exception):
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
-    """An error as one short log line (server answers can be pages long)."""
-    text = str(exc).strip()
+    """An error as one short log line (server answers can be pages long), credentials
+    redacted (``dvidetl.redact``)."""
+    from dvidetl.redact import redact
+
+    text = redact(str(exc)).strip()
     return (text.splitlines()[0][:limit] if text else "") or type(exc).__name__

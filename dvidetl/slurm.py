@@ -116,13 +116,14 @@ def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     memory = (
         opt("worker_memory") or _config("memory") or f"{cores * DEFAULT_MEMORY_PER_CORE_GIB}GiB"
     )
-    try:
-        from dask.utils import parse_bytes
+    if opt("worker_memory") is None:  # the flag was checked by its parser; the config is here
+        try:
+            from dask.utils import parse_bytes
 
-        if parse_bytes(memory) <= 0:
-            raise ValueError
-    except ValueError:
-        raise UserError(f"--worker-memory {memory!r}: expected a size like 8GiB") from None
+            if parse_bytes(memory) <= 0:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"jobqueue.slurm.memory {memory!r}: expected a size like 8GiB") from None
     kw["memory"] = memory
     processes = opt("worker_processes")
     if processes is None:
@@ -174,6 +175,8 @@ def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if walltime_s and "--lifetime" not in extra:
         life, stagger = worker_lifetime(walltime_s)
         extra += ["--lifetime", f"{life}s", "--lifetime-stagger", f"{stagger}s"]
+    if "dvidetl.cluster" not in extra:  # workers redact their logs (cluster.dask_setup)
+        extra += ["--preload", "dvidetl.cluster"]
     kw["worker_extra_args"] = extra
 
     sched = dict(_config("scheduler-options") or {})
@@ -438,15 +441,15 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def open_slurm_client(args: argparse.Namespace) -> Iterator[Any]:
+def open_slurm_client(args: argparse.Namespace, page: bool = False) -> Iterator[Any]:
     """`open_client` for `--cluster slurm`: SLURMCluster + lost-job keeper + client."""
     with _sigterm_as_interrupt():
-        with _open_slurm_client(args) as client:
+        with _open_slurm_client(args, page) as client:
             yield client
 
 
 @contextlib.contextmanager
-def _open_slurm_client(args: argparse.Namespace) -> Iterator[Any]:
+def _open_slurm_client(args: argparse.Namespace, page: bool = False) -> Iterator[Any]:
     from distributed import Client
 
     mode, lo, hi = _sizing(args)
@@ -469,7 +472,7 @@ def _open_slurm_client(args: argparse.Namespace) -> Iterator[Any]:
             f"({job.worker_processes} worker process(es) each) on {queue}; "
             f"job logs in {job.log_directory}"
         )
-        _say(f"dashboard {_dashboard_url(client)}")
+        _say(f"dashboard {_dashboard_url(client, page)}")
         yield client
     finally:
         keeper.stop()

@@ -97,6 +97,53 @@ def _sink(ctx: TaskContext):
     return s
 
 
+#: the scheduler event topic running partitions report their progress under
+PROGRESS_TOPIC = "dvidetl-progress"
+#: a running partition reports at most this often
+REPORT_S = 1.0
+
+
+class ProgressReporter:
+    """How far a running partition has got — blocks and bytes streamed (block partitions),
+    rows gathered (label_index, mapping) — sent to the driver at most every ``REPORT_S``
+    through the scheduler's event log (``Worker.log_event``; the driver subscribes to
+    ``PROGRESS_TOPIC``), so the progress line and the page move within a partition instead
+    of jumping when it commits. Each message is cumulative for this attempt, so a retried
+    attempt simply overwrites. Outside a Dask worker it does nothing."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.blocks = self.rows = self.nbytes = 0
+        self._last = time.monotonic()
+        try:
+            from distributed import get_worker
+
+            self._worker = get_worker()
+            self._key = self._worker.get_current_task()
+        except (ImportError, ValueError):
+            self._worker = self._key = None
+
+    def add(self, *, blocks: int = 0, rows: int = 0, nbytes: int = 0) -> None:
+        self.blocks += blocks
+        self.rows += rows
+        self.nbytes += nbytes
+        now = time.monotonic()
+        if self._worker is not None and now - self._last >= REPORT_S:
+            self._last = now
+            try:
+                self._worker.log_event(PROGRESS_TOPIC, {"key": str(self._key), "kind": self.kind,
+                                                        "blocks": self.blocks, "rows": self.rows,
+                                                        "bytes": self.nbytes})
+            except Exception:  # noqa: BLE001 - progress is a convenience, never a failure
+                self._worker = None
+
+    def blocks_of(self, batches):
+        """``batches`` (wire batches of blocks) passed through, counted as they stream."""
+        for b in batches:
+            self.add(blocks=b.num_rows, nbytes=b.column("data").nbytes if b.num_rows else 0)
+            yield b
+
+
 @dataclass
 class PartitionStats:
     """What one partition's task did: the ledger row's figures and the driver's totals.
@@ -135,7 +182,7 @@ def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
     if part.kind == "blocks":
         grid = tuple(ctx.grids[part.scale] if part.scale in ctx.grids else ctx.grids[str(part.scale)])
         tables, st = transform_blocks(
-            client.read_blocks(part.scale, part.lo, part.hi),
+            ProgressReporter(part.kind).blocks_of(client.read_blocks(part.scale, part.lo, part.hi)),
             ctx.codec,
             client.map_supervoxels,
             scale=part.scale,
@@ -194,6 +241,7 @@ def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, Part
     t0 = time.perf_counter()
     table = "label_index" if part.kind == "indices" else "mapping"
     spill = SpillBudget().table(table, S.schema(table), _spill_dir())
+    report = ProgressReporter(part.kind)
     nbytes = 0
     try:
         if part.kind == "indices":
@@ -202,10 +250,12 @@ def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, Part
                 nbytes += batch.column("data").nbytes
                 for t in label_index_tables([batch], grid0):
                     spill.append(t)
+                    report.add(rows=t.num_rows, nbytes=0)
         else:
             for batch in client.read_mapping(part.lo, part.hi):
                 nbytes += batch.nbytes
                 spill.append(S.conform("mapping", pa.Table.from_batches([batch])))
+                report.add(rows=batch.num_rows)
         result = spill.result()
     except BaseException:
         spill.discard()

@@ -84,27 +84,10 @@ class Query:
 __all__ = ["Query"]
 
 
-#: query keys whose values are secrets (matched as substrings, case-insensitive)
-SECRET_KEYS = ("token", "secret", "password", "passwd", "key", "credential", "auth", "signature")
-
-
 def redact_url(url: str) -> str:
     """``url`` fit to store and print: a password in the authority and the values of
-    secret-looking query keys (``SECRET_KEYS``) replaced by ``***``. Secrets belong in the
-    environment or a file, but a URL that carries one anyway must not leak it into a run's
-    record or a status page."""
-    from urllib.parse import urlsplit, urlunsplit
+    secret-looking query keys replaced by ``***`` — ``dvidetl.redact.redact``, the one
+    redaction helper (kept under this name for the run records)."""
+    from dvidetl.redact import redact
 
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        netloc = (user.split(":", 1)[0] + ":***@" if ":" in user else "***@") + host
-    pairs = []
-    for item in parts.query.split("&") if parts.query else []:
-        k, eq, v = item.partition("=")
-        pairs.append(f"{k}=***" if eq and any(s in k.lower() for s in SECRET_KEYS) else item)
-    return urlunsplit((parts.scheme, netloc, parts.path, "&".join(pairs), ""))
+    return redact(url)

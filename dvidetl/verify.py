@@ -575,12 +575,15 @@ def _on_cluster(dask_client, ctx, parts, env: VerifyEnv, window: int | None = No
 
 
 def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_client=None,
-                  ctx=None) -> VerifyReport:
+                  ctx=None, progress=None) -> VerifyReport:
     """The whole check for one run (default: the latest run in the sink), one partition at a
     time: in this process, or as tasks on ``dask_client``'s cluster (``ctx``: the workers'
     TaskContext). Memory is bounded by a partition on either side: the index is compared
     with the source per label range, and with the exported blocks through per-partition
-    digests (row count and hash sum of (label, supervoxel, block, voxels)), summed here."""
+    digests (row count and hash sum of (label, supervoxel, block, voxels)), summed here.
+
+    ``progress(report, parts_done, parts)``: called after every partition (the report so
+    far), so a long check is never silent."""
     run_id = run_id or sink.latest_run()
     report = VerifyReport(run_id=run_id)
     if run_id is None:
@@ -607,8 +610,12 @@ def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_
         reports = (check_partition(client, sink, run, p, env) for p in parts)
     else:
         reports = _on_cluster(dask_client, ctx, parts, env)
-    for rep in reports:
+    if progress is not None:
+        progress(report, 0, parts)
+    for i, rep in enumerate(reports, 1):
         report.merge(rep)
+        if progress is not None:
+            progress(report, i, parts)
     verify_gaps(client, run, report, scales)
     if scales is None:
         check_outside(sink, run, done, report)

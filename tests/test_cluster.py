@@ -131,7 +131,7 @@ def test_defaults_without_any_config(tmp_path) -> None:
         kw = cl.slurm_cluster_kwargs(_args("--cluster", "slurm", "--log-directory", str(tmp_path)))
     assert kw["cores"] == cl.DEFAULT_WORKER_CORES
     assert kw["memory"] == f"{cl.DEFAULT_WORKER_CORES * cl.DEFAULT_MEMORY_PER_CORE_GIB}GiB"
-    assert kw["scheduler_options"]["dashboard_address"] == ":8787"
+    assert kw["scheduler_options"]["dashboard_address"] == "127.0.0.1:8787"  # loopback by default
     assert kw["job_name"] == "dvidetl-worker"
 
 

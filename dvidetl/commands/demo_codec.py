@@ -14,11 +14,14 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo-codec",
+    from dvidetl.commands._options import command_parser
+
+    p = command_parser(
+        subparsers, "demo-codec",
         help="decode/encode/repack the real fib19 and mCNS blocks; print sizes and speeds",
         description=__doc__,
-    )
+        example=("dvidetl demo-codec                        # the data in ../shared/data",
+                 "dvidetl demo-codec --data /path/to/shared/data --rounds 5"))
     p.add_argument(
         "--data",
         type=Path,

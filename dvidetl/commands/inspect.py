@@ -9,9 +9,14 @@ from dvidetl.errors import UserError
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from dvidetl.commands._options import command_parser
     from dvidetl.sinks import DEFAULT_SINK
 
-    p = sub.add_parser("inspect", help="show one exported block (--block X,Y,Z) or label (--label L)")
+    p = command_parser(
+        sub, "inspect", help="show one exported block (--block X,Y,Z) or label (--label L)",
+        example=("dvidetl inspect --block 8,8,6                  # a block of the demo export",
+                 "dvidetl inspect --sink parquet:///data/export --label 1234567",
+                 "dvidetl inspect --label 42 --supervoxel --run RUN_ID"))
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"the export (default {DEFAULT_SINK})")
     p.add_argument("--uuid", default=None, help="UUID (default: the only one in the sink)")
     p.add_argument("--instance", default=None, help="instance (default: the only one in the sink)")
@@ -65,6 +70,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     col = "supervoxel" if args.supervoxel else "label"
     what = col
+    if not any(p.kind == "indices" for p in ex.run.partitions):
+        from dvidetl.commands.plan import index_note
+
+        note = index_note(ex.volume, ex.run.partitions) or "no label_index"
+        raise UserError(f"--label: run {ex.run_id} has {note}; look at blocks with --block X,Y,Z")
     t = ex.read("label_index", where={col: int(args.label)},
                 columns=["label", "supervoxel", "x", "y", "z", "voxels"])
     if t.num_rows == 0:

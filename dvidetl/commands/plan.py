@@ -1,65 +1,217 @@
-"""`python -m dvidetl plan`: the partitions a run would use, and totals — reads no blocks."""
+"""`python -m dvidetl plan`: the partitions a run would use, and totals — reads no blocks.
+
+Planning asks the server for counts (``count`` per scale, ``count_keys`` for the label
+index and the mapping). Most answers take milliseconds, but the first ``count_keys`` of the
+label index may make the source read every label index (a generated volume builds them),
+which grows with the volume: its deadline grows with the blocks counted
+(``--plan-timeout`` overrides), and a status line says what is being counted while it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
-from typing import TextIO
+from typing import Any, TextIO
+
+import numpy as np
+
+from dvidetl.commands._options import (
+    add_json_argument,
+    command_parser,
+    count_arg,
+    emit_json,
+    human,
+)
+from dvidetl.errors import UserError
+
+#: the deadline of the planning calls: the Flight client's own (60 s) plus this per block the
+#: counts found — a generated volume builds its label indices in ~4 ms CPU per block, a
+#: loaded machine and the first numba compile take several times that
+PLAN_S_PER_BLOCK = 0.02
+#: a status line while planning, at most this often (the first after this long)
+STATUS_EVERY_S = 10.0
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    """Partition sizes, shared by ``plan`` and ``run``."""
+    """Partition sizes and the planning deadline, shared by ``plan`` and ``run``."""
     from dvidetl.planning import DEFAULT_INDEX_ROWS, DEFAULT_MAPPING_ROWS, DEFAULT_PARTITION_BLOCKS
 
-    p.add_argument("--partition-blocks", type=int, default=None,
+    p.add_argument("--partition-blocks", type=count_arg("--partition-blocks", hi=2**40), default=None,
+                   metavar="N",
                    help=f"blocks per partition (default: {DEFAULT_PARTITION_BLOCKS}, less for small volumes)")
-    p.add_argument("--index-partition-rows", type=int, default=None, metavar="ROWS",
+    p.add_argument("--index-partition-rows", type=count_arg("--index-partition-rows", hi=2**40),
+                   default=None, metavar="ROWS",
                    help=f"label_index rows per indices partition (default: {DEFAULT_INDEX_ROWS:,}, "
-                        "less for small volumes)")
-    p.add_argument("--mapping-partition-rows", type=int, default=None, metavar="ROWS",
+                        "less for small volumes; 2M works too)")
+    p.add_argument("--mapping-partition-rows", type=count_arg("--mapping-partition-rows", hi=2**40),
+                   default=None, metavar="ROWS",
                    help=f"supervoxel pairs per mapping partition (default: {DEFAULT_MAPPING_ROWS:,}, "
                         "less for small volumes)")
+    p.add_argument("--plan-timeout", type=float, default=None, metavar="SECONDS",
+                   help="deadline of each planning call to the server (default: 60 s plus "
+                        f"{PLAN_S_PER_BLOCK * 1000:g} ms per block counted, so it grows with the volume)")
 
 
 def check_plan_options(args: argparse.Namespace) -> None:
-    """The partition sizes must be positive: checked before any server is reached."""
-    from dvidetl.errors import UserError
-
+    """Checked before any server is reached (the sizes by their parsers already)."""
     for opt in ("partition_blocks", "index_partition_rows", "mapping_partition_rows"):
         v = getattr(args, opt, None)
         if v is not None and v < 1:
             raise UserError(f"--{opt.replace('_', '-')} must be at least 1 (got {v})")
+    t = getattr(args, "plan_timeout", None)
+    if t is not None and not t > 0:
+        raise UserError(f"--plan-timeout must be more than 0 seconds (got {t})")
+
+
+class Planning:
+    """The planning phase of ``plan`` and ``run``: the counts through the endpoint's Flight
+    client (deadlines that grow with the volume), what it is doing now (:attr:`doing`, for
+    the status line and the dashboard), and how long it took. :meth:`start` runs it in a
+    daemon thread, so a Ctrl-C never waits for a server that is still counting."""
+
+    def __init__(self, args: argparse.Namespace, ep, scales, *, indices: bool = True,
+                 mapping: bool = True):
+        self.args, self.ep, self.scales = args, ep, scales
+        self.indices, self.mapping = indices, mapping
+        self.doing = "asking the server for counts"
+        self.t0 = time.monotonic()
+        self.seconds: float | None = None
+        self.blocks = 0  # counted so far (for the scaled deadline)
+        self._done = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def deadline(self) -> float:
+        """The deadline of the next count: ``--plan-timeout``, else the client's plus
+        ``PLAN_S_PER_BLOCK`` for every block counted so far."""
+        fixed = getattr(self.args, "plan_timeout", None)
+        if fixed is not None:
+            return float(fixed)
+        return float(self.ep.client.timeout) + PLAN_S_PER_BLOCK * self.blocks
+
+    def _count(self, scale: int, cell_bits: int):
+        self.doing = f"counting the blocks of scale {scale}"
+        got = self.ep.client.count(scale, cell_bits, timeout=self.deadline())
+        # the largest scale's count (scale 0): what building the label indices costs
+        self.blocks = max(self.blocks, int(np.asarray(got[1], np.int64).sum()))
+        return got
+
+    def _count_keys(self, kind: str, cell_bits: int, lo: int, hi: int):
+        self.doing = ("counting label-index rows (the first count makes the source read its label "
+                      "indices; a generated volume builds them)" if kind == "indices"
+                      else "counting mapping pairs")
+        return self.ep.client.count_keys(kind, cell_bits, lo, hi, timeout=self.deadline())
+
+    def run(self):
+        """The partitions (synchronously); a deadline passed is a one-line error naming the
+        option that gives more time."""
+        from dvidetl.flight.client import FlightUnavailable
+        from dvidetl.planning import make_plan
+
+        a = self.args
+        try:
+            parts = make_plan(self.ep.info, self._count, self.scales, a.partition_blocks,
+                              indices=self.indices, mapping=self.mapping, count_keys=self._count_keys,
+                              index_rows=getattr(a, "index_partition_rows", None),
+                              mapping_rows=getattr(a, "mapping_partition_rows", None))
+        except FlightUnavailable as exc:
+            from dvidetl.errors import first_line
+
+            raise UserError(f"planning failed while {self.doing}: {first_line(exc, 300)} — if the "
+                            f"server is just slow, give it longer: --plan-timeout SECONDS "
+                            f"(was {self.deadline():.0f} s)") from None
+        finally:
+            self.seconds = time.monotonic() - self.t0
+        return parts
+
+    def start(self) -> Planning:
+        def go():
+            try:
+                self._result = self.run()
+            except BaseException as exc:  # noqa: BLE001 - handed to wait()
+                self._error = exc
+            finally:
+                self._done.set()
+
+        self.t0 = time.monotonic()
+        threading.Thread(target=go, daemon=True, name="dvidetl-plan").start()
+        return self
+
+    def wait(self, tick=None, every: float = 0.5):
+        """The plan of :meth:`start`, calling ``tick()`` every ``every`` seconds meanwhile
+        (status line, dashboard). Interruptible: Ctrl-C is not held up by the server."""
+        while not self._done.wait(every):
+            if tick is not None:
+                tick()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class StatusLine:
+    """``planning: <what> (<elapsed>)`` on stderr while planning lasts: after
+    ``STATUS_EVERY_S`` and then when it changes or every ``STATUS_EVERY_S``."""
+
+    def __init__(self, planning: Planning, stream: TextIO | None = None, prefix: str = "planning"):
+        self.p, self.stream, self.prefix = planning, stream or sys.stderr, prefix
+        self._last = time.monotonic()
+        self._said = ""
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        el = now - self.p.t0
+        if el < STATUS_EVERY_S:
+            return
+        if self.p.doing == self._said and now - self._last < STATUS_EVERY_S:
+            return
+        self._last, self._said = now, self.p.doing
+        print(f"{self.prefix}: {self.p.doing} ({el:.0f} s)", file=self.stream, flush=True)
 
 
 def plan_from_args(args: argparse.Namespace, ep, scales, *, indices: bool = True, mapping: bool = True):
     """The partitions the options ask for (``check_plan_options`` first), counted through
-    the endpoint's Flight client."""
-    from dvidetl.planning import make_plan
-
-    return make_plan(ep.info, ep.client.count, scales, args.partition_blocks,
-                     indices=indices, mapping=mapping, count_keys=ep.client.count_keys,
-                     index_rows=getattr(args, "index_partition_rows", None),
-                     mapping_rows=getattr(args, "mapping_partition_rows", None))
+    the endpoint's Flight client, with a status line on stderr while it takes long."""
+    planning = Planning(args, ep, scales, indices=indices, mapping=mapping).start()
+    return planning.wait(StatusLine(planning))
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    from dvidetl.endpoint import add_flight_arguments
+def plan_summary(parts) -> list[dict[str, Any]]:
+    """Per kind and scale: partitions, planned blocks / rows, largest and smallest partition."""
+    per: dict = {}
+    for p in parts:
+        k = (p.kind, p.scale if p.kind == "blocks" else None)
+        size = p.blocks if p.kind == "blocks" else getattr(p, "rows", 0)
+        g = per.setdefault(k, {"kind": p.kind, "scale": k[1], "partitions": 0, "blocks": 0, "rows": 0,
+                               "largest": 0, "smallest": None})
+        g["partitions"] += 1
+        g["blocks"] += p.blocks
+        g["rows"] += getattr(p, "rows", 0)
+        g["largest"] = max(g["largest"], size)
+        g["smallest"] = size if g["smallest"] is None else min(g["smallest"], size)
+    return list(per.values())
 
-    p = sub.add_parser("plan", help="print the partitions and totals of an export (no blocks read)")
-    add_flight_arguments(p)
-    p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
-    add_plan_arguments(p)
-    p.add_argument("--partitions", action="store_true",
-                   help="also list every partition (a full-size volume has ~10^5 of them)")
-    p.add_argument("--summary", action="store_true", help=argparse.SUPPRESS)  # the default now
-    return p
+
+def index_note(info, parts=None, *, skipped: bool = False) -> str | None:
+    """Why a plan or export has no label_index, in words (None when it has one)."""
+    if not info.has_indices:
+        return ("no label_index: the source has no label indices (a shards:// export holds "
+                "blocks and mapping only)")
+    if skipped:
+        return "no label_index: skipped (--no-indices)"
+    if parts is not None and not any(p.kind == "indices" for p in parts):
+        if any(p.kind == "blocks" and p.scale == 0 for p in parts):
+            return "no label_index: skipped (--no-indices)"
+        return "no label_index: scale 0 is not exported (--scales)"
+    return None
 
 
-def print_plan(parts, out: TextIO, *, every: bool = False) -> None:
+def print_plan(parts, out: TextIO, *, every: bool = False, note: str | None = None) -> None:
     """A summary per kind and scale (partitions, planned blocks / rows, largest and smallest
     partition), then the totals; with ``every`` first one line per partition. A male-CNS plan
-    has ~10^5..10^6 partitions: the list is opt-in (``--partitions``), the summary is short."""
+    has ~10^5..10^6 partitions: the list is opt-in (``--partitions``), the summary is short.
+    ``note``: why the plan has no label_index (see :func:`index_note`)."""
     if every:
         print(f"{'#':>7} {'kind':8} {'scale':>5} {'lo':>20} {'hi':>20} {'blocks':>10} {'rows':>12}",
               file=out)
@@ -67,26 +219,63 @@ def print_plan(parts, out: TextIO, *, every: bool = False) -> None:
             print(f"{i:>7} {p.kind:8} {p.scale:>5} {p.lo:>20} {p.hi:>20} {p.blocks:>10,} "
                   f"{getattr(p, 'rows', 0):>12,}", file=out)
         print(file=out)
-    per: dict = {}
-    for p in parts:
-        k = (p.kind, p.scale if p.kind == "blocks" else "-")
-        size = p.blocks if p.kind == "blocks" else getattr(p, "rows", 0)
-        n, b, r, mx, mn = per.get(k, (0, 0, 0, 0, None))
-        per[k] = (n + 1, b + p.blocks, r + getattr(p, "rows", 0), max(mx, size),
-                  size if mn is None else min(mn, size))
     print(f"{'kind':8} {'scale':>5} {'partitions':>11} {'blocks':>14} {'rows':>16} "
           f"{'largest':>12} {'smallest':>12}", file=out)
-    for (kind, scale), (n, b, r, mx, mn) in per.items():
-        print(f"{kind:8} {scale!s:>5} {n:>11,} {(f'~{b:,}' if kind == 'blocks' else '-'):>14} "
-              f"{(f'~{r:,}' if r else '-'):>16} {f'{mx:,}':>12} {f'{mn or 0:,}':>12}", file=out)
+    for g in plan_summary(parts):
+        kind, scale, b, r = g["kind"], "-" if g["scale"] is None else g["scale"], g["blocks"], g["rows"]
+        print(f"{kind:8} {scale!s:>5} {g['partitions']:>11,} {(f'~{b:,}' if kind == 'blocks' else '-'):>14} "
+              f"{(f'~{r:,}' if r else '-'):>16} {g['largest']:>12,} {g['smallest'] or 0:>12,}", file=out)
+    if note:
+        print(note, file=out)
     print(f"total: {len(parts):,} partitions, ~{sum(p.blocks for p in parts):,} blocks"
           + ("" if every else " (--partitions lists them)"), file=out)
+
+
+def plan_json(parts, *, every: bool = False, note: str | None = None) -> dict[str, Any]:
+    """The plan as the ``--json`` document's ``plan`` object (docs/cli.md)."""
+    doc: dict[str, Any] = {
+        "partitions": len(parts),
+        "blocks": sum(p.blocks for p in parts),
+        "index_rows": sum(p.rows for p in parts if p.kind == "indices"),
+        "mapping_rows": sum(p.rows for p in parts if p.kind == "mapping"),
+        "label_index": note is None,
+        "label_index_note": note,
+        "groups": plan_summary(parts),
+    }
+    if every:
+        doc["list"] = [p.to_dict() | {"rows": p.rows} for p in parts]
+    return doc
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from dvidetl.endpoint import add_flight_arguments
+
+    p = command_parser(
+        sub, "plan", help="print the partitions and totals of an export (no blocks read)",
+        description=__doc__,
+        example=("dvidetl plan --uuid demo                      # the embedded demo volume",
+                 "dvidetl plan --uuid UUID --flight grpc://server:8815 --partitions",
+                 "dvidetl plan --uuid demo --json | jq .plan.partitions"))
+    add_flight_arguments(p)
+    p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
+    add_plan_arguments(p)
+    p.add_argument("--partitions", action="store_true",
+                   help="also list every partition (a full-size volume has ~10^5 of them)")
+    add_json_argument(p)
+    p.add_argument("--summary", action="store_true", help=argparse.SUPPRESS)  # the default now
+    return p
+
+
+def source_json(ep) -> dict[str, Any]:
+    """The ``source`` object of every ``--json`` document (docs/cli.md)."""
+    return {"instance": ep.instance, "uuid": ep.info.uuid, "location": ep.location,
+            "locked": ep.info.locked, "has_indices": ep.info.has_indices,
+            "has_mapping": ep.info.has_mapping}
 
 
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands.run import parse_scales
     from dvidetl.endpoint import open_flight
-    from dvidetl.errors import UserError
 
     check_plan_options(args)
     scales = parse_scales(args.scales)
@@ -98,10 +287,15 @@ def main(args: argparse.Namespace) -> int:
         locked = {True: "locked", False: "NOT locked (run refuses it without --allow-unlocked)",
                   None: "not a versioned node"}[ep.info.locked]
         print(f"source: {ep.instance}@{ep.info.uuid}, {locked}", file=sys.stderr)
-        t0 = time.perf_counter()
-        parts = plan_from_args(args, ep, scales)
-        print_plan(parts, sys.stdout, every=args.partitions)
-        print(f"planned in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+        planning = Planning(args, ep, scales).start()
+        parts = planning.wait(StatusLine(planning))
+        note = index_note(ep.info, parts)
+        print_plan(parts, human(args), every=args.partitions, note=note)
+        print(f"planned in {planning.seconds:.2f} s", file=sys.stderr)
+        if args.json:
+            emit_json({"command": "plan", "source": source_json(ep),
+                       "plan": plan_json(parts, every=args.partitions, note=note),
+                       "planning_s": planning.seconds})
         return 0
     finally:
         ep.close()

@@ -11,11 +11,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from dvidetl import schema as S
 from dvidetl.cluster import add_cluster_arguments, open_client
+from dvidetl.commands._options import (
+    add_json_argument,
+    command_parser,
+    emit_json,
+    human,
+    set_interrupt_hint,
+    size_arg,
+)
 from dvidetl.errors import UserError
+from dvidetl.redact import redact
 
 
 def parse_scales(text: str | None) -> list[int] | None:
@@ -90,21 +98,32 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.endpoint import add_flight_arguments
     from dvidetl.sinks import DEFAULT_SINK
 
-    p = sub.add_parser("run", help="export a labelmap (blocks, label indices, mapping) to a sink")
+    p = command_parser(
+        sub, "run", help="export a labelmap (blocks, label indices, mapping) to a sink",
+        description=__doc__,
+        example=("dvidetl run --uuid demo                                  # demo volume -> ./dvidetl-out",
+                 "dvidetl run --uuid UUID --flight grpc://server:8815 --sink parquet:///data/export",
+                 "dvidetl run --uuid UUID --flight grpc://server:8815 --sink vastdb://vip:80/bucket/schema "
+                 "--cluster slurm --jobs 8",
+                 "dvidetl run --uuid demo --resume RUN_ID                  # continue an interrupted run",
+                 "dvidetl run --uuid demo --json > result.json            # the result for scripts"))
     add_flight_arguments(p)
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"where to write (default {DEFAULT_SINK})")
     p.add_argument("--vast-endpoints", default=None, metavar="H:P,H:P",
                    help="vastdb:// sink: more CNode endpoints; workers spread across them")
     p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
     add_plan_arguments(p)
-    p.add_argument("--cell-limit", type=int, default=S.DEFAULT_CELL_LIMIT,
-                   help=f"max bytes per binary/list cell (default {S.DEFAULT_CELL_LIMIT})")
+    p.add_argument("--cell-limit", type=size_arg("--cell-limit", default_unit="B"),
+                   default=S.DEFAULT_CELL_LIMIT, metavar="SIZE",
+                   help=f"max bytes per binary/list cell, e.g. 126KiB (default {S.DEFAULT_CELL_LIMIT}; "
+                        "a bare number is bytes)")
     p.add_argument("--zstd-level", type=int, default=3, help="zstd level of the block payloads (default 3)")
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run: reuse its plan, skip committed partitions")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished export of the same instance@uuid: the new run is written "
                         "apart and replaces the old rows only when it finishes")
-    p.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the sink, plan and print the plan; write nothing (and make no run id)")
     p.add_argument("--partitions", action="store_true", help="with --dry-run: list every partition")
     p.add_argument("--max-errors", type=int, default=None, help="stop submitting after more than N corrupt blocks")
     p.add_argument("--retries", type=int, default=3, help="retries per failed partition (default 3)")
@@ -113,19 +132,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--allow-unlocked", action="store_true",
                    help="export a DVID node that is not locked (its data may change during the run)")
+    add_json_argument(p)
     add_cluster_arguments(p)
     return p
 
 
-def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands.plan import check_plan_options, plan_from_args
-    from dvidetl.driver import execute
-    from dvidetl.endpoint import open_flight
-    from dvidetl.planning import new_run_id
-    from dvidetl.progress import Progress, summary
-    from dvidetl.sinks import open_sink
-    from dvidetl.sinks.base import RunInfo
-    from dvidetl.tasks import task_context
+def _check_options(args: argparse.Namespace) -> None:
+    from dvidetl.commands.plan import check_plan_options
 
     check_plan_options(args)
     if args.cell_limit < 1024:
@@ -136,6 +149,41 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--max-errors must be 0 or more (got {args.max_errors})")
     if args.retries < 0:
         raise UserError(f"--retries must be 0 or more (got {args.retries})")
+    if args.cluster == "local":  # a bad dashboard address fails before planning, not after
+        from dvidetl.cluster import parse_dashboard_address
+
+        parse_dashboard_address(args.dashboard_address)
+
+
+def result_json(res, run, ep, sink_url: str, planning_s: float | None, rc: int,
+                note: str | None) -> dict:
+    """The ``run --json`` document (keys: docs/cli.md)."""
+    from dvidetl.commands.plan import source_json
+
+    return {
+        "command": "run", "run_id": run.run_id, "ok": rc == 0, "exit_code": rc,
+        "source": source_json(ep), "sink": sink_url,
+        "partitions": {"planned": res.partitions, "written": res.done, "already_done": res.skipped,
+                       "failed": len(res.failed)},
+        "blocks": res.blocks, "errors": res.errors,
+        "rows": {"label_index": res.index_rows, "mapping": res.mapping_rows},
+        "label_index_note": note,
+        "bytes": {"read": res.bytes_in, "raw": res.raw_bytes, "written": res.bytes_out},
+        "seconds": {"planning": planning_s, "export": res.seconds,
+                    "total": res.seconds + (planning_s or 0.0)},
+        "failed": [{"partition": k, "reason": r} for k, r in res.failed],
+        "aborted": res.aborted,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    from dvidetl.commands.plan import Planning, StatusLine, index_note, plan_json, print_plan
+    from dvidetl.endpoint import open_flight
+    from dvidetl.planning import new_run_id
+    from dvidetl.sinks import open_sink
+    from dvidetl.sinks.base import RunInfo
+
+    _check_options(args)
     scales = parse_scales(args.scales)
     if getattr(args, "vast_endpoints", None):
         from dvidetl.sinks.vastdb import with_endpoints
@@ -151,21 +199,26 @@ def main(args: argparse.Namespace) -> int:
                 raise UserError(f"--scales {args.scales}: scales {missing} not in the volume (has {have})")
         check_locked(info, args.uuid, args.allow_unlocked)
         sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
+        # the sink first: credentials, store, reachable, writable — in seconds, before any
+        # planning or cluster (a dry run creates nothing)
+        sink.check(write=True, create=not args.dry_run)
+        where = f"{ep.instance}@{args.uuid} from {ep.location} -> {redact(args.sink)}"
+        resumed = None
+        if args.resume:
+            resumed = sink.load_run(args.resume)  # a wrong run id fails before any cluster
+            if resumed.uuid != args.uuid or resumed.instance != ep.instance:
+                raise UserError(f"run {args.resume} exported {resumed.instance}@{resumed.uuid}, "
+                                f"not {ep.instance}@{args.uuid}")
+            if resumed.state == "superseded":
+                raise UserError(f"run {args.resume} was replaced by run "
+                                f"{resumed.record.get('superseded_by')}: nothing to resume")
         staged = False if args.resume or args.dry_run else check_existing(sink, args)
+        planning = None
+        if resumed is None:
+            planning = Planning(args, ep, scales, indices=not args.no_indices,
+                                mapping=not args.no_mapping)
 
-        def make_run() -> RunInfo:
-            if args.resume:
-                run = sink.load_run(args.resume)
-                if run.uuid != args.uuid or run.instance != ep.instance:
-                    raise UserError(
-                        f"run {args.resume} exported {run.instance}@{run.uuid}, not {ep.instance}@{args.uuid}"
-                    )
-                if run.state == "superseded":
-                    raise UserError(f"run {args.resume} was replaced by run {run.record.get('superseded_by')}: "
-                                    "nothing to resume")
-                return run
-            parts = plan_from_args(args, ep, scales, indices=not args.no_indices,
-                                   mapping=not args.no_mapping)
+        def new_run(parts) -> RunInfo:
             return RunInfo(
                 run_id=new_run_id(), uuid=args.uuid, instance=ep.instance, partitions=parts,
                 options={"scales": scales if scales is not None else have,
@@ -184,60 +237,87 @@ def main(args: argparse.Namespace) -> int:
                         "staged": staged},
             )
 
-        def announce(run: RunInfo) -> None:
-            nblocks = sum(p.blocks for p in run.partitions)
-            print(f"run {run.run_id}: {len(run.partitions)} partitions, ~{nblocks:,} blocks "
-                  f"({ep.instance}@{args.uuid} from {ep.location} -> {args.sink})", file=sys.stderr)
-
         if args.dry_run:
-            from dvidetl.commands.plan import print_plan
+            parts = resumed.partitions if resumed is not None else \
+                planning.start().wait(StatusLine(planning))
+            note = index_note(info, parts, skipped=args.no_indices)
+            what = f"run {resumed.run_id} (resumed)" if resumed is not None else "dry run (no run id: nothing is written)"
+            print(f"{what}: {len(parts)} partitions, ~{sum(p.blocks for p in parts):,} blocks ({where})",
+                  file=sys.stderr)
+            print_plan(parts, human(args), every=getattr(args, "partitions", False), note=note)
+            if args.json:
+                from dvidetl.commands.plan import source_json
 
-            run = make_run()
-            announce(run)
-            print_plan(run.partitions, sys.stdout, every=getattr(args, "partitions", False))
+                emit_json({"command": "run", "dry_run": True, "run_id": args.resume,
+                           "source": source_json(ep), "sink": args.sink,
+                           "plan": plan_json(parts, every=args.partitions, note=note),
+                           "planning_s": planning.seconds if planning else None})
             return 0
-        progress = None if args.quiet else Progress()
-        # plan while the cluster starts: both take seconds, neither needs the other (a
-        # resumed run's stored plan loads first: a wrong run id fails before any cluster)
-        resumed = make_run() if args.resume else None
-        with ThreadPoolExecutor(1, thread_name_prefix="dvidetl-plan") as pool:
-            planned = pool.submit(make_run) if resumed is None else None
-            with open_client(args) as client:
-                run = resumed if planned is None else planned.result()
-                announce(run)
-                run.record.update(state="running", started=time.time())
-                run.record.pop("ended", None)
-                sink.prepare(run)
-                if args.resume:
-                    sink.update_run(run)
-                ctx = task_context(run, ep, args.sink, cell_limit=args.cell_limit,
-                                   zstd_level=args.zstd_level)
-                from dvidetl.dashboard import RunState, install
-
-                page = install(client)
-                if page:
-                    print(f"dvidetl: run page {page}", file=sys.stderr)
-                try:
-                    res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,
-                                  max_errors=args.max_errors,
-                                  dashboard=RunState(client, run, args.sink))
-                except BaseException as exc:
-                    record_end(sink, run, None, f"{type(exc).__name__}: {exc}")
-                    raise
-                record_end(sink, run, res)
-        print(summary(res, sink_desc=args.sink), file=sys.stderr)
-        print(f"run_id {run.run_id}", file=sys.stdout, flush=True)
-        if res.failed:
-            print(f"dvidetl run: {len(res.failed)} partitions failed; resume with --resume {run.run_id}",
-                  file=sys.stderr)
-            return 1
-        if res.aborted:
-            print(f"dvidetl run: aborted: {res.aborted}", file=sys.stderr)
-            return 1
-        if res.errors:
-            print(f"dvidetl run: {res.errors} blocks could not be exported (see export_errors)",
-                  file=sys.stderr)
-            return 1
-        return 0
+        return _export(args, ep, sink, resumed, planning, new_run, where)
     finally:
         ep.close()
+
+
+def _export(args, ep, sink, resumed, planning, new_run, where: str) -> int:
+    """Plan while the cluster starts (both take seconds, neither needs the other), with the
+    run's dashboard page up from the start; then export and report."""
+    from dvidetl.commands.plan import StatusLine, index_note
+    from dvidetl.dashboard import RunState
+    from dvidetl.driver import execute
+    from dvidetl.progress import Progress, summary
+    from dvidetl.tasks import task_context
+
+    progress = None if args.quiet else Progress()
+    if planning is not None:
+        planning.start()
+    with open_client(args, page=True) as client:
+        state = RunState(client, None, args.sink, source=ep.location, uuid=args.uuid,
+                         instance=ep.instance)
+        try:
+            if planning is not None:
+                status = StatusLine(planning)
+
+                def tick() -> None:
+                    status()
+                    state.planning(planning.doing)
+
+                state.planning(planning.doing)
+                run = new_run(planning.wait(tick))
+            else:
+                run = resumed
+        except BaseException as exc:
+            state.fail(f"planning failed: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted")
+            raise
+        set_interrupt_hint(f"resume with --resume {run.run_id}")
+        nblocks = sum(p.blocks for p in run.partitions)
+        print(f"run {run.run_id}: {len(run.partitions)} partitions, ~{nblocks:,} blocks ({where})",
+              file=sys.stderr)
+        run.record.update(state="running", started=time.time())
+        run.record.pop("ended", None)
+        sink.prepare(run)
+        if args.resume:
+            sink.update_run(run)
+        ctx = task_context(run, ep, args.sink, cell_limit=args.cell_limit, zstd_level=args.zstd_level)
+        try:
+            res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,
+                          max_errors=args.max_errors, dashboard=state)
+        except BaseException as exc:
+            record_end(sink, run, None, redact(f"{type(exc).__name__}: {exc}"))
+            raise
+        record_end(sink, run, res)
+    planning_s = planning.seconds if planning is not None else None
+    note = index_note(ep.info, run.partitions, skipped=args.no_indices)
+    print(summary(res, sink_desc=args.sink, planning_s=planning_s, index_note=note), file=sys.stderr)
+    unfinished = (f"{len(res.failed)} partitions failed" if res.failed
+                  else f"aborted: {redact(res.aborted)}" if res.aborted else None)
+    if unfinished:
+        print(f"dvidetl run: {unfinished}; resume with --resume {run.run_id}", file=sys.stderr)
+    elif res.errors:
+        print(f"dvidetl run: {res.errors} blocks could not be exported (see export_errors)",
+              file=sys.stderr)
+    rc = 1 if unfinished or res.errors else 0
+    if args.json:
+        emit_json(result_json(res, run, ep, args.sink, planning_s, rc, note))
+    else:
+        print(f"run_id {run.run_id}", file=sys.stdout, flush=True)
+    return rc

@@ -9,8 +9,6 @@ stderr.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
 #: the keys of each run in ``status --json`` (documented in docs/runs.md)
@@ -21,14 +19,20 @@ RUN_KEYS = ("run_id", "state", "created", "started", "ended", "source", "uuid_re
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from dvidetl.commands._options import add_json_argument, command_parser
     from dvidetl.sinks import DEFAULT_SINK
 
-    p = sub.add_parser("status", help="every run of an export: state, partitions done, errors, verify outcome")
+    p = command_parser(
+        sub, "status", help="every run of an export: state, partitions done, errors, verify outcome",
+        description=__doc__,
+        example=("dvidetl status                                 # the export in ./dvidetl-out",
+                 "dvidetl status --sink parquet:///data/export --run RUN_ID",
+                 "dvidetl status --sink vastdb://vip:80/bucket/schema --json | jq .current_run"))
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"the export (default {DEFAULT_SINK})")
     p.add_argument("--uuid", default=None, help="UUID (default: the only one in the sink)")
     p.add_argument("--instance", default=None, help="instance (default: the only one in the sink)")
     p.add_argument("--run", default=None, metavar="RUN_ID", help="only this run")
-    p.add_argument("--json", action="store_true", help="one JSON document on stdout (text on stderr)")
+    add_json_argument(p)
     return p
 
 
@@ -92,18 +96,18 @@ def text(export: str, runs: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from dvidetl.commands._options import emit_json, human
     from dvidetl.read import _find_export
+    from dvidetl.redact import redact
     from dvidetl.sinks import open_sink
 
     instance, uuid = _find_export(args.sink, args.uuid, args.instance)
     sink = open_sink(args.sink, uuid=uuid, instance=instance)
     ids = [args.run] if args.run else sink.runs()
     runs = [run_status(sink, r) for r in ids]
-    doc = {"sink": args.sink, "instance": instance, "uuid": uuid, "current_run": sink.latest_run(), "runs": runs}
-    out = text(f"{args.sink} ({instance}@{uuid})", runs)
+    doc = {"command": "status", "sink": args.sink, "instance": instance, "uuid": uuid,
+           "current_run": sink.latest_run(), "runs": runs}
+    print(redact(text(f"{args.sink} ({instance}@{uuid})", runs)), file=human(args))
     if args.json:
-        print(out, file=sys.stderr)
-        print(json.dumps(doc, sort_keys=True), flush=True)
-    else:
-        print(out)
+        emit_json(doc)  # the --json convention of every command (commands/_options.py)
     return 0

@@ -15,10 +15,16 @@ import sys
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.cluster import add_cluster_arguments
+    from dvidetl.commands._options import add_json_argument, command_parser
     from dvidetl.endpoint import add_flight_arguments
     from dvidetl.sinks import DEFAULT_SINK
 
-    p = sub.add_parser("verify", help="check an export against its source, block by block")
+    p = command_parser(
+        sub, "verify", help="check an export against its source, block by block",
+        description=__doc__,
+        example=("dvidetl verify --uuid demo                     # the demo export in ./dvidetl-out",
+                 "dvidetl verify --uuid UUID --flight grpc://server:8815 --sink parquet:///data/export",
+                 "dvidetl verify --uuid demo --in-process --json | jq .ok"))
     add_flight_arguments(p)
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"the export to check (default {DEFAULT_SINK})")
     p.add_argument("--vast-endpoints", default=None, metavar="H:P,H:P",
@@ -30,8 +36,52 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true",
                    help="re-export the partitions found wrong, remove rows outside every partition, "
                         "then verify again (exit 0 only when the export is then exact)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_json_argument(p)
     add_cluster_arguments(p)
     return p
+
+
+def report_json(report, rc: int, sink_url: str) -> dict:
+    """The ``verify --json`` document (keys: docs/cli.md)."""
+    return {
+        "command": "verify", "run_id": report.run_id, "ok": report.ok, "exit_code": rc,
+        "sink": sink_url,
+        "blocks": {"source": report.blocks_source, "checked": report.blocks_checked,
+                   "missing": report.missing, "extra": report.extra,
+                   "duplicated": report.duplicated, "different": report.mismatched,
+                   "in_export_errors": report.export_errors},
+        "label_index": {"rows": report.index_rows, "differences": report.index_diffs},
+        "mapping": {"rows": report.mapping_rows, "differences": report.mapping_diffs},
+        "partitions_unfinished": report.partitions_unfinished,
+        "counters": report.counters(),
+        "repaired": getattr(report, "repaired", None),
+        "problems": list(report.problems), "seconds": report.seconds,
+    }
+
+
+class _VerifyProgress:
+    """The ``verify`` progress line: partitions and blocks checked of the run's, recent
+    rate and ETA (``progress.Progress``, the same line ``run`` shows)."""
+
+    def __init__(self):
+        from dvidetl.progress import Progress
+
+        self.line = Progress(label="verify ")
+        self._started = False
+
+    def __call__(self, report, done: int, parts) -> None:
+        from dvidetl.progress import Counts
+
+        if not self._started:
+            self.line.start(Counts.of_plan(parts))
+            self._started = True
+        d = Counts(blocks=report.blocks_checked + report.export_errors, index_rows=report.index_rows,
+                   mapping_rows=report.mapping_rows, errors=report.export_errors, parts=done)
+        if done == len(parts):
+            self.line.finish(d)
+        else:
+            self.line.update(d, force=done == 0)
 
 
 def repair(dask_client, sink, run, ctx, report) -> dict:
@@ -68,8 +118,10 @@ def record_verify(sink, run, report, scales) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from dvidetl.commands._options import emit_json, human, set_interrupt_hint
     from dvidetl.commands.run import parse_scales
     from dvidetl.endpoint import open_flight
+    from dvidetl.redact import redact
     from dvidetl.sinks import open_sink
     from dvidetl.verify import verify_export
 
@@ -82,17 +134,20 @@ def main(args: argparse.Namespace) -> int:
         from dvidetl.errors import UserError
 
         raise UserError("--repair checks the whole export: drop --scales")
+    progress = None if args.quiet else _VerifyProgress()
     ep = open_flight(args)
     try:
         sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
+        sink.check(write=False)
         if args.run is None and sink.latest_run() is None:
             from dvidetl.errors import UserError
 
-            raise UserError(f"no run found in {args.sink} for {sink.instance}@{sink.uuid}: "
+            raise UserError(f"no run found in {redact(args.sink)} for {sink.instance}@{sink.uuid}: "
                             "nothing to verify (export it first with `dvidetl run`)")
         run = sink.load_run(args.run or sink.latest_run())
+        set_interrupt_hint("nothing was changed; run verify again" if not args.repair else None)
         if args.in_process and not args.repair:
-            report = verify_export(ep.client, sink, run.run_id, scales)
+            report = verify_export(ep.client, sink, run.run_id, scales, progress=progress)
         else:
             from dvidetl.cluster import open_client
             from dvidetl.tasks import task_context
@@ -101,20 +156,25 @@ def main(args: argparse.Namespace) -> int:
             with open_client(args) as dask_client:
                 def check():
                     if args.in_process:
-                        return verify_export(ep.client, sink, run.run_id, scales)
-                    return verify_export(ep.client, sink, run.run_id, scales, dask_client=dask_client, ctx=ctx)
+                        return verify_export(ep.client, sink, run.run_id, scales, progress=progress)
+                    return verify_export(ep.client, sink, run.run_id, scales, dask_client=dask_client,
+                                         ctx=ctx, progress=progress)
 
                 report = check()
                 if args.repair and not report.ok:
-                    print(report.text())
+                    print(report.text(), file=human(args))
                     repaired = repair(dask_client, sink, run, ctx, report)
                     report = check()
                     report.repaired = repaired
         record_verify(sink, run, report, scales)
     finally:
         ep.close()
-    print(report.text())
+    print(report.text(), file=human(args))
+    rc = 0 if report.ok else 1
     if not report.ok:
-        print(f"dvidetl verify: export {args.sink} differs from the source (see above)", file=sys.stderr)
-        return 1
-    return 0
+        print(f"dvidetl verify: export {redact(args.sink)} differs from the source (see above)",
+              file=sys.stderr)
+    print(f"verified in {report.seconds:.1f} s", file=sys.stderr)
+    if args.json:
+        emit_json(report_json(report, rc, args.sink))
+    return rc

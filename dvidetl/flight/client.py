@@ -31,6 +31,7 @@ import pyarrow.flight as flight
 from dvidetl.errors import UserError
 from dvidetl.flight import protocol as P
 from dvidetl.geometry import VolumeInfo
+from dvidetl.redact import register_secret
 from dvidetl.retry import Backoff, retry
 from dvidetl.sources.base import KeyCounts
 
@@ -81,8 +82,10 @@ def load_token(token_file: str | os.PathLike | None = None) -> str | None:
             raise UserError(f"token file {str(p)!r} is empty")
         if any(c.isspace() for c in tok):
             raise UserError(f"token file {str(p)!r} holds whitespace inside the token")
+        register_secret(tok)
         return tok
     tok = os.environ.get(TOKEN_ENV, "").strip()
+    register_secret(tok)
     return tok or None
 
 
@@ -132,6 +135,7 @@ class FlightClient:
         max_backoff: float = 8.0,
         map_batch: int = 1 << 20,
         tls_root_certs: bytes | None = None,
+        retry_log_level: int = logging.WARNING,
     ):
         if not isinstance(location, str) or "://" not in location:
             raise UserError(f"Flight location must look like grpc://host:port, got {location!r}")
@@ -146,6 +150,9 @@ class FlightClient:
         self.max_backoff = float(max_backoff)
         self.map_batch = int(map_batch)
         self.tls_root_certs = tls_root_certs
+        #: the driver's own client logs retries at INFO: its caller reports the outcome in
+        #: one line (a worker's retries stay warnings in the worker's log)
+        self.retry_log_level = retry_log_level
         self._conn: flight.FlightClient | None = None
         self._info: VolumeInfo | None = None
         self._lock = threading.Lock()
@@ -208,13 +215,13 @@ class FlightClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _options(self, stream: bool = False) -> flight.FlightCallOptions:
+    def _options(self, stream: bool = False, timeout: float | None = None) -> flight.FlightCallOptions:
         headers = []
         if self._token:
             headers.append((b"authorization", f"Bearer {self._token}".encode()))
-        return flight.FlightCallOptions(
-            timeout=self.stream_timeout if stream else self.timeout, headers=headers
-        )
+        if timeout is None:
+            timeout = self.stream_timeout if stream else self.timeout
+        return flight.FlightCallOptions(timeout=timeout, headers=headers)
 
     def _raise_final(self, exc: BaseException, call: str) -> None:
         """Turn non-retryable Flight errors into dvidetl errors."""
@@ -265,7 +272,7 @@ class FlightClient:
         return retry(once, self._policy(), retryable=lambda exc: self._transient(exc, call),
                      what=f"{call} on {self.location}", describe=_clean,
                      exhausted=lambda n, exc: self._unavailable(call, n, exc),
-                     logger=log, level=logging.WARNING)
+                     logger=log, level=self.retry_log_level)
 
     def _stream(self, call: str, ticket: bytes, key: str | None = None) -> Iterator[pa.RecordBatch]:
         """DoGet ``ticket``; on failure re-send it from the start and skip delivered rows.
@@ -329,7 +336,8 @@ class FlightClient:
                 attempt += 1
                 if attempt > self.retries:
                     raise self._unavailable(call, attempt, exc) from exc
-                log.warning("%s on %s broke after %d rows (%s); restarting the stream, retry %d/%d",
+                log.log(self.retry_log_level,
+                        "%s on %s broke after %d rows (%s); restarting the stream, retry %d/%d",
                             call, self.location, delivered, _clean(exc), attempt, self.retries)
                 self._reset(conn)
                 policy.pause(attempt)
@@ -340,9 +348,9 @@ class FlightClient:
                     except Exception:
                         pass
 
-    def _action(self, call: str, kind: str, body: bytes) -> list[bytes]:
+    def _action(self, call: str, kind: str, body: bytes, timeout: float | None = None) -> list[bytes]:
         def go(conn: flight.FlightClient) -> list[bytes]:
-            results = conn.do_action(flight.Action(kind, body), options=self._options())
+            results = conn.do_action(flight.Action(kind, body), options=self._options(timeout=timeout))
             return [r.body.to_pybytes() for r in results]
 
         return self._with_retries(call, go)
@@ -372,13 +380,17 @@ class FlightClient:
         info = self.info()
         return info.uuid, info.instance
 
-    def count(self, scale: int, cell_bits: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    def count(self, scale: int, cell_bits: int, *, timeout: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray, bool]:
         """Blocks per aligned Morton cell ``code >> cell_bits`` of one scale: (cells, counts, exact).
 
-        ``exact=False``: the counts are upper bounds (the source cannot count cheaply)."""
+        ``exact=False``: the counts are upper bounds (the source cannot count cheaply).
+        ``timeout``: this call's deadline (default the client's), for counts whose cost grows
+        with the volume."""
         uuid, instance = self._ref()
         body = P.CountRequest(uuid, instance, int(scale), int(cell_bits)).to_json()
-        parts = self._action(f"count(scale={scale}, cell_bits={cell_bits})", P.ACTION_COUNT, body)
+        parts = self._action(f"count(scale={scale}, cell_bits={cell_bits})", P.ACTION_COUNT, body,
+                             timeout=timeout)
         return P.count_from_ipc(parts)
 
     # -- streams -------------------------------------------------------------------------
@@ -403,13 +415,16 @@ class FlightClient:
         end = sc.morton_end if sc else hi
         return P.blocks_schema(info, info.uuid, scale, lo, min(hi, end)).empty_table()
 
-    def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = P.U64_END) -> KeyCounts:
+    def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = P.U64_END, *,
+                   timeout: float | None = None) -> KeyCounts:
         """Body labels (``kind="indices"``) or supervoxels (``"mapping"``) per aligned cell
-        ``key >> cell_bits`` of ``[lo, hi)``, with the output rows of each cell."""
+        ``key >> cell_bits`` of ``[lo, hi)``, with the output rows of each cell. The first
+        such call may make the source read every label index (a generated volume builds
+        them): ``timeout`` gives it a deadline that grows with the volume."""
         uuid, instance = self._ref()
         body = P.CountKeysRequest(uuid, instance, kind, int(cell_bits), int(lo), int(hi)).to_json()
         parts = self._action(f"count_keys({kind}, cell_bits={cell_bits}, lo={lo}, hi={hi})",
-                             P.ACTION_COUNT_KEYS, body)
+                             P.ACTION_COUNT_KEYS, body, timeout=timeout)
         return P.key_count_from_ipc(parts)
 
     def read_mapping(self, lo: int = 0, hi: int = P.U64_END) -> Iterator[pa.RecordBatch]:

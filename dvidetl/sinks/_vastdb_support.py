@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from dvidetl import schema as S
 from dvidetl.batching import spans
 from dvidetl.errors import UserError
+from dvidetl.redact import register_secret
 from dvidetl.urlquery import Query
 
 log = logging.getLogger("dvidetl.sinks.vastdb")
@@ -38,6 +39,8 @@ class _Creds:
 
     def __init__(self, access: str, secret: str, source: str):
         self.access, self.secret, self.source = access, secret, source
+        register_secret(access)
+        register_secret(secret)
 
     def __repr__(self) -> str:
         return f"_Creds(from {self.source}, ***)"

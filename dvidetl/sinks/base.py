@@ -293,6 +293,11 @@ class SinkBase(abc.ABC):
             raise NotImplementedError(f"{type(self).__name__} cannot remove rows outside partitions")
         return 0
 
+    def check(self, *, write: bool = True, create: bool = True) -> None:
+        """Preflight (driver, before planning or any cluster): can this sink be used? A
+        ``UserError`` naming what to fix, in seconds. The default checks nothing."""
+        return None
+
     def done(self, run_id: str) -> set[str]:
         t = self.ledger(run_id)
         return {Partition(k, s, lo, hi).key for k, s, lo, hi in zip(
@@ -342,6 +347,13 @@ class Sink(Protocol):
 
     def latest_run(self) -> str | None:
         """The run readers see by default (the newest), or None before any run."""
+        ...
+
+    def check(self, *, write: bool = True, create: bool = True) -> None:
+        """Preflight on the driver before planning and before any cluster starts: the
+        credentials, the store (bucket, directory) and that it is reachable and, with
+        ``write``, writable (``create=False``: without creating anything, for a dry run).
+        A ``UserError`` with one line saying what to fix, within seconds — never retries."""
         ...
 
     def is_done(self, run_id: str, part: Partition) -> bool:

@@ -161,6 +161,30 @@ class ParquetSink(SinkBase):
     def _run_file(self, run_id: str) -> Path:
         return self.root / "runs" / _safe(run_id, "run id") / "run.json"
 
+    def check(self, *, write: bool = True, create: bool = True) -> None:
+        """The export directory can be created and written (a probe file is written and
+        removed in it), or, with ``create=False``, its nearest existing ancestor is a
+        writable directory; a path that is a file, a read-only file system or a missing
+        permission is one line naming the path."""
+        where = f"sink {self.url}"
+        probe_dir = self.root
+        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise UserError(f"{where}: {existing} is a file, not a directory")
+        if not write:
+            return
+        try:
+            if create:
+                self.root.mkdir(parents=True, exist_ok=True)
+                probe = probe_dir / f".dvidetl-probe-{uuidlib.uuid4().hex}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", str(existing))
+        except OSError as exc:
+            raise UserError(f"{where}: cannot write to {exc.filename or self.root}: "
+                            f"{exc.strerror or exc}") from None
+
     # -- runs ------------------------------------------------------------------------------
     def prepare(self, run: RunInfo) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

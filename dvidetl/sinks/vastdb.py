@@ -79,6 +79,8 @@ EXPORT_RUNS = pa.schema(
         ("plan", pa.binary()),
     ]
 )
+#: connect and read deadline of the preflight check (``VastDBSink.check``), in seconds
+CHECK_TIMEOUT_S = 5.0
 #: every table the sink creates
 ALL_TABLES: dict[str, pa.Schema] = {**S.TABLES, "export_runs": EXPORT_RUNS}
 #: sorting keys: range reads of a scale / a label prune server-side
@@ -88,6 +90,22 @@ SORTING_KEYS: dict[str, list[str]] = {"blocks": ["scale", "morton"], "label_inde
 # ---------------------------------------------------------------------------------------------
 # the sink
 # ---------------------------------------------------------------------------------------------
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection failed, in a few words (requests' messages nest the whole pool
+    state; the innermost OS error is what the user can act on)."""
+    import re
+
+    from dvidetl.errors import first_line
+
+    text = first_line(exc, 400)
+    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if m:
+        return m.group(1).strip()
+    if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
+        return "timed out"
+    return type(exc).__name__
 
 
 class VastDBSink(SinkBase):
@@ -361,6 +379,61 @@ class VastDBSink(SinkBase):
         """The run's record replaced in one transaction (one run's plan)."""
         self._tx(lambda tx: self._replace_run(tx, run), "update run record", write=True)
         self._runs[run.run_id] = run
+
+    def check(self, *, write: bool = True, create: bool = True) -> None:
+        """Credentials present, every endpoint reachable and answering as VAST, the bucket
+        there and the keys accepted: one attempt per endpoint with ``CHECK_TIMEOUT_S``
+        deadlines (no retries: a wrong host or port is not transient), before planning and
+        before any worker starts. ``write``/``create`` change nothing here: the schema and
+        tables are created by ``prepare``."""
+        _install_log_filter()
+        creds = self._creds or load_credentials()
+        # the SDK's "RPC failed: {...}" and backoff's "Giving up ..." say below, in one line
+        # (imported first: importing backoff sets its logger's level)
+        import backoff  # noqa: F401
+        import vastdb  # noqa: F401
+
+        quiet = [logging.getLogger(n) for n in ("vastdb.errors", "backoff")]
+        levels = [lg.level for lg in quiet]
+        for lg in quiet:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            self._check_endpoints(creds)
+        finally:
+            for lg, level in zip(quiet, levels, strict=True):
+                lg.setLevel(level)
+        self._creds = creds
+
+    def _check_endpoints(self, creds: _Creds) -> None:
+        import backoff
+        import requests
+        import vastdb
+        from vastdb import errors as E
+        from vastdb._internal import UnsupportedServer
+        from vastdb.config import BackoffConfig
+
+        from dvidetl.errors import first_line
+
+        for endpoint in self.cfg.endpoints:
+            try:
+                s = vastdb.connect(endpoint=endpoint, access=creds.access, secret=creds.secret,
+                                   timeout=(CHECK_TIMEOUT_S, CHECK_TIMEOUT_S),
+                                   backoff_config=BackoffConfig(wait_gen=backoff.expo, max_value=1.0, max_tries=1,
+                                                                max_time=CHECK_TIMEOUT_S))
+                with s.transaction() as tx:
+                    tx.bucket(self.cfg.bucket)
+            except E.MissingBucket:
+                raise UserError(f"{self!r}: bucket {self.cfg.bucket!r} does not exist at {endpoint} "
+                                "(create it first; dvidetl creates only the schema and tables)") from None
+            except E.Forbidden as exc:
+                raise UserError(f"{self!r}: {endpoint} refused the credentials from {creds.source} "
+                                f"({getattr(exc, 'code', None) or 'Forbidden'})") from None
+            except UnsupportedServer as exc:
+                raise UserError(f"{self!r}: {endpoint} is not a VAST server ({first_line(exc)})") from None
+            except (requests.exceptions.RequestException, ConnectionError, TimeoutError, OSError,
+                    E.ConnectionError, E.ServiceUnavailable, E.RequestTimeout) as exc:
+                raise UserError(f"{self!r}: cannot reach {endpoint} within {CHECK_TIMEOUT_S:g} s "
+                                f"({_reason(exc)}): check the host and port of the sink URL") from None
 
     # -- runs --------------------------------------------------------------------------------
     def _mine(self):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from dvidetl.errors import SourceUnavailable, UserError
+from dvidetl.redact import register_secret
 from dvidetl.retry import Backoff
 
 T = TypeVar("T")
@@ -58,8 +59,11 @@ def dvid_token(token_file: str | None = None) -> str | None:
             raise UserError(f"cannot read DVID token file {path!r}: {exc.strerror or exc}") from None
         if not tok or any(c.isspace() for c in tok):
             raise UserError(f"DVID token file {path!r} is empty or holds whitespace inside the token")
+        register_secret(tok)
         return tok
-    return os.environ.get(DVID_TOKEN_ENV, "").strip() or None
+    tok = os.environ.get(DVID_TOKEN_ENV, "").strip()
+    register_secret(tok)
+    return tok or None
 
 
 class _StreamError(Exception):

@@ -16,7 +16,9 @@ Which writes fail is deterministic, so a test can assert exact outcomes:
   (``poison`` may repeat). Such a partition must be reported by the run, never dropped.
 * ``mode`` — where an attempt fails: ``before`` (nothing written), ``mid`` (the data files
   are written and renamed into place, then the failure hits before the ledger row: the
-  worst case for exactly-once) or ``mixed`` (default: alternate by attempt).
+  worst case for exactly-once), ``mixed`` (default: alternate by attempt) or ``die`` (the
+  worker process exits on the spot, as one the kernel kills for memory does: a partition a
+  worker cannot hold; outside a Dask worker it raises instead).
 
 ``faults(DIR, RUN)`` tells a test how many failures were injected per partition,
 ``attempts(DIR, RUN)`` which process made each counted attempt and when.
@@ -38,7 +40,7 @@ from dvidetl.sinks.parquet import ParquetSink
 from dvidetl.urlquery import Query
 
 SCHEME = "flaky+parquet"
-MODES = ("before", "mid", "mixed")
+MODES = ("before", "mid", "mixed", "die")
 FAULT_DIR = ".faults"
 
 
@@ -118,6 +120,14 @@ class FlakySink(ParquetSink):
         what = "poisoned partition" if poisoned else "transient fault"
         msg = f"injected {what}: write of {part.key} failed (attempt {attempt + 1})"
         mode = self.mode if self.mode != "mixed" else ("before", "mid")[attempt % 2]
+        if mode == "die":
+            try:
+                from distributed import get_worker
+
+                get_worker()
+            except (ImportError, ValueError):
+                raise InjectedFault(errno.EIO, msg) from None
+            os._exit(137)  # SIGKILL's exit status: the nanny sees a dead worker
         if mode == "before":
             raise InjectedFault(errno.EIO, msg)
         super().write_partition(run_id, part, tables, _FailingStats(stats, msg))

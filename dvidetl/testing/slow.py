@@ -1,5 +1,5 @@
 """A source slowed down on purpose, so a fault (or a look at the dashboard) lands while
-partitions are in flight."""
+partitions are in flight — or while the run is still planning."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import time
 class SlowSource:
     """A real source whose ``read_blocks``, ``read_indices`` and ``read_mapping`` wait
     ``delay`` seconds first, so a run lasts long enough for a fault to land while
-    partitions are in flight. Everything else is the inner source's."""
+    partitions are in flight; ``plan_delay`` makes every ``count_keys`` wait that long too
+    (a source that takes its time to count, as a generated volume building its label
+    indices does). Everything else is the inner source's."""
 
-    def __init__(self, inner, delay: float):
-        self.inner, self.delay = inner, delay
+    def __init__(self, inner, delay: float, plan_delay: float = 0.0):
+        self.inner, self.delay, self.plan_delay = inner, delay, plan_delay
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -28,3 +30,7 @@ class SlowSource:
     def read_mapping(self, lo=0, hi=1 << 64):
         time.sleep(self.delay)
         yield from self.inner.read_mapping(lo, hi)
+
+    def count_keys(self, kind, cell_bits, lo=0, hi=1 << 64):
+        time.sleep(self.plan_delay)
+        return self.inner.count_keys(kind, cell_bits, lo, hi)

@@ -1,0 +1,124 @@
+"""What every sub-command shares on the command line: one-line usage errors, the size and
+count option types, ``-v`` / ``--log-file`` accepted after the sub-command too, examples in
+``--help``, and the ``--json`` convention.
+
+The ``--json`` convention (``plan``, ``run``, ``verify``, ``status``): exactly one JSON
+document on stdout (:func:`emit_json`, credentials redacted, keys documented in
+``docs/cli.md``), every human line on stderr (:func:`human`), so ``dvidetl run --json ... |
+jq .run_id`` works while the progress line stays visible. The exit code does not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, TextIO
+
+from dvidetl.errors import UserError
+from dvidetl.units import MAX_VALUE, parse_count, parse_size
+
+
+class UsageError(UserError):
+    """A command line argparse refused (unknown option, missing value): one line, exit 2."""
+
+    def __init__(self, prog: str, message: str):
+        self.prog, self.message = prog, message
+        super().__init__(f"{message} (see {prog} --help)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) raised as a ``UserError``, so the CLI
+    reports it like every other bad input: ``dvidetl run: error: ...``, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self.prog, message)
+
+
+def size_arg(what: str, *, default_unit: str | None = None, lo: int = 0, hi: int = MAX_VALUE):
+    """An argparse ``type`` for a byte size (``dvidetl.units.parse_size``); its
+    ``UserError`` passes through argparse to the CLI's one-line report."""
+    def conv(text: str) -> int:
+        return parse_size(text, what, default_unit=default_unit, lo=lo, hi=hi)
+
+    conv.__name__ = "size"
+    return conv
+
+
+def count_arg(what: str, *, lo: int = 1, hi: int = MAX_VALUE):
+    """An argparse ``type`` for a count (``dvidetl.units.parse_count``): ``4096``, ``2M``."""
+    def conv(text: str) -> int:
+        return parse_count(text, what, lo=lo, hi=hi)
+
+    conv.__name__ = "count"
+    return conv
+
+
+def examples(*lines: str) -> str:
+    """The ``--help`` epilog of a sub-command: its examples, one command per line."""
+    return "examples:\n" + "\n".join(f"  {ln}" for ln in lines)
+
+
+def command_parser(sub, name: str, *, help: str, description: str | None = None,
+                   example: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A sub-command's parser with its examples in ``--help`` (text kept as written)."""
+    return sub.add_parser(name, help=help, description=description or help,
+                          epilog=examples(*example) if example else None,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """``-v`` and ``--log-file``, on the top-level parser and on every sub-command, so they
+    work before or after the sub-command (``dvidetl run -v`` == ``dvidetl -v run``). A
+    sub-command's copies write to their own dests (argparse would otherwise let the
+    sub-command's default overwrite what was given before it); :func:`verbosity` adds them."""
+    suffix = "" if top else "_sub"
+    p.add_argument("-v", "--verbose", action="count", dest="verbose" + suffix,
+                   default=0 if top else argparse.SUPPRESS,
+                   help="more logging (-vv: debug)")
+    p.add_argument("--log-file", metavar="PATH", dest="log_file" + suffix,
+                   default=None if top else argparse.SUPPRESS,
+                   help="also write the log (INFO and up, DEBUG with -vv; credentials redacted) to PATH")
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    return int(getattr(args, "verbose", 0) or 0) + int(getattr(args, "verbose_sub", 0) or 0)
+
+
+def log_file(args: argparse.Namespace) -> str | None:
+    return getattr(args, "log_file_sub", None) or getattr(args, "log_file", None)
+
+
+def add_json_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document on stdout (keys: docs/cli.md); human text goes to stderr")
+
+
+def human(args: argparse.Namespace) -> TextIO:
+    """Where a command's human-readable report goes: stdout, or stderr under ``--json``."""
+    return sys.stderr if getattr(args, "json", False) else sys.stdout
+
+
+def emit_json(doc: dict[str, Any]) -> None:
+    """The command's one JSON document on stdout (credentials redacted)."""
+    from dvidetl.redact import redact_obj
+
+    sys.stdout.write(json.dumps(redact_obj(doc), indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+_hint: list[str] = []
+
+
+def set_interrupt_hint(text: str | None) -> None:
+    """What Ctrl-C should tell the user (e.g. ``resume with --resume RUN_ID``); None clears."""
+    _hint[:] = [text] if text else []
+
+
+def interrupt_hint() -> str | None:
+    return _hint[0] if _hint else None
+
+
+__all__ = ["Parser", "UsageError", "size_arg", "count_arg", "examples", "command_parser",
+           "add_common_arguments", "verbosity", "log_file", "add_json_argument", "human",
+           "emit_json", "set_interrupt_hint", "interrupt_hint"]
