@@ -150,3 +150,25 @@ def test_error_samples_name_each_corrupt_block_once():
     assert [(r["x"], r["reason"]) for r in got] == [(i, f"bad {i}") for i in range(5)]
     assert _error_samples(t, limit=9) == [{"scale": 0, "x": i, "y": 0, "z": 0, "reason": f"bad {i}"}
                                           for i in range(n)]
+
+
+def test_errors_table_rows_exactly():
+    """``errors_table``: one row per cell-limit part of each block's bytes (a block without
+    bytes still gets one, with empty data), in the table's schema, sorted by (morton, part);
+    no blocks: the empty table."""
+    from dvidetl.transform import errors_table
+
+    def table(data, n=3):
+        return errors_table("run-1", 2, np.arange(n) + 10, np.arange(n) + 20, np.arange(n) + 30,
+                            np.asarray([7, 3, 5][:n], np.uint64), "repack", ["r7", "r3", "r5"][:n],
+                            data, cell_limit=64)
+
+    assert table(pa.array([], pa.binary()), n=0).equals(S.empty("export_errors"))
+    data = pa.chunked_array([pa.array([b"a" * 130, None], pa.binary()), pa.array([b"b" * 64], pa.binary())])
+    t = table(data)
+    assert t.schema == S.EXPORT_ERRORS
+    rows = [(r["morton"], r["part"], r["nparts"], r["data"], r["x"], r["reason"]) for r in t.to_pylist()]
+    assert rows == [(3, 0, 1, b"", 11, "r3"), (5, 0, 1, b"b" * 64, 12, "r5"),
+                    (7, 0, 3, b"a" * 64, 10, "r7"), (7, 1, 3, b"a" * 64, 10, "r7"), (7, 2, 3, b"aa", 10, "r7")]
+    assert set(t.column("run_id").to_pylist()) == {"run-1"} and set(t.column("scale").to_pylist()) == {2}
+    assert set(t.column("stage").to_pylist()) == {"repack"} and t.column("z").to_pylist()[0] == 31
