@@ -40,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "dvidetl.commands.inspect",
     "status": "dvidetl.commands.status",
     "demo-codec": "dvidetl.commands.demo_codec",
+    "view": "dvidetl.commands.view",
 }
 
 #: seconds a command gets to clean up after Ctrl-C before the process is ended anyway

@@ -50,6 +50,7 @@ __all__ = [
     "chunk_ids",
     "chunk_shapes",
     "chunk_filename",
+    "volume_bounds",
 ]
 
 HASHES = ("identity", "murmurhash3_x86_128")
@@ -515,6 +516,25 @@ def scale_grid(scale: Mapping) -> tuple[int, int, int]:
     size = scale["size"]
     chunk = scale["chunk_sizes"][0]
     return tuple(-(-int(s) // int(c)) for s, c in zip(size, chunk, strict=True))  # type: ignore[return-value]
+
+
+def volume_bounds(info: Mapping) -> tuple[list[int], list[int], list[float]]:
+    """``(voxel_offset, size, resolution)`` of an ``info``'s first (finest) scale, checked:
+    what a viewer needs to place any precomputed volume (not only one this exporter writes;
+    the reader checks the rest). A malformed info is a ``ShardFormatError`` naming the field."""
+    if not isinstance(info, Mapping):
+        raise ShardFormatError(f"info: expected a JSON object, got {type(info).__name__}")
+    if info.get("@type", "neuroglancer_multiscale_volume") != "neuroglancer_multiscale_volume":
+        raise ShardFormatError(f"info: '@type' must be 'neuroglancer_multiscale_volume', got {info['@type']!r}")
+    scales = info.get("scales")
+    if not isinstance(scales, list) or not scales or not isinstance(scales[0], Mapping):
+        raise ShardFormatError("info: 'scales' must be a non-empty list of JSON objects")
+    sc = scales[0]
+    return (
+        _vec3(sc.get("voxel_offset", [0, 0, 0]), "scales[0].voxel_offset"),
+        _vec3(sc.get("size"), "scales[0].size", positive=True),
+        _vec3(sc.get("resolution"), "scales[0].resolution", positive=True, number=True),
+    )
 
 
 def chunk_ids(x, y, z, scale: Mapping) -> np.ndarray:
