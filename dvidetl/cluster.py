@@ -32,7 +32,6 @@ DEFAULT_DASHBOARD = "127.0.0.1:8787"
 #: (numba alone ~180 MiB) plus ~120 MiB for the partition it transforms (bench_pipeline);
 #: below this a worker is paused or killed before it finishes anything
 MIN_WORKER_MEMORY = 512 * 2**20
-_WILDCARDS = ("", "0.0.0.0", "::", "[::]", "*")
 
 
 def _memory_arg(text: str) -> str:
@@ -51,12 +50,14 @@ def parse_dashboard_address(text: str) -> tuple[str, int]:
     that does not resolve or a port out of range is a ``UserError`` before any cluster starts."""
     import socket
 
+    from dvidetl.httpfiles import WILDCARDS
+
     host, sep, port = str(text).strip().rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UserError(f"--dashboard-address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8787 "
                         "(0.0.0.0:8787 to open it to the network; port 0: any free port)")
     host = host.strip("[]")
-    if host not in _WILDCARDS:
+    if host not in WILDCARDS:
         try:
             socket.getaddrinfo(host, None)
         except (socket.gaierror, UnicodeError):
@@ -65,14 +66,10 @@ def parse_dashboard_address(text: str) -> tuple[str, int]:
 
 
 def dashboard_link(host: str, port: int, path: str = "status") -> str:
-    """The URL a browser uses for what is bound at ``host:port``: the bound host itself, or
-    this machine's name for a wildcard bind."""
-    import socket
+    """The URL a browser uses for the dashboard bound at ``host:port``."""
+    from dvidetl.httpfiles import browser_url
 
-    shown = socket.getfqdn() if host in _WILDCARDS else host
-    if ":" in shown:
-        shown = f"[{shown}]"
-    return f"http://{shown}:{port}/{path}"
+    return browser_url(host, port, path)
 
 
 def dask_setup(worker) -> None:  # noqa: ARG001 - Dask's preload hook signature
@@ -216,6 +213,8 @@ def open_client(args: argparse.Namespace, *, page: bool = False) -> Iterator[Any
 def _open_client(args: argparse.Namespace, page: bool = False) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
+    from dvidetl.httpfiles import WILDCARDS
+
     kind = args.cluster
     if kind == "local":
         if args.workers is not None and args.workers < 1:
@@ -232,7 +231,7 @@ def _open_client(args: argparse.Namespace, page: bool = False) -> Iterator[Any]:
             threads_per_worker=1,
             processes=True,
             memory_limit=args.worker_memory or "auto",
-            dashboard_address=f"{'0.0.0.0' if host in _WILDCARDS else host}:{port}",
+            dashboard_address=f"{'0.0.0.0' if host in WILDCARDS else host}:{port}",
             silence_logs=logging.WARNING if verbose else logging.CRITICAL,
             preload=["dvidetl.cluster"],
         )
@@ -241,7 +240,7 @@ def _open_client(args: argparse.Namespace, page: bool = False) -> Iterator[Any]:
         http = getattr(getattr(cluster, "scheduler", None), "http_server", None)
         if http is not None:
             bound = (host, _bound_port(http, port))
-        opened = " (open to the network, no authentication)" if host in _WILDCARDS else ""
+        opened = " (open to the network, no authentication)" if host in WILDCARDS else ""
         _say(f"local cluster with {n} workers; dashboard {_dashboard_url(client, page, bound)}{opened}")
         try:
             yield client

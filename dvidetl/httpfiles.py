@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ import tornado.web
 
 from dvidetl.errors import UserError
 
-__all__ = ["Access", "FileServer", "FilesHandler", "url_host"]
+__all__ = ["Access", "FileServer", "FilesHandler", "WILDCARDS", "browser_url", "url_host"]
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,20 @@ class FilesHandler(CorsMixin, tornado.web.StaticFileHandler):
         self.set_header("Cache-Control", "no-cache" if self.no_cache else "public, max-age=86400")
 
 
+#: bind addresses that mean "every interface": a link then names this machine
+WILDCARDS = ("", "0.0.0.0", "::", "[::]", "*")
+
+
 def url_host(host: str) -> str:
     """``host`` as it goes into a URL: IPv6 addresses in brackets."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def browser_url(host: str, port: int, path: str = "") -> str:
+    """The URL a browser uses for what is bound at ``host:port``: the bound host itself, or
+    this machine's name for a wildcard bind."""
+    shown = socket.getfqdn() if host in WILDCARDS else host
+    return f"http://{url_host(shown)}:{port}/{path.lstrip('/')}"
 
 
 class FileServer:
@@ -189,7 +201,8 @@ class FileServer:
 
     @property
     def url(self) -> str:
-        return f"http://{url_host(self.host)}:{self.port}"
+        """The server's base URL as a browser uses it (no trailing slash)."""
+        return browser_url(self.host, self.port).rstrip("/")
 
     def start(self) -> FileServer:
         try:

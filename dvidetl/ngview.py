@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -26,7 +25,7 @@ import tornado.web
 
 from dvidetl.codec.ngshard import ShardFormatError, volume_bounds
 from dvidetl.errors import UserError
-from dvidetl.httpfiles import FileServer, url_host
+from dvidetl.httpfiles import FileServer
 
 __all__ = ["View", "volume_dir", "load_info", "client_dir", "viewer_state", "state_link", "view_link", "start_view"]
 
@@ -36,7 +35,6 @@ CLIENT_PREFIX = f"/v/{TOKEN}"
 DATA_PREFIX = "/precomputed"
 #: the cross-section's zoom: the volume's x/y extent spans about this many screen pixels
 VIEW_PIXELS = 800
-WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 INSTALL_HINT = "pip install 'dvidetl[view]'"
 
 
@@ -164,7 +162,8 @@ class View:
 
 def start_view(root: Path, *, host: str = "127.0.0.1", port: int = 0) -> View:
     """Check the volume and the client, bind ``host:port`` (0: a free port) and serve; the
-    link names ``host`` (this machine's name when ``host`` is a wildcard address)."""
+    link names ``host`` (this machine's name when ``host`` is a wildcard address:
+    ``httpfiles.browser_url``)."""
     info = load_info(root)
     client = client_dir()
     name = root.name or "volume"
@@ -174,6 +173,5 @@ def start_view(root: Path, *, host: str = "127.0.0.1", port: int = 0) -> View:
         handlers=[(r"/events/([^/]+)", _EventStream), (r"/", _Home, {"info": info, "name": name})],
     )
     server.start()
-    shown = socket.getfqdn() if host in WILDCARDS else host
-    link = view_link(f"http://{url_host(shown)}:{server.port}", info, name)
+    link = view_link(server.url, info, name)
     return View(root=root, info=info, server=server, link=link)

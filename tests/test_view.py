@@ -34,6 +34,7 @@ from dvidetl.cli import main as cli
 from dvidetl.codec import encode_block
 from dvidetl.codec.ngshard import derive_info, scale_grid
 from dvidetl.geometry import ScaleInfo
+from dvidetl.httpfiles import browser_url, url_host
 from dvidetl.ngview import CLIENT_PREFIX, DATA_PREFIX, client_dir, start_view, view_link
 
 SIZE = (150, 100, 70)  # x, y, z voxels: 64³ chunks partial on every axis
@@ -202,6 +203,13 @@ def test_home_redirects_to_the_link_and_events_stream_stays_open(view):
         assert r.read1(200).startswith(b":")  # a comment, then nothing: the state is the link's
     finally:
         c.close()
+
+
+def test_links_name_what_a_browser_can_reach():
+    assert browser_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/"
+    assert browser_url("::1", 8080, "/v/x/") == "http://[::1]:8080/v/x/"
+    for wildcard in ("0.0.0.0", "::", ""):
+        assert browser_url(wildcard, 1) == f"http://{url_host(socket.getfqdn())}:1/"
 
 
 def test_link_opens_the_volume_at_its_centre(view, volume):
@@ -461,7 +469,7 @@ def test_command_without_neuroglancer_says_what_to_install(volume, tmp_path, mon
 def test_command_prints_the_link_serves_and_stops_on_ctrl_c(volume):
     root = volume[0]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen([sys.executable, "-m", "dvidetl", "view", f"precomputed://{root}"],
+    p = subprocess.Popen([sys.executable, "-m", "dvidetl", "view", f"precomputed://{root}", "-v"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out: list[str] = []
@@ -489,6 +497,7 @@ def test_command_prints_the_link_serves_and_stops_on_ctrl_c(volume):
     rest, err = p.stdout.read(), p.stderr.read()
     assert rc == 0, err
     assert rest == "" and "Ctrl-C to stop" in err and "Traceback" not in err, (rest, err)
+    assert f"GET {DATA_PREFIX}/info 200" in err  # -v: the access log
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{base}{DATA_PREFIX}/info", timeout=5)
 

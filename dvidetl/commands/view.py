@@ -15,22 +15,19 @@ import threading
 
 from dvidetl.errors import UserError
 
-EXAMPLES = """\
-examples:
-  dvidetl view precomputed:///data/mcns-precomputed              # 127.0.0.1, any free port
-  dvidetl view precomputed://./out --port 8080
-  dvidetl view precomputed:///data/out --host 0.0.0.0 --port 8080   # open to the network
-"""
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "view",
+    from dvidetl.commands._options import command_parser
+
+    p = command_parser(
+        subparsers, "view",
         help="look at a neuroglancer precomputed volume: serve it with neuroglancer, print the link",
         description="Serve a neuroglancer precomputed volume (Range requests, CORS) and neuroglancer's "
-                    "client from one HTTP server, and print the link that opens the volume.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+                    "client (pip install 'dvidetl[view]') from one HTTP server, and print the link "
+                    "that opens the volume. Runs until Ctrl-C.",
+        example=("dvidetl view precomputed:///data/mcns-precomputed       # 127.0.0.1, any free port",
+                 "dvidetl view precomputed://./out --port 8080             # ssh -L 8080:127.0.0.1:8080 HOST",
+                 "dvidetl view precomputed:///data/out --host 0.0.0.0 --port 8080   # open to the network"),
     )
     p.add_argument("volume", metavar="precomputed:///DIR", help="the volume's directory (holding its info)")
     p.add_argument("--host", default="127.0.0.1",
