@@ -466,7 +466,8 @@ def test_command_without_neuroglancer_says_what_to_install(volume, tmp_path, mon
             assert words in line and "pip install 'dvidetl[view]'" in line, line
 
 
-def test_command_prints_the_link_serves_and_stops_on_ctrl_c(volume):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_command_prints_the_link_serves_and_stops_on_ctrl_c(volume, sig):
     root = volume[0]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, "-m", "dvidetl", "view", f"precomputed://{root}", "-v"],
@@ -487,7 +488,7 @@ def test_command_prints_the_link_serves_and_stops_on_ctrl_c(volume):
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         c.request("GET", "/events/dvidetl")
         assert c.getresponse().status == 200
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         rc = p.wait(15)
         c.close()
     finally:

@@ -11,8 +11,12 @@ jq .run_id`` works while the progress line stays visible. The exit code does not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from dvidetl.errors import UserError
@@ -119,6 +123,25 @@ def interrupt_hint() -> str | None:
     return _hint[0] if _hint else None
 
 
+@contextlib.contextmanager
+def stop_signals() -> Iterator[threading.Event]:
+    """For a server command (``serve``, ``view``): inside the block SIGINT and SIGTERM set
+    the yielded event instead of interrupting, so the command stops its server cleanly and
+    exits 0 — Ctrl-C is how a server is stopped. Entered before the command prints what to
+    connect to, so a signal sent as soon as that is read is already handled."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+
+    prev = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in prev.items():
+            signal.signal(s, h)
+
+
 __all__ = ["Parser", "UsageError", "size_arg", "count_arg", "examples", "command_parser",
            "add_common_arguments", "verbosity", "log_file", "add_json_argument", "human",
-           "emit_json", "set_interrupt_hint", "interrupt_hint"]
+           "emit_json", "set_interrupt_hint", "interrupt_hint", "stop_signals"]

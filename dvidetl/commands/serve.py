@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from dvidetl.errors import UserError
@@ -122,6 +120,7 @@ def _check_tls(cert: str, key: str) -> None:
 def main(args: argparse.Namespace) -> int:
     # gRPC's C core logs bind failures itself (several lines); we report them in one line
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from dvidetl.commands._options import stop_signals
     from dvidetl.flight.client import load_token
     from dvidetl.flight.server import start_server
     from dvidetl.sources import open_source
@@ -147,11 +146,6 @@ def main(args: argparse.Namespace) -> int:
             f"cannot open source {args.source!r}: {type(exc).__name__}: {exc}"
         ) from None
 
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
     try:
         try:
             running = start_server(
@@ -169,21 +163,19 @@ def main(args: argparse.Namespace) -> int:
                 f"cannot serve on {args.host}:{args.port} (port in use or address not local?): "
                 f"{str(exc).splitlines()[0]}"
             ) from None
-        prev = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            info = running.server.volume_info
-            print(running.location, flush=True)
-            print(
-                f"serving {info.instance} at uuid {info.uuid} ({len(info.scales)} scales, codec {info.codec}); "
-                f"auth: {'bearer token' if token else 'none'}; Ctrl-C to stop",
-                file=sys.stderr,
-                flush=True,
-            )
-            while not stop.wait(0.5):
-                pass
+            with stop_signals() as stop:
+                info = running.server.volume_info
+                print(running.location, flush=True)
+                print(
+                    f"serving {info.instance} at uuid {info.uuid} ({len(info.scales)} scales, codec {info.codec}); "
+                    f"auth: {'bearer token' if token else 'none'}; Ctrl-C to stop",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                while not stop.wait(0.5):
+                    pass
         finally:
-            for s, h in prev.items():
-                signal.signal(s, h)
             running.stop()
     finally:
         close = getattr(source, "close", None)

@@ -9,9 +9,7 @@ authentication and serves every file under DIR). Runs until Ctrl-C / SIGTERM.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
 from dvidetl.errors import UserError
 
@@ -37,27 +35,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from dvidetl.commands._options import stop_signals
     from dvidetl.ngview import start_view, volume_dir
 
     if not (0 <= args.port <= 65535):
         raise UserError(f"--port {args.port} is not a TCP port (0..65535)")
     root = volume_dir(args.volume)
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
     view = start_view(root, host=args.host, port=args.port)
-    prev = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(view.link, flush=True)
-        scales = len(view.info["scales"])
-        print(f"serving {root} ({scales} scale{'s' * (scales != 1)}) and neuroglancer at "
-              f"{view.server.url}; open the link above; Ctrl-C to stop", file=sys.stderr, flush=True)
-        while not stop.wait(0.5):
-            pass
+        with stop_signals() as stop:
+            print(view.link, flush=True)
+            scales = len(view.info["scales"])
+            print(f"serving {root} ({scales} scale{'s' * (scales != 1)}) and neuroglancer at "
+                  f"{view.server.url}; open the link above; Ctrl-C to stop", file=sys.stderr, flush=True)
+            while not stop.wait(0.5):
+                pass
     finally:
-        for s, h in prev.items():
-            signal.signal(s, h)
         view.stop()
     return 0
