@@ -414,14 +414,22 @@ class VastDBSink(SinkBase):
 
         from dvidetl.errors import first_line
 
+        busy = (E.ServiceUnavailable, E.RequestTimeout, E.Conflict)
         for endpoint in self.cfg.endpoints:
-            try:
+            def once(endpoint=endpoint):
                 s = vastdb.connect(endpoint=endpoint, access=creds.access, secret=creds.secret,
                                    timeout=(CHECK_TIMEOUT_S, CHECK_TIMEOUT_S),
                                    backoff_config=BackoffConfig(wait_gen=backoff.expo, max_value=1.0, max_tries=1,
                                                                 max_time=CHECK_TIMEOUT_S))
                 with s.transaction() as tx:
                     tx.bucket(self.cfg.bucket)
+
+            try:
+                # a server that answers "busy" (503, 408, 409) is there: wait it out like any
+                # call (the sink's tries); one that does not answer fails at once
+                retry(once, Backoff(tries=self.cfg.tries, base=0.5, cap=5.0),
+                      retryable=lambda exc: isinstance(exc, busy), what=f"check {endpoint}",
+                      describe=_describe, logger=log)
             except E.MissingBucket:
                 raise UserError(f"{self!r}: bucket {self.cfg.bucket!r} does not exist at {endpoint} "
                                 "(create it first; dvidetl creates only the schema and tables)") from None
@@ -430,8 +438,12 @@ class VastDBSink(SinkBase):
                                 f"({getattr(exc, 'code', None) or 'Forbidden'})") from None
             except UnsupportedServer as exc:
                 raise UserError(f"{self!r}: {endpoint} is not a VAST server ({first_line(exc)})") from None
+            except busy as exc:
+                raise UserError(f"{self!r}: {endpoint} kept answering {_describe(exc)} for "
+                                f"{self.cfg.tries} tries: the VAST cluster is busy or down; try again later"
+                                ) from None
             except (requests.exceptions.RequestException, ConnectionError, TimeoutError, OSError,
-                    E.ConnectionError, E.ServiceUnavailable, E.RequestTimeout) as exc:
+                    E.ConnectionError) as exc:
                 raise UserError(f"{self!r}: cannot reach {endpoint} within {CHECK_TIMEOUT_S:g} s "
                                 f"({_reason(exc)}): check the host and port of the sink URL") from None
 
