@@ -109,6 +109,15 @@ class VolumeInfo:
     #: a versioned source's node state: True locked (committed, immutable), False open (its
     #: data can change under an export), None when the source is not a versioned node
     locked: bool | None = None
+    #: the version as the source was asked for it, when the source resolves names (a DVID
+    #: UUID prefix, ``PREFIX:BRANCH``, ``:BRANCH``); ``uuid`` is then the full node UUID
+    requested_uuid: str | None = None
+
+    def answers_to(self, uuid: str) -> bool:
+        """Whether ``uuid`` names this volume's version: the full UUID, the name the source
+        was asked for, or (as DVID allows) a prefix of the full UUID. A client that names
+        the version any of these ways is answered with the full UUID, and uses it after."""
+        return bool(uuid) and (uuid == self.requested_uuid or self.uuid.startswith(uuid))
 
     def scale(self, s: int) -> ScaleInfo:
         for info in self.scales:
@@ -140,4 +149,5 @@ class VolumeInfo:
             has_mapping=bool(d.get("has_mapping", True)),
             has_indices=bool(d.get("has_indices", True)),
             locked=None if d.get("locked") is None else bool(d["locked"]),
+            requested_uuid=d.get("requested_uuid"),
         )

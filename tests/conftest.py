@@ -109,3 +109,27 @@ def dvid_mcns(dvid_server, shared_data):
     dvid_server.wait_indexed(uuid, "segmentation", voxels)
     return SimpleNamespace(server=dvid_server, uuid=uuid, name="segmentation", coords=coords,
                            blocks=blocks, voxels=voxels)
+
+
+@pytest.fixture(scope="session")
+def dvid_versions(dvid_server):
+    """A repo on the real server with a version history made by DVID's own edits
+    (``dvid_server.load_versions``): a locked root, an unlocked master leaf, a locked ``dev``
+    branch node with /cleave, /renumber and /split-supervoxel, and its unlocked leaf.
+    Read-only for tests."""
+    from dvidetl.testing.dvid_server import load_versions
+
+    return load_versions(dvid_server)
+
+
+@pytest.fixture(scope="session")
+def dvid_auth(tmp_path_factory):
+    """A second real DVID server with token auth enforced (``[auth] enforce = "token"``),
+    holding a single repo (``load_versions``), so ``:master`` names a node on it; requests
+    need ``server.token()``."""
+    from dvidetl.testing.dvid_server import DVID_BINARY, DvidServer, load_versions
+
+    if not DVID_BINARY.is_file():
+        pytest.fail(f"the real DVID server is not at {DVID_BINARY} (../shared/dvid/bin/dvid)")
+    with DvidServer(tmp_path_factory.mktemp("dvid-auth"), auth=True) as d:
+        yield load_versions(d)

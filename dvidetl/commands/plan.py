@@ -177,10 +177,11 @@ def plan_from_args(args: argparse.Namespace, ep, scales, *, indices: bool = True
     return planning.wait(StatusLine(planning))
 
 
-def plan_summary(parts) -> list[dict[str, Any]]:
-    """Per kind and scale: partitions, planned blocks / rows, largest and smallest partition."""
+def plan_summary(parts, requests=None) -> list[dict[str, Any]]:
+    """Per kind and scale: partitions, planned blocks / rows, largest and smallest partition,
+    and with ``requests`` (aligned with ``parts``) the source's requests to read them."""
     per: dict = {}
-    for p in parts:
+    for i, p in enumerate(parts):
         k = (p.kind, p.scale if p.kind == "blocks" else None)
         size = p.blocks if p.kind == "blocks" else getattr(p, "rows", 0)
         g = per.setdefault(k, {"kind": p.kind, "scale": k[1], "partitions": 0, "blocks": 0, "rows": 0,
@@ -190,6 +191,8 @@ def plan_summary(parts) -> list[dict[str, Any]]:
         g["rows"] += getattr(p, "rows", 0)
         g["largest"] = max(g["largest"], size)
         g["smallest"] = size if g["smallest"] is None else min(g["smallest"], size)
+        if requests is not None:
+            g["requests"] = g.get("requests", 0) + int(requests[i])
     return list(per.values())
 
 
@@ -207,40 +210,52 @@ def index_note(info, parts=None, *, skipped: bool = False) -> str | None:
     return None
 
 
-def print_plan(parts, out: TextIO, *, every: bool = False, note: str | None = None) -> None:
+def print_plan(parts, out: TextIO, *, every: bool = False, note: str | None = None,
+               requests=None) -> None:
     """A summary per kind and scale (partitions, planned blocks / rows, largest and smallest
     partition), then the totals; with ``every`` first one line per partition. A male-CNS plan
     has ~10^5..10^6 partitions: the list is opt-in (``--partitions``), the summary is short.
-    ``note``: why the plan has no label_index (see :func:`index_note`)."""
+    ``note``: why the plan has no label_index (see :func:`index_note`). ``requests`` (aligned
+    with ``parts``; None when the source cannot say): the requests the source will send its
+    store (a live DVID) to read each partition, per row and in total — what a run will ask
+    of the store before it starts."""
+    req = None if requests is None else [int(r) for r in requests]
+    col = (lambda v, w: f" {v:>{w},}") if req is not None else (lambda v, w: "")
     if every:
-        print(f"{'#':>7} {'kind':8} {'scale':>5} {'lo':>20} {'hi':>20} {'blocks':>10} {'rows':>12}",
-              file=out)
+        print(f"{'#':>7} {'kind':8} {'scale':>5} {'lo':>20} {'hi':>20} {'blocks':>10} {'rows':>12}"
+              + (f" {'requests':>9}" if req is not None else ""), file=out)
         for i, p in enumerate(parts):
             print(f"{i:>7} {p.kind:8} {p.scale:>5} {p.lo:>20} {p.hi:>20} {p.blocks:>10,} "
-                  f"{getattr(p, 'rows', 0):>12,}", file=out)
+                  f"{getattr(p, 'rows', 0):>12,}" + col(req[i] if req else 0, 9), file=out)
         print(file=out)
     print(f"{'kind':8} {'scale':>5} {'partitions':>11} {'blocks':>14} {'rows':>16} "
-          f"{'largest':>12} {'smallest':>12}", file=out)
-    for g in plan_summary(parts):
+          f"{'largest':>12} {'smallest':>12}" + (f" {'requests':>10}" if req is not None else ""),
+          file=out)
+    for g in plan_summary(parts, req):
         kind, scale, b, r = g["kind"], "-" if g["scale"] is None else g["scale"], g["blocks"], g["rows"]
         print(f"{kind:8} {scale!s:>5} {g['partitions']:>11,} {(f'~{b:,}' if kind == 'blocks' else '-'):>14} "
-              f"{(f'~{r:,}' if r else '-'):>16} {g['largest']:>12,} {g['smallest'] or 0:>12,}", file=out)
+              f"{(f'~{r:,}' if r else '-'):>16} {g['largest']:>12,} {g['smallest'] or 0:>12,}"
+              + col(g.get("requests", 0), 10), file=out)
     if note:
         print(note, file=out)
     print(f"total: {len(parts):,} partitions, ~{sum(p.blocks for p in parts):,} blocks"
+          + (f", {sum(req):,} requests to the source" if req is not None else "")
           + ("" if every else " (--partitions lists them)"), file=out)
 
 
-def plan_json(parts, *, every: bool = False, note: str | None = None) -> dict[str, Any]:
-    """The plan as the ``--json`` document's ``plan`` object (docs/cli.md)."""
+def plan_json(parts, *, every: bool = False, note: str | None = None,
+              requests=None) -> dict[str, Any]:
+    """The plan as the ``--json`` document's ``plan`` object (docs/cli.md); ``requests``:
+    the source's requests per partition (None: it cannot say)."""
     doc: dict[str, Any] = {
         "partitions": len(parts),
         "blocks": sum(p.blocks for p in parts),
         "index_rows": sum(p.rows for p in parts if p.kind == "indices"),
         "mapping_rows": sum(p.rows for p in parts if p.kind == "mapping"),
+        "requests": None if requests is None else int(sum(int(r) for r in requests)),
         "label_index": note is None,
         "label_index_note": note,
-        "groups": plan_summary(parts),
+        "groups": plan_summary(parts, requests),
     }
     if every:
         doc["list"] = [p.to_dict() | {"rows": p.rows} for p in parts]
@@ -268,13 +283,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def source_json(ep) -> dict[str, Any]:
     """The ``source`` object of every ``--json`` document (docs/cli.md)."""
-    return {"instance": ep.instance, "uuid": ep.info.uuid, "location": ep.location,
+    return {"instance": ep.instance, "uuid": ep.info.uuid,
+            "requested_uuid": ep.info.requested_uuid, "location": ep.location,
             "locked": ep.info.locked, "has_indices": ep.info.has_indices,
             "has_mapping": ep.info.has_mapping}
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands.run import parse_scales
+    from dvidetl.commands.run import asked_as, parse_scales
     from dvidetl.endpoint import open_flight
 
     check_plan_options(args)
@@ -286,15 +302,17 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"--scales {args.scales}: the volume has scales {have}")
         locked = {True: "locked", False: "NOT locked (run refuses it without --allow-unlocked)",
                   None: "not a versioned node"}[ep.info.locked]
-        print(f"source: {ep.instance}@{ep.info.uuid}, {locked}", file=sys.stderr)
+        print(f"source: {ep.instance}@{ep.info.uuid}{asked_as(ep.info, args.uuid)}, {locked}",
+              file=sys.stderr)
         planning = Planning(args, ep, scales).start()
         parts = planning.wait(StatusLine(planning))
         note = index_note(ep.info, parts)
-        print_plan(parts, human(args), every=args.partitions, note=note)
+        requests = ep.client.count_requests(parts)
+        print_plan(parts, human(args), every=args.partitions, note=note, requests=requests)
         print(f"planned in {planning.seconds:.2f} s", file=sys.stderr)
         if args.json:
             emit_json({"command": "plan", "source": source_json(ep),
-                       "plan": plan_json(parts, every=args.partitions, note=note),
+                       "plan": plan_json(parts, every=args.partitions, note=note, requests=requests),
                        "planning_s": planning.seconds})
         return 0
     finally:

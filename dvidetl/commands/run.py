@@ -93,6 +93,12 @@ def record_end(sink, run, res, crash: str | None = None) -> None:
             raise
 
 
+def asked_as(info, requested: str) -> str:
+    """`` (asked for as X)`` when the version was named otherwise than by its full UUID."""
+    names = [n for n in dict.fromkeys((requested, info.requested_uuid)) if n and n != info.uuid]
+    return f" (asked for as {' / '.join(names)})" if names else ""
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.commands.plan import add_plan_arguments
     from dvidetl.endpoint import add_flight_arguments
@@ -197,18 +203,22 @@ def main(args: argparse.Namespace) -> int:
             missing = [s for s in scales if s not in have]
             if missing:
                 raise UserError(f"--scales {args.scales}: scales {missing} not in the volume (has {have})")
-        check_locked(info, args.uuid, args.allow_unlocked)
-        sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
+        # the export is named by the full version UUID the source resolved --uuid to (a DVID
+        # prefix or branch names a node; the lock is that node's), and records what was asked
+        uuid = info.uuid
+        check_locked(info, uuid, args.allow_unlocked)
+        sink = open_sink(args.sink, uuid=uuid, instance=ep.instance)
         # the sink first: credentials, store, reachable, writable — in seconds, before any
         # planning or cluster (a dry run creates nothing)
         sink.check(write=True, create=not args.dry_run)
-        where = f"{ep.instance}@{args.uuid} from {ep.location} -> {redact(args.sink)}"
+        where = (f"{ep.instance}@{uuid}{asked_as(info, args.uuid)} from {ep.location} -> "
+                 f"{redact(args.sink)}")
         resumed = None
         if args.resume:
             resumed = sink.load_run(args.resume)  # a wrong run id fails before any cluster
-            if resumed.uuid != args.uuid or resumed.instance != ep.instance:
+            if resumed.uuid != uuid or resumed.instance != ep.instance:
                 raise UserError(f"run {args.resume} exported {resumed.instance}@{resumed.uuid}, "
-                                f"not {ep.instance}@{args.uuid}")
+                                f"not {ep.instance}@{uuid}")
             if resumed.state == "superseded":
                 raise UserError(f"run {args.resume} was replaced by run "
                                 f"{resumed.record.get('superseded_by')}: nothing to resume")
@@ -220,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
 
         def new_run(parts) -> RunInfo:
             return RunInfo(
-                run_id=new_run_id(), uuid=args.uuid, instance=ep.instance, partitions=parts,
+                run_id=new_run_id(), uuid=uuid, instance=ep.instance, partitions=parts,
                 options={"scales": scales if scales is not None else have,
                          "partition_blocks": args.partition_blocks,
                          "index_partition_rows": args.index_partition_rows,
@@ -231,10 +241,10 @@ def main(args: argparse.Namespace) -> int:
                          "max_errors": args.max_errors, "retries": args.retries,
                          "overwrite": bool(args.overwrite), "allow_unlocked": bool(args.allow_unlocked)},
                 volume=__import__("json").loads(info.to_json()),
+                # --uuid as given, and the full node UUID the source resolved it to (a DVID
+                # prefix or branch; the source's own uuid= is volume.requested_uuid)
                 record={"source": source_desc(args, ep), "uuid_requested": args.uuid,
-                        # the uuid as given; a source that resolves it (dvid+http) fills the resolved one
-                        "uuid_resolved": getattr(ep, "resolved_uuid", None) or args.uuid,
-                        "staged": staged},
+                        "uuid_resolved": uuid, "staged": staged},
             )
 
         if args.dry_run:
@@ -244,13 +254,16 @@ def main(args: argparse.Namespace) -> int:
             what = f"run {resumed.run_id} (resumed)" if resumed is not None else "dry run (no run id: nothing is written)"
             print(f"{what}: {len(parts)} partitions, ~{sum(p.blocks for p in parts):,} blocks ({where})",
                   file=sys.stderr)
-            print_plan(parts, human(args), every=getattr(args, "partitions", False), note=note)
+            requests = ep.client.count_requests(parts)
+            print_plan(parts, human(args), every=getattr(args, "partitions", False), note=note,
+                       requests=requests)
             if args.json:
                 from dvidetl.commands.plan import source_json
 
                 emit_json({"command": "run", "dry_run": True, "run_id": args.resume,
                            "source": source_json(ep), "sink": args.sink,
-                           "plan": plan_json(parts, every=args.partitions, note=note),
+                           "plan": plan_json(parts, every=args.partitions, note=note,
+                                             requests=requests),
                            "planning_s": planning.seconds if planning else None})
             return 0
         return _export(args, ep, sink, resumed, planning, new_run, where)
@@ -271,7 +284,7 @@ def _export(args, ep, sink, resumed, planning, new_run, where: str) -> int:
     if planning is not None:
         planning.start()
     with open_client(args, page=True) as client:
-        state = RunState(client, None, args.sink, source=ep.location, uuid=args.uuid,
+        state = RunState(client, None, args.sink, source=ep.location, uuid=ep.info.uuid,
                          instance=ep.instance)
         try:
             if planning is not None:

@@ -137,7 +137,8 @@ def main(args: argparse.Namespace) -> int:
     progress = None if args.quiet else _VerifyProgress()
     ep = open_flight(args)
     try:
-        sink = open_sink(args.sink, uuid=args.uuid, instance=ep.instance)
+        # the export is named by the full UUID the source resolved --uuid to (as `run` named it)
+        sink = open_sink(args.sink, uuid=ep.info.uuid, instance=ep.instance)
         sink.check(write=False)
         if args.run is None and sink.latest_run() is None:
             from dvidetl.errors import UserError

@@ -450,6 +450,49 @@ class FlightClient:
             "label",
         )
 
+    def count_requests(self, parts) -> np.ndarray | None:
+        """The requests the server's source sends its store to read each partition (a
+        sequence with ``kind``, ``scale``, ``lo``, ``hi``), aligned; None when the source
+        cannot say (``Source.count_requests`` is optional)."""
+        uuid, instance = self._ref()
+        cmd = P.requests_command(uuid, instance)
+        kinds = [p.kind for p in parts]
+        scales = np.array([p.scale for p in parts], np.uint8)
+        lo = np.array([p.lo for p in parts], np.uint64)
+        hi = np.array([min(int(p.hi), P.U64_END - 1) for p in parts], np.uint64)
+        step = P.MAX_MAP_BATCH_ROWS
+
+        def go(conn: flight.FlightClient) -> np.ndarray:
+            out = np.zeros(len(kinds), np.uint64)
+            writer, reader = conn.do_exchange(flight.FlightDescriptor.for_command(cmd),
+                                              options=self._options(stream=True))
+            try:
+                writer.begin(P.REQUESTS_REQUEST_SCHEMA)
+                for a in range(0, len(kinds), step):
+                    b = min(len(kinds), a + step)
+                    writer.write_batch(pa.record_batch(
+                        [pa.array(kinds[a:b], pa.string()), pa.array(scales[a:b]),
+                         pa.array(lo[a:b]), pa.array(hi[a:b])], schema=P.REQUESTS_REQUEST_SCHEMA))
+                    got = reader.read_chunk().data
+                    if got is None or got.num_rows != b - a:
+                        raise flight.FlightInternalError(
+                            f"requests answer has {None if got is None else got.num_rows} rows "
+                            f"for {b - a} partitions")
+                    out[a:b] = got.column(0).to_numpy()
+                writer.done_writing()
+            finally:
+                writer.close()
+            return out
+
+        if not kinds:
+            return np.zeros(0, np.uint64)
+        try:
+            return self._with_retries(f"count_requests({len(kinds)} partitions)", go)
+        except P.TicketError as exc:
+            if "cannot count its requests" in str(exc) or "supports kind" in str(exc):
+                return None  # the source cannot say, or a server predating the exchange
+            raise
+
     def map_supervoxels(self, svs: np.ndarray) -> np.ndarray:
         """Body of every supervoxel in ``svs`` (any shape; identity where unmapped), aligned.
 

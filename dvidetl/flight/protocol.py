@@ -73,14 +73,21 @@ ACTIONS = {
 #: the count bodies' key for ``cell_bits`` (the low Morton / key bits a cell spans): named
 #: ``level`` in protocol v1, kept so v1 servers and clients of other makers still agree
 WIRE_CELL_BITS = "level"
-#: DoExchange command kind.
+#: DoExchange command kinds.
 EXCHANGE_MAP = "map"
+#: the requests a source sends its store to read each partition (``plan`` shows them)
+EXCHANGE_REQUESTS = "requests"
+EXCHANGES = (EXCHANGE_MAP, EXCHANGE_REQUESTS)
 
 #: Schemas of the answers that are not defined by the sources.
 MAP_REQUEST_SCHEMA = pa.schema([("supervoxel", pa.uint64())])
 MAP_RESPONSE_SCHEMA = pa.schema([("body", pa.uint64())])
 COUNT_SCHEMA = pa.schema([("cell", pa.uint64()), ("count", pa.uint64())])
 KEY_COUNT_SCHEMA = pa.schema([("cell", pa.uint64()), ("count", pa.uint64()), ("rows", pa.uint64())])
+#: DoExchange("requests"): partitions in, the source's requests to read each one out
+REQUESTS_REQUEST_SCHEMA = pa.schema(
+    [("kind", pa.string()), ("scale", pa.uint8()), ("lo", pa.uint64()), ("hi", pa.uint64())])
+REQUESTS_RESPONSE_SCHEMA = pa.schema([("requests", pa.uint64())])
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -97,6 +104,11 @@ __all__ = [
     "CountRequest",
     "CountKeysRequest",
     "parse_count_keys_request",
+    "parse_exchange_command",
+    "parse_requests_batch",
+    "requests_command",
+    "REQUESTS_REQUEST_SCHEMA",
+    "REQUESTS_RESPONSE_SCHEMA",
     "KEY_COUNT_SCHEMA",
     "key_count_to_ipc",
     "key_count_from_ipc",
@@ -136,7 +148,9 @@ class TicketError(UserError):
 # field checks
 # ---------------------------------------------------------------------------------------
 
-_UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+#: a version: a UUID or any name a source resolves (DVID: a prefix, ``PREFIX:BRANCH``,
+#: ``:BRANCH``, ``PREFIX:BRANCH~N``)
+_UUID_RE = re.compile(r"^[A-Za-z0-9:][A-Za-z0-9_.:~-]*$")
 
 
 def _int(d: dict, name: str, lo: int, hi: int) -> int:
@@ -169,7 +183,7 @@ def _str(d: dict, name: str, max_chars: int) -> str:
 def _uuid(d: dict) -> str:
     v = _str(d, "uuid", MAX_UUID_CHARS)
     if v != "*" and not _UUID_RE.match(v):
-        raise TicketError("uuid", f"{v!r} is not a version UUID (letters, digits, _ . : -)")
+        raise TicketError("uuid", f"{v!r} is not a version UUID (letters, digits, _ . : ~ -)")
     return v
 
 
@@ -213,7 +227,9 @@ def _version(d: dict) -> int:
 
 def _check_volume(uuid: str, instance: str, info: VolumeInfo) -> None:
     if info.uuid != "*" and uuid != info.uuid:
-        raise TicketError("uuid", f"{uuid!r} is not served here (serving {info.uuid!r})")
+        asked = f", asked for as {info.requested_uuid!r}" if info.requested_uuid not in (
+            None, info.uuid) else ""
+        raise TicketError("uuid", f"{uuid!r} is not served here (serving {info.uuid!r}{asked})")
     if instance != info.instance:
         raise TicketError(
             "instance", f"{instance!r} is not served here (serving {info.instance!r})"
@@ -241,7 +257,13 @@ class VolumeRef:
     instance: str
 
     def validate(self, info: VolumeInfo) -> VolumeRef:
-        _check_volume(self.uuid, self.instance, info)
+        """The served volume, named by its full uuid or any name it answers to (a DVID UUID
+        prefix or branch the source was asked for): the answer carries the full uuid, which
+        every ticket after it uses."""
+        if info.uuid != "*" and info.answers_to(self.uuid):
+            _check_volume(info.uuid, self.instance, info)
+        else:
+            _check_volume(self.uuid, self.instance, info)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -493,22 +515,57 @@ def parse_descriptor(
     return ref
 
 
-def parse_map_command(cmd: bytes | None) -> VolumeRef | None:
-    """DoExchange descriptor: ``{v, kind:"map", uuid, instance}`` (or the bare word ``map``,
-    meaning the served volume)."""
+def parse_exchange_command(cmd: bytes | None) -> tuple[str, VolumeRef | None]:
+    """DoExchange descriptor: ``{v, kind, uuid, instance}`` with kind ``map`` or
+    ``requests`` (or the bare word ``map``, meaning the served volume): (kind, volume)."""
     if cmd is None or len(cmd) == 0:
         raise TicketError("command", 'DoExchange needs a command descriptor {"kind": "map", ...}')
     if bytes(cmd).strip() == b"map":
-        return None
+        return EXCHANGE_MAP, None
     d = parse_json_body(cmd, "command")
-    if d.get("kind") != EXCHANGE_MAP:
-        raise TicketError("kind", f"DoExchange supports kind 'map' only, got {d.get('kind')!r}")
-    _check_keys(d, {"v", "kind", "uuid", "instance"}, "map command")
-    return VolumeRef(_uuid(d), _str(d, "instance", MAX_INSTANCE_CHARS))
+    kind = d.get("kind")
+    if kind not in EXCHANGES:
+        raise TicketError("kind", f"DoExchange supports kinds {', '.join(EXCHANGES)}, got {kind!r}")
+    _check_keys(d, {"v", "kind", "uuid", "instance"}, f"{kind} command")
+    return kind, VolumeRef(_uuid(d), _str(d, "instance", MAX_INSTANCE_CHARS))
+
+
+def parse_map_command(cmd: bytes | None) -> VolumeRef | None:
+    """DoExchange descriptor of a ``map`` exchange (see ``parse_exchange_command``)."""
+    kind, ref = parse_exchange_command(cmd)
+    if kind != EXCHANGE_MAP:
+        raise TicketError("kind", f"DoExchange supports kind 'map' only, got {kind!r}")
+    return ref
 
 
 def map_command(uuid: str, instance: str) -> bytes:
     return _dumps({"v": PROTOCOL_VERSION, "kind": EXCHANGE_MAP, "uuid": uuid, "instance": instance})
+
+
+def requests_command(uuid: str, instance: str) -> bytes:
+    return _dumps({"v": PROTOCOL_VERSION, "kind": EXCHANGE_REQUESTS, "uuid": uuid,
+                   "instance": instance})
+
+
+def parse_requests_batch(batch: pa.RecordBatch, info: VolumeInfo) -> tuple[list, np.ndarray,
+                                                                             np.ndarray, np.ndarray]:
+    """One batch of a ``requests`` exchange, checked like tickets are: (kinds, scales, lo, hi);
+    kinds are ticket kinds, block scales exist, every range is non-empty."""
+    if batch.num_rows > MAX_MAP_BATCH_ROWS:
+        raise TicketError("lo", f"{batch.num_rows} rows in one batch (limit {MAX_MAP_BATCH_ROWS})")
+    if any(batch.column(i).null_count for i in range(batch.num_columns)):
+        raise TicketError("lo", "null values in a requests batch")
+    kinds = batch.column(0).to_pylist()
+    scales, lo, hi = (batch.column(i).to_numpy() for i in (1, 2, 3))
+    bad = sorted(set(kinds) - set(KINDS))
+    if bad:
+        raise TicketError("kind", f"{bad[0]!r} is not one of {', '.join(KINDS)}")
+    for s in sorted({int(sc) for k, sc in zip(kinds, scales.tolist(), strict=True) if k == "blocks"}):
+        _check_scale(s, info)
+    if bool(np.any(lo >= hi)):
+        i = int(np.argmax(lo >= hi))
+        raise TicketError("hi", f"empty range: lo={int(lo[i])} >= hi={int(hi[i])}")
+    return kinds, scales, lo, hi
 
 
 # ---------------------------------------------------------------------------------------

@@ -448,8 +448,10 @@ class DvidFlightServer(flight.FlightServerBase):
             raise P.TicketError(
                 "descriptor", 'DoExchange needs a command descriptor {"kind": "map", ...}'
             )
-        ref = P.parse_map_command(descriptor.command)
+        kind, ref = P.parse_exchange_command(descriptor.command)
         info = self._info_for(ref)
+        if kind == P.EXCHANGE_REQUESTS:
+            return self._requests(info, reader, writer)
         if reader.schema is None or not reader.schema.remove_metadata().equals(
             P.MAP_REQUEST_SCHEMA
         ):
@@ -491,6 +493,38 @@ class DvidFlightServer(flight.FlightServerBase):
                                 int(bodies[zero][0]))
                 bodies[zero] = 0
             writer.write_batch(pa.record_batch([pa.array(bodies)], schema=out_schema))
+
+    def _requests(self, info: VolumeInfo, reader, writer) -> None:
+        """DoExchange("requests"): for each batch of partitions, the requests the source
+        sends its store to read each one (``Source.count_requests``), one batch back."""
+        count = getattr(self._source, "count_requests", None)
+        if count is None:
+            raise P.TicketError("kind", f"source {type(self._source).__name__} cannot count "
+                                "its requests")
+        if reader.schema is None or not reader.schema.remove_metadata().equals(
+                P.REQUESTS_REQUEST_SCHEMA):
+            raise P.TicketError("schema", f"requests batches must have schema "
+                                f"{P.REQUESTS_REQUEST_SCHEMA} (got {reader.schema})")
+        writer.begin(P.REQUESTS_RESPONSE_SCHEMA)
+        while True:
+            try:
+                batch = reader.read_chunk().data
+            except StopIteration:
+                break
+            if batch is None:
+                continue
+            kinds, scales, lo, hi = P.parse_requests_batch(batch, info)
+            out = np.zeros(len(kinds), np.uint64)
+            for kind in set(kinds):
+                sel = np.array([k == kind for k in kinds])
+                for sc in np.unique(scales[sel]).tolist() if kind == "blocks" else [0]:
+                    m = sel & (scales == sc) if kind == "blocks" else sel
+                    got = np.asarray(count(kind, int(sc), lo[m], hi[m]), np.uint64)
+                    if got.shape != (int(m.sum()),):
+                        raise RuntimeError(f"source count_requests() answered {got.shape} for "
+                                           f"{int(m.sum())} ranges")
+                    out[m] = got
+            writer.write_batch(pa.record_batch([pa.array(out)], schema=P.REQUESTS_RESPONSE_SCHEMA))
 
     # -- streams -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import re
 import ssl
 import threading
 import time
@@ -21,6 +22,11 @@ T = TypeVar("T")
 log = logging.getLogger("dvidetl.sources.dvid_http")
 
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+#: words of DVID's answers refusing credentials, which come as 400 in its "token" and
+#: "authfile" modes (server/auth.go: "JWT required via Authorization in request header",
+#: "error parsing JWT: signature is invalid", "user X is not authorized", "failed
+#: authorization"); DSG mode answers 401/403
+_AUTH_TEXT = re.compile(r"\bjwt\b|authoriz|\btoken\b|\bauth\b", re.IGNORECASE)
 
 
 class DvidHttpError(UserError):
@@ -66,6 +72,15 @@ def dvid_token(token_file: str | None = None) -> str | None:
     return tok or None
 
 
+def token_origin(token_file: str | None = None) -> str:
+    """Where ``dvid_token`` takes the token from, for messages (never the token itself)."""
+    if token_file:
+        return f"token_file={token_file}"
+    if os.environ.get(DVID_TOKEN_FILE_ENV):
+        return f"the file named by {DVID_TOKEN_FILE_ENV} ({os.environ[DVID_TOKEN_FILE_ENV]})"
+    return DVID_TOKEN_ENV
+
+
 class _StreamError(Exception):
     """A 200 body that does not parse: probably an error text appended by the server."""
 
@@ -82,7 +97,7 @@ class _Http:
 
     def __init__(
         self, scheme: str, host: str, port: int | None, timeout: float, retries: int, backoff: float,
-        *, inflight: int = 64, token: str | None = None,
+        *, inflight: int = 64, token: str | None = None, token_from: str = DVID_TOKEN_ENV,
     ) -> None:
         self.scheme, self.host, self.port = scheme, host, port
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
@@ -95,10 +110,13 @@ class _Http:
         # admits (``inflight``), so throttling costs waiting, not failed attempts
         self._slots = threading.BoundedSemaphore(max(1, inflight))
         self._token = token  # never logged: messages below name the URL only
+        self._token_from = token_from  # where it came from (an env name or a file), for messages
         #: seconds of nothing but 503s after which DVID counts as down
         self.patience = THROTTLE_PATIENCE
         self.throttled = 0  # 503 answers seen (reported by benchmarks and tests)
+        self.sent = 0  # requests sent, retries included (what DVID was asked; tests compare it)
         self._local = threading.local()
+        self._count_lock = threading.Lock()
         netloc = host if port is None else f"{host}:{port}"
         self.base = f"{scheme}://{netloc}"
 
@@ -144,6 +162,8 @@ class _Http:
                 headers["Authorization"] = f"Bearer {self._token}"
             try:
                 with self._slots:
+                    with self._count_lock:
+                        self.sent += 1
                     conn = self._conn()
                     conn.request("GET", path, body=body, headers=headers)
                     resp = conn.getresponse()
@@ -178,7 +198,10 @@ class _Http:
                     continue
                 raise DvidUnavailable(
                     f"GET {url}: DVID answered 503 (throttled) for {self.patience:.0f} s; "
-                    "raise its throttle (POST /api/server/settings) or lower parallel="
+                    "lower inflight= / parallel=, or let DVID admit more throttled requests: "
+                    "POST /api/server/settings?admintoken=ADMIN_TOKEN {\"throttle\": \"N\"} "
+                    "(an admin setting: without DVID's admin token it answers 400), then "
+                    "inflight=N"
                 )
             throttled_since, n503 = None, 0
             if status in _RETRY_STATUS:
@@ -187,16 +210,21 @@ class _Http:
                 if retry_after and retry_after.isdigit():
                     time.sleep(min(float(retry_after), 30.0))
                 continue
-            if status in (401, 403) or (
-                status == 400 and ("auth" in text.lower() or "token" in text.lower())
-            ):
-                how = "the DVID token was refused" if self._token else (
-                    f"DVID wants a token: set {DVID_TOKEN_ENV} or {DVID_TOKEN_FILE_ENV} "
-                    "(or token_file= in the URL)"
-                )
-                raise DvidAuthError(f"GET {url}: HTTP {status}: {how}: {text}")
+            if status in (401, 403) or (status == 400 and _AUTH_TEXT.search(text)):
+                raise DvidAuthError(self._auth_message(url, status, text))
             raise DvidHttpError(f"DVID error for GET {url}: HTTP {status}: {text}")
         raise DvidUnavailable(f"GET {url} failed after {self._failing.tries} attempts: {last}")
+
+    def _auth_message(self, url: str, status: int, text: str) -> str:
+        """DVID refused the credentials: say whose fault and what to do (the token is never
+        shown, only where it came from)."""
+        fix = (f"put a token this DVID accepts in {DVID_TOKEN_ENV}, or in a file named by "
+               f"{DVID_TOKEN_FILE_ENV} or by token_file= in the URL")
+        if self._token:
+            return (f"DVID refused the token from {self._token_from} (GET {url}: HTTP {status}: "
+                    f"{text}): it is wrong, expired, or made for another DVID server; {fix} "
+                    "(ask the DVID's admin for one)")
+        return f"DVID requires a token (GET {url}: HTTP {status}: {text}): {fix}"
 
     def close(self) -> None:
         self._drop()

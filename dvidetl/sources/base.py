@@ -176,3 +176,8 @@ class Source(Protocol):
     # Optional: ``anomalies_table() -> pa.Table`` (ANOMALIES_SCHEMA, ``seq`` = 0, 1, ...):
     # what the source found wrong in its input and how it dealt with it. A source without
     # it reports none (the Flight server answers an empty table).
+    # Optional: ``count_requests(kind, scale, lo, hi) -> np.ndarray``: the requests the source
+    # sends its store to read each range ``[lo[i], hi[i])`` of ``kind`` (``blocks`` of
+    # ``scale``, ``indices``, ``mapping``), so ``plan`` shows what a run will ask of a live
+    # store before it starts (``dvid+http``: /blocks, /indices-compressed, /mappings). A source
+    # without it answers nothing, and plan shows no count.

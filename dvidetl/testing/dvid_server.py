@@ -451,3 +451,57 @@ def nonzero_voxels(blocks: Iterable[bytes]) -> int:
     from dvidetl.codec import decode_block
 
     return int(sum(int(np.count_nonzero(decode_block(b))) for b in blocks))
+
+
+# ---- a repo with history, as DVID users grow one ------------------------------------------
+
+
+def versions_volume() -> np.ndarray:
+    """A 256 x 128 x 128 (x, y, z) volume of 16 supervoxels, indexed [z, y, x]: x slabs of
+    32 voxels labelled 11..18 in the lower half (y < 64) and 111..118 in the upper half —
+    16 scale-0 blocks (4 x 2 x 2), 2 at scale 1."""
+    v = np.zeros((128, 128, 256), np.uint64)
+    for i in range(8):
+        v[:, :64, 32 * i:32 * (i + 1)] = 11 + i
+        v[:, 64:, 32 * i:32 * (i + 1)] = 111 + i
+    return v
+
+
+def load_versions(server: DvidServer, name: str = "seg", alias: str = "versions"):
+    """A repo with a version history made by DVID's own operations:
+
+    * ``root`` (locked): :func:`versions_volume` posted with ``POST /raw?downres=true``, then
+      ``/merge`` 12, 13 into 11 and 112 into 111;
+    * ``master`` = ``newversion(root)`` (unlocked, the leaf of branch master): ``/merge`` 15
+      into 14 — so ``ROOT:master`` names an *unlocked child* of the locked ``ROOT``;
+    * ``dev`` = ``branch(root, "dev")`` (locked): ``/cleave`` 13 off body 11 (a new body
+      ``cleaved``), ``/renumber`` 111 -> 1111, ``/split-supervoxel`` of a corner of 16
+      (``split``, ``remain``);
+    * ``dev_leaf`` = ``newversion(dev)`` (unlocked, the leaf of branch dev): ``/merge`` 18
+      into 17.
+
+    Returns a namespace with those UUIDs, ``name``, the ``volume`` and its non-zero voxels."""
+    from types import SimpleNamespace
+
+    v = versions_volume()
+    root = server.new_repo(alias)
+    server.new_labelmap(root, name, max_downres=1)
+    server.post_raw(root, name, v)
+    voxels = int(np.count_nonzero(v))
+    server.wait_indexed(root, name, voxels)
+    server.merge(root, name, 11, [12, 13])
+    server.merge(root, name, 111, [112])
+    server.commit(root, "root: raw volume and two merges")
+    master = server.newversion(root, "master: one more merge")
+    server.merge(master, name, 14, [15])
+    dev = server.branch(root, "dev", "dev: cleave, renumber, split-supervoxel")
+    cleaved = server.cleave(dev, name, 11, [13])
+    server.renumber(dev, name, {111: 1111})
+    runs = np.array([[160, y, z, 8] for z in range(4) for y in range(4)])
+    split, remain = server.split_supervoxel(dev, name, 16, runs)
+    server.commit(dev, "dev: edited")
+    dev_leaf = server.newversion(dev, "dev leaf: one more merge")
+    server.merge(dev_leaf, name, 17, [18])
+    return SimpleNamespace(server=server, name=name, root=root, master=master, dev=dev,
+                           dev_leaf=dev_leaf, cleaved=cleaved, split=split, remain=remain,
+                           volume=v, voxels=voxels)

@@ -1,4 +1,15 @@
-"""A small local HTTP server speaking DVID's labelmap API from any `Source` — for tests.
+"""A small local HTTP server speaking DVID's labelmap API from any `Source` — only for what the
+real DVID server cannot be made to do.
+
+The real server (``testing/dvid_server.py``, ``../shared/dvid/bin/dvid``) is what the
+``dvid+http`` behaviour is tested against: versions, locks, auth, throttling, edits, every
+answer. This model stays for faults a real DVID cannot be made to show on demand — an error
+text appended to a streamed 200, a body cut mid-stream (as DVID's 600 s write timeout cuts
+it), a response held back, ``/listlabels``'s 32-zero-byte error marker, a mapping pair for
+supervoxel 0 —, for older DVIDs (``/mappings`` as text, no ``/existing-labels``, indices
+stored with label 0), and for what only a model can report (requests in flight, Badger range
+scans per ``/blocks`` box, for the benchmarks). It enforces DVID's real limits (50,000 labels
+per ``/indices-compressed``, block-aligned boxes, ``compression=blocks&supervoxels=true``).
 
 `FakeDvid(source)` serves, on 127.0.0.1 (port 0 = any free port), the endpoints the
 ``dvid+http`` source uses, in DVID's exact wire formats (dvid-formats §5):
@@ -337,15 +348,18 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.owner
         path = unquote(parts.path)
         try:
+            node = {"UUID": fake.uuid, "VersionID": 1, "Branch": "", "Children": [],
+                    "Parents": [], "Locked": fake.locked}
+            repo = {"Root": fake.uuid, "DAG": {"Root": fake.uuid, "Nodes": {fake.uuid: node}}}
             if path == "/api/repos/info":
-                node = {"UUID": fake.uuid, "Children": [], "Parents": [], "Locked": fake.locked}
-                body = {
-                    fake.uuid: {
-                        "Root": fake.uuid,
-                        "DAG": {"Root": fake.uuid, "Nodes": {fake.uuid: node}},
-                    }
-                }
-                self._send(200, json.dumps(body).encode(), "application/json")
+                self._send(200, json.dumps({fake.uuid: repo}).encode(), "application/json")
+                return
+            m = re.match(r"^/api/repo/([^/]+)/info$", path)
+            if m:  # one repo of one node: any prefix of it, or :master, names it
+                if not fake.uuid.startswith(m.group(1).split(":")[0]):
+                    self._error(400, f"could not find UUID with partial match to {m.group(1)}")
+                    return
+                self._send(200, json.dumps(repo).encode(), "application/json")
                 return
             m = re.match(r"^/api/node/([^/]+)/([^/]+)/(.*)$", path)
             if not m:
