@@ -43,6 +43,9 @@ DIFF_COUNTERS = ("missing", "extra", "duplicated", "mismatched", "export_errors"
                  "partitions_unfinished")
 #: the other counters (sizes of what was checked)
 SIZE_COUNTERS = ("blocks_source", "blocks_checked", "index_rows", "mapping_rows")
+#: "source vs itself": what the source's own answers disagree about, while the export equals
+#: each of them — reported, never a difference of the export (the exit code ignores it)
+SOURCE_COUNTERS = ("source_inconsistent",)
 
 
 @dataclass
@@ -66,6 +69,13 @@ class VerifyReport:
       (truncated, corrupt, or deleted while the ledger says they hold rows);
       ``partitions_unfinished``: planned partitions without a ledger row.
 
+    * ``source_inconsistent`` (source vs itself, not a difference): indices partitions where
+      the source's label indices disagree with its own blocks and mapping although the
+      export equals both — DVID's index is stored, not derived, and can lag or miss what
+      its blocks and mapping say (e.g. supervoxels mapped by ``POST /mappings`` before their
+      ``POST /blocks`` get no index). The export holds what DVID answers; only the
+      difference counters above make it wrong.
+
     ``bad_partitions`` holds the keys of the partitions found wrong and ``outside`` the
     places holding rows outside every partition (what ``verify --repair`` redoes / removes).
     """
@@ -86,6 +96,7 @@ class VerifyReport:
     outside_rows: int = 0
     unreadable_files: int = 0
     partitions_unfinished: int = 0
+    source_inconsistent: int = 0
     seconds: float = 0.0
     problems: list = field(default_factory=list)  # human-readable lines, capped
     bad_partitions: set = field(default_factory=set)  # Partition.key of partitions found wrong
@@ -102,7 +113,7 @@ class VerifyReport:
 
     def merge(self, other: VerifyReport) -> None:
         """Add a partition's report into this one (counters, lines up to the cap, digests)."""
-        for f in (*SIZE_COUNTERS, *DIFF_COUNTERS):
+        for f in (*SIZE_COUNTERS, *DIFF_COUNTERS, *SOURCE_COUNTERS):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         for line in other.problems:
             self.add(line)
@@ -124,11 +135,14 @@ class VerifyReport:
 
     def counters(self) -> dict[str, int]:
         """Every counter by name (the JSON form of the report)."""
-        return {f: int(getattr(self, f)) for f in (*SIZE_COUNTERS, *DIFF_COUNTERS)}
+        return {f: int(getattr(self, f)) for f in (*SIZE_COUNTERS, *DIFF_COUNTERS, *SOURCE_COUNTERS)}
 
     def text(self) -> str:
         lines = [
-            f"verify run {self.run_id}: {'OK' if self.ok else 'DIFFERENCES FOUND'}",
+            f"verify run {self.run_id}: {'OK' if self.ok else 'DIFFERENCES FOUND'}"
+            + (" (the export equals the source; the source disagrees with itself, see below)"
+               if self.ok and self.source_inconsistent else ""),
+            f"  export vs source ({self.differences} differences):",
             f"  blocks      {self.blocks_source:,} in the source, {self.blocks_checked:,} exported and "
             f"byte-exact checked; missing {self.missing}, extra {self.extra}, duplicated "
             f"{self.duplicated}, different {self.mismatched}, in export_errors {self.export_errors}",
@@ -143,6 +157,10 @@ class VerifyReport:
             lines.append(f"  {self.unreadable_files} files cannot be read")
         if self.partitions_unfinished:
             lines.append(f"  {self.partitions_unfinished} planned partitions are not committed")
+        if self.source_inconsistent:
+            lines.append(f"  source vs itself: in {self.source_inconsistent} label range(s) the "
+                         "source's label indices disagree with its own blocks and mapping; the "
+                         "export holds what the source answers (not an export difference)")
         if self.repaired:
             lines.append(f"  repaired first: {len(self.repaired['partitions'])} partitions re-exported, "
                          f"{self.repaired['rows_removed']:,} rows outside every partition removed")
@@ -620,7 +638,7 @@ def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_
     if scales is None:
         check_outside(sink, run, done, report)
     if bounds is not None:
-        _compare_digests(report, idx_parts)
+        _compare_digests(report, idx_parts, [p.key for p in parts if p.kind == "blocks" and p.scale == 0])
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -637,15 +655,30 @@ def check_outside(sink, run, done: set[str], report: VerifyReport) -> None:
         report.add(o.where)
 
 
-def _compare_digests(report: VerifyReport, idx_parts: list) -> None:
-    """Per indices partition: the exported label_index against the exported scale-0 blocks."""
+def _compare_digests(report: VerifyReport, idx_parts: list, blocks0: list[str]) -> None:
+    """Per indices partition: the exported label_index against the exported scale-0 blocks.
+
+    A disagreement is the export's fault when the partition's label_index differs from the
+    source's indices, or any scale-0 block partition from the source's blocks (or cannot be
+    told apart from it: ``index_vs_blocks``, a difference). When both were found equal to the
+    source, the disagreement is the source's own — its stored indices against its blocks
+    and mapping — and is reported as such (``source_inconsistent``), not as a difference."""
     z = np.zeros((len(idx_parts), 2), np.uint64)
     a = report.digest_index if report.digest_index is not None else z
     b = report.digest_blocks if report.digest_blocks is not None else z
+    blocks_exact = not report.bad_partitions.intersection(blocks0)
     for i in np.flatnonzero(np.any(a != b, axis=1)):
         p = idx_parts[i]
+        rows = (f"{int(a[i, 0]):,} label_index rows, {int(b[i, 0]):,} (label, supervoxel, block) "
+                "voxel counts of the scale-0 blocks"
+                + (" (same rows, different values)" if a[i, 0] == b[i, 0] else ""))
+        if blocks_exact and p.key not in report.bad_partitions:
+            report.source_inconsistent += 1
+            report.add(f"label_index [{p.lo}, {p.hi}): source vs itself: the source's label "
+                       f"indices and its blocks and mapping disagree ({rows}); the export equals "
+                       "the source's answers (for DVID: an index not rebuilt after its mapping "
+                       "or blocks changed, e.g. POST /mappings before POST /blocks)")
+            continue
         report.index_vs_blocks += 1
         report.bad_partitions.add(p.key)
-        report.add(f"label_index [{p.lo}, {p.hi}): {int(a[i, 0]):,} exported rows do not match the "
-                   f"{int(b[i, 0]):,} (label, supervoxel, block) voxel counts of the exported "
-                   "scale-0 blocks" + (" (same rows, different values)" if a[i, 0] == b[i, 0] else ""))
+        report.add(f"label_index [{p.lo}, {p.hi}): export vs source: {rows} do not match")

@@ -290,6 +290,19 @@ logfile = "{r / 'dvid.log'}"
         path = self.node(uuid, name, f"raw/0_1_2/{sx}_{sy}_{sz}/{ox}_{oy}_{oz}")
         self.post(path, v.tobytes(), **({"downres": "true"} if downres else {}))
 
+    def post_mappings(self, uuid: str, name: str, bodies: dict[int, Iterable[int]]) -> None:
+        """``POST /mappings``: store supervoxel -> body maps directly (body -> its supervoxels),
+        as agglomeration pipelines load them — a protobuf ``MappingOps`` of ``MappingOp
+        {mutid, mapped, original}``. DVID changes no label index for it: supervoxels mapped
+        before their blocks arrive get no index (DVID then disagrees with itself)."""
+        ops = b""
+        for i, (body, svs) in enumerate(bodies.items(), 1):
+            packed = b"".join(_varint(int(v)) for v in svs)
+            op = (b"\x08" + _varint(i) + b"\x10" + _varint(int(body)) + b"\x1a"
+                  + _varint(len(packed)) + packed)
+            ops += b"\x0a" + _varint(len(op)) + op
+        self.post(self.node(uuid, name, "mappings"), ops)
+
     def wait_indexed(self, uuid: str, name: str, voxels: int, timeout: float = 120.0) -> None:
         """Wait until the label indices account for ``voxels`` non-zero scale-0 voxels (the sum
         of ``/listlabels?sizes=true``), twice in a row: DVID indexes after ``/blocks`` returns."""
@@ -419,6 +432,16 @@ logfile = "{r / 'dvid.log'}"
                     raise RuntimeError("DVID exited during export-shards")
                 time.sleep(0.1)
         return dest
+
+
+def _varint(n: int) -> bytes:
+    """A protobuf varint."""
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def sparsevol_rle(runs: np.ndarray) -> bytes:
