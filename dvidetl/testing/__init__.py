@@ -2,7 +2,9 @@
 
 `vastsim` is a local, wire-compatible subset of the VAST DataBase tabular HTTP API, driven by
 the unmodified `vastdb` SDK (see docs/vastsim.md); `conformance` runs VAST's own SDK
-integration tests against it. Also: `fake_dvid` (a DVID HTTP server over any source),
+integration tests against it. Also: `dvid_server` (the real DVID server, started from
+``../shared/dvid/bin/dvid``, and loaders that fill it as DVID users do), `fake_dvid` (a DVID
+HTTP model over any source, only for faults the real server cannot show),
 `corrupt` (the corrupt-block corpus), `faulty_sink` (`flaky+parquet://`), `blocks` (DVID
 blocks packed by plain numpy), `env` (environment variables for a block).
 """
