@@ -29,7 +29,7 @@ from dvidetl.errors import UserError
 from dvidetl.geometry import morton_encode
 from dvidetl.sources import open_source
 from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, INDICES_SCHEMA, MAPPING_SCHEMA
-from dvidetl.testing.dvid_server import DvidRequestError, hs256_jwt
+from dvidetl.testing.dvid_server import DvidRequestError, hs256_jwt, shard_spec
 
 SPEC = "dvid/mcns-ng-specs.json"
 
@@ -687,15 +687,7 @@ def test_spec_grid_equals_dvids_export_shards(dvid_mcns, tmp_path):
     import zstandard
 
     d = dvid_mcns
-    sharding = {"@type": "neuroglancer_uint64_sharded_v1", "hash": "identity",
-                "minishard_bits": 3, "preshift_bits": 3, "shard_bits": 9,
-                "minishard_index_encoding": "gzip", "data_encoding": "gzip"}
-    spec = {"@type": "neuroglancer_multiscale_volume", "type": "segmentation",
-            "data_type": "uint64", "num_channels": 1,
-            "scales": [{"chunk_sizes": [[64, 64, 64]], "encoding": "compressed_segmentation",
-                        "key": f"s{s}", "resolution": [8 << s] * 3,
-                        "size": [2100 >> s, 2048 >> s, 2048 >> s], "voxel_offset": [0, 0, 0],
-                        "sharding": sharding} for s in range(3)]}
+    spec = shard_spec([(2100 >> s, 2048 >> s, 2048 >> s) for s in range(3)])
     out = d.server.export_shards(d.uuid, d.name, spec, tmp_path / "shards", 3)
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     src = source(d, spec=str(tmp_path / "spec.json"))

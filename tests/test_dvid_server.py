@@ -13,7 +13,7 @@ import pyarrow.ipc as ipc
 import pytest
 
 from dvidetl.codec import decode_block
-from dvidetl.testing.dvid_server import DvidRequestError, DvidServer, hs256_jwt
+from dvidetl.testing.dvid_server import DvidRequestError, DvidServer, hs256_jwt, shard_spec
 
 
 def test_blocks_come_back_as_posted(dvid_mcns):
@@ -115,14 +115,7 @@ def test_auth_answers(tmp_path):
 
 def test_export_shards_writes_dvids_files(dvid_mcns, tmp_path):
     d = dvid_mcns.server
-    sharding = {"@type": "neuroglancer_uint64_sharded_v1", "hash": "identity",
-                "minishard_bits": 3, "preshift_bits": 3, "shard_bits": 9,
-                "minishard_index_encoding": "gzip", "data_encoding": "gzip"}
-    spec = {"@type": "neuroglancer_multiscale_volume", "type": "segmentation",
-            "data_type": "uint64", "num_channels": 1,
-            "scales": [{"chunk_sizes": [[64, 64, 64]], "encoding": "compressed_segmentation",
-                        "key": "s0", "resolution": [8, 8, 8], "size": [2048] * 3,
-                        "voxel_offset": [0, 0, 0], "sharding": sharding}]}
+    spec = shard_spec([(2048, 2048, 2048)])
     out = d.export_shards(dvid_mcns.uuid, dvid_mcns.name, spec, tmp_path / "shards", 1)
     files = sorted((out / "s0").glob("*.arrow"))
     assert files and all(f.with_suffix(".csv").exists() for f in files)

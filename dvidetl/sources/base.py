@@ -13,6 +13,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import pyarrow as pa
 
+from dvidetl.errors import UserError
 from dvidetl.geometry import VolumeInfo
 
 #: Blocks as a source yields them, sorted by morton within one call.
@@ -130,6 +131,26 @@ def drop_background(sv, body, where: str):
             "to bodies %s", where, int(zero.sum()), [int(b) for b in bad[:10]],
         )
         return np.asarray(sv)[~zero], np.asarray(body)[~zero]
+    return sv, body
+
+
+def dedupe_pairs(sv: np.ndarray, body: np.ndarray, where, *, why: str = "",
+                 error: type[Exception] = UserError) -> tuple[np.ndarray, np.ndarray]:
+    """Unique (sv, body) pairs sorted by sv — a source's mapping as the planner and readers
+    want it; a supervoxel with two bodies is an ``error`` naming ``where`` (and ``why``)."""
+    sv = np.asarray(sv, np.uint64)
+    body = np.asarray(body, np.uint64)
+    if sv.size == 0:
+        return sv, body
+    order = np.lexsort((body, sv))
+    sv, body = sv[order], body[order]
+    keep = np.concatenate([[True], (sv[1:] != sv[:-1]) | (body[1:] != body[:-1])])
+    sv, body = sv[keep], body[keep]
+    clash = np.flatnonzero(sv[1:] == sv[:-1])
+    if clash.size:
+        i = int(clash[0])
+        raise error(f"{where}: supervoxel {int(sv[i])} is mapped to two bodies "
+                    f"({int(body[i])} and {int(body[i + 1])}){why}")
     return sv, body
 
 

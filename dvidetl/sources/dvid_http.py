@@ -102,6 +102,7 @@ from dvidetl.sources.base import (
     KEY_END,
     KeyCounts,
     count_sorted,
+    dedupe_pairs,
     drop_background,
     key_slice,
     mapping_batches,
@@ -717,18 +718,7 @@ class DvidHttpSource:
 
         pairs = self.http.get(self._node("mappings?format=binary"), parse)
         sv, body = drop_background(pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64), url)
-        order = np.lexsort((body, sv))
-        sv, body = sv[order], body[order]
-        keep = np.ones(sv.size, dtype=bool)
-        keep[1:] = (sv[1:] != sv[:-1]) | (body[1:] != body[:-1])
-        sv, body = sv[keep], body[keep]
-        clash = np.flatnonzero(sv[1:] == sv[:-1])
-        if clash.size:
-            i = int(clash[0])
-            raise DvidHttpError(
-                f"{url}: supervoxel {int(sv[i])} is mapped to two bodies "
-                f"({int(body[i])} and {int(body[i + 1])})"
-            )
+        sv, body = dedupe_pairs(sv, body, url, error=DvidHttpError)
         with self._lock:
             if self._mapping is None:
                 self._mapping = (sv, body)

@@ -434,6 +434,20 @@ logfile = "{r / 'dvid.log'}"
         return dest
 
 
+def shard_spec(sizes: Sequence[Sequence[int]]) -> dict:
+    """A neuroglancer multiscale volume spec as DVID's ``export-shards`` takes it: one scale
+    of 64^3 chunks per voxel ``size`` (x, y, z), identity-hash sharding (9 shard bits)."""
+    sharding = {"@type": "neuroglancer_uint64_sharded_v1", "hash": "identity",
+                "minishard_bits": 3, "preshift_bits": 3, "shard_bits": 9,
+                "minishard_index_encoding": "gzip", "data_encoding": "gzip"}
+    return {"@type": "neuroglancer_multiscale_volume", "type": "segmentation",
+            "data_type": "uint64", "num_channels": 1,
+            "scales": [{"chunk_sizes": [[64, 64, 64]], "encoding": "compressed_segmentation",
+                        "key": f"s{s}", "resolution": [8 << s] * 3, "size": list(size),
+                        "voxel_offset": [0, 0, 0], "sharding": sharding}
+                       for s, size in enumerate(sizes)]}
+
+
 def _varint(n: int) -> bytes:
     """A protobuf varint."""
     out = bytearray()
