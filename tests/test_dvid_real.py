@@ -263,8 +263,9 @@ def cli(argv: list[str]) -> int:
 
 def export_equals_dvid(sink: str, v, uuid: str) -> None:
     """The export of ``uuid`` holds exactly DVID's answers at that node: every block of every
-    scale byte for byte (GET /blocks), the mapping (GET /mappings), every label's index rows
-    (GET /index/LABEL) — and nothing else."""
+    scale byte for byte (GET /blocks) and voxel for voxel, as supervoxels and as bodies (GET
+    /raw, DVID's own decoding and mapping), the mapping (GET /mappings), every label's index
+    rows (GET /index/LABEL) — and nothing else."""
     from dvidetl.read import open_export
 
     ex = open_export(sink, uuid=uuid, instance=v.name)
@@ -275,6 +276,14 @@ def export_equals_dvid(sink: str, v, uuid: str) -> None:
         assert have == set(want) and len(want) == rows.num_rows > 0
         for (x, y, z), raw in want.items():
             assert ex.raw_block(scale, x, y, z) == raw, (scale, x, y, z)
+            # voxels as DVID itself decodes and maps them (GET /raw), supervoxels and bodies
+            for svs in (True, False):
+                vox = v.server.get(v.server.node(uuid, v.name, f"raw/0_1_2/64_64_64/"
+                                                 f"{x * 64}_{y * 64}_{z * 64}"), scale=str(scale),
+                                   **({"supervoxels": "true"} if svs else {}))
+                dvid_vox = np.frombuffer(vox, "<u8").reshape(64, 64, 64)
+                assert np.array_equal(ex.block(scale, x, y, z, bodies=not svs), dvid_vox), \
+                    (scale, x, y, z, svs)
     m = ex.read("mapping")
     assert dict(zip(m["supervoxel"].to_pylist(), m["body"].to_pylist(), strict=True)) == {
         int(a): int(b) for a, b in v.server.mappings(uuid, v.name).tolist()}
