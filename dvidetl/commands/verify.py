@@ -54,6 +54,9 @@ def report_json(report, rc: int, sink_url: str) -> dict:
         "label_index": {"rows": report.index_rows, "differences": report.index_diffs},
         "mapping": {"rows": report.mapping_rows, "differences": report.mapping_diffs},
         "partitions_unfinished": report.partitions_unfinished,
+        # source vs itself: label ranges where the source's index disagrees with its own
+        # blocks and mapping while the export equals both (not a difference; docs/runs.md)
+        "source_inconsistent": report.source_inconsistent,
         "counters": report.counters(),
         "repaired": getattr(report, "repaired", None),
         "problems": list(report.problems), "seconds": report.seconds,
