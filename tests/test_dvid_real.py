@@ -367,7 +367,9 @@ def test_serve_flight_run_verify_versions(dvid_versions, cluster, tmp_path, caps
             assert loc.startswith("grpc://"), p.stderr.read() if p.poll() is not None else loc
             base = ["--uuid", node[:8], "--flight", loc]
             assert cli(["plan", *base]) == 0
-            assert f"@{node} (asked for as {node[:8]}), locked" in capsys.readouterr().err
+            out = capsys.readouterr()
+            assert f"@{node} (asked for as {node[:8]}), locked" in out.err
+            assert "requests to the source" in out.out + out.err  # across Flight: the exchange
             assert cli(["run", *base, "--sink", sink, "--quiet", "--partition-blocks", "4",
                         "--cluster", cluster.scheduler_address]) == 0
             assert cli(["verify", *base, "--sink", sink, "--cluster",
@@ -567,9 +569,22 @@ def test_spec_plans_only_where_dvid_has_data(dvid_mcns, shared_data, capsys):
     # the plan command shows it, as the run would send it
     u = url(d.server, d.uuid, d.name, spec=spec, box_bits=4)
     assert cli(["plan", "--uuid", d.uuid, "--source", u, "--partition-blocks", "32"]) == 0
-    out = capsys.readouterr().out
-    total = [ln for ln in out.splitlines() if ln.startswith("total:")][0]
-    assert "requests to the source" in total
+    out = capsys.readouterr()
+    total = [ln for ln in (out.out + out.err).splitlines() if ln.startswith("total:")][0]
+    n = int(total.split(" requests to the source")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert cli(["plan", "--uuid", d.uuid, "--source", u, "--partition-blocks", "32", "--json",
+                "--partitions"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["plan"]["requests"] == n == sum(g["requests"] for g in doc["plan"]["groups"])
+    # the /blocks part is what reading the same plan sent above; then the indices requests
+    groups = doc["plan"]["groups"]
+    assert sum(g["requests"] for g in groups if g["kind"] == "blocks") == sum(
+        int(r.sum()) for r in planned.values())
+    labels = np.array(json.loads(d.server.get(d.server.node(d.uuid, d.name, "existing-labels"))))
+    assert [g["requests"] for g in groups if g["kind"] == "indices"] == [sum(
+        math.ceil(int(((labels >= p["lo"]) & (labels < p["hi"])).sum()) / dh.INDICES_PER_REQUEST)
+        for p in doc["plan"]["list"] if p["kind"] == "indices")]
+    assert not [g for g in groups if g["kind"] == "mapping"]  # DVID's mapping is empty here
     # maxpoint= narrows the spec's box too (it was ignored with spec=)
     src = source(d, spec=spec, maxpoint="1791,2047,2047")  # x < 28
     assert int(src.count(0, 40)[1].sum()) == (28 - 19) * 3 * 11
