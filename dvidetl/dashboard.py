@@ -83,28 +83,42 @@ def install(client) -> str | None:
     return base + "/dvidetl"
 
 
-class _BokehDisconnect(logging.Filter):
-    """Closing a browser tab on Dask's own (bokeh) pages makes tornado log "Uncaught
-    exception GET /status/ws" with bokeh's ``assert self._session is not None`` traceback
-    (the socket closed before its session existed): harmless, and not the run's to print.
-    Only that record is dropped; every other tornado error still shows."""
+class _HarmlessTornadoErrors(logging.Filter):
+    """Two tracebacks tornado logs into a run's output that say nothing about the run, and
+    only those (every other tornado error still shows):
+
+    * closing a browser tab on Dask's own (bokeh) pages: "Uncaught exception GET
+      /status/ws" with bokeh's ``assert self._session is not None`` (the socket closed
+      before its session existed);
+    * Ctrl-C landing inside a ``distributed`` sync call: its cleanup callback ``cancel``
+      reads a variable the interrupted call never set (``NameError``), after which the
+      interrupt proceeds as it should."""
+
+    CASES = ((AssertionError, ("bokeh", "server"), None),
+             (NameError, ("distributed", "utils.py"), "cancel"))
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, AssertionError):
+        if exc is None:
             return True
         tb = exc.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-        return not (tb is not None and "bokeh" in tb.tb_frame.f_code.co_filename
-                    and "server" in tb.tb_frame.f_code.co_filename)
+        if tb is None:
+            return True
+        code = tb.tb_frame.f_code
+        for kind, where, func in self.CASES:
+            if isinstance(exc, kind) and all(w in code.co_filename for w in where) and \
+                    (func is None or code.co_name == func):
+                return False
+        return True
 
 
 def silence_bokeh_disconnects() -> None:
-    """Install :class:`_BokehDisconnect` on tornado's application logger (once)."""
+    """Install :class:`_HarmlessTornadoErrors` on tornado's application logger (once)."""
     lg = logging.getLogger("tornado.application")
-    if not any(isinstance(f, _BokehDisconnect) for f in lg.filters):
-        lg.addFilter(_BokehDisconnect())
+    if not any(isinstance(f, _HarmlessTornadoErrors) for f in lg.filters):
+        lg.addFilter(_HarmlessTornadoErrors())
 
 
 class RunState:
