@@ -117,18 +117,18 @@ def view_link(base: str, info: dict, name: str) -> str:
 class _EventStream(tornado.web.RequestHandler):
     """The client's server-state stream: answered and held open, nothing sent (see module)."""
 
+    def prepare(self) -> None:
+        self._closed = asyncio.Event()  # before anything can close the connection
+
     async def get(self, token: str) -> None:
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         self.write(": dvidetl view: the state is in the link\n\n")
         await self.flush()
-        self._closed = asyncio.Event()
         await self._closed.wait()
 
     def on_connection_close(self) -> None:
-        closed = getattr(self, "_closed", None)
-        if closed is not None:
-            closed.set()
+        self._closed.set()
 
 
 class _Home(tornado.web.RequestHandler):
