@@ -40,16 +40,17 @@ from dvidetl.ngview import CLIENT_PREFIX, DATA_PREFIX, client_dir, start_view, v
 SIZE = (150, 100, 70)  # x, y, z voxels: 64³ chunks partial on every axis
 RES = (8, 8, 16)
 SQUARE = 16  # label squares of 16x16 voxels in every xy plane
-HOLE = np.s_[:, 16:48, 16:48]  # (z, y, x): background in every plane
 SECRET = b"outside the volume directory"
 
 
 def labels_zyx(shape_zyx) -> np.ndarray:
-    """1 + x//16 + 10 (y//16) + 100 (z//16), a background hole, and the chunk at
-    x >= 128, y >= 64, z >= 64 all background (so it is not written)."""
+    """1 + x//16 + 10 (y//16) + 100 (z//16); in every 16-plane band zb a 32x32 background
+    hole at y 16..48, x 16 (zb + 1)..16 (zb + 3) (so each band's planes look different), and
+    the chunk at x >= 128, y >= 64, z >= 64 all background (so it is not written)."""
     z, y, x = np.indices(shape_zyx, dtype=np.uint64)
     out = 1 + x // SQUARE + 10 * (y // SQUARE) + 100 * (z // SQUARE)
-    out[HOLE] = 0
+    for zb in range(-(-shape_zyx[0] // SQUARE)):
+        out[SQUARE * zb: SQUARE * (zb + 1), 16:48, SQUARE * (zb + 1): SQUARE * (zb + 3)] = 0
     out[64:, 64:, 128:] = 0
     return out
 
@@ -386,18 +387,20 @@ def test_browser_renders_the_segmentation_from_the_link(view, volume, tmp_path):
     colours: dict[int, set] = {}
     zeros = 0
     for y0 in range(0, SIZE[1], SQUARE):
-        for x0 in range(0, SIZE[0], SQUARE):  # each square's centre, edge squares clipped
-            x, y = (x0 + min(x0 + SQUARE, SIZE[0])) // 2, (y0 + min(y0 + SQUARE, SIZE[1])) // 2
-            label = int(want[z, y, x])
-            px = shot[int(cy + (y + 0.5 - SIZE[1] / 2) * k), int(cx + (x + 0.5 - SIZE[0] / 2) * k)]
-            if label == 0:
-                zeros += 1
-                assert np.abs(px - bg).max() <= 8, ((x, y), px, bg)
-            else:
-                assert np.abs(px - bg).max() > 30, ((x, y, label), px, bg)
-                colours.setdefault(label, set()).add(tuple(px // 8))
+        for x0 in range(0, SIZE[0], SQUARE):  # four voxels of each square, edge squares clipped
+            label = int(want[z, y0, x0])
+            for y in {y0 + 3, min(y0 + 12, SIZE[1] - 1)}:  # clear of the cross-hair lines
+                for x in {x0 + 3, min(x0 + 12, SIZE[0] - 1)}:
+                    assert want[z, y, x] == label
+                    px = shot[int(cy + (y + 0.5 - SIZE[1] / 2) * k), int(cx + (x + 0.5 - SIZE[0] / 2) * k)]
+                    if label == 0:
+                        assert np.abs(px - bg).max() <= 8, ((x, y), px, bg)
+                    else:
+                        assert np.abs(px - bg).max() > 30, ((x, y, label), px, bg)
+                        colours.setdefault(label, set()).add(tuple(px))
+            zeros += label == 0
     assert zeros == 4 and len(colours) == 10 * 7 - 4  # every square of the plane
-    assert all(len(c) == 1 for c in colours.values())  # one colour per label
+    assert all(len(c) == 1 for c in colours.values()), colours  # one colour per label
     assert len({next(iter(c)) for c in colours.values()}) > 0.9 * len(colours)  # labels differ
     assert not errors, errors
 
