@@ -62,8 +62,10 @@ def parse_count(text: str, what: str, *, lo: int = 1, hi: int = MAX_VALUE) -> in
         value = int(num)
     except (ValueError, OverflowError):
         raise UserError(f"{what} {text!r}: expected a whole number such as 4096 or 2M") from None
-    if not lo <= value <= hi:
-        raise UserError(f"{what} {text}: must be between {lo:,} and {hi:,}")
+    if value < lo:
+        raise UserError(f"{what} must be at least {lo:,} (got {text})")
+    if value > hi:
+        raise UserError(f"{what} must be at most {hi:,} (got {text})")
     return value
 
 

@@ -133,7 +133,8 @@ def _browse(url: str) -> str:
 @pytest.mark.parametrize("argv, want", [
     (["--worker-memory", "4"], ["--worker-memory '4'", "give a unit"]),
     (["--worker-memory", "100MiB"], ["at least 512.0 MiB"]),
-    (["--partition-blocks", "99999999999999999999999"], ["--partition-blocks", "between"]),
+    (["--partition-blocks", "99999999999999999999999"], ["--partition-blocks must be at most"]),
+    (["--partition-blocks", "0"], ["--partition-blocks must be at least 1"]),
     (["--index-partition-rows", "1.5"], ["whole number"]),
     (["--cell-limit", "10KB0"], ["--cell-limit"]),
     (["--dashboard-address", "nonsense"], ["--dashboard-address 'nonsense'", "HOST:PORT"]),
