@@ -167,3 +167,58 @@ def test_open_export_at_the_package_top_is_lazy():
             "assert open_export is R.open_export; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("typ", [pa.binary(), pa.string(), pa.large_binary(), pa.large_string()])
+def test_binary_buffers_every_binary_type_sliced_chunked_empty(typ):
+    """(offsets, values) of any binary-like array: offsets index the values, whatever the
+    offset width, a slice offset or chunking; an empty array has one offset."""
+    from dvidetl.cells import binary_buffers
+
+    vals = ["ab", "", "cde", None, "f"]
+    arr = pa.array([v if v is None or typ in (pa.string(), pa.large_string()) else v.encode() for v in vals], typ)
+    for a in (arr, arr.slice(2), pa.chunked_array([arr.slice(0, 2), arr.slice(2)])):
+        offs, raw = binary_buffers(a)
+        assert offs.dtype == np.int64 and len(offs) == len(a) + 1
+        got = [bytes(raw[offs[i]:offs[i + 1]]) for i in range(len(a))]
+        want = [b"" if v is None else v.encode() for v in (vals[2:] if len(a) == 3 else vals)]
+        assert got == want
+    offs, raw = binary_buffers(pa.array([], typ))
+    assert offs.tolist() == [0] and offs.dtype == np.int64 and len(raw) == 0 and raw.dtype == np.uint8
+    offs, raw = binary_buffers(pa.array([None, None], typ))
+    assert offs.tolist() == [0, 0, 0] and len(raw) == 0 and raw.dtype == np.uint8
+    fixed = pa.array([b"xy", b"zw"], pa.binary(2))  # any other type is read as large_binary
+    offs, raw = binary_buffers(fixed)
+    assert offs.tolist() == [0, 2, 4] and bytes(raw) == b"xyzw"
+
+
+@pytest.mark.parametrize("vt", [pa.uint64(), pa.uint32()])
+def test_list_as_binary_and_back_exactly(vt):
+    """Lists <-> their little-endian bytes: nulls stay null, empty lists stay empty, slices
+    and chunks are respected, the types are exact; a binary value that is not whole items
+    is refused with the item type named."""
+    from dvidetl.cells import binary_as_list, list_as_binary
+
+    big = (1 << (8 * vt.byte_width)) - 1
+    lists = pa.array([[1, 2], None, [], [big, 0, 7]], pa.list_(vt))
+    for arr, want in ((lists, lists), (lists.slice(1), lists.slice(1)),
+                      (pa.chunked_array([lists.slice(0, 1), lists.slice(1)]), lists),
+                      (pa.array([[5], [6, 7]], pa.large_list(vt)), pa.array([[5], [6, 7]], pa.list_(vt)))):
+        b = list_as_binary(arr)
+        assert b.type == pa.binary() and b.null_count == want.null_count
+        assert b.to_pylist() == [None if v is None else np.asarray(v, vt.to_pandas_dtype()).astype("<" + np.dtype(
+            vt.to_pandas_dtype()).str[1:]).tobytes() for v in want.to_pylist()]
+        back = binary_as_list(b, vt)
+        assert back.type == pa.list_(vt) and back.equals(want)
+        assert binary_as_list(b.slice(1), vt).equals(want.slice(1))
+    # a slice whose first value starts off the item grid (its buffer begins with 1 byte)
+    w = vt.byte_width
+    off = pa.array([b"x", (3).to_bytes(w, "little"), (4).to_bytes(w, "little") * 2], pa.binary()).slice(1)
+    assert binary_as_list(off, vt).to_pylist() == [[3], [4, 4]]
+    empty = binary_as_list(pa.array([b"", None], pa.binary()), vt)
+    assert empty.type == pa.list_(vt) and empty.to_pylist() == [[], None]
+    assert binary_as_list(pa.array([], pa.binary()), vt).type == pa.list_(vt)
+    with pytest.raises(ValueError, match=f"not whole {vt} arrays"):
+        binary_as_list(pa.array([b"\x00" * vt.byte_width, b"\x01" * (vt.byte_width + 1)]), vt)
+    with pytest.raises(ValueError, match="not whole"):
+        binary_as_list(pa.array([b"\x00" * (vt.byte_width - 1), b"\x00"]), vt)
