@@ -3,7 +3,8 @@
 Dask's own progress bar shows only the tasks the driver has submitted (a bounded window of
 a plan of 10^5+ partitions), so it cannot say how far an export is. This page can: the
 driver publishes a small state document (partitions and blocks/rows done and planned, by
-kind and scale; rate; ETA; the latest corrupt blocks with their coordinates) into the
+kind and scale; rate; ETA; the latest corrupt blocks with their coordinates; the source's
+anomalies stored with the run, per kind) into the
 scheduler's metadata store (``Client.set_metadata``) as tasks complete, and two handlers on
 the scheduler's own HTTP server serve it:
 
@@ -229,6 +230,8 @@ class RunState:
             "errors": sum(g["errors"] for g in self.groups.values()),
             "groups": list(self.groups.values()), "error_blocks": self.errors,
             "failed": self.failed[:MAX_ERRORS_LISTED],
+            # the source's anomalies stored with the run (source_anomalies), per kind
+            "anomalies": dict(getattr(res, "anomalies", {}) or {}), "anomalies_lost": getattr(res, "lost", 0),
         }
 
     def publish(self, res, done: Counts | None = None, force: bool = False) -> None:
@@ -276,6 +279,8 @@ PAGE = """<!doctype html>
 <table id="errors"><thead><tr><th>scale</th><th>x</th><th>y</th><th>z</th>
 <th class="l">reason</th></tr></thead><tbody></tbody></table>
 <h3>Failed partitions</h3><table id="failed"><tbody></tbody></table>
+<h3>Source anomalies <span id="nanom"></span></h3>
+<table id="anomalies"><thead><tr><th class="l">kind</th><th>rows</th></tr></thead><tbody></tbody></table>
 <script>
 function fmt(n) { return n === null || n === undefined ? "-" : Number(n).toLocaleString("en-US"); }
 function dur(s) { if (s === null || s === undefined) return "--:--";
@@ -318,6 +323,12 @@ function render(s) {
   var fb = document.querySelector("#failed tbody"); fb.innerHTML = "";
   s.failed.forEach(function (f) { var tr = document.createElement("tr");
     cell(tr, f.partition, "l"); cell(tr, f.reason, "l err"); fb.appendChild(tr); });
+  var an = s.anomalies || {}, ab = document.querySelector("#anomalies tbody"); ab.innerHTML = "";
+  document.getElementById("nanom").textContent = s.anomalies_lost ?
+    "(" + fmt(s.anomalies_lost) + " lose blocks: see source_anomalies)" : "(see source_anomalies)";
+  document.getElementById("nanom").className = s.anomalies_lost ? "err" : "";
+  Object.keys(an).sort().forEach(function (k) { var tr = document.createElement("tr");
+    tr.className = "anomaly"; cell(tr, k, "l"); cell(tr, fmt(an[k])); ab.appendChild(tr); });
 }
 function poll() { fetch(location.pathname.replace(/\\/?$/, "") + "/state.json", {cache: "no-store"}).then(function (r) { return r.json(); }).then(render).catch(function () {}); }
 poll(); setInterval(poll, 1000);

@@ -48,10 +48,29 @@ class RunResult:
     aborted: str | None = None
     #: raw_bytes misses partitions committed by a dvidetl whose ledger had no raw_bytes
     raw_partial: bool = False
+    #: the source's anomalies stored with the run (``source_anomalies``), per kind, and how
+    #: many of them mean blocks the export lacks (a killed export's cut records, ...)
+    anomalies: dict = field(default_factory=dict)
+    lost: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.failed and self.errors == 0 and self.aborted is None
+        return not self.failed and self.errors == 0 and self.aborted is None and self.lost == 0
+
+    def add_anomalies(self, kinds: dict, lost: int) -> None:
+        for k, n in kinds.items():
+            self.anomalies[k] = self.anomalies.get(k, 0) + int(n)
+        self.lost += int(lost)
+
+
+def stored_anomalies(sink, run_id: str) -> tuple[dict, int]:
+    """(rows per kind, lost rows) of the anomalies a run stored (for a resumed run's totals)."""
+    import pyarrow.compute as pc
+
+    from dvidetl.sources.base import anomaly_counts
+
+    t = sink.read("source_anomalies", run_id=run_id, columns=["kind", "lost"])
+    return anomaly_counts(t), int(pc.sum(pc.cast(t.column("lost"), "int64")).as_py() or 0)
 
 
 def result_dict(res: RunResult) -> dict:
@@ -215,6 +234,8 @@ def execute(
     if res.skipped:
         for name, v in ledger_totals(sink.ledger(run.run_id)).items():
             setattr(res, name, (getattr(res, name) or v) if name == "raw_partial" else getattr(res, name) + v)
+        if any(p.kind == "anomalies" and p.key in done_keys for p in run.partitions):
+            res.add_anomalies(*stored_anomalies(sink, run.run_id))
     live = LiveParts()
     if dashboard is not None:
         dashboard.start(run)
@@ -289,6 +310,8 @@ def execute(
                             res.index_rows += st.rows
                         elif part.kind == "mapping":
                             res.mapping_rows += st.rows
+                        elif part.kind == "anomalies":
+                            res.add_anomalies(st.anomalies, st.lost)
                         res.errors += st.errors
                     if dashboard is not None:
                         dashboard.completed(part, st, res)

@@ -30,6 +30,9 @@ MIN_AUTO_PARTITION = 128
 DEFAULT_INDEX_ROWS = 2_000_000
 #: mapping pairs per mapping partition (16 B each: 128 MB; 10^8 pairs -> ~13 partitions)
 DEFAULT_MAPPING_ROWS = 8_000_000
+#: source anomalies per anomalies partition (~200 B each: 200 MB at most; nearly every
+#: source has none or a few, one partition)
+DEFAULT_ANOMALY_ROWS = 1_000_000
 #: auto sizing never cuts keyed tables finer than this many rows per partition
 MIN_AUTO_ROWS = 16_384
 #: a count_keys request refines one cell into at most 2**KEY_FAN_BITS child cells
@@ -176,7 +179,10 @@ def plan_keys(count_keys: KeyCountFn, kind: str, target: int | None, *, auto_min
     first = count_keys(kind, top, 0, LABEL_END + 1)
     if target is None:
         total = int(np.asarray(first.rows, np.int64).sum())
-        default = DEFAULT_INDEX_ROWS if kind == "indices" else DEFAULT_MAPPING_ROWS
+        default = {"indices": DEFAULT_INDEX_ROWS, "mapping": DEFAULT_MAPPING_ROWS}.get(
+            kind, DEFAULT_ANOMALY_ROWS)
+        if kind == "anomalies":
+            auto_min = default  # a handful of rows: never spread over the workers
         target = min(default, max(auto_min, -(-total // auto_parts)))
     if target < 1:
         raise ValueError(f"{kind} partition size must be at least 1 row (got {target})")
@@ -221,11 +227,14 @@ def make_plan(
     count_keys: KeyCountFn | None = None,
     index_rows: int | None = None,
     mapping_rows: int | None = None,
+    anomalies: bool = True,
 ) -> list[Partition]:
     """The whole run's partitions: blocks of each scale (Morton order), then the label
     indices by body-label range and the mapping by supervoxel range, each planned from the
-    source's ``count_keys`` (``index_rows`` / ``mapping_rows`` per partition; None = auto).
-    Without ``count_keys`` (a server predating it) each is one partition.
+    source's ``count_keys`` (``index_rows`` / ``mapping_rows`` per partition; None = auto),
+    and the source's anomalies (by number; none when it reports none), which every run
+    stores. Without ``count_keys`` (a server predating it) indices and mapping are one
+    partition each, and no anomalies are stored.
 
     ``partition_blocks=None`` (auto): ``DEFAULT_PARTITION_BLOCKS`` (4096: measured peak
     worker memory stays well under 1 GiB, and per-partition overhead — a Flight stream, one
@@ -251,7 +260,24 @@ def make_plan(
         parts += _keyed_partitions(count_keys, "indices", index_rows)
     if mapping and info.has_mapping:
         parts += _keyed_partitions(count_keys, "mapping", mapping_rows)
+    if anomalies:
+        parts += _anomaly_partitions(count_keys)
     return parts
+
+
+def _anomaly_partitions(count_keys: KeyCountFn | None) -> list[Partition]:
+    """Partitions of the source's anomalies (none when it reports none). A server that
+    cannot count them predates them: it has none to report, said once in the log."""
+    if count_keys is None:
+        return []
+    from dvidetl.flight.protocol import TicketError
+
+    try:
+        return plan_keys(count_keys, "anomalies", None)
+    except TicketError as exc:
+        log.warning("the server reports no source anomalies (%s): none stored with the run",
+                    first_line(exc))
+        return []
 
 
 def _keyed_partitions(count_keys: KeyCountFn | None, kind: str, target: int | None) -> list[Partition]:

@@ -182,8 +182,10 @@ def summary(res, *, sink_desc: str = "", planning_s: float | None = None,
     was read from the source (blocks as served: usually gzip), the raw DVID block bytes that
     is (uncompressed, what a reader reconstructs), and what was written (zstd payloads plus
     the label lists); the ratio is raw over written. ``index_note``: why there is no
-    label_index (a source without indices) instead of a bare "0 rows"."""
+    label_index (a source without indices) instead of a bare "0 rows"; ``anomalies``: what
+    the source found wrong in its input (stored in ``source_anomalies``)."""
     from dvidetl.redact import redact
+    from dvidetl.sources.base import anomaly_summary
 
     export_s = res.seconds
     total_s = export_s + (planning_s or 0.0)
@@ -208,6 +210,8 @@ def summary(res, *, sink_desc: str = "", planning_s: float | None = None,
     lines += [
         out,
         f"  errors      {res.errors:,} blocks in export_errors",
+        *([f"  anomalies   {anomaly_summary(res.anomalies, res.lost)} -> source_anomalies"]
+          if getattr(res, "anomalies", None) else []),
         "  time        " + (f"planning {_dur(planning_s)} ({planning_s:.1f} s), " if planning_s is not None else "")
         + f"export {_dur(export_s)} ({export_s:.1f} s, {rate:,.0f} blocks/s on average), "
         f"total {_dur(total_s)}",

@@ -17,6 +17,12 @@ one works against the other. The tables:
 ``export_ledger``   one row per finished partition of a run (written with the partition).
 ``export_errors``   blocks that could not be exported: the reason and the original bytes as
                     served (still wrapped), cut into cell-limit parts, one row per part.
+``source_anomalies`` what the source found in its input that is not as its writer should have
+                    left it, and what it did about it (``sources.base.ANOMALIES_SCHEMA`` plus
+                    the run): superseded copies, dangling index rows, blocks outside the
+                    grid, cut records, unfinished or leftover files of DVID's export-shards,
+                    ... One row per anomaly, numbered by ``seq``; ``lost`` says the export
+                    lacks blocks because of it (the run then does not end OK).
 
 Why cells: VastDB limits a cell to about 126 KiB; coarse scales reach 1.5 MB bodies and
 119,000-entry label tables. Cutting is lossless and the reader reassembles (see
@@ -27,6 +33,13 @@ December 2026) called the payload ``body`` (``body0..3``, ``body_size``, overflo
 ``column="body"``), the word that also means a neuron id (``mapping.body``). Sinks record the
 format of each export, read older formats renamed to these names (``from_stored``), append to
 them in their own format (``to_stored``), and refuse a newer format than ``FORMAT``.
+
+Additions that need no format change, because no reader of an older export misreads them:
+columns added to a table (``ADDED_COLUMNS``: read as null from older exports, added by the
+sinks) and tables added to the set (``ADDED_TABLES``: an older export has none, readers see
+them empty, a run creates them when it prepares). ``source_anomalies`` is such a table: a
+run planned by a dvidetl without it has no ``anomalies`` partition, which is how ``verify``
+tells "recorded none" from "did not record them".
 """
 
 from __future__ import annotations
@@ -121,6 +134,25 @@ EXPORT_ERRORS = pa.schema(
     ]
 )
 
+#: ``sources.base.ANOMALIES_SCHEMA`` with the run that stored it (schema may not import
+#: sources: ``tests/test_source_shards`` checks the two agree)
+SOURCE_ANOMALIES = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("seq", pa.uint64()),
+        ("kind", pa.string()),
+        ("scale", pa.uint8()),
+        ("file", pa.string()),
+        ("x", pa.int32()),
+        ("y", pa.int32()),
+        ("z", pa.int32()),
+        ("morton", pa.uint64()),
+        ("blocks", pa.uint64()),
+        ("lost", pa.bool_()),
+        ("detail", pa.string()),
+    ]
+)
+
 #: table name -> schema (names are stable API)
 TABLES: dict[str, pa.Schema] = {
     "blocks": BLOCKS,
@@ -129,6 +161,7 @@ TABLES: dict[str, pa.Schema] = {
     "mapping": MAPPING,
     "export_ledger": EXPORT_LEDGER,
     "export_errors": EXPORT_ERRORS,
+    "source_anomalies": SOURCE_ANOMALIES,
 }
 
 #: key columns per table (unique together within one export)
@@ -139,21 +172,27 @@ KEYS: dict[str, tuple[str, ...]] = {
     "mapping": ("supervoxel",),
     "export_ledger": ("run_id", "kind", "scale", "lo", "hi"),
     "export_errors": ("run_id", "scale", "morton", "part"),
+    "source_anomalies": ("run_id", "seq"),
 }
 
 #: columns added to a table after exports were first written with it: an older export's
 #: rows read them as null, and a sink adds them to its stored table (VastDB: ADD COLUMN)
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"export_ledger": ("raw_bytes",)}
+#: tables added after exports were first written: an older export has none (read empty)
+ADDED_TABLES = frozenset({"source_anomalies"})
 
 #: which tables a partition of each kind writes (and a sink commits together)
 KIND_TABLES: dict[str, tuple[str, ...]] = {
     "blocks": ("blocks", "block_overflow", "export_errors"),
     "indices": ("label_index",),
     "mapping": ("mapping",),
+    "anomalies": ("source_anomalies",),
 }
 
-#: the key a label-range (indices) or supervoxel-range (mapping) partition is cut along
-KEY_COLUMN: dict[str, str] = {"label_index": "label", "mapping": "supervoxel"}
+#: the key a label-range (indices), supervoxel-range (mapping) or anomaly-number range
+#: (anomalies) partition is cut along
+KEY_COLUMN: dict[str, str] = {"label_index": "label", "mapping": "supervoxel",
+                              "source_anomalies": "seq"}
 
 #: tables partitioned by scale (laid out under ``scale-<s>/``)
 SCALED_TABLES = frozenset({"blocks", "block_overflow", "export_errors"})

@@ -149,9 +149,11 @@ class PartitionStats:
     """What one partition's task did: the ledger row's figures and the driver's totals.
 
     ``blocks``: blocks read (block partitions); ``rows``: rows written (label_index rows,
-    mapping pairs; for block partitions the blocks); ``error_samples``: the first corrupt
-    blocks (scale, x, y, z, reason) for the dashboard. Read like a mapping (``get``) by the
-    sinks, which take the ledger figures from it."""
+    mapping pairs, anomalies; for block partitions the blocks); ``error_samples``: the first
+    corrupt blocks (scale, x, y, z, reason) for the dashboard; ``anomalies``: the source's
+    anomalies stored, per kind, and ``lost`` those of them by which the export lacks blocks
+    (anomalies partitions). Read like a mapping (``get``) by the sinks, which take the
+    ledger figures from it."""
 
     key: str
     kind: str
@@ -164,6 +166,8 @@ class PartitionStats:
     raw_bytes: int = 0
     seconds: float = 0.0
     error_samples: list = field(default_factory=list)
+    anomalies: dict = field(default_factory=dict)
+    lost: int = 0
 
     def get(self, name: str, default=None):
         return getattr(self, name, default)
@@ -201,6 +205,8 @@ def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
             error_samples=_error_samples(tables.get("export_errors")) if st.errors else [])
     elif part.kind in ("indices", "mapping"):
         tables, stats = _keyed_tables(client, part, ctx)
+    elif part.kind == "anomalies":
+        tables, stats = _anomaly_tables(client, part, ctx)
     else:
         raise ValueError(f"unknown partition kind {part.kind!r}")
     try:
@@ -263,6 +269,24 @@ def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, Part
     stats = PartitionStats(part.key, part.kind, rows=spill.num_rows, bytes_in=nbytes,
                            bytes_out=spill.nbytes, seconds=time.perf_counter() - t0)
     return {table: result}, stats
+
+
+def _anomaly_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, PartitionStats]:
+    """The source's anomalies numbered ``[lo, hi)`` with the run's id (a partition holds at
+    most ``planning.DEFAULT_ANOMALY_ROWS``: kept in memory), counted per kind for the summary."""
+    import pyarrow.compute as pc
+
+    from dvidetl.sources.base import anomaly_counts
+
+    t0 = time.perf_counter()
+    batches = list(client.read_anomalies(part.lo, part.hi))
+    t = pa.Table.from_batches(batches, schema=batches[0].schema) if batches else S.empty("source_anomalies").drop_columns(["run_id"])
+    t = t.replace_schema_metadata(None)
+    t = S.conform("source_anomalies", t.add_column(0, "run_id", pa.array([ctx.run_id] * t.num_rows, pa.string())))
+    lost = int(pc.sum(pc.cast(t.column("lost"), pa.int64())).as_py() or 0)
+    stats = PartitionStats(part.key, part.kind, rows=t.num_rows, bytes_in=t.nbytes, bytes_out=t.nbytes,
+                           seconds=time.perf_counter() - t0, anomalies=anomaly_counts(t), lost=lost)
+    return {"source_anomalies": t}, stats
 
 
 def release_memory() -> None:

@@ -40,9 +40,12 @@ MAX_LISTED = 50
 #: them), so tests and ``--repair`` can rely on them; add new kinds here, documented below.
 DIFF_COUNTERS = ("missing", "extra", "duplicated", "mismatched", "export_errors", "index_diffs",
                  "index_vs_blocks", "mapping_diffs", "outside_rows", "unreadable_files",
-                 "partitions_unfinished")
-#: the other counters (sizes of what was checked)
-SIZE_COUNTERS = ("blocks_source", "blocks_checked", "index_rows", "mapping_rows")
+                 "partitions_unfinished", "anomaly_diffs")
+#: the other counters (sizes of what was checked; ``anomalies``: the source's anomalies the
+#: run stored, ``anomalies_lost``: those by which the export lacks blocks — reported, not
+#: differences: the export holds what the source could give)
+SIZE_COUNTERS = ("blocks_source", "blocks_checked", "index_rows", "mapping_rows", "anomalies",
+                 "anomalies_lost")
 #: "source vs itself": what the source's own answers disagree about, while the export equals
 #: each of them — reported, never a difference of the export (the exit code ignores it)
 SOURCE_COUNTERS = ("source_inconsistent",)
@@ -68,6 +71,9 @@ class VerifyReport:
       row in no partition's range); ``unreadable_files``: files that cannot be read
       (truncated, corrupt, or deleted while the ledger says they hold rows);
       ``partitions_unfinished``: planned partitions without a ledger row.
+    * ``anomalies``: rows of ``source_anomalies`` checked (``anomaly_kinds`` per kind,
+      ``anomalies_lost`` of them losing blocks); ``anomaly_diffs``: anomalies the source
+      reports that the run did not store as it reports them (missing, extra, different).
 
     * ``source_inconsistent`` (source vs itself, not a difference): indices partitions where
       the source's label indices disagree with its own blocks and mapping although the
@@ -97,6 +103,10 @@ class VerifyReport:
     unreadable_files: int = 0
     partitions_unfinished: int = 0
     source_inconsistent: int = 0
+    anomalies: int = 0
+    anomalies_lost: int = 0
+    anomaly_diffs: int = 0
+    anomaly_kinds: dict = field(default_factory=dict)
     seconds: float = 0.0
     problems: list = field(default_factory=list)  # human-readable lines, capped
     bad_partitions: set = field(default_factory=set)  # Partition.key of partitions found wrong
@@ -119,6 +129,8 @@ class VerifyReport:
             self.add(line)
         self.bad_partitions |= other.bad_partitions
         self.outside += other.outside
+        for k, n in other.anomaly_kinds.items():
+            self.anomaly_kinds[k] = self.anomaly_kinds.get(k, 0) + n
         for f in ("digest_blocks", "digest_index"):
             d = getattr(other, f)
             if d is not None:
@@ -161,6 +173,11 @@ class VerifyReport:
             lines.append(f"  source vs itself: in {self.source_inconsistent} label range(s) the "
                          "source's label indices disagree with its own blocks and mapping; the "
                          "export holds what the source answers (not an export difference)")
+        if self.anomalies or self.anomaly_diffs:
+            from dvidetl.sources.base import anomaly_summary
+
+            lines.append(f"  anomalies   {anomaly_summary(self.anomaly_kinds, self.anomalies_lost)}, "
+                         f"stored in source_anomalies; {self.anomaly_diffs} differences")
         if self.repaired:
             lines.append(f"  repaired first: {len(self.repaired['partitions'])} partitions re-exported, "
                          f"{self.repaired['rows_removed']:,} rows outside every partition removed")
@@ -536,8 +553,62 @@ def _compare_mapping(client, part, report: VerifyReport, exp: pa.Table) -> None:
             report.add(f"mapping: supervoxel {r['supervoxel']}: exported {r['body_exp']}, source {r['body_src']}")
 
 
+def verify_anomalies_partition(client, sink, run, part, env: VerifyEnv, report: VerifyReport) -> None:
+    """One anomalies partition: the stored rows are the source's anomalies of its number
+    range, column for column (the run id aside)."""
+    exp = _read_part(sink, run, part, "source_anomalies", report, env)
+    if exp is None:
+        return
+    src_b = list(client.read_anomalies(part.lo, part.hi))
+    src = pa.Table.from_batches(src_b).replace_schema_metadata(None) if src_b else \
+        S.empty("source_anomalies").drop_columns(["run_id"])
+    exp = exp.drop_columns(["run_id"]).sort_by("seq")
+    report.anomalies += exp.num_rows
+    report.anomalies_lost += int(pc.sum(pc.cast(exp.column("lost"), pa.int64())).as_py() or 0)
+    from dvidetl.sources.base import anomaly_counts
+
+    for k, n in anomaly_counts(exp).items():
+        report.anomaly_kinds[k] = report.anomaly_kinds.get(k, 0) + n
+    src = src.cast(exp.schema).sort_by("seq")
+    if exp.equals(src):
+        return
+    j = exp.join(src, keys="seq", join_type="full outer", left_suffix="_exp", right_suffix="_src")
+    cols = [c for c in exp.column_names if c != "seq"]
+    same = None
+    for c in cols:
+        a, b = j.column(f"{c}_exp"), j.column(f"{c}_src")
+        eq = pc.or_kleene(pc.equal(a, b), pc.and_(pc.is_null(a), pc.is_null(b)))
+        eq = pc.fill_null(eq, False)
+        same = eq if same is None else pc.and_(same, eq)
+    bad = j.filter(pc.invert(same)).sort_by("seq")
+    dup = exp.num_rows - len(np.unique(exp.column("seq").to_numpy()))
+    report.anomaly_diffs += max(bad.num_rows + dup, 1)
+    report.bad_partitions.add(part.key)
+    for r in bad.slice(0, 5).to_pylist():
+        report.add(f"source_anomalies seq {r['seq']}: stored {r['kind_exp']} {r['detail_exp']!r}, "
+                   f"the source reports {r['kind_src']} {r['detail_src']!r}")
+
+
+def verify_unstored_anomalies(client, run, report: VerifyReport) -> None:
+    """A run without anomalies partitions stored none: the source must report none (a run
+    planned by a dvidetl that predates ``source_anomalies``, or a source that changed)."""
+    from dvidetl.flight.protocol import TicketError
+
+    if any(p.kind == "anomalies" for p in run.partitions):
+        return
+    try:
+        n = sum(b.num_rows for b in client.read_anomalies())
+    except TicketError:
+        return  # a server that predates anomalies reports none
+    if n:
+        report.anomaly_diffs += n
+        report.add(f"the source reports {n} anomalies that run {run.run_id} did not store (it was "
+                   "planned before dvidetl stored source anomalies, or the source changed since): "
+                   "export again to store them")
+
+
 _CHECKS = {"blocks": verify_block_partition, "indices": verify_index_partition,
-           "mapping": verify_mapping_partition}
+           "mapping": verify_mapping_partition, "anomalies": verify_anomalies_partition}
 
 
 def check_partition(client, sink, run, part, env: VerifyEnv) -> VerifyReport:
@@ -561,7 +632,7 @@ def verify_task(ctx, part, env: VerifyEnv) -> VerifyReport:
 def _checked(run, scales) -> list:
     return [p for p in run.partitions
             if (p.kind == "blocks" and (scales is None or p.scale in scales))
-            or (p.kind == "indices" and (scales is None or 0 in scales)) or p.kind == "mapping"]
+            or (p.kind == "indices" and (scales is None or 0 in scales)) or p.kind in ("mapping", "anomalies")]
 
 
 def _on_cluster(dask_client, ctx, parts, env: VerifyEnv, window: int | None = None):
@@ -635,6 +706,7 @@ def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_
         if progress is not None:
             progress(report, i, parts)
     verify_gaps(client, run, report, scales)
+    verify_unstored_anomalies(client, run, report)
     if scales is None:
         check_outside(sink, run, done, report)
     if bounds is not None:

@@ -38,6 +38,7 @@ def test_roundtrip_all_kinds():
         P.BlocksTicket("abc123", "segmentation", 1, 3, 17),
         P.MappingTicket("abc123", "segmentation"),
         P.IndicesTicket("abc123", "segmentation", 0, 2**64),
+        P.AnomaliesTicket("abc123", "segmentation", 5, 9),
     ):
         raw = t.to_json()
         assert len(raw) <= P.MAX_TICKET_BYTES
@@ -98,6 +99,15 @@ def test_range_clipped_to_grid():
         (
             json.dumps({"v": 1, "kind": "mapping", "uuid": "u", "instance": "i", "lo": "3"}).encode(),
             "lo",
+        ),
+        (
+            json.dumps({"v": 1, "kind": "anomalies", "uuid": "u", "instance": "i", "lo": 4, "hi": 4}).encode(),
+            "hi",
+        ),
+        (
+            json.dumps({"v": 1, "kind": "anomalies", "uuid": "u", "instance": "i", "lo": 0, "hi": 1,
+                        "scale": 0}).encode(),
+            "scale",
         ),
         (
             json.dumps({"v": 1, "kind": "mapping", "uuid": "u", "instance": "i", "lo": 5, "hi": 5}).encode(),

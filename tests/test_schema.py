@@ -29,7 +29,11 @@ def test_tables_exactly_as_specified():
     assert S.LABEL_INDEX.names == ["label", "supervoxel", "x", "y", "z", "morton", "voxels"]
     assert S.MAPPING.names == ["supervoxel", "body"]
     assert {"run_id", "scale", "x", "y", "z", "stage", "reason", "data"} <= set(S.EXPORT_ERRORS.names)
-    assert set(S.TABLES) == {"blocks", "block_overflow", "label_index", "mapping", "export_ledger", "export_errors"}
+    assert set(S.TABLES) == {"blocks", "block_overflow", "label_index", "mapping", "export_ledger", "export_errors",
+                             "source_anomalies"}
+    assert S.SOURCE_ANOMALIES.names == ["run_id", "seq", "kind", "scale", "file", "x", "y", "z", "morton",
+                                        "blocks", "lost", "detail"]
+    assert S.KIND_TABLES["anomalies"] == ("source_anomalies",) and S.KEY_COLUMN["source_anomalies"] == "seq"
     with pytest.raises(KeyError, match="unknown table"):
         S.schema("nope")
     with pytest.raises(ValueError, match="missing columns"):

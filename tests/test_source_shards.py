@@ -553,3 +553,33 @@ def test_walker_against_pyarrow(shared_data):
     t = ipc.open_stream(path.read_bytes()).read_all()
     assert scan.readable.all()
     assert scan.xyz.tolist() == np.stack([t[c].to_numpy() for c in ("chunk_x", "chunk_y", "chunk_z")], 1).tolist()
+
+
+def test_anomalies_through_flight(tmp_path, shared_data):
+    """The Flight server counts and serves a source's anomalies (``anomalies_table``) by
+    number, and answers none for a source without them; the stored table is the wire table
+    with the run's id."""
+    from dvidetl import schema as S
+    from dvidetl.flight.client import FlightClient
+    from dvidetl.flight.server import start_server
+    from dvidetl.sources.base import ANOMALIES_SCHEMA
+
+    assert S.SOURCE_ANOMALIES.names == ["run_id", *ANOMALIES_SCHEMA.names]
+    assert all(S.SOURCE_ANOMALIES.field(f.name).type == f.type for f in ANOMALIES_SCHEMA)
+    lines = (shared_data / "mcns-shard" / f"{NAME}-newformat.csv").read_text().splitlines()
+    d = _arrange(tmp_path, shared_data, with_csv=False)
+    _sidecar(d, "\n".join(lines[2:5] + ["509,413,469,700,792,0"] * 3) + "\n")
+    src = ShardsSource(d)
+    want = src.anomalies_table()
+    assert want.num_rows == 5  # 3 dangling rows, the unlisted records, no export.log
+    with start_server(src) as srv, FlightClient(srv.location, uuid="u1", instance="segmentation") as c:
+        kc = c.count_keys("anomalies", 0)
+        assert kc.cells.tolist() == list(range(5)) and kc.rows.tolist() == [1] * 5
+        got = pa.Table.from_batches(list(c.read_anomalies())).replace_schema_metadata(None)
+        assert got.equals(want)
+        part = pa.Table.from_batches(list(c.read_anomalies(1, 3))).replace_schema_metadata(None)
+        assert part.equals(want.slice(1, 2))
+        assert list(c.read_anomalies(7, 9)) == []
+    syn = open_source("synthetic://tiny?size=64,64,64")
+    with start_server(syn) as srv, FlightClient(srv.location, uuid=syn.info().uuid, instance=syn.info().instance) as c:
+        assert c.count_keys("anomalies", 0).cells.size == 0 and list(c.read_anomalies()) == []

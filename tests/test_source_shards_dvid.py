@@ -399,3 +399,109 @@ def test_killed_rerun_exports_only_current_streams(killed, tmp_path):
                              strict=True))
         # of this shard, exactly the blocks the rerun wrote whole are served
         assert {k for k in got if k in first | rerun} == rerun, f.name
+
+
+# --------------------------------------------------------------------- stored with the export
+def _run(src_url: str, uuid: str, sink: str, cluster, *more: str) -> int:
+    from dvidetl.cli import main as cli
+
+    return cli(["run", "--uuid", uuid, "--source", src_url, "--sink", sink, "--cluster",
+                cluster.scheduler_address, "--quiet", *more])
+
+
+def test_run_stores_the_anomalies_and_verify_checks_them(stages, cluster, tmp_path, capsys):
+    """A rerun directory exported through the whole pipeline: the blocks are DVID's, the
+    superseded copies are rows of source_anomalies equal to what the source reports, the
+    run is OK (nothing lost), and verify checks the stored rows — a deleted row is exactly
+    one difference."""
+    import pyarrow.parquet as pq
+
+    from dvidetl.cli import main as cli
+    from dvidetl.read import open_export
+    from dvidetl.sinks import open_sink
+
+    st = stages["merged"]
+    url = f"shards://{st.dir}?spec={st.spec}"
+    sink = f"parquet://{tmp_path}/out"
+    assert _run(url, "merged", sink, cluster) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    files = len(list(st.dir.glob("s*/*.arrow")))
+    assert f"anomalies   {files} in the source (superseded {files})" in err
+    s = open_sink(sink, uuid="merged", instance="segmentation")
+    stored = s.read("source_anomalies")
+    want = ShardsSource(st.dir, spec=str(st.spec)).anomalies_table()
+    assert set(stored["run_id"].to_pylist()) == {s.latest_run()}
+    assert stored.drop_columns(["run_id"]).sort_by("seq").equals(want)
+    ex = open_export(sink, uuid="merged")
+    for scale in (0, 1):  # the exported blocks are DVID's current ones
+        t = ex.read("blocks", scale=scale, columns=["x", "y", "z", "crc32"])
+        assert len(t) == len(st.blocks[scale])
+    assert cli(["verify", "--uuid", "merged", "--source", url, "--sink", sink, "--in-process"]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"anomalies   {files} in the source (superseded {files}), stored in source_anomalies; 0 differences" in out
+    assert cli(["inspect", "--sink", sink, "--anomalies"]) == 0
+    out = capsys.readouterr().out
+    assert f"source anomalies: {files} in the source (superseded {files})" in out and "stream 1 of 2" in out
+    # tamper: one stored anomaly row gone
+    (f,) = sorted((tmp_path / "out").rglob("source_anomalies/**/*.parquet"))
+    t = pq.read_table(f)
+    pq.write_table(t.slice(1), f)
+    assert cli(["verify", "--uuid", "merged", "--source", url, "--sink", sink, "--in-process"]) == 1
+    out = capsys.readouterr().out
+    assert "; 1 differences" in out and "source_anomalies seq 0: stored None" in out
+    # the same run as a dvidetl before source_anomalies stored it: no anomalies partition in
+    # its plan, no rows. Readers see none; verify says the source reports what it lacks
+    import json
+
+    run_id = s.latest_run()
+    root = tmp_path / "out" / "segmentation" / "merged"
+    plan = json.loads((root / "runs" / run_id / "run.json").read_text())
+    (key,) = [f"anomalies-s0-{p['lo']:016x}-{p['hi']:016x}" for p in plan["partitions"] if p["kind"] == "anomalies"]
+    plan["partitions"] = [p for p in plan["partitions"] if p["kind"] != "anomalies"]
+    (root / "runs" / run_id / "run.json").write_text(json.dumps(plan))
+    (root / "export_ledger" / run_id / f"{key}.parquet").unlink()
+    f.unlink()
+    assert cli(["inspect", "--sink", sink, "--anomalies"]) == 0
+    assert "none stored with this run" in capsys.readouterr().out
+    assert cli(["verify", "--uuid", "merged", "--source", url, "--sink", sink, "--in-process"]) == 1
+    out = capsys.readouterr().out
+    assert f"the source reports {files} anomalies that run {run_id} did not store" in out
+
+
+def test_killed_export_run_says_blocks_are_lost(killed, cluster, tmp_path, capsys):
+    """A killed export through the pipeline: every block it holds is exported, the run ends
+    with exit 1 saying the source lacks blocks, inspect lists the lost ones first (with the
+    block of a cut record), verify finds the export equal to the source (the anomalies are
+    reported, not differences), and the dashboard page shows them per kind."""
+    from test_dashboard import _browse, _Rows, _state
+
+    from dvidetl.cli import main as cli
+    from dvidetl.sinks import open_sink
+
+    url = f"shards://{killed['fresh']}?spec={_spec_file(tmp_path, killed['spec'])}"
+    src = ShardsSource(killed["fresh"], spec=_spec_file(tmp_path, killed["spec"]))
+    lost = sum(a["lost"] for a in src.anomalies)
+    sink = f"parquet://{tmp_path}/out"
+    assert _run(url, "killed", sink, cluster) == 1
+    err = capsys.readouterr().err
+    assert f"{lost} of them lose blocks" in err and "the source lacks blocks it should hold" in err
+    s = open_sink(sink, uuid="killed", instance="segmentation")
+    assert s.read("blocks", scale=0).num_rows == len(_served(src, 0))
+    assert cli(["inspect", "--sink", sink, "--anomalies"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split(":")[0].endswith("[LOST BLOCKS]")
+    cut = [a for a in src.anomalies if a["kind"] == "truncated" and a["block"]]
+    if cut:  # the kill cut a record whose coordinates were written: inspect names it
+        x, y, z = cut[0]["block"]
+        assert cli(["inspect", "--sink", sink, "--block", f"{x},{y},{z}"]) == 1
+        assert "source anomaly: truncated [LOST BLOCKS]" in capsys.readouterr().out
+    assert cli(["verify", "--uuid", "killed", "--source", url, "--sink", sink, "--in-process"]) == 0
+    assert f"{lost} of them lose blocks, stored in source_anomalies; 0 differences" in capsys.readouterr().out
+    base = cluster.dashboard_link.rsplit("/", 1)[0]
+    state = _state(base)
+    assert state["anomalies"] == src.anomaly_counts() and state["anomalies_lost"] == lost
+    page = _Rows()
+    page.feed(_browse(base + "/dvidetl", "--dump-dom"))
+    text = " ".join(page.text)
+    assert f"({lost} lose blocks: see source_anomalies)" in text
+    assert all(k in text for k in src.anomaly_counts())

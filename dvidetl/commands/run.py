@@ -2,8 +2,9 @@
 
 Plans (or, with ``--resume``, reloads the stored plan), submits one Dask task per
 not-yet-committed partition, shows progress, prints the summary. Exit 0 only when every
-partition is committed and no block went to ``export_errors``; 1 otherwise (the summary
-says why); 2 for a usage error.
+partition is committed, no block went to ``export_errors`` and the source reports no
+anomaly by which the export lacks blocks (``source_anomalies.lost``, e.g. a killed
+export-shards run); 1 otherwise (the summary says why); 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ def result_json(res, run, ep, sink_url: str, planning_s: float | None, rc: int,
                     "total": res.seconds + (planning_s or 0.0)},
         "failed": [{"partition": k, "reason": r} for k, r in res.failed],
         "aborted": res.aborted,
+        "anomalies": {"kinds": res.anomalies, "lost": res.lost},
     }
 
 
@@ -328,7 +330,10 @@ def _export(args, ep, sink, resumed, planning, new_run, where: str) -> int:
     elif res.errors:
         print(f"dvidetl run: {res.errors} blocks could not be exported (see export_errors)",
               file=sys.stderr)
-    rc = 1 if unfinished or res.errors else 0
+    if not unfinished and res.lost:
+        print(f"dvidetl run: the source lacks blocks it should hold ({res.lost} anomalies, see "
+              "source_anomalies and `dvidetl inspect --anomalies`)", file=sys.stderr)
+    rc = 1 if unfinished or res.errors or res.lost else 0
     if args.json:
         emit_json(result_json(res, run, ep, args.sink, planning_s, rc, note))
     else:

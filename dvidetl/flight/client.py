@@ -417,10 +417,11 @@ class FlightClient:
 
     def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = P.U64_END, *,
                    timeout: float | None = None) -> KeyCounts:
-        """Body labels (``kind="indices"``) or supervoxels (``"mapping"``) per aligned cell
-        ``key >> cell_bits`` of ``[lo, hi)``, with the output rows of each cell. The first
-        such call may make the source read every label index (a generated volume builds
-        them): ``timeout`` gives it a deadline that grows with the volume."""
+        """Body labels (``kind="indices"``), supervoxels (``"mapping"``) or anomaly numbers
+        (``"anomalies"``) per aligned cell ``key >> cell_bits`` of ``[lo, hi)``, with the
+        output rows of each cell. The first such call may make the source read every label
+        index (a generated volume builds them): ``timeout`` gives it a deadline that grows
+        with the volume."""
         uuid, instance = self._ref()
         body = P.CountKeysRequest(uuid, instance, kind, int(cell_bits), int(lo), int(hi)).to_json()
         parts = self._action(f"count_keys({kind}, cell_bits={cell_bits}, lo={lo}, hi={hi})",
@@ -492,6 +493,17 @@ class FlightClient:
             if "cannot count its requests" in str(exc) or "supports kind" in str(exc):
                 return None  # the source cannot say, or a server predating the exchange
             raise
+
+    def read_anomalies(self, lo: int = 0, hi: int = P.U64_END) -> Iterator[pa.RecordBatch]:
+        """The source's anomalies numbered ``lo <= seq < hi`` (``ANOMALIES_SCHEMA``): what it
+        found wrong in its input, to be stored with the export."""
+        lo, hi = int(lo), int(hi)
+        if lo >= hi:
+            raise P.TicketError("hi", f"empty anomaly range: lo={lo} >= hi={hi}")
+        uuid, instance = self._ref()
+        return self._stream(
+            f"read_anomalies(lo={lo}, hi={hi})", P.AnomaliesTicket(uuid, instance, lo, hi).to_json(), "seq",
+        )
 
     def map_supervoxels(self, svs: np.ndarray) -> np.ndarray:
         """Body of every supervoxel in ``svs`` (any shape; identity where unmapped), aligned.

@@ -29,6 +29,7 @@ import pyarrow as pa
 from dvidetl.errors import UserError
 from dvidetl.geometry import VolumeInfo
 from dvidetl.sources.base import (
+    ANOMALIES_SCHEMA,
     BLOCKS_WIRE_SCHEMA,
     INDICES_SCHEMA,
     KEY_KINDS,
@@ -55,8 +56,9 @@ U64_END = 1 << 64
 #: INTERNAL errors (see docs/flight-protocol.md, "Errors").
 SERVER_ERROR_PREFIX = "dvidetl server error in"
 
-#: Ticket kinds for DoGet.
-KINDS = ("blocks", "mapping", "indices")
+#: Ticket kinds for DoGet (``anomalies``: added in protocol 1 without a version change — a
+#: server that predates it answers INVALID_ARGUMENT, which clients take as "none reported").
+KINDS = ("blocks", "mapping", "indices", "anomalies")
 #: DoAction types.
 ACTION_INFO = "info"
 ACTION_COUNT = "count"
@@ -66,8 +68,8 @@ ACTIONS = {
     ACTION_COUNT: "Blocks per aligned Morton cell (code >> level). Body: {v, uuid, instance, "
     "scale, level}. Answer: Arrow IPC stream(s) of (cell uint64, count uint64), "
     "schema metadata exact=true|false.",
-    ACTION_COUNT_KEYS: "Body labels (kind indices) or supervoxels (kind mapping) per aligned "
-    "cell (key >> level) of [lo, hi). Body: {v, uuid, instance, kind, level, lo?, hi?}. Answer: "
+    ACTION_COUNT_KEYS: "Body labels (kind indices), supervoxels (kind mapping) or anomaly "
+    "numbers (kind anomalies) per aligned cell (key >> level) of [lo, hi). Body: {v, uuid, instance, kind, level, lo?, hi?}. Answer: "
     "Arrow IPC stream(s) of (cell uint64, count uint64, rows uint64), metadata exact=true|false.",
 }
 #: the count bodies' key for ``cell_bits`` (the low Morton / key bits a cell spans): named
@@ -99,6 +101,7 @@ __all__ = [
     "BlocksTicket",
     "MappingTicket",
     "IndicesTicket",
+    "AnomaliesTicket",
     "Ticket",
     "VolumeRef",
     "CountRequest",
@@ -120,6 +123,8 @@ __all__ = [
     "blocks_schema",
     "mapping_schema",
     "indices_schema",
+    "anomalies_schema",
+    "ANOMALIES_SCHEMA",
     "BLOCKS_WIRE_SCHEMA",
     "MAPPING_SCHEMA",
     "INDICES_SCHEMA",
@@ -370,7 +375,34 @@ class IndicesTicket:
         return _dumps(self.to_dict())
 
 
-Ticket = BlocksTicket | MappingTicket | IndicesTicket
+@dataclass(frozen=True)
+class AnomaliesTicket:
+    """The source's anomalies numbered ``lo <= seq < hi`` (see ``ANOMALIES_SCHEMA``): what
+    it found wrong in its input, stored with the export. Every volume answers (a source
+    without anomalies answers none)."""
+
+    uuid: str
+    instance: str
+    lo: int = 0
+    hi: int = U64_END
+    kind: str = "anomalies"
+
+    def validate(self, info: VolumeInfo) -> AnomaliesTicket:
+        _check_volume(self.uuid, self.instance, info)
+        if self.lo >= self.hi:
+            raise TicketError("hi", f"empty anomaly range: lo={self.lo} >= hi={self.hi}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["v"] = PROTOCOL_VERSION
+        return d
+
+    def to_json(self) -> bytes:
+        return _dumps(self.to_dict())
+
+
+Ticket = BlocksTicket | MappingTicket | IndicesTicket | AnomaliesTicket
 
 
 def parse_ticket(raw: bytes | str) -> Ticket:
@@ -397,12 +429,13 @@ def parse_ticket(raw: bytes | str) -> Ticket:
         if lo >= hi:
             raise TicketError("hi", f"empty supervoxel range: lo={lo} >= hi={hi}")
         return MappingTicket(uuid, instance, lo=lo, hi=hi)
-    _check_keys(d, common | {"lo", "hi"}, "indices ticket")
+    _check_keys(d, common | {"lo", "hi"}, f"{kind} ticket")
     lo = _int(d, "lo", 0, U64_END - 1)
     hi = _int(d, "hi", 0, U64_END)
     if lo >= hi:
-        raise TicketError("hi", f"empty label range: lo={lo} >= hi={hi}")
-    return IndicesTicket(uuid, instance, lo, hi)
+        raise TicketError("hi", f"empty {'label' if kind == 'indices' else 'anomaly'} range: "
+                                f"lo={lo} >= hi={hi}")
+    return (IndicesTicket if kind == "indices" else AnomaliesTicket)(uuid, instance, lo, hi)
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,9 +484,9 @@ def parse_count_request(raw: bytes | str) -> CountRequest:
 
 @dataclass(frozen=True)
 class CountKeysRequest:
-    """Body of DoAction("count_keys"): body labels (``indices``) or supervoxels (``mapping``)
-    per ``key >> cell_bits`` cell of ``[lo, hi)``, with the output rows of each cell
-    (``cell_bits`` travels as ``"level"``)."""
+    """Body of DoAction("count_keys"): body labels (``indices``), supervoxels (``mapping``)
+    or anomaly numbers (``anomalies``) per ``key >> cell_bits`` cell of ``[lo, hi)``, with
+    the output rows of each cell (``cell_bits`` travels as ``"level"``)."""
 
     uuid: str
     instance: str
@@ -597,6 +630,10 @@ def mapping_schema(info: VolumeInfo, uuid: str, lo: int = 0, hi: int = U64_END) 
 
 def indices_schema(info: VolumeInfo, uuid: str, lo: int, hi: int) -> pa.Schema:
     return INDICES_SCHEMA.with_metadata(_meta(info, uuid, "indices", lo=lo, hi=hi))
+
+
+def anomalies_schema(info: VolumeInfo, uuid: str, lo: int, hi: int) -> pa.Schema:
+    return ANOMALIES_SCHEMA.with_metadata(_meta(info, uuid, "anomalies", lo=lo, hi=hi))
 
 
 # ---------------------------------------------------------------------------------------

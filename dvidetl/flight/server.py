@@ -34,7 +34,7 @@ from dvidetl.batching import cut_points
 from dvidetl.errors import SourceUnavailable, UserError
 from dvidetl.flight import protocol as P
 from dvidetl.geometry import VolumeInfo, in_grid, morton_encode
-from dvidetl.sources.base import Source
+from dvidetl.sources.base import Source, count_sorted
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +412,10 @@ class DvidFlightServer(flight.FlightServerBase):
             return iter([flight.Result(p) for p in P.count_to_ipc(cells, counts, bool(exact))])
         if kind == P.ACTION_COUNT_KEYS:
             req = P.parse_count_keys_request(body).validate(self._info)
+            if req.kind == "anomalies":  # counted here: sources only list them
+                seq = self._anomalies_table().column("seq").to_numpy()
+                kc = count_sorted(seq, None, req.cell_bits, req.lo, req.hi)
+                return iter([flight.Result(p) for p in P.key_count_to_ipc(*kc)])
             count_keys = getattr(self._source, "count_keys", None)
             if count_keys is None:
                 raise P.TicketError("action", f"source {type(self._source).__name__} cannot count keys")
@@ -435,6 +439,9 @@ class DvidFlightServer(flight.FlightServerBase):
         elif isinstance(t, P.MappingTicket):
             schema = P.mapping_schema(info, t.uuid, t.lo, t.hi)
             gen = self._mapping(schema, t)
+        elif isinstance(t, P.AnomaliesTicket):
+            schema = P.anomalies_schema(info, t.uuid, t.lo, t.hi)
+            gen = self._anomalies(schema, t)
         else:
             schema = P.indices_schema(info, t.uuid, t.lo, t.hi)
             gen = self._indices(schema, t)
@@ -602,6 +609,26 @@ class DvidFlightServer(flight.FlightServerBase):
                 last = self._keys_check(batch.column("supervoxel").to_numpy(), t.lo, t.hi, last,
                                         "read_mapping")
             yield batch
+
+    def _anomalies_table(self) -> pa.Table:
+        """The source's anomalies (``Source.anomalies_table``, optional: none without it),
+        checked against the contract: the schema, and ``seq`` numbering the rows from 0."""
+        get = getattr(self._source, "anomalies_table", None)
+        t = get() if get is not None else None
+        if t is None:
+            return P.ANOMALIES_SCHEMA.empty_table()
+        if not t.schema.remove_metadata().equals(P.ANOMALIES_SCHEMA):
+            raise RuntimeError(f"source anomalies_table() has schema {t.schema}, want {P.ANOMALIES_SCHEMA}")
+        if not np.array_equal(t.column("seq").to_numpy(), np.arange(t.num_rows, dtype=np.uint64)):
+            raise RuntimeError("source anomalies_table() broke its contract: seq must be 0, 1, ...")
+        return t
+
+    def _anomalies(self, schema: pa.Schema, t: P.AnomaliesTicket) -> Iterator[pa.RecordBatch]:
+        """Rows ``lo <= seq < hi`` (nulls allowed: an anomaly need not be about one block)."""
+        table = self._anomalies_table()
+        lo, hi = min(t.lo, table.num_rows), min(t.hi, table.num_rows)
+        for b in table.slice(lo, hi - lo).to_batches(max_chunksize=1 << 16):
+            yield b.replace_schema_metadata(schema.metadata)
 
     def _indices(self, schema: pa.Schema, t: P.IndicesTicket) -> Iterator[pa.RecordBatch]:
         last = -1

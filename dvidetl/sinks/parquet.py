@@ -354,7 +354,8 @@ class ParquetSink(SinkBase):
         if not f.exists():
             led = self._ledger_of(run_id, part) or {}
             want = {"blocks": led.get("blocks", 0), "export_errors": led.get("errors", 0),
-                    "label_index": led.get("rows", 0), "mapping": led.get("rows", 0)}.get(table, 0)
+                    "label_index": led.get("rows", 0), "mapping": led.get("rows", 0),
+                    "source_anomalies": led.get("rows", 0)}.get(table, 0)
             if want:
                 what = "blocks" if table in ("blocks", "export_errors") else "rows"
                 raise UnreadableFile(str(f), f"missing: the ledger says the partition wrote {want:,} {what} to it")

@@ -619,7 +619,7 @@ class VastDBSink(SinkBase):
             terms.append(_col("scale") == int(scale))
         if morton_range is not None and "morton" in names:
             terms += [_col("morton") >= int(morton_range[0]), _col("morton") < int(morton_range[1])]
-        if table in ("export_ledger", "export_errors"):
+        if table in ("export_ledger", "export_errors", "source_anomalies"):
             # rows carrying a run id: those of the run read (default the latest), as Parquet does
             run_id = run_id or self.latest_run()
             if run_id is not None:

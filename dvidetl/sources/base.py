@@ -61,6 +61,14 @@ KEY_END = 1 << 64
 KEY_KINDS = ("indices", "mapping", "anomalies")
 
 
+def anomaly_summary(kinds: dict[str, int], lost: int = 0) -> str:
+    """One line of anomaly counts (``anomaly_counts``), most frequent first, and how many of
+    them lose blocks: what the run summary, verify, and inspect say."""
+    what = ", ".join(f"{k} {n:,}" for k, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"{sum(kinds.values()):,} in the source ({what or 'none'})"
+            + (f"; {lost:,} of them lose blocks" if lost else ""))
+
+
 def anomaly_counts(table: pa.Table) -> dict[str, int]:
     """Rows per ``kind`` of an anomalies table (wire or stored), for summaries."""
     if table is None or table.num_rows == 0:
