@@ -282,8 +282,20 @@ def _dumps(d: dict) -> bytes:
     return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
 
+class _Versioned:
+    """``to_dict`` / ``to_json`` of a ticket: its fields and the protocol version."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["v"] = PROTOCOL_VERSION
+        return d
+
+    def to_json(self) -> bytes:
+        return _dumps(self.to_dict())
+
+
 @dataclass(frozen=True)
-class BlocksTicket:
+class BlocksTicket(_Versioned):
     """Stored blocks of one scale with ``lo <= morton < hi``."""
 
     uuid: str
@@ -305,14 +317,6 @@ class BlocksTicket:
                 "lo", f"{self.lo} is past the last Morton code of scale {self.scale} (end {end})"
             )
         return replace(self, hi=min(self.hi, end))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["v"] = PROTOCOL_VERSION
-        return d
-
-    def to_json(self) -> bytes:
-        return _dumps(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -349,7 +353,7 @@ class MappingTicket:
 
 
 @dataclass(frozen=True)
-class IndicesTicket:
+class IndicesTicket(_Versioned):
     """Label indices of body labels ``lo <= label < hi`` (hi may be 2**64)."""
 
     uuid: str
@@ -366,17 +370,9 @@ class IndicesTicket:
             raise TicketError("hi", f"empty label range: lo={self.lo} >= hi={self.hi}")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["v"] = PROTOCOL_VERSION
-        return d
-
-    def to_json(self) -> bytes:
-        return _dumps(self.to_dict())
-
 
 @dataclass(frozen=True)
-class AnomaliesTicket:
+class AnomaliesTicket(_Versioned):
     """The source's anomalies numbered ``lo <= seq < hi`` (see ``ANOMALIES_SCHEMA``): what
     it found wrong in its input, stored with the export. Every volume answers (a source
     without anomalies answers none)."""
@@ -392,14 +388,6 @@ class AnomaliesTicket:
         if self.lo >= self.hi:
             raise TicketError("hi", f"empty anomaly range: lo={self.lo} >= hi={self.hi}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["v"] = PROTOCOL_VERSION
-        return d
-
-    def to_json(self) -> bytes:
-        return _dumps(self.to_dict())
 
 
 Ticket = BlocksTicket | MappingTicket | IndicesTicket | AnomaliesTicket

@@ -97,6 +97,15 @@ def _vtable(buf, t, lo, hi):
 
 
 @nb.njit(cache=True, inline="always")
+def _table(buf, p, lo, hi):
+    """The flatbuffer table an offset at ``p`` refers to: (table, vtable, vtable size);
+    vtable -1 when it does not fit in [lo, hi)."""
+    t = p + _u32(buf, p)
+    vt, size = _vtable(buf, t, lo, hi)
+    return t, vt, size
+
+
+@nb.njit(cache=True, inline="always")
 def _field(buf, t, vt, vsize, i, width, hi):
     """Position of field ``i`` of a table (-1 absent, -2 out of bounds)."""
     o = 4 + 2 * i
@@ -180,8 +189,7 @@ def walk(buf, start, stop_at_eos):
         if mend > n:
             reason = W_CUT
             break
-        root = m + _u32(buf, m)
-        vt, vsize = _vtable(buf, root, m, mend)
+        root, vt, vsize = _table(buf, m, m, mend)
         if vt < 0:
             reason = W_BAD
             break
@@ -206,8 +214,7 @@ def walk(buf, start, stop_at_eos):
             if p_head < 0:
                 reason = W_BAD
                 break
-            h = p_head + _u32(buf, p_head)
-            hvt, hvsize = _vtable(buf, h, m, mend)
+            h, hvt, hvsize = _table(buf, p_head, m, mend)
             if hvt < 0:
                 reason = W_BAD
                 break
@@ -461,8 +468,12 @@ def _stream_coords(buf: np.ndarray, mm: pa.Buffer, msgs: np.ndarray, st: Stream
 
 
 def _keys(xyz: np.ndarray) -> np.ndarray:
-    """Sorted unique block keys (for set operations on coordinates)."""
-    return np.unique(np.ascontiguousarray(xyz.astype(np.int64)).view([("", np.int64)] * 3))
+    """Sorted unique block keys (for set operations on coordinates): one int64 each when
+    the coordinates fit 21 bits (every neuroglancer grid DVID exports), rows otherwise."""
+    xyz = np.ascontiguousarray(xyz, dtype=np.int64)
+    if xyz.size == 0 or (xyz.min() >= 0 and xyz.max() < 1 << 21):
+        return np.unique((xyz[:, 0] << 42) | (xyz[:, 1] << 21) | xyz[:, 2])
+    return np.unique(xyz.view([("", np.int64)] * 3))
 
 
 def scan_file(path: Path, mm: pa.Buffer) -> FileScan:
@@ -632,33 +643,44 @@ _INT_COLS = ("x", "y", "z", "rec", "offset", "size", "batch_idx")
 def read_sidecar(path: Path) -> Sidecar:
     """The sidecar's rows. Nothing here is fatal: a line cut by a killed export, a repeated
     header, an unknown header or an unparseable file are ``problems`` (the stream is then
-    indexed without the rows that could not be read)."""
+    indexed without the rows that could not be read).
+
+    DVID's layout (one ``# schema_size=N`` comment, the header, the rows) is parsed by
+    pyarrow's CSV reader in one pass; only a sidecar with comments or headers further down
+    (no DVID run writes one) is split into lines in Python first."""
     z = np.zeros(0, np.int64)
     try:
         text = path.read_bytes()
     except OSError as exc:
         return Sidecar(path, 0, z, z, z, None, None, None, None, None, [f"unreadable ({exc})"])
     out = Sidecar(path, len(text), z, z, z, None, None, None, None, None)
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith(b"\n"):
-        out.problems.append(f"ends inside a line ({lines[-1][:40]!r}): the export was killed "
+    end = len(text)
+    if text and not text.endswith(b"\n"):
+        end = text.rfind(b"\n") + 1
+        out.problems.append(f"ends inside a line ({text[end:end + 40]!r}): the export was killed "
                             "while DVID flushed it")
-        lines = lines[:-1]
-    comments = [ln for ln in lines if ln.startswith(b"#")]
-    for c in comments:
-        m = re.match(rb"#\s*schema_size\s*=\s*(\d+)", c)
+    start = comments = 0
+    while start < end and text.startswith((b"#", b"\n", b"\r\n"), start):
+        nl = text.find(b"\n", start, end)
+        m = re.match(rb"#\s*schema_size\s*=\s*(\d+)", text[start:nl])
         if m and out.schema_size is None:
             out.schema_size = int(m.group(1))
-    if len(comments) > 1 or (comments and out.schema_size is None):
-        out.problems.append(f"{len(comments)} comment line(s) where DVID writes one "
-                            "'# schema_size=N'")
-    lines = [ln for ln in lines if not ln.startswith(b"#") and ln.strip()]
-    if not lines:
+        comments += text.startswith(b"#", start)
+        start = nl + 1
+    if start >= end:
         return out
-    header = lines[0]
-    body = [ln for ln in lines[1:] if ln != header]
-    if len(body) != len(lines) - 1:
-        out.problems.append(f"{len(lines) - 1 - len(body)} repeated header line(s)")
+    nl = text.find(b"\n", start, end)
+    header = text[start:nl + 1]
+    data = pa.py_buffer(text).slice(start, end - start)
+    if text.find(b"#", nl, end) >= 0 or text.find(header, nl, end) >= 0:
+        lines = [ln for ln in text[nl + 1:end].splitlines(keepends=True) if ln.strip()]
+        body = [ln for ln in lines if not ln.startswith(b"#") and ln != header]
+        comments += sum(ln.startswith(b"#") for ln in lines)
+        if len(lines) - len(body) > comments:
+            out.problems.append(f"{len(lines) - len(body) - comments} repeated header line(s)")
+        data = pa.py_buffer(header + b"".join(body))
+    if comments > 1 or (comments and out.schema_size is None):
+        out.problems.append(f"{comments} comment line(s) where DVID writes one '# schema_size=N'")
     skipped = []
 
     def skip(row) -> str:
@@ -667,7 +689,8 @@ def read_sidecar(path: Path) -> Sidecar:
 
     try:
         table = pacsv.read_csv(
-            pa.BufferReader(header + b"".join(body)),
+            pa.BufferReader(data),
+            read_options=pacsv.ReadOptions(use_threads=data.size > (4 << 20)),
             parse_options=pacsv.ParseOptions(invalid_row_handler=skip),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.int64() for c in _INT_COLS}),
         )
@@ -680,11 +703,14 @@ def read_sidecar(path: Path) -> Sidecar:
     if cols[:3] != ["x", "y", "z"] or not ({"offset", "size"} <= set(cols) or "rec" in cols):
         out.problems.append(f"unknown header {cols} (DVID writes x,y,z,offset,size,batch_idx)")
         return out
-    if any(table.column(c).null_count for c in cols if c in _INT_COLS):
+    ints = [c for c in cols if c in _INT_COLS]
+    if any(table.column(c).null_count for c in ints):
         out.problems.append("empty fields")
-        table = table.filter(pa.compute.and_kleene(*[pa.compute.is_valid(table.column(c))
-                                                     for c in cols[:2]]))
-    col = {c: table.column(c).to_numpy(zero_copy_only=False) for c in cols if c in _INT_COLS}
+        valid = table.column(ints[0]).is_valid()
+        for c in ints[1:]:
+            valid = pa.compute.and_(valid, table.column(c).is_valid())
+        table = table.filter(valid)
+    col = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ints}
     out.x, out.y, out.z = col["x"], col["y"], col["z"]
     out.offset, out.nbytes = col.get("offset"), col.get("size")
     out.batch_idx, out.rec = col.get("batch_idx"), col.get("rec")

@@ -483,7 +483,7 @@ class ShardsSource:
                                f"the record at byte {int(f.scan.msgs[f.scan.rec_msg[r], M_OFF])} "
                                "does not decode: not exported", blocks=1, lost=True)
                 keep = f.keep[ok[f.keep]]
-                sub = table.take(pa.array(keep)).combine_chunks()
+                sub = table if len(keep) == table.num_rows else table.take(pa.array(keep))
                 svs, bodies = sub.column("supervoxels"), sub.column("labels")
                 len_sv = pc.fill_null(pc.list_value_length(svs), -1).to_numpy()
                 len_b = pc.fill_null(pc.list_value_length(bodies), -2).to_numpy()
