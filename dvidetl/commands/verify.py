@@ -57,6 +57,9 @@ def report_json(report, rc: int, sink_url: str) -> dict:
         # source vs itself: label ranges where the source's index disagrees with its own
         # blocks and mapping while the export equals both (not a difference; docs/runs.md)
         "source_inconsistent": report.source_inconsistent,
+        # what the source found wrong in its input, stored with the run (source_anomalies)
+        "anomalies": {"rows": report.anomalies, "kinds": report.anomaly_kinds,
+                      "lost": report.anomalies_lost, "differences": report.anomaly_diffs},
         "counters": report.counters(),
         "repaired": getattr(report, "repaired", None),
         "problems": list(report.problems), "seconds": report.seconds,
