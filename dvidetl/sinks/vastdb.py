@@ -81,6 +81,10 @@ EXPORT_RUNS = pa.schema(
 )
 #: connect and read deadline of the preflight check (``VastDBSink.check``), in seconds
 CHECK_TIMEOUT_S = 5.0
+#: what a connection error says when nothing could be connected to (no retry then)
+_NO_CONNECTION = ("NewConnectionError", "Failed to establish", "Name or service not known",
+                  "nodename nor servname", "Temporary failure in name resolution",
+                  "ConnectTimeout", "Connection refused")
 #: every table the sink creates
 ALL_TABLES: dict[str, pa.Schema] = {**S.TABLES, "export_runs": EXPORT_RUNS}
 #: sorting keys: range reads of a scale / a label prune server-side
@@ -415,6 +419,15 @@ class VastDBSink(SinkBase):
         from dvidetl.errors import first_line
 
         busy = (E.ServiceUnavailable, E.RequestTimeout, E.Conflict)
+
+        def answering(exc: BaseException) -> bool:
+            """The server is there but busy, or dropped one request: worth another try. Not
+            when nothing could connect (refused, unknown host, connect timeout)."""
+            if isinstance(exc, busy):
+                return True
+            text = repr(exc) + repr(exc.__cause__ or "")
+            return isinstance(exc, (E.ConnectionError, requests.exceptions.RequestException)) and \
+                not any(w in text for w in _NO_CONNECTION)
         for endpoint in self.cfg.endpoints:
             def once(endpoint=endpoint):
                 s = vastdb.connect(endpoint=endpoint, access=creds.access, secret=creds.secret,
@@ -428,7 +441,7 @@ class VastDBSink(SinkBase):
                 # a server that answers "busy" (503, 408, 409) is there: wait it out like any
                 # call (the sink's tries); one that does not answer fails at once
                 retry(once, Backoff(tries=self.cfg.tries, base=0.5, cap=5.0),
-                      retryable=lambda exc: isinstance(exc, busy), what=f"check {endpoint}",
+                      retryable=answering, what=f"check {endpoint}",
                       describe=_describe, logger=log)
             except E.MissingBucket:
                 raise UserError(f"{self!r}: bucket {self.cfg.bucket!r} does not exist at {endpoint} "
