@@ -342,22 +342,25 @@ class ShardsSource:
             self._note("unreadable", scale, path, None, f"bytes {scan.stop}..{scan.size} are not "
                        "Arrow IPC messages; the records before them are read", lost=True)
         elif scan.reason == W_CUT:
+            why = ("its writers tore each other's messages apart" if cur is not None and cur.writers > 1
+                   else "the export was killed while writing it")
             for xyz, off in scan.cut:
                 self._note("truncated", scale, path, xyz,
                            f"the file ends at byte {scan.size} inside this record (it starts at "
-                           f"byte {off}): the export was killed while writing it; not exported"
-                           + ("" if xyz else " (its block coordinates were not written yet)"),
+                           f"byte {off}): {why}; not exported"
+                           + ("" if xyz else " (its block coordinates are not in the file)"),
                            blocks=1, lost=True)
             if not scan.cut:
                 self._note("truncated", scale, path, None,
                            f"the file ends inside a message header at byte {scan.size}: the "
                            "export was killed while writing it", lost=True)
         elif cur is not None and not cur.eos and not scan.file_format:
+            why = ("its writers tore each other's messages apart" if cur.writers > 1 else
+                   "the export stopped writing this shard before finishing it (killed, or still "
+                   "running)")
             self._note("unterminated", scale, path, None,
-                       "the current stream has no end-of-stream marker: the export stopped "
-                       "writing this shard before finishing it (killed, or still running); "
-                       f"its {cur.records} records are read, blocks it had not written yet are "
-                       "missing", lost=True)
+                       f"the current stream has no end-of-stream marker: {why}; its "
+                       f"{cur.records} records are read, blocks not in them are missing", lost=True)
 
     def _check_sidecar(self, scale: int, scan: FileScan, csv: Path) -> None:
         sc = read_sidecar(csv)
