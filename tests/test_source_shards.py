@@ -583,3 +583,35 @@ def test_anomalies_through_flight(tmp_path, shared_data):
     syn = open_source("synthetic://tiny?size=64,64,64")
     with start_server(syn) as srv, FlightClient(srv.location, uuid=syn.info().uuid, instance=syn.info().instance) as c:
         assert c.count_keys("anomalies", 0).cells.size == 0 and list(c.read_anomalies()) == []
+
+
+def test_corrupt_zstd_frame_goes_to_export_errors(tmp_path, file_table, cluster, capsys):
+    """A record whose zstd frame is damaged (no DVID run writes one; a bad disk does): the
+    source serves it as stored, the export puts it in export_errors with its coordinates and
+    the codec's reason, exports the others, and run and verify say so."""
+    from dvidetl.cli import main as cli
+    from dvidetl.sinks import open_sink
+
+    t = file_table.slice(0, 6)
+    data = t["dvid_compressed_block"].to_pylist()
+    bad = bytearray(data[2])
+    bad[len(bad) // 2: len(bad) // 2 + 16] = b"\xff" * 16  # inside the frame, header intact
+    data[2] = bytes(bad)
+    rows = [(x, y, z, sv, lab, d) for x, y, z, sv, lab, d in zip(
+        t["chunk_x"].to_pylist(), t["chunk_y"].to_pylist(), t["chunk_z"].to_pylist(),
+        t["supervoxels"].to_pylist(), t["labels"].to_pylist(), data, strict=True)]
+    (tmp_path / "src" / "s1").mkdir(parents=True)
+    _write_shard(tmp_path / "src" / "s1" / "0_0_0.arrow", rows)
+    url = f"shards://{tmp_path / 'src'}"
+    sink = f"parquet://{tmp_path}/out"
+    common = ["--uuid", "zz", "--source", url, "--sink", sink]
+    assert cli(["run", *common, "--cluster", cluster.scheduler_address, "--quiet"]) == 1
+    assert "1 blocks could not be exported (see export_errors)" in capsys.readouterr().err
+    s = open_sink(sink, uuid="zz", instance="segmentation")
+    err = s.read("export_errors")
+    assert set(zip(err["x"].to_pylist(), err["y"].to_pylist(), err["z"].to_pylist(), strict=True)) == {
+        tuple(rows[2][:3])}
+    assert err["stage"].to_pylist()[0] == "repack" and "zstd" in err["reason"].to_pylist()[0].lower()
+    assert s.read("blocks").num_rows == 5
+    assert cli(["verify", *common, "--in-process"]) == 1
+    assert "in export_errors 1" in capsys.readouterr().out
