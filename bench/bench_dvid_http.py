@@ -31,7 +31,7 @@ def _read_plan(fake, shape: str, parts) -> tuple[int, int, float]:
 
 
 def run() -> list[dict]:
-    from dvidetl.pipeline import make_plan
+    from dvidetl.export.planning import make_plan
     from dvidetl.sources import open_source
     from dvidetl.testing.fake_dvid import FakeDvid
 

@@ -84,7 +84,7 @@ class _KeyedMemorySource:
 
 
 def _decode_rate(ep, src) -> tuple[float, int]:
-    from dvidetl.transform import label_index_tables
+    from dvidetl.export.transform import label_index_tables
 
     grid0 = ep.info.scale(0).grid
     batches = src.idx.to_batches(max_chunksize=2048)
@@ -94,8 +94,11 @@ def _decode_rate(ep, src) -> tuple[float, int]:
 
 
 def _keyed_run(client, ep, kind: str, target: int, outdir: str):
-    from dvidetl.pipeline import RunInfo, execute, new_run_id, plan_keys, task_context
+    from dvidetl.export.driver import execute
+    from dvidetl.export.planning import new_run_id, plan_keys
+    from dvidetl.export.tasks import task_context
     from dvidetl.sinks import open_sink
+    from dvidetl.sinks.base import RunInfo
 
     parts = plan_keys(ep.client.count_keys, kind, target)
     run = RunInfo(new_run_id(), ep.uuid, ep.instance, parts)
@@ -132,8 +135,8 @@ def _demo(extra: list[str], outdir: str) -> tuple[float, float]:
 def run() -> list[dict]:
     from distributed import Client, LocalCluster
 
+    from dvidetl.export.endpoint import FlightEndpoint
     from dvidetl.flight.server import start_server
-    from dvidetl.pipeline import FlightEndpoint
     from dvidetl.sources import open_source
 
     from .bench_pipeline import _measured_export
@@ -174,8 +177,10 @@ def run() -> list[dict]:
             # peak memory of the largest indices partition, on a fresh warmed worker
             with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                               dashboard_address=":0") as cluster, Client(cluster) as client:
-                from dvidetl.pipeline import RunInfo, new_run_id, plan_keys, task_context
+                from dvidetl.export.planning import new_run_id, plan_keys
+                from dvidetl.export.tasks import task_context
                 from dvidetl.sinks import open_sink
+                from dvidetl.sinks.base import RunInfo
 
                 _keyed_run(client, ep, "indices", INDEX_ROWS, os.path.join(tmp, "mwarm"))
                 parts = plan_keys(ep.client.count_keys, "indices", INDEX_ROWS)

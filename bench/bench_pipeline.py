@@ -27,7 +27,7 @@ def _measured_export(ctx, part) -> tuple[int, int]:
 
     import psutil
 
-    from dvidetl.pipeline import export_partition
+    from dvidetl.export.tasks import export_partition
 
     proc = psutil.Process()
     start = peak = proc.memory_info().rss
@@ -50,8 +50,10 @@ def _measured_export(ctx, part) -> tuple[int, int]:
 
 
 def _measured_partition(client, ep, size: int, outdir: str) -> tuple[int, int, int]:
-    from dvidetl.pipeline import RunInfo, TaskContext, make_plan, new_run_id
+    from dvidetl.export.planning import make_plan, new_run_id
+    from dvidetl.export.tasks import TaskContext
     from dvidetl.sinks import open_sink
+    from dvidetl.sinks.base import RunInfo
 
     info = ep.info
     parts = make_plan(info, ep.client.count, [0], size, indices=False, mapping=False)
@@ -76,8 +78,11 @@ def _repack_rate(batches, codec: str) -> tuple[float, int]:
 
 
 def _pipeline(client, ep, parts_blocks: int, outdir: str, scales) -> tuple[float, int, object]:
-    from dvidetl.pipeline import RunInfo, TaskContext, execute, make_plan, new_run_id
+    from dvidetl.export.driver import execute
+    from dvidetl.export.planning import make_plan, new_run_id
+    from dvidetl.export.tasks import TaskContext
     from dvidetl.sinks import open_sink
+    from dvidetl.sinks.base import RunInfo
 
     info = ep.info
     parts = make_plan(info, ep.client.count, scales, parts_blocks, indices=False, mapping=False)
@@ -141,8 +146,8 @@ def run() -> list[dict]:
 
     from distributed import Client, LocalCluster
 
+    from dvidetl.export.endpoint import FlightEndpoint
     from dvidetl.flight.server import start_server
-    from dvidetl.pipeline import FlightEndpoint
     from dvidetl.sources import open_source
 
     src = _MemorySource(open_source(SOURCE))

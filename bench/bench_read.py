@@ -42,11 +42,11 @@ def build(url: str, n_blocks: int = N_BLOCKS) -> tuple[str, float, int]:
     import pyarrow.compute as pc
 
     from dvidetl.codec import repack
+    from dvidetl.export.transform import blocks_tables
     from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_decode
     from dvidetl.sinks import open_sink
     from dvidetl.sinks.base import Partition, RunInfo
     from dvidetl.sources import open_source
-    from dvidetl.transform import blocks_tables
 
     t0 = time.perf_counter()
     src = open_source("synthetic://readbench?size=512,512,256&scales=1&seed=11&mask=full")

@@ -25,9 +25,9 @@ PARTITION_BLOCKS = 64
 
 def _partitions():
     """Transformed tables of a few block partitions (built once, written by both sinks)."""
-    from dvidetl.pipeline import make_plan
+    from dvidetl.export.planning import make_plan
+    from dvidetl.export.transform import transform_blocks
     from dvidetl.sources import open_source
-    from dvidetl.transform import transform_blocks
 
     src = open_source(SOURCE)
     try:

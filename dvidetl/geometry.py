@@ -15,6 +15,12 @@ import numpy as np
 
 Vec3 = tuple[int, int, int]
 
+#: the exclusive end of every uint64 key space — Morton codes, labels, supervoxels, anomaly
+#: numbers: the one "to the end" bound of range reads and plans. (A plan's ledger stores
+#: bounds in uint64 columns, so its last key range ends at ``KEY_END - 1``: key 2**64-1 is
+#: never a real label.)
+KEY_END = 1 << 64
+
 
 def axis_bits(grid: Vec3) -> Vec3:
     """Bits each axis contributes to the compressed Morton code (0 for an axis of extent 1)."""

@@ -13,13 +13,15 @@ import pytest
 from dask_jobqueue.slurm import SLURMJob
 
 from dvidetl import cluster as cl
+from dvidetl.cluster import options as co
+from dvidetl.cluster import slurm as sl
 from dvidetl.errors import UserError
 
 
-def _args(*argv: str) -> argparse.Namespace:
+def _args(*argv: str) -> cl.ClusterOptions:
     p = argparse.ArgumentParser()
     cl.add_cluster_arguments(p)
-    return p.parse_args(list(argv))
+    return cl.ClusterOptions.from_args(p.parse_args(list(argv)))
 
 
 def _job_script(kw: dict) -> str:
@@ -29,11 +31,11 @@ def _job_script(kw: dict) -> str:
 
 
 def test_parse_adapt() -> None:
-    assert cl.parse_adapt("2:50") == (2, 50)
-    assert cl.parse_adapt(" 0 : 1 ") == (0, 1)
+    assert sl.parse_adapt("2:50") == (2, 50)
+    assert sl.parse_adapt(" 0 : 1 ") == (0, 1)
     for bad in ("", "5", "3:2", "0:0", "a:b", "-1:3"):
         with pytest.raises(UserError, match="--adapt"):
-            cl.parse_adapt(bad)
+            sl.parse_adapt(bad)
 
 
 @pytest.mark.parametrize(
@@ -48,17 +50,17 @@ def test_parse_adapt() -> None:
     ],
 )
 def test_parse_walltime(text: str, seconds: int) -> None:
-    assert cl.parse_walltime(text) == seconds
+    assert sl.parse_walltime(text) == seconds
 
 
 def test_parse_walltime_rejects_garbage() -> None:
     with pytest.raises(UserError, match="walltime"):
-        cl.parse_walltime("4h")
+        sl.parse_walltime("4h")
 
 
 def test_worker_lifetime_retires_before_walltime() -> None:
     for wall in (600, 1800, 3600, 4 * 3600, 2 * 86400):
-        life, stagger = cl.worker_lifetime(wall)
+        life, stagger = sl.worker_lifetime(wall)
         # the latest a worker leaves is lifetime + stagger: still before the kill
         assert 0 < life + stagger < wall
         assert life - stagger > wall // 2
@@ -77,7 +79,7 @@ def test_flags_override_site_config_and_defaults_fill_gaps(tmp_path, monkeypatch
     }
     with dask.config.set(site):
         # nothing on the command line: the site config decides
-        kw = cl.slurm_cluster_kwargs(_args("--cluster", "slurm"))
+        kw = sl.slurm_cluster_kwargs(_args("--cluster", "slurm"))
         assert kw["cores"] == 8 and kw["memory"] == "64GiB" and kw["processes"] == 8
         assert kw["python"] == sys.executable
         assert kw["scheduler_options"]["dashboard_address"] == ":9999"
@@ -95,7 +97,7 @@ def test_flags_override_site_config_and_defaults_fill_gaps(tmp_path, monkeypatch
         assert "--lifetime 6480s --lifetime-stagger 360s" in script
 
         # flags win over the site config
-        kw = cl.slurm_cluster_kwargs(
+        kw = sl.slurm_cluster_kwargs(
             _args(
                 "--cluster", "slurm", "--partition", "gpu", "--account", "lab",
                 "--worker-cores", "2", "--worker-memory", "6GiB", "--walltime", "00:30:00",
@@ -119,7 +121,7 @@ def test_site_lifetime_and_python_are_respected(tmp_path) -> None:
         "jobqueue.slurm.log-directory": str(tmp_path / "site-logs"),
     }
     with dask.config.set(site):
-        kw = cl.slurm_cluster_kwargs(_args("--cluster", "slurm", "--walltime", "01:00:00"))
+        kw = sl.slurm_cluster_kwargs(_args("--cluster", "slurm", "--walltime", "01:00:00"))
     script = _job_script(kw)
     assert script.count("--lifetime ") == 1 and "--lifetime 50m" in script
     assert "/opt/site/python3 -m distributed.cli.dask_worker" in script
@@ -128,9 +130,9 @@ def test_site_lifetime_and_python_are_respected(tmp_path) -> None:
 
 def test_defaults_without_any_config(tmp_path) -> None:
     with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):
-        kw = cl.slurm_cluster_kwargs(_args("--cluster", "slurm", "--log-directory", str(tmp_path)))
-    assert kw["cores"] == cl.DEFAULT_WORKER_CORES
-    assert kw["memory"] == f"{cl.DEFAULT_WORKER_CORES * cl.DEFAULT_MEMORY_PER_CORE_GIB}GiB"
+        kw = sl.slurm_cluster_kwargs(_args("--cluster", "slurm", "--log-directory", str(tmp_path)))
+    assert kw["cores"] == co.DEFAULT_WORKER_CORES
+    assert kw["memory"] == f"{co.DEFAULT_WORKER_CORES * co.DEFAULT_MEMORY_PER_CORE_GIB}GiB"
     assert kw["scheduler_options"]["dashboard_address"] == "127.0.0.1:8787"  # loopback by default
     assert kw["job_name"] == "dvidetl-worker"
 
@@ -146,17 +148,17 @@ def test_defaults_without_any_config(tmp_path) -> None:
 )
 def test_bad_slurm_options_are_user_errors(argv, match, tmp_path) -> None:
     with pytest.raises(UserError, match=match):
-        cl.slurm_cluster_kwargs(
+        sl.slurm_cluster_kwargs(
             _args("--cluster", "slurm", "--log-directory", str(tmp_path), *argv)
         )
 
 
 def test_sizing_options() -> None:
-    assert cl._sizing(_args("--cluster", "slurm")) == ("jobs", cl.DEFAULT_JOBS, cl.DEFAULT_JOBS)
-    assert cl._sizing(_args("--jobs", "5")) == ("jobs", 5, 5)
-    assert cl._sizing(_args("--adapt", "1:8")) == ("adapt", 1, 8)
+    assert sl._sizing(_args("--cluster", "slurm")) == ("jobs", co.DEFAULT_JOBS, co.DEFAULT_JOBS)
+    assert sl._sizing(_args("--jobs", "5")) == ("jobs", 5, 5)
+    assert sl._sizing(_args("--adapt", "1:8")) == ("adapt", 1, 8)
     with pytest.raises(UserError, match="--jobs"):
-        cl._sizing(_args("--jobs", "0"))
+        sl._sizing(_args("--jobs", "0"))
     with pytest.raises(SystemExit):  # argparse: not allowed together
         _args("--jobs", "2", "--adapt", "1:3")
 
@@ -193,11 +195,11 @@ def test_local_and_tcp_print_the_dashboard(capsys) -> None:
 def test_worker_cores_flag_keeps_the_configs_threads_per_process(tmp_path) -> None:
     base = ["--cluster", "slurm", "--log-directory", str(tmp_path)]
     with dask.config.set({"jobqueue.slurm.cores": 8, "jobqueue.slurm.processes": 8}):
-        assert cl.slurm_cluster_kwargs(_args(*base, "--worker-cores", "2"))["processes"] == 2
+        assert sl.slurm_cluster_kwargs(_args(*base, "--worker-cores", "2"))["processes"] == 2
     with dask.config.set({"jobqueue.slurm.cores": 8, "jobqueue.slurm.processes": 4}):
-        assert cl.slurm_cluster_kwargs(_args(*base))["processes"] == 4
-        assert cl.slurm_cluster_kwargs(_args(*base, "--worker-cores", "16"))["processes"] == 8
-        kw = cl.slurm_cluster_kwargs(_args(*base, "--worker-cores", "1"))
+        assert sl.slurm_cluster_kwargs(_args(*base))["processes"] == 4
+        assert sl.slurm_cluster_kwargs(_args(*base, "--worker-cores", "16"))["processes"] == 8
+        kw = sl.slurm_cluster_kwargs(_args(*base, "--worker-cores", "1"))
         assert kw["processes"] == 1
 
 
@@ -236,7 +238,7 @@ def test_deploy_jobqueue_yaml_is_valid_dask_config(tmp_path) -> None:
         return out
 
     with dask.config.set(flat(ours)):  # as if it were ~/.config/dask/jobqueue.yaml
-        kw = cl.slurm_cluster_kwargs(_args("--cluster", "slurm", "--log-directory", str(tmp_path)))
+        kw = sl.slurm_cluster_kwargs(_args("--cluster", "slurm", "--log-directory", str(tmp_path)))
         script = _job_script(kw)
     assert kw["processes"] == kw["cores"]  # one single-threaded process per core
     assert "--nthreads 1" in script

@@ -63,7 +63,7 @@ def test_repack_large_binary_sliced_chunked(raws):
     ch = pa.chunked_array([wrapped.slice(0, 3), wrapped.slice(3, 4)])
     _check_rows(repack(ch, "gzip"), raws[:7], range(7))
     r0 = repack(pa.array([], pa.binary()), "gzip")
-    assert len(r0) == 0 and len(r0.body) == 0
+    assert len(r0) == 0 and len(r0.payload) == 0
 
 
 def test_go_gzip_stream_block(shared_data):
@@ -132,7 +132,7 @@ def test_repack_and_restore_from_many_threads(raws):
     from concurrent.futures import ThreadPoolExecutor
 
     wrapped = {c: pa.array([wrap(b, c) for b in raws[:64]], pa.binary()) for c in ("gzip", "zstd")}
-    serial = {c: repack(w, c).body.to_pylist() for c, w in wrapped.items()}
+    serial = {c: repack(w, c).payload.to_pylist() for c, w in wrapped.items()}
 
     def work(i: int) -> bool:
         c = ("gzip", "zstd")[i % 2]

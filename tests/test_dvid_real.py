@@ -543,7 +543,7 @@ def test_spec_plans_only_where_dvid_has_data(dvid_mcns, shared_data, capsys):
     covers DVID's extents only — a few hundred block slots, not ~1.5e9 — on the spec's Morton
     codes; ``plan`` shows the requests a run will send, and reading the plan sends exactly
     those (none over empty space) and gets DVID's blocks."""
-    from dvidetl.planning import make_plan
+    from dvidetl.export.planning import make_plan
 
     d = dvid_mcns
     spec = str(shared_data / SPEC)

@@ -1,4 +1,4 @@
-"""Table format versions (``dvidetl.schema.FORMAT``): exports written before the payload
+"""Table format versions (``dvidetl.tables.schema.FORMAT``): exports written before the payload
 columns were renamed (format 1: ``body0..3``, ``body_size``, overflow ``column="body"``) are
 read under today's names by every reader, a run resumed into one keeps its format, a new
 export records format 2, and a format newer than this code is refused.
@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dvidetl import read as R
-from dvidetl import schema as S
 from dvidetl.cli import main as cli
 from dvidetl.errors import UserError
+from dvidetl.tables import schema as S
 
 SRC = "synthetic://f1?size=128,128,64&scales=2&seed=3&lattice=16&bigids=1"
 UUID = "f1"
@@ -107,7 +107,6 @@ def test_format1_parquet_export_in_sql(old_export, src):
     assert rows
     for s, x, y, z in rows:
         assert R.reassemble_block(con, s, x, y, z) == src.block_bytes(s, x, y, z)
-    assert R.reassemble_body is R.reassemble_block  # the old name still works
 
 
 def test_run_into_format1_export_keeps_format1_and_new_export_is_format2(
@@ -162,7 +161,6 @@ def test_format_names_round_trip():
     assert stored.column("column").to_pylist() == ["body", "labels", "body"]
     assert S.from_stored("block_overflow", stored, 1).equals(ov)
     assert S.to_stored("mapping", S.empty("mapping"), 1).column_names == ["supervoxel", "body"]
-    assert S.BODY_COLUMNS == S.PAYLOAD_COLUMNS  # the old Python names still resolve
 
 
 # -- VastDB ------------------------------------------------------------------------------------
@@ -173,7 +171,8 @@ def vast_old(old_export, monkeypatch):
     """The format-1 fixture's tables, as stored, in the local VastDB server."""
     import vastdb
 
-    from dvidetl.sinks.vastdb import EXPORT_RUNS, SORTING_KEYS, chunk_json
+    from dvidetl.sinks._vastdb_support import chunk_json
+    from dvidetl.sinks.vastdb import EXPORT_RUNS, SORTING_KEYS
     from dvidetl.testing.vastsim import start_vastsim
 
     monkeypatch.setenv("VASTDB_ACCESS_KEY", ACCESS)

@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from dvidetl.cli import main as cli
+from dvidetl.export.planning import make_plan, plan_keys
 from dvidetl.flight.client import FlightClient
 from dvidetl.flight.server import start_server
-from dvidetl.pipeline import LABEL_END, make_plan, plan_keys
 from dvidetl.sinks import open_sink
+from dvidetl.sinks.base import LABEL_END
 from dvidetl.sources import open_source
 from dvidetl.sources.base import KeyCounts, count_sorted
 

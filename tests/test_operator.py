@@ -412,8 +412,8 @@ def test_running_partitions_report_what_they_streamed():
     the task commits."""
     from distributed import Client, LocalCluster
 
-    from dvidetl.driver import LiveParts, RunResult
-    from dvidetl.tasks import PROGRESS_TOPIC, ProgressReporter
+    from dvidetl.export.driver import LiveParts, RunResult
+    from dvidetl.export.tasks import PROGRESS_TOPIC, ProgressReporter
 
     def stream():
         """Streams 10 blocks every 0.2 s until the driver has seen it move (at most 2 min)."""
@@ -444,7 +444,7 @@ def test_running_partitions_report_what_they_streamed():
 
 
 def test_rate_is_recent_and_eta_from_what_is_left():
-    from dvidetl.progress import Counts, Estimator
+    from dvidetl.export.progress import Counts, Estimator
 
     est = Estimator(Counts(blocks=10_000), window=10.0)
     t = 1000.0

@@ -14,15 +14,15 @@ import pyarrow.dataset as ds
 import pytest
 
 from dvidetl.cli import main as cli
+from dvidetl.export.tasks import Secret, export_partition, task_context
 from dvidetl.flight.client import FlightClient
 from dvidetl.flight.server import start_server
+from dvidetl.read.verify import verify_export
 from dvidetl.sinks import open_sink
 from dvidetl.sinks.base import RunInfo
 from dvidetl.sources import open_source
-from dvidetl.tasks import Secret, export_partition, task_context
 from dvidetl.testing.env import environ
 from dvidetl.testing.vastsim import start_vastsim
-from dvidetl.verify import verify_export
 
 OLD = "synthetic://ow?size=384,384,256&scales=2&seed=3&empty=0.3"
 NEW = "synthetic://ow?size=384,384,256&scales=2&seed=7&empty=0.3"
@@ -57,7 +57,7 @@ def _verify(server, sink, run_id=None):
 def _killed_overwrite(server, sink_url, sink, old_run: RunInfo, parts: int) -> RunInfo:
     """What a `run --overwrite` killed after ``parts`` committed partitions leaves: its run
     stored (staged) and those partitions committed by the real task code."""
-    from dvidetl.planning import make_plan
+    from dvidetl.export.planning import make_plan
 
     class Ep:
         location, token, instance = server.location, Secret(None), old_run.instance

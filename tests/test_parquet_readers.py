@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dvidetl import read as R
-from dvidetl import schema as S
 from dvidetl.cli import main as cli
 from dvidetl.errors import UserError
 from dvidetl.sinks.parquet import ParquetSink
+from dvidetl.tables import schema as S
 
 SRC = "synthetic://pr?size=256,192,192&scales=3&seed=5&lattice=16&bigids=1"
 UUID = "pr"

@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dvidetl import schema as S
 from dvidetl.cli import main as cli
 from dvidetl.flight.server import start_server
 from dvidetl.sinks import open_sink
 from dvidetl.sources import open_source
+from dvidetl.tables import schema as S
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

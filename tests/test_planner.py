@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dvidetl.pipeline import make_plan, merge_cells, plan_scale
+from dvidetl.export.planning import make_plan, merge_cells, plan_scale
 
 
 def _count_from_codes(codes: np.ndarray):

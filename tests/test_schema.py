@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dvidetl import schema as S
+from dvidetl.export.transform import blocks_tables, errors_table
 from dvidetl.sinks import open_sink
 from dvidetl.sinks.base import Partition, RunInfo
-from dvidetl.transform import blocks_tables, errors_table
+from dvidetl.tables import schema as S
+from dvidetl.tables.cells import join_payload_cells, reassemble
 
 
 def test_tables_exactly_as_specified():
@@ -72,7 +73,7 @@ def test_cut_and_reassemble_roundtrip(n, limit, big, seed):
     assert (pc.max(pc.binary_length(o.column("data"))).as_py() or 0) <= limit
     # any row order, overflow table of a superset
     perm = rng.permutation(n)
-    r = S.reassemble(b.take(pa.array(perm)), o)
+    r = reassemble(b.take(pa.array(perm)), o)
     assert r.column("payload").to_pylist() == [bodies[i] for i in perm]
     assert r.column("supervoxels").to_pylist() == [svs[i] for i in perm]
     assert r.column("labels").to_pylist() == [labs[i] for i in perm]
@@ -83,12 +84,12 @@ def test_cut_and_reassemble_roundtrip(n, limit, big, seed):
     ]
     if o.num_rows:
         with pytest.raises(ValueError, match="missing|null|differ"):
-            S.reassemble(b, o.slice(1))
+            reassemble(b, o.slice(1))
 
 
 def test_join_payload_cells_keeps_rows_with_empty_payloads():
     t = pa.table({c: pa.array([None, b"a" if c == "payload0" else None, None], pa.binary()) for c in S.PAYLOAD_COLUMNS})
-    assert S.join_payload_cells(t).to_pylist() == [b"", b"a", b""]
+    assert join_payload_cells(t).to_pylist() == [b"", b"a", b""]
 
 
 def test_errors_table_parts():
@@ -155,7 +156,7 @@ def test_parquet_sink_blocks_layout(tmp_path):
     assert list((tmp_path / "out/seg/u/export_ledger/r1").glob("*.parquet"))
     got = sink.read("blocks", scale=2, morton_range=(0x11, 0x20))
     assert got.column("morton").to_pylist() == [0x11, 0x1F]
-    r = S.reassemble(sink.read("blocks"), sink.read("block_overflow"))
+    r = reassemble(sink.read("blocks"), sink.read("block_overflow"))
     assert r.column("payload").to_pylist() == [b"a" * 10, b"b" * 300, b"c"]
     assert sink.read("blocks", scale=1).num_rows == 0
 
@@ -177,7 +178,7 @@ def test_open_export_at_the_package_top_is_lazy():
 def test_binary_buffers_every_binary_type_sliced_chunked_empty(typ):
     """(offsets, values) of any binary-like array: offsets index the values, whatever the
     offset width, a slice offset or chunking; an empty array has one offset."""
-    from dvidetl.cells import binary_buffers
+    from dvidetl.tables.cells import binary_buffers
 
     vals = ["ab", "", "cde", None, "f"]
     arr = pa.array([v if v is None or typ in (pa.string(), pa.large_string()) else v.encode() for v in vals], typ)
@@ -201,7 +202,7 @@ def test_list_as_binary_and_back_exactly(vt):
     """Lists <-> their little-endian bytes: nulls stay null, empty lists stay empty, slices
     and chunks are respected, the types are exact; a binary value that is not whole items
     is refused with the item type named."""
-    from dvidetl.cells import binary_as_list, list_as_binary
+    from dvidetl.tables.cells import binary_as_list, list_as_binary
 
     big = (1 << (8 * vt.byte_width)) - 1
     lists = pa.array([[1, 2], None, [], [big, 0, 7]], pa.list_(vt))

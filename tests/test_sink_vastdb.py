@@ -15,11 +15,12 @@ import psutil
 import pyarrow as pa
 import pytest
 
-from dvidetl import schema as S
 from dvidetl.cli import main as cli
 from dvidetl.errors import UserError
 from dvidetl.sinks import open_sink
 from dvidetl.sinks.base import Partition, RunInfo
+from dvidetl.tables import schema as S
+from dvidetl.tables.cells import reassemble
 from dvidetl.testing.env import environ
 from dvidetl.testing.vastsim import start_vastsim
 
@@ -83,7 +84,7 @@ def test_run_and_verify_overflow_and_dense_blocks(sim, cluster, capsys):
     ov = sink.read("block_overflow")
     assert sorted(set(blocks.column("scale").to_pylist())) == [0, 1, 2]
     assert set(ov.column("column").to_pylist()) >= {"payload", "supervoxels", "labels", "sv_voxels"}
-    full = S.reassemble(blocks, ov)
+    full = reassemble(blocks, ov)
     nlabels = np.asarray([len(v) for v in full.column("supervoxels").to_pylist()])
     assert nlabels.max() >= 120_000, nlabels.max()
     # every stored cell respects the limit the run asked for
@@ -346,7 +347,7 @@ def test_credentials_never_leak(sim, caplog, monkeypatch, tmp_path, capsys):
 
 def test_endpoints_spread_and_url_errors(sim, creds):
     """--vast-endpoints: partitions pick an endpoint by key; reads use them all."""
-    from dvidetl.sinks.vastdb import parse_url, with_endpoints
+    from dvidetl.sinks._vastdb_support import parse_url, with_endpoints
 
     # two names of one server (two CNode VIPs of one cluster, as far as the SDK can tell)
     url = with_endpoints(_url(sim, "eps"), f"localhost:{sim.port}")
@@ -402,9 +403,9 @@ def test_lost_commit_and_lost_inserts_are_resolved(sim):
 
 
 def test_spilled_tables_are_reread_by_a_redone_transaction(sim, tmp_path):
-    """A partition spilled to disk (``dvidetl.spill``) is inserted from its file, batch by
+    """A partition spilled to disk (``dvidetl.export.spill``) is inserted from its file, batch by
     batch, and read again when its transaction is redone; its rows land exactly once."""
-    from dvidetl.spill import SpillBudget, close_tables
+    from dvidetl.export.spill import SpillBudget, close_tables
 
     url = _url(sim, "spill")
     sink = open_sink(url, uuid="u", instance="seg")

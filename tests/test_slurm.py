@@ -124,12 +124,12 @@ def _task_fn():
 
 
 def test_workers_are_slurm_jobs_and_survive_scancel(slurm, tmp_path, monkeypatch, capsys) -> None:
-    from dvidetl.cluster import open_client
+    from dvidetl.cluster import ClusterOptions, open_client
 
     monkeypatch.chdir(tmp_path)  # nothing may land in the cwd
     log_dir = tmp_path / "logs"
     slow_square = _task_fn()
-    with open_client(_cluster_args(log_dir, "--jobs", "2")) as client:
+    with open_client(ClusterOptions.from_args(_cluster_args(log_dir, "--jobs", "2"))) as client:
         err = capsys.readouterr().err
         assert "SLURM cluster: 2 worker jobs" in err and f"job logs in {log_dir}" in err
         assert "dashboard http://127.0.0.1:" in err
@@ -168,12 +168,12 @@ def test_workers_are_slurm_jobs_and_survive_scancel(slurm, tmp_path, monkeypatch
 
 
 def test_rejected_job_is_a_one_line_error(slurm, tmp_path) -> None:
-    from dvidetl.cluster import open_client
+    from dvidetl.cluster import ClusterOptions, open_client
     from dvidetl.errors import UserError
 
     args = _cluster_args(tmp_path / "logs", "--jobs", "1", "--worker-memory", "64TiB")
     with pytest.raises(UserError, match="SLURM rejects the worker job") as info:
-        with open_client(args):
+        with open_client(ClusterOptions.from_args(args)):
             pass
     assert "\n" not in str(info.value)
     assert _our_jobs() == {}

@@ -26,8 +26,9 @@ from dvidetl.codec import block_labels, decode_block
 from dvidetl.codec.labelindex import encode_label_index
 from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_encode
 from dvidetl.sources import open_source
+from dvidetl.sources._dvid_transport import DvidHttpError
 from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, INDICES_SCHEMA, MAPPING_SCHEMA
-from dvidetl.sources.dvid_http import DvidHttpError, DvidHttpSource
+from dvidetl.sources.dvid_http import DvidHttpSource
 from dvidetl.sources.shards import ShardsSource
 from dvidetl.testing.fake_dvid import ERROR_TEXT, FakeDvid
 
@@ -215,7 +216,8 @@ def test_appended_error_text(fake, real_source):
 def test_mappings_text_and_appended_errors(fake, real_source):
     """An old DVID answers /mappings as text: read all the same. An error text DVID appends
     to a 200 body is found whatever its length (a whole number of 16-byte pairs too)."""
-    from dvidetl.sources.dvid_http import _StreamError, parse_mappings
+    from dvidetl.sources._dvid_parse import parse_mappings
+    from dvidetl.sources._dvid_transport import _StreamError
 
     fake.mappings_text = True
     c = _client(fake)

@@ -559,10 +559,10 @@ def test_anomalies_through_flight(tmp_path, shared_data):
     """The Flight server counts and serves a source's anomalies (``anomalies_table``) by
     number, and answers none for a source without them; the stored table is the wire table
     with the run's id."""
-    from dvidetl import schema as S
     from dvidetl.flight.client import FlightClient
     from dvidetl.flight.server import start_server
     from dvidetl.sources.base import ANOMALIES_SCHEMA
+    from dvidetl.tables import schema as S
 
     assert S.SOURCE_ANOMALIES.names == ["run_id", *ANOMALIES_SCHEMA.names]
     assert all(S.SOURCE_ANOMALIES.field(f.name).type == f.type for f in ANOMALIES_SCHEMA)

@@ -1,4 +1,4 @@
-"""Spilled partition output (``dvidetl.spill``): the same rows as in memory, read back as
+"""Spilled partition output (``dvidetl.export.spill``): the same rows as in memory, read back as
 often as a retried write needs, and no file left behind on success or failure."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 from test_transform import GRID, _batch, _volume
 
 from dvidetl.codec import encode_block, wrap
-from dvidetl.pipeline import write_with_backoff
+from dvidetl.export.spill import SpilledTable, close_tables
+from dvidetl.export.tasks import write_with_backoff
+from dvidetl.export.transform import transform_blocks
 from dvidetl.sinks import open_sink
 from dvidetl.sinks.base import Partition, RunInfo
-from dvidetl.spill import SpilledTable, close_tables
-from dvidetl.transform import transform_blocks
 
 KW = dict(scale=0, grid=GRID, lo=0, hi=512, run_id="r", cell_limit=16 * 1024)
 
@@ -96,7 +96,7 @@ class _FailOnce:
 def test_spilled_partition_write_is_retried_whole(tmp_path, monkeypatch):
     """A spilled table is replayable: the write retried after a failure that consumed part of
     it stores every row, the same as an in-memory partition's."""
-    import dvidetl.tasks as P
+    import dvidetl.export.tasks as P
 
     monkeypatch.setattr(P, "WRITE_BACKOFF_S", 0.01)
     mem, _ = transform_blocks(_dense_batches(), "gzip", lambda s: s, **KW)
@@ -123,7 +123,7 @@ def test_failed_overflow_resort_leaves_no_file(tmp_path, monkeypatch):
     new file; a failure while writing it (a full disk) leaves no spill file behind."""
     import errno
 
-    from dvidetl.spill import TableSpill
+    from dvidetl.export.spill import TableSpill
 
     real_result = TableSpill.result
 

@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dvidetl import schema as S
 from dvidetl.codec import encode_block, restore_block, wrap
+from dvidetl.export.transform import transform_blocks
 from dvidetl.geometry import morton_encode
-from dvidetl.transform import transform_blocks
+from dvidetl.tables import schema as S
+from dvidetl.tables.cells import reassemble
 
 GRID = (8, 8, 8)
 
@@ -50,7 +51,7 @@ def test_transform_exact_and_mapping_one_call(shared_data):
     blocks = tables["blocks"]
     assert blocks.schema == S.BLOCKS and blocks.num_rows == 3
     assert st.blocks == 3 and st.errors == 0 and tables["export_errors"].num_rows == 0
-    r = S.reassemble(blocks, tables["block_overflow"])
+    r = reassemble(blocks, tables["block_overflow"])
     for i, raw in enumerate(raws):
         svs = np.asarray(r.column("supervoxels")[i].as_py(), np.uint64)
         assert restore_block(svs, r.column("payload")[i].as_py()) == raw
@@ -84,7 +85,7 @@ def test_transform_overflow_and_errors():
     assert got == bytes(bad)
     ov = tables["block_overflow"]
     assert set(ov.column("column").to_pylist()) >= {"supervoxels", "labels", "sv_voxels"}
-    r = S.reassemble(tables["blocks"], ov)
+    r = reassemble(tables["blocks"], ov)
     i = r.column("morton").to_pylist().index(0)
     assert restore_block(np.asarray(r.column("supervoxels")[i].as_py(), np.uint64), r.column("payload")[i].as_py()) == dense
     assert tables["blocks"].column("overflow").to_pylist()[i] is True
@@ -137,8 +138,8 @@ def test_transform_in_groups_is_identical_and_bounded():
 def test_error_samples_name_each_corrupt_block_once():
     """A corrupt block's bytes are cut into parts (rows); the dashboard's samples list the
     first corrupt blocks once each, however many parts each has."""
-    from dvidetl.tasks import _error_samples
-    from dvidetl.transform import errors_table
+    from dvidetl.export.tasks import _error_samples
+    from dvidetl.export.transform import errors_table
 
     n = 7
     t = errors_table("r", 0, np.arange(n, dtype=np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
@@ -156,7 +157,7 @@ def test_errors_table_rows_exactly():
     """``errors_table``: one row per cell-limit part of each block's bytes (a block without
     bytes still gets one, with empty data), in the table's schema, sorted by (morton, part);
     no blocks: the empty table."""
-    from dvidetl.transform import errors_table
+    from dvidetl.export.transform import errors_table
 
     def table(data, n=3):
         return errors_table("run-1", 2, np.arange(n) + 10, np.arange(n) + 20, np.arange(n) + 30,

@@ -21,10 +21,11 @@ import pytest
 from dvidetl.cli import main as cli
 from dvidetl.flight.client import FlightClient
 from dvidetl.geometry import morton_decode
+from dvidetl.read.verify import DIFF_COUNTERS, verify_export
 from dvidetl.sinks import open_sink
+from dvidetl.tables.cells import reassemble
 from dvidetl.testing.env import environ
 from dvidetl.testing.vastsim import start_vastsim
-from dvidetl.verify import DIFF_COUNTERS, verify_export
 
 SRC = "synthetic://tv?size=512,512,256&scales=2&seed=3&empty=0.3"
 UUID = "tv"
@@ -315,12 +316,11 @@ TOTALS = ("blocks", "errors", "bytes_in", "bytes_out", "raw_bytes", "index_rows"
 
 
 def test_bytes_out_and_raw_bytes_equal_independent_sums(parquet_export):
-    from dvidetl import schema as S
 
     sink = open_sink(f"parquet://{parquet_export}", uuid=UUID, instance="segmentation")
     run = sink.load_run(sink.latest_run())
     res = run.record["result"]
-    full = S.reassemble(sink.read("blocks"), sink.read("block_overflow"))
+    full = reassemble(sink.read("blocks"), sink.read("block_overflow"))
 
     def list_bytes(col, width):
         return int(pc.sum(pc.list_value_length(full.column(col))).as_py()) * width

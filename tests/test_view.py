@@ -35,7 +35,7 @@ from dvidetl.codec import encode_block
 from dvidetl.codec.ngshard import derive_info, scale_grid
 from dvidetl.geometry import ScaleInfo
 from dvidetl.httpfiles import browser_url, url_host
-from dvidetl.ngview import CLIENT_PREFIX, DATA_PREFIX, client_dir, start_view, view_link
+from dvidetl.read.view import CLIENT_PREFIX, DATA_PREFIX, client_dir, start_view, view_link
 
 SIZE = (150, 100, 70)  # x, y, z voxels: 64³ chunks partial on every axis
 RES = (8, 8, 16)

@@ -42,11 +42,6 @@ class Repacked:
         return len(self.errors)
 
     @property
-    def body(self) -> pa.BinaryArray:
-        """The format-1 name of ``payload``."""
-        return self.payload
-
-    @property
     def n_errors(self) -> int:
         return len(self.errors) - self.errors.null_count
 

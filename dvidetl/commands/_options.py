@@ -142,6 +142,23 @@ def stop_signals() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
+
+def parse_scales(text: str | None) -> list[int] | None:
+    if text is None or text == "" or text == "all":
+        return None
+    try:
+        return sorted({int(s) for s in text.split(",") if s.strip() != ""})
+    except ValueError:
+        raise UserError(f"--scales {text!r}: expected comma-separated scale numbers, e.g. 0,1") from None
+
+
+def asked_as(info, requested: str) -> str:
+    """`` (asked for as X)`` when the version was named otherwise than by its full UUID."""
+    names = [n for n in dict.fromkeys((requested, info.requested_uuid)) if n and n != info.uuid]
+    return f" (asked for as {' / '.join(names)})" if names else ""
+
+
 __all__ = ["Parser", "UsageError", "size_arg", "count_arg", "examples", "command_parser",
            "add_common_arguments", "verbosity", "log_file", "add_json_argument", "human",
-           "emit_json", "set_interrupt_hint", "interrupt_hint", "stop_signals"]
+           "emit_json", "set_interrupt_hint", "interrupt_hint", "stop_signals", "parse_scales",
+           "asked_as"]

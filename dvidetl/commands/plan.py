@@ -36,7 +36,11 @@ STATUS_EVERY_S = 10.0
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """Partition sizes and the planning deadline, shared by ``plan`` and ``run``."""
-    from dvidetl.planning import DEFAULT_INDEX_ROWS, DEFAULT_MAPPING_ROWS, DEFAULT_PARTITION_BLOCKS
+    from dvidetl.export.planning import (
+        DEFAULT_INDEX_ROWS,
+        DEFAULT_MAPPING_ROWS,
+        DEFAULT_PARTITION_BLOCKS,
+    )
 
     p.add_argument("--partition-blocks", type=count_arg("--partition-blocks", hi=2**40), default=None,
                    metavar="N",
@@ -107,8 +111,8 @@ class Planning:
     def run(self):
         """The partitions (synchronously); a deadline passed is a one-line error naming the
         option that gives more time."""
+        from dvidetl.export.planning import make_plan
         from dvidetl.flight.client import FlightUnavailable
-        from dvidetl.planning import make_plan
 
         a = self.args
         try:
@@ -263,7 +267,7 @@ def plan_json(parts, *, every: bool = False, note: str | None = None,
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from dvidetl.endpoint import add_flight_arguments
+    from dvidetl.export.endpoint import add_flight_arguments
 
     p = command_parser(
         sub, "plan", help="print the partitions and totals of an export (no blocks read)",
@@ -290,8 +294,8 @@ def source_json(ep) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands.run import asked_as, parse_scales
-    from dvidetl.endpoint import open_flight
+    from dvidetl.commands._options import asked_as, parse_scales
+    from dvidetl.export.endpoint import open_flight
 
     check_plan_options(args)
     scales = parse_scales(args.scales)

@@ -13,9 +13,10 @@ import argparse
 import sys
 import time
 
-from dvidetl import schema as S
-from dvidetl.cluster import add_cluster_arguments, open_client
+from dvidetl.cluster import ClusterOptions, add_cluster_arguments, open_client
 from dvidetl.commands._options import (
+    asked_as,
+    parse_scales,
     add_json_argument,
     command_parser,
     emit_json,
@@ -25,15 +26,7 @@ from dvidetl.commands._options import (
 )
 from dvidetl.errors import UserError
 from dvidetl.redact import redact
-
-
-def parse_scales(text: str | None) -> list[int] | None:
-    if text is None or text == "" or text == "all":
-        return None
-    try:
-        return sorted({int(s) for s in text.split(",") if s.strip() != ""})
-    except ValueError:
-        raise UserError(f"--scales {text!r}: expected comma-separated scale numbers, e.g. 0,1") from None
+from dvidetl.tables import schema as S
 
 
 def check_locked(info, uuid: str, allow: bool) -> None:
@@ -75,7 +68,7 @@ def source_desc(args, ep) -> str:
 def record_end(sink, run, res, crash: str | None = None) -> None:
     """The run's outcome into its record: ``finished`` (and published: ``sink.finish``) when
     every partition is committed, else ``failed`` with the result."""
-    from dvidetl.driver import result_dict
+    from dvidetl.export.driver import result_dict
 
     run.record["ended"] = time.time()
     if res is not None:
@@ -94,15 +87,9 @@ def record_end(sink, run, res, crash: str | None = None) -> None:
             raise
 
 
-def asked_as(info, requested: str) -> str:
-    """`` (asked for as X)`` when the version was named otherwise than by its full UUID."""
-    names = [n for n in dict.fromkeys((requested, info.requested_uuid)) if n and n != info.uuid]
-    return f" (asked for as {' / '.join(names)})" if names else ""
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.commands.plan import add_plan_arguments
-    from dvidetl.endpoint import add_flight_arguments
+    from dvidetl.export.endpoint import add_flight_arguments
     from dvidetl.sinks import DEFAULT_SINK
 
     p = command_parser(
@@ -156,10 +143,7 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--max-errors must be 0 or more (got {args.max_errors})")
     if args.retries < 0:
         raise UserError(f"--retries must be 0 or more (got {args.retries})")
-    if args.cluster == "local":  # a bad dashboard address fails before planning, not after
-        from dvidetl.cluster import parse_dashboard_address
-
-        parse_dashboard_address(args.dashboard_address)
+    ClusterOptions.from_args(args)  # a bad cluster option fails before planning, not after
 
 
 def result_json(res, run, ep, sink_url: str, planning_s: float | None, rc: int,
@@ -186,15 +170,15 @@ def result_json(res, run, ep, sink_url: str, planning_s: float | None, rc: int,
 
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands.plan import Planning, StatusLine, index_note, plan_json, print_plan
-    from dvidetl.endpoint import open_flight
-    from dvidetl.planning import new_run_id
+    from dvidetl.export.endpoint import open_flight
+    from dvidetl.export.planning import new_run_id
     from dvidetl.sinks import open_sink
     from dvidetl.sinks.base import RunInfo
 
     _check_options(args)
     scales = parse_scales(args.scales)
     if getattr(args, "vast_endpoints", None):
-        from dvidetl.sinks.vastdb import with_endpoints
+        from dvidetl.sinks._vastdb_support import with_endpoints
 
         args.sink = with_endpoints(args.sink, args.vast_endpoints)
     ep = open_flight(args)
@@ -277,15 +261,15 @@ def _export(args, ep, sink, resumed, planning, new_run, where: str) -> int:
     """Plan while the cluster starts (both take seconds, neither needs the other), with the
     run's dashboard page up from the start; then export and report."""
     from dvidetl.commands.plan import StatusLine, index_note
-    from dvidetl.dashboard import RunState
-    from dvidetl.driver import execute
-    from dvidetl.progress import Progress, summary
-    from dvidetl.tasks import task_context
+    from dvidetl.export.dashboard import RunState
+    from dvidetl.export.driver import execute
+    from dvidetl.export.progress import Progress, summary
+    from dvidetl.export.tasks import task_context
 
     progress = None if args.quiet else Progress()
     if planning is not None:
         planning.start()
-    with open_client(args, page=True) as client:
+    with open_client(ClusterOptions.from_args(args), page=True) as client:
         state = RunState(client, None, args.sink, source=ep.location, uuid=ep.info.uuid,
                          instance=ep.instance)
         try:

@@ -38,7 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run_status(sink, run_id: str) -> dict:
     """One run's status from its record and its ledger rows."""
-    from dvidetl.driver import ledger_totals
+    from dvidetl.export.driver import ledger_totals
 
     run = sink.load_run(run_id)
     led = sink.ledger(run_id)
@@ -97,11 +97,10 @@ def text(export: str, runs: list[dict]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands._options import emit_json, human
-    from dvidetl.read import _find_export
     from dvidetl.redact import redact
-    from dvidetl.sinks import open_sink
+    from dvidetl.sinks import find_export, open_sink
 
-    instance, uuid = _find_export(args.sink, args.uuid, args.instance)
+    instance, uuid = find_export(args.sink, args.uuid, args.instance)
     sink = open_sink(args.sink, uuid=uuid, instance=instance)
     ids = [args.run] if args.run else sink.runs()
     runs = [run_status(sink, r) for r in ids]

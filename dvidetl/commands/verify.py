@@ -16,7 +16,7 @@ import sys
 def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.cluster import add_cluster_arguments
     from dvidetl.commands._options import add_json_argument, command_parser
-    from dvidetl.endpoint import add_flight_arguments
+    from dvidetl.export.endpoint import add_flight_arguments
     from dvidetl.sinks import DEFAULT_SINK
 
     p = command_parser(
@@ -71,13 +71,13 @@ class _VerifyProgress:
     rate and ETA (``progress.Progress``, the same line ``run`` shows)."""
 
     def __init__(self):
-        from dvidetl.progress import Progress
+        from dvidetl.export.progress import Progress
 
         self.line = Progress(label="verify ")
         self._started = False
 
     def __call__(self, report, done: int, parts) -> None:
-        from dvidetl.progress import Counts
+        from dvidetl.export.progress import Counts
 
         if not self._started:
             self.line.start(Counts.of_plan(parts))
@@ -94,7 +94,7 @@ def repair(dask_client, sink, run, ctx, report) -> dict:
     """Re-export exactly the partitions ``report`` found wrong (unreadable, missing,
     extra, duplicated or different rows, not committed) and remove the rows it found outside
     every partition; returns what was done (for the summary and the run's record)."""
-    from dvidetl.driver import execute
+    from dvidetl.export.driver import execute
 
     bad = [p for p in run.partitions if p.key in report.bad_partitions]
     unfinished = [p for p in run.partitions if p.key not in sink.done(run.run_id)]
@@ -125,15 +125,15 @@ def record_verify(sink, run, report, scales) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands._options import emit_json, human, set_interrupt_hint
-    from dvidetl.commands.run import parse_scales
-    from dvidetl.endpoint import open_flight
+    from dvidetl.commands._options import parse_scales
+    from dvidetl.export.endpoint import open_flight
+    from dvidetl.read.verify import verify_export
     from dvidetl.redact import redact
     from dvidetl.sinks import open_sink
-    from dvidetl.verify import verify_export
 
     scales = parse_scales(args.scales)
     if args.vast_endpoints:
-        from dvidetl.sinks.vastdb import with_endpoints
+        from dvidetl.sinks._vastdb_support import with_endpoints
 
         args.sink = with_endpoints(args.sink, args.vast_endpoints)
     if args.repair and scales is not None:
@@ -156,11 +156,11 @@ def main(args: argparse.Namespace) -> int:
         if args.in_process and not args.repair:
             report = verify_export(ep.client, sink, run.run_id, scales, progress=progress)
         else:
-            from dvidetl.cluster import open_client
-            from dvidetl.tasks import task_context
+            from dvidetl.cluster import ClusterOptions, open_client
+            from dvidetl.export.tasks import task_context
 
             ctx = task_context(run, ep, args.sink)
-            with open_client(args) as dask_client:
+            with open_client(ClusterOptions.from_args(args)) as dask_client:
                 def check():
                     if args.in_process:
                         return verify_export(ep.client, sink, run.run_id, scales, progress=progress)

@@ -2,7 +2,7 @@
 
 Serves DIR and neuroglancer's client (the ``neuroglancer`` package, ``pip install
 'dvidetl[view]'``) from one local HTTP server and prints the one link that opens the volume
-(``dvidetl.ngview``). Binds 127.0.0.1 unless ``--host`` says otherwise (the server has no
+(``dvidetl.read.view``). Binds 127.0.0.1 unless ``--host`` says otherwise (the server has no
 authentication and serves every file under DIR). Runs until Ctrl-C / SIGTERM.
 """
 
@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands._options import stop_signals
-    from dvidetl.ngview import start_view, volume_dir
+    from dvidetl.read.view import start_view, volume_dir
 
     if not (0 <= args.port <= 65535):
         raise UserError(f"--port {args.port} is not a TCP port (0..65535)")

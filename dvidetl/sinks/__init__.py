@@ -1,25 +1,18 @@
 """Sinks: where the exported tables go, picked by URL scheme (like sources).
 
-``open_sink("parquet://./dvidetl-out", uuid=..., instance=...)`` returns an object
-implementing ``dvidetl.sinks.base.Sink``. Modules are imported lazily, so the VastDB client
-loads only for ``vastdb://`` URLs.
-
-More schemes plug in without editing this table (the fsspec way): a package declares an
-entry point in the ``dvidetl.sinks`` group (``scheme = "module:callable"``), or the
-environment names them in ``DVIDETL_EXTRA_SINKS="scheme=module:callable,..."`` — the test
-suite registers its fault-injecting ``flaky+parquet://`` that way, and Dask workers and CLI
-subprocesses inherit it with the environment.
+``open_sink("parquet://./dvidetl-out", uuid=..., instance=...)`` returns a
+``dvidetl.sinks.base.Sink``. A sink plugin is a module with ``open_url(url, *, uuid,
+instance)`` and, to let readers open an export without naming it, ``list_exports(url)``
+(the (instance, uuid) pairs it holds). Schemes beyond the built-in ones come from entry
+points of the ``dvidetl.sinks`` group or ``DVIDETL_EXTRA_SINKS`` (``dvidetl.registry``) —
+the test suite registers its fault-injecting ``flaky+parquet://`` that way.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-from importlib.metadata import entry_points
-from urllib.parse import urlsplit
-
 from dvidetl.errors import UserError
-from dvidetl.sinks.base import Partition, RunInfo, Sink
+from dvidetl.registry import SchemeRegistry
+from dvidetl.sinks.base import Sink
 
 #: URL scheme -> "module:callable" taking (url, uuid=, instance=) and returning a Sink
 SCHEMES: dict[str, str] = {
@@ -27,7 +20,7 @@ SCHEMES: dict[str, str] = {
     "vastdb": "dvidetl.sinks.vastdb:open_url",
 }
 
-EXTRA_ENV = "DVIDETL_EXTRA_SINKS"
+REGISTRY = SchemeRegistry("sink", SCHEMES, group="dvidetl.sinks", env="DVIDETL_EXTRA_SINKS")
 
 DEFAULT_SINK = "parquet://./dvidetl-out"
 
@@ -35,33 +28,33 @@ DEFAULT_SINK = "parquet://./dvidetl-out"
 def open_sink(url: str, *, uuid: str, instance: str) -> Sink:
     """Open the sink a URL names for one (uuid, instance); an unknown scheme is a
     ``UserError`` naming the known ones."""
-    scheme = urlsplit(url).scheme
-    schemes = known_schemes()
-    if scheme not in schemes:
-        known = ", ".join(f"{s}://" for s in schemes)
-        raise UserError(f"unknown sink URL scheme in {url!r}: use one of {known}")
-    modname, func = schemes[scheme].split(":")
-    try:
-        mod = importlib.import_module(modname)
-    except ModuleNotFoundError as exc:
-        if exc.name == modname:
-            raise UserError(f"sink {scheme}:// is not available in this build") from None
-        raise
-    return getattr(mod, func)(url, uuid=uuid, instance=instance)
+    return REGISTRY.open(url, uuid=uuid, instance=instance)
 
 
 def known_schemes() -> dict[str, str]:
-    """The built-in schemes, plus entry points of the ``dvidetl.sinks`` group, plus
-    ``DVIDETL_EXTRA_SINKS`` (a malformed entry there is a ``UserError`` naming the format)."""
-    out = dict(SCHEMES)
-    for ep in entry_points(group="dvidetl.sinks"):
-        out.setdefault(ep.name, ep.value)
-    for item in filter(None, (t.strip() for t in os.environ.get(EXTRA_ENV, "").split(","))):
-        scheme, sep, target = item.partition("=")
-        if not sep or ":" not in target or not scheme.strip():
-            raise UserError(f"{EXTRA_ENV}: {item!r} is not scheme=module:callable")
-        out.setdefault(scheme.strip(), target.strip())
-    return out
+    """The built-in schemes, plus registered ones, entry points of the ``dvidetl.sinks``
+    group and ``DVIDETL_EXTRA_SINKS`` (a malformed entry there is a ``UserError``)."""
+    return REGISTRY.schemes()
 
 
-__all__ = ["Sink", "Partition", "RunInfo", "open_sink", "known_schemes", "SCHEMES", "DEFAULT_SINK"]
+def find_export(url: str, uuid: str | None = None, instance: str | None = None) -> tuple[str, str]:
+    """(instance, uuid) of the export at sink ``url``: as given, or the only one the sink
+    holds (through its plugin's ``list_exports``); one-line ``UserError`` otherwise."""
+    scheme, mod, _ = REGISTRY.module(url, "export")
+    if uuid and instance:
+        return instance, uuid
+    lister = getattr(mod, "list_exports", None)
+    if lister is None:
+        raise UserError(f"{scheme}:// cannot list its exports: pass uuid= and instance=")
+    found = [(i, u) for i, u in lister(url) if (not instance or i == instance) and (not uuid or u == uuid)]
+    if not found:
+        hint = (" (a Parquet export is <instance>/<uuid>/runs/ under its directory)"
+                if scheme.endswith("parquet") else "")
+        raise UserError(f"no export found at {url}{hint}")
+    if len(found) > 1:
+        names = ", ".join(f"{i}@{u}" for i, u in found[:6])
+        raise UserError(f"several exports at {url} ({names}): pass uuid= and instance=")
+    return found[0]
+
+
+__all__ = ["Sink", "open_sink", "find_export", "known_schemes", "SCHEMES", "REGISTRY", "DEFAULT_SINK"]

@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dvidetl import schema as S
 from dvidetl.batching import spans
 from dvidetl.errors import UserError
 from dvidetl.redact import register_secret
+from dvidetl.tables import schema as S
 from dvidetl.urlquery import Query
 
 log = logging.getLogger("dvidetl.sinks.vastdb")

@@ -37,7 +37,7 @@ from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 
-from dvidetl import schema as S
+from dvidetl.tables import schema as S
 
 #: exclusive upper bound used for "all labels" ranges (label 2**64-1 is never a real label)
 LABEL_END = (1 << 64) - 1

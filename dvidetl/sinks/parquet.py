@@ -1,7 +1,7 @@
 """The embedded default sink: a local Parquet dataset with the same tables as VastDB.
 
 Layout under ``DIR/<instance>/<uuid>/`` (layout 3, recorded in ``layout.json`` with the
-table format, ``dvidetl.schema.FORMAT``)::
+table format, ``dvidetl.tables.schema.FORMAT``)::
 
     layout.json                                   {"layout": 3, "format": 2}
     <table>/scale-<s>/part-<lo>-<hi>.parquet      blocks, block_overflow, export_errors
@@ -46,7 +46,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dvidetl import schema as S
 from dvidetl.errors import UserError, first_line
 from dvidetl.sinks.base import (
     Outside,
@@ -58,6 +57,7 @@ from dvidetl.sinks.base import (
     Where,
     where_filters,
 )
+from dvidetl.tables import schema as S
 
 #: the directory layout this code writes into a new export (see the module docstring)
 LAYOUT = 3

@@ -1,7 +1,7 @@
 """``vastdb://HOST[:PORT]/BUCKET/SCHEMA``: the export written into VAST DataBase with the
 real ``vastdb`` SDK.
 
-The tables of ``dvidetl.schema`` live in ``BUCKET/SCHEMA`` (one export, instance@uuid, per
+The tables of ``dvidetl.tables.schema`` live in ``BUCKET/SCHEMA`` (one export, instance@uuid, per
 schema; a schema holding another export is refused, because rewriting a partition deletes
 rows by range) plus ``export_runs`` (each run's plan as JSON, cut into cell-limit parts).
 
@@ -20,7 +20,7 @@ Why it is shaped like this (see ``../shared/docs/vastdb-notes.md``):
   never does) and batches are cut below ``INSERT_BUDGET`` bytes, so the SDK never falls back
   to its insert + update splitting.
 * **The table format is the ``blocks`` table's columns** (VAST keeps no other marker we
-  could trust): an export in an older format (``dvidetl.schema.FORMAT``) is read under
+  could trust): an export in an older format (``dvidetl.tables.schema.FORMAT``) is read under
   today's column names and appended to in its own format, like the Parquet sink does.
 * Credentials come only from the environment (``VASTDB_ACCESS_KEY``/``VASTDB_SECRET_KEY``,
   then ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) or the file named by
@@ -42,16 +42,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from dvidetl import schema as S
 from dvidetl.errors import UserError
 from dvidetl.retry import Backoff, retry
-from dvidetl.sinks._vastdb_support import (  # noqa: F401 - re-exported names
-    CRED_FILE_ENV,
+from dvidetl.sinks._vastdb_support import (
     DEFAULT_TIMEOUT,
-    DEFAULT_TRIES,
-    INSERT_BUDGET,
-    INSERT_MAX_ROWS,
-    VastUrl,
     _Creds,
     _describe,
     _install_log_filter,
@@ -61,9 +55,9 @@ from dvidetl.sinks._vastdb_support import (  # noqa: F401 - re-exported names
     cut_rows,
     load_credentials,
     parse_url,
-    with_endpoints,
 )
 from dvidetl.sinks.base import Outside, Partition, RunInfo, SinkBase, TableData, Where
+from dvidetl.tables import schema as S
 
 log = logging.getLogger(__name__)
 

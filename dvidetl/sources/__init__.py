@@ -1,16 +1,14 @@
 """Sources: what the reference Flight server serves, picked by URL scheme (like fsspec).
 
-`open_source("synthetic://demo?size=...")` returns an object implementing
-`dvidetl.sources.base.Source`. Modules are imported lazily so a scheme's dependencies load
-only when used.
+``open_source("synthetic://demo?size=...")`` returns a ``dvidetl.sources.base.Source``.
+Schemes beyond the built-in ones come from entry points of the ``dvidetl.sources`` group or
+``DVIDETL_EXTRA_SOURCES`` (``dvidetl.registry``, the same hooks as sinks); a scheme's module
+is imported only when a URL of it is opened.
 """
 
 from __future__ import annotations
 
-import importlib
-from urllib.parse import urlsplit
-
-from dvidetl.errors import UserError
+from dvidetl.registry import SchemeRegistry
 from dvidetl.sources.base import Source
 
 #: URL scheme -> "module:callable" taking the URL and returning a Source
@@ -21,15 +19,17 @@ SCHEMES: dict[str, str] = {
     "dvid+https": "dvidetl.sources.dvid_http:open_url",
 }
 
+REGISTRY = SchemeRegistry("source", SCHEMES, group="dvidetl.sources", env="DVIDETL_EXTRA_SOURCES")
+
 
 def open_source(url: str) -> Source:
-    """Open the source a URL names; an unknown scheme is a `UserError` naming the known ones."""
-    scheme = urlsplit(url).scheme
-    if scheme not in SCHEMES:
-        known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise UserError(f"unknown source URL scheme in {url!r}: use one of {known}")
-    modname, func = SCHEMES[scheme].split(":")
-    return getattr(importlib.import_module(modname), func)(url)
+    """Open the source a URL names; an unknown scheme is a ``UserError`` naming the known ones."""
+    return REGISTRY.open(url)
 
 
-__all__ = ["Source", "open_source", "SCHEMES"]
+def known_schemes() -> dict[str, str]:
+    """The built-in schemes plus registered ones, entry points and ``DVIDETL_EXTRA_SOURCES``."""
+    return REGISTRY.schemes()
+
+
+__all__ = ["Source", "open_source", "known_schemes", "SCHEMES", "REGISTRY"]

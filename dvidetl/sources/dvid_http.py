@@ -83,10 +83,7 @@ from dvidetl.sources._dvid_parse import (
     _unwrap_index,
     parse_mappings,
 )
-from dvidetl.sources._dvid_transport import (  # noqa: F401 - re-exported names
-    DVID_TOKEN_ENV,
-    DVID_TOKEN_FILE_ENV,
-    THROTTLE_PATIENCE,
+from dvidetl.sources._dvid_transport import (
     DvidAuthError,
     DvidHttpError,
     DvidUnavailable,
@@ -274,7 +271,7 @@ class DvidHttpSource:
         self.box_shape = box_shape
         self.spec_path = spec
         if spec:
-            from dvidetl.sources.shards import _load_spec
+            from dvidetl.sources._shard_files import _load_spec
 
             self._spec = _load_spec(spec)
         else:

@@ -64,7 +64,7 @@ import pyarrow.ipc as ipc
 from dvidetl.batching import spans
 from dvidetl.errors import UserError
 from dvidetl.geometry import ScaleInfo, VolumeInfo, in_grid, morton_encode
-from dvidetl.sources._shard_files import (  # noqa: F401 - _load_spec re-exported (dvid_http)
+from dvidetl.sources._shard_files import (
     BLOCK,
     M_OFF,
     M_ROWS,

@@ -4,7 +4,7 @@ that fails on purpose, for the fault-injection suite (tests/faults).
 Why a wrapper and not a mock: the export runs unchanged on real Dask workers against the
 real Parquet sink; only ``write_partition`` is made to fail, the way a flaky file system or
 object store would. The wrapper is opened by URL on every worker like any sink (the scheme
-is listed in ``dvidetl.sinks.SCHEMES``), so faults happen inside real tasks and are retried
+is registered through ``DVIDETL_EXTRA_SINKS``, ``dvidetl.registry``), so faults happen inside real tasks and are retried
 by the real scheduler.
 
 Which writes fail is deterministic, so a test can assert exact outcomes:
@@ -181,3 +181,11 @@ def open_url(url: str, *, uuid: str, instance: str) -> FlakySink:
     mode = q.choice("mode", MODES, "mixed")
     return FlakySink(base, uuid=uuid, instance=instance, url=url, rate=rate, fails=fails,
                      seed=seed, poison=poison, mode=mode)
+
+
+def list_exports(url: str) -> list[tuple[str, str]]:
+    """The exports under the wrapped Parquet directory (readers open them by this URL too)."""
+    from dvidetl.sinks.parquet import list_exports as parquet_exports
+
+    parts = urlsplit(url)
+    return parquet_exports(f"parquet://{parts.netloc + parts.path}")

@@ -97,7 +97,7 @@ def wait_for(pred, timeout: float, what: str, poll: float = 0.05, alive=None):
 
 @dataclass
 class Outcome:
-    report: object  # dvidetl.verify.VerifyReport
+    report: object  # dvidetl.read.verify.VerifyReport
     expected: int
     found: int
     duplicates: int
@@ -124,8 +124,8 @@ def verify_and_record(nodeid: str, fault: str, *, location: str, uuid: str, sink
     import pyarrow.compute as pc
 
     from dvidetl.flight.client import FlightClient
+    from dvidetl.read.verify import verify_export
     from dvidetl.sinks import open_sink
-    from dvidetl.verify import verify_export
 
     client = FlightClient(location, token, uuid=uuid, instance=instance)
     try:

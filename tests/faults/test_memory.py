@@ -9,7 +9,7 @@ until the one atomic write. Measured: 32 dense blocks (~75 MB of rows) got a 512
 as KilledWorker; with the transform in groups but without spilling, this test's 64 blocks
 left the 640 MiB worker paused above Dask's 80 % threshold until the timeout. Now the
 transform works in groups of ``GROUP_BYTES`` repacked bytes, spills the rows past
-``SPILL_BYTES`` to the worker's local directory (``dvidetl.spill``) and hands freed memory
+``SPILL_BYTES`` to the worker's local directory (``dvidetl.export.spill``) and hands freed memory
 back after the partition, so a task's working set is one group whatever the partition's size.
 """
 

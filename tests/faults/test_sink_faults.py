@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from dvidetl.cli import main as cli
+from dvidetl.export.tasks import WRITE_BACKOFF_S, WRITE_TRIES
 from dvidetl.flight.server import start_server
-from dvidetl.pipeline import WRITE_BACKOFF_S, WRITE_TRIES
 from dvidetl.sources import open_source
 from dvidetl.testing.faulty_sink import attempts, faults
 
@@ -72,8 +72,8 @@ def test_partition_that_keeps_failing_is_reported_then_resumed(server, cluster, 
     assert sum(faults(out, run_id).values()) == 3 * WRITE_TRIES
     # the failed partition is visible as such: verify names it, nothing else is missing
     from dvidetl.flight.client import FlightClient
+    from dvidetl.read.verify import verify_export
     from dvidetl.sinks import open_sink
-    from dvidetl.verify import verify_export
 
     c = FlightClient(server.location, uuid="fs")
     rep = verify_export(c, open_sink(f"parquet://{out}", uuid="fs", instance="segmentation"))

@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dvidetl import schema as S
+from dvidetl.tables import schema as S
+from dvidetl.tables.cells import reassemble
 
 MAX_LISTED = 50
 
@@ -311,7 +312,7 @@ def _compare_blocks(client, part, env: VerifyEnv, report: VerifyReport, src: pa.
     order_e = np.argsort(em, kind="stable")
     ei = order_e[np.searchsorted(em[order_e], common)]
     s = src.take(pa.array(si))
-    e = S.reassemble(exp.take(pa.array(ei)), ov)
+    e = reassemble(exp.take(pa.array(ei)), ov)
     rp = repack(s.column("data"), codec)
     flags = _Flags(len(common))
     flag = flags.flag
@@ -493,7 +494,7 @@ def verify_index_partition(client, sink, run, part, env: VerifyEnv, report: Veri
 
 
 def _compare_index(client, part, env: VerifyEnv, report: VerifyReport, idx: pa.Table) -> None:
-    from dvidetl.transform import label_index_tables
+    from dvidetl.export.transform import label_index_tables
 
     report.index_rows += idx.num_rows
     grid0 = env.info.scale(0).grid
@@ -620,7 +621,7 @@ def check_partition(client, sink, run, part, env: VerifyEnv) -> VerifyReport:
 
 def verify_task(ctx, part, env: VerifyEnv) -> VerifyReport:
     """A cluster task: check one partition with the worker's Flight client and sink."""
-    from dvidetl.tasks import _client, _sink, release_memory
+    from dvidetl.export.tasks import _client, _sink, release_memory
 
     sink = _sink(ctx)
     try:

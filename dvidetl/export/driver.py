@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dvidetl.progress import Counts
+from dvidetl.export.progress import Counts
+from dvidetl.export.tasks import PROGRESS_TOPIC, TaskContext, export_partition
 from dvidetl.redact import redact
 from dvidetl.sinks.base import Partition, RunInfo
-from dvidetl.tasks import PROGRESS_TOPIC, TaskContext, export_partition
 
 log = logging.getLogger(__name__)
 

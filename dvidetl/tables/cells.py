@@ -2,7 +2,7 @@
 together — vectorized over whole Arrow arrays.
 
 Why: VastDB limits a cell to about 126 KiB, while coarse-scale block bodies reach 1.5 MB and
-label tables 119,000 entries (``dvidetl.schema`` describes the tables the cells go into).
+label tables 119,000 entries (``dvidetl.tables.schema`` describes the tables the cells go into).
 Cutting is lossless; ``reassemble`` gives back each block's whole row.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dvidetl.schema import LIST_COLUMNS, PAYLOAD_CELLS, PAYLOAD_COLUMNS, empty
+from dvidetl.tables.schema import LIST_COLUMNS, PAYLOAD_CELLS, PAYLOAD_COLUMNS, empty
 
 
 def nparts_of(sizes: np.ndarray, cell_limit: int) -> np.ndarray:
@@ -212,6 +212,3 @@ def reassemble(blocks: pa.Table, overflow: pa.Table | None) -> pa.Table:
         raise ValueError(f"reassembled payload sizes differ from payload_size (morton {bad})")
     return out
 
-
-#: the format-1 name (the payload was called "body")
-join_body_cells = join_payload_cells

@@ -4,7 +4,7 @@ command-line options and the token file."""
 
 from __future__ import annotations
 
-from dvidetl.tasks import Secret
+from dvidetl.export.tasks import Secret
 
 
 def add_flight_arguments(parser) -> None:

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from dvidetl import schema as S
+from dvidetl.tables import schema as S
+from dvidetl.tables.cells import reassemble
 
 
 def _find_volume(base: Path, uuid: str | None, instance: str | None) -> tuple[str, str]:
     """(instance, uuid) under a Parquet export directory: given, or the only one there."""
-    from dvidetl.read import _find_export
+    from dvidetl.sinks import find_export
 
-    return _find_export(f"parquet://{base}", uuid, instance)
+    return find_export(f"parquet://{base}", uuid, instance)
 
 
 def _sql_str(s: str) -> str:
@@ -112,7 +113,7 @@ def reassemble_block(con, scale: int, x: int, y: int, z: int, *, raw: bool = Tru
         return None
     if b.num_rows > 1:
         raise ValueError(f"block ({x}, {y}, {z}) of scale {scale} is exported {b.num_rows} times")
-    r = S.reassemble(b, o)
+    r = reassemble(b, o)
     payload = r.column("payload")[0].as_py()
     if not raw:
         return payload
@@ -120,6 +121,3 @@ def reassemble_block(con, scale: int, x: int, y: int, z: int, *, raw: bool = Tru
 
     return restore_block(r.column("supervoxels")[0].values.to_numpy(), payload)
 
-
-#: the name from before the zstd payload stopped being called "body" (a body is a neuron)
-reassemble_body = reassemble_block

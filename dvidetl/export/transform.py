@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dvidetl import schema as S
+from dvidetl.export.spill import SPILL_BYTES, SpillBudget, SpilledTable
 from dvidetl.geometry import Vec3, morton_encode
-from dvidetl.spill import SPILL_BYTES, SpillBudget, SpilledTable
+from dvidetl.tables import schema as S
+from dvidetl.tables.cells import cut_cells, list_as_binary, nparts_of
 
 
 @dataclass
@@ -75,7 +76,7 @@ def blocks_tables(
     n = len(morton)
     payload = payload.combine_chunks() if isinstance(payload, pa.ChunkedArray) else payload
     payload_size = pc.fill_null(pc.binary_length(payload), 0).to_numpy().astype(np.int64)
-    nparts = S.nparts_of(payload_size, cell_limit)
+    nparts = nparts_of(payload_size, cell_limit)
     if n and nparts.max() > 255:
         raise ValueError(f"a block payload of {payload_size.max()} bytes needs more than 255 cells")
     ov_scale, ov_morton, ov_col, ov_part, ov_data = [], [], [], [], []
@@ -89,7 +90,7 @@ def blocks_tables(
             have = sizes > k * cell_limit
             if not have.any():
                 break
-            part = S.cut_cells(data, k, cell_limit).filter(pa.array(have))
+            part = cut_cells(data, k, cell_limit).filter(pa.array(have))
             cnt = int(have.sum())
             ov_scale.append(np.full(cnt, scale, np.uint8))
             ov_morton.append(mortons[rows][have])
@@ -108,7 +109,7 @@ def blocks_tables(
         big = _list_nbytes(arr) > cell_limit
         if big.any():
             rows = np.flatnonzero(big)
-            add_overflow(rows, colname, S.list_as_binary(arr.take(pa.array(rows))), 0)
+            add_overflow(rows, colname, list_as_binary(arr.take(pa.array(rows))), 0)
             validity = pa.array(~big & np.asarray(pc.is_valid(arr)), pa.bool_())
             arr = pc.if_else(validity, arr, pa.scalar(None, arr.type))
             overflow |= big
@@ -125,7 +126,7 @@ def blocks_tables(
             "crc32": pa.array(np.asarray(crc32, np.uint32)),
             "payload_size": pa.array(payload_size.astype(np.uint32)),
             "nparts": pa.array(nparts.astype(np.uint8)),
-            **{c: S.cut_cells(payload, i, cell_limit) for i, c in enumerate(S.PAYLOAD_COLUMNS)},
+            **{c: cut_cells(payload, i, cell_limit) for i, c in enumerate(S.PAYLOAD_COLUMNS)},
             "overflow": pa.array(overflow),
         },
         schema=S.BLOCKS,
@@ -167,7 +168,7 @@ def errors_table(
     data = data.combine_chunks() if isinstance(data, pa.ChunkedArray) else data
     data = pc.fill_null(data.cast(pa.binary()), b"")
     sizes = pc.binary_length(data).to_numpy().astype(np.int64)
-    nparts = np.maximum(S.nparts_of(sizes, cell_limit), 1)
+    nparts = np.maximum(nparts_of(sizes, cell_limit), 1)
     stage_arr = np.broadcast_to(np.asarray(stage, dtype=object), (n,))
     reason_arr = np.asarray(reason, dtype=object)
     pieces = []
@@ -323,7 +324,7 @@ def transform_blocks(
     of the whole partition, which OOM-killed low-memory workers on dense blocks.
 
     With ``spill_dir``, once the ``blocks`` and ``block_overflow`` rows pass ``spill_bytes``
-    they go to files there (``dvidetl.spill``) and come back as ``SpilledTable`` (the caller
+    they go to files there (``dvidetl.export.spill``) and come back as ``SpilledTable`` (the caller
     removes them with ``spill.close_tables``), so the working set is one group whatever the
     partition's size.
     """
@@ -459,9 +460,3 @@ def label_index_tables(batches: Iterable[pa.RecordBatch], grid0: Vec3) -> Iterab
         t = t.append_column("morton", pa.array(morton_encode(x, y, z, grid0)))
         yield S.conform("label_index", t)
 
-
-#: the format-1 name (the payload was called "body")
-body_size_sum = payload_size_sum
-
-#: the name this had while it shared it with ``codec.labelindex.label_index_rows``
-label_index_rows = label_index_tables

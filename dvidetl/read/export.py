@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dvidetl import schema as S
 from dvidetl.errors import UserError
-from dvidetl.read_sql import block_rows, connect, reassemble_block, reassemble_body  # noqa: F401 - public API
+from dvidetl.tables import schema as S
+from dvidetl.tables.cells import reassemble
 
 # ---------------------------------------------------------------------------------------------
 # open_export: the same read calls over any sink
@@ -42,38 +42,6 @@ Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 GROUP_BLOCKS = 64
 
 
-def _scheme(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).scheme
-
-
-def _find_export(url: str, uuid: str | None, instance: str | None) -> tuple[str, str]:
-    """(instance, uuid) of the export at ``url``: given, or the only one the sink holds."""
-    from dvidetl.sinks import SCHEMES
-
-    scheme = _scheme(url)
-    if scheme not in SCHEMES:
-        known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise UserError(f"unknown export URL scheme in {url!r}: use one of {known}")
-    if uuid and instance:
-        return instance, uuid
-    import importlib
-
-    mod = importlib.import_module(SCHEMES[scheme].split(":")[0])
-    lister = getattr(mod, "list_exports", None)
-    if lister is None:
-        raise UserError(f"{scheme}:// cannot list its exports: pass uuid= and instance=")
-    found = [(i, u) for i, u in lister(url) if (not instance or i == instance) and (not uuid or u == uuid)]
-    if not found:
-        raise UserError(f"no export found at {url} (a Parquet export is <instance>/<uuid>/runs/ "
-                        "under its directory)" if scheme == "parquet" else f"no export found at {url}")
-    if len(found) > 1:
-        names = ", ".join(f"{i}@{u}" for i, u in found[:6])
-        raise UserError(f"several exports at {url} ({names}): pass uuid= and instance=")
-    return found[0]
-
-
 def open_export(
     url: str, *, uuid: str | None = None, instance: str | None = None, run_id: str | None = None
 ) -> Export:
@@ -83,9 +51,9 @@ def open_export(
     url = str(url)
     if "://" not in url:
         url = f"parquet://{url}"
-    from dvidetl.sinks import open_sink
+    from dvidetl.sinks import find_export, open_sink
 
-    instance, uuid = _find_export(url, uuid, instance)
+    instance, uuid = find_export(url, uuid, instance)
     return Export(open_sink(url, uuid=uuid, instance=instance), run_id=run_id)
 
 
@@ -240,7 +208,7 @@ class Export:
         if b.num_rows and pc.any(b.column("overflow")).as_py():
             m = pc.filter(b.column("morton"), b.column("overflow")).to_numpy()
             ov = self.read("block_overflow", scale=scale, morton_range=(int(m.min()), int(m.max()) + 1))
-        return S.reassemble(b, ov)
+        return reassemble(b, ov)
 
     def _one(self, scale: int, x: int, y: int, z: int) -> pa.Table:
         m = self._morton(scale, x, y, z)
@@ -460,7 +428,7 @@ class Export:
         ``columns`` projected and ``where`` pushed down (``{"label": 7}``,
         ``{"supervoxel": (lo, hi)}``; a range on the partition key also prunes partitions).
         Runs on whatever dask scheduler is active — on a cluster, with ``distributed``.
-        Column types are the table's (``dvidetl/schema.py``); list columns hold arrays."""
+        Column types are the table's (``dvidetl/tables/schema.py``); list columns hold arrays."""
         import dask.dataframe as dd
 
         kind = next((k for k, ts in S.KIND_TABLES.items() if table in ts), None)

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from dvidetl import schema as S
+from dvidetl.export.spill import close_tables
 from dvidetl.retry import Backoff, retry
 from dvidetl.sinks.base import Partition, RunInfo
-from dvidetl.spill import close_tables
+from dvidetl.tables import schema as S
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class PartitionStats:
 def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
     """One task: read, transform and commit one partition (or nothing if already committed
     by an earlier attempt). Returns small stats for the driver."""
-    from dvidetl.transform import transform_blocks
+    from dvidetl.export.transform import transform_blocks
 
     t0 = time.perf_counter()
     sink = _sink(ctx)
@@ -241,8 +241,8 @@ def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, Part
     """The label_index rows of a body-label range, or the mapping pairs of a supervoxel
     range, gathered whole before the write (in memory, spilled to the worker's disk past
     ``SPILL_BYTES``) so a failed write is retried from them and the source is read once."""
-    from dvidetl.spill import SpillBudget
-    from dvidetl.transform import label_index_tables
+    from dvidetl.export.spill import SpillBudget
+    from dvidetl.export.transform import label_index_tables
 
     t0 = time.perf_counter()
     table = "label_index" if part.kind == "indices" else "mapping"

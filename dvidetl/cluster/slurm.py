@@ -21,7 +21,6 @@ anything do dvidetl's defaults for this workload apply. Why the extra machinery 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -35,13 +34,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dvidetl.cluster import (
+from dvidetl.cluster.local import _dashboard_url, _say
+from dvidetl.cluster.options import (
     DEFAULT_DASHBOARD,
     DEFAULT_JOBS,
     DEFAULT_MEMORY_PER_CORE_GIB,
     DEFAULT_WORKER_CORES,
-    _dashboard_url,
-    _say,
+    ClusterOptions,
 )
 from dvidetl.errors import UserError
 
@@ -98,12 +97,12 @@ def _config(key: str) -> Any:
     return dask.config.get(f"jobqueue.slurm.{key}", None)
 
 
-def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def slurm_cluster_kwargs(opts: ClusterOptions) -> dict[str, Any]:
     """Keyword arguments for `SLURMCluster`: flags, else Dask's jobqueue.slurm config, else ours.
 
     Keys left out fall through to dask-jobqueue's own reading of the config.
     """
-    opt = lambda name: getattr(args, name, None)  # noqa: E731
+    opt = lambda name: getattr(opts, name, None)  # noqa: E731
     kw: dict[str, Any] = {}
 
     def first(*values: Any) -> Any:
@@ -188,10 +187,10 @@ def slurm_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def _sizing(args: argparse.Namespace) -> tuple[str, int, int]:
+def _sizing(opts: ClusterOptions) -> tuple[str, int, int]:
     """("jobs", n, n) or ("adapt", lo, hi)."""
-    adapt = getattr(args, "adapt", None)
-    jobs = getattr(args, "jobs", None)
+    adapt = opts.adapt
+    jobs = opts.jobs
     if adapt is not None:
         if jobs is not None:
             raise UserError("--jobs and --adapt exclude each other")
@@ -400,11 +399,11 @@ class _JobKeeper:
             self._thread.join(timeout=40)
 
 
-def make_slurm_cluster(args: argparse.Namespace) -> Any:
+def make_slurm_cluster(opts: ClusterOptions) -> Any:
     """A started (not yet scaled) `SLURMCluster` from flags + config, checked by sbatch."""
     from dask_jobqueue import SLURMCluster
 
-    kw = slurm_cluster_kwargs(args)
+    kw = slurm_cluster_kwargs(opts)
     if shutil.which("sbatch") is None:
         raise UserError(
             "--cluster slurm needs the SLURM client commands (sbatch, squeue, scancel) on PATH"
@@ -441,19 +440,19 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def open_slurm_client(args: argparse.Namespace, page: bool = False) -> Iterator[Any]:
+def open_slurm_client(opts: ClusterOptions, page: bool = False) -> Iterator[Any]:
     """`open_client` for `--cluster slurm`: SLURMCluster + lost-job keeper + client."""
     with _sigterm_as_interrupt():
-        with _open_slurm_client(args, page) as client:
+        with _open_slurm_client(opts, page) as client:
             yield client
 
 
 @contextlib.contextmanager
-def _open_slurm_client(args: argparse.Namespace, page: bool = False) -> Iterator[Any]:
+def _open_slurm_client(opts: ClusterOptions, page: bool = False) -> Iterator[Any]:
     from distributed import Client
 
-    mode, lo, hi = _sizing(args)
-    cluster = make_slurm_cluster(args)
+    mode, lo, hi = _sizing(opts)
+    cluster = make_slurm_cluster(opts)
     keeper = _JobKeeper(cluster)
     client = None
     try:
@@ -466,7 +465,7 @@ def _open_slurm_client(args: argparse.Namespace, page: bool = False) -> Iterator
         keeper.start()
         client = Client(cluster)
         job = cluster._dummy_job
-        queue = getattr(args, "partition", None) or _config("queue") or "default partition"
+        queue = opts.partition or _config("queue") or "default partition"
         _say(
             f"SLURM cluster: {size} x {job.worker_cores} cores / {job.worker_memory / 2**30:.1f} GiB "
             f"({job.worker_processes} worker process(es) each) on {queue}; "
