@@ -95,10 +95,10 @@ def _decode_rate(ep, src) -> tuple[float, int]:
 
 def _keyed_run(client, ep, kind: str, target: int, outdir: str):
     from dvidetl.export.driver import execute
+    from dvidetl.export.kinds import RunInfo
     from dvidetl.export.planning import new_run_id, plan_keys
     from dvidetl.export.tasks import task_context
     from dvidetl.sinks import open_sink
-    from dvidetl.sinks.base import RunInfo
 
     parts = plan_keys(ep.client.count_keys, kind, target)
     run = RunInfo(new_run_id(), ep.uuid, ep.instance, parts)
@@ -177,10 +177,10 @@ def run() -> list[dict]:
             # peak memory of the largest indices partition, on a fresh warmed worker
             with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                               dashboard_address=":0") as cluster, Client(cluster) as client:
+                from dvidetl.export.kinds import RunInfo
                 from dvidetl.export.planning import new_run_id, plan_keys
                 from dvidetl.export.tasks import task_context
                 from dvidetl.sinks import open_sink
-                from dvidetl.sinks.base import RunInfo
 
                 _keyed_run(client, ep, "indices", INDEX_ROWS, os.path.join(tmp, "mwarm"))
                 parts = plan_keys(ep.client.count_keys, "indices", INDEX_ROWS)

@@ -50,10 +50,10 @@ def _measured_export(ctx, part) -> tuple[int, int]:
 
 
 def _measured_partition(client, ep, size: int, outdir: str) -> tuple[int, int, int]:
+    from dvidetl.export.kinds import RunInfo
     from dvidetl.export.planning import make_plan, new_run_id
-    from dvidetl.export.tasks import TaskContext
+    from dvidetl.export.tasks import task_context
     from dvidetl.sinks import open_sink
-    from dvidetl.sinks.base import RunInfo
 
     info = ep.info
     parts = make_plan(info, ep.client.count, [0], size, indices=False, mapping=False)
@@ -61,8 +61,7 @@ def _measured_partition(client, ep, size: int, outdir: str) -> tuple[int, int, i
     run = RunInfo(new_run_id(), ep.uuid, ep.instance, [part])
     url = f"parquet://{outdir}"
     open_sink(url, uuid=ep.uuid, instance=ep.instance).prepare(run)
-    ctx = TaskContext(run.run_id, ep.location, ep.token, ep.uuid, ep.instance, url, info.codec,
-                      {s.scale: tuple(s.grid) for s in info.scales})
+    ctx = task_context(run, ep, url)
     gained, start = client.submit(_measured_export, ctx, part, pure=False).result()
     return gained, start, part.blocks
 
@@ -79,10 +78,10 @@ def _repack_rate(batches, codec: str) -> tuple[float, int]:
 
 def _pipeline(client, ep, parts_blocks: int, outdir: str, scales) -> tuple[float, int, object]:
     from dvidetl.export.driver import execute
+    from dvidetl.export.kinds import RunInfo
     from dvidetl.export.planning import make_plan, new_run_id
-    from dvidetl.export.tasks import TaskContext
+    from dvidetl.export.tasks import task_context
     from dvidetl.sinks import open_sink
-    from dvidetl.sinks.base import RunInfo
 
     info = ep.info
     parts = make_plan(info, ep.client.count, scales, parts_blocks, indices=False, mapping=False)
@@ -90,8 +89,7 @@ def _pipeline(client, ep, parts_blocks: int, outdir: str, scales) -> tuple[float
     url = f"parquet://{outdir}"
     sink = open_sink(url, uuid=ep.uuid, instance=ep.instance)
     sink.prepare(run)
-    ctx = TaskContext(run.run_id, ep.location, ep.token, ep.uuid, ep.instance, url, info.codec,
-                      {s.scale: tuple(s.grid) for s in info.scales})
+    ctx = task_context(run, ep, url)
     res = execute(client, run, ctx, sink)
     if res.failed or res.errors:
         raise RuntimeError(f"bench run failed: {res.failed[:3]} errors={res.errors}")

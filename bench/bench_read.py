@@ -1,7 +1,7 @@
 """Reading an export back: one block from a ~100,000-block export, and a 512^3 subvolume.
 
 The export is built once per run, cheaply: 64 real synthetic blocks are repacked once and
-their rows repeated (new coordinates, Morton order) through ``transform.blocks_tables`` into
+their rows repeated (new coordinates, Morton order) through ``tables.cells.blocks_tables`` into
 the Parquet sink, in 4,096-block partitions with ledger rows — the same files a real run
 writes, without generating 100,000 blocks.
 
@@ -34,6 +34,13 @@ POINTS = int(os.environ.get("DVIDETL_BENCH_READ_POINTS", "40"))
 #: blocks of the VastDB export (the local server holds it in memory)
 N_VAST = int(os.environ.get("DVIDETL_BENCH_READ_VAST_BLOCKS", "20000"))
 
+def _stats(part, figures):
+    """A partition's stats with the given ledger figures (what a task hands the sink)."""
+    from dvidetl.export.kinds import PartitionStats
+
+    return figures if isinstance(figures, PartitionStats) else PartitionStats(part.key, part.kind, **figures)
+
+
 
 def build(url: str, n_blocks: int = N_BLOCKS) -> tuple[str, float, int]:
     """Write the export of ``n_blocks`` blocks to the sink at ``url``; returns (url, seconds,
@@ -42,11 +49,11 @@ def build(url: str, n_blocks: int = N_BLOCKS) -> tuple[str, float, int]:
     import pyarrow.compute as pc
 
     from dvidetl.codec import repack
-    from dvidetl.export.transform import blocks_tables
+    from dvidetl.export.kinds import Partition, RunInfo
     from dvidetl.geometry import ScaleInfo, VolumeInfo, morton_decode
     from dvidetl.sinks import open_sink
-    from dvidetl.sinks.base import Partition, RunInfo
     from dvidetl.sources import open_source
+    from dvidetl.tables.cells import blocks_tables
 
     t0 = time.perf_counter()
     src = open_source("synthetic://readbench?size=512,512,256&scales=1&seed=11&mask=full")
@@ -78,7 +85,7 @@ def build(url: str, n_blocks: int = N_BLOCKS) -> tuple[str, float, int]:
         )
         nbytes = int(pc.sum(b.column("payload_size")).as_py())
         sink.write_partition(run.run_id, p, {"blocks": b, "block_overflow": o},
-                             {"blocks": b.num_rows, "bytes_out": nbytes})
+                            _stats(p, {"blocks": b.num_rows, "bytes_out": nbytes}))
         size += nbytes
     return url, time.perf_counter() - t0, size
 

@@ -18,13 +18,23 @@ import shutil
 import tempfile
 import time
 
+from dvidetl.tables import schema as S
+
 SOURCE = os.environ.get("DVIDETL_BENCH_SINK_SOURCE", "synthetic://sinkbench?size=768,768,512&scales=1&seed=4&dense=0.02")
 ROUNDS = int(os.environ.get("DVIDETL_BENCH_ROUNDS", "2"))
 PARTITION_BLOCKS = 64
 
 
+def _stats(part, figures):
+    """A partition's stats with the given ledger figures (what a task hands the sink)."""
+    from dvidetl.export.kinds import PartitionStats
+
+    return figures if isinstance(figures, PartitionStats) else PartitionStats(part.key, part.kind, **figures)
+
+
+
 def _partitions():
-    """Transformed tables of a few block partitions (built once, written by both sinks)."""
+    """The data of a few block partitions (built once, written by both sinks)."""
     from dvidetl.export.planning import make_plan
     from dvidetl.export.transform import transform_blocks
     from dvidetl.sources import open_source
@@ -37,15 +47,20 @@ def _partitions():
         grid = tuple(info.scale(0).grid)
         out = []
         for p in parts:
-            tables, st = transform_blocks(src.read_blocks(0, p.lo, p.hi), info.codec, src.map_supervoxels,
-                                          scale=0, grid=grid, lo=p.lo, hi=p.hi, run_id="bench")
-            out.append((p, tables, {"blocks": st.blocks, "bytes_out": st.bytes_out}))
+            data, st = transform_blocks(src.read_blocks(0, p.lo, p.hi), info.codec, src.map_supervoxels,
+                                        scale=0, grid=grid, lo=p.lo, hi=p.hi)
+            out.append((p, data, {"blocks": st.blocks, "bytes_out": st.bytes_out}))
         return info, out
     finally:
         src.close()
 
 
-def _nbytes(tables) -> tuple[int, int]:
+def _nbytes(data) -> tuple[int, int]:
+    """Rows and Arrow bytes of the tables a tabular sink writes for a partition (it cuts
+    them from the partition's blocks as it writes: that is part of the timed write)."""
+    from dvidetl.tables.cells import cut_blocks
+
+    tables = cut_blocks(data, "bench", S.DEFAULT_CELL_LIMIT)
     rows = sum(t.num_rows for t in tables.values())
     return rows, sum(t.nbytes for t in tables.values())
 
@@ -54,13 +69,13 @@ def _write_all(sink, run_id: str, parts) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process: the client side of the write)."""
     t0, c0 = time.perf_counter(), time.process_time()
     for p, tables, stats in parts:
-        sink.write_partition(run_id, p, tables, stats)
+        sink.write_partition(run_id, p, tables, _stats(p, stats))
     return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run() -> list[dict]:
+    from dvidetl.export.kinds import RunInfo
     from dvidetl.sinks import open_sink
-    from dvidetl.sinks.base import RunInfo
     from dvidetl.testing.vastsim import start_vastsim_process
 
     info, parts = _partitions()

@@ -15,8 +15,8 @@ from dvidetl.cli import main as cli
 from dvidetl.export.planning import make_plan, plan_keys
 from dvidetl.flight.client import FlightClient
 from dvidetl.flight.server import start_server
+from dvidetl.geometry import KEY_END
 from dvidetl.sinks import open_sink
-from dvidetl.sinks.base import LABEL_END
 from dvidetl.sources import open_source
 from dvidetl.sources.base import KeyCounts, count_sorted
 
@@ -45,7 +45,7 @@ def server(source):
 
 
 def _contiguous(parts) -> bool:
-    return (parts[0].lo == 0 and parts[-1].hi == LABEL_END
+    return (parts[0].lo == 0 and parts[-1].hi == KEY_END - 1
             and all(a.hi == b.lo for a, b in zip(parts, parts[1:], strict=False)))
 
 
@@ -119,7 +119,7 @@ def test_server_without_count_keys_gives_one_partition_each(caplog):
     with start_server(src) as srv, FlightClient(srv.location) as c:
         parts = make_plan(c.info(), c.count, None, None, count_keys=c.count_keys)
     keyed = [(p.kind, p.lo, p.hi) for p in parts if p.kind != "blocks"]
-    assert keyed == [("indices", 0, LABEL_END), ("mapping", 0, LABEL_END)]
+    assert keyed == [("indices", 0, KEY_END - 1), ("mapping", 0, KEY_END - 1)]
     assert "cannot count" in caplog.text
 
 

@@ -14,12 +14,12 @@ import pyarrow.dataset as ds
 import pytest
 
 from dvidetl.cli import main as cli
+from dvidetl.export.kinds import RunInfo
 from dvidetl.export.tasks import Secret, export_partition, task_context
 from dvidetl.flight.client import FlightClient
 from dvidetl.flight.server import start_server
 from dvidetl.read.verify import verify_export
 from dvidetl.sinks import open_sink
-from dvidetl.sinks.base import RunInfo
 from dvidetl.sources import open_source
 from dvidetl.testing.env import environ
 from dvidetl.testing.vastsim import start_vastsim

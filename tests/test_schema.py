@@ -9,11 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dvidetl.export.transform import blocks_tables, errors_table
+from dvidetl.export.kinds import KINDS, Partition, RunInfo
 from dvidetl.sinks import open_sink
-from dvidetl.sinks.base import Partition, RunInfo
 from dvidetl.tables import schema as S
-from dvidetl.tables.cells import join_payload_cells, reassemble
+from dvidetl.tables.cells import blocks_tables, errors_table, join_payload_cells, reassemble
+
+
+def _stats(part, figures):
+    """A partition's stats with the given ledger figures (what a task hands the sink)."""
+    from dvidetl.export.kinds import PartitionStats
+
+    return figures if isinstance(figures, PartitionStats) else PartitionStats(part.key, part.kind, **figures)
+
 
 
 def test_tables_exactly_as_specified():
@@ -34,7 +41,7 @@ def test_tables_exactly_as_specified():
                              "source_anomalies"}
     assert S.SOURCE_ANOMALIES.names == ["run_id", "seq", "kind", "scale", "file", "x", "y", "z", "morton",
                                         "blocks", "lost", "detail"]
-    assert S.KIND_TABLES["anomalies"] == ("source_anomalies",) and S.KEY_COLUMN["source_anomalies"] == "seq"
+    assert KINDS["anomalies"].tables == ("source_anomalies",) and S.KEY_COLUMN["source_anomalies"] == "seq"
     with pytest.raises(KeyError, match="unknown table"):
         S.schema("nope")
     with pytest.raises(ValueError, match="missing columns"):
@@ -113,9 +120,9 @@ def test_parquet_sink_commit_rules(tmp_path):
     assert sink.load_run(run.run_id).partitions == parts
     assert sink.runs() == [run.run_id] and sink.latest_run() == run.run_id
     assert not sink.is_done(run.run_id, parts[0])
-    sink.write_partition(run.run_id, parts[0], {"mapping": _mapping(0, 10)}, {"blocks": 10})
+    sink.write_partition(run.run_id, parts[0], {"mapping": _mapping(0, 10)}, _stats(parts[0], {"blocks": 10}))
     # streamed batches are committed the same way
-    sink.write_partition(run.run_id, parts[1], {"mapping": iter(_mapping(100, 5).to_batches(2))}, {})
+    sink.write_partition(run.run_id, parts[1], {"mapping": iter(_mapping(100, 5).to_batches(2))}, _stats(parts[1], {}))
     # a partition written but not committed (crash before the ledger rename) stays invisible
     f = sink.file_of("mapping", parts[2])
     import pyarrow.parquet as pq
@@ -127,10 +134,10 @@ def test_parquet_sink_commit_rules(tmp_path):
     led = sink.ledger(run.run_id)
     assert led.num_rows == 2 and sorted(led.column("rows").to_pylist()) == [5, 10]
     # rewriting a committed partition replaces, never duplicates
-    sink.write_partition(run.run_id, parts[0], {"mapping": _mapping(0, 10)}, {})
+    sink.write_partition(run.run_id, parts[0], {"mapping": _mapping(0, 10)}, _stats(parts[0], {}))
     assert sink.read("mapping").num_rows == 15
     # an empty table removes a stale file of an earlier attempt
-    sink.write_partition(run.run_id, parts[2], {"mapping": _mapping(0, 0)}, {})
+    sink.write_partition(run.run_id, parts[2], {"mapping": _mapping(0, 0)}, _stats(parts[2], {}))
     assert not f.exists()
     assert not [p for p in tmp_path.rglob(".*tmp*")], "temp files left behind"
     with pytest.raises(Exception, match="no run"):
@@ -150,7 +157,7 @@ def test_parquet_sink_blocks_layout(tmp_path):
         pa.array([[5], [6, 7], [1] * 40], pa.list_(pa.uint32())), np.zeros(n), np.zeros(n),
         pa.array([b"a" * 10, b"b" * 300, b"c"], pa.binary()), cell_limit=64,
     )
-    sink.write_partition("r1", p, {"blocks": b, "block_overflow": o}, {"blocks": 3})
+    sink.write_partition("r1", p, {"blocks": b, "block_overflow": o}, _stats(p, {"blocks": 3}))
     assert (tmp_path / "out/seg/u/blocks/scale-2/part-0000000000000010-0000000000000020.parquet").exists()
     assert (tmp_path / "out/seg/u/block_overflow/scale-2").is_dir()
     assert list((tmp_path / "out/seg/u/export_ledger/r1").glob("*.parquet"))

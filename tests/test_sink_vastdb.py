@@ -17,8 +17,8 @@ import pytest
 
 from dvidetl.cli import main as cli
 from dvidetl.errors import UserError
+from dvidetl.export.kinds import Partition, RunInfo
 from dvidetl.sinks import open_sink
-from dvidetl.sinks.base import Partition, RunInfo
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
 from dvidetl.testing.env import environ
@@ -27,6 +27,13 @@ from dvidetl.testing.vastsim import start_vastsim
 ACCESS = "AKIDVASTTEST"
 SECRET = "s3cr3t-Only-In-The-Env-7f1e"  # noqa: S105 — a test key; the point is that it never leaks
 OVF = "synthetic://ovf?size=256,256,128&scales=3&seed=5&dense=0.2&bigids=1"
+
+def _stats(part, figures):
+    """A partition's stats with the given ledger figures (what a task hands the sink)."""
+    from dvidetl.export.kinds import PartitionStats
+
+    return figures if isinstance(figures, PartitionStats) else PartitionStats(part.key, part.kind, **figures)
+
 
 
 @pytest.fixture(scope="module")
@@ -235,10 +242,10 @@ def test_rewrite_replaces_rows_and_skip_when_done(sim):
     rows = {"blocks": _blocks(range(10, 13), body=b"A"), "block_overflow": S.empty("block_overflow")}
     for rid in ("r1", "r2"):
         sink.prepare(RunInfo(rid, "u1", "seg", [part]))
-    sink.write_partition("r1", part, rows, {"blocks": 3})
-    sink.write_partition("r1", part, {"blocks": _blocks(range(10, 13), body=b"X")}, {"blocks": 3})  # skipped
+    sink.write_partition("r1", part, rows, _stats(part, {"blocks": 3}))
+    sink.write_partition("r1", part, {"blocks": _blocks(range(10, 13), body=b"X")}, _stats(part, {"blocks": 3}))  # skipped
     assert sink.read("blocks").column("payload0").to_pylist() == [b"A"] * 3
-    sink.write_partition("r2", part, {"blocks": _blocks(range(11, 15), body=b"B")}, {"blocks": 4})
+    sink.write_partition("r2", part, {"blocks": _blocks(range(11, 15), body=b"B")}, _stats(part, {"blocks": 4}))
     t = sink.read("blocks").sort_by("morton")
     assert t.column("morton").to_pylist() == [11, 12, 13, 14]
     assert t.column("payload0").to_pylist() == [b"B"] * 4
@@ -263,7 +270,7 @@ def test_rewrite_replaces_rows_and_skip_when_done(sim):
     # a cell over the VastDB limit is caught before anything is sent
     huge = _blocks([20], body=b"z" * (S.DEFAULT_CELL_LIMIT + 1))
     with pytest.raises(ValueError, match="payload0.*cell limit"):
-        sink.write_partition("r2", Partition("blocks", 0, 0, 100, 1), {"blocks": huge}, {})
+        sink.write_partition("r2", Partition("blocks", 0, 0, 100, 1), {"blocks": huge}, _stats(Partition("blocks", 0, 0, 100, 1), {}))
 
 
 def _blocks(mortons, body: bytes) -> pa.Table:
@@ -288,7 +295,7 @@ def test_inserts_are_one_rpc_each(sim):
     sink.prepare(RunInfo("r", "u", "seg", [part]))
     before = dict(sim.counters)
     body = os.urandom(120_000)
-    sink.write_partition("r", part, {"blocks": _blocks(range(80), body=body)}, {"blocks": 80})
+    sink.write_partition("r", part, {"blocks": _blocks(range(80), body=body)}, _stats(part, {"blocks": 80}))
     hit = {k: sim.counters.get(k, 0) - before.get(k, 0) for k in sim.counters}
     assert hit.get("PUT rows", 0) == 0, hit
     assert hit["POST rows"] >= 3  # 9.6 MB of bodies: at least 2 insert RPCs + the ledger row
@@ -320,7 +327,7 @@ def test_credentials_never_leak(sim, caplog, monkeypatch, tmp_path, capsys):
     sink = open_sink(url, uuid="u", instance="seg")
     sink.prepare(RunInfo("r", "u", "seg", [Partition("mapping", 0, 0, 10)]))
     sink.write_partition("r", Partition("mapping", 0, 0, 10),
-                         {"mapping": iter([pa.table({"supervoxel": [1, 2], "body": [7, 7]})])}, {})
+                         {"mapping": iter([pa.table({"supervoxel": [1, 2], "body": [7, 7]})])}, _stats(Partition("mapping", 0, 0, 10), {}))
     assert sink.read("mapping").num_rows == 2
     text = caplog.text + repr(sink) + str(sink) + repr(pickle.loads(pickle.dumps(sink))) + repr(sink.__dict__)
     assert "VastDBSink(http://127.0.0.1" in repr(sink)
@@ -358,7 +365,7 @@ def test_endpoints_spread_and_url_errors(sim, creds):
     sink.prepare(RunInfo("r", "u", "seg", parts))
     assert {sink._endpoint_for(p.key) for p in parts} == set(cfg.endpoints)
     for i, p in enumerate(parts):
-        sink.write_partition("r", p, {"blocks": _blocks([i * 10 + 1], body=b"x")}, {"blocks": 1})
+        sink.write_partition("r", p, {"blocks": _blocks([i * 10 + 1], body=b"x")}, _stats(p, {"blocks": 1}))
     assert sink.read("blocks").num_rows == 12
     assert len(sink.done("r")) == 12
     for bad, msg in [("vastdb://h:1/bucket", "names no BUCKET/SCHEMA"),
@@ -382,7 +389,7 @@ def test_lost_commit_and_lost_inserts_are_resolved(sim):
     before = dict(sim.counters)
     sim.set_faults(drop_after_apply_rate=1.0, commands=("PUT transaction",))
     try:
-        sink.write_partition("r", p1, {"blocks": _blocks([1, 2, 3], body=b"a")}, {"blocks": 3})
+        sink.write_partition("r", p1, {"blocks": _blocks([1, 2, 3], body=b"a")}, _stats(p1, {"blocks": 3}))
     finally:
         sim.clear_faults()
     hit = {k: sim.counters.get(k, 0) - before.get(k, 0) for k in sim.counters}
@@ -392,7 +399,7 @@ def test_lost_commit_and_lost_inserts_are_resolved(sim):
     before = dict(sim.counters)
     sim.set_faults(drop_after_apply_rate=0.5, commands=("POST rows",), seed=3)
     try:
-        sink.write_partition("r", p2, {"blocks": _blocks([101, 102, 103], body=b"b")}, {"blocks": 3})
+        sink.write_partition("r", p2, {"blocks": _blocks([101, 102, 103], body=b"b")}, _stats(p2, {"blocks": 3}))
     finally:
         sim.clear_faults()
     hit = {k: sim.counters.get(k, 0) - before.get(k, 0) for k in sim.counters}
@@ -421,7 +428,7 @@ def test_spilled_tables_are_reread_by_a_redone_transaction(sim, tmp_path):
     before = dict(sim.counters)
     sim.set_faults(drop_after_apply_rate=0.5, commands=("POST rows",), seed=11)
     try:
-        sink.write_partition("r", part, tables, {"blocks": 60})
+        sink.write_partition("r", part, tables, _stats(part, {"blocks": 60}))
     finally:
         sim.clear_faults()
         close_tables(tables)
@@ -442,7 +449,7 @@ def test_spilled_tables_are_reread_by_a_redone_transaction(sim, tmp_path):
     tables = {"blocks": sp.result()}
     try:
         with pytest.raises(ValueError, match="payload0.*cell limit"):
-            sink.write_partition("r2", bad_part, tables, {"blocks": 21})
+            sink.write_partition("r2", bad_part, tables, _stats(bad_part, {"blocks": 21}))
     finally:
         close_tables(tables)
     assert sink.ledger("r2").num_rows == 0

@@ -13,9 +13,15 @@ from dvidetl.codec import encode_block, restore_block, wrap
 from dvidetl.export.transform import transform_blocks
 from dvidetl.geometry import morton_encode
 from dvidetl.tables import schema as S
-from dvidetl.tables.cells import reassemble
+from dvidetl.tables.cells import cut_blocks, reassemble
 
 GRID = (8, 8, 8)
+
+
+def transform_tables(batches, codec, mapper, *, run_id="r", cell_limit=S.DEFAULT_CELL_LIMIT, **kw):
+    """``transform_blocks`` and the cut a tabular sink makes of its output: the tables."""
+    data, st = transform_blocks(batches, codec, mapper, **kw)
+    return cut_blocks(data, run_id, cell_limit), st
 
 
 def _volume(rng, nlabels, base=1000):
@@ -45,7 +51,7 @@ def test_transform_exact_and_mapping_one_call(shared_data):
 
     b1 = _batch([wrap(r, "gzip") for r in raws[:2]], coords[:2])
     b2 = _batch([wrap(raws[2], "gzip")], coords[2:])
-    tables, st = transform_blocks([b1, b2], "gzip", mapper, scale=0, grid=GRID, lo=0, hi=512, run_id="r")
+    tables, st = transform_tables([b1, b2], "gzip", mapper, scale=0, grid=GRID, lo=0, hi=512, run_id="r")
     assert len(calls) == 1, "mapping must be one call per partition"
     assert np.all(np.diff(calls[0].astype(np.int64)) > 0), "unique sorted supervoxels"
     blocks = tables["blocks"]
@@ -74,7 +80,7 @@ def test_transform_overflow_and_errors():
     m = b.column("morton").to_numpy().copy()
     m[3] = 9
     b = b.set_column(3, "morton", pa.array(m))
-    tables, st = transform_blocks([b], "gzip", lambda s: s, scale=2, grid=GRID, lo=0, hi=512,
+    tables, st = transform_tables([b], "gzip", lambda s: s, scale=2, grid=GRID, lo=0, hi=512,
                                   run_id="run-x", cell_limit=16 * 1024)
     assert st.blocks == 2 and st.errors == 2
     err = tables["export_errors"]
@@ -94,9 +100,9 @@ def test_transform_overflow_and_errors():
 def test_transform_rejects_duplicates_and_out_of_range():
     ok = wrap(encode_block(np.ones((64, 64, 64), np.uint64)), "gzip")
     b = _batch([ok, ok], [(1, 0, 0), (1, 0, 0)])
-    tables, st = transform_blocks([b], "gzip", lambda s: s, scale=0, grid=GRID, lo=0, hi=512, run_id="r")
+    tables, st = transform_tables([b], "gzip", lambda s: s, scale=0, grid=GRID, lo=0, hi=512, run_id="r")
     assert st.blocks == 1 and tables["export_errors"].column("stage").to_pylist() == ["duplicate"]
-    tables, st = transform_blocks([b], "gzip", lambda s: s, scale=0, grid=GRID, lo=2, hi=512, run_id="r")
+    tables, st = transform_tables([b], "gzip", lambda s: s, scale=0, grid=GRID, lo=2, hi=512, run_id="r")
     assert st.blocks == 0 and st.errors == 2
 
 
@@ -104,7 +110,7 @@ def test_transform_mapper_wrong_size_is_an_error():
     ok = wrap(encode_block(np.ones((64, 64, 64), np.uint64)), "gzip")
     with pytest.raises(ValueError, match="mapping returned"):
         transform_blocks([_batch([ok], [(0, 0, 0)])], "gzip", lambda s: np.zeros(5, np.uint64),
-                         scale=0, grid=GRID, lo=0, hi=512, run_id="r")
+                         scale=0, grid=GRID, lo=0, hi=512)
 
 
 def test_transform_in_groups_is_identical_and_bounded():
@@ -117,14 +123,14 @@ def test_transform_in_groups_is_identical_and_bounded():
     batches = [_batch([wrap(v, "gzip")], [c]) for v, c in zip(vols, coords, strict=True)]
     batches.append(_batch([wrap(vols[1], "gzip")], [coords[1]]))  # served again, later group
     kw = dict(scale=0, grid=GRID, lo=0, hi=512, run_id="r", cell_limit=16 * 1024)
-    whole, st1 = transform_blocks(batches, "gzip", lambda s: s + np.uint64(1), **kw)
+    whole, st1 = transform_tables(batches, "gzip", lambda s: s + np.uint64(1), **kw)
     calls = []
 
     def mapper(s):
         calls.append(len(s))
         return s + np.uint64(1)
 
-    grouped, st2 = transform_blocks(batches, "gzip", mapper, group_bytes=1, **kw)
+    grouped, st2 = transform_tables(batches, "gzip", mapper, group_bytes=1, **kw)
     assert len(calls) == 5  # one per group holding a new block; the repeat maps nothing
     assert grouped["blocks"].column("morton").num_chunks == 5
     for t in ("blocks", "block_overflow", "export_errors"):
@@ -136,20 +142,21 @@ def test_transform_in_groups_is_identical_and_bounded():
 
 
 def test_error_samples_name_each_corrupt_block_once():
-    """A corrupt block's bytes are cut into parts (rows); the dashboard's samples list the
-    first corrupt blocks once each, however many parts each has."""
+    """The dashboard's samples list the first corrupt blocks of a partition once each (the
+    failed blocks as the transform hands them: one row per block, however many cell-limit
+    parts a tabular sink later cuts its bytes into)."""
     from dvidetl.export.tasks import _error_samples
-    from dvidetl.export.transform import errors_table
 
     n = 7
-    t = errors_table("r", 0, np.arange(n, dtype=np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
-                     np.arange(n, dtype=np.uint64), np.full(n, "repack", object),
-                     np.asarray([f"bad {i}" for i in range(n)], object),
-                     pa.array([bytes([i]) * 5000 for i in range(n)], pa.binary()), cell_limit=1024)
-    assert t.num_rows == 5 * n  # five parts per block
+    batch = _batch([bytes([i]) * 5000 for i in range(n)], [(i, 0, 0) for i in range(n)])
+    data, st = transform_blocks([batch], "gzip", lambda s: s, scale=0, grid=GRID, lo=0, hi=512)
+    t = data.failed
+    assert st.errors == n and t.num_rows == n
+    assert cut_blocks(data, "r", 1024)["export_errors"].num_rows == 5 * n  # five parts per block
     got = _error_samples(t)
-    assert [(r["x"], r["reason"]) for r in got] == [(i, f"bad {i}") for i in range(5)]
-    assert _error_samples(t, limit=9) == [{"scale": 0, "x": i, "y": 0, "z": 0, "reason": f"bad {i}"}
+    reasons = t.column("reason").to_pylist()
+    assert [(r["x"], r["reason"]) for r in got] == [(i, reasons[i]) for i in range(5)]
+    assert _error_samples(t, limit=9) == [{"scale": 0, "x": i, "y": 0, "z": 0, "reason": reasons[i]}
                                           for i in range(n)]
 
 
@@ -157,7 +164,7 @@ def test_errors_table_rows_exactly():
     """``errors_table``: one row per cell-limit part of each block's bytes (a block without
     bytes still gets one, with empty data), in the table's schema, sorted by (morton, part);
     no blocks: the empty table."""
-    from dvidetl.export.transform import errors_table
+    from dvidetl.tables.cells import errors_table
 
     def table(data, n=3):
         return errors_table("run-1", 2, np.arange(n) + 10, np.arange(n) + 20, np.arange(n) + 30,

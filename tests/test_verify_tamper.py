@@ -442,14 +442,15 @@ def test_damaged_run_records_are_one_line_errors(pq_sink, capsys):
 def test_uncovered_ranges_are_exactly_the_plans_complement():
     """The ranges VastDB's ``outside`` scans: every scale the plan lacks (the last entry: all
     scales past its largest), the Morton gaps of those it has, the key gaps of keyed kinds."""
-    from dvidetl.sinks.base import LABEL_END, Partition
+    from dvidetl.export.kinds import Partition
+    from dvidetl.geometry import KEY_END
     from dvidetl.sinks.vastdb import _uncovered
 
     E = 1 << 64
     blocks = [Partition("blocks", 0, 0, 10), Partition("blocks", 0, 10, 20), Partition("blocks", 2, 5, 9)]
-    assert _uncovered("blocks", blocks) == [(0, 20, E, False), (1, 0, E, False), (2, 0, 5, False),
+    assert _uncovered(True, blocks) == [(0, 20, E, False), (1, 0, E, False), (2, 0, 5, False),
                                            (2, 9, E, False), (3, 0, E, True)]
-    assert _uncovered("blocks", []) == [(0, 0, E, True)]
-    keyed = [Partition("indices", 0, 0, 100), Partition("indices", 0, 200, LABEL_END)]
-    assert _uncovered("indices", keyed) == [(None, 100, 200, False), (None, LABEL_END, E, False)]
-    assert _uncovered("mapping", []) == [(None, 0, E, False)]
+    assert _uncovered(True, []) == [(0, 0, E, True)]
+    keyed = [Partition("indices", 0, 0, 100), Partition("indices", 0, 200, KEY_END - 1)]
+    assert _uncovered(False, keyed) == [(None, 100, 200, False), (None, KEY_END - 1, E, False)]
+    assert _uncovered(False, []) == [(None, 0, E, False)]

@@ -37,6 +37,7 @@ class Repacked:
     raw_size: pa.UInt32Array  # length of the unwrapped block
     crc32: pa.UInt32Array  # zlib.crc32 of the unwrapped block
     errors: pa.StringArray  # null = ok, else the reason
+    raw: pa.BinaryArray | None = None  # the unwrapped blocks (``keep_raw``; null for errors)
 
     def __len__(self) -> int:
         return len(self.errors)
@@ -103,8 +104,11 @@ def repack(
     codec: str,
     *,
     zstd_level: int = 3,
+    keep_raw: bool = False,
 ) -> Repacked:
-    """Unwrap, validate, split, count and zstd every block of ``wrapped`` (see module doc)."""
+    """Unwrap, validate, split, count and zstd every block of ``wrapped`` (see module doc).
+    ``keep_raw``: also return the unwrapped blocks (``Repacked.raw``), for callers that
+    transcode whole blocks (one copy of the unwrapped batch; not made otherwise)."""
     if isinstance(wrapped, pa.ChunkedArray):
         wrapped = wrapped.combine_chunks()
     if not (pa.types.is_binary(wrapped.type) or pa.types.is_large_binary(wrapped.type)):
@@ -161,6 +165,7 @@ def repack(
 
     for r in np.flatnonzero(~valid):
         errors[r] = "null value"
+    raw_copy = buf[: int(offs[-1])].copy() if keep_raw else None  # (the kernel edits buf)
     info, sv_offs, sv, counts, body_start = K.repack_kernel(buf, offs, ok)
     good = ok & (info[:, K.I_ERR] == K.E_OK)
     for r in np.flatnonzero(ok & ~good):
@@ -195,7 +200,14 @@ def repack(
         [validity, pa.py_buffer(zoffs.astype(np.int32)), pa.py_buffer(zdata)],
         null_count=n_bad,
     )
+    raw = None
+    if raw_copy is not None:
+        if offs[-1] > np.iinfo(np.int32).max:
+            raise ValueError("repack: batch too large for 32-bit Arrow offsets; split it")
+        raw = pa.Array.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offs.astype(np.int32)),
+                                                     pa.py_buffer(raw_copy)], null_count=n_bad)
     return Repacked(
+        raw=raw,
         supervoxels=supervoxels,
         sv_voxels=sv_voxels,
         payload=payload_arr,

@@ -36,22 +36,19 @@ STATUS_EVERY_S = 10.0
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """Partition sizes and the planning deadline, shared by ``plan`` and ``run``."""
-    from dvidetl.export.planning import (
-        DEFAULT_INDEX_ROWS,
-        DEFAULT_MAPPING_ROWS,
-        DEFAULT_PARTITION_BLOCKS,
-    )
+    from dvidetl.export.kinds import KINDS
+    from dvidetl.export.planning import DEFAULT_PARTITION_BLOCKS
 
     p.add_argument("--partition-blocks", type=count_arg("--partition-blocks", hi=2**40), default=None,
                    metavar="N",
                    help=f"blocks per partition (default: {DEFAULT_PARTITION_BLOCKS}, less for small volumes)")
     p.add_argument("--index-partition-rows", type=count_arg("--index-partition-rows", hi=2**40),
                    default=None, metavar="ROWS",
-                   help=f"label_index rows per indices partition (default: {DEFAULT_INDEX_ROWS:,}, "
+                   help=f"label_index rows per indices partition (default: {KINDS['indices'].default_rows:,}, "
                         "less for small volumes; 2M works too)")
     p.add_argument("--mapping-partition-rows", type=count_arg("--mapping-partition-rows", hi=2**40),
                    default=None, metavar="ROWS",
-                   help=f"supervoxel pairs per mapping partition (default: {DEFAULT_MAPPING_ROWS:,}, "
+                   help=f"supervoxel pairs per mapping partition (default: {KINDS['mapping'].default_rows:,}, "
                         "less for small volumes)")
     p.add_argument("--plan-timeout", type=float, default=None, metavar="SECONDS",
                    help="deadline of each planning call to the server (default: 60 s plus "
@@ -186,8 +183,8 @@ def plan_summary(parts, requests=None) -> list[dict[str, Any]]:
     and with ``requests`` (aligned with ``parts``) the source's requests to read them."""
     per: dict = {}
     for i, p in enumerate(parts):
-        k = (p.kind, p.scale if p.kind == "blocks" else None)
-        size = p.blocks if p.kind == "blocks" else getattr(p, "rows", 0)
+        k = (p.kind, p.scale if p.spec.scaled else None)
+        size = p.size
         g = per.setdefault(k, {"kind": p.kind, "scale": k[1], "partitions": 0, "blocks": 0, "rows": 0,
                                "largest": 0, "smallest": None})
         g["partitions"] += 1
@@ -254,8 +251,8 @@ def plan_json(parts, *, every: bool = False, note: str | None = None,
     doc: dict[str, Any] = {
         "partitions": len(parts),
         "blocks": sum(p.blocks for p in parts),
-        "index_rows": sum(p.rows for p in parts if p.kind == "indices"),
-        "mapping_rows": sum(p.rows for p in parts if p.kind == "mapping"),
+        "index_rows": sum(p.rows for p in parts if p.spec.counter == "index_rows"),
+        "mapping_rows": sum(p.rows for p in parts if p.spec.counter == "mapping_rows"),
         "requests": None if requests is None else int(sum(int(r) for r in requests)),
         "label_index": note is None,
         "label_index_note": note,

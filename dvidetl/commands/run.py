@@ -15,12 +15,12 @@ import time
 
 from dvidetl.cluster import ClusterOptions, add_cluster_arguments, open_client
 from dvidetl.commands._options import (
-    asked_as,
-    parse_scales,
     add_json_argument,
+    asked_as,
     command_parser,
     emit_json,
     human,
+    parse_scales,
     set_interrupt_hint,
     size_arg,
 )
@@ -68,11 +68,9 @@ def source_desc(args, ep) -> str:
 def record_end(sink, run, res, crash: str | None = None) -> None:
     """The run's outcome into its record: ``finished`` (and published: ``sink.finish``) when
     every partition is committed, else ``failed`` with the result."""
-    from dvidetl.export.driver import result_dict
-
     run.record["ended"] = time.time()
     if res is not None:
-        run.record["result"] = result_dict(res)
+        run.record["result"] = res.to_dict()
     complete = res is not None and not res.failed and res.done + res.skipped >= res.partitions
     if complete:
         sink.finish(run)
@@ -135,8 +133,9 @@ def _check_options(args: argparse.Namespace) -> None:
     from dvidetl.commands.plan import check_plan_options
 
     check_plan_options(args)
-    if args.cell_limit < 1024:
-        raise UserError(f"--cell-limit must be at least 1024 bytes (got {args.cell_limit})")
+    from dvidetl.tables.cells import check_cell_limit
+
+    check_cell_limit(args.cell_limit)
     if not -7 <= args.zstd_level <= 22:  # zstd's fast (negative) levels through its maximum
         raise UserError(f"--zstd-level must be -7..22 (got {args.zstd_level})")
     if args.max_errors is not None and args.max_errors < 0:
@@ -171,9 +170,9 @@ def result_json(res, run, ep, sink_url: str, planning_s: float | None, rc: int,
 def main(args: argparse.Namespace) -> int:
     from dvidetl.commands.plan import Planning, StatusLine, index_note, plan_json, print_plan
     from dvidetl.export.endpoint import open_flight
+    from dvidetl.export.kinds import RunInfo
     from dvidetl.export.planning import new_run_id
     from dvidetl.sinks import open_sink
-    from dvidetl.sinks.base import RunInfo
 
     _check_options(args)
     scales = parse_scales(args.scales)
@@ -296,7 +295,7 @@ def _export(args, ep, sink, resumed, planning, new_run, where: str) -> int:
         sink.prepare(run)
         if args.resume:
             sink.update_run(run)
-        ctx = task_context(run, ep, args.sink, cell_limit=args.cell_limit, zstd_level=args.zstd_level)
+        ctx = task_context(run, ep, args.sink)
         try:
             res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,
                           max_errors=args.max_errors, dashboard=state)

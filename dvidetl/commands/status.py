@@ -38,11 +38,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run_status(sink, run_id: str) -> dict:
     """One run's status from its record and its ledger rows."""
-    from dvidetl.export.driver import ledger_totals
+    from dvidetl.export.driver import RunResult
 
     run = sink.load_run(run_id)
     led = sink.ledger(run_id)
-    tot = ledger_totals(led)
+    tot = RunResult(run_id)
+    tot.add_ledger(led)
     rec = run.record
     state = rec.get("state")
     if state is None:  # stored before runs had records: what the ledger says
@@ -57,8 +58,8 @@ def run_status(sink, run_id: str) -> dict:
         "uuid_resolved": rec.get("uuid_resolved"), "staged": bool(rec.get("staged")),
         "superseded_by": rec.get("superseded_by"),
         "partitions_planned": len(run.partitions), "partitions_done": led.num_rows,
-        "blocks_planned": sum(p.blocks for p in run.partitions), "blocks_done": tot["blocks"],
-        "index_rows": tot["index_rows"], "mapping_rows": tot["mapping_rows"], "errors": tot["errors"],
+        "blocks_planned": sum(p.blocks for p in run.partitions), "blocks_done": tot.blocks,
+        "index_rows": tot.index_rows, "mapping_rows": tot.mapping_rows, "errors": tot.errors,
         "failed_partitions": result.get("failed_partitions", []), "last_commit": last,
         "verify": rec.get("verify"), "result": result or None, "options": run.options,
     }

@@ -124,8 +124,7 @@ def record_verify(sink, run, report, scales) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands._options import emit_json, human, set_interrupt_hint
-    from dvidetl.commands._options import parse_scales
+    from dvidetl.commands._options import emit_json, human, parse_scales, set_interrupt_hint
     from dvidetl.export.endpoint import open_flight
     from dvidetl.read.verify import verify_export
     from dvidetl.redact import redact

@@ -78,11 +78,7 @@ class BlockData:
         """The exported blocks as tables of about one transform group each (read from disk
         one at a time when spilled); may be called again."""
         data = self.blocks
-        if isinstance(data, pa.Table):
-            if data.num_rows:
-                yield data
-            return
-        for b in data:
+        for b in (data.to_batches() if isinstance(data, pa.Table) else data):
             t = pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
             if t.num_rows:
                 yield t

@@ -169,16 +169,17 @@ class RunState:
         for p in run.partitions:
             g = self._group(p)
             g["parts_total"] += 1
-            g["planned"] += p.blocks if p.kind == "blocks" else p.rows
+            g["planned"] += p.size
         self.est = Estimator(Counts.of_plan(run.partitions))
 
     def _group(self, p) -> dict[str, Any]:
-        name = f"{p.kind} scale {p.scale}" if p.kind == "blocks" else p.kind
+        spec = p.spec
+        name = f"{p.kind} scale {p.scale}" if spec.scaled else p.kind
         g = self.groups.get(name)
         if g is None:
-            g = self.groups[name] = {"kind": p.kind, "scale": p.scale if p.kind == "blocks" else None,
+            g = self.groups[name] = {"kind": p.kind, "scale": p.scale if spec.scaled else None,
                                      "parts_total": 0, "parts_done": 0, "planned": 0, "done": 0,
-                                     "unit": "blocks" if p.kind == "blocks" else "rows", "errors": 0}
+                                     "unit": spec.unit, "errors": 0}
         return g
 
     def skipped(self, parts) -> None:
@@ -186,7 +187,7 @@ class RunState:
         for p in parts:
             g = self._group(p)
             g["parts_done"] += 1
-            g["done"] += p.blocks if p.kind == "blocks" else p.rows
+            g["done"] += p.size
 
     def completed(self, part, stats, res, failure: str | None = None) -> None:
         """A task's outcome: its ``tasks.PartitionStats``, or the reason it failed."""
@@ -195,7 +196,7 @@ class RunState:
             self.failed.append({"partition": part.key, "reason": redact(failure)})
         elif stats is not None:
             g["parts_done"] += 1
-            g["done"] += stats.blocks if part.kind == "blocks" else stats.rows
+            g["done"] += stats.blocks if part.spec.scaled else stats.rows
             g["errors"] += stats.errors
             for e in stats.error_samples:
                 if len(self.errors) < MAX_ERRORS_LISTED:
@@ -204,7 +205,7 @@ class RunState:
     def snapshot(self, res, done: Counts | None = None) -> dict[str, Any]:
         now = time.time()
         el = max(now - self.t0, 1e-9)
-        blocks = [g for g in self.groups.values() if g["kind"] == "blocks"]
+        blocks = [g for g in self.groups.values() if g["unit"] == "blocks"]
         total = sum(g["planned"] for g in blocks)
         committed = sum(g["done"] for g in blocks)
         streamed = 0

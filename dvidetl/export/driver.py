@@ -19,19 +19,25 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from dvidetl.export.kinds import KINDS, Partition, PartitionStats, RunInfo, kind
 from dvidetl.export.progress import Counts
 from dvidetl.export.tasks import PROGRESS_TOPIC, TaskContext, export_partition
 from dvidetl.redact import redact
-from dvidetl.sinks.base import Partition, RunInfo
 
 log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
+    """A run's totals: added up from its partitions' stats as they complete (``add``), or —
+    for partitions committed before this invocation — read back from the ledger
+    (``add_ledger``), so a resumed run reports what an uninterrupted one does."""
+
     run_id: str
     partitions: int = 0  # in the plan
     done: int = 0  # committed by this invocation
@@ -57,60 +63,70 @@ class RunResult:
     def ok(self) -> bool:
         return not self.failed and self.errors == 0 and self.aborted is None and self.lost == 0
 
+    def add(self, st: PartitionStats) -> None:
+        """A partition's task outcome (skipped: committed before)."""
+        if st.skipped:
+            self.skipped += 1
+            return
+        self.done += 1
+        spec = kind(st.kind)
+        if spec.scaled:
+            self.blocks += st.blocks
+            self.bytes_in += st.bytes_in
+            self.bytes_out += st.bytes_out
+            self.raw_bytes += st.raw_bytes
+        elif spec.counter is not None:
+            setattr(self, spec.counter, getattr(self, spec.counter) + st.rows)
+        self.add_anomalies(st.anomalies, st.lost)
+        self.errors += st.errors
+
+    def add_ledger(self, ledger: pa.Table) -> None:
+        """The figures of partitions committed earlier, from their ledger rows."""
+        kinds = ledger.column("kind")
+        self.errors += int(pc.sum(ledger.column("errors")).as_py() or 0)
+        for spec in KINDS.values():
+            mine = ledger.filter(pc.equal(kinds, spec.name))
+            if mine.num_rows == 0:
+                continue
+            total = lambda col, t=mine: int(pc.sum(t.column(col)).as_py() or 0)  # noqa: E731
+            if spec.scaled:
+                self.blocks += total("blocks")
+                self.bytes_in += total("bytes_in")
+                self.bytes_out += total("bytes_out")
+                self.raw_bytes += total("raw_bytes")
+                self.raw_partial |= bool(mine.column("raw_bytes").null_count)
+            elif spec.counter is not None:
+                setattr(self, spec.counter, getattr(self, spec.counter) + total("rows"))
+
     def add_anomalies(self, kinds: dict, lost: int) -> None:
         for k, n in kinds.items():
             self.anomalies[k] = self.anomalies.get(k, 0) + int(n)
         self.lost += int(lost)
 
+    def to_dict(self) -> dict:
+        """The figures for the run's record (failed partitions: the count and the first ten,
+        with reasons)."""
+        d = asdict(self)
+        d["failed"] = len(self.failed)
+        d["failed_partitions"] = [{"partition": k, "reason": r} for k, r in self.failed[:10]]
+        d["ok"] = self.ok
+        return d
+
 
 def stored_anomalies(sink, run_id: str) -> tuple[dict, int]:
     """(rows per kind, lost rows) of the anomalies a run stored (for a resumed run's totals)."""
-    import pyarrow.compute as pc
-
     from dvidetl.sources.base import anomaly_counts
 
     t = sink.read("source_anomalies", run_id=run_id, columns=["kind", "lost"])
     return anomaly_counts(t), int(pc.sum(pc.cast(t.column("lost"), "int64")).as_py() or 0)
 
 
-def result_dict(res: RunResult) -> dict:
-    """The figures of a ``RunResult`` for the run's record (failed partitions: the count and
-    the first ten, with reasons)."""
-    from dataclasses import asdict
-
-    d = asdict(res)
-    d["failed"] = len(res.failed)
-    d["failed_partitions"] = [{"partition": k, "reason": r} for k, r in res.failed[:10]]
-    d["ok"] = res.ok
-    return d
-
-
-def ledger_totals(ledger) -> dict:
-    """A run's totals from its ledger rows (what the partitions committed so far did): the
-    same figures ``execute`` adds up from the tasks, so a resumed run reports what an
-    uninterrupted one does."""
-    import pyarrow.compute as pc
-
-    def total(col: str, kind: str | None = "blocks") -> int:
-        c = ledger.column(col)
-        if kind is not None:
-            c = pc.filter(c, pc.equal(ledger.column("kind"), kind))
-        return int(pc.sum(c).as_py() or 0)
-
-    isb = pc.equal(ledger.column("kind"), "blocks")
-    raw = pc.filter(ledger.column("raw_bytes"), isb)
-    return {"blocks": total("blocks"), "errors": total("errors", None), "bytes_in": total("bytes_in"),
-            "bytes_out": total("bytes_out"), "raw_bytes": int(pc.sum(raw).as_py() or 0),
-            "index_rows": total("rows", "indices"), "mapping_rows": total("rows", "mapping"),
-            "raw_partial": bool(raw.null_count)}
-
-
 def _interleaved(todo: list[Partition]) -> list[Partition]:
     """Blocks in plan order with the indices and mapping partitions spread evenly among
     them (and the first ones early), so that all kinds run on all workers side by side
     and no kind is left as a long tail at the end."""
-    blocks = [p for p in todo if p.kind == "blocks"]
-    keyed = [p for p in todo if p.kind != "blocks"]
+    blocks = [p for p in todo if p.spec.scaled]
+    keyed = [p for p in todo if not p.spec.scaled]
     if not blocks or not keyed:
         return keyed + blocks
     # position of each keyed partition among the blocks: evenly over the first half of the run
@@ -161,13 +177,14 @@ class LiveParts:
         with self._lock:
             got = list(self._got.values())
         for m in got:
-            if m.get("kind") == "blocks":
+            spec = KINDS.get(m.get("kind"))
+            if spec is None:
+                continue
+            if spec.scaled:
                 d.blocks += int(m.get("blocks", 0))
                 d.bytes_in += int(m.get("bytes", 0))
-            elif m.get("kind") == "indices":
-                d.index_rows += int(m.get("rows", 0))
-            elif m.get("kind") == "mapping":
-                d.mapping_rows += int(m.get("rows", 0))
+            elif spec.counter is not None:
+                setattr(d, spec.counter, getattr(d, spec.counter) + int(m.get("rows", 0)))
         return d
 
 
@@ -232,9 +249,8 @@ def execute(
     todo = _interleaved(todo)
     res.skipped = len(run.partitions) - len(todo)
     if res.skipped:
-        for name, v in ledger_totals(sink.ledger(run.run_id)).items():
-            setattr(res, name, (getattr(res, name) or v) if name == "raw_partial" else getattr(res, name) + v)
-        if any(p.kind == "anomalies" and p.key in done_keys for p in run.partitions):
+        res.add_ledger(sink.ledger(run.run_id))
+        if any("source_anomalies" in p.spec.tables and p.key in done_keys for p in run.partitions):
             res.add_anomalies(*stored_anomalies(sink, run.run_id))
     live = LiveParts()
     if dashboard is not None:
@@ -297,22 +313,7 @@ def execute(
                                        "or lower --partition-blocks)")
                         stop = killed = True
                 else:
-                    if st.skipped:
-                        res.skipped += 1
-                    else:
-                        res.done += 1
-                        if part.kind == "blocks":
-                            res.blocks += st.blocks
-                            res.bytes_in += st.bytes_in
-                            res.bytes_out += st.bytes_out
-                            res.raw_bytes += st.raw_bytes
-                        elif part.kind == "indices":
-                            res.index_rows += st.rows
-                        elif part.kind == "mapping":
-                            res.mapping_rows += st.rows
-                        elif part.kind == "anomalies":
-                            res.add_anomalies(st.anomalies, st.lost)
-                        res.errors += st.errors
+                    res.add(st)
                     if dashboard is not None:
                         dashboard.completed(part, st, res)
                 finally:

@@ -36,7 +36,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from dvidetl.geometry import KEY_END
 from dvidetl.tables import schema as S
 
 

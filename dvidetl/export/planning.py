@@ -16,23 +16,14 @@ from collections.abc import Callable
 import numpy as np
 
 from dvidetl.errors import first_line
-from dvidetl.geometry import VolumeInfo
-from dvidetl.sinks.base import LABEL_END, Partition
+from dvidetl.export.kinds import KINDS, Partition
+from dvidetl.geometry import KEY_END, VolumeInfo
 from dvidetl.sources.base import KeyCounts
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITION_BLOCKS = 4096
 MIN_AUTO_PARTITION = 128
-#: label_index rows per indices partition: ~40 B each in Arrow (plus the protobufs being
-#: decoded), so ~80 MB of output, spilled past 32 MiB — well under 256 MiB on a worker; the
-#: male CNS's ~6e9 rows become ~3,000 partitions
-DEFAULT_INDEX_ROWS = 2_000_000
-#: mapping pairs per mapping partition (16 B each: 128 MB; 10^8 pairs -> ~13 partitions)
-DEFAULT_MAPPING_ROWS = 8_000_000
-#: source anomalies per anomalies partition (~200 B each: 200 MB at most; nearly every
-#: source has none or a few, one partition)
-DEFAULT_ANOMALY_ROWS = 1_000_000
 #: auto sizing never cuts keyed tables finer than this many rows per partition
 MIN_AUTO_ROWS = 16_384
 #: a count_keys request refines one cell into at most 2**KEY_FAN_BITS child cells
@@ -124,7 +115,7 @@ def merge_cells(
 class _KeyRanges:
     """Gathers key-ordered cells (lo, rows) into contiguous partitions of about
     ``target`` rows (a partition closes once the rows before a cell reach a multiple of
-    ``target``, as ``merge_cells`` does), covering ``[0, LABEL_END)`` without gaps so that a
+    ``target``, as ``merge_cells`` does), covering ``[0, KEY_END - 1)`` without gaps so that a
     key the counts missed still belongs to a partition. Memory: the partitions only."""
 
     def __init__(self, kind: str, target: int):
@@ -157,7 +148,7 @@ class _KeyRanges:
     def partitions(self) -> list[Partition]:
         if self.total == 0:
             return []
-        ends = [*self.bounds[1:], LABEL_END]
+        ends = [*self.bounds[1:], KEY_END - 1]
         return [Partition(self.kind, 0, a, b, 0, r)
                 for a, b, r in zip(self.bounds, ends, self.rows, strict=True)]
 
@@ -173,14 +164,13 @@ def plan_keys(count_keys: KeyCountFn, kind: str, target: int | None, *, auto_min
     to single keys (one label over the target is a partition of its own). Cells are then
     merged in order, so a partition holds at most ~1.125 x ``target`` rows. The planner never
     holds a label list — memory is one answer per round plus the partitions — and the
-    answers total ~64 cells per partition and round. ``target=None``: ``DEFAULT_*_ROWS``, lowered
+    answers total ~64 cells per partition and round. ``target=None``: the kind's ``default_rows``, lowered
     for small tables to give about ``auto_parts`` partitions (never below ``auto_min``)."""
     top = 64 - KEY_FAN_BITS
-    first = count_keys(kind, top, 0, LABEL_END + 1)
+    first = count_keys(kind, top, 0, KEY_END)
     if target is None:
         total = int(np.asarray(first.rows, np.int64).sum())
-        default = {"indices": DEFAULT_INDEX_ROWS, "mapping": DEFAULT_MAPPING_ROWS}.get(
-            kind, DEFAULT_ANOMALY_ROWS)
+        default = KINDS[kind].default_rows
         if kind == "anomalies":
             auto_min = default  # a handful of rows: never spread over the workers
         target = min(default, max(auto_min, -(-total // auto_parts)))
@@ -207,7 +197,7 @@ def plan_keys(count_keys: KeyCountFn, kind: str, target: int | None, *, auto_min
             bits = min(KEY_FAN_BITS, max(1, int(np.ceil(np.log2(64 * int(rows[h]) / target)))), cell_bits)
             nxt = cell_bits - bits
             c_lo = int(lo[h])
-            c_hi = min(c_lo + (1 << cell_bits), LABEL_END + 1)
+            c_hi = min(c_lo + (1 << cell_bits), KEY_END)
             visit(nxt, count_keys(kind, nxt, c_lo, c_hi))
             start = h + 1
         out.add(lo[start:], rows[start:])
@@ -291,7 +281,7 @@ def _keyed_partitions(count_keys: KeyCountFn | None, kind: str, target: int | No
                 raise
             log.warning("the server cannot count %s keys (%s): exporting %s as one partition",
                         kind, first_line(exc), kind)
-    return [Partition(kind, 0, 0, LABEL_END)]
+    return [Partition(kind, 0, 0, KEY_END - 1)]
 
 
 def new_run_id() -> str:

@@ -78,12 +78,9 @@ class Counts:
     def of_plan(cls, partitions) -> Counts:
         out = cls(parts=len(partitions))
         for p in partitions:
-            if p.kind == "blocks":
-                out.blocks += p.blocks
-            elif p.kind == "indices":
-                out.index_rows += p.rows
-            elif p.kind == "mapping":
-                out.mapping_rows += p.rows
+            counter = p.spec.counter
+            if counter is not None:
+                setattr(out, counter, getattr(out, counter) + p.size)
         return out
 
 

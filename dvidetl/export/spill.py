@@ -129,8 +129,9 @@ class SpillBudget:
             s.spill()
 
 
-def close_tables(tables: dict) -> None:
-    """Remove the spill files among a partition's tables (after the write, or on failure)."""
-    for t in tables.values():
+def close_tables(data) -> None:
+    """Remove the spill files among a partition's data (its tables, or ``BlockData``) after
+    the write, or on failure."""
+    for t in data.values():
         if isinstance(t, SpilledTable):
             t.close()

@@ -1,8 +1,12 @@
-"""The work of one partition, run on a Dask worker: read it through Flight, transform it,
-commit it to the sink with its ledger row (write retried in-task), return small stats.
+"""The work of one partition, run on a Dask worker: read it through Flight once, turn it
+into typed partition data (``export.batch``) with its kind's task function, commit it to
+each sink of the run with its ledger row (write retried in-task), return small stats.
 
 A task gets only small arguments (a :class:`TaskContext` and one plan entry); each worker
-process keeps one Flight client and one sink per context (``_client`` / ``_sink``).
+process keeps one Flight client and one object per sink (``worker_client`` /
+``worker_sink``). Which function does a partition's work is the kind's business
+(``export.kinds``): :func:`blocks_task`, :func:`indices_task`, :func:`mapping_task`,
+:func:`anomalies_task` here.
 """
 
 from __future__ import annotations
@@ -10,16 +14,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 
+from dvidetl.export.batch import BlockData, PartitionData
+from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
 from dvidetl.export.spill import close_tables
 from dvidetl.retry import Backoff, retry
-from dvidetl.sinks.base import Partition, RunInfo
 from dvidetl.tables import schema as S
 
 log = logging.getLogger(__name__)
+
 
 class Secret:
     """A token that never shows in reprs, logs or the dashboard."""
@@ -43,31 +49,33 @@ class Secret:
 
 @dataclass(frozen=True)
 class TaskContext:
-    """The small, picklable context every task gets."""
+    """The small, picklable context every task gets. ``sink_urls``: every sink of the run —
+    the source is read once per partition, and each sink commits it with its own ledger."""
 
     run_id: str
     location: str
     token: Secret
     uuid: str
     instance: str
-    sink_url: str
+    sink_urls: tuple[str, ...]
     codec: str
     grids: dict  # scale -> grid (x, y, z)
-    cell_limit: int = S.DEFAULT_CELL_LIMIT
     zstd_level: int = 3
 
+    @property
+    def sink_url(self) -> str:
+        return self.sink_urls[0]
 
-def task_context(run: RunInfo, ep, sink_url: str, *, cell_limit: int = S.DEFAULT_CELL_LIMIT,
-                 zstd_level: int = 3) -> TaskContext:
-    """The context of ``run``'s tasks, reaching the source through endpoint ``ep`` (the
-    options the run was planned with win over the defaults given here)."""
-    opts = run.options
+
+def task_context(run: RunInfo, ep, sink_urls: str | tuple[str, ...]) -> TaskContext:
+    """The context of ``run``'s tasks, reaching the source through endpoint ``ep``, with the
+    options the run was planned with (stored with it)."""
+    urls = (sink_urls,) if isinstance(sink_urls, str) else tuple(sink_urls)
     return TaskContext(
         run_id=run.run_id, location=ep.location, token=ep.token, uuid=run.uuid,
-        instance=ep.instance, sink_url=sink_url, codec=ep.info.codec,
+        instance=ep.instance, sink_urls=urls, codec=ep.info.codec,
         grids={s.scale: tuple(s.grid) for s in ep.info.scales},
-        cell_limit=int(opts.get("cell_limit") or cell_limit),
-        zstd_level=int(opts.get("zstd_level", zstd_level)),
+        zstd_level=int(run.options.get("zstd_level", 3)),
     )
 
 
@@ -75,7 +83,8 @@ _CLIENTS: dict = {}
 _SINKS: dict = {}
 
 
-def _client(ctx: TaskContext):
+def worker_client(ctx: TaskContext):
+    """This process's Flight client for the context (one per location, token, volume)."""
     from dvidetl.flight.client import FlightClient
 
     key = (ctx.location, ctx.token.get(), ctx.uuid, ctx.instance)
@@ -86,13 +95,15 @@ def _client(ctx: TaskContext):
     return c
 
 
-def _sink(ctx: TaskContext):
+def worker_sink(ctx: TaskContext, url: str | None = None):
+    """This process's object for a sink of the context (default: its first sink)."""
     from dvidetl.sinks import open_sink
 
-    key = (ctx.sink_url, ctx.uuid, ctx.instance)
+    url = url or ctx.sink_url
+    key = (url, ctx.uuid, ctx.instance)
     s = _SINKS.get(key)
     if s is None:
-        s = open_sink(ctx.sink_url, uuid=ctx.uuid, instance=ctx.instance)
+        s = open_sink(url, uuid=ctx.uuid, instance=ctx.instance)
         _SINKS[key] = s
     return s
 
@@ -144,124 +155,71 @@ class ProgressReporter:
             yield b
 
 
-@dataclass
-class PartitionStats:
-    """What one partition's task did: the ledger row's figures and the driver's totals.
-
-    ``blocks``: blocks read (block partitions); ``rows``: rows written (label_index rows,
-    mapping pairs, anomalies; for block partitions the blocks); ``error_samples``: the first
-    corrupt blocks (scale, x, y, z, reason) for the dashboard; ``anomalies``: the source's
-    anomalies stored, per kind, and ``lost`` those of them by which the export lacks blocks
-    (anomalies partitions). Read like a mapping (``get``) by the sinks, which take the
-    ledger figures from it."""
-
-    key: str
-    kind: str
-    skipped: bool = False
-    blocks: int = 0
-    rows: int = 0
-    errors: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    raw_bytes: int = 0
-    seconds: float = 0.0
-    error_samples: list = field(default_factory=list)
-    anomalies: dict = field(default_factory=dict)
-    lost: int = 0
-
-    def get(self, name: str, default=None):
-        return getattr(self, name, default)
-
-
 def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
-    """One task: read, transform and commit one partition (or nothing if already committed
-    by an earlier attempt). Returns small stats for the driver."""
-    from dvidetl.export.transform import transform_blocks
-
+    """One task: read, transform and commit one partition to every sink of the run that does
+    not hold it yet (an earlier attempt may have committed it to some). Returns small stats
+    for the driver (``skipped`` when every sink had it)."""
     t0 = time.perf_counter()
-    sink = _sink(ctx)
-    if sink.is_done(ctx.run_id, part):
+    sinks = [worker_sink(ctx, u) for u in ctx.sink_urls]
+    todo = [s for s in sinks if not s.is_done(ctx.run_id, part)]
+    if not todo:
         return PartitionStats(part.key, part.kind, skipped=True)
-    client = _client(ctx)
-    if part.kind == "blocks":
-        grid = tuple(ctx.grids[part.scale] if part.scale in ctx.grids else ctx.grids[str(part.scale)])
-        tables, st = transform_blocks(
-            ProgressReporter(part.kind).blocks_of(client.read_blocks(part.scale, part.lo, part.hi)),
-            ctx.codec,
-            client.map_supervoxels,
-            scale=part.scale,
-            grid=grid,
-            lo=part.lo,
-            hi=part.hi,
-            run_id=ctx.run_id,
-            cell_limit=ctx.cell_limit,
-            zstd_level=ctx.zstd_level,
-            spill_dir=_spill_dir(),
-        )
-        stats = PartitionStats(
-            part.key, part.kind, blocks=st.blocks, rows=st.blocks, errors=st.errors,
-            bytes_in=st.bytes_in, bytes_out=st.bytes_out, raw_bytes=st.raw_bytes,
-            seconds=time.perf_counter() - t0,
-            error_samples=_error_samples(tables.get("export_errors")) if st.errors else [])
-    elif part.kind in ("indices", "mapping"):
-        tables, stats = _keyed_tables(client, part, ctx)
-    elif part.kind == "anomalies":
-        tables, stats = _anomaly_tables(client, part, ctx)
-    else:
-        raise ValueError(f"unknown partition kind {part.kind!r}")
+    needs = frozenset().union(*(s.needs for s in todo))
+    data, stats = part.spec.function("task")(worker_client(ctx), ctx, part, needs=needs)
     try:
-        write_with_backoff(sink, ctx.run_id, part, tables, stats)
+        for sink in todo:
+            write_with_backoff(sink, ctx.run_id, part, data, stats)
     finally:
-        close_tables(tables)
-        del tables
+        close_tables(data)
+        del data
         release_memory()
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
-def _error_samples(errors, limit: int = 5) -> list[dict]:
-    """The first corrupt blocks of a partition (scale, x, y, z, reason) for the dashboard."""
-    if errors is None:
-        return []
-    if not isinstance(errors, pa.Table):  # spilled: its first batch is enough
-        first = next(iter(errors), None)
-        errors = pa.Table.from_batches([first]) if first is not None else None
-    if errors is None or errors.num_rows == 0:
-        return []
-    # a block's bytes are cut into parts (rows); its part 0 names it once. (Taking the first
-    # rows and skipping repeats listed too few blocks when one block had many parts.)
-    import pyarrow.compute as pc
+def blocks_task(client, ctx: TaskContext, part: Partition, *,
+                needs: frozenset = frozenset()) -> tuple[BlockData, PartitionStats]:
+    """A blocks partition: its blocks read, repacked, mapped (``transform.transform_blocks``)."""
+    from dvidetl.export.transform import transform_blocks
 
-    first = errors.filter(pc.equal(errors.column("part"), 0))
-    t = first.slice(0, limit).select(["scale", "x", "y", "z", "reason"])
+    t0 = time.perf_counter()
+    grid = tuple(ctx.grids[part.scale] if part.scale in ctx.grids else ctx.grids[str(part.scale)])
+    data, st = transform_blocks(
+        ProgressReporter(part.kind).blocks_of(part.read(client)), ctx.codec, client.map_supervoxels,
+        scale=part.scale, grid=grid, lo=part.lo, hi=part.hi, zstd_level=ctx.zstd_level,
+        keep_raw="raw" in needs, spill_dir=_spill_dir())
+    stats = PartitionStats(
+        part.key, part.kind, blocks=st.blocks, rows=st.blocks, errors=st.errors,
+        bytes_in=st.bytes_in, bytes_out=st.bytes_out, raw_bytes=st.raw_bytes,
+        seconds=time.perf_counter() - t0,
+        error_samples=_error_samples(data.failed) if st.errors else [])
+    return data, stats
+
+
+def _error_samples(failed: pa.Table, limit: int = 5) -> list[dict]:
+    """The first corrupt blocks of a partition (scale, x, y, z, reason) for the dashboard
+    (``failed``: one row per block, ``export.batch.FAILED_BLOCKS``)."""
+    if failed is None or failed.num_rows == 0:
+        return []
+    t = failed.slice(0, limit).select(["scale", "x", "y", "z", "reason"])
     return [{**r, "reason": str(r["reason"])[:200]} for r in t.to_pylist()]
 
 
-def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, PartitionStats]:
-    """The label_index rows of a body-label range, or the mapping pairs of a supervoxel
-    range, gathered whole before the write (in memory, spilled to the worker's disk past
-    ``SPILL_BYTES``) so a failed write is retried from them and the source is read once."""
+def _gathered(part: Partition, table: str, rows) -> tuple[dict, PartitionStats]:
+    """A keyed partition's rows of ``table`` gathered whole before the write (in memory,
+    spilled to the worker's disk past ``SPILL_BYTES``) so a failed write is retried from them
+    and the source is read once. ``rows`` yields (table chunk, bytes read for it)."""
     from dvidetl.export.spill import SpillBudget
-    from dvidetl.export.transform import label_index_tables
 
     t0 = time.perf_counter()
-    table = "label_index" if part.kind == "indices" else "mapping"
     spill = SpillBudget().table(table, S.schema(table), _spill_dir())
     report = ProgressReporter(part.kind)
     nbytes = 0
     try:
-        if part.kind == "indices":
-            grid0 = tuple(ctx.grids.get(0) or ctx.grids.get("0"))
-            for batch in client.read_indices(part.lo, part.hi):
-                nbytes += batch.column("data").nbytes
-                for t in label_index_tables([batch], grid0):
-                    spill.append(t)
-                    report.add(rows=t.num_rows, nbytes=0)
-        else:
-            for batch in client.read_mapping(part.lo, part.hi):
-                nbytes += batch.nbytes
-                spill.append(S.conform("mapping", pa.Table.from_batches([batch])))
-                report.add(rows=batch.num_rows)
+        for t, n in rows:
+            nbytes += n
+            spill.append(t)
+            report.add(rows=t.num_rows)
         result = spill.result()
     except BaseException:
         spill.discard()
@@ -271,15 +229,42 @@ def _keyed_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, Part
     return {table: result}, stats
 
 
-def _anomaly_tables(client, part: Partition, ctx: TaskContext) -> tuple[dict, PartitionStats]:
+def indices_task(client, ctx: TaskContext, part: Partition, *,
+                 needs: frozenset = frozenset()) -> tuple[dict, PartitionStats]:
+    """The label_index rows of a body-label range, decoded from the source's label indices."""
+    from dvidetl.export.transform import label_index_tables
+
+    grid0 = tuple(ctx.grids.get(0) or ctx.grids.get("0"))
+
+    def rows():
+        for batch in part.read(client):
+            n = batch.column("data").nbytes
+            for t in label_index_tables([batch], grid0):
+                yield t, n
+                n = 0
+            if n:
+                yield S.empty("label_index"), n
+
+    return _gathered(part, "label_index", rows())
+
+
+def mapping_task(client, ctx: TaskContext, part: Partition, *,
+                 needs: frozenset = frozenset()) -> tuple[dict, PartitionStats]:
+    """The mapping pairs of a supervoxel range."""
+    return _gathered(part, "mapping", ((S.conform("mapping", pa.Table.from_batches([b])), b.nbytes)
+                                       for b in part.read(client)))
+
+
+def anomalies_task(client, ctx: TaskContext, part: Partition, *,
+                   needs: frozenset = frozenset()) -> tuple[dict, PartitionStats]:
     """The source's anomalies numbered ``[lo, hi)`` with the run's id (a partition holds at
-    most ``planning.DEFAULT_ANOMALY_ROWS``: kept in memory), counted per kind for the summary."""
+    most ``kinds.KINDS['anomalies'].default_rows``: kept in memory), counted per kind for the summary."""
     import pyarrow.compute as pc
 
     from dvidetl.sources.base import anomaly_counts
 
     t0 = time.perf_counter()
-    batches = list(client.read_anomalies(part.lo, part.hi))
+    batches = list(part.read(client))
     t = pa.Table.from_batches(batches, schema=batches[0].schema) if batches else S.empty("source_anomalies").drop_columns(["run_id"])
     t = t.replace_schema_metadata(None)
     t = S.conform("source_anomalies", t.add_column(0, "run_id", pa.array([ctx.run_id] * t.num_rows, pa.string())))
@@ -325,13 +310,17 @@ WRITE_TRIES = 3
 WRITE_BACKOFF_S = 0.5
 
 
-def write_with_backoff(sink, run_id: str, part: Partition, tables: dict, stats) -> None:
+def write_with_backoff(sink, run_id: str, part: Partition, data: PartitionData,
+                       stats: PartitionStats) -> None:
     """``sink.write_partition`` retried on ``OSError`` (up to ``WRITE_TRIES`` attempts,
-    backoff doubling from ``WRITE_BACKOFF_S``), only when every table is materialized (a
+    backoff doubling from ``WRITE_BACKOFF_S``), only when the data can be read again (a
     consumed stream cannot be sent again). Rewriting a partition is idempotent (sinks replace
     what an earlier attempt left), so this never duplicates rows."""
-    replayable = all(isinstance(t, pa.Table) or getattr(t, "replayable", False) for t in tables.values())
-    retry(lambda: sink.write_partition(run_id, part, tables, stats),
+    if isinstance(data, BlockData):
+        replayable = data.replayable
+    else:
+        replayable = all(isinstance(t, pa.Table) or getattr(t, "replayable", False) for t in data.values())
+    retry(lambda: sink.write_partition(run_id, part, data, stats),
           Backoff(tries=WRITE_TRIES, base=WRITE_BACKOFF_S, cap=float("inf")),
           retryable=lambda exc: replayable and isinstance(exc, OSError),
           what=f"partition {part.key}: write failed", logger=log, level=logging.WARNING)

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dvidetl.errors import UserError
+from dvidetl.export.kinds import KINDS, kind, kind_of_table
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
 
@@ -66,12 +67,13 @@ def _frame_meta(table: str, columns: list[str] | None):
 
 def _frame_part(part: tuple, *, export: Export, table: str, columns, where: dict):
     """One dataframe partition: the rows of one export partition, read through the sink."""
-    kind, scale, lo, hi = part
-    if kind == "blocks":
+    kind_name, scale, lo, hi = part
+    spec = kind(kind_name)
+    if spec.scaled:
         t = export.read(table, scale=scale, morton_range=(lo, hi), where=where or None,
                         columns=columns)
     else:
-        key = "label" if kind == "indices" else "supervoxel"
+        key = spec.key
         w = dict(where)
         # a range on the key is cut to this partition; an equality was pruned to the one
         # partition holding the value (partition ranges are disjoint) and stays as it is
@@ -152,7 +154,7 @@ class Export:
         self.volume = VolumeInfo.from_json(json.dumps(self.run.volume))
         scales = self.run.options.get("scales")
         if scales is None:
-            scales = sorted({p.scale for p in self.run.partitions if p.kind == "blocks"})
+            scales = sorted({p.scale for p in self.run.partitions if p.spec.scaled})
         self.scales: list[int] = sorted(int(s) for s in scales)
 
     def __repr__(self) -> str:
@@ -431,26 +433,25 @@ class Export:
         Column types are the table's (``dvidetl/tables/schema.py``); list columns hold arrays."""
         import dask.dataframe as dd
 
-        kind = next((k for k, ts in S.KIND_TABLES.items() if table in ts), None)
-        if kind is None:
+        spec = kind_of_table(table)
+        if spec is None:
             raise UserError(f"frame({table!r}): tables with partitions are "
-                            f"{sorted(t for ts in S.KIND_TABLES.values() for t in ts)}")
+                            f"{sorted(t for k in KINDS.values() for t in k.tables)}")
         names = S.schema(table).names
         if columns is not None:
             unknown = [c for c in columns if c not in names]
             if unknown:
                 raise UserError(f"frame({table!r}): no column(s) {unknown}; columns are {names}")
-        key = {"blocks": "morton", "indices": "label", "mapping": "supervoxel"}[kind]
-        rng = (where or {}).get(key)
+        rng = (where or {}).get(spec.key)
         parts = []
         for p in self.run.partitions:
-            if p.kind != kind or (kind == "blocks" and scale is not None and p.scale != scale):
+            if p.kind != spec.name or (spec.scaled and scale is not None and p.scale != scale):
                 continue
             if isinstance(rng, tuple) and (p.hi <= rng[0] or p.lo >= rng[1]):
                 continue
             if rng is not None and not isinstance(rng, tuple) and not p.lo <= int(rng) < p.hi:
                 continue
-            parts.append((kind, p.scale, p.lo, p.hi))
+            parts.append((p.kind, p.scale, p.lo, p.hi))
         meta = _frame_meta(table, columns)
         if not parts:
             return dd.from_pandas(meta, npartitions=1)

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dvidetl.geometry import KEY_END
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
 
@@ -241,7 +242,7 @@ def _read_part(sink, run, part, table: str, report: VerifyReport, env: VerifyEnv
         return None
     if t.num_rows == 0:
         return t
-    if part.kind == "blocks":
+    if part.spec.scaled:
         k = t.column("morton")
         inside = pc.and_(pc.equal(t.column("scale"), pa.scalar(part.scale, pa.uint8())),
                          pc.and_(pc.greater_equal(k, pa.scalar(part.lo, pa.uint64())),
@@ -249,7 +250,7 @@ def _read_part(sink, run, part, table: str, report: VerifyReport, env: VerifyEnv
     else:
         k = t.column(S.KEY_COLUMN[table])
         inside = pc.greater_equal(k, pa.scalar(part.lo, pa.uint64()))
-        if part.hi < 1 << 64:
+        if part.hi < KEY_END:
             inside = pc.and_(inside, pc.less(k, pa.scalar(part.hi, pa.uint64())))
     n_out = t.num_rows - int(pc.sum(pc.cast(inside, pa.int64())).as_py() or 0)
     if n_out:
@@ -361,7 +362,7 @@ def _compare_blocks(client, part, env: VerifyEnv, report: VerifyReport, src: pa.
 def verify_gaps(client, run, report: VerifyReport, scales=None) -> None:
     """Blocks the plan does not cover at all (a planner or count bug must not hide them)."""
     info = client.info()
-    planned = {p.scale for p in run.partitions if p.kind == "blocks"}
+    planned = {p.scale for p in run.partitions if p.spec.scaled}
     planned |= {int(x) for x in (run.options.get("scales") or [])}
     for scale in sorted(planned):
         if scales is not None and scale not in scales:
@@ -378,7 +379,7 @@ def verify_gaps(client, run, report: VerifyReport, scales=None) -> None:
 
 def _gaps(run, scale: int, end: int) -> list[tuple[int, int]]:
     """Morton ranges of one scale that no planned partition covers."""
-    parts = sorted((p.lo, p.hi) for p in run.partitions if p.kind == "blocks" and p.scale == scale)
+    parts = sorted((p.lo, p.hi) for p in run.partitions if p.spec.scaled and p.scale == scale)
     out, pos = [], 0
     for lo, hi in parts:
         if lo > pos:
@@ -608,32 +609,28 @@ def verify_unstored_anomalies(client, run, report: VerifyReport) -> None:
                    "export again to store them")
 
 
-_CHECKS = {"blocks": verify_block_partition, "indices": verify_index_partition,
-           "mapping": verify_mapping_partition, "anomalies": verify_anomalies_partition}
-
-
 def check_partition(client, sink, run, part, env: VerifyEnv) -> VerifyReport:
     """The report of one partition (merged by the driver)."""
     rep = VerifyReport(run_id=run.run_id)
-    _CHECKS[part.kind](client, sink, run, part, env, rep)
+    part.spec.function("check")(client, sink, run, part, env, rep)
     return rep
 
 
 def verify_task(ctx, part, env: VerifyEnv) -> VerifyReport:
     """A cluster task: check one partition with the worker's Flight client and sink."""
-    from dvidetl.export.tasks import _client, _sink, release_memory
+    from dvidetl.export.tasks import release_memory, worker_client, worker_sink
 
-    sink = _sink(ctx)
+    sink = worker_sink(ctx)
     try:
-        return check_partition(_client(ctx), sink, sink.load_run(ctx.run_id), part, env)
+        return check_partition(worker_client(ctx), sink, sink.load_run(ctx.run_id), part, env)
     finally:
         release_memory()
 
 
 def _checked(run, scales) -> list:
     return [p for p in run.partitions
-            if (p.kind == "blocks" and (scales is None or p.scale in scales))
-            or (p.kind == "indices" and (scales is None or 0 in scales)) or p.kind in ("mapping", "anomalies")]
+            # scaled kinds by scale; the label indices cross-check the scale-0 blocks
+            if scales is None or (p.scale in scales if p.spec.scaled else p.kind != "indices" or 0 in scales)]
 
 
 def _on_cluster(dask_client, ctx, parts, env: VerifyEnv, window: int | None = None):
@@ -686,7 +683,7 @@ def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_
     for p in parts:
         if p.key not in done:
             report.partitions_unfinished += 1
-            where = f" (scale {p.scale}, morton [{p.lo}, {p.hi}))" if p.kind == "blocks" else ""
+            where = f" ({p.where('blocks')})" if p.spec.scaled else ""
             report.add(f"partition {p.key}{where} not committed")
     idx_parts = [p for p in parts if p.kind == "indices"]
     bounds = np.array([p.lo for p in idx_parts], np.uint64) if idx_parts else None

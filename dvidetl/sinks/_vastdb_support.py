@@ -18,6 +18,7 @@ from dvidetl.batching import spans
 from dvidetl.errors import UserError
 from dvidetl.redact import register_secret
 from dvidetl.tables import schema as S
+from dvidetl.tables.cells import check_cell_limit
 from dvidetl.urlquery import Query
 
 log = logging.getLogger("dvidetl.sinks.vastdb")
@@ -146,8 +147,7 @@ def parse_url(url: str) -> VastUrl:
     out = VastUrl(tuple(dict.fromkeys(eps)), parts[0], "/".join(parts[1:]),
                   q.int("cell_limit", S.DEFAULT_CELL_LIMIT), q.float("timeout", DEFAULT_TIMEOUT[1]),
                   q.int("tries", DEFAULT_TRIES))
-    if not 1024 <= out.cell_limit <= S.DEFAULT_CELL_LIMIT:
-        raise UserError(f"sink URL {url!r}: cell_limit must be 1024 .. {S.DEFAULT_CELL_LIMIT}")
+    check_cell_limit(out.cell_limit, most=S.DEFAULT_CELL_LIMIT, what=f"sink URL {url!r}: cell_limit")
     if out.tries < 1 or out.timeout <= 0:
         raise UserError(f"sink URL {url!r}: tries must be >= 1 and timeout > 0")
     return out

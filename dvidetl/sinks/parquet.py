@@ -40,24 +40,18 @@ import json
 import os
 import shutil
 import uuid as uuidlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dvidetl.errors import UserError, first_line
-from dvidetl.sinks.base import (
-    Outside,
-    Partition,
-    RunInfo,
-    SinkBase,
-    TableData,
-    UnreadableFile,
-    Where,
-    where_filters,
-)
+from dvidetl.export.batch import BlockData, PartitionData, TableData
+from dvidetl.export.kinds import Partition, PartitionStats, RunInfo, kind_of_table
+from dvidetl.sinks.base import Outside, Sink, UnreadableFile, Where, where_filters
 from dvidetl.tables import schema as S
+from dvidetl.tables.cells import block_cells, failed_cells
 
 #: the directory layout this code writes into a new export (see the module docstring)
 LAYOUT = 3
@@ -83,7 +77,7 @@ def _safe(name: str, what: str) -> str:
     return name
 
 
-class ParquetSink(SinkBase):
+class ParquetSink(Sink):
     """``parquet://DIR`` for one (uuid, instance)."""
 
     def __init__(self, base: str | os.PathLike, *, uuid: str, instance: str, url: str | None = None):
@@ -277,26 +271,42 @@ class ParquetSink(SinkBase):
         return pa.concat_tables([self._read_file(Path(f), "export_ledger", user_error=True) for f in files])
 
     # -- writing ---------------------------------------------------------------------------
-    def write_partition(
-        self, run_id: str, part: Partition, tables: Mapping[str, TableData], stats: Mapping
-    ) -> None:
-        self.check_tables(part, tables)
-        rows = 0
-        for table in S.KIND_TABLES[part.kind]:
-            final = self.file_of(table, part, run_id)
-            data = tables.get(table)
-            n = _write_atomic(final, table, data, fmt=self.format) if data is not None else 0
-            if n == 0:
-                # nothing to store: remove what an earlier attempt may have left
-                try:
-                    final.unlink()
-                except FileNotFoundError:
-                    pass
-            rows += n
-        ledger = self.ledger_row(run_id, part, stats, rows)
+    def write_partition(self, run_id: str, part: Partition, data: PartitionData,
+                        stats: PartitionStats) -> None:
+        self.check_data(part, data)
+        if isinstance(data, BlockData):
+            rows = self._write_blocks(run_id, part, data)
+        else:
+            rows = sum(self._write_table(run_id, part, t, data.get(t)) for t in part.spec.tables)
+        ledger = stats.to_ledger_row(run_id, part, rows)
         d = self._ledger_dir(run_id)
         d.mkdir(parents=True, exist_ok=True)
         _write_atomic(d / f"{part.key}.parquet", "export_ledger", ledger, keep_empty=True)
+
+    def _write_table(self, run_id: str, part: Partition, table: str, data: TableData | None) -> int:
+        """One table's file of the partition, renamed into place (or, with no rows, removed:
+        an earlier attempt may have left one). Returns rows written."""
+        final = self.file_of(table, part, run_id)
+        n = _write_atomic(final, table, data, fmt=self.format) if data is not None else 0
+        if n == 0:
+            final.unlink(missing_ok=True)
+        return n
+
+    def _write_blocks(self, run_id: str, part: Partition, data: BlockData) -> int:
+        """``blocks`` and ``block_overflow`` cut from the partition's blocks in one pass (two
+        files written side by side, renamed into place together), then ``export_errors``."""
+        limit = self.cell_limit(run_id)
+        files = {t: _AtomicFile(self.file_of(t, part, run_id), t, self.format)
+                 for t in ("blocks", "block_overflow")}
+        try:
+            for batch in data.batches():
+                for t, rows in zip(files, block_cells(batch, limit), strict=True):
+                    files[t].write(rows)
+            n = sum(f.commit() for f in files.values())
+        finally:
+            for f in files.values():
+                f.discard()
+        return n + self._write_table(run_id, part, "export_errors", failed_cells(data.failed, run_id, limit))
 
     # -- reading ---------------------------------------------------------------------------
     def committed_files(
@@ -305,8 +315,8 @@ class ParquetSink(SinkBase):
     ) -> list[Path]:
         """Files of ``table`` whose partitions are committed in the run (default latest);
         ``key_range`` keeps only the label / supervoxel partitions that meet it."""
-        kind = next((k for k, ts in S.KIND_TABLES.items() if table in ts), None)
-        if kind is None:
+        spec = kind_of_table(table)
+        if spec is None:
             raise ValueError(f"table {table!r} is not written by partitions")
         run_id = run_id or self.latest_run()
         if run_id is None:
@@ -315,14 +325,12 @@ class ParquetSink(SinkBase):
         if run.state == "superseded":
             raise UserError(f"run {run_id} of {self.root} was replaced by run "
                             f"{run.record.get('superseded_by')} (run --overwrite): its rows are gone")
+        rng = morton_range if spec.scaled else key_range
         cands = [
             p for p in run.partitions
-            if p.kind == kind
-            and not (scale is not None and kind == "blocks" and p.scale != scale)
-            and not (morton_range is not None and kind == "blocks"
-                     and (p.hi <= morton_range[0] or p.lo >= morton_range[1]))
-            and not (key_range is not None and kind != "blocks"
-                     and (p.hi <= key_range[0] or p.lo >= key_range[1]))
+            if p.kind == spec.name
+            and not (scale is not None and spec.scaled and p.scale != scale)
+            and not (rng is not None and (p.hi <= rng[0] or p.lo >= rng[1]))
         ]
         if len(cands) <= 64:
             done = {p.key for p in cands if self.is_done(run_id, p)}
@@ -353,11 +361,10 @@ class ParquetSink(SinkBase):
         f = self.file_of(table, part, run_id)
         if not f.exists():
             led = self._ledger_of(run_id, part) or {}
-            want = {"blocks": led.get("blocks", 0), "export_errors": led.get("errors", 0),
-                    "label_index": led.get("rows", 0), "mapping": led.get("rows", 0),
-                    "source_anomalies": led.get("rows", 0)}.get(table, 0)
+            column = part.spec.ledger_counts.get(table)
+            want = led.get(column, 0) if column else 0
             if want:
-                what = "blocks" if table in ("blocks", "export_errors") else "rows"
+                what = part.spec.unit
                 raise UnreadableFile(str(f), f"missing: the ledger says the partition wrote {want:,} {what} to it")
             return S.empty(table)
         return self._read_file(f, table)
@@ -381,7 +388,7 @@ class ParquetSink(SinkBase):
         """Parquet files in the table directories that are not a committed partition file of
         the run (a plain reader reads every ``*.parquet`` there), with their rows."""
         expected = {self.file_of(t, p, run.run_id) for p in run.partitions if p.key in done
-                    for t in S.KIND_TABLES[p.kind]}
+                    for t in p.spec.tables}
         out = []
         for table in S.TABLES:
             if table == "export_ledger" or not (self.root / table).is_dir():
@@ -503,39 +510,62 @@ def _row_group_rows(chunk: pa.Table) -> int:
     return int(min(64 * 1024, max(8, ROW_GROUP_BYTES // max(per_row, 1))))
 
 
+class _AtomicFile:
+    """One Parquet file written under a temp name beside ``final`` (table format ``fmt``),
+    renamed into place by ``commit``; ``discard`` removes what was not committed."""
+
+    def __init__(self, final: Path, table: str, fmt: int = S.FORMAT, keep_empty: bool = False):
+        self.final, self.table, self.fmt, self.keep_empty = final, table, fmt, keep_empty
+        self.tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, chunk: pa.Table | pa.RecordBatch) -> None:
+        if isinstance(chunk, pa.RecordBatch):
+            chunk = pa.Table.from_batches([chunk])
+        chunk = S.to_stored(self.table, S.conform(self.table, chunk), self.fmt)
+        if chunk.num_rows == 0 and not self.keep_empty:
+            return
+        if self._writer is None:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(str(self.tmp), S.stored_schema(self.table, self.fmt),
+                                            **_writer_options(self.table, self.fmt))
+        self._writer.write_table(chunk, row_group_size=_row_group_rows(chunk))
+        self.rows += chunk.num_rows
+
+    def commit(self) -> int:
+        """Rename the file into place; with no rows written, remove ``final`` instead (an
+        earlier attempt may have left one). Returns rows written."""
+        if self._writer is None:
+            self.final.unlink(missing_ok=True)
+            return 0
+        self._writer.close()
+        self._writer = None
+        os.replace(self.tmp, self.final)
+        return self.rows
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.tmp.unlink(missing_ok=True)
+
+
 def _write_atomic(final: Path, table: str, data: TableData, keep_empty: bool = False,
                   fmt: int = S.FORMAT) -> int:
     """Write ``data`` (a table or a stream of batches/tables) to a temp file beside ``final``,
     in table format ``fmt``, and rename it into place. Returns rows written; with no rows (and
     not ``keep_empty``) nothing is left on disk and 0 is returned."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
-    sch = S.stored_schema(table, fmt)
-    rows = 0
-    writer = None
+    f = _AtomicFile(final, table, fmt, keep_empty)
     try:
         chunks: Iterable = [data] if isinstance(data, (pa.Table, pa.RecordBatch)) else data
         for chunk in chunks:
-            if isinstance(chunk, pa.RecordBatch):
-                chunk = pa.Table.from_batches([chunk])
-            chunk = S.to_stored(table, S.conform(table, chunk), fmt)
-            if chunk.num_rows == 0 and not keep_empty:
-                continue
-            if writer is None:
-                writer = pq.ParquetWriter(str(tmp), sch, **_writer_options(table, fmt))
-            writer.write_table(chunk, row_group_size=_row_group_rows(chunk))
-            rows += chunk.num_rows
-        if writer is None:
+            f.write(chunk)
+        if f.rows == 0 and f._writer is None:
             return 0
-        writer.close()
-        writer = None
-        os.replace(tmp, final)
-        return rows
+        return f.commit()
     finally:
-        if writer is not None:
-            writer.close()
-        if tmp.exists():
-            tmp.unlink()
+        f.discard()
 
 
 def _atomic_write_bytes(final: Path, data: bytes) -> None:

@@ -37,12 +37,15 @@ import logging
 import os
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from dvidetl.errors import UserError
+from dvidetl.export.batch import BlockData, PartitionData, TableData
+from dvidetl.export.kinds import KINDS, Partition, PartitionStats, RunInfo
+from dvidetl.geometry import KEY_END
 from dvidetl.retry import Backoff, retry
 from dvidetl.sinks._vastdb_support import (
     DEFAULT_TIMEOUT,
@@ -56,8 +59,9 @@ from dvidetl.sinks._vastdb_support import (
     load_credentials,
     parse_url,
 )
-from dvidetl.sinks.base import Outside, Partition, RunInfo, SinkBase, TableData, Where
+from dvidetl.sinks.base import Outside, Sink, Where
 from dvidetl.tables import schema as S
+from dvidetl.tables.cells import block_cells, check_cell_limit, failed_cells
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-class VastDBSink(SinkBase):
+class VastDBSink(Sink):
     """``vastdb://HOST[:PORT]/BUCKET/SCHEMA`` for one (uuid, instance)."""
 
     def __init__(self, url: str, *, uuid: str, instance: str):
@@ -317,10 +321,7 @@ class VastDBSink(SinkBase):
             _compare_columns(f"{self.cfg.bucket}/{self.cfg.schema}", table, t.arrow_schema, want)
 
     def prepare(self, run: RunInfo) -> None:
-        limit = int(run.options.get("cell_limit", S.DEFAULT_CELL_LIMIT) or S.DEFAULT_CELL_LIMIT)
-        if limit > self.cfg.cell_limit:
-            raise UserError(f"--cell-limit {limit:,} is above the VastDB cell limit "
-                            f"{self.cfg.cell_limit:,}: use --cell-limit {self.cfg.cell_limit} or less")
+        check_cell_limit(int(run.options.get("cell_limit") or S.DEFAULT_CELL_LIMIT), most=self.cfg.cell_limit)
         if run.instance != self.instance or run.uuid != self.uuid:
             raise ValueError("run is for another volume than this sink object")
 
@@ -525,25 +526,12 @@ class VastDBSink(SinkBase):
     @staticmethod
     def _range_pred(table: str, part: Partition):
         """Rows of ``table`` that belong to the partition (whatever run wrote them)."""
-        if part.kind == "blocks":
+        if part.spec.scaled:
             return (_col("scale") == part.scale) & (_col("morton") >= part.lo) & (_col("morton") < part.hi)
         col = S.KEY_COLUMN[table]
-        if part.lo == 0 and part.hi >= (1 << 64) - 1:
+        if part.lo == 0 and part.hi >= KEY_END - 1:
             return None  # all rows (also label 2**64-1, never a real label)
         return (_col(col) >= part.lo) & (_col(col) < part.hi)
-
-    def _prepare_rows(self, table: str, data: TableData | None) -> _Rows:
-        """The table's rows conformed, cell-checked and cut into one-RPC batches. A one-shot
-        stream is consumed here, before the transaction, so a retried transaction can resend
-        it; a replayable source (``spill.SpilledTable``) is read, conformed and checked by
-        each transaction attempt, one group at a time (its rows are never all in memory; a
-        bad cell fails the attempt before its commit, so nothing of it becomes visible)."""
-        if data is None:
-            return _Rows([], 0)
-        if getattr(data, "replayable", False):
-            return _Rows(lambda: self._conformed(table, data), data.num_rows)
-        out = list(self._conformed(table, data))
-        return _Rows(out, sum(b.num_rows for b in out))
 
     def _conformed(self, table: str, data: TableData) -> Iterator[pa.RecordBatch]:
         chunks: Iterable = [data] if isinstance(data, (pa.Table, pa.RecordBatch)) else data
@@ -556,19 +544,48 @@ class VastDBSink(SinkBase):
             check_cells(table, chunk, self.cfg.cell_limit)
             yield from cut_rows(chunk)
 
-    def write_partition(
-        self, run_id: str, part: Partition, tables: Mapping[str, TableData], stats: Mapping
-    ) -> None:
-        self.check_tables(part, tables)
-        batches = {t: self._prepare_rows(t, tables.get(t)) for t in S.KIND_TABLES[part.kind]}
-        rows = sum(bs.num_rows for bs in batches.values())
-        ledger_rb = self.ledger_row(run_id, part, stats, rows).to_batches()[0]
+    def _rows(self, run_id: str, part: Partition, data: PartitionData) -> Callable[[], Iterator[tuple[str, pa.RecordBatch]]]:
+        """The partition's rows as (table, one-RPC batch) pairs, conformed and cell-checked:
+        a blocks partition cut into cells for the run's cell limit in one pass over its
+        blocks. Data spilled to disk (``spill.SpilledTable``) is read by each transaction
+        attempt, one group at a time (its rows are never all in memory; a bad cell fails the
+        attempt before its commit, so nothing of it becomes visible); anything else is cut,
+        conformed and checked here, before the transaction (a one-shot stream is consumed,
+        so a retried transaction can resend it)."""
+        if isinstance(data, BlockData):
+            limit = self.cell_limit(run_id)
+            errors = failed_cells(data.failed, run_id, limit)
+
+            def rows() -> Iterator[tuple[str, pa.RecordBatch]]:
+                for batch in data.batches():
+                    for table, t in zip(("blocks", "block_overflow"), block_cells(batch, limit), strict=True):
+                        yield from ((table, rb) for rb in self._conformed(table, t))
+                yield from (("export_errors", rb) for rb in self._conformed("export_errors", errors))
+
+            spilled = _spilled(data.blocks)
+        else:
+            tables = {t: data[t] for t in part.spec.tables if data.get(t) is not None}
+
+            def rows() -> Iterator[tuple[str, pa.RecordBatch]]:
+                for table, d in tables.items():
+                    yield from ((table, rb) for rb in self._conformed(table, d))
+
+            spilled = bool(tables) and all(_spilled(d) for d in tables.values())
+        if spilled:
+            return rows
+        once = list(rows())
+        return lambda: iter(once)
+
+    def write_partition(self, run_id: str, part: Partition, data: PartitionData,
+                        stats: PartitionStats) -> None:
+        self.check_data(part, data)
+        rows = self._rows(run_id, part, data)
         ep = self._endpoint_for(part.key)
 
         def attempt() -> None:
             state = {"body_done": False}
             try:
-                self._write_tx(ep, run_id, part, batches, ledger_rb, state)
+                self._write_tx(ep, run_id, part, rows, stats, state)
             except Exception:
                 if state["body_done"]:
                     # the commit's answer was lost or refused: did it apply? Only the ledger knows.
@@ -580,23 +597,28 @@ class VastDBSink(SinkBase):
         retry(attempt, self._policy(), retryable=_retryable, what=f"{part.key}: transaction failed",
               describe=_describe, logger=log)
 
-    def _write_tx(self, ep: str, run_id: str, part: Partition, batches: dict[str, _Rows],
-                  ledger_rb: pa.RecordBatch, state: dict) -> None:
+    def _write_tx(self, ep: str, run_id: str, part: Partition,
+                  rows: Callable[[], Iterator[tuple[str, pa.RecordBatch]]], stats: PartitionStats,
+                  state: dict) -> None:
         """One transaction: ledger check, delete the partition's old rows, insert, ledger row.
         Any failure before the commit leaves the transaction uncommitted (rolled back by
         ``__exit__``, or abandoned and timed out by the server if the rollback is lost)."""
         with self._session(ep).transaction() as tx:
             if self._ledger_count(tx, run_id, part, ep):
                 return  # an earlier attempt committed
-            for table, bs in batches.items():
+            handles = {}
+            for table in part.spec.tables:
                 name = self._name(table, run_id)
-                t = tx.table_from_metadata(self._md_of(table, name))
+                t = handles[table] = tx.table_from_metadata(self._md_of(table, name))
                 pred = self._range_pred(table, part)
                 old = self._select(tx, table, pred, [], endpoint=ep, row_ids=True, name=name)
                 if old.num_rows:
                     t.delete(old)
-                for rb in bs:
-                    t.insert(rb)
+            n = 0
+            for table, rb in rows():
+                handles[table].insert(rb)
+                n += rb.num_rows
+            ledger_rb = stats.to_ledger_row(run_id, part, n).to_batches()[0]
             tx.table_from_metadata(self._md_of("export_ledger")).insert(ledger_rb)
             state["body_done"] = True
 
@@ -647,9 +669,9 @@ class VastDBSink(SinkBase):
         """Rows in no planned partition's key range (per table: scales the plan has not, and
         the gaps between its ranges): one narrow select per range, all in one read
         transaction."""
-        ranges = [(table, self._name(table, run.run_id), *r) for kind, tables in S.KIND_TABLES.items()
-                  for r in _uncovered(kind, [p for p in run.partitions if p.kind == kind])
-                  for table in tables]
+        ranges = [(table, self._name(table, run.run_id), *r) for k in KINDS.values()
+                  for r in _uncovered(k.scaled, [p for p in run.partitions if p.kind == k.name])
+                  for table in k.tables]
 
         def scan(tx) -> list[Outside]:
             out = []
@@ -668,7 +690,7 @@ class VastDBSink(SinkBase):
                         + f", first morton {int(ks.min())}"
                 rng = f"{key} [{lo}, {hi})" if scale is None else (
                     f"scales >= {scale}" if above else f"scale {scale}"
-                    + ("" if (lo, hi) == (0, 1 << 64) else f" morton [{lo}, {hi})"))
+                    + ("" if (lo, hi) == (0, KEY_END) else f" morton [{lo}, {hi})"))
                 out.append(Outside(table, t.num_rows, f"{table}: {t.num_rows:,} rows outside every partition "
                                                       f"of run {run.run_id} ({rng}; {first})",
                                    scale=scale, lo=lo, hi=hi, scales_above=above))
@@ -681,7 +703,7 @@ class VastDBSink(SinkBase):
         terms = [] if scale is None else [_col("scale") >= scale] if above else [_col("scale") == scale]
         if lo > 0:
             terms.append(_col(key) >= lo)
-        if hi < 1 << 64:
+        if hi < KEY_END:
             terms.append(_col(key) < hi)
         return VastDBSink._and(terms)
 
@@ -761,7 +783,7 @@ class VastDBSink(SinkBase):
 #: rows deleted per transaction when removing rows outside every partition
 REPAIR_ROWS = 100_000
 #: the tables a staged run (``run --overwrite``) writes apart until it finishes
-STAGED_TABLES = tuple(t for ts in S.KIND_TABLES.values() for t in ts)
+STAGED_TABLES = tuple(t for k in KINDS.values() for t in k.tables)
 
 
 def _run_tag(run_id: str) -> str:
@@ -778,7 +800,7 @@ def old_name(table: str, run_id: str) -> str:
     return f"{table}__replaced_by_{_run_tag(run_id)}"
 
 
-def _uncovered(kind: str, parts: list[Partition]) -> list[tuple[int | None, int, int, bool]]:
+def _uncovered(scaled: bool, parts: list[Partition]) -> list[tuple[int | None, int, int, bool]]:
     """(scale, lo, hi, and every scale above) ranges no partition of ``parts`` covers: for
     blocks, every scale the plan does not have (the last entry: all scales past its
     largest) and the Morton gaps of the ones it has; for keyed kinds (scale None) the gaps
@@ -789,11 +811,11 @@ def _uncovered(kind: str, parts: list[Partition]) -> list[tuple[int | None, int,
             if lo > pos:
                 out.append((pos, lo))
             pos = max(pos, hi)
-        if pos < 1 << 64:
+        if pos < KEY_END:
             out.append((pos, 1 << 64))
         return out
 
-    if kind != "blocks":
+    if not scaled:
         return [(None, lo, hi, False) for lo, hi in gaps((p.lo, p.hi) for p in parts)]
     scales = {p.scale for p in parts}
     top = max(scales, default=-1) + 1
@@ -807,14 +829,9 @@ def _uncovered(kind: str, parts: list[Partition]) -> list[tuple[int | None, int,
     return out
 
 
-class _Rows:
-    """A table's insert batches: a list, or a function re-reading them for each attempt."""
-
-    def __init__(self, source: list[pa.RecordBatch] | Callable[[], Iterator[pa.RecordBatch]], num_rows: int):
-        self.source, self.num_rows = source, num_rows
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        return iter(self.source() if callable(self.source) else self.source)
+def _spilled(data) -> bool:
+    """Rows on disk that can be read again (``spill.SpilledTable``), not held in memory."""
+    return not isinstance(data, pa.Table) and bool(getattr(data, "replayable", False))
 
 
 class _col:  # noqa: N801 — reads like the ibis ``_`` it wraps

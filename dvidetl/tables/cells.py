@@ -4,6 +4,11 @@ together — vectorized over whole Arrow arrays.
 Why: VastDB limits a cell to about 126 KiB, while coarse-scale block bodies reach 1.5 MB and
 label tables 119,000 entries (``dvidetl.tables.schema`` describes the tables the cells go into).
 Cutting is lossless; ``reassemble`` gives back each block's whole row.
+
+The tabular sinks cut the blocks a partition hands them (``export.batch``: one row per block,
+whole payload and lists) with ``cut_blocks`` / ``block_cells``, for the run's cell limit —
+the one knob (``RunOptions.cell_limit``, ``--cell-limit``), checked once by
+``check_cell_limit``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dvidetl.errors import UserError
+from dvidetl.tables import schema as S
 from dvidetl.tables.schema import LIST_COLUMNS, PAYLOAD_CELLS, PAYLOAD_COLUMNS, empty
+
+#: the smallest cell limit an export may use: below it a coarse block's payload would need
+#: more than ``blocks_tables``' 255 cells, and nothing real is that small
+MIN_CELL_LIMIT = 1024
+
+
+def check_cell_limit(n: int, *, most: int | None = None, what: str = "--cell-limit") -> int:
+    """``n`` if it is a usable cell limit (at least ``MIN_CELL_LIMIT`` and at most ``most``,
+    a store's own limit), else a ``UserError`` saying which bound it passes."""
+    if type(n) is not int and not isinstance(n, np.integer):
+        raise UserError(f"{what} must be a whole number of bytes (got {n!r})")
+    if n < MIN_CELL_LIMIT:
+        raise UserError(f"{what} must be at least {MIN_CELL_LIMIT} bytes (got {n})")
+    if most is not None and n > most:
+        raise UserError(f"{what} {n:,} is above the store's cell limit {most:,}: use {most} or less")
+    return int(n)
 
 
 def nparts_of(sizes: np.ndarray, cell_limit: int) -> np.ndarray:
@@ -212,3 +235,197 @@ def reassemble(blocks: pa.Table, overflow: pa.Table | None) -> pa.Table:
         raise ValueError(f"reassembled payload sizes differ from payload_size (morton {bad})")
     return out
 
+
+# ---------------------------------------------------------------------------------------------
+# cutting a partition's blocks into storage rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _list_nbytes(arr: pa.Array) -> np.ndarray:
+    """Payload bytes of each list cell (entries x item size)."""
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
+    return lengths * arr.type.value_type.byte_width
+
+
+def blocks_tables(
+    scale: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    morton: np.ndarray,
+    supervoxels: pa.Array,
+    labels: pa.Array,
+    sv_voxels: pa.Array,
+    raw_size: np.ndarray,
+    crc32: np.ndarray,
+    payload: pa.Array,
+    *,
+    cell_limit: int = S.DEFAULT_CELL_LIMIT,
+) -> tuple[pa.Table, pa.Table]:
+    """The ``blocks`` and ``block_overflow`` rows of already repacked blocks.
+
+    Payloads (zstd, see ``dvidetl.codec.repack``) are cut into cells of at most ``cell_limit``
+    bytes: parts 0..3 in ``payload0..3``, parts 4.. in ``block_overflow`` (column ``payload``); a list cell whose payload would pass
+    the limit is null in ``blocks`` and stored as its little-endian values, cut into parts,
+    in ``block_overflow`` under the column's name. Codec-independent (tests use it directly).
+    """
+    if cell_limit < 1:  # (an export's limit is checked once, by check_cell_limit)
+        raise ValueError(f"cell limit {cell_limit} bytes: must be positive")
+    n = len(morton)
+    payload = payload.combine_chunks() if isinstance(payload, pa.ChunkedArray) else payload
+    payload_size = pc.fill_null(pc.binary_length(payload), 0).to_numpy().astype(np.int64)
+    nparts = nparts_of(payload_size, cell_limit)
+    if n and nparts.max() > 255:
+        raise ValueError(f"a block payload of {payload_size.max()} bytes needs more than 255 cells")
+    ov_scale, ov_morton, ov_col, ov_part, ov_data = [], [], [], [], []
+    overflow = nparts > S.PAYLOAD_CELLS
+    mortons = np.asarray(morton, dtype=np.uint64)
+
+    def add_overflow(rows: np.ndarray, colname: str, data: pa.Array, first_part: int) -> None:
+        sizes = pc.binary_length(data).to_numpy().astype(np.int64)
+        k = first_part
+        while True:
+            have = sizes > k * cell_limit
+            if not have.any():
+                break
+            part = cut_cells(data, k, cell_limit).filter(pa.array(have))
+            cnt = int(have.sum())
+            ov_scale.append(np.full(cnt, scale, np.uint8))
+            ov_morton.append(mortons[rows][have])
+            ov_col.append(np.full(cnt, colname, dtype=object))
+            ov_part.append(np.full(cnt, k, np.uint16))
+            ov_data.append(part)
+            k += 1
+
+    if overflow.any():
+        rows = np.flatnonzero(overflow)
+        add_overflow(rows, S.OVERFLOW_PAYLOAD[S.FORMAT], payload.take(pa.array(rows)), S.PAYLOAD_CELLS)
+    cols: dict[str, pa.Array] = {}
+    for colname, arr in (("supervoxels", supervoxels), ("labels", labels), ("sv_voxels", sv_voxels)):
+        arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+        arr = arr.cast(pa.list_(S.LIST_COLUMNS[colname]))
+        big = _list_nbytes(arr) > cell_limit
+        if big.any():
+            rows = np.flatnonzero(big)
+            add_overflow(rows, colname, list_as_binary(arr.take(pa.array(rows))), 0)
+            validity = pa.array(~big & np.asarray(pc.is_valid(arr)), pa.bool_())
+            arr = pc.if_else(validity, arr, pa.scalar(None, arr.type))
+            overflow |= big
+        cols[colname] = arr
+    blocks = pa.table(
+        {
+            "scale": pa.array(np.full(n, scale, np.uint8)),
+            "x": pa.array(np.asarray(x, np.int32)),
+            "y": pa.array(np.asarray(y, np.int32)),
+            "z": pa.array(np.asarray(z, np.int32)),
+            "morton": pa.array(mortons),
+            **cols,
+            "raw_size": pa.array(np.asarray(raw_size, np.uint32)),
+            "crc32": pa.array(np.asarray(crc32, np.uint32)),
+            "payload_size": pa.array(payload_size.astype(np.uint32)),
+            "nparts": pa.array(nparts.astype(np.uint8)),
+            **{c: cut_cells(payload, i, cell_limit) for i, c in enumerate(S.PAYLOAD_COLUMNS)},
+            "overflow": pa.array(overflow),
+        },
+        schema=S.BLOCKS,
+    )
+    if ov_data:
+        ovt = pa.table(
+            {
+                "scale": pa.array(np.concatenate(ov_scale)),
+                "morton": pa.array(np.concatenate(ov_morton)),
+                "column": pa.array(np.concatenate(ov_col), pa.string()),
+                "part": pa.array(np.concatenate(ov_part)),
+                "data": pa.concat_arrays([d.cast(pa.binary()) for d in ov_data]),
+            },
+            schema=S.BLOCK_OVERFLOW,
+        ).sort_by([("morton", "ascending"), ("column", "ascending"), ("part", "ascending")])
+    else:
+        ovt = S.empty("block_overflow")
+    return blocks, ovt
+
+
+def errors_table(
+    run_id: str,
+    scale: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    morton: np.ndarray,
+    stage: str | np.ndarray,
+    reason: np.ndarray | list,
+    data: pa.Array,
+    *,
+    cell_limit: int = S.DEFAULT_CELL_LIMIT,
+) -> pa.Table:
+    """``export_errors`` rows: one per cell-limit part of each failed block's original bytes
+    (at least one row per block, with empty data if the block had no bytes)."""
+    n = len(morton)
+    if n == 0:
+        return S.empty("export_errors")
+    data = data.combine_chunks() if isinstance(data, pa.ChunkedArray) else data
+    data = pc.fill_null(data.cast(pa.binary()), b"")
+    sizes = pc.binary_length(data).to_numpy().astype(np.int64)
+    nparts = np.maximum(nparts_of(sizes, cell_limit), 1)
+    stage_arr = np.broadcast_to(np.asarray(stage, dtype=object), (n,))
+    reason_arr = np.asarray(reason, dtype=object)
+    pieces = []
+    for k in range(int(nparts.max())):
+        have = nparts > k
+        part = pc.binary_slice(data, k * cell_limit, (k + 1) * cell_limit).filter(pa.array(have))
+        pieces.append(
+            pa.table(
+                {
+                    "run_id": pa.array([run_id] * int(have.sum()), pa.string()),
+                    "scale": pa.array(np.full(int(have.sum()), scale, np.uint8)),
+                    "x": pa.array(np.asarray(x, np.int32)[have]),
+                    "y": pa.array(np.asarray(y, np.int32)[have]),
+                    "z": pa.array(np.asarray(z, np.int32)[have]),
+                    "morton": pa.array(np.asarray(morton, np.uint64)[have]),
+                    "stage": pa.array(stage_arr[have].tolist(), pa.string()),
+                    "reason": pa.array(reason_arr[have].tolist(), pa.string()),
+                    "part": pa.array(np.full(int(have.sum()), k, np.uint16)),
+                    "nparts": pa.array(nparts[have].astype(np.uint16)),
+                    "data": part.cast(pa.binary()),
+                },
+                schema=S.EXPORT_ERRORS,
+            )
+        )
+    return pa.concat_tables(pieces).sort_by([("morton", "ascending"), ("part", "ascending")])
+
+
+def block_cells(batch: pa.Table, cell_limit: int) -> tuple[pa.Table, pa.Table]:
+    """The ``blocks`` and ``block_overflow`` rows of one ``export.batch.BLOCK_BATCH`` table
+    (the blocks of one scale, as a partition hands them to its sinks)."""
+    scale = int(batch.column("scale")[0].as_py()) if batch.num_rows else 0
+    return blocks_tables(
+        scale, batch.column("x").to_numpy(), batch.column("y").to_numpy(), batch.column("z").to_numpy(),
+        batch.column("morton").to_numpy(), batch.column("supervoxels"), batch.column("labels"),
+        batch.column("sv_voxels"), batch.column("raw_size").to_numpy(), batch.column("crc32").to_numpy(),
+        batch.column("payload"), cell_limit=cell_limit)
+
+
+def failed_cells(failed: pa.Table, run_id: str, cell_limit: int) -> pa.Table:
+    """The ``export_errors`` rows of a partition's failed blocks (``export.batch.FAILED_BLOCKS``)."""
+    if failed.num_rows == 0:
+        return empty("export_errors")
+    scale = int(failed.column("scale")[0].as_py())
+    return errors_table(run_id, scale, failed.column("x").to_numpy(), failed.column("y").to_numpy(),
+                        failed.column("z").to_numpy(), failed.column("morton").to_numpy(),
+                        np.asarray(failed.column("stage").to_pylist(), dtype=object),
+                        np.asarray(failed.column("reason").to_pylist(), dtype=object),
+                        failed.column("data"), cell_limit=cell_limit)
+
+
+def cut_blocks(data, run_id: str, cell_limit: int) -> dict[str, pa.Table]:
+    """A blocks partition's data (``export.batch.BlockData``) as whole ``blocks``,
+    ``block_overflow`` and ``export_errors`` tables (what the tabular sinks store; they cut
+    batch by batch, this is for callers that want the tables in memory)."""
+    b, o = [], []
+    for batch in data.batches():
+        bt, ot = block_cells(batch, cell_limit)
+        b.append(bt)
+        o.append(ot)
+    return {"blocks": pa.concat_tables(b) if b else empty("blocks"),
+            "block_overflow": pa.concat_tables(o) if o else empty("block_overflow"),
+            "export_errors": failed_cells(data.failed, run_id, cell_limit)}

@@ -30,12 +30,11 @@ import errno
 import hashlib
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from dvidetl.errors import UserError
-from dvidetl.sinks.base import Partition
+from dvidetl.export.kinds import Partition, PartitionStats
 from dvidetl.sinks.parquet import ParquetSink
 from dvidetl.urlquery import Query
 
@@ -48,24 +47,19 @@ class InjectedFault(OSError):
     """The error a flaky write raises (an ``OSError``, as a real I/O failure would be)."""
 
 
-class _FailingStats(Mapping):
-    """Stats whose first read raises: the Parquet sink reads stats only after its data files
-    are in place and before the ledger row, so this fails an attempt exactly there."""
+class _FailingStats:
+    """Stats whose ledger row raises: the Parquet sink makes the ledger row
+    (``PartitionStats.to_ledger_row``) only after its data files are in place, so this fails
+    an attempt exactly there."""
 
-    def __init__(self, inner: Mapping, msg: str):
+    def __init__(self, inner: PartitionStats, msg: str):
         self._inner, self._msg = inner, msg
 
-    def __getitem__(self, k):
+    def to_ledger_row(self, *args, **kwargs):
         raise InjectedFault(errno.EIO, self._msg)
 
-    def get(self, k, default=None):
-        raise InjectedFault(errno.EIO, self._msg)
-
-    def __iter__(self):
-        return iter(self._inner)
-
-    def __len__(self) -> int:
-        return len(self._inner)
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 class FlakySink(ParquetSink):

@@ -1,0 +1,121 @@
+"""docs/architecture.md's import table is true: every ``dvidetl`` import of every module
+(module level and function local, parsed with ``ast``) is allowed for its package, and no
+two modules import each other in a circle."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "dvidetl"
+
+
+def _modname(p: Path) -> str:
+    parts = list(p.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> the dvidetl modules it imports (``from X import name``: X, or X.name when
+    that is a module)."""
+    mods = {_modname(p): p for p in PKG.rglob("*.py")}
+    out: dict[str, set[str]] = {}
+    for m, p in mods.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.split(".")[0] == "dvidetl"}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                    and node.module.split(".")[0] == "dvidetl":
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    deps.add(sub if sub in mods else node.module)
+        out[m] = deps
+    return out
+
+
+def _table() -> dict[str, set[str]]:
+    """package -> allowed imports, from the table under 'Which imports are allowed'."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Which imports are allowed", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or not cells[0].startswith("`"):
+            continue
+        allowed = set(re.findall(r"`([^`]+)`", cells[1]))
+        for name in re.findall(r"`([^`]+)`", cells[0]):
+            rows[name] = allowed
+    return rows
+
+
+def _unit(module: str, table: dict) -> str | None:
+    """The table row a module belongs to: the longest listed prefix of its name."""
+    rel = module.removeprefix("dvidetl.") if module != "dvidetl" else "dvidetl"
+    parts = rel.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in table:
+            return ".".join(parts[:i])
+    return None
+
+
+def _violations(imports: dict[str, set[str]], table: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for m, deps in sorted(imports.items()):
+        unit = _unit(m, table)
+        if unit is None:
+            bad.append(f"{m} is in no row of docs/architecture.md's import table")
+            continue
+        allowed = table[unit]
+        if "*" in allowed:
+            continue
+        for d in sorted(deps):
+            target = _unit(d, table)
+            if target == unit or target in allowed:
+                continue
+            bad.append(f"{m} imports {d} ({target}), not allowed for {unit}")
+    return bad
+
+
+def test_every_import_is_in_the_architecture_table():
+    table = _table()
+    assert {"codec", "sources", "flight", "export", "sinks", "read", "tables", "cluster"} <= set(table)
+    bad = _violations(_imports(), table)
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circles_between_modules():
+    graph = _imports()
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if d not in graph or d == m:
+                continue
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(path[path.index(d):] + [d]))
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_checker_finds_a_forbidden_import():
+    """The check is not vacuous: a codec module importing a sink, a sink importing the
+    driver, and a module in no row are each reported; allowed imports are not."""
+    table = _table()
+    graph = {"dvidetl.codec.block": {"dvidetl.sinks.parquet", "dvidetl.geometry"},
+             "dvidetl.sinks.vastdb": {"dvidetl.export.driver", "dvidetl.export.kinds"},
+             "dvidetl.nowhere": set()}
+    assert _violations(graph, table) == [
+        "dvidetl.codec.block imports dvidetl.sinks.parquet (sinks), not allowed for codec",
+        "dvidetl.nowhere is in no row of docs/architecture.md's import table",
+        "dvidetl.sinks.vastdb imports dvidetl.export.driver (export), not allowed for sinks"]
