@@ -77,20 +77,12 @@ def _repack_rate(batches, codec: str) -> tuple[float, int]:
 
 
 def _pipeline(client, ep, parts_blocks: int, outdir: str, scales) -> tuple[float, int, object]:
-    from dvidetl.export.driver import execute
-    from dvidetl.export.kinds import RunInfo
-    from dvidetl.export.planning import make_plan, new_run_id
-    from dvidetl.export.tasks import task_context
-    from dvidetl.sinks import open_sink
+    """One export through the library API (``dvidetl.export``) on ``client``'s cluster."""
+    import dvidetl
+    from dvidetl import RunOptions
 
-    info = ep.info
-    parts = make_plan(info, ep.client.count, scales, parts_blocks, indices=False, mapping=False)
-    run = RunInfo(new_run_id(), ep.uuid, ep.instance, parts)
-    url = f"parquet://{outdir}"
-    sink = open_sink(url, uuid=ep.uuid, instance=ep.instance)
-    sink.prepare(run)
-    ctx = task_context(run, ep, url)
-    res = execute(client, run, ctx, sink)
+    res = dvidetl.export(ep, f"parquet://{outdir}", RunOptions(
+        scales=tuple(scales), partition_blocks=parts_blocks, indices=False, mapping=False), cluster=client)
     if res.failed or res.errors:
         raise RuntimeError(f"bench run failed: {res.failed[:3]} errors={res.errors}")
     return res.blocks / res.seconds, res.blocks, res

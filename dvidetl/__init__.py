@@ -1,20 +1,39 @@
 """dvidetl — export a DVID labelmap at one UUID into VastDB (or Parquet), exactly once.
 
-``from dvidetl import open_export`` is the reading entry point (see ``dvidetl.read``); it is
-imported on first use so ``import dvidetl`` stays light for the CLI and the workers.
+The library API (what the commands, the benchmarks and other tools call), imported on first
+use so ``import dvidetl`` stays light for the CLI and the workers:
+
+* ``dvidetl.export(source, sink, RunOptions(...), uuid=..., cluster=...) -> RunResult``;
+* ``dvidetl.verify(source, sink, uuid=..., cluster=..., repair=...) -> VerifyReport``;
+* ``dvidetl.open_export(url)`` — reading an export back (``dvidetl.read``);
+* ``RunOptions``, ``RunResult``, ``ClusterOptions``; ``open_flight``, ``open_client``,
+  ``open_source``, ``open_sink``.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["open_export", "__version__"]
+
+_API = {
+    "verify": "dvidetl.read.verify",
+    "open_export": "dvidetl.read",
+    "RunOptions": "dvidetl.export.options",
+    "RunResult": "dvidetl.export.driver",
+    "ClusterOptions": "dvidetl.cluster",
+    "open_client": "dvidetl.cluster",
+    "open_flight": "dvidetl.export.endpoint",
+    "open_source": "dvidetl.sources",
+    "open_sink": "dvidetl.sinks",
+}
+__all__ = ["export", *_API, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "open_export":
-        from dvidetl.read import open_export
-
-        return open_export
+    if name == "export":  # the export package, callable (see dvidetl/export/__init__.py)
+        return importlib.import_module("dvidetl.export")
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'dvidetl' has no attribute {name!r}")

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dvidetl.sources._dvid_transport as dt
 import dvidetl.sources.dvid_http as dh
 from dvidetl.codec.labelindex import decode_label_index
 from dvidetl.errors import UserError
@@ -152,7 +153,7 @@ def test_negative_extents_are_refused(dvid_server):
     dvid_server.new_labelmap(u, "seg", max_downres=0)
     block = np.full((64, 64, 64), 7, np.uint64)
     dvid_server.post_raw(u, "seg", block, offset=(-64, 0, 0), downres=False)
-    with pytest.raises(dh.DvidHttpError, match="negative coordinates"):
+    with pytest.raises(dt.DvidHttpError, match="negative coordinates"):
         open_source(url(dvid_server, u, "seg"))
 
 
@@ -390,8 +391,8 @@ def test_serve_flight_run_verify_versions(dvid_versions, cluster, tmp_path, caps
 # --------------------------------------------------------------------------- auth (item 3)
 @pytest.fixture()
 def no_token(monkeypatch):
-    monkeypatch.delenv(dh.DVID_TOKEN_ENV, raising=False)
-    monkeypatch.delenv(dh.DVID_TOKEN_FILE_ENV, raising=False)
+    monkeypatch.delenv(dt.DVID_TOKEN_ENV, raising=False)
+    monkeypatch.delenv(dt.DVID_TOKEN_FILE_ENV, raising=False)
     return monkeypatch
 
 
@@ -403,23 +404,23 @@ def test_auth_token_good_missing_wrong(dvid_auth, no_token, tmp_path, caplog):
     v = dvid_auth
     good = v.server.token()
     bad = hs256_jwt({"user": "someone"}, "not-this-servers-secret")
-    with pytest.raises(dh.DvidAuthError, match="DVID requires a token") as e:
+    with pytest.raises(dt.DvidAuthError, match="DVID requires a token") as e:
         vsource(v, v.root)
-    assert dh.DVID_TOKEN_ENV in str(e.value) and dh.DVID_TOKEN_FILE_ENV in str(e.value)
-    no_token.setenv(dh.DVID_TOKEN_ENV, bad)
-    with pytest.raises(dh.DvidAuthError, match=f"DVID refused the token from {dh.DVID_TOKEN_ENV}") \
+    assert dt.DVID_TOKEN_ENV in str(e.value) and dt.DVID_TOKEN_FILE_ENV in str(e.value)
+    no_token.setenv(dt.DVID_TOKEN_ENV, bad)
+    with pytest.raises(dt.DvidAuthError, match=f"DVID refused the token from {dt.DVID_TOKEN_ENV}") \
             as e:
         vsource(v, v.root)
     assert "signature is invalid" in str(e.value) and bad not in str(e.value)
-    no_token.setenv(dh.DVID_TOKEN_ENV, good)
+    no_token.setenv(dt.DVID_TOKEN_ENV, good)
     with caplog.at_level("DEBUG"):
         src = vsource(v, v.root, box_bits=2)
         assert as_dict(read_all(src, 0)) == dvid_blocks(v.server, v.root, v.name, 0)
         src.close()
-    no_token.delenv(dh.DVID_TOKEN_ENV)
+    no_token.delenv(dt.DVID_TOKEN_ENV)
     f = tmp_path / "tok"
     f.write_text(bad + "\n")
-    with pytest.raises(dh.DvidAuthError, match=f"refused the token from token_file={f}"):
+    with pytest.raises(dt.DvidAuthError, match=f"refused the token from token_file={f}"):
         vsource(v, v.root, token_file=str(f))
     f.write_text(good + "\n")
     src = vsource(v, v.root, token_file=str(f))
@@ -433,7 +434,7 @@ def test_branch_of_the_only_repo_and_auth_through_the_cli(dvid_auth, no_token, c
     through — source, Flight tickets, plan (it failed as "not a version UUID") — and a
     refused token is one line saying so (exit 2)."""
     v = dvid_auth
-    no_token.setenv(dh.DVID_TOKEN_ENV, v.server.token())
+    no_token.setenv(dt.DVID_TOKEN_ENV, v.server.token())
     base = ["--uuid", ":master", "--source", url(v.server, ":master", v.name)]
     assert cli(["plan", *base]) == 0
     captured = capsys.readouterr()
@@ -441,7 +442,7 @@ def test_branch_of_the_only_repo_and_auth_through_the_cli(dvid_auth, no_token, c
     assert "total:" in captured.out
     assert cli(["plan", "--uuid", ":dev~1", "--source", url(v.server, ":dev~1", v.name)]) == 0
     assert f"@{v.dev} (asked for as :dev~1), locked" in capsys.readouterr().err
-    no_token.setenv(dh.DVID_TOKEN_ENV, hs256_jwt({"user": "x"}, "wrong"))
+    no_token.setenv(dt.DVID_TOKEN_ENV, hs256_jwt({"user": "x"}, "wrong"))
     assert cli(["plan", *base]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "DVID refused the token" in err[0] and "Traceback" not in err[0]
@@ -483,7 +484,7 @@ def test_throttle_set_through_the_admin_api(dvid_mcns, mcns_s0):
             src.http.patience = 0.0  # the first 503 is one too many
             try:
                 read_all(src, 0)
-            except dh.DvidUnavailable as exc:
+            except dt.DvidUnavailable as exc:
                 msg = str(exc)
                 break
             finally:
@@ -629,12 +630,12 @@ def test_info_and_errors(dvid_mcns, dvid_auth, no_token, caplog):
     assert info.has_indices and info.has_mapping and info.locked is False is src.locked
     assert any("is not locked" in r.getMessage() and d.uuid in r.getMessage()
                for r in caplog.records)
-    with pytest.raises(dh.DvidHttpError, match="nope") as e:
+    with pytest.raises(dt.DvidHttpError, match="nope") as e:
         source(d, instance="nope")
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="unknown parameter"):
         source(d, bogus=2)
-    no_token.setenv(dh.DVID_TOKEN_ENV, dvid_auth.server.token())
+    no_token.setenv(dt.DVID_TOKEN_ENV, dvid_auth.server.token())
     with pytest.raises(UserError, match="name the version with") as e:  # no uuid=: which leaf?
         open_source(f"dvid+http://{dvid_auth.server.host}?instance={dvid_auth.name}")
     assert dvid_auth.master in str(e.value) and dvid_auth.dev_leaf in str(e.value)
@@ -652,7 +653,7 @@ def test_dvid_down_is_unavailable(dvid_mcns):
     port = free_port()
     with pytest.raises(SourceUnavailable, match="failed after 2 attempts") as e:
         open_source(f"dvid+http://127.0.0.1:{port}?uuid=abc&retries=1&backoff=0&timeout=2")
-    assert isinstance(e.value, dh.DvidHttpError)
+    assert isinstance(e.value, dt.DvidHttpError)
     assert isinstance(_to_flight_error(e.value, "info"), flight.FlightUnavailableError)
     assert not isinstance(_to_flight_error(UserError("bad"), "x"), flight.FlightUnavailableError)
 

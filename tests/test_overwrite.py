@@ -66,7 +66,7 @@ def _killed_overwrite(server, sink_url, sink, old_run: RunInfo, parts: int) -> R
         Ep.info = c.info()
         plan = make_plan(Ep.info, c.count, None, 8, count_keys=c.count_keys)
     run = RunInfo(run_id=f"{old_run.run_id}-new", uuid="ow", instance=old_run.instance,
-                  partitions=plan, options=dict(old_run.options), volume=old_run.volume,
+                  partitions=plan, options=old_run.options, volume=old_run.volume,
                   created=time.time(), record={"staged": True, "state": "running", "source": NEW})
     sink.prepare(run)
     ctx = task_context(run, Ep, sink_url)

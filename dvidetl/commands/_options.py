@@ -152,13 +152,52 @@ def parse_scales(text: str | None) -> list[int] | None:
         raise UserError(f"--scales {text!r}: expected comma-separated scale numbers, e.g. 0,1") from None
 
 
-def asked_as(info, requested: str) -> str:
-    """`` (asked for as X)`` when the version was named otherwise than by its full UUID."""
-    names = [n for n in dict.fromkeys((requested, info.requested_uuid)) if n and n != info.uuid]
-    return f" (asked for as {' / '.join(names)})" if names else ""
+def add_flight_arguments(parser) -> None:
+    """--uuid / --instance / --flight / --token-file, shared by run, plan, verify, inspect."""
+    parser.add_argument("--uuid", required=True, help="version UUID to export (embedded default: synthetic volume name, e.g. demo)")
+    parser.add_argument("--instance", default=None, help="labelmap instance (default: the server's)")
+    parser.add_argument(
+        "--flight", default=None, metavar="grpc://HOST:PORT",
+        help="Flight server; without it an in-process reference server over synthetic://UUID is started",
+    )
+    parser.add_argument("--token-file", default=None, help="file holding the server's bearer token")
+    parser.add_argument(
+        "--source", default=None, metavar="URL",
+        help="what the embedded server serves (default synthetic://UUID); not used with --flight",
+    )
+    parser.add_argument(
+        "--serve-host", default="127.0.0.1", metavar="ADDR",
+        help="address the embedded server binds (default 127.0.0.1); 0.0.0.0 lets workers on "
+             "other nodes reach it (advertised under this host's name); not used with --flight",
+    )
 
+
+def flight_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``open_flight``'s keywords from the options ``add_flight_arguments`` adds."""
+    return {"uuid": args.uuid, "flight": getattr(args, "flight", None),
+            "source": getattr(args, "source", None), "instance": getattr(args, "instance", None),
+            "token_file": getattr(args, "token_file", None),
+            "serve_host": getattr(args, "serve_host", None) or "127.0.0.1"}
+
+
+def run_options(args: argparse.Namespace):
+    """The ``RunOptions`` of a command's flags (``run`` has them all, ``plan`` the planning
+    ones); validated as they are made, before any server is reached."""
+    from dvidetl.export.options import RunOptions
+
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    kw = {"scales": parse_scales(get("scales")), "partition_blocks": get("partition_blocks"),
+          "index_partition_rows": get("index_partition_rows"),
+          "mapping_partition_rows": get("mapping_partition_rows"), "plan_timeout": get("plan_timeout"),
+          "indices": not get("no_indices", False), "mapping": not get("no_mapping", False),
+          "max_errors": get("max_errors"), "overwrite": bool(get("overwrite", False)),
+          "allow_unlocked": bool(get("allow_unlocked", False))}
+    for name in ("cell_limit", "zstd_level", "retries"):
+        if get(name) is not None:
+            kw[name] = get(name)
+    return RunOptions(**kw)
 
 __all__ = ["Parser", "UsageError", "size_arg", "count_arg", "examples", "command_parser",
            "add_common_arguments", "verbosity", "log_file", "add_json_argument", "human",
            "emit_json", "set_interrupt_hint", "interrupt_hint", "stop_signals", "parse_scales",
-           "asked_as"]
+           "add_flight_arguments", "flight_options", "run_options"]

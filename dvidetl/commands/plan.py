@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from typing import Any, TextIO
-
-import numpy as np
 
 from dvidetl.commands._options import (
     add_json_argument,
@@ -24,12 +21,7 @@ from dvidetl.commands._options import (
     emit_json,
     human,
 )
-from dvidetl.errors import UserError
 
-#: the deadline of the planning calls: the Flight client's own (60 s) plus this per block the
-#: counts found — a generated volume builds its label indices in ~4 ms CPU per block, a
-#: loaded machine and the first numba compile take several times that
-PLAN_S_PER_BLOCK = 0.02
 #: a status line while planning, at most this often (the first after this long)
 STATUS_EVERY_S = 10.0
 
@@ -37,7 +29,7 @@ STATUS_EVERY_S = 10.0
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """Partition sizes and the planning deadline, shared by ``plan`` and ``run``."""
     from dvidetl.export.kinds import KINDS
-    from dvidetl.export.planning import DEFAULT_PARTITION_BLOCKS
+    from dvidetl.export.planning import DEFAULT_PARTITION_BLOCKS, PLAN_S_PER_BLOCK
 
     p.add_argument("--partition-blocks", type=count_arg("--partition-blocks", hi=2**40), default=None,
                    metavar="N",
@@ -55,107 +47,11 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                         f"{PLAN_S_PER_BLOCK * 1000:g} ms per block counted, so it grows with the volume)")
 
 
-def check_plan_options(args: argparse.Namespace) -> None:
-    """Checked before any server is reached (the sizes by their parsers already)."""
-    for opt in ("partition_blocks", "index_partition_rows", "mapping_partition_rows"):
-        v = getattr(args, opt, None)
-        if v is not None and v < 1:
-            raise UserError(f"--{opt.replace('_', '-')} must be at least 1 (got {v})")
-    t = getattr(args, "plan_timeout", None)
-    if t is not None and not t > 0:
-        raise UserError(f"--plan-timeout must be more than 0 seconds (got {t})")
-
-
-class Planning:
-    """The planning phase of ``plan`` and ``run``: the counts through the endpoint's Flight
-    client (deadlines that grow with the volume), what it is doing now (:attr:`doing`, for
-    the status line and the dashboard), and how long it took. :meth:`start` runs it in a
-    daemon thread, so a Ctrl-C never waits for a server that is still counting."""
-
-    def __init__(self, args: argparse.Namespace, ep, scales, *, indices: bool = True,
-                 mapping: bool = True):
-        self.args, self.ep, self.scales = args, ep, scales
-        self.indices, self.mapping = indices, mapping
-        self.doing = "asking the server for counts"
-        self.t0 = time.monotonic()
-        self.seconds: float | None = None
-        self.blocks = 0  # counted so far (for the scaled deadline)
-        self._done = threading.Event()
-        self._result: Any = None
-        self._error: BaseException | None = None
-
-    def deadline(self) -> float:
-        """The deadline of the next count: ``--plan-timeout``, else the client's plus
-        ``PLAN_S_PER_BLOCK`` for every block counted so far."""
-        fixed = getattr(self.args, "plan_timeout", None)
-        if fixed is not None:
-            return float(fixed)
-        return float(self.ep.client.timeout) + PLAN_S_PER_BLOCK * self.blocks
-
-    def _count(self, scale: int, cell_bits: int):
-        self.doing = f"counting the blocks of scale {scale}"
-        got = self.ep.client.count(scale, cell_bits, timeout=self.deadline())
-        # the largest scale's count (scale 0): what building the label indices costs
-        self.blocks = max(self.blocks, int(np.asarray(got[1], np.int64).sum()))
-        return got
-
-    def _count_keys(self, kind: str, cell_bits: int, lo: int, hi: int):
-        self.doing = ("counting label-index rows (the first count makes the source read its label "
-                      "indices; a generated volume builds them)" if kind == "indices"
-                      else "counting mapping pairs")
-        return self.ep.client.count_keys(kind, cell_bits, lo, hi, timeout=self.deadline())
-
-    def run(self):
-        """The partitions (synchronously); a deadline passed is a one-line error naming the
-        option that gives more time."""
-        from dvidetl.export.planning import make_plan
-        from dvidetl.flight.client import FlightUnavailable
-
-        a = self.args
-        try:
-            parts = make_plan(self.ep.info, self._count, self.scales, a.partition_blocks,
-                              indices=self.indices, mapping=self.mapping, count_keys=self._count_keys,
-                              index_rows=getattr(a, "index_partition_rows", None),
-                              mapping_rows=getattr(a, "mapping_partition_rows", None))
-        except FlightUnavailable as exc:
-            from dvidetl.errors import first_line
-
-            raise UserError(f"planning failed while {self.doing}: {first_line(exc, 300)} — if the "
-                            f"server is just slow, give it longer: --plan-timeout SECONDS "
-                            f"(was {self.deadline():.0f} s)") from None
-        finally:
-            self.seconds = time.monotonic() - self.t0
-        return parts
-
-    def start(self) -> Planning:
-        def go():
-            try:
-                self._result = self.run()
-            except BaseException as exc:  # noqa: BLE001 - handed to wait()
-                self._error = exc
-            finally:
-                self._done.set()
-
-        self.t0 = time.monotonic()
-        threading.Thread(target=go, daemon=True, name="dvidetl-plan").start()
-        return self
-
-    def wait(self, tick=None, every: float = 0.5):
-        """The plan of :meth:`start`, calling ``tick()`` every ``every`` seconds meanwhile
-        (status line, dashboard). Interruptible: Ctrl-C is not held up by the server."""
-        while not self._done.wait(every):
-            if tick is not None:
-                tick()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
 class StatusLine:
     """``planning: <what> (<elapsed>)`` on stderr while planning lasts: after
     ``STATUS_EVERY_S`` and then when it changes or every ``STATUS_EVERY_S``."""
 
-    def __init__(self, planning: Planning, stream: TextIO | None = None, prefix: str = "planning"):
+    def __init__(self, planning, stream: TextIO | None = None, prefix: str = "planning"):
         self.p, self.stream, self.prefix = planning, stream or sys.stderr, prefix
         self._last = time.monotonic()
         self._said = ""
@@ -169,13 +65,6 @@ class StatusLine:
             return
         self._last, self._said = now, self.p.doing
         print(f"{self.prefix}: {self.p.doing} ({el:.0f} s)", file=self.stream, flush=True)
-
-
-def plan_from_args(args: argparse.Namespace, ep, scales, *, indices: bool = True, mapping: bool = True):
-    """The partitions the options ask for (``check_plan_options`` first), counted through
-    the endpoint's Flight client, with a status line on stderr while it takes long."""
-    planning = Planning(args, ep, scales, indices=indices, mapping=mapping).start()
-    return planning.wait(StatusLine(planning))
 
 
 def plan_summary(parts, requests=None) -> list[dict[str, Any]]:
@@ -264,7 +153,7 @@ def plan_json(parts, *, every: bool = False, note: str | None = None,
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from dvidetl.export.endpoint import add_flight_arguments
+    from dvidetl.commands._options import add_flight_arguments
 
     p = command_parser(
         sub, "plan", help="print the partitions and totals of an export (no blocks read)",
@@ -291,21 +180,20 @@ def source_json(ep) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands._options import asked_as, parse_scales
+    from dvidetl.commands._options import flight_options, run_options
+    from dvidetl.export.api import asked_as
     from dvidetl.export.endpoint import open_flight
+    from dvidetl.export.planning import Planning, check_scales
 
-    check_plan_options(args)
-    scales = parse_scales(args.scales)
-    ep = open_flight(args)
+    opts = run_options(args)
+    ep = open_flight(**flight_options(args))
     try:
-        have = [s.scale for s in ep.info.scales]
-        if scales is not None and any(s not in have for s in scales):
-            raise UserError(f"--scales {args.scales}: the volume has scales {have}")
+        check_scales(opts, ep.info)
         locked = {True: "locked", False: "NOT locked (run refuses it without --allow-unlocked)",
                   None: "not a versioned node"}[ep.info.locked]
         print(f"source: {ep.instance}@{ep.info.uuid}{asked_as(ep.info, args.uuid)}, {locked}",
               file=sys.stderr)
-        planning = Planning(args, ep, scales).start()
+        planning = Planning(ep, opts).start()
         parts = planning.wait(StatusLine(planning))
         note = index_note(ep.info, parts)
         requests = ep.client.count_requests(parts)

@@ -11,52 +11,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from dvidetl.cluster import ClusterOptions, add_cluster_arguments, open_client
+from dvidetl.cluster import ClusterOptions, add_cluster_arguments
 from dvidetl.commands._options import (
     add_json_argument,
-    asked_as,
     command_parser,
     emit_json,
     human,
-    parse_scales,
     set_interrupt_hint,
     size_arg,
 )
-from dvidetl.errors import UserError
 from dvidetl.redact import redact
 from dvidetl.tables import schema as S
 
 
-def check_locked(info, uuid: str, allow: bool) -> None:
-    """Only a locked DVID node exports deterministically (its range reads are not one
-    snapshot): refuse an open node unless the user says it is fine."""
-    if info.locked is not False:
-        return
-    msg = (f"DVID node {uuid} is not locked: blocks, indices and mapping read during the run "
-           "may come from different states of it, and a rerun may differ")
-    if not allow:
-        raise UserError(f"{msg}; lock (commit) the node first — POST /api/node/{uuid}/commit — "
-                        "or export it anyway with --allow-unlocked")
-    print(f"dvidetl run: warning: {msg} (--allow-unlocked)", file=sys.stderr)
-
-
-def check_existing(sink, args) -> bool:
-    """A plain run into an export that already has a finished run refuses (naming what to
-    do); with ``--overwrite`` the new run is staged: written apart, and made the export
-    plain readers see only when it finishes. Returns whether the new run is staged."""
-    finished = sink.finished_runs()
-    if not finished:
-        return False
-    if not args.overwrite:
-        raise UserError(f"{args.sink} already holds a finished export of {sink.instance}@{sink.uuid} "
-                        f"(run {finished[-1]}): continue that run with --resume {finished[-1]}, or replace "
-                        "it with --overwrite (the old rows stay readable until the new run finishes)")
-    return True
-
-
-def source_desc(args, ep) -> str:
+def source_desc(args) -> str:
     """Where the run reads from, without secrets: the source URL, else the Flight location."""
     from dvidetl.urlquery import redact_url
 
@@ -65,29 +34,9 @@ def source_desc(args, ep) -> str:
     return redact_url(getattr(args, "source", None) or f"synthetic://{args.uuid}")
 
 
-def record_end(sink, run, res, crash: str | None = None) -> None:
-    """The run's outcome into its record: ``finished`` (and published: ``sink.finish``) when
-    every partition is committed, else ``failed`` with the result."""
-    run.record["ended"] = time.time()
-    if res is not None:
-        run.record["result"] = res.to_dict()
-    complete = res is not None and not res.failed and res.done + res.skipped >= res.partitions
-    if complete:
-        sink.finish(run)
-        return
-    run.record["state"] = "failed"
-    if crash is not None:
-        run.record["result"] = {**run.record.get("result", {}), "crash": crash[:300]}
-    try:
-        sink.update_run(run)
-    except Exception:  # noqa: BLE001 - the original error matters more than its record
-        if crash is None:
-            raise
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
+    from dvidetl.commands._options import add_flight_arguments
     from dvidetl.commands.plan import add_plan_arguments
-    from dvidetl.export.endpoint import add_flight_arguments
     from dvidetl.sinks import DEFAULT_SINK
 
     p = command_parser(
@@ -129,22 +78,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _check_options(args: argparse.Namespace) -> None:
-    from dvidetl.commands.plan import check_plan_options
-
-    check_plan_options(args)
-    from dvidetl.tables.cells import check_cell_limit
-
-    check_cell_limit(args.cell_limit)
-    if not -7 <= args.zstd_level <= 22:  # zstd's fast (negative) levels through its maximum
-        raise UserError(f"--zstd-level must be -7..22 (got {args.zstd_level})")
-    if args.max_errors is not None and args.max_errors < 0:
-        raise UserError(f"--max-errors must be 0 or more (got {args.max_errors})")
-    if args.retries < 0:
-        raise UserError(f"--retries must be 0 or more (got {args.retries})")
-    ClusterOptions.from_args(args)  # a bad cluster option fails before planning, not after
-
-
 def result_json(res, run, ep, sink_url: str, planning_s: float | None, rc: int,
                 note: str | None) -> dict:
     """The ``run --json`` document (keys: docs/cli.md)."""
@@ -168,142 +101,65 @@ def result_json(res, run, ep, sink_url: str, planning_s: float | None, rc: int,
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands.plan import Planning, StatusLine, index_note, plan_json, print_plan
+    from dvidetl.commands._options import flight_options, run_options
+    from dvidetl.commands.plan import StatusLine, index_note, plan_json, print_plan, source_json
+    from dvidetl.export.api import ExportRun
     from dvidetl.export.endpoint import open_flight
-    from dvidetl.export.kinds import RunInfo
-    from dvidetl.export.planning import new_run_id
-    from dvidetl.sinks import open_sink
 
-    _check_options(args)
-    scales = parse_scales(args.scales)
+    opts = run_options(args)  # every option checked before a server or cluster is reached
+    cluster = ClusterOptions.from_args(args)
     if getattr(args, "vast_endpoints", None):
         from dvidetl.sinks._vastdb_support import with_endpoints
 
         args.sink = with_endpoints(args.sink, args.vast_endpoints)
-    ep = open_flight(args)
-    try:
-        info = ep.info
-        have = [s.scale for s in info.scales]
-        if scales is not None:
-            missing = [s for s in scales if s not in have]
-            if missing:
-                raise UserError(f"--scales {args.scales}: scales {missing} not in the volume (has {have})")
-        # the export is named by the full version UUID the source resolved --uuid to (a DVID
-        # prefix or branch names a node; the lock is that node's), and records what was asked
-        uuid = info.uuid
-        check_locked(info, uuid, args.allow_unlocked)
-        sink = open_sink(args.sink, uuid=uuid, instance=ep.instance)
-        # the sink first: credentials, store, reachable, writable — in seconds, before any
-        # planning or cluster (a dry run creates nothing)
-        sink.check(write=True, create=not args.dry_run)
-        where = (f"{ep.instance}@{uuid}{asked_as(info, args.uuid)} from {ep.location} -> "
-                 f"{redact(args.sink)}")
-        resumed = None
-        if args.resume:
-            resumed = sink.load_run(args.resume)  # a wrong run id fails before any cluster
-            if resumed.uuid != uuid or resumed.instance != ep.instance:
-                raise UserError(f"run {args.resume} exported {resumed.instance}@{resumed.uuid}, "
-                                f"not {ep.instance}@{uuid}")
-            if resumed.state == "superseded":
-                raise UserError(f"run {args.resume} was replaced by run "
-                                f"{resumed.record.get('superseded_by')}: nothing to resume")
-        staged = False if args.resume or args.dry_run else check_existing(sink, args)
-        planning = None
-        if resumed is None:
-            planning = Planning(args, ep, scales, indices=not args.no_indices,
-                                mapping=not args.no_mapping)
-
-        def new_run(parts) -> RunInfo:
-            return RunInfo(
-                run_id=new_run_id(), uuid=uuid, instance=ep.instance, partitions=parts,
-                options={"scales": scales if scales is not None else have,
-                         "partition_blocks": args.partition_blocks,
-                         "index_partition_rows": args.index_partition_rows,
-                         "mapping_partition_rows": args.mapping_partition_rows,
-                         "cell_limit": args.cell_limit,
-                         "zstd_level": args.zstd_level,
-                         "indices": not args.no_indices, "mapping": not args.no_mapping,
-                         "max_errors": args.max_errors, "retries": args.retries,
-                         "overwrite": bool(args.overwrite), "allow_unlocked": bool(args.allow_unlocked)},
-                volume=__import__("json").loads(info.to_json()),
-                # --uuid as given, and the full node UUID the source resolved it to (a DVID
-                # prefix or branch; the source's own uuid= is volume.requested_uuid)
-                record={"source": source_desc(args, ep), "uuid_requested": args.uuid,
-                        "uuid_resolved": uuid, "staged": staged},
-            )
-
-        if args.dry_run:
-            parts = resumed.partitions if resumed is not None else \
-                planning.start().wait(StatusLine(planning))
-            note = index_note(info, parts, skipped=args.no_indices)
-            what = f"run {resumed.run_id} (resumed)" if resumed is not None else "dry run (no run id: nothing is written)"
-            print(f"{what}: {len(parts)} partitions, ~{sum(p.blocks for p in parts):,} blocks ({where})",
-                  file=sys.stderr)
-            requests = ep.client.count_requests(parts)
-            print_plan(parts, human(args), every=getattr(args, "partitions", False), note=note,
-                       requests=requests)
-            if args.json:
-                from dvidetl.commands.plan import source_json
-
-                emit_json({"command": "run", "dry_run": True, "run_id": args.resume,
-                           "source": source_json(ep), "sink": args.sink,
-                           "plan": plan_json(parts, every=args.partitions, note=note,
-                                             requests=requests),
-                           "planning_s": planning.seconds if planning else None})
-            return 0
-        return _export(args, ep, sink, resumed, planning, new_run, where)
-    finally:
-        ep.close()
+    with open_flight(**flight_options(args)) as ep:
+        job = ExportRun(ep, args.sink, opts, resume=args.resume, uuid_requested=args.uuid,
+                        source_desc=source_desc(args), dry_run=args.dry_run)
+        for w in job.warnings:
+            print(f"dvidetl run: warning: {w}", file=sys.stderr)
+        if not args.dry_run:
+            return _export(args, job, cluster)
+        planning = job.start_planning()
+        parts = job.plan(StatusLine(planning) if planning is not None else None)
+        note = index_note(ep.info, parts, skipped=args.no_indices)
+        what = (f"run {job.resumed.run_id} (resumed)" if job.resumed is not None
+                else "dry run (no run id: nothing is written)")
+        print(f"{what}: {len(parts)} partitions, ~{sum(p.blocks for p in parts):,} blocks ({job.where})",
+              file=sys.stderr)
+        requests = ep.client.count_requests(parts)
+        print_plan(parts, human(args), every=getattr(args, "partitions", False), note=note,
+                   requests=requests)
+        if args.json:
+            emit_json({"command": "run", "dry_run": True, "run_id": args.resume,
+                       "source": source_json(ep), "sink": args.sink,
+                       "plan": plan_json(parts, every=args.partitions, note=note, requests=requests),
+                       "planning_s": planning.seconds if planning else None})
+        return 0
 
 
-def _export(args, ep, sink, resumed, planning, new_run, where: str) -> int:
-    """Plan while the cluster starts (both take seconds, neither needs the other), with the
-    run's dashboard page up from the start; then export and report."""
+def _export(args: argparse.Namespace, job, cluster: ClusterOptions) -> int:
+    """The export (``ExportRun.run``), with the planning status line, the run's line before
+    it starts, the progress line and the summary."""
     from dvidetl.commands.plan import StatusLine, index_note
-    from dvidetl.export.dashboard import RunState
-    from dvidetl.export.driver import execute
     from dvidetl.export.progress import Progress, summary
-    from dvidetl.export.tasks import task_context
 
     progress = None if args.quiet else Progress()
-    if planning is not None:
-        planning.start()
-    with open_client(ClusterOptions.from_args(args), page=True) as client:
-        state = RunState(client, None, args.sink, source=ep.location, uuid=ep.info.uuid,
-                         instance=ep.instance)
-        try:
-            if planning is not None:
-                status = StatusLine(planning)
+    status: list = []
 
-                def tick() -> None:
-                    status()
-                    state.planning(planning.doing)
+    def tick(planning) -> None:
+        if not status:
+            status.append(StatusLine(planning))
+        status[0]()
 
-                state.planning(planning.doing)
-                run = new_run(planning.wait(tick))
-            else:
-                run = resumed
-        except BaseException as exc:
-            state.fail(f"planning failed: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted")
-            raise
+    def started(run) -> None:
         set_interrupt_hint(f"resume with --resume {run.run_id}")
         nblocks = sum(p.blocks for p in run.partitions)
-        print(f"run {run.run_id}: {len(run.partitions)} partitions, ~{nblocks:,} blocks ({where})",
+        print(f"run {run.run_id}: {len(run.partitions)} partitions, ~{nblocks:,} blocks ({job.where})",
               file=sys.stderr)
-        run.record.update(state="running", started=time.time())
-        run.record.pop("ended", None)
-        sink.prepare(run)
-        if args.resume:
-            sink.update_run(run)
-        ctx = task_context(run, ep, args.sink)
-        try:
-            res = execute(client, run, ctx, sink, progress=progress, retries=args.retries,
-                          max_errors=args.max_errors, dashboard=state)
-        except BaseException as exc:
-            record_end(sink, run, None, redact(f"{type(exc).__name__}: {exc}"))
-            raise
-        record_end(sink, run, res)
-    planning_s = planning.seconds if planning is not None else None
+
+    run, res = job.run(cluster, progress=progress, page=True, tick=tick, started=started)
+    ep = job.ep
+    planning_s = job.planning.seconds if job.planning is not None else None
     note = index_note(ep.info, run.partitions, skipped=args.no_indices)
     print(summary(res, sink_desc=args.sink, planning_s=planning_s, index_note=note), file=sys.stderr)
     unfinished = (f"{len(res.failed)} partitions failed" if res.failed

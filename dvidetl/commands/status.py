@@ -61,7 +61,7 @@ def run_status(sink, run_id: str) -> dict:
         "blocks_planned": sum(p.blocks for p in run.partitions), "blocks_done": tot.blocks,
         "index_rows": tot.index_rows, "mapping_rows": tot.mapping_rows, "errors": tot.errors,
         "failed_partitions": result.get("failed_partitions", []), "last_commit": last,
-        "verify": rec.get("verify"), "result": result or None, "options": run.options,
+        "verify": rec.get("verify"), "result": result or None, "options": run.options.to_dict(),
     }
 
 

@@ -15,8 +15,7 @@ import sys
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.cluster import add_cluster_arguments
-    from dvidetl.commands._options import add_json_argument, command_parser
-    from dvidetl.export.endpoint import add_flight_arguments
+    from dvidetl.commands._options import add_flight_arguments, add_json_argument, command_parser
     from dvidetl.sinks import DEFAULT_SINK
 
     p = command_parser(
@@ -61,7 +60,7 @@ def report_json(report, rc: int, sink_url: str) -> dict:
         "anomalies": {"rows": report.anomalies, "kinds": report.anomaly_kinds,
                       "lost": report.anomalies_lost, "differences": report.anomaly_diffs},
         "counters": report.counters(),
-        "repaired": getattr(report, "repaired", None),
+        "repaired": report.repaired,
         "problems": list(report.problems), "seconds": report.seconds,
     }
 
@@ -90,91 +89,34 @@ class _VerifyProgress:
             self.line.update(d, force=done == 0)
 
 
-def repair(dask_client, sink, run, ctx, report) -> dict:
-    """Re-export exactly the partitions ``report`` found wrong (unreadable, missing,
-    extra, duplicated or different rows, not committed) and remove the rows it found outside
-    every partition; returns what was done (for the summary and the run's record)."""
-    from dvidetl.export.driver import execute
-
-    bad = [p for p in run.partitions if p.key in report.bad_partitions]
-    unfinished = [p for p in run.partitions if p.key not in sink.done(run.run_id)]
-    removed = sink.remove_outside(run, report.outside)
-    for p in bad:
-        sink.forget(run.run_id, p)
-    print(f"dvidetl verify --repair: re-exporting {len(bad)} partitions found wrong"
-          + (f" and {len(unfinished)} not committed" if unfinished else "")
-          + (f", removed {removed:,} rows outside every partition" if report.outside else ""),
-          file=sys.stderr)
-    res = execute(dask_client, run, ctx, sink)
-    if not res.failed and res.done + res.skipped >= res.partitions:
-        sink.finish(run)
-    return {"partitions": sorted(p.key for p in bad + unfinished), "rows_removed": removed,
-            "failed": [k for k, _ in res.failed]}
-
-
-def record_verify(sink, run, report, scales) -> None:
-    """The outcome into the run's record (``verify``: when, exact or not, the counters)."""
-    import time
-
-    run = sink.load_run(run.run_id)
-    run.record["verify"] = {"at": time.time(), "exact": bool(report.ok), "scales": scales,
-                            "counters": report.counters(), "seconds": round(report.seconds, 3),
-                            **({"repaired": report.repaired} if getattr(report, "repaired", None) else {})}
-    sink.update_run(run)
-
-
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands._options import emit_json, human, parse_scales, set_interrupt_hint
+    from dvidetl.cluster import ClusterOptions
+    from dvidetl.commands._options import (
+        emit_json,
+        flight_options,
+        human,
+        parse_scales,
+        set_interrupt_hint,
+    )
     from dvidetl.export.endpoint import open_flight
-    from dvidetl.read.verify import verify_export
+    from dvidetl.read.verify import verify
     from dvidetl.redact import redact
-    from dvidetl.sinks import open_sink
 
     scales = parse_scales(args.scales)
+    cluster = ClusterOptions.from_args(args)
     if args.vast_endpoints:
         from dvidetl.sinks._vastdb_support import with_endpoints
 
         args.sink = with_endpoints(args.sink, args.vast_endpoints)
-    if args.repair and scales is not None:
-        from dvidetl.errors import UserError
-
-        raise UserError("--repair checks the whole export: drop --scales")
     progress = None if args.quiet else _VerifyProgress()
-    ep = open_flight(args)
-    try:
-        # the export is named by the full UUID the source resolved --uuid to (as `run` named it)
-        sink = open_sink(args.sink, uuid=ep.info.uuid, instance=ep.instance)
-        sink.check(write=False)
-        if args.run is None and sink.latest_run() is None:
-            from dvidetl.errors import UserError
-
-            raise UserError(f"no run found in {redact(args.sink)} for {sink.instance}@{sink.uuid}: "
-                            "nothing to verify (export it first with `dvidetl run`)")
-        run = sink.load_run(args.run or sink.latest_run())
-        set_interrupt_hint("nothing was changed; run verify again" if not args.repair else None)
-        if args.in_process and not args.repair:
-            report = verify_export(ep.client, sink, run.run_id, scales, progress=progress)
-        else:
-            from dvidetl.cluster import ClusterOptions, open_client
-            from dvidetl.export.tasks import task_context
-
-            ctx = task_context(run, ep, args.sink)
-            with open_client(ClusterOptions.from_args(args)) as dask_client:
-                def check():
-                    if args.in_process:
-                        return verify_export(ep.client, sink, run.run_id, scales, progress=progress)
-                    return verify_export(ep.client, sink, run.run_id, scales, dask_client=dask_client,
-                                         ctx=ctx, progress=progress)
-
-                report = check()
-                if args.repair and not report.ok:
-                    print(report.text(), file=human(args))
-                    repaired = repair(dask_client, sink, run, ctx, report)
-                    report = check()
-                    report.repaired = repaired
-        record_verify(sink, run, report, scales)
-    finally:
-        ep.close()
+    set_interrupt_hint("nothing was changed; run verify again" if not args.repair else None)
+    with open_flight(**flight_options(args)) as ep:
+        report = verify(ep, args.sink, run_id=args.run, scales=scales,
+                        cluster=None if args.in_process and not args.repair else cluster,
+                        repair=args.repair, progress=progress,
+                        say=lambda line: print(f"dvidetl verify --repair: {line}", file=sys.stderr))
+    if report.before_repair:
+        print(report.before_repair, file=human(args))
     print(report.text(), file=human(args))
     rc = 0 if report.ok else 1
     if not report.ok:

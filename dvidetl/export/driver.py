@@ -19,7 +19,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +33,7 @@ from dvidetl.export.tasks import PROGRESS_TOPIC, TaskContext, export_partition
 from dvidetl.redact import redact
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 @dataclass
 class RunResult:
@@ -213,6 +216,54 @@ class _Ticker:
         self._t.join(5)
 
 
+class TaskWindow:
+    """Tasks for a stream of items with at most ``window`` in flight — a CNS plan has 10^5+
+    partitions, the scheduler never holds them all — yielding (item, future) as they
+    finish and submitting the next item after each. ``stop()`` ends the submitting,
+    ``cancel()`` cancels the tasks in flight. The one submitter of ``execute`` and
+    ``verify`` (``window=None``: four per worker thread, at least 8)."""
+
+    def __init__(self, client, items: Iterable[T], submit: Callable[[T], Any], window: int | None = None):
+        from distributed import as_completed
+
+        if window is None:
+            window = max(8, 4 * (sum(client.nthreads().values()) or 1))
+        self.client, self._items, self._submit = client, iter(items), submit
+        self._ac = as_completed()
+        self._flight: dict[str, tuple[T, Any]] = {}
+        self.stopped = False
+        for _ in range(window):
+            if not self._next():
+                break
+
+    def _next(self) -> bool:
+        if self.stopped:
+            return False
+        item = next(self._items, None)
+        if item is None:
+            return False
+        fut = self._submit(item)
+        self._flight[fut.key] = (item, fut)
+        self._ac.add(fut)
+        return True
+
+    def __iter__(self) -> Iterator[tuple[T, Any]]:
+        for fut in self._ac:
+            item, _ = self._flight.pop(fut.key)
+            try:
+                yield item, fut
+            finally:
+                fut.release()
+            self._next()
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def cancel(self) -> None:
+        self.stopped = True
+        self.client.cancel([f for _, f in self._flight.values()])
+
+
 def _killed_worker(exc: BaseException) -> bool:
     try:
         from distributed import KilledWorker
@@ -240,8 +291,6 @@ def execute(
     A partition whose task killed its worker every time it ran (Dask's ``KilledWorker``:
     the worker cannot hold it, e.g. too little ``--worker-memory``) stops the run at once:
     every other partition would do the same, restart-looping the workers for minutes."""
-    from distributed import as_completed
-
     t0 = time.perf_counter()
     res = RunResult(run.run_id, partitions=len(run.partitions))
     done_keys = sink.done(run.run_id)
@@ -259,25 +308,11 @@ def execute(
         dashboard.publish(res, live.done(res), force=True)
     if progress is not None:
         progress.start(Counts.of_plan(run.partitions))
-    if window is None:
-        nthreads = sum(client.nthreads().values()) or 1
-        window = max(8, 4 * nthreads)
-    pending = iter(todo)
-    ac = as_completed()
-    futs = {}
-    handles = {}
 
-    def submit_next() -> bool:
-        p = next(pending, None)
-        if p is None:
-            return False
+    def submit(p: Partition):
         key = f"export-{run.run_id}-{p.key}-{os.urandom(2).hex()}"
         live.started(key, p.kind)
-        f = client.submit(export_partition, ctx, p, key=key, retries=retries, pure=False)
-        futs[f.key] = p
-        handles[f.key] = f
-        ac.add(f)
-        return True
+        return client.submit(export_partition, ctx, p, key=key, retries=retries, pure=False)
 
     def refresh() -> None:
         d = live.done(res)
@@ -292,13 +327,9 @@ def execute(
         log.debug("no progress events from this scheduler", exc_info=True)
     try:
         with _Ticker(tick, refresh):
-            for _ in range(window):
-                if not submit_next():
-                    break
-            stop = killed = False
-            for fut in ac:
-                part = futs.pop(fut.key)
-                handles.pop(fut.key, None)
+            tasks = TaskWindow(client, todo, submit, window)
+            for part, fut in tasks:
+                killed = False
                 try:
                     st = fut.result()
                 except Exception as exc:  # noqa: BLE001 — a failed partition is reported, not fatal
@@ -307,26 +338,23 @@ def execute(
                     log.error("partition %s failed after %d retries: %s", part.key, retries, reason)
                     if dashboard is not None:
                         dashboard.completed(part, None, res, failure=reason)
-                    if _killed_worker(exc) and not stop:
+                    if _killed_worker(exc) and not tasks.stopped:
                         res.aborted = (f"partition {part.key} killed its worker every time it ran: "
                                        "the workers cannot hold one partition (raise --worker-memory, "
                                        "or lower --partition-blocks)")
-                        stop = killed = True
+                        killed = True
                 else:
                     res.add(st)
                     if dashboard is not None:
                         dashboard.completed(part, st, res)
                 finally:
                     live.ended(fut.key)
-                    fut.release()
                 if killed:  # the rest would kill their workers too: stop them now
-                    client.cancel(list(handles.values()))
+                    tasks.cancel()
                     break
-                if max_errors is not None and res.errors > max_errors and not stop:
+                if max_errors is not None and res.errors > max_errors and not tasks.stopped:
                     res.aborted = f"more than {max_errors} block errors ({res.errors})"
-                    stop = True
-                if not stop:
-                    submit_next()
+                    tasks.stop()
     finally:
         try:
             client.unsubscribe_topic(PROGRESS_TOPIC)

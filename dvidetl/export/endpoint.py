@@ -1,30 +1,10 @@
-"""The Flight endpoint a command talks to: the ``--flight`` server it names, or the
-embedded reference server over ``--source`` (default ``synthetic://UUID``); the shared
-command-line options and the token file."""
+"""The Flight endpoint an export talks to: a Flight server it names (``flight=``), or the
+embedded reference server over a source URL (``source=``, default ``synthetic://UUID``);
+and the token file."""
 
 from __future__ import annotations
 
 from dvidetl.export.tasks import Secret
-
-
-def add_flight_arguments(parser) -> None:
-    """--uuid / --instance / --flight / --token-file, shared by run, plan, verify, inspect."""
-    parser.add_argument("--uuid", required=True, help="version UUID to export (embedded default: synthetic volume name, e.g. demo)")
-    parser.add_argument("--instance", default=None, help="labelmap instance (default: the server's)")
-    parser.add_argument(
-        "--flight", default=None, metavar="grpc://HOST:PORT",
-        help="Flight server; without it an in-process reference server over synthetic://UUID is started",
-    )
-    parser.add_argument("--token-file", default=None, help="file holding the server's bearer token")
-    parser.add_argument(
-        "--source", default=None, metavar="URL",
-        help="what the embedded server serves (default synthetic://UUID); not used with --flight",
-    )
-    parser.add_argument(
-        "--serve-host", default="127.0.0.1", metavar="ADDR",
-        help="address the embedded server binds (default 127.0.0.1); 0.0.0.0 lets workers on "
-             "other nodes reach it (advertised under this host's name); not used with --flight",
-    )
 
 
 def read_token(path: str | None) -> str | None:
@@ -59,6 +39,12 @@ class FlightEndpoint:
         self.info = self.client.info()
         self.instance = instance or self.info.instance
 
+    def __enter__(self) -> FlightEndpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         try:
             self.client.close()
@@ -70,28 +56,32 @@ class FlightEndpoint:
             self.source.close()
 
 
-def open_flight(args) -> FlightEndpoint:
-    """The endpoint the options name: ``--flight`` or the embedded reference server over
-    ``synthetic://<uuid>`` (or ``--source``), bound to ``--serve-host`` — loopback by default,
-    which only workers on this node can reach; a wildcard bind is advertised under this
-    host's fully qualified name so SLURM workers on other nodes can connect."""
+def open_flight(*, uuid: str, flight: str | None = None, source: str | None = None,
+                instance: str | None = None, token_file: str | None = None,
+                serve_host: str = "127.0.0.1") -> FlightEndpoint:
+    """The endpoint of a Flight server (``flight=grpc://HOST:PORT``) or of the embedded
+    reference server over ``source`` (default ``synthetic://<uuid>``), bound to
+    ``serve_host`` — loopback by default, which only workers on this node can reach; a
+    wildcard bind is advertised under this host's fully qualified name so SLURM workers on
+    other nodes can connect. The bearer token comes from ``token_file`` or the environment
+    (never an argument). Close it (``close()``) when done."""
     import socket
 
     from dvidetl.errors import UserError
 
-    token = read_token(getattr(args, "token_file", None))
-    server = source = None
-    location = args.flight
+    token = read_token(token_file)
+    server = src = None
+    location = flight
     if location is None:
         from dvidetl.flight.server import start_server
         from dvidetl.sources import open_source
 
-        host = getattr(args, "serve_host", None) or "127.0.0.1"
-        source = open_source(getattr(args, "source", None) or f"synthetic://{args.uuid}")
+        host = serve_host or "127.0.0.1"
+        src = open_source(source or f"synthetic://{uuid}")
         try:
-            server = start_server(source, host=host, port=0, token=token)
+            server = start_server(src, host=host, port=0, token=token)
         except Exception as exc:  # noqa: BLE001 - a bad bind address is the user's to fix
-            source.close()
+            src.close()
             raise UserError(f"--serve-host {host!r}: cannot listen there ({exc})") from None
         location = server.location
         if host in ("0.0.0.0", "::", "[::]"):
@@ -101,12 +91,12 @@ def open_flight(args) -> FlightEndpoint:
     from dvidetl.flight.client import FlightUnavailable
 
     try:
-        return FlightEndpoint(location, token, args.uuid, args.instance, server, source)
+        return FlightEndpoint(location, token, uuid, instance, server, src)
     except Exception as exc:
         if server is not None:
             server.stop()
-        if source is not None:
-            source.close()
+        if src is not None:
+            src.close()
         if isinstance(exc, FlightUnavailable):  # nothing listening / wrong --flight
             raise UserError(f"{str(exc).splitlines()[0]} (is a Flight server running there? "
                             "check --flight)") from None

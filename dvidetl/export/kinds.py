@@ -36,6 +36,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from dvidetl.export.options import RunOptions
 from dvidetl.tables import schema as S
 
 
@@ -186,17 +187,21 @@ class RunInfo:
     ``Sink.prepare`` so a resumed run reuses the plan exactly; the record (``record``: the
     source URL without secrets, the requested and resolved uuid, state, start and end, the
     result, the last verify outcome; see ``RECORD_KEYS``) is rewritten by
-    ``Sink.update_run`` as the run goes. ``options`` are the run's options as stored
-    (``export.options.RunOptions.to_dict``; ``RunInfo.run_options`` reads them back)."""
+    ``Sink.update_run`` as the run goes. ``options`` are the run's ``RunOptions`` (a dict,
+    as older records and callers give them, is read with ``RunOptions.from_dict``)."""
 
     run_id: str
     uuid: str
     instance: str
     partitions: list[Partition]
-    options: dict = field(default_factory=dict)
+    options: RunOptions = field(default_factory=RunOptions)
     volume: dict = field(default_factory=dict)  # VolumeInfo as a dict
     created: float = field(default_factory=time.time)
     record: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, RunOptions):
+            self.options = RunOptions.from_dict(self.options)
 
     @property
     def state(self) -> str | None:
@@ -213,7 +218,7 @@ class RunInfo:
             "run_id": self.run_id,
             "uuid": self.uuid,
             "instance": self.instance,
-            "options": self.options,
+            "options": self.options.to_dict(),
             "volume": self.volume,
             "created": self.created,
             **{k: self.record[k] for k in RECORD_KEYS if k in self.record},
@@ -229,7 +234,7 @@ class RunInfo:
             uuid=d["uuid"],
             instance=d["instance"],
             partitions=[Partition.from_dict(p) for p in d["partitions"]],
-            options=d.get("options", {}),
+            options=RunOptions.from_dict(d.get("options")),
             volume=d.get("volume", {}),
             created=float(d.get("created", 0.0)),
             record={k: d[k] for k in RECORD_KEYS if k in d},

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dvidetl.errors import first_line
+from dvidetl.errors import UserError, first_line
 from dvidetl.export.kinds import KINDS, Partition
+from dvidetl.export.options import RunOptions
 from dvidetl.geometry import KEY_END, VolumeInfo
 from dvidetl.sources.base import KeyCounts
+
+if TYPE_CHECKING:
+    from dvidetl.export.endpoint import FlightEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -287,3 +293,100 @@ def _keyed_partitions(count_keys: KeyCountFn | None, kind: str, target: int | No
 def new_run_id() -> str:
     """Sortable, unique enough: UTC time to the second plus 6 random hex digits."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+#: the deadline of the planning calls: the Flight client's own (60 s) plus this per block the
+#: counts found — a generated volume builds its label indices in ~4 ms CPU per block, a
+#: loaded machine and the first numba compile take several times that
+PLAN_S_PER_BLOCK = 0.02
+
+
+def check_scales(options: RunOptions, info: VolumeInfo) -> None:
+    """The scales asked for exist in the volume (a one-line error naming the flag)."""
+    have = [s.scale for s in info.scales]
+    missing = [s for s in options.scales or () if s not in have]
+    if missing:
+        raise UserError(f"--scales {','.join(map(str, options.scales or ()))}: scales {missing} "
+                        f"not in the volume (has {have})")
+
+
+class Planning:
+    """The planning phase of ``plan`` and ``run``: the counts through the endpoint's Flight
+    client (deadlines that grow with the volume), what it is doing now (:attr:`doing`, for
+    the status line and the dashboard), and how long it took. :meth:`start` runs it in a
+    daemon thread, so a Ctrl-C never waits for a server that is still counting."""
+
+    def __init__(self, ep: FlightEndpoint, options: RunOptions):
+        self.ep, self.options = ep, options
+        self.doing = "asking the server for counts"
+        self.t0 = time.monotonic()
+        self.seconds: float | None = None
+        self.blocks = 0  # counted so far (for the scaled deadline)
+        self._done = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def deadline(self) -> float:
+        """The deadline of the next count: ``--plan-timeout``, else the client's plus
+        ``PLAN_S_PER_BLOCK`` for every block counted so far."""
+        fixed = self.options.plan_timeout
+        if fixed is not None:
+            return float(fixed)
+        return float(self.ep.client.timeout) + PLAN_S_PER_BLOCK * self.blocks
+
+    def _count(self, scale: int, cell_bits: int):
+        self.doing = f"counting the blocks of scale {scale}"
+        got = self.ep.client.count(scale, cell_bits, timeout=self.deadline())
+        # the largest scale's count (scale 0): what building the label indices costs
+        self.blocks = max(self.blocks, int(np.asarray(got[1], np.int64).sum()))
+        return got
+
+    def _count_keys(self, kind: str, cell_bits: int, lo: int, hi: int):
+        self.doing = ("counting label-index rows (the first count makes the source read its label "
+                      "indices; a generated volume builds them)" if kind == "indices"
+                      else "counting mapping pairs")
+        return self.ep.client.count_keys(kind, cell_bits, lo, hi, timeout=self.deadline())
+
+    def run(self) -> list[Partition]:
+        """The partitions (synchronously); a deadline passed is a one-line error naming the
+        option that gives more time."""
+        from dvidetl.flight.client import FlightUnavailable
+
+        o = self.options
+        try:
+            parts = make_plan(self.ep.info, self._count, None if o.scales is None else list(o.scales),
+                              o.partition_blocks, indices=o.indices, mapping=o.mapping,
+                              count_keys=self._count_keys, index_rows=o.index_partition_rows,
+                              mapping_rows=o.mapping_partition_rows)
+        except FlightUnavailable as exc:
+            from dvidetl.errors import first_line
+
+            raise UserError(f"planning failed while {self.doing}: {first_line(exc, 300)} — if the "
+                            f"server is just slow, give it longer: --plan-timeout SECONDS "
+                            f"(was {self.deadline():.0f} s)") from None
+        finally:
+            self.seconds = time.monotonic() - self.t0
+        return parts
+
+    def start(self) -> Planning:
+        def go():
+            try:
+                self._result = self.run()
+            except BaseException as exc:  # noqa: BLE001 - handed to wait()
+                self._error = exc
+            finally:
+                self._done.set()
+
+        self.t0 = time.monotonic()
+        threading.Thread(target=go, daemon=True, name="dvidetl-plan").start()
+        return self
+
+    def wait(self, tick=None, every: float = 0.5):
+        """The plan of :meth:`start`, calling ``tick()`` every ``every`` seconds meanwhile
+        (status line, dashboard). Interruptible: Ctrl-C is not held up by the server."""
+        while not self._done.wait(every):
+            if tick is not None:
+                tick()
+        if self._error is not None:
+            raise self._error
+        return self._result

@@ -75,7 +75,7 @@ def task_context(run: RunInfo, ep, sink_urls: str | tuple[str, ...]) -> TaskCont
         run_id=run.run_id, location=ep.location, token=ep.token, uuid=run.uuid,
         instance=ep.instance, sink_urls=urls, codec=ep.info.codec,
         grids={s.scale: tuple(s.grid) for s in ep.info.scales},
-        zstd_level=int(run.options.get("zstd_level", 3)),
+        zstd_level=run.options.zstd_level,
     )
 
 

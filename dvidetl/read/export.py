@@ -152,7 +152,7 @@ class Export:
         if not self.run.volume:
             raise UserError(f"run {self.run_id} in {sink.url} stores no volume description")
         self.volume = VolumeInfo.from_json(json.dumps(self.run.volume))
-        scales = self.run.options.get("scales")
+        scales = self.run.options.scales
         if scales is None:
             scales = sorted({p.scale for p in self.run.partitions if p.spec.scaled})
         self.scales: list[int] = sorted(int(s) for s in scales)

@@ -114,6 +114,7 @@ class VerifyReport:
     bad_partitions: set = field(default_factory=set)  # Partition.key of partitions found wrong
     outside: list = field(default_factory=list)  # sink.Outside records (stray files / row ranges)
     repaired: dict | None = None  # what ``verify --repair`` did before this report
+    before_repair: str | None = None  # the report that found what ``--repair`` redid
     #: per indices partition of the plan: (rows, hash sum) of label_index rows derived from
     #: the exported scale-0 blocks, and of the exported label_index rows themselves
     digest_blocks: np.ndarray | None = None
@@ -363,7 +364,7 @@ def verify_gaps(client, run, report: VerifyReport, scales=None) -> None:
     """Blocks the plan does not cover at all (a planner or count bug must not hide them)."""
     info = client.info()
     planned = {p.scale for p in run.partitions if p.spec.scaled}
-    planned |= {int(x) for x in (run.options.get("scales") or [])}
+    planned |= set(run.options.scales or ())
     for scale in sorted(planned):
         if scales is not None and scale not in scales:
             continue
@@ -634,31 +635,18 @@ def _checked(run, scales) -> list:
 
 
 def _on_cluster(dask_client, ctx, parts, env: VerifyEnv, window: int | None = None):
-    """Partition reports as the cluster finishes them (a bounded window in flight)."""
-    from distributed import as_completed
+    """Partition reports as the cluster finishes them (``driver.TaskWindow``: a bounded
+    window in flight)."""
+    from dvidetl.export.driver import TaskWindow
 
-    if window is None:
-        window = max(8, 4 * (sum(dask_client.nthreads().values()) or 1))
     env_f = dask_client.scatter(env, broadcast=True)
-    pending = iter(parts)
-    ac = as_completed()
 
-    def submit() -> bool:
-        p = next(pending, None)
-        if p is None:
-            return False
-        ac.add(dask_client.submit(verify_task, ctx, p, env_f, pure=False, retries=2,
-                                  key=f"verify-{ctx.run_id}-{p.key}-{os.urandom(2).hex()}"))
-        return True
+    def submit(p):
+        return dask_client.submit(verify_task, ctx, p, env_f, pure=False, retries=2,
+                                  key=f"verify-{ctx.run_id}-{p.key}-{os.urandom(2).hex()}")
 
-    for _ in range(window):
-        if not submit():
-            break
-    for fut in ac:
-        rep = fut.result()
-        fut.release()
-        submit()
-        yield rep
+    for _, fut in TaskWindow(dask_client, parts, submit, window):
+        yield fut.result()
 
 
 def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_client=None,
@@ -752,3 +740,88 @@ def _compare_digests(report: VerifyReport, idx_parts: list, blocks0: list[str]) 
         report.index_vs_blocks += 1
         report.bad_partitions.add(p.key)
         report.add(f"label_index [{p.lo}, {p.hi}): export vs source: {rows} do not match")
+
+
+def repair_partitions(dask_client, sink, run, ctx, report: VerifyReport, say=None) -> dict:
+    """Re-export exactly the partitions ``report`` found wrong (unreadable, missing,
+    extra, duplicated or different rows, not committed) and remove the rows it found outside
+    every partition; returns what was done (for the summary and the run's record).
+    ``say(line)``: told what is about to be done."""
+    from dvidetl.export.driver import execute
+
+    bad = [p for p in run.partitions if p.key in report.bad_partitions]
+    unfinished = [p for p in run.partitions if p.key not in sink.done(run.run_id)]
+    removed = sink.remove_outside(run, report.outside)
+    for p in bad:
+        sink.forget(run.run_id, p)
+    if say is not None:
+        say(f"re-exporting {len(bad)} partitions found wrong"
+            + (f" and {len(unfinished)} not committed" if unfinished else "")
+            + (f", removed {removed:,} rows outside every partition" if report.outside else ""))
+    res = execute(dask_client, run, ctx, sink)
+    if not res.failed and res.done + res.skipped >= res.partitions:
+        sink.finish(run)
+    return {"partitions": sorted(p.key for p in bad + unfinished), "rows_removed": removed,
+            "failed": [k for k, _ in res.failed]}
+
+
+def record_verify(sink, run, report: VerifyReport, scales) -> None:
+    """The outcome into the run's record (``verify``: when, exact or not, the counters)."""
+    run = sink.load_run(run.run_id)
+    run.record["verify"] = {"at": time.time(), "exact": bool(report.ok), "scales": scales,
+                            "counters": report.counters(), "seconds": round(report.seconds, 3),
+                            **({"repaired": report.repaired} if report.repaired else {})}
+    sink.update_run(run)
+
+
+def verify(source, sink: str, *, uuid: str | None = None, instance: str | None = None,
+           token_file: str | None = None, serve_host: str = "127.0.0.1", run_id: str | None = None,
+           scales=None, cluster=None, repair: bool = False, progress=None, say=None) -> VerifyReport:
+    """Compare the export at sink URL ``sink`` with its source, block by block, and record
+    the outcome with the run; ``repair``: re-export what is wrong, remove rows outside
+    every partition, then check again (needs a cluster).
+
+    ``source``: as for ``dvidetl.export`` (a ``grpc://`` Flight server, a source URL, or an
+    open ``FlightEndpoint``). ``run_id``: default the latest run. ``scales``: only these.
+    ``cluster``: None checks every partition in this process; else ``"local"``,
+    ``"tcp://..."``, ``"slurm"``, a ``ClusterOptions`` or a connected ``distributed.Client``.
+    ``progress(report, parts_done, parts)`` after every partition; ``say(line)`` for what
+    ``repair_partitions`` is about to do."""
+    from dvidetl.errors import UserError
+    from dvidetl.export.api import _client, endpoint
+    from dvidetl.redact import redact
+    from dvidetl.sinks import open_sink
+
+    if repair and scales is not None:
+        raise UserError("--repair checks the whole export: drop --scales")
+    with endpoint(source, uuid=uuid, instance=instance, token_file=token_file,
+                  serve_host=serve_host) as ep:
+        # the export is named by the full UUID the source resolved the asked name to
+        s = open_sink(sink, uuid=ep.info.uuid, instance=ep.instance)
+        s.check(write=False)
+        if run_id is None and s.latest_run() is None:
+            raise UserError(f"no run found in {redact(sink)} for {s.instance}@{s.uuid}: "
+                            "nothing to verify (export it first with `dvidetl run`)")
+        run = s.load_run(run_id or s.latest_run())
+        if cluster is None and not repair:
+            report = verify_export(ep.client, s, run.run_id, scales, progress=progress)
+        else:
+            from dvidetl.export.tasks import task_context
+
+            ctx = task_context(run, ep, sink)
+            with _client(cluster or "local", False) as dask_client:
+                def check() -> VerifyReport:
+                    if cluster is None:
+                        return verify_export(ep.client, s, run.run_id, scales, progress=progress)
+                    return verify_export(ep.client, s, run.run_id, scales, dask_client=dask_client,
+                                         ctx=ctx, progress=progress)
+
+                report = check()
+                if repair and not report.ok:
+                    first = report
+                    repaired = repair_partitions(dask_client, s, run, ctx, first, say)
+                    report = check()
+                    report.repaired = repaired
+                    report.before_repair = first.text()
+        record_verify(s, run, report, scales)
+    return report

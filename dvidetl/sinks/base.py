@@ -238,7 +238,7 @@ class Sink(abc.ABC):
     def cell_limit(self, run_id: str) -> int:
         """The run's cell limit (``RunOptions.cell_limit``, stored with the run): the bytes a
         binary or list cell may hold in this sink's tables."""
-        return int(self.load_run(run_id).options.get("cell_limit") or S.DEFAULT_CELL_LIMIT)
+        return self.load_run(run_id).options.cell_limit
 
     @staticmethod
     def check_data(part: Partition, data: PartitionData) -> None:

@@ -321,7 +321,7 @@ class VastDBSink(Sink):
             _compare_columns(f"{self.cfg.bucket}/{self.cfg.schema}", table, t.arrow_schema, want)
 
     def prepare(self, run: RunInfo) -> None:
-        check_cell_limit(int(run.options.get("cell_limit") or S.DEFAULT_CELL_LIMIT), most=self.cfg.cell_limit)
+        check_cell_limit(run.options.cell_limit, most=self.cfg.cell_limit)
         if run.instance != self.instance or run.uuid != self.uuid:
             raise ValueError("run is for another volume than this sink object")
 

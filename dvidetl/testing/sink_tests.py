@@ -105,7 +105,7 @@ class SinkTests:
                 row["bytes_out"], row["raw_bytes"]) == ("blocks", 0, 100, 3, 1, 11, 22, 33)
         # resume: the stored run comes back with its plan and options
         back = sink.load_run("r1")
-        assert back.partitions == [a, b] and back.options["cell_limit"] == CELL_LIMIT
+        assert back.partitions == [a, b] and back.options.cell_limit == CELL_LIMIT
         assert sink.latest_run() == "r1"
 
     def test_block_data_is_cut_for_the_run_cell_limit_and_reassembles(self, sink):
