@@ -51,7 +51,7 @@ def _expect_error(blk: bytes, match: str | None = None) -> BlockFormatError:
         label_voxel_counts(blk)
     r = repack(pa.array([blk]), "none")
     assert r.errors[0].as_py() == str(ei.value)
-    assert r.body[0].as_py() is None
+    assert r.payload[0].as_py() is None
     return ei.value
 
 
