@@ -405,6 +405,34 @@ def test_plan_json(real_run):
     assert "total:" in p.stderr
 
 
+def test_status_and_inspect_take_the_uuid_prefix_run_was_given(real_run):
+    """An export is named by the full node UUID; a prefix (as DVID takes) finds it."""
+    p = dvidetl("status", "--sink", real_run["sink"], "--uuid", "op", "--json", env=real_run["env"])
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["uuid"] == "ops"
+    p = dvidetl("inspect", "--sink", real_run["sink"], "--uuid", "op", "--block", "0,0,0",
+                env=real_run["env"])
+    assert p.stdout.startswith("block (0, 0, 0) scale 0"), (p.stdout, p.stderr)  # the export opened
+    for cmd in ("status", "inspect"):
+        p = dvidetl(cmd, "--sink", real_run["sink"], "--uuid", "opz", "--block", "0,0,0",
+                    env=real_run["env"]) if cmd == "inspect" else \
+            dvidetl(cmd, "--sink", real_run["sink"], "--uuid", "opz", env=real_run["env"])
+        _one_line(p, cmd, "no export found", "for uuid opz")
+
+
+def test_a_uuid_prefix_of_several_exports_is_refused(tmp_path):
+    from dvidetl.errors import UserError
+    from dvidetl.sinks import find_export
+
+    for u in ("5f3b0a", "5f3b0b", "77aa"):
+        (tmp_path / "seg" / u / "runs").mkdir(parents=True)
+    url = f"parquet://{tmp_path}"
+    assert find_export(url, "77", None) == ("seg", "77aa")
+    assert find_export(url, "5f3b0a", "seg") == ("seg", "5f3b0a")
+    with pytest.raises(UserError, match=r"several exports .*seg@5f3b0a, seg@5f3b0b.*longer uuid"):
+        find_export(url, "5f3b", None)
+
+
 # -- item 7: progress moves within a partition ---------------------------------------------------
 
 def test_running_partitions_report_what_they_streamed():

@@ -39,21 +39,31 @@ def known_schemes() -> dict[str, str]:
 
 def find_export(url: str, uuid: str | None = None, instance: str | None = None) -> tuple[str, str]:
     """(instance, uuid) of the export at sink ``url``: as given, or the only one the sink
-    holds (through its plugin's ``list_exports``); one-line ``UserError`` otherwise."""
+    holds (through its plugin's ``list_exports``); one-line ``UserError`` otherwise. ``uuid``
+    may be a UUID prefix, as DVID accepts: an export is named by its full node UUID (a run
+    resolves what the user asked for), so ``status``/``inspect`` given the prefix they typed
+    for ``run`` find the same export; a prefix matching several exports is refused."""
     scheme, mod, _ = REGISTRY.module(url, "export")
-    if uuid and instance:
-        return instance, uuid
     lister = getattr(mod, "list_exports", None)
     if lister is None:
+        if uuid and instance:
+            return instance, uuid
         raise UserError(f"{scheme}:// cannot list its exports: pass uuid= and instance=")
-    found = [(i, u) for i, u in lister(url) if (not instance or i == instance) and (not uuid or u == uuid)]
+    mine = [(i, u) for i, u in lister(url) if not instance or i == instance]
+    found = [(i, u) for i, u in mine if not uuid or u == uuid]
+    if uuid and not found:
+        found = [(i, u) for i, u in mine if u.startswith(uuid)]
     if not found:
+        if uuid and instance:  # nothing stored yet: the caller's own message says what is missing
+            return instance, uuid
         hint = (" (a Parquet export is <instance>/<uuid>/runs/ under its directory)"
                 if scheme.endswith("parquet") else "")
-        raise UserError(f"no export found at {url}{hint}")
+        what = f" for uuid {uuid}" if uuid else ""
+        raise UserError(f"no export found at {url}{what}{hint}")
     if len(found) > 1:
         names = ", ".join(f"{i}@{u}" for i, u in found[:6])
-        raise UserError(f"several exports at {url} ({names}): pass uuid= and instance=")
+        raise UserError(f"several exports at {url} ({names}): pass "
+                        + ("a longer uuid" if uuid else "uuid=") + " and instance=")
     return found[0]
 
 
