@@ -565,11 +565,86 @@ def encode_many(buf, offs, ok, lab_vals, lab_offs, use_labels, shapes):
     return info, words[:o], word_offs, background
 
 
+# -------------------------------------------------------------------------------- decoding ---
+# the reader's side, for ``verify`` (a stored chunk decoded by code that shares nothing with
+# the encoder above but the format): every offset is checked against the chunk's length, so a
+# damaged chunk is an error code, never an out-of-bounds read
+D_OK = 0
+D_SHORT = 1  # the chunk ends before its channel offset or a block header: a = words
+D_HEADER = 2  # a block header points outside the chunk: a = block, b = word offset
+D_BITS = 3  # a block's bit width is not 0/1/2/4/8/16/32: a = block, b = bits
+D_INDEX = 4  # an encoded value indexes past its lookup table: a = block, b = value
+
+
+@nb.njit(cache=True, nogil=True)
+def decode_chunk_into(words, cx, cy, cz, out, err):
+    """Decode a one-channel uint64 cseg chunk of shape (cx, cy, cz) (8³ encoding blocks) into
+    ``out[z, y, x]``; returns 0 or an error code (details in ``err[0:2]``)."""
+    n = words.shape[0]
+    if n < 1:
+        err[0] = n
+        return D_SHORT
+    base = np.int64(words[0])
+    gx = (cx + 7) // 8
+    gy = (cy + 7) // 8
+    gz = (cz + 7) // 8
+    nb_ = gx * gy * gz
+    if base < 1 or base + 2 * nb_ > n:
+        err[0] = n
+        return D_SHORT
+    for bz in range(gz):
+        for by in range(gy):
+            for bx in range(gx):
+                b = bx + gx * (by + gy * bz)
+                h0 = np.int64(words[base + 2 * b])
+                h1 = np.int64(words[base + 2 * b + 1])
+                toff = base + (h0 & 0xFFFFFF)
+                bits = h0 >> 24
+                voff = base + h1
+                if bits != 0 and bits != 1 and bits != 2 and bits != 4 and bits != 8 and bits != 16 and bits != 32:
+                    err[0] = b
+                    err[1] = bits
+                    return D_BITS
+                nvw = (512 * bits + 31) // 32
+                if voff < base or voff + nvw > n or toff < base or toff + 2 > n:
+                    err[0] = b
+                    err[1] = h1
+                    return D_HEADER
+                ntab = (n - toff) // 2
+                for z in range(8):
+                    zz = bz * 8 + z
+                    if zz >= cz:
+                        break
+                    for y in range(8):
+                        yy = by * 8 + y
+                        if yy >= cy:
+                            break
+                        for x in range(8):
+                            xx = bx * 8 + x
+                            if xx >= cx:
+                                break
+                            if bits == 0:
+                                v = np.int64(0)
+                            else:
+                                i = (z * 64 + y * 8 + x) * bits
+                                v = np.int64((words[voff + (i >> 5)] >> np.uint32(i & 31)) & np.uint32((1 << bits) - 1)) if bits < 32 else np.int64(words[voff + (i >> 5)])
+                            if v >= ntab:
+                                err[0] = b
+                                err[1] = v
+                                return D_INDEX
+                            lo = np.uint64(words[toff + 2 * v])
+                            hi = np.uint64(words[toff + 2 * v + 1])
+                            out[zz, yy, xx] = lo | (hi << np.uint64(32))
+    return D_OK
+
+
 __all__ = [
     "E_LABELS",
     "E_LOCAL",
     "E_NULL",
     "E_SHAPE",
+    "D_OK",
+    "decode_chunk_into",
     "I_POS",
     "bound_words",
     "cseg_bits",

@@ -43,7 +43,7 @@ from dvidetl.codec.block import _as_u8, describe_error
 from dvidetl.codec.errors import BlockFormatError
 from dvidetl.codec.repack import _binary_parts
 
-__all__ = ["CsegChunks", "encode_chunks", "encode_chunk", "is_background", "CSEG_BLOCK"]
+__all__ = ["CsegChunks", "encode_chunks", "encode_chunk", "is_background", "decode_chunk", "CSEG_BLOCK"]
 
 #: the cseg encoding block size this module writes (``compressed_segmentation_block_size``):
 #: DVID's sub-block, which is what lets blocks be transcoded without decoding
@@ -230,3 +230,30 @@ def is_background(block, labels=None, shape: Sequence[int] | None = None) -> boo
     if out.errors[0] is not None:
         raise BlockFormatError(out.errors[0])
     return bool(out.background[0])
+
+
+_DECODE_ERRORS = {
+    CK.D_SHORT: "the chunk ({a} words) ends before its channel offset or block headers",
+    CK.D_HEADER: "encoding block {a}'s header points outside the chunk (word {b})",
+    CK.D_BITS: "encoding block {a} has bit width {b} (not 0/1/2/4/8/16/32)",
+    CK.D_INDEX: "encoding block {a} holds value index {b}, past its lookup table",
+}
+
+
+def decode_chunk(data, shape: Sequence[int]) -> np.ndarray:
+    """One stored cseg chunk (one uint64 channel, 8³ encoding blocks) → voxels (z, y, x) of
+    its ``shape`` (x, y, z), e.g. a clipped edge chunk's. Written apart from the encoder (it
+    shares only the format), so ``verify`` can read back what was stored; a damaged chunk is
+    a ``BlockFormatError`` saying what is wrong, never an out-of-bounds read."""
+    buf = np.frombuffer(bytes(data), np.uint8)
+    if buf.shape[0] % 4:
+        raise BlockFormatError(f"cseg chunk: {buf.shape[0]} bytes, not whole 32-bit words")
+    cx, cy, cz = (int(v) for v in shape)
+    if min(cx, cy, cz) < 1:
+        raise ValueError(f"decode_chunk: shape {tuple(shape)} must be at least 1 on every axis")
+    out = np.zeros((cz, cy, cx), np.uint64)
+    err = np.zeros(2, np.int64)
+    code = CK.decode_chunk_into(buf.view("<u4"), cx, cy, cz, out, err)
+    if code != CK.D_OK:
+        raise BlockFormatError("cseg chunk: " + _DECODE_ERRORS[code].format(a=int(err[0]), b=int(err[1])))
+    return out

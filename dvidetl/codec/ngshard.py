@@ -43,6 +43,7 @@ __all__ = [
     "murmurhash3_x86_128",
     "shard_bytes",
     "read_shard",
+    "decode_chunk_data",
     "complete_info",
     "derive_info",
     "sharding_for_grid",
@@ -455,11 +456,13 @@ def _decode(data, encoding: str, what: str) -> bytes:
         raise ShardFormatError(f"shard: {what}: {exc}") from None
 
 
-def read_shard(data, sharding: Sharding) -> dict[int, bytes]:
+def read_shard(data, sharding: Sharding, *, decode: bool = True) -> dict[int, bytes]:
     """Every chunk of a shard file: {chunk id: payload after data decoding}. Checks what a
     reader relies on (index and chunk ranges inside the file, whole minishard entries, each
     id once, each chunk in the minishard its id hashes to) and raises ``ShardFormatError``
-    saying what is wrong — the verifier's view of a shard, and the tests' tamper oracle."""
+    saying what is wrong — the verifier's view of a shard, and the tests' tamper oracle.
+    ``decode=False``: the chunks as stored (before ``data_encoding`` is undone, see
+    ``decode_chunk_data``), so a damaged chunk can be told apart from a damaged shard."""
     mv = memoryview(data).cast("B")
     size = len(mv)
     isz = sharding.index_size
@@ -490,8 +493,15 @@ def read_shard(data, sharding: Sharding) -> dict[int, bytes]:
             if cid in out:
                 raise ShardFormatError(f"shard: chunk {cid} occurs more than once")
             c0, c1 = _range(size, isz + s, isz + e, f"chunk {cid}")
-            out[cid] = _decode(mv[c0:c1], sharding.data_encoding, f"chunk {cid}")
+            out[cid] = (_decode(mv[c0:c1], sharding.data_encoding, f"chunk {cid}") if decode
+                        else bytes(mv[c0:c1]))
     return out
+
+
+def decode_chunk_data(data, sharding: Sharding, chunk_id: int = -1) -> bytes:
+    """One chunk as ``read_shard(decode=False)`` gives it, its ``data_encoding`` undone;
+    ``ShardFormatError`` when it cannot be (a damaged gzip member)."""
+    return _decode(data, sharding.data_encoding, f"chunk {chunk_id}")
 
 
 # ------------------------------------------------------------------------- volume / info ---

@@ -89,6 +89,12 @@ class ExportRun:
         # the sink first: credentials, store, reachable, writable — in seconds, before any
         # planning or cluster (a dry run creates nothing)
         self.sink.check(write=True, create=not dry_run)
+        # a sink that writes one file per aligned box (a neuroglancer shard) cuts the plan; a
+        # volume it cannot store fails here, before planning
+        from dvidetl.export.planning import combine_cells
+
+        self.cells = combine_cells([self.sink.plan_cells(info)])
+        self.not_exported = self._kinds_not_taken([self.sink])
         self.resumed: RunInfo | None = self._resumed(resume) if resume else None
         self.staged = False if resume or dry_run else self._check_existing()
         self.planning: Planning | None = None
@@ -114,6 +120,30 @@ class ExportRun:
                             "or export it anyway with --allow-unlocked")
         self.warnings.append(f"{msg} (--allow-unlocked)")
         log.warning("%s (--allow-unlocked)", msg)
+
+    def _kinds_not_taken(self, sinks: list[Sink]) -> dict[str, str]:
+        """The keyed kinds no sink of the run stores (a precomputed volume has no tables for
+        them): switched off in the run's options, said in a warning and kept in the run's
+        record (``not_exported``), so the summary and ``verify`` say so too."""
+        from dataclasses import replace
+
+        from dvidetl.redact import redact
+
+        out: dict[str, str] = {}
+        names = {"indices": "the label indices", "mapping": "the mapping"}
+        for kind, flag in (("indices", "indices"), ("mapping", "mapping")):
+            if not getattr(self.options, flag) or any(s.takes(kind) for s in sinks):
+                continue
+            self.options = replace(self.options, **{flag: False})
+            out[kind] = (f"not exported: {', '.join(redact(s.url) for s in sinks)} stores the volume "
+                         "(blocks) and the source's anomalies only; add a parquet:// or vastdb:// sink "
+                         "to the run for the tables")
+        self.anomalies = any(s.takes("anomalies") for s in sinks)
+        if out:
+            self.warnings.append(f"{' and '.join(names[k] for k in out)} are not exported: "
+                                 f"{', '.join(redact(s.url) for s in sinks)} stores the volume only "
+                                 "(add a parquet:// or vastdb:// sink to the run for them)")
+        return out
 
     def _resumed(self, run_id: str) -> RunInfo:
         run = self.sink.load_run(run_id)  # a wrong run id fails before any cluster
@@ -145,7 +175,8 @@ class ExportRun:
         from dvidetl.export.planning import Planning
 
         if self.resumed is None and self.planning is None:
-            self.planning = Planning(self.ep, self.options).start()
+            self.planning = Planning(self.ep, self.options, cells=self.cells,
+                                     anomalies=self.anomalies).start()
         return self.planning
 
     def plan(self, tick: Callable[[], None] | None = None) -> list[Partition]:
@@ -172,7 +203,8 @@ class ExportRun:
             run_id=new_run_id(), uuid=self.uuid, instance=self.ep.instance, partitions=parts,
             options=opts, volume=json.loads(info.to_json()),
             record={"source": self.source_desc, "uuid_requested": self.uuid_requested,
-                    "uuid_resolved": self.uuid, "staged": self.staged},
+                    "uuid_resolved": self.uuid, "staged": self.staged,
+                    **({"not_exported": self.not_exported} if self.not_exported else {})},
         )
 
     # -- the export --------------------------------------------------------------------------

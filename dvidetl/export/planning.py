@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,6 +80,29 @@ def plan_scale(
         lo, hi, cnt = lo[order], hi[order], cnt[order]
         cell_bits = nxt
     return merge_cells(scale, lo, hi, cnt, target, morton_end)
+
+
+def plan_shards(count: CountFn, scale: int, morton_end: int, cell_bits: int) -> list[Partition]:
+    """One partition per non-empty aligned Morton cell of 2^``cell_bits`` blocks: what a sink
+    that writes one file per aligned box needs (``Sink.plan_cells``: a neuroglancer shard
+    with identity hash is such a cell). One count call; empty cells are not planned, and a
+    partition never straddles two cells."""
+    lo, hi, cnt = _cells(count, scale, int(cell_bits))
+    his = np.minimum(hi, np.uint64(morton_end))
+    return [Partition("blocks", int(scale), int(a), int(b), int(c))
+            for a, b, c in zip(lo.tolist(), his.tolist(), cnt.tolist(), strict=True)]
+
+
+def combine_cells(wants: Sequence[Mapping[int, int]]) -> dict[int, int]:
+    """The cells of several sinks' ``plan_cells`` (one dict of scale -> cell bits each): a
+    scale two sinks want cut at different cells cannot be planned for both."""
+    out: dict[int, int] = {}
+    for w in wants:
+        for s, b in w.items():
+            if out.setdefault(int(s), int(b)) != int(b):
+                raise UserError(f"the sinks of the run want scale {s} cut into Morton cells of 2^{out[int(s)]} "
+                                f"and 2^{b} blocks: give them the same shard size, or export them apart")
+    return out
 
 
 def _cells(count: CountFn, scale: int, cell_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -224,6 +247,7 @@ def make_plan(
     index_rows: int | None = None,
     mapping_rows: int | None = None,
     anomalies: bool = True,
+    cells: Mapping[int, int] | None = None,
 ) -> list[Partition]:
     """The whole run's partitions: blocks of each scale (Morton order), then the label
     indices by body-label range and the mapping by supervoxel range, each planned from the
@@ -235,15 +259,24 @@ def make_plan(
     ``partition_blocks=None`` (auto): ``DEFAULT_PARTITION_BLOCKS`` (4096: measured peak
     worker memory stays well under 1 GiB, and per-partition overhead — a Flight stream, one
     map exchange, a few Parquet files — is amortised), lowered for small volumes so that
-    there are about 16 partitions to spread over the workers."""
+    there are about 16 partitions to spread over the workers.
+
+    ``cells`` (scale -> bits, from the run's sinks' ``Sink.plan_cells``): those scales are cut
+    into exactly one partition per non-empty aligned Morton cell of 2^bits blocks
+    (``plan_shards``: one neuroglancer shard each), whatever ``partition_blocks`` says."""
     scales = [s.scale for s in info.scales] if scales is None else list(scales)
+    cells = dict(cells or {})
     auto = partition_blocks is None
     target = DEFAULT_PARTITION_BLOCKS if auto else int(partition_blocks)
+
+    def plan(s: int, size: int) -> list[Partition]:
+        end = info.scale(s).morton_end
+        return plan_shards(count, s, end, cells[s]) if s in cells else plan_scale(count, s, end, size)
+
     parts: list[Partition] = []
     for s in scales:
-        si = info.scale(s)
-        parts += plan_scale(count, s, si.morton_end, target)
-    if auto:
+        parts += plan(s, target)
+    if auto and any(s not in cells for s in scales):
         # small volumes: smaller partitions so every worker gets work (at least ~16
         # partitions, never below MIN_AUTO_PARTITION blocks); big volumes keep the default
         total = sum(p.blocks for p in parts)
@@ -251,7 +284,7 @@ def make_plan(
         if small < target:
             parts = []
             for s in scales:
-                parts += plan_scale(count, s, info.scale(s).morton_end, small)
+                parts += plan(s, small)
     if indices and info.has_indices and 0 in scales:
         parts += _keyed_partitions(count_keys, "indices", index_rows)
     if mapping and info.has_mapping:
@@ -316,8 +349,10 @@ class Planning:
     the status line and the dashboard), and how long it took. :meth:`start` runs it in a
     daemon thread, so a Ctrl-C never waits for a server that is still counting."""
 
-    def __init__(self, ep: FlightEndpoint, options: RunOptions):
+    def __init__(self, ep: FlightEndpoint, options: RunOptions, *, cells: Mapping[int, int] | None = None,
+                 anomalies: bool = True):
         self.ep, self.options = ep, options
+        self.cells, self.anomalies = dict(cells or {}), anomalies
         self.doing = "asking the server for counts"
         self.t0 = time.monotonic()
         self.seconds: float | None = None
@@ -357,7 +392,8 @@ class Planning:
             parts = make_plan(self.ep.info, self._count, None if o.scales is None else list(o.scales),
                               o.partition_blocks, indices=o.indices, mapping=o.mapping,
                               count_keys=self._count_keys, index_rows=o.index_partition_rows,
-                              mapping_rows=o.mapping_partition_rows)
+                              mapping_rows=o.mapping_partition_rows, anomalies=self.anomalies,
+                              cells=self.cells)
         except FlightUnavailable as exc:
             from dvidetl.errors import first_line
 

@@ -161,7 +161,9 @@ def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
     for the driver (``skipped`` when every sink had it)."""
     t0 = time.perf_counter()
     sinks = [worker_sink(ctx, u) for u in ctx.sink_urls]
-    todo = [s for s in sinks if not s.is_done(ctx.run_id, part)]
+    # a sink that does not store the kind (a precomputed volume: no label_index table) is
+    # never handed it; the planner plans a kind only when a sink of the run takes it
+    todo = [s for s in sinks if s.takes(part.kind) and not s.is_done(ctx.run_id, part)]
     if not todo:
         return PartitionStats(part.key, part.kind, skipped=True)
     needs = frozenset().union(*(s.needs for s in todo))

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dvidetl.errors import first_line
 from dvidetl.geometry import KEY_END
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
@@ -114,6 +115,8 @@ class VerifyReport:
     bad_partitions: set = field(default_factory=set)  # Partition.key of partitions found wrong
     outside: list = field(default_factory=list)  # sink.Outside records (stray files / row ranges)
     repaired: dict | None = None  # what ``verify --repair`` did before this report
+    #: kinds the run did not export, with why (the run record's ``not_exported``)
+    not_exported: dict = field(default_factory=dict)
     before_repair: str | None = None  # the report that found what ``--repair`` redid
     #: per indices partition of the plan: (rows, hash sum) of label_index rows derived from
     #: the exported scale-0 blocks, and of the exported label_index rows themselves
@@ -161,10 +164,12 @@ class VerifyReport:
             f"  blocks      {self.blocks_source:,} in the source, {self.blocks_checked:,} exported and "
             f"byte-exact checked; missing {self.missing}, extra {self.extra}, duplicated "
             f"{self.duplicated}, different {self.mismatched}, in export_errors {self.export_errors}",
-            f"  label_index {self.index_rows:,} rows, {self.index_diffs} differences"
-            + (f", {self.index_vs_blocks} partitions disagree with the exported blocks"
-               if self.index_vs_blocks else ""),
-            f"  mapping     {self.mapping_rows:,} rows, {self.mapping_diffs} differences",
+            (f"  label_index {self.not_exported['indices']}" if "indices" in self.not_exported else
+             f"  label_index {self.index_rows:,} rows, {self.index_diffs} differences"
+             + (f", {self.index_vs_blocks} partitions disagree with the exported blocks"
+                if self.index_vs_blocks else "")),
+            (f"  mapping     {self.not_exported['mapping']}" if "mapping" in self.not_exported else
+             f"  mapping     {self.mapping_rows:,} rows, {self.mapping_diffs} differences"),
         ]
         if self.outside_rows:
             lines.append(f"  {self.outside_rows} rows outside every partition of the run (plain readers see them)")
@@ -358,6 +363,111 @@ def _compare_blocks(client, part, env: VerifyEnv, report: VerifyReport, src: pa.
         report.add(f"{where(common[i])}: {', '.join(flags.why[i])}")
     if env.index_bounds is not None and part.scale == 0:
         report.digest_blocks = _digest(_index_rows_from_blocks(e), env.index_bounds)
+
+
+def verify_volume_partition(client, sink, run, part, env: VerifyEnv, report: VerifyReport) -> None:
+    """A blocks partition of a volume sink (``precomputed://``, ``Sink.checks``): every
+    chunk of its shard is decoded (``codec.cseg.decode_chunk``, which shares nothing with the
+    encoder but the format) and compared voxel for voxel with the source block, decoded and
+    mapped (bodies, or supervoxels with ``supervoxels=true``), over the chunk's in-volume
+    extent. A source block whose voxels are all 0 there must have no chunk (none is written);
+    every other source block must have exactly its chunk. Counted as for a tabular sink:
+    ``missing``, ``extra`` (a chunk no source block has), ``mismatched`` (voxels differ, or
+    the chunk cannot be decoded), ``export_errors``; an unreadable or deleted shard is one
+    ``unreadable_files``."""
+    from dvidetl.sinks.base import UnreadableFile
+
+    src = pa.Table.from_batches(list(client.read_blocks(part.scale, part.lo, part.hi)))
+    report.blocks_source += src.num_rows
+    errs = _read_part(sink, run, part, "export_errors", report, env)
+    try:
+        chunks = {} if part.key in env.unfinished else sink.read_chunks(run.run_id, part)
+    except UnreadableFile as exc:
+        report.unreadable_files += 1
+        report.bad_partitions.add(part.key)
+        report.add(f"{exc.path} (partition {part.key}): {exc.reason}")
+        return
+    if errs is None:
+        return
+    before = report.differences
+    try:
+        _compare_volume(client, sink, part, env, report, src, chunks, errs)
+    finally:
+        if report.differences > before:
+            report.bad_partitions.add(part.key)
+
+
+def _compare_volume(client, sink, part, env: VerifyEnv, report: VerifyReport, src: pa.Table,
+                    chunks: dict, errs: pa.Table) -> None:
+    from dvidetl.codec import decode_block, join_block, repack, split_block
+    from dvidetl.codec.cseg import decode_chunk
+    from dvidetl.codec.ngshard import ShardFormatError, chunk_ids, chunk_shapes, decode_chunk_data
+
+    sc = sink.scale_info(part.scale)
+    sh = sink.sharding(part.scale)
+    where = _Where(part.scale, env.info.scale(part.scale).grid)
+    err_m = set(errs.column("morton").to_pylist()) if errs.num_rows else set()
+    n = src.num_rows
+    sm = src.column("morton").to_numpy() if n else np.zeros(0, np.uint64)
+    x, y, z = ((src.column(c).to_numpy() if n else np.zeros(0, np.int32)) for c in ("x", "y", "z"))
+    ids = chunk_ids(x, y, z, sc) if n else np.zeros(0, np.uint64)
+    shapes = chunk_shapes(x, y, z, sc) if n else np.zeros((0, 3), np.int64)
+    stored = np.array(sorted(chunks), np.uint64)
+    for cid in np.setdiff1d(stored, ids).tolist():
+        report.extra += 1
+        report.add(f"{sink.location('blocks', part, None)}: chunk {cid} is not a block of the source "
+                   f"in {part.where('blocks')}")
+    if n == 0:
+        return
+    rp = repack(src.column("data"), env.info.codec, keep_raw=True)
+    bad_src = np.asarray(pc.is_valid(rp.errors)) if rp.errors.null_count != n else np.zeros(n, bool)
+    raws = rp.raw.to_pylist()
+    svs = rp.supervoxels.cast(pa.list_(pa.uint64()))
+    supervoxels = bool(getattr(sink, "supervoxels", False))
+    if not supervoxels:
+        flat = pc.list_flatten(svs).to_numpy(zero_copy_only=False)
+        uq = np.unique(flat)
+        bodies = np.asarray(client.map_supervoxels(uq), np.uint64) if len(uq) else np.zeros(0, np.uint64)
+    checked = 0
+    for i in range(n):
+        m, cid = int(sm[i]), int(ids[i])
+        here = f"{where(m)} (chunk {cid})"
+        if m in err_m and cid not in chunks:
+            report.export_errors += 1
+            report.add(f"{here}: in export_errors")
+            continue
+        if bad_src[i]:
+            report.mismatched += 1
+            report.add(f"{here}: the source block does not parse now ({rp.errors[i].as_py()})")
+            continue
+        cx, cy, cz = (int(v) for v in shapes[i])
+        if min(cx, cy, cz) < 1:
+            report.missing += 1
+            report.add(f"{here}: outside the info's volume, not in export_errors")
+            continue
+        table, body = split_block(raws[i])
+        if not supervoxels:
+            table = bodies[np.searchsorted(uq, np.asarray(table, np.uint64))]
+        want = decode_block(join_block(np.asarray(table, np.uint64), body))[:cz, :cy, :cx]
+        if cid not in chunks:
+            if want.any():
+                report.missing += 1
+                report.add(f"{here}: in the source but its chunk is not in the shard")
+            else:
+                checked += 1  # all background: not written, as readers expect
+            continue
+        try:
+            got = decode_chunk(decode_chunk_data(chunks[cid], sh, cid), (cx, cy, cz))
+        except (ShardFormatError, ValueError) as exc:
+            report.mismatched += 1
+            report.add(f"{here}: the chunk cannot be decoded ({first_line(exc)})")
+            continue
+        if not np.array_equal(got, want):
+            report.mismatched += 1
+            report.add(f"{here}: {int((got != want).sum()):,} of {want.size:,} voxels differ from the source")
+            continue
+        checked += 1
+    report.blocks_checked += checked
 
 
 def verify_gaps(client, run, report: VerifyReport, scales=None) -> None:
@@ -613,8 +723,20 @@ def verify_unstored_anomalies(client, run, report: VerifyReport) -> None:
 def check_partition(client, sink, run, part, env: VerifyEnv) -> VerifyReport:
     """The report of one partition (merged by the driver)."""
     rep = VerifyReport(run_id=run.run_id)
-    part.spec.function("check")(client, sink, run, part, env, rep)
+    _check_of(sink, part)(client, sink, run, part, env, rep)
     return rep
+
+
+def _check_of(sink, part):
+    """The partition's check: the sink's own for the kind (``Sink.checks``: a volume is not
+    the kind's tables), else the kind's."""
+    import importlib
+
+    named = getattr(sink, "checks", {}).get(part.kind)
+    if named is None:
+        return part.spec.function("check")
+    modname, _, name = named.partition(":")
+    return getattr(importlib.import_module(modname), name)
 
 
 def verify_task(ctx, part, env: VerifyEnv) -> VerifyReport:
@@ -666,6 +788,7 @@ def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_
         return report
     t0 = time.perf_counter()
     run = sink.load_run(run_id)
+    report.not_exported = dict(run.record.get("not_exported") or {})
     done = sink.done(run_id)
     parts = _checked(run, scales)
     for p in parts:

@@ -18,6 +18,7 @@ from dvidetl.sinks.base import Sink
 SCHEMES: dict[str, str] = {
     "parquet": "dvidetl.sinks.parquet:open_url",
     "vastdb": "dvidetl.sinks.vastdb:open_url",
+    "precomputed": "dvidetl.sinks.precomputed:open_url",
 }
 
 REGISTRY = SchemeRegistry("sink", SCHEMES, group="dvidetl.sinks", env="DVIDETL_EXTRA_SINKS")

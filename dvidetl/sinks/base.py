@@ -40,7 +40,7 @@ import pyarrow as pa
 
 from dvidetl.export.batch import BlockData, PartitionData
 from dvidetl.export.kinds import Partition, PartitionStats, RunInfo, kind
-from dvidetl.geometry import KEY_END
+from dvidetl.geometry import KEY_END, VolumeInfo
 from dvidetl.tables import schema as S
 
 
@@ -103,6 +103,14 @@ class Sink(abc.ABC):
     #: what a blocks partition's data must carry for this sink besides the default columns
     #: (``export.batch.NEEDS``: ``"raw"``, the unwrapped DVID block bytes)
     needs: frozenset[str] = frozenset()
+    #: the partition kinds this sink stores (None: every kind). A run plans a keyed kind
+    #: only when a sink of it takes the kind, and a task hands a partition only to the sinks
+    #: that take it (``takes``); a sink that stores volumes, not tables, takes blocks only.
+    kinds: frozenset[str] | None = None
+    #: per kind, the ``verify`` check replacing the kind's own (``"module:function"``, same
+    #: signature as ``Kind.check``): a sink whose storage is not the kind's tables (a volume)
+    #: says how its partitions are compared with the source
+    checks: Mapping[str, str] = {}
 
     # -- the abstract core -------------------------------------------------------------------
     @abc.abstractmethod
@@ -166,6 +174,17 @@ class Sink(abc.ABC):
         A ``UserError`` with one line saying what to fix, within seconds — never retries.
         The default checks nothing."""
         return None
+
+    def takes(self, kind_name: str) -> bool:
+        """Whether this sink stores partitions of kind ``kind_name`` (``kinds``)."""
+        return self.kinds is None or kind_name in self.kinds
+
+    def plan_cells(self, volume: VolumeInfo) -> dict[int, int]:
+        """Per scale, the Morton cell bits ``b`` a blocks partition must be exactly one
+        aligned cell of (``[k << b, (k + 1) << b)``: a sink that writes one file per aligned
+        box, such as a neuroglancer shard); {} when any range will do. Called before
+        planning, so a volume this sink cannot store fails here, in one line."""
+        return {}
 
     def latest_run(self) -> str | None:
         """The run readers see by default: the newest run, passing over runs still staged
