@@ -9,16 +9,17 @@ voxels: 44, 58, 8 voxels past the last whole chunk at scale 0, and so on)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dvidetl.codec import decode_block, join_block, split_block, unwrap
-from dvidetl.codec.ngshard import Sharding, derive_info
+from dvidetl.codec.ngshard import Sharding, derive_info, read_shard
 from dvidetl.export.api import export
 from dvidetl.export.options import RunOptions
-from dvidetl.read.verify import verify
+from dvidetl.read.verify import DIFF_COUNTERS, verify
 from dvidetl.sinks import open_sink
 from dvidetl.sources import open_source
 
@@ -149,3 +150,99 @@ def test_verify_is_exact_and_says_what_was_not_exported(exported):
     assert rep.blocks_checked == rep.blocks_source == res.blocks
     text = rep.text()
     assert "label_index not exported" in text and "mapping     not exported" in text
+
+
+# -- verify against tampered shards: each tamper moves exactly its counter ------------------
+
+@pytest.fixture
+def copy(exported, tmp_path):
+    """A copy of the exported volume to tamper with (the module's export stays clean)."""
+    d, url, _ = exported
+    c = tmp_path / "vol"
+    shutil.copytree(d, c)
+    return c, url.replace(str(d), str(c))
+
+
+def _shards(d: Path, scale: int = 0) -> list[Path]:
+    return sorted((d / run_scale_key(d, scale)).glob("*.shard"))
+
+
+def _sharding(d: Path, scale: int = 0) -> Sharding:
+    return Sharding.from_json(json.loads((d / "info").read_text())["scales"][scale]["sharding"])
+
+
+def _part_of(url: str, shard: Path, scale: int = 0):
+    sink = open_sink(url, uuid=UUID, instance="segmentation")
+    run = sink.load_run(sink.latest_run())
+    return next(p for p in run.partitions if p.kind == "blocks" and p.scale == scale
+                and sink.shard_path(run.run_id, p) == shard)
+
+
+def _only(rep, **counters):
+    """The report differs from exact in exactly ``counters``."""
+    got = {k: v for k, v in rep.counters().items() if k in DIFF_COUNTERS and v}
+    assert got == counters, rep.text()
+
+
+def test_a_flipped_chunk_byte_is_one_mismatched_block(copy):
+    d, url = copy
+    f = _shards(d)[0]
+    data = bytearray(f.read_bytes())
+    data[_sharding(d).index_size + 15] ^= 0x55  # inside the shard's first chunk
+    f.write_bytes(bytes(data))
+    rep = verify(SRC, url, uuid=UUID)
+    _only(rep, mismatched=1)
+    assert rep.bad_partitions == {_part_of(url, f).key}
+
+
+def test_a_deleted_shard_is_one_unreadable_file(copy):
+    d, url = copy
+    f = _shards(d)[1]
+    key = _part_of(url, f).key
+    f.unlink()
+    rep = verify(SRC, url, uuid=UUID)
+    _only(rep, unreadable_files=1)
+    assert rep.bad_partitions == {key} and any("missing: the ledger says" in p for p in rep.problems)
+
+
+def test_a_truncated_shard_is_one_unreadable_file(copy):
+    d, url = copy
+    f = _shards(d)[0]
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    rep = verify(SRC, url, uuid=UUID)
+    _only(rep, unreadable_files=1)
+    assert rep.bad_partitions == {_part_of(url, f).key}
+
+
+def test_a_foreign_shard_is_outside_rows_of_its_chunks(copy):
+    d, url = copy
+    sh = _sharding(d)
+    used = {f.name for f in _shards(d)}
+    free = next(k for k in range(1 << sh.shard_bits) if sh.shard_filename(k) not in used)
+    src = _shards(d)[0]
+    (d / run_scale_key(d, 0) / sh.shard_filename(free)).write_bytes(src.read_bytes())
+    n = len(read_shard(src.read_bytes(), sh))
+    rep = verify(SRC, url, uuid=UUID)
+    _only(rep, outside_rows=n)
+    assert n > 0 and len(rep.outside) == 1
+
+
+def test_repair_redoes_exactly_the_tampered_shards_and_removes_the_foreign_one(copy, cluster):
+    d, url = copy
+    sh = _sharding(d)
+    shards = _shards(d)
+    flipped, gone = shards[0], shards[1]
+    data = bytearray(flipped.read_bytes())
+    data[sh.index_size + 15] ^= 0x55
+    flipped.write_bytes(bytes(data))
+    keys = {_part_of(url, flipped).key, _part_of(url, gone).key}
+    gone.unlink()
+    free = next(k for k in range(1 << sh.shard_bits) if sh.shard_filename(k) not in {f.name for f in shards})
+    foreign = d / run_scale_key(d, 0) / sh.shard_filename(free)
+    foreign.write_bytes(shards[2].read_bytes())
+    before = {f: f.read_bytes() for f in shards[2:]}
+    rep = verify(SRC, url, uuid=UUID, repair=True, cluster=cluster.scheduler_address)
+    assert rep.ok, rep.text()
+    assert set(rep.repaired["partitions"]) == keys and rep.repaired["rows_removed"] > 0
+    assert not foreign.exists() and flipped.exists() and gone.exists()
+    assert all(f.read_bytes() == b for f, b in before.items())  # the others untouched
