@@ -9,7 +9,9 @@ of codes is an aligned box of blocks, which is what makes Morton ranges good par
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import SupportsInt
 
 import numpy as np
 
@@ -22,9 +24,18 @@ Vec3 = tuple[int, int, int]
 KEY_END = 1 << 64
 
 
+def vec3(v: Iterable[SupportsInt]) -> Vec3:
+    """``(x, y, z)`` as three Python ints, from any three numbers (a JSON list, numpy
+    integers); ``ValueError`` for another count."""
+    t = tuple(int(a) for a in v)
+    if len(t) != 3:
+        raise ValueError(f"expected 3 values (x, y, z), got {len(t)}")
+    return t[0], t[1], t[2]
+
+
 def axis_bits(grid: Vec3) -> Vec3:
     """Bits each axis contributes to the compressed Morton code (0 for an axis of extent 1)."""
-    return tuple(max(0, int(g) - 1).bit_length() for g in grid)  # type: ignore[return-value]
+    return vec3(max(0, int(g) - 1).bit_length() for g in grid)
 
 
 def _bit_plan(grid: Vec3) -> list[tuple[int, int, int]]:
@@ -68,7 +79,7 @@ def morton_decode(codes, grid: Vec3) -> tuple[np.ndarray, np.ndarray, np.ndarray
     one = np.uint64(1)
     for d, i, j in _bit_plan(grid):
         out[d] |= ((codes >> np.uint64(j)) & one) << np.uint64(i)
-    return tuple(o.astype(np.int32) for o in out)  # type: ignore[return-value]
+    return out[0].astype(np.int32), out[1].astype(np.int32), out[2].astype(np.int32)
 
 
 def in_grid(x, y, z, grid: Vec3) -> np.ndarray:
@@ -140,10 +151,10 @@ class VolumeInfo:
         scales = [
             ScaleInfo(
                 scale=int(s["scale"]),
-                block_size=tuple(s["block_size"]),
-                grid=tuple(s["grid"]),
-                voxel_min=tuple(s.get("voxel_min", (0, 0, 0))),
-                voxel_max=tuple(s.get("voxel_max", (0, 0, 0))),
+                block_size=vec3(s["block_size"]),
+                grid=vec3(s["grid"]),
+                voxel_min=vec3(s.get("voxel_min", (0, 0, 0))),
+                voxel_max=vec3(s.get("voxel_max", (0, 0, 0))),
             )
             for s in d["scales"]
         ]

@@ -8,6 +8,7 @@ list — and every error names the URL and the key.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable
 from urllib.parse import parse_qs, urlsplit
 
@@ -41,11 +42,11 @@ class Query:
     def str(self, key: str, default: str | None = None) -> str | None:
         return self._q[key][-1] if key in self._q else default
 
-    def all(self, key: str) -> list[str]:
+    def all(self, key: builtins.str) -> list[builtins.str]:
         """Every value of a ``multi`` key, in order."""
         return list(self._q.get(key, []))
 
-    def _num(self, key: str, conv, default, lo, hi, what: str):
+    def _num(self, key: builtins.str, conv, default, lo, hi, what: builtins.str):
         if key not in self._q:
             return default
         raw = self._q[key][-1]
@@ -57,13 +58,13 @@ class Query:
             raise UserError(f"{self.url!r}: parameter {key}={v} out of range [{lo}, {hi}]")
         return v
 
-    def int(self, key: str, default=None, lo: int | None = None, hi: int | None = None):
+    def int(self, key: builtins.str, default=None, lo: int | None = None, hi: int | None = None):
         return self._num(key, int, default, lo, hi, "an integer")
 
-    def float(self, key: str, default=None, lo: float | None = None, hi: float | None = None):
+    def float(self, key: builtins.str, default=None, lo: float | None = None, hi: float | None = None):
         return self._num(key, float, default, lo, hi, "a number")
 
-    def bool(self, key: str, default: bool = False) -> bool:
+    def bool(self, key: builtins.str, default: bool = False) -> bool:
         if key not in self._q:
             return default
         v = self._q[key][-1].lower()
@@ -73,7 +74,7 @@ class Query:
             return False
         raise UserError(f"{self.url!r}: parameter {key}={v!r} must be true or false")
 
-    def choice(self, key: str, allowed: Iterable[str], default: str | None = None) -> str:
+    def choice(self, key: builtins.str, allowed: Iterable[builtins.str], default: builtins.str | None = None) -> builtins.str:
         allowed = tuple(allowed)
         v = self._q[key][-1] if key in self._q else (default if default is not None else allowed[0])
         if v not in allowed:

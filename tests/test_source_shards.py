@@ -386,6 +386,13 @@ def test_sidecar_variants(tmp_path, shared_data, spec, src):
     csv.write_text("\n".join(lines) + "\n")
     s = ShardsSource(d, spec=str(spec))
     assert _kinds(s) == {} and _all(s, 1, 0, 1 << 64).equals(_all(src, 1, 0, 1 << 64))
+    # an offset without a size: the rows are checked by their record numbers (this header
+    # once took the offset branch and failed on the missing sizes with a TypeError)
+    csv.write_text("\n".join(["x,y,z,offset,rec"] + [f"{ln.split(',')[0]},{ln.split(',')[1]},"
+                                                      f"{ln.split(',')[2]},{ln.split(',')[3]},{i}"
+                                                      for i, ln in enumerate(new)]) + "\n")
+    s = ShardsSource(d, spec=str(spec))
+    assert _kinds(s) == {} and _all(s, 1, 0, 1 << 64).equals(_all(src, 1, 0, 1 << 64))
     for text, kinds, words in [
         ("a,b,c\n1,2,3\n", {"bad_sidecar": 1, "unlisted": 1}, "unknown header"),
         ("# schema_size=0\nx,y,z,offset,size,batch_idx\n" + "\n".join(new[:10]) + "\n509,4",

@@ -32,7 +32,7 @@ import numpy as np
 
 from dvidetl.codec.errors import BlockFormatError
 from dvidetl.codec.wrapper import gunzip, wrap
-from dvidetl.geometry import ScaleInfo, morton_bits, morton_encode
+from dvidetl.geometry import ScaleInfo, morton_bits, morton_encode, vec3
 
 __all__ = [
     "HASHES",
@@ -236,7 +236,7 @@ class Sharding:
             raise ShardFormatError(f"sharding: shard {shard} outside 0..{(1 << self.shard_bits) - 1}")
         low = self.preshift_bits + self.minishard_bits
         step = 1 << (low + self.shard_bits)
-        end = 1 << morton_bits(tuple(int(g) for g in grid))
+        end = 1 << morton_bits(vec3(grid))
         out = []
         base = 0
         while base < end:
@@ -678,7 +678,7 @@ def sharding_for_grid(
     2^(preshift+minishard) chunks and whose bits cover the grid's Morton code exactly: a
     small scale gets fewer preshift, then minishard bits, and one shard (this reproduces the
     male CNS spec's sharding at every one of its 12 scales)."""
-    total = morton_bits(tuple(int(g) for g in grid))
+    total = morton_bits(vec3(grid))
     pre = min(preshift_bits, total)
     mini = min(minishard_bits, total - pre)
     return Sharding(

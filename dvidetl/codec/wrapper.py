@@ -17,6 +17,9 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import lz4.block
 import zstandard
@@ -32,12 +35,18 @@ CODECS = ("gzip", "lz4", "zstd", "none", "dvid")
 
 _GZ_MAGIC = b"\x1f\x8b"
 
+#: the fastest gzip inflater installed (None: zlib's), its CRC-32, and libdeflate if present
+_fast_gunzip: Callable[[memoryview, int], Any] | None
+_fast_crc: Callable[..., int]
+_deflate: ModuleType | None
+
 try:  # libdeflate
     import deflate as _deflate
 
-    def _fast_gunzip(mv: memoryview, isize: int):
+    def _gunzip_deflate(mv: memoryview, isize: int) -> Any:
         return _deflate.gzip_decompress(mv, isize)
 
+    _fast_gunzip = _gunzip_deflate
     _fast_crc = _deflate.crc32
     GZIP_INFLATER = "libdeflate"
 except ImportError:  # pragma: no cover - depends on the environment
@@ -46,17 +55,19 @@ except ImportError:  # pragma: no cover - depends on the environment
     try:
         from isal import igzip as _igzip
 
-        def _fast_gunzip(mv: memoryview, isize: int):
+        def _gunzip_isal(mv: memoryview, isize: int) -> Any:
             return _igzip.decompress(mv)
 
+        _fast_gunzip = _gunzip_isal
         GZIP_INFLATER = "isal"
     except ImportError:
         try:
             from zlib_ng import gzip_ng as _gzip_ng
 
-            def _fast_gunzip(mv: memoryview, isize: int):
+            def _gunzip_zlib_ng(mv: memoryview, isize: int) -> Any:
                 return _gzip_ng.decompress(mv)
 
+            _fast_gunzip = _gunzip_zlib_ng
             GZIP_INFLATER = "zlib-ng"
         except ImportError:
             _fast_gunzip = None

@@ -582,8 +582,8 @@ class DvidFlightServer(flight.FlightServerBase):
                 codes = batch.column("morton").to_numpy()
                 last = self._keys_check(codes, t.lo, t.hi, last, "read_blocks")
                 xyz = [batch.column(c).to_numpy() for c in ("x", "y", "z")]
-                if not np.array_equal(morton_encode(*xyz, grid), codes) or not bool(
-                    np.all(in_grid(*xyz, grid))
+                if not np.array_equal(morton_encode(xyz[0], xyz[1], xyz[2], grid), codes) or not bool(
+                    np.all(in_grid(xyz[0], xyz[1], xyz[2], grid))
                 ):
                     raise RuntimeError(
                         f"source read_blocks broke its contract: x, y, z do not match the "

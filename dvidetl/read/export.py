@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from dvidetl.errors import UserError
 from dvidetl.export.kinds import KINDS, kind, kind_of_table
+from dvidetl.geometry import VolumeInfo, morton_encode, vec3
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
 
@@ -142,8 +143,6 @@ class Export:
     block coordinates are given x, y, z. Pickles as its URL (dask workers reopen it)."""
 
     def __init__(self, sink, *, run_id: str | None = None):
-        from dvidetl.geometry import VolumeInfo
-
         self.sink = sink
         self.run_id = run_id or sink.latest_run()
         if self.run_id is None:
@@ -188,15 +187,13 @@ class Export:
         """Block grid (x, y, z) of an exported scale; ``UserError`` for a scale not exported."""
         if int(scale) not in self.scales:
             raise UserError(f"scale {scale} is not in this export (scales {self.scales})")
-        return tuple(int(g) for g in self.volume.scale(int(scale)).grid)
+        return vec3(self.volume.scale(int(scale)).grid)
 
     def block_size(self, scale: int) -> tuple[int, int, int]:
         self.grid(scale)
-        return tuple(int(b) for b in self.volume.scale(int(scale)).block_size)
+        return vec3(self.volume.scale(int(scale)).block_size)
 
     def _morton(self, scale: int, x: int, y: int, z: int) -> int:
-        from dvidetl.geometry import morton_encode
-
         g = self.grid(scale)
         if not (0 <= x < g[0] and 0 <= y < g[1] and 0 <= z < g[2]):
             raise UserError(f"block ({x}, {y}, {z}) is outside the scale-{scale} grid {g}")
@@ -221,15 +218,14 @@ class Export:
 
     def _present(self, scale: int, b0, b1, columns=("x", "y", "z", "morton")) -> pa.Table:
         """Rows (``columns``) of the exported blocks with b0 <= block < b1 (x, y, z), by Morton."""
-        from dvidetl.geometry import morton_encode
 
         g = self.grid(scale)
         b0 = [max(0, int(v)) for v in b0]
         b1 = [min(int(v), int(gv)) for v, gv in zip(b1, g, strict=True)]
         if any(a >= b for a, b in zip(b0, b1, strict=True)):
             return self.read("blocks", scale=scale, morton_range=(0, 0), columns=list(columns))
-        lo = int(morton_encode(*b0, g))
-        hi = int(morton_encode(*(v - 1 for v in b1), g)) + 1
+        lo = int(morton_encode(b0[0], b0[1], b0[2], g))
+        hi = int(morton_encode(b1[0] - 1, b1[1] - 1, b1[2] - 1, g)) + 1
         where = {"x": (b0[0], b1[0]), "y": (b0[1], b1[1]), "z": (b0[2], b1[2])}
         t = self.read("blocks", scale=scale, morton_range=(lo, hi), where=where, columns=list(columns))
         return t.sort_by("morton")
@@ -362,7 +358,6 @@ class Export:
         if scale == 0 or blocks.num_rows == 0:
             self.grid(scale)
             return int(pc.sum(blocks.column("voxels")).as_py() or 0) if blocks.num_rows else 0
-        from dvidetl.geometry import morton_encode
 
         g = self.grid(scale)
         xyz = np.stack([blocks.column(c).to_numpy() >> scale for c in ("x", "y", "z")], 1)

@@ -738,7 +738,7 @@ def match_sidecar(sc: Sidecar, scan: FileScan) -> tuple[np.ndarray, np.ndarray, 
     named = np.full(n, -1, np.int64)  # the record a row's range and batch_idx name
     if cur is None or cur.problem:
         status[:] = R_NO_STREAM
-    elif sc.offset is not None:
+    elif sc.offset is not None and sc.nbytes is not None:  # x,y,z,offset,size[,batch_idx]
         off = (0 if scan.file_format else cur.start) + sc.offset
         size = sc.nbytes
         # DVID writes the schema with the first batch: that row's range starts at the schema
@@ -771,6 +771,7 @@ def match_sidecar(sc: Sidecar, scan: FileScan) -> tuple[np.ndarray, np.ndarray, 
         status[~ok & (off + size > scan.size)] = R_PAST_END
         status[cut] = R_CUT
     else:  # x,y,z,rec: rec numbers the rows of the stream
+        assert sc.rec is not None  # read_sidecar: no offset and size, so rec (or no rows)
         ok = (sc.rec >= 0) & (sc.rec < len(scan.rec_msg))
         named = np.where(ok, sc.rec, -1)
         status[~ok] = R_NO_RECORD
@@ -786,7 +787,8 @@ def match_sidecar(sc: Sidecar, scan: FileScan) -> tuple[np.ndarray, np.ndarray, 
     for i in np.flatnonzero(status != R_OK).tolist():
         s = int(status[i])
         where = (f"bytes {int(sc.offset[i])}+{int(sc.nbytes[i])} of the current stream"
-                 if sc.offset is not None else f"row {int(sc.rec[i])} of the current stream")
+                 if sc.offset is not None and sc.nbytes is not None
+                 else f"row {int(sc.rec[i])} of the current stream" if sc.rec is not None else f"row {i}")
         other = named[i]
         why.append({
             R_PAST_END: f"{where} lie past the end of the {scan.size}-byte file",

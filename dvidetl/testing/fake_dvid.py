@@ -220,8 +220,8 @@ class FakeDvid:
         with self._lock:
             self.block_scans += (hi[1] - lo[1]) * (hi[2] - lo[2])
         # Morton codes grow with every coordinate, so the box lies in [code(lo), code(hi-1)]
-        c0 = int(morton_encode(*lo, sc.grid))
-        c1 = int(morton_encode(*(h - 1 for h in hi), sc.grid)) + 1
+        c0 = int(morton_encode(lo[0], lo[1], lo[2], sc.grid))
+        c1 = int(morton_encode(hi[0] - 1, hi[1] - 1, hi[2] - 1, sc.grid)) + 1
         out = []
         for batch in self.source.read_blocks(scale, c0, c1):
             x, y, z = (batch.column(i).to_numpy() for i in range(3))
