@@ -9,6 +9,7 @@ voxels: 44, 58, 8 voxels past the last whole chunk at scale 0, and so on)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -246,3 +247,49 @@ def test_repair_redoes_exactly_the_tampered_shards_and_removes_the_foreign_one(c
     assert set(rep.repaired["partitions"]) == keys and rep.repaired["rows_removed"] > 0
     assert not foreign.exists() and flipped.exists() and gone.exists()
     assert all(f.read_bytes() == b for f, b in before.items())  # the others untouched
+
+
+# -- the real mCNS shard with the real spec ---------------------------------------------------
+
+def test_the_real_mcns_shard_with_the_real_spec(tmp_path, shared_data, mcns_shard, cluster):
+    """DVID's own export-shards file (scale 1, 258 libdvid-cpp blocks) exported with the male
+    CNS spec DVID used (completed: it lacks the cseg block size and data_encoding): read back
+    by TensorStore and cloud-volume, every block voxel-exact against decode_block mapped by
+    the file's own ``labels`` lists (not the server's mapping), and verified."""
+    import tensorstore as ts
+    from cloudvolume import CloudVolume
+
+    src_dir = tmp_path / "shards" / "s1"
+    src_dir.mkdir(parents=True)
+    for ext in (".arrow", "-newformat.csv"):
+        os.symlink(shared_data / "mcns-shard" / f"30720_24576_28672{ext}",
+                   src_dir / f"30720_24576_28672{ext.replace('-newformat', '')}")
+    spec = shared_data / "dvid" / "mcns-ng-specs.json"
+    source, d = f"shards://{tmp_path / 'shards'}?spec={spec}", tmp_path / "mcns"
+    url = f"precomputed://{d}?spec={spec}"
+    res = export(source, url, RunOptions(), uuid="mcns", cluster=cluster.scheduler_address)
+    assert res.ok and res.blocks == 258
+    info = json.loads((d / "info").read_text())
+    assert len(info["scales"]) == 12 and info["scales"][1]["sharding"]["data_encoding"] == "gzip"
+    assert len(list((d / "16x16x16").glob("*.shard"))) == 1  # one shard: the file's 2048³ box
+    vol = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{d}", "scale_index": 1}).result()
+    cv = CloudVolume(f"file://{d}", mip=1, progress=False, fill_missing=True)
+    size = info["scales"][1]["size"]
+    t = mcns_shard
+    nonzero = 0
+    for i, (x, y, z) in enumerate(zip(*(t.column(c).to_pylist() for c in ("chunk_x", "chunk_y", "chunk_z")),
+                                      strict=True)):
+        table, body = split_block(t.column("block")[i].as_py())
+        labels = np.asarray(t.column("labels")[i].as_py(), np.uint64)
+        assert np.array_equal(np.asarray(table, np.uint64), np.asarray(t.column("supervoxels")[i].as_py(), np.uint64))
+        lo = (x * 64, y * 64, z * 64)
+        hi = tuple(min(a + 64, s) for a, s in zip(lo, size, strict=True))
+        want = decode_block(join_block(labels, body))[: hi[2] - lo[2], : hi[1] - lo[1], : hi[0] - lo[0]].transpose(2, 1, 0)
+        got = vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].read().result()[..., 0]
+        assert np.array_equal(got, want), (x, y, z)
+        if i % 16 == 0:  # cloud-volume is slower: every 16th block
+            assert np.array_equal(np.asarray(cv[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])[..., 0], want), (x, y, z)
+        nonzero += bool(want.any())
+    assert nonzero > 200
+    rep = verify(source, url, uuid="mcns")
+    assert rep.ok and rep.blocks_checked == 258, rep.text()

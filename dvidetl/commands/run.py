@@ -91,6 +91,7 @@ def result_json(res, run, ep, sink_url: str, planning_s: float | None, rc: int,
         "blocks": res.blocks, "errors": res.errors,
         "rows": {"label_index": res.index_rows, "mapping": res.mapping_rows},
         "label_index_note": note,
+        "not_exported": run.record.get("not_exported") or {},
         "bytes": {"read": res.bytes_in, "raw": res.raw_bytes, "written": res.bytes_out},
         "seconds": {"planning": planning_s, "export": res.seconds,
                     "total": res.seconds + (planning_s or 0.0)},
@@ -122,6 +123,10 @@ def main(args: argparse.Namespace) -> int:
         planning = job.start_planning()
         parts = job.plan(StatusLine(planning) if planning is not None else None)
         note = index_note(ep.info, parts, skipped=args.no_indices)
+        if job.not_exported:
+            from dvidetl.export.progress import not_exported_line
+
+            note = not_exported_line(job.not_exported)
         what = (f"run {job.resumed.run_id} (resumed)" if job.resumed is not None
                 else "dry run (no run id: nothing is written)")
         print(f"{what}: {len(parts)} partitions, ~{sum(p.blocks for p in parts):,} blocks ({job.where})",
@@ -161,7 +166,8 @@ def _export(args: argparse.Namespace, job, cluster: ClusterOptions) -> int:
     ep = job.ep
     planning_s = job.planning.seconds if job.planning is not None else None
     note = index_note(ep.info, run.partitions, skipped=args.no_indices)
-    print(summary(res, sink_desc=args.sink, planning_s=planning_s, index_note=note), file=sys.stderr)
+    print(summary(res, sink_desc=args.sink, planning_s=planning_s, index_note=note,
+                  not_exported=run.record.get("not_exported")), file=sys.stderr)
     unfinished = (f"{len(res.failed)} partitions failed" if res.failed
                   else f"aborted: {redact(res.aborted)}" if res.aborted else None)
     if unfinished:

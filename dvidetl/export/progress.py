@@ -173,14 +173,22 @@ class Progress:
                 self.stream.flush()
 
 
+def not_exported_line(not_exported: dict) -> str:
+    """``label_index, mapping not exported: WHY`` from a run record's ``not_exported``."""
+    names = {"indices": "label_index", "mapping": "mapping"}
+    why = next(iter(not_exported.values())).removeprefix("not exported: ")
+    return f"{', '.join(names.get(k, k) for k in not_exported)} not exported: {why}"
+
+
 def summary(res, *, sink_desc: str = "", planning_s: float | None = None,
-            index_note: str | None = None) -> str:
+            index_note: str | None = None, not_exported: dict | None = None) -> str:
     """The end-of-run summary (several lines). The byte figures say what they measure: what
     was read from the source (blocks as served: usually gzip), the raw DVID block bytes that
     is (uncompressed, what a reader reconstructs), and what was written (zstd payloads plus
     the label lists); the ratio is raw over written. ``index_note``: why there is no
     label_index (a source without indices) instead of a bare "0 rows"; ``anomalies``: what
-    the source found wrong in its input (stored in ``source_anomalies``)."""
+    the source found wrong in its input (stored in ``source_anomalies``); ``not_exported``:
+    the kinds no sink of the run stores (the run record's, e.g. a precomputed-only run)."""
     from dvidetl.redact import redact
     from dvidetl.sources.base import anomaly_summary
 
@@ -193,7 +201,8 @@ def summary(res, *, sink_desc: str = "", planning_s: float | None = None,
         f"  partitions  {res.partitions:,} planned, {res.done:,} written now, {res.skipped:,} already done, "
         f"{len(res.failed):,} failed",
         f"  blocks      {res.blocks:,}",
-        f"  rows        {index}, {getattr(res, 'mapping_rows', 0):,} mapping",
+        (f"  rows        {not_exported_line(not_exported)}" if not_exported else
+         f"  rows        {index}, {getattr(res, 'mapping_rows', 0):,} mapping"),
         f"  read        {_mb(res.bytes_in)} of blocks as the source served them (compressed)",
     ]
     # part of a resumed run committed by a dvidetl that kept no raw sizes: no honest ratio
