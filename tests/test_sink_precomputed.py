@@ -293,3 +293,118 @@ def test_the_real_mcns_shard_with_the_real_spec(tmp_path, shared_data, mcns_shar
     assert nonzero > 200
     rep = verify(source, url, uuid="mcns")
     assert rep.ok and rep.blocks_checked == 258, rep.text()
+
+
+# -- the command line: end to end, and bad URLs -------------------------------------------
+
+def test_cli_run_then_verify_then_status(tmp_path, cluster):
+    """``dvidetl run --sink precomputed:///DIR`` (derived info, supervoxel ids) and
+    ``dvidetl verify`` through the real entry point: exit 0, the summary and verify say the
+    tables were not exported, and TensorStore reads the supervoxel ids back."""
+    import subprocess
+    import sys
+
+    import tensorstore as ts
+
+    src = "synthetic://pcli?size=200,150,130&scales=2&seed=9"
+    d = tmp_path / "vol"
+    url = f"precomputed://{d}?supervoxels=true"
+    common = ["--uuid", "pcli", "--source", src, "--sink", url]
+    run = subprocess.run([sys.executable, "-m", "dvidetl", "run", *common, "--quiet", "--json",
+                          "--cluster", cluster.scheduler_address],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["ok"] and doc["blocks"] > 0 and set(doc["not_exported"]) == {"indices", "mapping"}
+    assert "label_index, mapping not exported" in run.stderr
+    assert "label indices and the mapping are not exported" in run.stderr  # the warning at start
+    ver = subprocess.run([sys.executable, "-m", "dvidetl", "verify", *common],
+                         capture_output=True, text=True, timeout=300)
+    assert ver.returncode == 0, ver.stderr + ver.stdout
+    out = ver.stdout + ver.stderr
+    assert "OK" in out and "label_index not exported" in out
+    status = subprocess.run([sys.executable, "-m", "dvidetl", "status", "--sink", url],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "finished" in status.stdout, status.stderr
+    info = json.loads((d / "info").read_text())
+    assert info["scales"][0]["size"] == [200, 150, 130] and info["scales"][0]["resolution"] == [8, 8, 8]
+    source = open_source(src)
+    got = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{d}",
+                   "scale_index": 0}).result().read().result()[..., 0]
+    assert np.array_equal(got, expected_volume(source, 0, [200, 150, 130], supervoxels=True))
+
+
+def _one_line(capsys, argv: list[str]) -> str:
+    from dvidetl.cli import main as cli
+
+    rc = cli(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, (rc, err)
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("run ")]
+    assert len(lines) == 1 and lines[0].startswith(f"dvidetl {argv[0]}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _spec_file(tmp_path, source, name: str, change) -> str:
+    info = derive_info(source.info().scales, (8, 8, 8))
+    change(info)
+    f = tmp_path / name
+    f.write_text(json.dumps(info))
+    return str(f)
+
+
+def _murmur(info):
+    info["scales"][0]["sharding"]["hash"] = "murmurhash3_x86_128"
+
+
+def _unsharded(info):
+    del info["scales"][1]["sharding"]
+
+
+def _small_grid(info):
+    info["scales"][0]["size"] = [64, 64, 64]
+
+
+def _few_bits(info):
+    info["scales"][0]["sharding"]["shard_bits"] = 0
+    info["scales"][0]["sharding"]["preshift_bits"] = 1
+    info["scales"][0]["sharding"]["minishard_bits"] = 0
+
+
+def _bad_block_size(info):
+    info["scales"][0]["compressed_segmentation_block_size"] = [4, 4, 4]
+
+
+@pytest.mark.parametrize("query, msg", [
+    ("?bogus=1", "unknown parameter(s) ['bogus']"),
+    ("?supervoxels=maybe", "must be true or false"),
+    ("?resolution=1,2", "must be 3 positive numbers"),
+    ("?spec=/nonexistent/spec.json", "cannot read the spec"),
+    ("?spec={murmur}", "scatters a shard's chunks over the volume"),
+    ("?spec={unsharded}", "unsharded scales are not written"),
+    ("?spec={small_grid}", "give different Morton codes"),
+    ("?spec={few_bits}", "a shard would be several Morton ranges"),
+    ("?spec={bad_block_size}", "compressed_segmentation_block_size must be [8, 8, 8]"),
+])
+def test_bad_precomputed_urls_are_one_line(query, msg, tmp_path, capsys, source):
+    specs = {k: _spec_file(tmp_path, source, f"{k}.json", fn) for k, fn in (
+        ("murmur", _murmur), ("unsharded", _unsharded), ("small_grid", _small_grid),
+        ("few_bits", _few_bits), ("bad_block_size", _bad_block_size))}
+    url = f"precomputed://{tmp_path}/vol" + query.format(**specs)
+    line = _one_line(capsys, ["run", "--uuid", UUID, "--source", SRC, "--sink", url, "--dry-run"])
+    assert msg in line
+    assert not (tmp_path / "vol" / "info").exists()
+
+
+def test_a_directory_holds_one_volume(exported, tmp_path, capsys):
+    """Another export into a directory holding a volume is refused, naming it; so is a file."""
+    d, url, _ = exported
+    line = _one_line(capsys, ["run", "--uuid", "other", "--source", "synthetic://other?size=128,128,128",
+                              "--sink", url, "--dry-run"])
+    assert f"holds the volume of segmentation@{UUID}" in line
+    (tmp_path / "f").write_text("x")
+    assert "is a file" in _one_line(capsys, ["run", "--uuid", UUID, "--source", SRC, "--sink",
+                                             f"precomputed://{tmp_path}/f", "--dry-run"])
+    assert "names no directory" in _one_line(capsys, ["run", "--uuid", UUID, "--source", SRC,
+                                                      "--sink", "precomputed://", "--dry-run"])
