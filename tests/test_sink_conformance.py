@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 
 from dvidetl.testing.env import environ
-from dvidetl.testing.sink_tests import SinkTests
+from dvidetl.testing.sink_tests import SinkTests, TabularSinkTests
 from dvidetl.testing.vastsim import start_vastsim
 
 ACCESS, SECRET = "conf-access", "conf-secret-not-real"
 _n = itertools.count()
 
 
-class TestParquet(SinkTests):
+class TestParquet(TabularSinkTests):
     @pytest.fixture
     def sink_url(self, tmp_path):
         return f"parquet://{tmp_path}/out"
 
 
-class TestFlakyParquetWithoutFaults(SinkTests):
+class TestFlakyParquetWithoutFaults(TabularSinkTests):
     @pytest.fixture
     def sink_url(self, tmp_path):
         return f"flaky+parquet://{tmp_path}/out?rate=0"
@@ -37,7 +37,7 @@ def vast():
             yield s
 
 
-class TestVastDB(SinkTests):
+class TestVastDB(TabularSinkTests):
     @pytest.fixture
     def sink_url(self, vast):
         with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
@@ -102,3 +102,49 @@ def test_a_sink_that_needs_raw_blocks_gets_the_unwrapped_bytes(tmp_path, shared_
     finally:
         _SINKS.clear()
         ep.close()
+
+
+class TestPrecomputed(SinkTests):
+    """The common contract over the neuroglancer volume sink: real DVID blocks in (its
+    ``raw``), its shards read back (chunk ids = Morton codes), shards of 64 chunks so the
+    two partitions are two shards."""
+
+    @pytest.fixture
+    def sink_url(self, tmp_path):
+        import json
+
+        from dvidetl.codec.ngshard import derive_info
+        from dvidetl.geometry import VolumeInfo
+        from dvidetl.testing.sink_tests import VOLUME
+
+        info = derive_info(VolumeInfo.from_json(json.dumps(VOLUME)).scales, (8, 8, 8),
+                           preshift_bits=6, minishard_bits=0)
+        (tmp_path / "spec.json").write_text(json.dumps(info))
+        return f"precomputed://{tmp_path}/vol?spec={tmp_path / 'spec.json'}"
+
+    def parts(self):
+        from dvidetl.export.kinds import Partition
+
+        return Partition("blocks", 0, 0, 64, 3), Partition("blocks", 0, 64, 128, 2)
+
+    def blocks(self, mortons, **kw):
+        import pyarrow as pa
+
+        from dvidetl.codec import encode_block
+        from dvidetl.geometry import morton_decode
+        from dvidetl.testing.sink_tests import block_batch
+
+        t = block_batch(mortons, **kw)
+        x, y, z = morton_decode(t.column("morton").to_numpy(), (16, 16, 16))
+        raw = []
+        for table in t.column("supervoxels").to_pylist():
+            vol = np.asarray(table, np.uint64)[np.arange(64 ** 3) % len(table)].reshape(64, 64, 64)
+            raw.append(encode_block(vol, label_order=table))
+        for name, v in (("x", x), ("y", y), ("z", z)):
+            t = t.set_column(t.schema.get_field_index(name), name, pa.array(v, pa.int32()))
+        return t.append_column("raw", pa.array(raw, pa.binary()))
+
+    def stored(self, sink, run_id):
+        run = sink.load_run(run_id)
+        return sorted(cid for p in run.partitions if p.kind == "blocks"
+                      for cid in sink.read_chunks(run_id, p))

@@ -1,11 +1,15 @@
 """The sink contract as tests, run over every sink (zarr's ``StoreTests``, fsspec's
-``tests/abstract``): subclass :class:`SinkTests` in a test module and give it a ``sink_url``
-fixture (a fresh, empty export location per test); every test here then runs against that
-sink. ``tests/test_sink_conformance.py`` runs it over ``parquet://``, ``flaky+parquet://``
-(faults off: the wrapper must not change the contract) and ``vastdb://`` (the VAST wire
-simulator with the real SDK).
+``tests/abstract``): subclass :class:`TabularSinkTests` (a sink of tables) or
+:class:`SinkTests` (any sink: what every sink must do, whatever it stores) in a test module
+and give it a ``sink_url`` fixture (a fresh, empty export location per test); every test
+here then runs against that sink. ``tests/test_sink_conformance.py`` runs the tabular suite
+over ``parquet://``, ``flaky+parquet://`` (faults off: the wrapper must not change the
+contract) and ``vastdb://`` (the VAST wire simulator with the real SDK), and the common one
+over ``precomputed://`` (a volume: its hooks ``blocks`` / ``stored`` / ``parts`` hand it
+real DVID blocks and read back its shards).
 
-What it pins, through the public ``Sink`` interface only:
+What it pins, through the public ``Sink`` interface only (common: the first three and
+resume; tabular: all):
 
 * exactly once: a partition's rows and its ledger row appear together (``is_done``,
   ``done``, the ledger's figures from ``PartitionStats.to_ledger_row``);
@@ -16,7 +20,8 @@ What it pins, through the public ``Sink`` interface only:
 * pushed-down reads (scale, Morton range, ``where`` equality and ranges, ``columns``);
 * resume: a stored run loads back with its plan and options; unfinished partitions are not
   in ``done``;
-* ``read_partition`` sees a partition's rows; ``open_export`` finds the export by its URL.
+* ``read_partition`` sees a partition's rows; ``open_export`` finds the export by its URL;
+* a write that fails part way leaves nothing: no ledger row, nothing a reader sees.
 """
 
 from __future__ import annotations
@@ -75,8 +80,16 @@ def stats(part: Partition, **figures) -> PartitionStats:
     return PartitionStats(part.key, part.kind, **figures)
 
 
+#: the volume the contract's runs describe (scale-0 grid 16³): what a volume sink derives its
+#: layout from (a tabular sink only stores it with the run)
+VOLUME = {"uuid": UUID, "instance": INSTANCE, "codec": "gzip", "scales": [
+    {"scale": 0, "block_size": [64, 64, 64], "grid": [16, 16, 16]}]}
+
+
 class SinkTests:
-    """Subclass with a ``sink_url`` fixture; see the module docstring."""
+    """What every sink must do, whatever it stores. Subclass with a ``sink_url`` fixture;
+    a sink that does not store tables overrides the hooks ``parts``, ``blocks`` and
+    ``stored`` (see the module docstring)."""
 
     @pytest.fixture
     def sink(self, sink_url):
@@ -86,15 +99,31 @@ class SinkTests:
 
     @staticmethod
     def run(run_id: str, parts, **options) -> RunInfo:
-        return RunInfo(run_id, UUID, INSTANCE, list(parts), options={"cell_limit": CELL_LIMIT, **options})
+        return RunInfo(run_id, UUID, INSTANCE, list(parts), options={"cell_limit": CELL_LIMIT, **options},
+                       volume=VOLUME)
+
+    # -- hooks: how the tests make blocks and see what a sink stored -------------------------
+    def parts(self) -> tuple[Partition, Partition]:
+        """Two blocks partitions of scale 0 that this sink can hold side by side (each
+        holding Morton codes 1..9)."""
+        return Partition("blocks", 0, 0, 100, 3), Partition("blocks", 0, 100, 200, 2)
+
+    def blocks(self, mortons, **kw) -> pa.Table:
+        """``BLOCK_BATCH`` rows (``block_batch``) for ``mortons`` — with ``raw`` for a sink
+        that needs it."""
+        return block_batch(mortons, **kw)
+
+    def stored(self, sink, run_id: str) -> list[int]:
+        """The Morton codes of the blocks a reader of ``run_id`` sees, sorted."""
+        return sorted(sink.read("blocks", run_id=run_id).column("morton").to_pylist())
 
     # -- exactly once, the ledger, resume ----------------------------------------------------
     def test_partition_and_ledger_row_appear_together(self, sink):
-        a, b = Partition("blocks", 0, 0, 100, 3), Partition("blocks", 0, 100, 200, 2)
+        a, b = self.parts()
         run = self.run("r1", [a, b])
         sink.prepare(run)
         assert sink.runs() == ["r1"] and sink.done("r1") == set() and not sink.is_done("r1", a)
-        data = BlockData(block_batch([1, 5, 9], payload_bytes=3000, labels=200), failed_blocks([7]), 3)
+        data = BlockData(self.blocks([1, 5, 9], payload_bytes=3000, labels=200), failed_blocks([7]), 3)
         sink.write_partition("r1", a, data, stats(a, blocks=3, errors=1, bytes_in=11, bytes_out=22,
                                                   raw_bytes=33))
         assert sink.is_done("r1", a) and not sink.is_done("r1", b) and sink.done("r1") == {a.key}
@@ -102,11 +131,47 @@ class SinkTests:
         assert len(led) == 1
         row = led[0]
         assert (row["kind"], row["lo"], row["hi"], row["blocks"], row["errors"], row["bytes_in"],
-                row["bytes_out"], row["raw_bytes"]) == ("blocks", 0, 100, 3, 1, 11, 22, 33)
+                row["bytes_out"], row["raw_bytes"]) == ("blocks", a.lo, a.hi, 3, 1, 11, 22, 33)
+        assert self.stored(sink, "r1") == [1, 5, 9]
         # resume: the stored run comes back with its plan and options
         back = sink.load_run("r1")
         assert back.partitions == [a, b] and back.options.cell_limit == CELL_LIMIT
         assert sink.latest_run() == "r1"
+
+    def test_rewrite_replaces_rows_and_a_committed_partition_stays_done(self, sink):
+        part, _ = self.parts()
+        sink.prepare(self.run("r1", [part]))
+        sink.write_partition("r1", part, BlockData(self.blocks([1, 2, 3])), stats(part, blocks=3))
+        sink.prepare(self.run("r2", [part]))
+        assert sink.is_done("r1", part) and not sink.is_done("r2", part)  # done per run
+        sink.write_partition("r2", part, BlockData(self.blocks([2, 3, 4, 5])), stats(part, blocks=4))
+        assert self.stored(sink, "r2") == [2, 3, 4, 5]
+        assert sink.is_done("r2", part)
+        # the same partition written again in its run: still its rows once
+        sink.write_partition("r2", part, BlockData(self.blocks([2, 3, 4, 5])), stats(part, blocks=4))
+        assert self.stored(sink, "r2") == [2, 3, 4, 5]
+        assert sink.ledger("r2").num_rows == 1
+
+    def test_a_write_that_fails_part_way_leaves_nothing(self, sink):
+        part, _ = self.parts()
+        sink.prepare(self.run("r1", [part]))
+        good = self.blocks([1, 2, 3])
+
+        def broken():
+            yield good.slice(0, 2)
+            raise ValueError("the stream broke")
+
+        with pytest.raises(ValueError, match="the stream broke"):
+            sink.write_partition("r1", part, BlockData(broken()), stats(part, blocks=3))
+        assert not sink.is_done("r1", part) and sink.done("r1") == set()
+        assert self.stored(sink, "r1") == []
+        sink.write_partition("r1", part, BlockData(good), stats(part, blocks=3))  # the retry
+        assert sink.is_done("r1", part) and self.stored(sink, "r1") == [1, 2, 3]
+
+
+class TabularSinkTests(SinkTests):
+    """The contract of a sink that stores the export's tables (Parquet, VastDB): cells,
+    the keyed kinds' tables, pushed-down reads, ``open_export``."""
 
     def test_block_data_is_cut_for_the_run_cell_limit_and_reassembles(self, sink):
         part = Partition("blocks", 0, 0, 100, 3)
@@ -127,20 +192,6 @@ class SinkTests:
         errs = sink.read("export_errors", run_id="r1")
         assert errs.num_rows == 3 and set(errs.column("morton").to_pylist()) == {3}  # 3000 B: 3 parts
         assert b"".join(errs.sort_by("part").column("data").to_pylist()) == b"\x01" * 3000
-
-    def test_rewrite_replaces_rows_and_a_committed_partition_stays_done(self, sink):
-        part = Partition("blocks", 0, 0, 100, 3)
-        sink.prepare(self.run("r1", [part]))
-        sink.write_partition("r1", part, BlockData(block_batch([1, 2, 3])), stats(part, blocks=3))
-        sink.prepare(self.run("r2", [part]))
-        assert sink.is_done("r1", part) and not sink.is_done("r2", part)  # done per run
-        sink.write_partition("r2", part, BlockData(block_batch([2, 3, 4, 5])), stats(part, blocks=4))
-        assert sink.read("blocks", run_id="r2").column("morton").to_pylist() == [2, 3, 4, 5]
-        assert sink.is_done("r2", part)
-        # the same partition written again in its run: still its rows once
-        sink.write_partition("r2", part, BlockData(block_batch([2, 3, 4, 5])), stats(part, blocks=4))
-        assert sorted(sink.read("blocks", run_id="r2").column("morton").to_pylist()) == [2, 3, 4, 5]
-        assert sink.ledger("r2").num_rows == 1
 
     # -- keyed kinds and pushed-down reads --------------------------------------------------
     def test_keyed_tables_and_pushed_down_reads(self, sink):
