@@ -408,3 +408,71 @@ def test_a_directory_holds_one_volume(exported, tmp_path, capsys):
                                              f"precomputed://{tmp_path}/f", "--dry-run"])
     assert "names no directory" in _one_line(capsys, ["run", "--uuid", UUID, "--source", SRC,
                                                       "--sink", "precomputed://", "--dry-run"])
+
+
+# -- exactly once across runs: resume, and --overwrite staged until it finishes ------------
+
+SMALL = "synthetic://pcr?size=260,200,140&scales=2&seed={seed}"
+
+
+def _small_url(tmp_path) -> str:
+    """The volume's URL with a small-shard spec (several partitions per scale)."""
+    f = tmp_path / "small-spec.json"
+    f.write_text(json.dumps(derive_info(open_source(SMALL.format(seed=1)).info().scales, (8, 8, 8), **SHARD)))
+    return f"precomputed://{tmp_path / 'vol'}?spec={f}"
+
+
+def _partial_run(url: str, source: str, options: RunOptions, done: int):
+    """A run planned and prepared as ``dvidetl run`` does, of which only the first ``done``
+    partitions are committed (a run killed part way); returns (run, the sink)."""
+    from dvidetl.export.api import ExportRun, endpoint
+    from dvidetl.export.tasks import _SINKS, export_partition, task_context
+
+    with endpoint(source, uuid="pcr") as ep:
+        job = ExportRun(ep, url, options)
+        run = job.new_run(job.plan())
+        job.sink.prepare(run)
+        ctx = task_context(run, ep, url)
+        try:
+            for p in [p for p in run.partitions if p.kind == "blocks"][:done]:
+                assert not export_partition(ctx, p).skipped
+        finally:
+            _SINKS.clear()
+    return run, job.sink
+
+
+def test_a_killed_run_resumes_and_skips_its_committed_shards(tmp_path, cluster):
+    url, src = _small_url(tmp_path), SMALL.format(seed=1)
+    run, sink = _partial_run(url, src, RunOptions(), done=2)
+    first = {sink.shard_path(run.run_id, p): sink.shard_path(run.run_id, p).stat().st_mtime_ns
+             for p in run.partitions if p.kind == "blocks" and sink.is_done(run.run_id, p)}
+    assert len(first) == 2 and len(run.partitions) > 2
+    res = export(src, url, RunOptions(), uuid="pcr", cluster=cluster.scheduler_address, resume=run.run_id)
+    assert res.ok and res.skipped == 2 and res.done == len(run.partitions) - 2
+    assert all(f.stat().st_mtime_ns == t for f, t in first.items())  # never rewritten
+    rep = verify(src, url, uuid="pcr")
+    assert rep.ok and rep.blocks_checked == rep.blocks_source > 0, rep.text()
+
+
+def test_overwrite_is_staged_until_it_finishes(tmp_path, cluster):
+    """``--overwrite`` with another volume of the same shape: until the new run finishes the
+    directory holds the old volume byte for byte (a viewer sees it whole); at the finish each
+    scale directory is switched, and the new volume verifies against its source."""
+    d = tmp_path / "vol"
+    url, old_src, new_src = _small_url(tmp_path), SMALL.format(seed=1), SMALL.format(seed=2)
+    assert export(old_src, url, RunOptions(), uuid="pcr", cluster=cluster.scheduler_address).ok
+    old = {f: f.read_bytes() for f in d.rglob("*.shard") if BOOK_DIR not in f.parts}
+    run, sink = _partial_run(url, new_src, RunOptions(overwrite=True), done=10**6)
+    assert run.staged and all(sink.is_done(run.run_id, p) for p in run.partitions if p.kind == "blocks")
+    assert {f: f.read_bytes() for f in d.rglob("*.shard") if BOOK_DIR not in f.parts} == old
+    assert verify(old_src, url, uuid="pcr").ok  # readers still see the old run
+    sink.finish(run)
+    assert sink.latest_run() == run.run_id
+    new = {f: f.read_bytes() for f in d.rglob("*.shard") if BOOK_DIR not in f.parts}
+    assert new != old and new
+    rep = verify(new_src, url, uuid="pcr")
+    assert rep.ok, rep.text()
+    assert not verify(old_src, url, uuid="pcr").ok
+
+
+BOOK_DIR = ".dvidetl"
