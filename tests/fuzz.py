@@ -3,7 +3,8 @@
 
 Targets: ``unwrap`` (gzip, lz4, zstd, dvid), ``decode_block``, ``label_voxel_counts``,
 ``split_block`` (+ ``join_block``), ``repack`` and ``cseg.encode_chunks`` (in batches, with
-random labels lists and chunk shapes). Contract checked for every
+random labels lists and chunk shapes), and ``cseg.decode_chunk`` on what it encoded and on
+damaged copies. Contract checked for every
 input: the call returns, or raises ``BlockFormatError`` / ``ValueError`` (the codec's
 documented errors) — never another exception, a crash, a hang (a watchdog dumps the stack
 and fails) or an out-of-bounds read: the numba kernels run in a child process compiled with
@@ -260,6 +261,39 @@ def check_cseg(batch: list[bytes], reasons: list, rng: np.random.Generator, fail
                 x, y, z = shapes[r]
                 if bool(out.background[r]) != (not vol[:z, :y, :x].any()):
                     fail(d, "cseg", f"background flag {bool(out.background[r])} is wrong")
+                check_cseg_decode(d, out[r], shapes[r], vol[:z, :y, :x], rng, fail)
+
+
+def check_cseg_decode(d: bytes, chunk: bytes, shape, want: np.ndarray, rng: np.random.Generator,
+                      fail) -> None:
+    """``cseg.decode_chunk`` (verify's reader of stored chunks) gives back the encoded
+    voxels, and on a damaged copy of the chunk (bytes flipped, cut, or grown) returns or
+    raises ``BlockFormatError`` — never reads out of bounds."""
+    from dvidetl.codec import BlockFormatError
+    from dvidetl.codec.cseg import decode_chunk
+
+    try:
+        got = decode_chunk(chunk, shape)
+    except Exception as exc:  # noqa: BLE001
+        fail(d, "cseg-decode", f"{type(exc).__name__}: {exc}")
+        return
+    if not np.array_equal(got, want):
+        fail(d, "cseg-decode", f"decode_chunk differs from the block's voxels in {int((got != want).sum())} voxels")
+    bad = bytearray(chunk)
+    how = rng.integers(0, 3)
+    if how == 0 and bad:
+        for _ in range(int(rng.integers(1, 4))):
+            bad[int(rng.integers(0, len(bad)))] = int(rng.integers(0, 256))
+    elif how == 1:
+        bad = bad[: int(rng.integers(0, len(bad) + 1)) // 4 * 4]
+    else:
+        bad += bytes(4 * int(rng.integers(1, 4)))
+    try:
+        decode_chunk(bytes(bad), shape)
+    except BlockFormatError:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        fail(d, "cseg-decode", f"damaged chunk: {type(exc).__name__}: {exc}")
 
 
 def run(n_inputs: int, seed: int, timeout: float) -> int:

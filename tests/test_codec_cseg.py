@@ -27,7 +27,7 @@ from dvidetl.codec import (
     split_block,
 )
 from dvidetl.codec import _cseg_kernels as CK
-from dvidetl.codec.cseg import CsegChunks, encode_chunk, encode_chunks, is_background
+from dvidetl.codec.cseg import CsegChunks, decode_chunk, encode_chunk, encode_chunks, is_background
 from dvidetl.testing.blocks import pack_block
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -425,3 +425,49 @@ def test_arrow_inputs_sliced_large_chunked(mcns):
     assert isinstance(ref, CsegChunks) and len(ref) == len(blocks)
     empty = encode_chunks(pa.array([], pa.binary()))
     assert len(empty) == 0 and empty.offsets.tolist() == [0]
+
+
+# ------------------------------------------------------------------- decode_chunk (verify) ---
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 64), (9, 64, 64), (1, 1, 1), (63, 7, 17), (8, 16, 33)])
+@pytest.mark.parametrize("labels", [1, 2, 3, 17, 300, 70_000])
+def test_decode_chunk_reads_what_the_reference_encoder_wrote(shape, labels):
+    """``decode_chunk`` (verify's reader) against chunks written by compressed-segmentation
+    (not by our encoder), every bit width 0..32 and clipped shapes; ids >= 2**63 too."""
+    rng = np.random.default_rng(labels * 1000 + sum(shape))
+    table = rng.integers(0, 2**64 - 1, labels, dtype=np.uint64, endpoint=True)
+    x, y, z = shape
+    vol = table[rng.integers(0, labels, (z, y, x))]
+    assert np.array_equal(decode_chunk(oracle_encode(vol), shape), vol)
+
+
+def test_decode_chunk_of_our_encoder_on_real_blocks(fib19_block, mcns_shard):
+    for block, labels in [(fib19_block, None), *[(mcns_shard.column("block")[i].as_py(),
+                                                  mcns_shard.column("labels")[i].as_py()) for i in (0, 57, 200)]]:
+        for shape in [(64, 64, 64), (5, 64, 30)]:
+            want = mapped_voxels(block, labels)[: shape[2], : shape[1], : shape[0]]
+            assert np.array_equal(decode_chunk(encode_chunk(block, labels, shape), shape), want)
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda w: w[:1], "ends before its channel offset or block headers"),
+    (lambda w: np.concatenate([[0], w[1:]]), "ends before its channel offset"),
+    (lambda w: _set(w, 2, 0xFFFFFF), "header points outside the chunk"),  # values offset
+    (lambda w: _set(w, 1, (w[1] & 0xFFFFFF) | (3 << 24)), "bit width 3"),  # table offset | bits
+    (lambda w: w[:-2], "past its lookup table"),
+])
+def test_decode_chunk_says_what_is_wrong(fib19_block, damage, why):
+    from dvidetl.codec import BlockFormatError
+
+    words = np.frombuffer(encode_chunk(fib19_block), "<u4").copy()
+    with pytest.raises(BlockFormatError, match=why):
+        decode_chunk(damage(words).astype("<u4").tobytes(), (64, 64, 64))
+    with pytest.raises(BlockFormatError, match="not whole 32-bit words"):
+        decode_chunk(encode_chunk(fib19_block)[:-1], (64, 64, 64))
+
+
+def _set(w: np.ndarray, i: int, v: int) -> np.ndarray:
+    w = w.copy()
+    w[i] = v
+    return w
