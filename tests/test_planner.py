@@ -121,3 +121,43 @@ def test_cns_size_plan_is_fast_and_bounded(shared_data):
         client.close()
         server.stop()
         source.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, (1 << 15) - 1), min_size=1, max_size=2000),
+    st.integers(0, 15),
+    st.sampled_from([None, 1, 64, 4096]),
+)
+def test_shard_cells_one_partition_per_non_empty_cell(codes, bits, partition_blocks):
+    """With a sink's ``plan_cells`` (a neuroglancer shard: an aligned Morton cell), a scale
+    is cut into exactly one partition per non-empty cell — never two partitions in a cell,
+    never one straddling two, no empty one — in one count call, whatever the partition
+    size; another scale of the same plan keeps the ordinary sizing."""
+    from dvidetl.geometry import ScaleInfo, VolumeInfo
+
+    codes = np.unique(np.asarray(codes, np.uint64))
+    count, calls = _count_from_codes(codes)
+    info = VolumeInfo("u", "seg", "gzip", [ScaleInfo(0, (64, 64, 64), (32, 32, 32)),
+                                           ScaleInfo(1, (64, 64, 64), (32, 32, 32))])
+    parts = make_plan(info, count, [0, 1], partition_blocks, indices=False, mapping=False,
+                      anomalies=False, cells={0: bits})
+    s0 = [p for p in parts if p.scale == 0]
+    cells = np.unique(codes >> np.uint64(bits))
+    assert [p.lo >> bits for p in s0] == cells.tolist()
+    for p in s0:
+        k = p.lo >> bits
+        assert p.lo == k << bits and p.hi == min((k + 1) << bits, 1 << 15)
+    _check(s0, codes, max(p.blocks for p in s0))
+    _check([p for p in parts if p.scale == 1], codes, partition_blocks or 4096)
+
+
+def test_sinks_wanting_different_cells_for_a_scale_are_refused():
+    import pytest
+
+    from dvidetl.errors import UserError
+    from dvidetl.export.planning import combine_cells
+
+    assert combine_cells([{0: 15, 1: 12}, {}, {0: 15}]) == {0: 15, 1: 12}
+    with pytest.raises(UserError, match="scale 1 cut into Morton cells of 2\\^12 and 2\\^9"):
+        combine_cells([{0: 15, 1: 12}, {1: 9}])

@@ -476,3 +476,65 @@ def test_overwrite_is_staged_until_it_finishes(tmp_path, cluster):
 
 
 BOOK_DIR = ".dvidetl"
+
+
+# -- what the volume cannot hold is said, never dropped ------------------------------------
+
+def test_blocks_outside_the_spec_volume_go_to_export_errors(tmp_path, cluster, source):
+    """A spec whose volume is smaller than the source's block grid (same Morton bits): the
+    blocks past it cannot be chunks of the volume — each goes to export_errors with why, the
+    run exits unclean (errors), and verify counts exactly them as export_errors."""
+    info = derive_info(source.info().scales, (8, 8, 8), **SHARD)
+    info["scales"][0]["size"] = [300, 250, 130]  # z: 3 chunks (2 bits, as the source's 4)
+    f = tmp_path / "spec.json"
+    f.write_text(json.dumps(info))
+    url = f"precomputed://{tmp_path / 'vol'}?spec={f}"
+    res = export(SRC, url, RunOptions(scales=(0,)), uuid=UUID, cluster=cluster.scheduler_address)
+    z = np.concatenate([b.column("z").to_numpy() for b in source.read_blocks(0, 0, source.info().scale(0).morton_end)])
+    outside = int((z >= 3).sum())
+    assert outside > 0 and res.errors == outside and not res.ok and not res.failed
+    sink = open_sink(url, uuid=UUID, instance="segmentation")
+    errs = sink.read("export_errors")
+    assert errs.num_rows == outside and set(errs.column("stage").to_pylist()) == {"transcode"}
+    assert all("outside the volume" in r for r in errs.column("reason").to_pylist())
+    rep = verify(SRC, url, uuid=UUID)
+    assert rep.export_errors == outside and rep.differences == outside, rep.text()
+    assert rep.blocks_checked == rep.blocks_source - outside
+
+
+def test_a_task_hands_keyed_partitions_only_to_sinks_that_take_them(tmp_path, source):
+    """One task context with a tabular and a volume sink: blocks go to both (read once),
+    the mapping only to the tabular one — the volume has no table for it and is never
+    handed it (``Sink.takes``); writing it there directly is refused."""
+    from dvidetl.export.endpoint import FlightEndpoint
+    from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
+    from dvidetl.export.planning import make_plan
+    from dvidetl.export.tasks import _SINKS, export_partition, task_context
+    from dvidetl.flight.server import start_server
+
+    src = open_source(SMALL.format(seed=3))
+    server = start_server(src)
+    ep = FlightEndpoint(server.location, None, "pcr", None, server, src)
+    try:
+        pc_url, pq_url = f"precomputed://{tmp_path}/vol", f"parquet://{tmp_path}/pq"
+        pc = open_sink(pc_url, uuid="pcr", instance=ep.instance)
+        cells = pc.plan_cells(ep.info)
+        parts = make_plan(ep.info, ep.client.count, None, None, indices=False, mapping=False,
+                          anomalies=False, cells=cells) + [Partition("mapping", 0, 0, 2**64 - 1)]
+        run = RunInfo("r1", "pcr", ep.instance, parts, volume=json.loads(ep.info.to_json()))
+        pq = open_sink(pq_url, uuid="pcr", instance=ep.instance)
+        for s in (pc, pq):
+            s.prepare(run)
+        ctx = task_context(run, ep, (pc_url, pq_url))
+        for p in parts:
+            assert not export_partition(ctx, p).skipped
+        mp = parts[-1]
+        assert pq.is_done("r1", mp) and pq.read("mapping").num_rows > 0
+        assert not pc.is_done("r1", mp) and pc.done("r1") == {p.key for p in parts[:-1]}
+        assert all(pq.is_done("r1", p) for p in parts)
+        with pytest.raises(ValueError, match="does not take mapping partitions"):
+            pc.write_partition("r1", mp, {"mapping": pq.read("mapping")}, PartitionStats(mp.key, mp.kind))
+        assert export_partition(ctx, mp).skipped  # every sink that takes it has it
+    finally:
+        _SINKS.clear()
+        ep.close()
