@@ -109,7 +109,7 @@ def test_tensorstore_reads_every_chunk_voxel_exact(exported, source, scale):
     assert want.any() and np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("scale", [0, 2])
+@pytest.mark.parametrize("scale", [0, 1, 2])
 def test_cloudvolume_reads_every_chunk_voxel_exact(exported, source, scale):
     from cloudvolume import CloudVolume
 
@@ -151,6 +151,7 @@ def test_verify_is_exact_and_says_what_was_not_exported(exported):
     assert rep.blocks_checked == rep.blocks_source == res.blocks
     text = rep.text()
     assert "label_index not exported" in text and "mapping     not exported" in text
+    assert f"{res.blocks:,} exported and voxel-exact checked" in text
 
 
 # -- verify against tampered shards: each tamper moves exactly its counter ------------------

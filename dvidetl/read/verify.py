@@ -117,6 +117,8 @@ class VerifyReport:
     repaired: dict | None = None  # what ``verify --repair`` did before this report
     #: kinds the run did not export, with why (the run record's ``not_exported``)
     not_exported: dict = field(default_factory=dict)
+    #: the blocks were checked as a volume's chunks, voxel for voxel (a ``Sink.checks`` check)
+    volume: bool = False
     before_repair: str | None = None  # the report that found what ``--repair`` redid
     #: per indices partition of the plan: (rows, hash sum) of label_index rows derived from
     #: the exported scale-0 blocks, and of the exported label_index rows themselves
@@ -162,7 +164,7 @@ class VerifyReport:
                if self.ok and self.source_inconsistent else ""),
             f"  export vs source ({self.differences} differences):",
             f"  blocks      {self.blocks_source:,} in the source, {self.blocks_checked:,} exported and "
-            f"byte-exact checked; missing {self.missing}, extra {self.extra}, duplicated "
+            f"{'voxel' if self.volume else 'byte'}-exact checked; missing {self.missing}, extra {self.extra}, duplicated "
             f"{self.duplicated}, different {self.mismatched}, in export_errors {self.export_errors}",
             (f"  label_index {self.not_exported['indices']}" if "indices" in self.not_exported else
              f"  label_index {self.index_rows:,} rows, {self.index_diffs} differences"
@@ -794,6 +796,7 @@ def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_
     t0 = time.perf_counter()
     run = sink.load_run(run_id)
     report.not_exported = dict(run.record.get("not_exported") or {})
+    report.volume = "blocks" in getattr(sink, "checks", {})
     done = sink.done(run_id)
     parts = _checked(run, scales)
     for p in parts:
