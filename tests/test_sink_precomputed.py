@@ -373,6 +373,18 @@ def _few_bits(info):
     info["scales"][0]["sharding"]["minishard_bits"] = 0
 
 
+def _offset(info):
+    info["scales"][0]["voxel_offset"] = [64, 0, 0]
+
+
+def _one_scale(info):
+    del info["scales"][1:]
+
+
+def _chunk32(info):
+    info["scales"][1]["chunk_sizes"] = [[32, 32, 32]]
+
+
 def _bad_block_size(info):
     info["scales"][0]["compressed_segmentation_block_size"] = [4, 4, 4]
 
@@ -387,11 +399,15 @@ def _bad_block_size(info):
     ("?spec={small_grid}", "give different Morton codes"),
     ("?spec={few_bits}", "a shard would be several Morton ranges"),
     ("?spec={bad_block_size}", "compressed_segmentation_block_size must be [8, 8, 8]"),
+    ("?spec={offset}", "voxel_offset [64, 0, 0] must be [0, 0, 0]"),
+    ("?spec={one_scale}", "the info lists only 1 scales, the source has scale 1"),
+    ("?spec={chunk32}", "chunk size [32, 32, 32] is not the source's block size"),
 ])
 def test_bad_precomputed_urls_are_one_line(query, msg, tmp_path, capsys, source):
     specs = {k: _spec_file(tmp_path, source, f"{k}.json", fn) for k, fn in (
         ("murmur", _murmur), ("unsharded", _unsharded), ("small_grid", _small_grid),
-        ("few_bits", _few_bits), ("bad_block_size", _bad_block_size))}
+        ("few_bits", _few_bits), ("bad_block_size", _bad_block_size), ("offset", _offset),
+        ("one_scale", _one_scale), ("chunk32", _chunk32))}
     url = f"precomputed://{tmp_path}/vol" + query.format(**specs)
     line = _one_line(capsys, ["run", "--uuid", UUID, "--source", SRC, "--sink", url, "--dry-run"])
     assert msg in line

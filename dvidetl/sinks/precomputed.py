@@ -163,6 +163,10 @@ class PrecomputedSink(ParquetSink):
         if chunk != tuple(si.block_size):
             raise UserError(f"{where} ({sc['key']}): chunk size {list(chunk)} is not the source's "
                             f"block size {list(si.block_size)} (chunks are transcoded blocks)")
+        if any(sc.get("voxel_offset", [0, 0, 0])):
+            raise UserError(f"{where} ({sc['key']}): voxel_offset {sc['voxel_offset']} must be [0, 0, 0]: "
+                            "DVID block coordinates are the chunk positions (an offset would move "
+                            "every chunk id off the source's Morton code)")
         if "sharding" not in sc:
             raise UserError(f"{where} ({sc['key']}): unsharded scales are not written (one file per "
                             "chunk); give the scale a neuroglancer_uint64_sharded_v1 'sharding'")
