@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Iterable
+from typing import overload
 from urllib.parse import parse_qs, urlsplit
 
 from dvidetl.errors import UserError
@@ -39,7 +40,13 @@ class Query:
     def __contains__(self, key: str) -> bool:
         return key in self._q
 
-    def str(self, key: str, default: str | None = None) -> str | None:
+    @overload
+    def str(self, key: builtins.str, default: builtins.str) -> builtins.str: ...
+
+    @overload
+    def str(self, key: builtins.str, default: None = None) -> builtins.str | None: ...
+
+    def str(self, key: builtins.str, default: builtins.str | None = None) -> builtins.str | None:
         return self._q[key][-1] if key in self._q else default
 
     def all(self, key: builtins.str) -> list[builtins.str]:

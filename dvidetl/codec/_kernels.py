@@ -98,7 +98,7 @@ def _le8_bytes(buf, p):
 # the speed of the same cached kernel depended on where the heap put the arrays (4x apart,
 # bench_numba_cache). The byte loop stays under NUMBA_BOUNDSCHECK (the fuzz relies on it to
 # catch out-of-bounds reads) and on big-endian hosts.
-_le8 = _load_u64 if sys.byteorder == "little" and not nb.config.BOUNDSCHECK else _le8_bytes
+_le8 = _load_u64 if sys.byteorder == "little" and not nb.config.BOUNDSCHECK else _le8_bytes  # type: ignore[attr-defined]  # numba.config sets its options at import
 
 
 @nb.njit(cache=True, inline="always")

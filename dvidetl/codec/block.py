@@ -248,7 +248,7 @@ def split_block(data) -> tuple[np.ndarray, bytes]:
     The body keeps the 16-byte header so it still says its grid and N; this layout is part of
     the export format. Only the header is validated (``join_block(*split_block(b)) == b``)."""
     _gx, _gy, _gz, n = block_header(data)
-    mv = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(_as_u8(data))
+    mv = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else _as_u8(data).data
     labels = np.frombuffer(data, dtype="<u8", count=n, offset=16)
     body = bytes(mv[:16]) + bytes(mv[16 + 8 * n :])
     return labels, body
@@ -257,7 +257,7 @@ def split_block(data) -> tuple[np.ndarray, bytes]:
 def join_block(labels, body) -> bytes:
     """Put a label table back into a body from ``split_block`` (N must match the header)."""
     lab = np.ascontiguousarray(np.asarray(labels), dtype="<u8").reshape(-1)
-    mv = memoryview(body).cast("B") if not isinstance(body, np.ndarray) else memoryview(_as_u8(body))
+    mv = memoryview(body).cast("B") if not isinstance(body, np.ndarray) else _as_u8(body).data
     if len(mv) < 16:
         raise BlockFormatError(f"block body: truncated header, {len(mv)} bytes < 16", len(mv))
     n = int.from_bytes(mv[12:16], "little")

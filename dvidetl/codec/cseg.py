@@ -116,8 +116,8 @@ def _blocks_buffer(blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if isinstance(blocks, pa.Array):
         if not (pa.types.is_binary(blocks.type) or pa.types.is_large_binary(blocks.type)):
             raise TypeError(f"encode_chunks: blocks must be binary, got {blocks.type}")
-        offs, data, valid = _binary_parts(blocks)
-        return np.frombuffer(data, np.uint8), offs, valid
+        offs, buf, valid = _binary_parts(blocks)
+        return np.frombuffer(buf, np.uint8), offs, valid
     parts = [_as_u8(b) for b in blocks]
     offs = np.zeros(len(parts) + 1, np.int64)
     np.cumsum([p.shape[0] for p in parts], out=offs[1:])

@@ -12,6 +12,7 @@ Serialization is done by the installed ``protobuf`` runtime (upb), never by hand
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -184,7 +185,7 @@ def encode_label_index(
     if last_mod_app:
         msg.last_mod_app = last_mod_app
     if len(svs):
-        keys = encode_block_key(bc[:, 0], bc[:, 1], bc[:, 2])
+        keys = np.asarray(encode_block_key(bc[:, 0], bc[:, 1], bc[:, 2]))
         order = np.lexsort((svs, keys))
         keys, svs_s, cnt = keys[order], svs[order], counts[order]
         # sum duplicate (key, sv) pairs
@@ -234,7 +235,7 @@ def encode_label_indices(
         return np.zeros(0, np.uint64), []
     if counts.min() < 0 or counts.max() > 0xFFFFFFFF:
         raise ValueError("voxel counts must fit uint32")
-    keys = encode_block_key(bc[:, 0], bc[:, 1], bc[:, 2])
+    keys = np.asarray(encode_block_key(bc[:, 0], bc[:, 1], bc[:, 2]))
     order = np.lexsort((svs, keys, labels))
     labels, keys, svs, counts = labels[order], keys[order], svs[order], counts[order]
     if len(labels) > 1:
@@ -296,7 +297,7 @@ def _parse_wire(data: bytes, label: int | None):
     return msg
 
 
-def _rows_of(msg):
+def _rows_of(msg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keys, svs, counts) arrays of one parsed wire LabelIndex, sorted by (block key, sv).
 
     A block key repeated in the stream is merged like the map would (last entry wins).

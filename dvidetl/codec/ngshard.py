@@ -27,6 +27,7 @@ import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -347,7 +348,7 @@ class ShardWriter:
         self._check_ids(ids)
         n = ids.shape[0]
         if offsets is None:
-            parts = [memoryview(p).cast("B") for p in payloads]
+            parts: list[memoryview | bytes] = [memoryview(p).cast("B") for p in payloads]
             if len(parts) != n:
                 raise ValueError(f"ShardWriter: {len(parts)} payloads for {n} chunk ids")
         else:
@@ -642,7 +643,7 @@ def complete_info(spec: Mapping) -> dict:
         off = _vec3(sc.get("voxel_offset", [0, 0, 0]), f"{where}.voxel_offset")
         if any(o % c for o, c in zip(off, chunk, strict=True)):
             raise ShardFormatError(f"info: {where}.voxel_offset {off} must be a multiple of the chunk size {chunk}")
-        out = {
+        out: dict[str, Any] = {
             "key": key,
             "size": size,
             "resolution": res,

@@ -129,7 +129,7 @@ def repack(
         # the input already is the concatenation of the raw blocks: one copy into scratch
         total = oin[-1]
         buf = _scratch(total)
-        smv = memoryview(buf)
+        smv = buf.data  # (the array's memoryview)
         smv[:total] = data
         offs = offs_in.copy()
         for r in range(n):
@@ -154,7 +154,7 @@ def repack(
         offs = np.zeros(n + 1, np.int64)
         np.cumsum(sizes, out=offs[1:])
         buf = _scratch(int(offs[-1]))
-        smv = memoryview(buf)
+        smv = buf.data  # (the array's memoryview)
         o = 0
         for raw in parts:
             k = len(raw)
@@ -163,12 +163,12 @@ def repack(
         del parts
     crcs = np.array(crcl, dtype=np.int64)
 
-    for r in np.flatnonzero(~valid):
+    for r in np.flatnonzero(~valid).tolist():
         errors[r] = "null value"
     raw_copy = buf[: int(offs[-1])].copy() if keep_raw else None  # (the kernel edits buf)
     info, sv_offs, sv, counts, body_start = K.repack_kernel(buf, offs, ok)
     good = ok & (info[:, K.I_ERR] == K.E_OK)
-    for r in np.flatnonzero(ok & ~good):
+    for r in np.flatnonzero(ok & ~good).tolist():
         errors[r] = describe_error(info[r])
 
     raw_size = (offs[1:] - offs[:-1]).astype(np.uint32)
@@ -200,14 +200,14 @@ def repack(
         [validity, pa.py_buffer(zoffs.astype(np.int32)), pa.py_buffer(zdata)],
         null_count=n_bad,
     )
-    raw = None
+    raw_blocks: pa.BinaryArray | None = None
     if raw_copy is not None:
         if offs[-1] > np.iinfo(np.int32).max:
             raise ValueError("repack: batch too large for 32-bit Arrow offsets; split it")
-        raw = pa.Array.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offs.astype(np.int32)),
-                                                     pa.py_buffer(raw_copy)], null_count=n_bad)
+        raw_blocks = pa.Array.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offs.astype(np.int32)),
+                                                            pa.py_buffer(raw_copy)], null_count=n_bad)
     return Repacked(
-        raw=raw,
+        raw=raw_blocks,
         supervoxels=supervoxels,
         sv_voxels=sv_voxels,
         payload=payload_arr,

@@ -41,13 +41,14 @@ _fast_crc: Callable[..., int]
 _deflate: ModuleType | None
 
 try:  # libdeflate
-    import deflate as _deflate
+    import deflate as _libdeflate
 
     def _gunzip_deflate(mv: memoryview, isize: int) -> Any:
-        return _deflate.gzip_decompress(mv, isize)
+        return _libdeflate.gzip_decompress(mv, isize)
 
+    _deflate = _libdeflate
     _fast_gunzip = _gunzip_deflate
-    _fast_crc = _deflate.crc32
+    _fast_crc = _libdeflate.crc32
     GZIP_INFLATER = "libdeflate"
 except ImportError:  # pragma: no cover - depends on the environment
     _deflate = None

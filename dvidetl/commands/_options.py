@@ -186,7 +186,7 @@ def run_options(args: argparse.Namespace):
     from dvidetl.export.options import RunOptions
 
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    kw = {"scales": parse_scales(get("scales")), "partition_blocks": get("partition_blocks"),
+    kw: dict[str, Any] = {"scales": parse_scales(get("scales")), "partition_blocks": get("partition_blocks"),
           "index_partition_rows": get("index_partition_rows"),
           "mapping_partition_rows": get("mapping_partition_rows"), "plan_timeout": get("plan_timeout"),
           "indices": not get("no_indices", False), "mapping": not get("no_mapping", False),

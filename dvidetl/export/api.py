@@ -134,7 +134,8 @@ class ExportRun:
         for kind, flag in (("indices", "indices"), ("mapping", "mapping")):
             if not getattr(self.options, flag) or any(s.takes(kind) for s in sinks):
                 continue
-            self.options = replace(self.options, **{flag: False})
+            self.options = (replace(self.options, indices=False) if flag == "indices"
+                            else replace(self.options, mapping=False))
             out[kind] = (f"not exported: {', '.join(redact(s.url) for s in sinks)} stores the volume "
                          "(blocks) and the source's anomalies only; add a parquet:// or vastdb:// sink "
                          "to the run for the tables")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import pyarrow as pa
 
@@ -60,7 +61,7 @@ FAILED_BLOCKS = pa.schema(
 
 #: a table's rows: a whole table, or a stream of batches / tables (a ``SpilledTable``
 #: streams from disk and can be read again)
-TableData = pa.Table | Iterable[pa.RecordBatch | pa.Table]
+TableData: TypeAlias = pa.Table | Iterable[pa.RecordBatch | pa.Table]
 
 #: what sinks may ask the transform for besides the default columns (``Sink.needs``)
 NEEDS = frozenset({"raw"})
@@ -93,7 +94,7 @@ class BlockData:
 
 
 #: a partition's data: ``BlockData`` (blocks) or the kind's tables (table name -> rows)
-PartitionData = BlockData | Mapping[str, TableData]
+PartitionData: TypeAlias = BlockData | Mapping[str, TableData]
 
 
 __all__ = ["BLOCK_BATCH", "BLOCK_BATCH_RAW", "RAW_FIELD", "FAILED_BLOCKS", "NEEDS", "BlockData",

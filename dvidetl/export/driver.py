@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -151,7 +151,7 @@ class LiveParts:
     then count in the ``RunResult``). Filled from the Dask client's event thread, read by
     the driver's ticker."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kinds: dict[str, str] = {}  # running task key -> partition kind
         self._got: dict[str, dict] = {}
@@ -180,7 +180,7 @@ class LiveParts:
         with self._lock:
             got = list(self._got.values())
         for m in got:
-            spec = KINDS.get(m.get("kind"))
+            spec = KINDS.get(str(m.get("kind")))
             if spec is None:
                 continue
             if spec.scaled:
@@ -216,7 +216,7 @@ class _Ticker:
         self._t.join(5)
 
 
-class TaskWindow:
+class TaskWindow(Generic[T]):
     """Tasks for a stream of items with at most ``window`` in flight — a CNS plan has 10^5+
     partitions, the scheduler never holds them all — yielding (item, future) as they
     finish and submitting the next item after each. ``stop()`` ends the submitting,

@@ -267,7 +267,7 @@ def make_plan(
     scales = [s.scale for s in info.scales] if scales is None else list(scales)
     cells = dict(cells or {})
     auto = partition_blocks is None
-    target = DEFAULT_PARTITION_BLOCKS if auto else int(partition_blocks)
+    target = DEFAULT_PARTITION_BLOCKS if partition_blocks is None else int(partition_blocks)
 
     def plan(s: int, size: int) -> list[Partition]:
         end = info.scale(s).morton_end

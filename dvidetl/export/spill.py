@@ -16,6 +16,7 @@ import os
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -55,8 +56,8 @@ class TableSpill:
         self.tables: list[pa.Table] = []
         self.num_rows = 0
         self.nbytes = 0
-        self._writer = None
-        self._file = None
+        self._writer: Any = None  # pa.ipc stream writer, once spilled
+        self._file: Any = None
         self._path: Path | None = None
 
     def append(self, table: pa.Table) -> None:
@@ -92,6 +93,7 @@ class TableSpill:
                 return self.schema.empty_table()
             return pa.concat_tables(self.tables)
         self._close_writer()
+        assert self._path is not None  # set with the writer (spill)
         return SpilledTable(self._path, self.schema, self.num_rows, self.nbytes)
 
     def discard(self) -> None:

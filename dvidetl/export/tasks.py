@@ -15,12 +15,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
 from dvidetl.export.batch import BlockData, PartitionData
 from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
 from dvidetl.export.spill import close_tables
+from dvidetl.geometry import vec3
 from dvidetl.retry import Backoff, retry
 from dvidetl.tables import schema as S
 
@@ -129,8 +131,8 @@ class ProgressReporter:
         try:
             from distributed import get_worker
 
-            self._worker = get_worker()
-            self._key = self._worker.get_current_task()
+            self._worker: Any = get_worker()
+            self._key: Any = self._worker.get_current_task()
         except (ImportError, ValueError):
             self._worker = self._key = None
 
@@ -185,7 +187,7 @@ def blocks_task(client, ctx: TaskContext, part: Partition, *,
     from dvidetl.export.transform import transform_blocks
 
     t0 = time.perf_counter()
-    grid = tuple(ctx.grids[part.scale] if part.scale in ctx.grids else ctx.grids[str(part.scale)])
+    grid = vec3(ctx.grids[part.scale] if part.scale in ctx.grids else ctx.grids[str(part.scale)])
     data, st = transform_blocks(
         ProgressReporter(part.kind).blocks_of(part.read(client)), ctx.codec, client.map_supervoxels,
         scale=part.scale, grid=grid, lo=part.lo, hi=part.hi, zstd_level=ctx.zstd_level,
@@ -236,7 +238,7 @@ def indices_task(client, ctx: TaskContext, part: Partition, *,
     """The label_index rows of a body-label range, decoded from the source's label indices."""
     from dvidetl.export.transform import label_index_tables
 
-    grid0 = tuple(ctx.grids.get(0) or ctx.grids.get("0"))
+    grid0 = vec3(ctx.grids[0] if 0 in ctx.grids else ctx.grids["0"])
 
     def rows():
         for batch in part.read(client):

@@ -263,6 +263,7 @@ def transform_blocks(
                 payload=rp.payload.take(keep),
             )
             if keep_raw:
+                assert rp.raw is not None  # repack(keep_raw=True) returns it
                 part["raw"] = rp.raw.take(keep)
             del rp, data, batch
             parts.append(part)

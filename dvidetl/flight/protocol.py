@@ -282,6 +282,7 @@ def _dumps(d: dict) -> bytes:
     return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
 class _Versioned:
     """``to_dict`` / ``to_json`` of a ticket: its fields and the protocol version."""
 

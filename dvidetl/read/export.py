@@ -305,11 +305,11 @@ class Export:
         for iz, (bz, sz, nz) in enumerate(axes[2]):
             for iy, (by, sy, ny) in enumerate(axes[1]):
                 for ix, (bx, sx, nx) in enumerate(axes[0]):
-                    g = where_of.get((bx, by, bz))
-                    if g is None:
+                    grp = where_of.get((bx, by, bz))
+                    if grp is None:
                         dsk[(name, iz, iy, ix)] = (_zeros, (nz, ny, nx))
                     else:
-                        dsk[(name, iz, iy, ix)] = (_chunk, (fname, g), (bx, by, bz), (sz, sy, sx), bodies)
+                        dsk[(name, iz, iy, ix)] = (_chunk, (fname, grp), (bx, by, bz), (sz, sy, sx), bodies)
         chunks = tuple(tuple(n for _, _, n in axes[d]) for d in (2, 1, 0))
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
         return da.Array(graph, name, chunks, dtype=np.uint64)

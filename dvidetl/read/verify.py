@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dvidetl.errors import first_line
-from dvidetl.geometry import KEY_END
+from dvidetl.geometry import KEY_END, VolumeInfo
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
 
@@ -225,7 +225,7 @@ def _lists_equal(a: pa.Array, b: pa.Array) -> np.ndarray:
 class VerifyEnv:
     """What every partition check needs besides its partition (small, picklable)."""
 
-    info: object  # VolumeInfo
+    info: VolumeInfo
     index_bounds: np.ndarray | None  # lo of each indices partition (ascending), if checked
     bad0: np.ndarray  # Morton codes of scale-0 blocks in export_errors (their index rows are skipped)
     #: keys of planned partitions without a ledger row: checked as exporting nothing (their
@@ -428,6 +428,7 @@ def _compare_volume(client, sink, part, env: VerifyEnv, report: VerifyReport, sr
         return
     rp = repack(src.column("data"), env.info.codec, keep_raw=True)
     bad_src = np.asarray(pc.is_valid(rp.errors)) if rp.errors.null_count != n else np.zeros(n, bool)
+    assert rp.raw is not None  # keep_raw=True
     raws = rp.raw.to_pylist()
     svs = rp.supervoxels.cast(pa.list_(pa.uint64()))
     supervoxels = bool(getattr(sink, "supervoxels", False))
@@ -638,6 +639,7 @@ def _compare_index(client, part, env: VerifyEnv, report: VerifyReport, idx: pa.T
     # the cross-check leaves out blocks the run put in export_errors (reported as such)
     if env.bad0.size and idx.num_rows:
         idx = idx.filter(pa.array(~np.isin(idx.column("morton").to_numpy(), env.bad0)))
+    assert env.index_bounds is not None  # set whenever indices partitions are checked
     report.digest_index = _digest(idx, env.index_bounds)
 
 
@@ -930,10 +932,11 @@ def verify(source, sink: str, *, uuid: str | None = None, instance: str | None =
         # the export is named by the full UUID the source resolved the asked name to
         s = open_sink(sink, uuid=ep.info.uuid, instance=ep.instance)
         s.check(write=False)
-        if run_id is None and s.latest_run() is None:
+        run_id = run_id or s.latest_run()
+        if run_id is None:
             raise UserError(f"no run found in {redact(sink)} for {s.instance}@{s.uuid}: "
                             "nothing to verify (export it first with `dvidetl run`)")
-        run = s.load_run(run_id or s.latest_run())
+        run = s.load_run(run_id)
         if cluster is None and not repair:
             report = verify_export(ep.client, s, run.run_id, scales, progress=progress)
         else:

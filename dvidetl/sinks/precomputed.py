@@ -345,7 +345,7 @@ class PrecomputedSink(ParquetSink):
                     f = open(tmp, "wb")  # noqa: SIM115 - closed below, renamed when whole
                     w = ShardWriter(f, sh, shard=shard)
                 offs = enc.offsets
-                mv = memoryview(enc.data)
+                mv = enc.data.data  # the array's memoryview
                 w.add_many(chunk_ids(x[keep], y[keep], z[keep], sc),
                            [mv[offs[i]:offs[i + 1]] for i in keep.tolist()])
                 n += int(keep.size)

@@ -73,6 +73,7 @@ from dvidetl.geometry import (
     axis_bits,
     morton_decode,
     morton_encode,
+    vec3,
 )
 from dvidetl.sources._dvid_parse import (
     _ERRS,
@@ -214,12 +215,12 @@ def _point(q: Query, key: str, url: str) -> tuple[int, int, int] | None:
     if key not in q:
         return None
     try:
-        p = tuple(int(v) for v in q.str(key).split(","))
+        p = vec3(int(v) for v in q.str(key, "").split(","))
     except ValueError:
-        p = ()
-    if len(p) != 3 or min(p) < 0:
+        p = (-1, -1, -1)
+    if min(p) < 0:
         raise UserError(f"parameter {key}={q.str(key)!r} in {url!r} must be X,Y,Z (>= 0 voxels)")
-    return p  # type: ignore[return-value]
+    return p
 
 
 class DvidHttpSource:
@@ -270,12 +271,11 @@ class DvidHttpSource:
         self.labels_from = labels
         self.box_shape = box_shape
         self.spec_path = spec
+        self._spec: list[dict] | None = None
         if spec:
             from dvidetl.sources._shard_files import _load_spec
 
             self._spec = _load_spec(spec)
-        else:
-            self._spec = None
         self._labels: np.ndarray | None = None
         self.throttle = throttle
         self._minpoint, self._maxpoint = minpoint, maxpoint
@@ -420,8 +420,8 @@ class DvidHttpSource:
             b_lo = tuple(min(vmin[d] // bs[d], grid[d]) for d in range(3))
             b_hi = tuple(max(b_lo[d], min(-(-vmax[d] // bs[d]), grid[d])) for d in range(3))
             self._box[s] = (b_lo, b_hi)
-            scales.append(ScaleInfo(scale=s, block_size=bs, grid=grid, voxel_min=vmin,
-                                    voxel_max=tuple(max(vmin[d], vmax[d]) for d in range(3))))
+            scales.append(ScaleInfo(scale=s, block_size=vec3(bs), grid=vec3(grid), voxel_min=vec3(vmin),
+                                    voxel_max=vec3(max(vmin[d], vmax[d]) for d in range(3))))
         if any(hi <= lo for lo, hi in zip(*self._box[0], strict=True)):
             log.warning("DVID's extents %s..%s lie outside the spec's grid %s: nothing to read",
                         pmin, pmax, scales[0].grid)

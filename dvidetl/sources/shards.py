@@ -63,7 +63,7 @@ import pyarrow.ipc as ipc
 
 from dvidetl.batching import spans
 from dvidetl.errors import UserError
-from dvidetl.geometry import ScaleInfo, VolumeInfo, in_grid, morton_encode
+from dvidetl.geometry import ScaleInfo, VolumeInfo, in_grid, morton_encode, vec3
 from dvidetl.sources._shard_files import (
     BLOCK,
     M_OFF,
@@ -486,6 +486,9 @@ class ShardsSource:
                                f"the record at byte {int(f.scan.msgs[f.scan.rec_msg[r], M_OFF])} "
                                "does not decode: not exported", blocks=1, lost=True)
                 keep = f.keep[ok[f.keep]]
+                if table is None or not len(keep):  # nothing of the file decodes (noted above)
+                    f.keep = keep
+                    continue
                 sub = table if len(keep) == table.num_rows else table.take(pa.array(keep))
                 svs, bodies = sub.column("supervoxels"), sub.column("labels")
                 len_sv = pc.fill_null(pc.list_value_length(svs), -1).to_numpy()
@@ -547,6 +550,7 @@ class ShardsSource:
         parts = []
         for i, f in enumerate(files):
             scan, cur = f.scan, f.scan.current
+            assert cur is not None  # records are kept only from a file's current stream
             msg = scan.rec_msg[f.keep]
             complete = scan.complete()
             with pa.memory_map(str(f.path)) as mm:
@@ -596,9 +600,10 @@ class ShardsSource:
         else:
             grid, vmin, vmax = (1, 1, 1), (0, 0, 0), (0, 0, 0)
         info = ScaleInfo(
-            scale=scale, block_size=(BLOCK,) * 3, grid=grid, voxel_min=vmin, voxel_max=vmax
+            scale=scale, block_size=(BLOCK, BLOCK, BLOCK), grid=vec3(grid), voxel_min=vmin,
+            voxel_max=vec3(vmax)
         )
-        morton = morton_encode(x, y, z, grid)
+        morton = morton_encode(x, y, z, info.grid)
         order = np.argsort(morton, kind="stable")
         return _ScaleIndex(
             info=info,

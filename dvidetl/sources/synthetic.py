@@ -72,7 +72,7 @@ import pyarrow as pa
 
 from dvidetl.batching import spans
 from dvidetl.errors import UserError
-from dvidetl.geometry import ScaleInfo, VolumeInfo, _bit_plan
+from dvidetl.geometry import ScaleInfo, VolumeInfo, _bit_plan, vec3
 from dvidetl.sources._synthetic_downres import _downres_kernel, downres_dvid
 from dvidetl.sources._synthetic_kernels import (
     BATCH_BYTES,
@@ -202,7 +202,7 @@ class SyntheticSource:
         self.name = name
         query = parts.query or DEMO_QUERY
         q = Query(url, KNOWN_KEYS, query=query)
-        g = {k: q.str(k) for k in KNOWN_KEYS if k in q}
+        g = {k: q.str(k, "") for k in KNOWN_KEYS if k in q}
         size_s = g.get("size", "1024,1024,768")
         try:
             size = tuple(int(t) for t in size_s.split(","))
@@ -254,8 +254,8 @@ class SyntheticSource:
 
         scales = []
         for s in range(self.nscales):
-            grid = tuple(-(-g_ // (1 << s)) for g_ in grid0)
-            vmax = tuple(-(-sz // (1 << s)) for sz in size)
+            grid = vec3(-(-g_ // (1 << s)) for g_ in grid0)
+            vmax = vec3(-(-sz // (1 << s)) for sz in size)
             scales.append(ScaleInfo(s, (BS, BS, BS), grid, (0, 0, 0), vmax))
         self._info = VolumeInfo(uuid=name, instance=self.instance, codec="gzip", scales=scales)
         self._plans = [np.array(_bit_plan(si.grid), dtype=np.int64).reshape(-1, 3) for si in scales]
@@ -351,6 +351,7 @@ class SyntheticSource:
             nbytes = 0
             for i in range(len(codes)):
                 d = self.block_stored(scale, int(xs[i]), int(ys[i]), int(zs[i]))
+                assert d is not None  # _enumerate lists only blocks that exist
                 if datas and nbytes + len(d) > BATCH_BYTES:
                     yield self._batch(xs, ys, zs, codes, start, i, datas)
                     start, datas, nbytes = i, [], 0

@@ -257,9 +257,9 @@ def format_of_columns(table: str, names: list[str] | tuple[str, ...]) -> int | N
     """The format a stored table's columns are in (its column names tell the formats apart):
     how a sink without a place for a version marker (VastDB) checks what it reads. None when
     they match no format this code knows (a newer one)."""
-    names = set(names)
+    have = set(names)
     for fmt in (*sorted(_STORED_NAMES), FORMAT):
-        if {stored_name(table, c, fmt) for c in schema(table).names} == names:
+        if {stored_name(table, c, fmt) for c in schema(table).names} == have:
             return fmt
     return None
 

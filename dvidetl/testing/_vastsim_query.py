@@ -327,8 +327,9 @@ def _fsl_compare(name: str, col: pa.Array, lit) -> pa.Array:
 def _leaf_array(arr: pa.Array, node: _Node, leaf: _Node) -> pa.Array:
     """The root-to-leaf path array of `leaf` (struct levels with exactly one child)."""
     path = []
-    n = leaf
+    n: _Node | None = leaf
     while n is not node:
+        assert n is not None  # leaf lies under node
         path.append(n)
         n = n.parent
     path.reverse()
@@ -390,7 +391,7 @@ _LAYOUTS: dict = {}  # tiny LRU: id(view) -> (view, ids, {(rg, splits, subs): la
 _LAYOUT_LOCK = threading.Lock()
 
 
-def _layout_entry(view: pa.Table) -> dict:
+def _layout_entry(view: pa.Table) -> tuple:
     with _LAYOUT_LOCK:
         ent = _LAYOUTS.get(id(view))
         if ent is None or ent[0] is not view:
@@ -454,11 +455,11 @@ def query_data(state: SimState, txid: int, bucket: str, schema: str, name: str, 
             rid = _combine(internal[ROW_ID])
             cols.append(rid.cast(meta.rowid_type()) if meta.sorted else rid)
         else:
-            found = meta.field_by_name(r.name)
-            if found is None:
+            field_ = meta.field_by_name(r.name)
+            if field_ is None:
                 raise SimError(404, "TabularColumnNotFound",
                                f"table {meta.name} has no column {r.name!r}")
-            cols.append(internal[_cname(found[0])])
+            cols.append(internal[_cname(field_[0])])
         names.append(r.name)
     ids = _rowid_numpy(internal)
     tbl = pa.table(cols + [internal[ROW_ID]], names=names + ["\0rid"]) if cols else \

@@ -160,8 +160,9 @@ class SimState:
                     cids = ch[ROW_ID].to_numpy()
                     if len(cids) and np.isin(ids_needed, cids).any():
                         td.chunks[i] = _apply_op(_aligned(ch, meta), op)
-                        if td.files[i]:
-                            removed_files.append(td.files[i])
+                        gone = td.files[i]
+                        if gone:
+                            removed_files.append(gone)
                         td.files[i] = None
             keep = [i for i, ch in enumerate(td.chunks) if ch.num_rows > 0 or td.files[i] is None]
             td.chunks = [td.chunks[i] for i in keep]

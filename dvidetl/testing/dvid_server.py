@@ -37,6 +37,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -271,7 +272,7 @@ logfile = "{r / 'dvid.log'}"
         for (x, y, z), raw in zip(np.asarray(coords).tolist(), blocks, strict=True):
             g = gzip.compress(bytes(raw), compresslevel=1)
             buf += struct.pack("<4i", x, y, z, len(g)) + g
-        params = {}
+        params: dict[str, Any] = {}
         if downres:
             params["downres"] = "true"
         if scale:
@@ -288,7 +289,8 @@ logfile = "{r / 'dvid.log'}"
         sz, sy, sx = v.shape
         ox, oy, oz = offset
         path = self.node(uuid, name, f"raw/0_1_2/{sx}_{sy}_{sz}/{ox}_{oy}_{oz}")
-        self.post(path, v.tobytes(), **({"downres": "true"} if downres else {}))
+        params: dict[str, Any] = {"downres": "true"} if downres else {}
+        self.post(path, v.tobytes(), **params)
 
     def post_mappings(self, uuid: str, name: str, bodies: dict[int, Iterable[int]]) -> None:
         """``POST /mappings``: store supervoxel -> body maps directly (body -> its supervoxels),

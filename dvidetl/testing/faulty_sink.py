@@ -30,8 +30,11 @@ import errno
 import hashlib
 import os
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import pyarrow as pa
 
 from dvidetl.errors import UserError
 from dvidetl.export.kinds import Partition, PartitionStats
@@ -47,19 +50,20 @@ class InjectedFault(OSError):
     """The error a flaky write raises (an ``OSError``, as a real I/O failure would be)."""
 
 
-class _FailingStats:
+@dataclass
+class _FailingStats(PartitionStats):
     """Stats whose ledger row raises: the Parquet sink makes the ledger row
     (``PartitionStats.to_ledger_row``) only after its data files are in place, so this fails
     an attempt exactly there."""
 
-    def __init__(self, inner: PartitionStats, msg: str):
-        self._inner, self._msg = inner, msg
+    msg: str = ""
 
-    def to_ledger_row(self, *args, **kwargs):
-        raise InjectedFault(errno.EIO, self._msg)
+    @classmethod
+    def of(cls, inner: PartitionStats, msg: str) -> _FailingStats:
+        return cls(**{f.name: getattr(inner, f.name) for f in fields(inner)}, msg=msg)
 
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
+    def to_ledger_row(self, run_id: str, part: Partition, rows: int) -> pa.Table:
+        raise InjectedFault(errno.EIO, self.msg)
 
 
 class FlakySink(ParquetSink):
@@ -124,7 +128,7 @@ class FlakySink(ParquetSink):
             os._exit(137)  # SIGKILL's exit status: the nanny sees a dead worker
         if mode == "before":
             raise InjectedFault(errno.EIO, msg)
-        super().write_partition(run_id, part, tables, _FailingStats(stats, msg))
+        super().write_partition(run_id, part, tables, _FailingStats.of(stats, msg))
         raise AssertionError("unreachable: the failing stats must have raised")  # pragma: no cover
 
 
@@ -167,11 +171,12 @@ def open_url(url: str, *, uuid: str, instance: str) -> FlakySink:
     fails = q.int("fails", 1, 0)
     seed = q.int("seed", 0)
     try:
-        poison = tuple(tuple(int(v) for v in p.split(":")) for p in q.all("poison"))
+        pairs = [tuple(int(v) for v in p.split(":")) for p in q.all("poison")]
     except ValueError:
-        poison = ((),)
-    if any(len(p) != 2 for p in poison):
+        pairs = [()]
+    if any(len(p) != 2 for p in pairs):
         raise UserError(f"{url!r}: poison must be SCALE:MORTON")
+    poison = tuple((p[0], p[1]) for p in pairs)
     mode = q.choice("mode", MODES, "mixed")
     return FlakySink(base, uuid=uuid, instance=instance, url=url, rate=rate, fails=fails,
                      seed=seed, poison=poison, mode=mode)

@@ -32,6 +32,7 @@ import pytest
 
 from dvidetl.export.batch import BLOCK_BATCH, FAILED_BLOCKS, BlockData
 from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
+from dvidetl.export.options import RunOptions
 from dvidetl.geometry import KEY_END
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
@@ -99,8 +100,7 @@ class SinkTests:
 
     @staticmethod
     def run(run_id: str, parts, **options) -> RunInfo:
-        return RunInfo(run_id, UUID, INSTANCE, list(parts), options={"cell_limit": CELL_LIMIT, **options},
-                       volume=VOLUME)
+        return RunInfo(run_id, UUID, INSTANCE, list(parts), options=RunOptions.from_dict({"cell_limit": CELL_LIMIT, **options}), volume=VOLUME)
 
     # -- hooks: how the tests make blocks and see what a sink stored -------------------------
     def parts(self) -> tuple[Partition, Partition]:

@@ -160,7 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         srv = self.server
         srv.count("requests")
-        self._pages = None
+        self._pages: list[bytes] | None = None
         path, _, query = self.path.partition("?")
         parts = [p for p in query.split("&") if p]
         command = next((p for p in parts if "=" not in p), "")
