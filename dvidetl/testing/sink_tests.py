@@ -100,7 +100,8 @@ class SinkTests:
 
     @staticmethod
     def run(run_id: str, parts, **options) -> RunInfo:
-        return RunInfo(run_id, UUID, INSTANCE, list(parts), options=RunOptions.from_dict({"cell_limit": CELL_LIMIT, **options}), volume=VOLUME)
+        return RunInfo(run_id, UUID, INSTANCE, list(parts),
+                       options=RunOptions.from_dict({"cell_limit": CELL_LIMIT, **options}), volume=VOLUME)
 
     # -- hooks: how the tests make blocks and see what a sink stored -------------------------
     def parts(self) -> tuple[Partition, Partition]:
