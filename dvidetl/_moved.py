@@ -15,11 +15,16 @@ class _MovedModule(ModuleType):
     _new: str
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("__"):  # pickle, inspect, doctest probing: neither warn nor forward
             raise AttributeError(name)
+        try:
+            value = getattr(importlib.import_module(self._new), name)
+        except AttributeError:  # not there either: no warning that would send anyone there
+            raise AttributeError(f"module {self.__name__!r} (moved to {self._new}) has no "
+                                 f"attribute {name!r}") from None
         warnings.warn(f"{self.__name__} moved to {self._new}: import {name} from there",
                       DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(self._new), name)
+        return value
 
     def __dir__(self) -> list[str]:
         return dir(importlib.import_module(self._new))
