@@ -31,8 +31,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+## make lint: ruff over the code, tests and benchmarks; mypy over dvidetl/ ([tool.mypy] in
+## pyproject.toml; its cache makes a rerun take seconds).
 lint: $(STAMP)
 	$(BIN)/ruff check dvidetl tests bench
+	$(BIN)/mypy
 
 ## make fuzz: codec fuzzing, numba bounds-checked (FUZZ_ARGS="--inputs 2000000 --seed 7").
 fuzz: $(STAMP)
