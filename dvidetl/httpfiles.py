@@ -118,7 +118,7 @@ class FilesHandler(CorsMixin, tornado.web.StaticFileHandler):
         return f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
 
     def get_content_type(self) -> str:
-        return content_type(self.absolute_path or "")  # type: ignore[arg-type]
+        return content_type(self.absolute_path or "")
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache" if self.no_cache else "public, max-age=86400")

@@ -258,10 +258,10 @@ def _dvid_unwrap(mv: memoryview) -> bytes:
 
 def _snappy(mv: memoryview) -> bytes:
     try:
-        import snappy  # type: ignore[import-not-found]
+        import snappy
     except ImportError:
         try:
-            import cramjam  # type: ignore[import-not-found]
+            import cramjam
         except ImportError:
             raise BlockFormatError(
                 "snappy: value is snappy-compressed (0x20) but no snappy library is installed", 0

@@ -35,7 +35,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block) raised as a ``UserError``, so the CLI
     reports it like every other bad input: ``dvidetl run: error: ...``, exit 2."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         raise UsageError(self.prog, message)
 
 

@@ -853,7 +853,7 @@ class _col:  # noqa: N801 — reads like the ibis ``_`` it wraps
             return ibis.literal(int(v), type="uint64")
         return int(v) if isinstance(v, np.integer) else v
 
-    def __eq__(self, v):  # type: ignore[override]
+    def __eq__(self, v):
         return self.d == self._lit(v)
 
     def __ge__(self, v):

@@ -210,7 +210,7 @@ class SyntheticSource:
             raise UserError(f"synthetic URL: size={size_s!r} must be X,Y,Z integers") from None
         if len(size) != 3 or any(not (BS <= s <= 1 << 18) for s in size):
             raise UserError(f"synthetic URL: size={size_s} needs 3 values in [64, 262144]")
-        self.size: tuple[int, int, int] = size  # type: ignore[assignment]
+        self.size: tuple[int, int, int] = size
         grid0 = tuple(-(-s // BS) for s in size)
         max_scales = max(1, max(int(g_ - 1).bit_length() for g_ in grid0) + 1)
         self.nscales = _parse_int("scales", g.get("scales", str(min(4, max_scales))), 1, 20)
