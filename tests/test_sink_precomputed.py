@@ -555,3 +555,44 @@ def test_a_task_hands_keyed_partitions_only_to_sinks_that_take_them(tmp_path, so
     finally:
         _SINKS.clear()
         ep.close()
+
+
+# -- the real DVID server: the volume equals DVID's own decoding and mapping -----------------
+
+@pytest.mark.parametrize("supervoxels", [False, True])
+def test_a_real_dvid_exports_to_the_volume_dvid_itself_reads(dvid_mcns, cluster, tmp_path, supervoxels):
+    """The 258 real mCNS blocks posted to the real DVID (which computed scales 1 and 2 and
+    its label indices), exported from ``dvid+http://`` into a derived volume: every chunk
+    TensorStore reads equals DVID's ``GET /raw`` of that block (DVID's own decoding and
+    mapping; supervoxel ids with ``supervoxels=true``), at every scale, and verify is exact."""
+    import urllib.parse
+
+    import tensorstore as ts
+
+    v = dvid_mcns
+    q = urllib.parse.urlencode({"uuid": v.uuid, "instance": v.name, "backoff": 0.01}, safe=":~,/")
+    src = f"dvid+http://{v.server.host}?{q}"
+    d = tmp_path / "vol"
+    url = f"precomputed://{d}" + ("?supervoxels=true" if supervoxels else "")
+    # the fixture's node is read-only for tests but not locked (nothing edits it)
+    res = export(src, url, RunOptions(allow_unlocked=True), uuid=v.uuid, cluster=cluster.scheduler_address)
+    assert res.ok, res
+    info = json.loads((d / "info").read_text())
+    n = 0
+    for scale in (0, 1, 2):
+        vol = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{d}",
+                       "scale_index": scale}).result()
+        size = info["scales"][scale]["size"]
+        blocks = v.server.blocks(v.uuid, v.name, scale, (0, 0, 0), (64, 64, 64))
+        assert blocks
+        for x, y, z in blocks:
+            raw = v.server.get(v.server.node(v.uuid, v.name, f"raw/0_1_2/64_64_64/{x * 64}_{y * 64}_{z * 64}"),
+                               scale=str(scale), **({"supervoxels": "true"} if supervoxels else {}))
+            want = np.frombuffer(raw, "<u8").reshape(64, 64, 64).transpose(2, 1, 0)
+            hi = [min(64, s - 64 * c) for s, c in zip(size, (x, y, z), strict=True)]
+            got = vol[x * 64:x * 64 + hi[0], y * 64:y * 64 + hi[1], z * 64:z * 64 + hi[2]].read().result()[..., 0]
+            assert np.array_equal(got, want[:hi[0], :hi[1], :hi[2]]), (scale, x, y, z)
+            n += 1
+    assert n == res.blocks
+    rep = verify(src, url, uuid=v.uuid)
+    assert rep.ok and rep.blocks_checked == res.blocks, rep.text()
