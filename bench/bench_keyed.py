@@ -94,18 +94,16 @@ def _decode_rate(ep, src) -> tuple[float, int]:
 
 
 def _keyed_run(client, ep, kind: str, target: int, outdir: str):
-    from dvidetl.export.driver import execute
-    from dvidetl.export.kinds import RunInfo
-    from dvidetl.export.planning import new_run_id, plan_keys
-    from dvidetl.export.tasks import task_context
-    from dvidetl.sinks import open_sink
+    """One export of ``kind``'s partitions alone, through the library API step by step
+    (``ExportRun``: the sink checked, the run stored and finished as ``dvidetl.export`` does);
+    only the plan is the bench's own — ``plan_keys`` for the one kind timed."""
+    from dvidetl.export.api import ExportRun
+    from dvidetl.export.options import RunOptions
+    from dvidetl.export.planning import plan_keys
 
+    job = ExportRun(ep, f"parquet://{outdir}", RunOptions(indices=kind == "indices", mapping=kind == "mapping"))
     parts = plan_keys(ep.client.count_keys, kind, target)
-    run = RunInfo(new_run_id(), ep.uuid, ep.instance, parts)
-    url = f"parquet://{outdir}"
-    sink = open_sink(url, uuid=ep.uuid, instance=ep.instance)
-    sink.prepare(run)
-    res = execute(client, run, task_context(run, ep, url), sink)
+    res = job.execute(client, job.new_run(parts))
     if res.failed:
         raise RuntimeError(f"bench run failed: {res.failed[:3]}")
     rows = res.index_rows if kind == "indices" else res.mapping_rows

@@ -119,3 +119,34 @@ def test_the_checker_finds_a_forbidden_import():
         "dvidetl.codec.block imports dvidetl.sinks.parquet (sinks), not allowed for codec",
         "dvidetl.nowhere is in no row of docs/architecture.md's import table",
         "dvidetl.sinks.vastdb imports dvidetl.export.driver (export), not allowed for sinks"]
+
+
+def _imported_names(paths) -> dict[str, set[str]]:
+    """file (relative) -> ``module.name`` of every ``from dvidetl... import name`` in it."""
+    out: dict[str, set[str]] = {}
+    for p in paths:
+        names = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("dvidetl"):
+                names |= {f"{node.module}.{a.name}" for a in node.names}
+        out[str(p.relative_to(ROOT))] = names
+    return out
+
+
+def _assemblers(imported: dict[str, set[str]]) -> list[str]:
+    """Files that run an export's partitions themselves (``export.driver.execute``) outside
+    the library API (``export.api``) and verify's ``--repair`` (which re-exports the bad
+    partitions of a run that exists)."""
+    allowed = {"dvidetl/export/api.py", "dvidetl/read/verify.py"}
+    return sorted(f for f, names in imported.items()
+                  if "dvidetl.export.driver.execute" in names and f not in allowed)
+
+
+def test_an_export_is_assembled_only_by_the_library_api():
+    """``dvidetl.export`` / ``ExportRun`` is the one place a run is assembled (sink check,
+    run record, execute, finish): the commands and the benchmarks call it."""
+    files = [*PKG.rglob("*.py"), *(ROOT / "bench").glob("*.py")]
+    assert _assemblers(_imported_names(files)) == []
+    # the check is not vacuous: a bench module doing it by hand is found
+    assert _assemblers({"bench/bench_x.py": {"dvidetl.export.driver.execute"},
+                        "dvidetl/export/api.py": {"dvidetl.export.driver.execute"}}) == ["bench/bench_x.py"]

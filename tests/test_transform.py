@@ -52,7 +52,7 @@ def test_transform_exact_and_mapping_one_call(shared_data):
     b1 = _batch([wrap(r, "gzip") for r in raws[:2]], coords[:2])
     b2 = _batch([wrap(raws[2], "gzip")], coords[2:])
     tables, st = transform_tables([b1, b2], "gzip", mapper, scale=0, grid=GRID, lo=0, hi=512, run_id="r")
-    assert len(calls) == 1, "mapping must be one call per partition"
+    assert len(calls) == 1, "mapping must be one call per group (these blocks are one group)"
     assert np.all(np.diff(calls[0].astype(np.int64)) > 0), "unique sorted supervoxels"
     blocks = tables["blocks"]
     assert blocks.schema == S.BLOCKS and blocks.num_rows == 3

@@ -257,8 +257,8 @@ def make_plan(
     partition each, and no anomalies are stored.
 
     ``partition_blocks=None`` (auto): ``DEFAULT_PARTITION_BLOCKS`` (4096: measured peak
-    worker memory stays well under 1 GiB, and per-partition overhead — a Flight stream, one
-    map exchange, a few Parquet files — is amortised), lowered for small volumes so that
+    worker memory stays well under 1 GiB, and per-partition overhead — a Flight stream, a map
+    exchange per 8 MiB group of blocks, a few Parquet files — is amortised), lowered for small volumes so that
     there are about 16 partitions to spread over the workers.
 
     ``cells`` (scale -> bits, from the run's sinks' ``Sink.plan_cells``): those scales are cut

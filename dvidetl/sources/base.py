@@ -142,18 +142,40 @@ def drop_background(sv, body, where: str):
     return sv, body
 
 
-def dedupe_pairs(sv: np.ndarray, body: np.ndarray, where, *, why: str = "",
-                 error: type[Exception] = UserError) -> tuple[np.ndarray, np.ndarray]:
-    """Unique (sv, body) pairs sorted by sv — a source's mapping as the planner and readers
-    want it; a supervoxel with two bodies is an ``error`` naming ``where`` (and ``why``)."""
+def unique_pairs(sv: np.ndarray, body: np.ndarray, rank: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (supervoxel, body) pairs sorted by supervoxel: the one normalization of
+    every source's mapping (``dedupe_pairs`` for a source whose input must agree with
+    itself, the shards source where files written later win).
+
+    ``rank``: where each pair came from, in write order (a shard file's number); each
+    distinct pair keeps the highest rank it was seen with, and the pairs of one supervoxel
+    are ordered by it — the newest body is the last of its run. Without ``rank`` the pairs of
+    one supervoxel are ordered by body (ranks returned as zeros). Vectorized: two lexsorts
+    and one reduceat, whatever the number of pairs."""
     sv = np.asarray(sv, np.uint64)
     body = np.asarray(body, np.uint64)
+    rk = np.zeros(sv.size, np.int64) if rank is None else np.asarray(rank, np.int64)
+    if not sv.size == body.size == rk.size:
+        raise ValueError(f"mapping pairs: {sv.size} supervoxels, {body.size} bodies, {rk.size} ranks")
     if sv.size == 0:
-        return sv, body
+        return sv, body, rk
     order = np.lexsort((body, sv))
-    sv, body = sv[order], body[order]
-    keep = np.concatenate([[True], (sv[1:] != sv[:-1]) | (body[1:] != body[:-1])])
-    sv, body = sv[keep], body[keep]
+    sv, body, rk = sv[order], body[order], rk[order]
+    starts = np.flatnonzero(np.concatenate([[True], (sv[1:] != sv[:-1]) | (body[1:] != body[:-1])]))
+    sv, body, rk = sv[starts], body[starts], np.maximum.reduceat(rk, starts)
+    if rank is not None:
+        order = np.lexsort((rk, sv))
+        sv, body, rk = sv[order], body[order], rk[order]
+    return sv, body, rk
+
+
+def dedupe_pairs(sv: np.ndarray, body: np.ndarray, where, *, why: str = "",
+                 error: type[Exception] = UserError) -> tuple[np.ndarray, np.ndarray]:
+    """Unique (sv, body) pairs sorted by sv (``unique_pairs``) — a source's mapping as the
+    planner and readers want it; a supervoxel with two bodies is an ``error`` naming
+    ``where`` (and ``why``)."""
+    sv, body, _ = unique_pairs(sv, body)
     clash = np.flatnonzero(sv[1:] == sv[:-1])
     if clash.size:
         i = int(clash[0])

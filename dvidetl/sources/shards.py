@@ -89,6 +89,7 @@ from dvidetl.sources.base import (
     count_sorted,
     drop_background,
     mapping_batches,
+    unique_pairs,
 )
 from dvidetl.urlquery import Query
 
@@ -520,10 +521,10 @@ class ShardsSource:
             acc_rank.append(np.full(int(nonid.sum()), f.rank, np.int64))
             if sum(len(a) for a in acc_sv) > _PAIRS_COMPACT:
                 acc_sv, acc_body, acc_rank = (
-                    [a] for a in _newest_pairs(*map(np.concatenate, (acc_sv, acc_body, acc_rank))))
+                    [a] for a in unique_pairs(*map(np.concatenate, (acc_sv, acc_body, acc_rank))))
         if not acc_sv:
             return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-        sv, body, rank = _newest_pairs(*map(np.concatenate, (acc_sv, acc_body, acc_rank)))
+        sv, body, rank = unique_pairs(*map(np.concatenate, (acc_sv, acc_body, acc_rank)))
         rank = rank[sv != 0]
         sv, body = drop_background(sv, body, str(self.root))
         clash = np.flatnonzero(np.concatenate([sv[1:] == sv[:-1], [False]]))
@@ -846,20 +847,6 @@ def _changed(sf: _ShardFile, why: str) -> UserError:
     return UserError(f"{sf.path}: {why}: the file changed after the shards source indexed it "
                      "(is an export-shards run writing into this directory?); open the source "
                      "again once it has finished")
-
-
-def _newest_pairs(sv: np.ndarray, body: np.ndarray, rank: np.ndarray):
-    """Unique (supervoxel, body) pairs, each with the highest ``rank`` (newest file) it was
-    seen in, sorted by supervoxel and then rank (so the newest body of a supervoxel is the
-    last of its run). Vectorized: one lexsort and one reduceat."""
-    if sv.size == 0:
-        return sv.astype(np.uint64), body.astype(np.uint64), rank.astype(np.int64)
-    order = np.lexsort((body, sv))
-    sv, body, rank = sv[order], body[order], rank[order]
-    starts = np.flatnonzero(np.concatenate([[True], (sv[1:] != sv[:-1]) | (body[1:] != body[:-1])]))
-    sv, body, rank = sv[starts], body[starts], np.maximum.reduceat(rank, starts)
-    order = np.lexsort((rank, sv))
-    return sv[order], body[order], rank[order]
 
 
 __all__ = ["ShardsSource", "open_url"]
