@@ -596,3 +596,45 @@ def test_a_real_dvid_exports_to_the_volume_dvid_itself_reads(dvid_mcns, cluster,
     assert n == res.blocks
     rep = verify(src, url, uuid=v.uuid)
     assert rep.ok and rep.blocks_checked == res.blocks, rep.text()
+
+
+def test_a_shard_is_streamed_in_memory_bounded_by_a_batch_and_its_index(tmp_path, source):
+    """The sink holds one batch's chunks and the shard's index (24 bytes a chunk), never the
+    shard: writing a partition of 24 batches allocates (tracemalloc: NumPy buffers and Python
+    objects) about what writing its largest batch alone does — not the sum over batches,
+    which holding the shard would — and the shard is whole."""
+    import tracemalloc
+
+    from dvidetl.export.batch import BlockData
+    from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
+    from dvidetl.export.transform import transform_blocks
+
+    info = source.info()
+    si = info.scale(0)
+    data, _ = transform_blocks(source.read_blocks(0, 0, si.morton_end), info.codec, source.map_supervoxels,
+                               scale=0, grid=si.grid, lo=0, hi=si.morton_end, keep_raw=True)
+    t = data.blocks
+    assert t.num_rows >= 48
+    step = max(1, t.num_rows // 24)
+    batches = [t.slice(i, step) for i in range(0, t.num_rows, step)]
+    url = f"precomputed://{tmp_path / 'vol'}"  # derived: one shard holds the whole scale
+    part = Partition("blocks", 0, 0, si.morton_end, t.num_rows)
+    run = RunInfo("r1", info.uuid, info.instance, [part], volume=json.loads(info.to_json()))
+    sink = open_sink(url, uuid=info.uuid, instance=info.instance)
+    sink.prepare(run)
+
+    def peak(blocks) -> int:
+        tracemalloc.start()
+        try:
+            sink.write_partition("r1", part, BlockData(blocks), PartitionStats(part.key, "blocks"))
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(batches[0])  # warm up (imports, compiled kernels)
+    alone = [peak(b) for b in batches]
+    whole = peak(iter(batches))
+    chunks = read_shard(sink.shard_path("r1", part).read_bytes(), sink.sharding(0))
+    assert 0.9 * t.num_rows <= len(chunks) <= t.num_rows  # whole (all-background chunks: none)
+    assert whole < 1.25 * max(alone) + 64 * 1024, (whole, max(alone))
+    assert sum(alone) > 4 * whole  # holding every batch would have shown

@@ -339,6 +339,7 @@ class PrecomputedSink(ParquetSink):
                     fails.append(_failed(t, bad, [f"transcode: {enc.errors[i]}" for i in bad.tolist()]))
                 keep = np.flatnonzero(ok & ~enc.background)
                 if keep.size == 0:
+                    del enc
                     continue
                 if w is None:
                     final.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +350,7 @@ class PrecomputedSink(ParquetSink):
                 w.add_many(chunk_ids(x[keep], y[keep], z[keep], sc),
                            [mv[offs[i]:offs[i + 1]] for i in keep.tolist()])
                 n += int(keep.size)
+                del enc, mv  # one batch's chunks in memory at a time, not two
             if w is not None and f is not None:
                 w.finish()
                 f.flush()
