@@ -234,3 +234,40 @@ def test_list_as_binary_and_back_exactly(vt):
         binary_as_list(pa.array([b"\x00" * vt.byte_width, b"\x01" * (vt.byte_width + 1)]), vt)
     with pytest.raises(ValueError, match="not whole"):
         binary_as_list(pa.array([b"\x00" * (vt.byte_width - 1), b"\x00"]), vt)
+
+
+@pytest.mark.parametrize("typ", [pa.binary(), pa.large_binary()])
+def test_binary_buffers_of_an_empty_array_without_offsets(typ):
+    """Arrow lets an empty binary array carry a zero-length offsets buffer (other producers,
+    IPC); its (offsets, values) are still one offset 0 and no bytes, and it reads back as an
+    empty list array."""
+    from dvidetl.tables.cells import binary_as_list, binary_buffers
+
+    a = pa.Array.from_buffers(typ, 0, [None, pa.py_buffer(b""), pa.py_buffer(b"")])
+    offs, raw = binary_buffers(a)
+    assert offs.tolist() == [0] and offs.dtype == np.int64 and len(raw) == 0
+    back = binary_as_list(a, pa.uint64())
+    assert back.type == pa.list_(pa.uint64()) and len(back) == 0
+
+
+def test_reassemble_overflow_of_several_scales_at_once():
+    """A whole export read back (every scale in one table, ``sink.read("blocks")``): each
+    block's overflow parts are looked up among its own scale's rows, even when another scale
+    overflows too."""
+    limit = 64
+    tabs = []
+    for scale, mortons in ((0, [3, 9]), (1, [4, 7])):
+        bodies = [bytes([scale * 16 + i]) * (6 * limit + i) for i in range(2)]
+        svs = [list(range(20 + scale)), [5]]  # the first list passes the limit (8-byte items)
+        tabs.append(blocks_tables(
+            scale, [0, 1], [0, 0], [0, 0], np.array(mortons, np.uint64),
+            pa.array(svs, pa.list_(pa.uint64())), pa.array(svs, pa.list_(pa.uint64())),
+            pa.array([[1] * len(s) for s in svs], pa.list_(pa.uint32())), np.zeros(2), np.zeros(2),
+            pa.array(bodies, pa.binary()), cell_limit=limit) + (bodies, svs))
+    blocks = pa.concat_tables([t[0] for t in tabs])
+    overflow = pa.concat_tables([t[1] for t in tabs])
+    assert blocks.column("overflow").to_pylist() == [True] * 4
+    r = reassemble(blocks, overflow)
+    assert r.column("payload").to_pylist() == tabs[0][2] + tabs[1][2]
+    assert r.column("supervoxels").to_pylist() == tabs[0][3] + tabs[1][3]
+

@@ -1,0 +1,112 @@
+"""The oracle's tamper tests (``test_verify_tamper``) over an export made in this process,
+and what mutation testing found they left open (issue 22 item 4).
+
+Why a second module: ``make mutants`` runs a mutant's covering tests in a fresh child per
+mutant, and the tamper module's export (a Dask cluster, the CLI) costs half a minute per
+child. Here the same real parts — synthetic source, real Flight server over loopback, the
+partition task (``export.tasks.export_partition``: read, repack, map, cut, commit), Parquet
+files — run without a scheduler, so a child pays a few seconds. The Parquet tamper tests are
+the tamper module's own functions, collected here against this module's fixtures; the
+scheduler path stays covered by ``test_verify_tamper`` itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from dvidetl.sinks import open_sink
+from tests import test_verify_tamper as T
+
+SRC = T.SRC
+UUID = T.UUID
+
+# the tamper module's Parquet tests, run against the fixtures below
+test_untampered_parquet_export_is_exact = T.test_untampered_parquet_export_is_exact
+test_parquet_flip_one_payload_byte = T.test_parquet_flip_one_payload_byte
+test_parquet_drop_duplicate_rows = T.test_parquet_drop_duplicate_rows
+test_parquet_foreign_rows = T.test_parquet_foreign_rows
+test_parquet_label_index_and_mapping = T.test_parquet_label_index_and_mapping
+test_parquet_truncated_and_deleted_files = T.test_parquet_truncated_and_deleted_files
+test_uncovered_ranges_are_exactly_the_plans_complement = T.test_uncovered_ranges_are_exactly_the_plans_complement
+test_damaged_run_records_are_one_line_errors = T.test_damaged_run_records_are_one_line_errors
+test_vastdb_tampered_blocks = T.test_vastdb_tampered_blocks
+test_vastdb_tampered_index_and_mapping = T.test_vastdb_tampered_index_and_mapping
+
+
+@pytest.fixture(scope="module")
+def server(src):
+    from dvidetl.flight.server import start_server
+
+    with start_server(src) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def flight(server):
+    from dvidetl.flight.client import FlightClient
+
+    with FlightClient(server.location, uuid=UUID) as c:
+        yield c
+
+
+def export_in_process(location: str, sink_url: str, partition_blocks: int = 16):
+    """A whole run as ``dvidetl run`` makes it (plan, record, every partition's task, finish),
+    the tasks called here in turn instead of on a cluster. Returns the run."""
+    from dvidetl.export.api import ExportRun
+    from dvidetl.export.endpoint import FlightEndpoint
+    from dvidetl.export.options import RunOptions
+    from dvidetl.export.tasks import _SINKS, export_partition, task_context
+
+    ep = FlightEndpoint(location, None, UUID, None)
+    try:
+        job = ExportRun(ep, sink_url, RunOptions(partition_blocks=partition_blocks))
+        run = job.new_run(job.plan())
+        run.record.update(state="running")
+        job.sink.prepare(run)
+        ctx = task_context(run, ep, sink_url)
+        try:
+            for p in run.partitions:
+                st = export_partition(ctx, p)
+                assert not st.skipped
+        finally:
+            _SINKS.clear()
+        job.sink.finish(run)
+        return run
+    finally:
+        ep.close()
+
+
+@pytest.fixture(scope="module")
+def parquet_export(server, tmp_path_factory):
+    d = tmp_path_factory.mktemp("pq") / "out"
+    export_in_process(server.location, f"parquet://{d}")
+    return d
+
+
+@pytest.fixture
+def pq_sink(parquet_export, tmp_path):
+    d = tmp_path / "out"
+    shutil.copytree(parquet_export, d)
+    return open_sink(f"parquet://{d}", uuid=UUID, instance="segmentation")
+
+
+@pytest.fixture(scope="module")
+def sim():
+    from dvidetl.testing.env import environ
+    from dvidetl.testing.vastsim import start_vastsim
+
+    with environ(VASTDB_ACCESS_KEY=T.ACCESS, VASTDB_SECRET_KEY=T.SECRET):
+        with start_vastsim(None, access_key=T.ACCESS, secret_key=T.SECRET) as s:
+            yield s
+
+
+@pytest.fixture
+def vast_sink(request, server, sim):
+    from dvidetl.testing.env import environ
+
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/{request.node.name[5:40]}"
+    with environ(VASTDB_ACCESS_KEY=T.ACCESS, VASTDB_SECRET_KEY=T.SECRET):
+        export_in_process(server.location, url)
+        yield open_sink(url, uuid=UUID, instance="segmentation")
