@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dvidetl.commands._options import (
     add_json_argument,
@@ -21,6 +21,9 @@ from dvidetl.commands._options import (
     emit_json,
     human,
 )
+
+if TYPE_CHECKING:
+    from dvidetl.export.endpoint import FlightEndpoint
 
 #: a status line while planning, at most this often (the first after this long)
 STATUS_EVERY_S = 10.0
@@ -171,7 +174,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def source_json(ep) -> dict[str, Any]:
+def source_json(ep: FlightEndpoint) -> dict[str, Any]:
     """The ``source`` object of every ``--json`` document (docs/cli.md)."""
     return {"instance": ep.instance, "uuid": ep.info.uuid,
             "requested_uuid": ep.info.requested_uuid, "location": ep.location,

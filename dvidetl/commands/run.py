@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from dvidetl.cluster import ClusterOptions, add_cluster_arguments
 from dvidetl.commands._options import (
@@ -23,6 +24,10 @@ from dvidetl.commands._options import (
 )
 from dvidetl.redact import redact
 from dvidetl.tables import schema as S
+
+if TYPE_CHECKING:
+    from dvidetl.export.endpoint import FlightEndpoint
+    from dvidetl.export.kinds import RunInfo
 
 
 def source_desc(args) -> str:
@@ -78,7 +83,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def result_json(res, run, ep, sink_url: str, planning_s: float | None, rc: int,
+def result_json(res, run: RunInfo, ep: FlightEndpoint, sink_url: str, planning_s: float | None,
+                rc: int,
                 note: str | None) -> dict:
     """The ``run --json`` document (keys: docs/cli.md)."""
     from dvidetl.commands.plan import source_json
@@ -156,7 +162,7 @@ def _export(args: argparse.Namespace, job, cluster: ClusterOptions) -> int:
             status.append(StatusLine(planning))
         status[0]()
 
-    def started(run) -> None:
+    def started(run: RunInfo) -> None:
         set_interrupt_hint(f"resume with --resume {run.run_id}")
         nblocks = sum(p.blocks for p in run.partitions)
         print(f"run {run.run_id}: {len(run.partitions)} partitions, ~{nblocks:,} blocks ({job.where})",

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dvidetl.sinks.base import Sink
 
 #: the keys of each run in ``status --json`` (documented in docs/runs.md)
 RUN_KEYS = ("run_id", "state", "created", "started", "ended", "source", "uuid_requested", "uuid_resolved",
@@ -36,7 +40,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run_status(sink, run_id: str) -> dict:
+def run_status(sink: Sink, run_id: str) -> dict:
     """One run's status from its record and its ledger rows."""
     from dvidetl.export.driver import RunResult
 

@@ -26,6 +26,8 @@ from dvidetl.export.kinds import Partition, RunInfo
 from dvidetl.export.options import RunOptions
 
 if TYPE_CHECKING:
+    from distributed import Client
+
     from dvidetl.cluster import ClusterOptions
     from dvidetl.export.driver import RunResult
     from dvidetl.export.endpoint import FlightEndpoint
@@ -209,7 +211,8 @@ class ExportRun:
         )
 
     # -- the export --------------------------------------------------------------------------
-    def run(self, cluster: str | ClusterOptions | Any = "local", *, progress=None, page: bool = False,
+    def run(self, cluster: str | ClusterOptions | Any = "local", *, progress=None,
+            page: bool = False,
             tick: Callable[[Planning], None] | None = None,
             started: Callable[[RunInfo], None] | None = None) -> tuple[RunInfo, RunResult]:
         """Plan (while the cluster starts: both take seconds, neither needs the other) and
@@ -243,7 +246,7 @@ class ExportRun:
                 started(run)
             return run, self.execute(client, run, progress=progress, dashboard=state)
 
-    def execute(self, client, run: RunInfo, *, progress=None, dashboard=None) -> RunResult:
+    def execute(self, client: Client, run: RunInfo, *, progress=None, dashboard=None) -> RunResult:
         """Store the run with the sink and export its not-yet-committed partitions on
         ``client``'s cluster; the outcome goes into the run's record."""
         from dvidetl.export.driver import execute

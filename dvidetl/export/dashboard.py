@@ -22,13 +22,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed.http.utils import RequestHandler
 
 from dvidetl.errors import first_line
 from dvidetl.export.progress import Counts, Estimator
 from dvidetl.redact import redact
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from dvidetl.export.kinds import Partition, RunInfo
 
 METADATA_KEY = "dvidetl"
 #: corrupt blocks listed on the page (the rest are in export_errors)
@@ -65,7 +70,7 @@ def _install(dask_scheduler=None) -> None:
         dask_scheduler._dvidetl_routes = True
 
 
-def install(client) -> str | None:
+def install(client: Client) -> str | None:
     """Serve the page on ``client``'s scheduler; returns its URL (None if it cannot be)."""
     import logging
 
@@ -133,7 +138,8 @@ class RunState:
     submission window Dask's own progress bars show. Rate and ETA come from
     ``progress.Estimator`` (recent rate, what is left), like the terminal line."""
 
-    def __init__(self, client, run=None, sink_desc: str = "", interval: float = 0.5, *,
+    def __init__(self, client: Client, run: RunInfo | None = None, sink_desc: str = "",
+                 interval: float = 0.5, *,
                  source: str = "", uuid: str = "", instance: str = ""):
         self.client, self.interval = client, interval
         self.sink_desc = redact(sink_desc)
@@ -157,7 +163,7 @@ class RunState:
         self.message = message
         self.publish(None, force=True)
 
-    def start(self, run) -> None:
+    def start(self, run: RunInfo) -> None:
         """The plan is known: one group per kind and scale, counts from zero."""
         if self.run_id == run.run_id:
             return
@@ -189,7 +195,7 @@ class RunState:
             g["parts_done"] += 1
             g["done"] += p.size
 
-    def completed(self, part, stats, res, failure: str | None = None) -> None:
+    def completed(self, part: Partition, stats, res, failure: str | None = None) -> None:
         """A task's outcome: its ``tasks.PartitionStats``, or the reason it failed."""
         g = self._group(part)
         if failure is not None:

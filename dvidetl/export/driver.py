@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,11 @@ from dvidetl.export.kinds import KINDS, Partition, PartitionStats, RunInfo, kind
 from dvidetl.export.progress import Counts
 from dvidetl.export.tasks import PROGRESS_TOPIC, TaskContext, export_partition
 from dvidetl.redact import redact
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from dvidetl.sinks.base import Sink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,7 +121,7 @@ class RunResult:
         return d
 
 
-def stored_anomalies(sink, run_id: str) -> tuple[dict, int]:
+def stored_anomalies(sink: Sink, run_id: str) -> tuple[dict, int]:
     """(rows per kind, lost rows) of the anomalies a run stored (for a resumed run's totals)."""
     from dvidetl.sources.base import anomaly_counts
 
@@ -223,7 +228,8 @@ class TaskWindow(Generic[T]):
     ``cancel()`` cancels the tasks in flight. The one submitter of ``execute`` and
     ``verify`` (``window=None``: four per worker thread, at least 8)."""
 
-    def __init__(self, client, items: Iterable[T], submit: Callable[[T], Any], window: int | None = None):
+    def __init__(self, client: Client, items: Iterable[T], submit: Callable[[T], Any],
+                 window: int | None = None):
         from distributed import as_completed
 
         if window is None:
@@ -273,10 +279,10 @@ def _killed_worker(exc: BaseException) -> bool:
 
 
 def execute(
-    client,
+    client: Client,
     run: RunInfo,
     ctx: TaskContext,
-    sink,
+    sink: Sink,
     *,
     progress=None,
     retries: int = 3,

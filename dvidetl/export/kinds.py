@@ -32,12 +32,15 @@ import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from dvidetl.export.options import RunOptions
 from dvidetl.tables import schema as S
+
+if TYPE_CHECKING:
+    from dvidetl.flight.client import FlightClient
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ class Partition:
         """The planned size in the kind's unit (blocks or rows)."""
         return self.blocks if self.spec.scaled else self.rows
 
-    def read(self, client) -> Iterator[pa.RecordBatch]:
+    def read(self, client: FlightClient) -> Iterator[pa.RecordBatch]:
         """Stream the partition from a Flight client (the kind's read call)."""
         call = getattr(client, self.spec.read)
         return call(self.scale, self.lo, self.hi) if self.spec.scaled else call(self.lo, self.hi)

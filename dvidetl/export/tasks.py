@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -25,6 +25,11 @@ from dvidetl.export.spill import close_tables
 from dvidetl.geometry import vec3
 from dvidetl.retry import Backoff, retry
 from dvidetl.tables import schema as S
+
+if TYPE_CHECKING:
+    from dvidetl.export.endpoint import FlightEndpoint
+    from dvidetl.flight.client import FlightClient
+    from dvidetl.sinks.base import Sink
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ class TaskContext:
         return self.sink_urls[0]
 
 
-def task_context(run: RunInfo, ep, sink_urls: str | tuple[str, ...]) -> TaskContext:
+def task_context(run: RunInfo, ep: FlightEndpoint, sink_urls: str | tuple[str, ...]) -> TaskContext:
     """The context of ``run``'s tasks, reaching the source through endpoint ``ep``, with the
     options the run was planned with (stored with it)."""
     urls = (sink_urls,) if isinstance(sink_urls, str) else tuple(sink_urls)
@@ -181,7 +186,7 @@ def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
     return stats
 
 
-def blocks_task(client, ctx: TaskContext, part: Partition, *,
+def blocks_task(client: FlightClient, ctx: TaskContext, part: Partition, *,
                 needs: frozenset = frozenset()) -> tuple[BlockData, PartitionStats]:
     """A blocks partition: its blocks read, repacked, mapped (``transform.transform_blocks``)."""
     from dvidetl.export.transform import transform_blocks
@@ -233,7 +238,7 @@ def _gathered(part: Partition, table: str, rows) -> tuple[dict, PartitionStats]:
     return {table: result}, stats
 
 
-def indices_task(client, ctx: TaskContext, part: Partition, *,
+def indices_task(client: FlightClient, ctx: TaskContext, part: Partition, *,
                  needs: frozenset = frozenset()) -> tuple[dict, PartitionStats]:
     """The label_index rows of a body-label range, decoded from the source's label indices."""
     from dvidetl.export.transform import label_index_tables
@@ -252,14 +257,14 @@ def indices_task(client, ctx: TaskContext, part: Partition, *,
     return _gathered(part, "label_index", rows())
 
 
-def mapping_task(client, ctx: TaskContext, part: Partition, *,
+def mapping_task(client: FlightClient, ctx: TaskContext, part: Partition, *,
                  needs: frozenset = frozenset()) -> tuple[dict, PartitionStats]:
     """The mapping pairs of a supervoxel range."""
     return _gathered(part, "mapping", ((S.conform("mapping", pa.Table.from_batches([b])), b.nbytes)
                                        for b in part.read(client)))
 
 
-def anomalies_task(client, ctx: TaskContext, part: Partition, *,
+def anomalies_task(client: FlightClient, ctx: TaskContext, part: Partition, *,
                    needs: frozenset = frozenset()) -> tuple[dict, PartitionStats]:
     """The source's anomalies numbered ``[lo, hi)`` with the run's id (a partition holds at
     most ``kinds.KINDS['anomalies'].default_rows``: kept in memory), counted per kind for the summary."""
@@ -314,7 +319,7 @@ WRITE_TRIES = 3
 WRITE_BACKOFF_S = 0.5
 
 
-def write_with_backoff(sink, run_id: str, part: Partition, data: PartitionData,
+def write_with_backoff(sink: Sink, run_id: str, part: Partition, data: PartitionData,
                        stats: PartitionStats) -> None:
     """``sink.write_partition`` retried on ``OSError`` (up to ``WRITE_TRIES`` attempts,
     backoff doubling from ``WRITE_BACKOFF_S``), only when the data can be read again (a

@@ -22,6 +22,7 @@ default the latest run), so a half-written run never shows partial or duplicate 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,9 @@ from dvidetl.export.kinds import KINDS, kind, kind_of_table
 from dvidetl.geometry import VolumeInfo, morton_encode, vec3
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
+
+if TYPE_CHECKING:
+    from dvidetl.sinks.base import Sink
 
 # ---------------------------------------------------------------------------------------------
 # open_export: the same read calls over any sink
@@ -142,7 +146,7 @@ class Export:
     Voxel arrays are uint64 in [z, y, x] order (as DVID and ``decode_block``); boxes and
     block coordinates are given x, y, z. Pickles as its URL (dask workers reopen it)."""
 
-    def __init__(self, sink, *, run_id: str | None = None):
+    def __init__(self, sink: Sink, *, run_id: str | None = None):
         self.sink = sink
         self.run_id = run_id or sink.latest_run()
         if self.run_id is None:
@@ -153,7 +157,7 @@ class Export:
         self.volume = VolumeInfo.from_json(json.dumps(self.run.volume))
         scales = self.run.options.scales
         if scales is None:
-            scales = sorted({p.scale for p in self.run.partitions if p.spec.scaled})
+            scales = tuple({p.scale for p in self.run.partitions if p.spec.scaled})
         self.scales: list[int] = sorted(int(s) for s in scales)
 
     def __repr__(self) -> str:

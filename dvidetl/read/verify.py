@@ -26,6 +26,7 @@ import os
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,14 @@ from dvidetl.errors import first_line
 from dvidetl.geometry import KEY_END, VolumeInfo
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from dvidetl.export.kinds import Partition, RunInfo
+    from dvidetl.flight.client import FlightClient
+    from dvidetl.sinks.base import Sink
+    from dvidetl.sinks.precomputed import PrecomputedSink
 
 MAX_LISTED = 50
 
@@ -233,7 +242,8 @@ class VerifyEnv:
     unfinished: frozenset = frozenset()
 
 
-def _read_part(sink, run, part, table: str, report: VerifyReport, env: VerifyEnv) -> pa.Table | None:
+def _read_part(sink: Sink, run: RunInfo, part: Partition, table: str, report: VerifyReport,
+               env: VerifyEnv) -> pa.Table | None:
     """The partition's rows of ``table`` as stored (all a plain reader sees there), rows
     outside the partition's range counted and dropped; None when the storage is unreadable
     (counted, with the file and the partition named)."""
@@ -270,7 +280,8 @@ def _read_part(sink, run, part, table: str, report: VerifyReport, env: VerifyEnv
     return t
 
 
-def verify_block_partition(client, sink, run, part, env: VerifyEnv, report: VerifyReport) -> None:
+def verify_block_partition(client: FlightClient, sink: Sink, run: RunInfo, part: Partition,
+                           env: VerifyEnv, report: VerifyReport) -> None:
     """Check one block partition: every source block once, byte-exact, lists and labels."""
     from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA
 
@@ -290,7 +301,8 @@ def verify_block_partition(client, sink, run, part, env: VerifyEnv, report: Veri
             report.bad_partitions.add(part.key)
 
 
-def _compare_blocks(client, part, env: VerifyEnv, report: VerifyReport, src: pa.Table, exp: pa.Table,
+def _compare_blocks(client: FlightClient, part: Partition, env: VerifyEnv, report: VerifyReport,
+                    src: pa.Table, exp: pa.Table,
                     ov: pa.Table, errs: pa.Table) -> None:
     from dvidetl.codec import repack, restore_block, unwrap
 
@@ -370,7 +382,8 @@ def _compare_blocks(client, part, env: VerifyEnv, report: VerifyReport, src: pa.
         report.digest_blocks = _digest(_index_rows_from_blocks(e), env.index_bounds)
 
 
-def verify_volume_partition(client, sink, run, part, env: VerifyEnv, report: VerifyReport) -> None:
+def verify_volume_partition(client: FlightClient, sink: PrecomputedSink, run: RunInfo,
+                            part: Partition, env: VerifyEnv, report: VerifyReport) -> None:
     """A blocks partition of a volume sink (``precomputed://``, ``Sink.checks``): every
     chunk of its shard is decoded (``codec.cseg.decode_chunk``, which shares nothing with the
     encoder but the format) and compared voxel for voxel with the source block, decoded and
@@ -404,7 +417,8 @@ def verify_volume_partition(client, sink, run, part, env: VerifyEnv, report: Ver
             report.bad_partitions.add(part.key)
 
 
-def _compare_volume(client, sink, part, env: VerifyEnv, report: VerifyReport, src: pa.Table,
+def _compare_volume(client: FlightClient, sink: PrecomputedSink, part: Partition, env: VerifyEnv,
+                    report: VerifyReport, src: pa.Table,
                     chunks: dict, errs: pa.Table) -> None:
     from dvidetl.codec import decode_block, join_block, repack, split_block
     from dvidetl.codec.cseg import decode_chunk
@@ -478,7 +492,7 @@ def _compare_volume(client, sink, part, env: VerifyEnv, report: VerifyReport, sr
     report.blocks_checked += checked
 
 
-def verify_gaps(client, run, report: VerifyReport, scales=None) -> None:
+def verify_gaps(client: FlightClient, run: RunInfo, report: VerifyReport, scales=None) -> None:
     """Blocks the plan does not cover at all (a planner or count bug must not hide them)."""
     info = client.info()
     planned = {p.scale for p in run.partitions if p.spec.scaled}
@@ -496,7 +510,7 @@ def verify_gaps(client, run, report: VerifyReport, scales=None) -> None:
 
 
 
-def _gaps(run, scale: int, end: int) -> list[tuple[int, int]]:
+def _gaps(run: RunInfo, scale: int, end: int) -> list[tuple[int, int]]:
     """Morton ranges of one scale that no planned partition covers."""
     parts = sorted((p.lo, p.hi) for p in run.partitions if p.spec.scaled and p.scale == scale)
     out, pos = [], 0
@@ -598,7 +612,8 @@ def _digest(rows: pa.Table, bounds: np.ndarray) -> np.ndarray:
 _INDEX_KEYS = ["label", "supervoxel", "x", "y", "z"]
 
 
-def verify_index_partition(client, sink, run, part, env: VerifyEnv, report: VerifyReport) -> None:
+def verify_index_partition(client: FlightClient, sink: Sink, run: RunInfo, part: Partition,
+                           env: VerifyEnv, report: VerifyReport) -> None:
     """One indices partition: the exported label_index rows of its label range equal the
     source's label indices (decoded afresh), and their digest is kept for the cross-check
     against the exported scale-0 blocks."""
@@ -613,7 +628,8 @@ def verify_index_partition(client, sink, run, part, env: VerifyEnv, report: Veri
             report.bad_partitions.add(part.key)
 
 
-def _compare_index(client, part, env: VerifyEnv, report: VerifyReport, idx: pa.Table) -> None:
+def _compare_index(client: FlightClient, part: Partition, env: VerifyEnv, report: VerifyReport,
+                   idx: pa.Table) -> None:
     from dvidetl.export.transform import label_index_tables
 
     report.index_rows += idx.num_rows
@@ -643,7 +659,8 @@ def _compare_index(client, part, env: VerifyEnv, report: VerifyReport, idx: pa.T
     report.digest_index = _digest(idx, env.index_bounds)
 
 
-def verify_mapping_partition(client, sink, run, part, env: VerifyEnv, report: VerifyReport) -> None:
+def verify_mapping_partition(client: FlightClient, sink: Sink, run: RunInfo, part: Partition,
+                             env: VerifyEnv, report: VerifyReport) -> None:
     """One mapping partition: the exported pairs of its supervoxel range equal the source's."""
     exp = _read_part(sink, run, part, "mapping", report, env)
     if exp is None:
@@ -656,7 +673,8 @@ def verify_mapping_partition(client, sink, run, part, env: VerifyEnv, report: Ve
             report.bad_partitions.add(part.key)
 
 
-def _compare_mapping(client, part, report: VerifyReport, exp: pa.Table) -> None:
+def _compare_mapping(client: FlightClient, part: Partition, report: VerifyReport,
+                     exp: pa.Table) -> None:
     src_b = list(client.read_mapping(part.lo, part.hi))
     src = pa.Table.from_batches(src_b) if src_b else S.empty("mapping")
     report.mapping_rows += exp.num_rows
@@ -675,7 +693,8 @@ def _compare_mapping(client, part, report: VerifyReport, exp: pa.Table) -> None:
             report.add(f"mapping: supervoxel {r['supervoxel']}: exported {r['body_exp']}, source {r['body_src']}")
 
 
-def verify_anomalies_partition(client, sink, run, part, env: VerifyEnv, report: VerifyReport) -> None:
+def verify_anomalies_partition(client: FlightClient, sink: Sink, run: RunInfo, part: Partition,
+                               env: VerifyEnv, report: VerifyReport) -> None:
     """One anomalies partition: the stored rows are the source's anomalies of its number
     range, column for column (the run id aside)."""
     exp = _read_part(sink, run, part, "source_anomalies", report, env)
@@ -711,7 +730,7 @@ def verify_anomalies_partition(client, sink, run, part, env: VerifyEnv, report: 
                    f"the source reports {r['kind_src']} {r['detail_src']!r}")
 
 
-def verify_unstored_anomalies(client, run, report: VerifyReport) -> None:
+def verify_unstored_anomalies(client: FlightClient, run: RunInfo, report: VerifyReport) -> None:
     """A run without anomalies partitions stored none: the source must report none (a run
     planned by a dvidetl that predates ``source_anomalies``, or a source that changed)."""
     from dvidetl.flight.protocol import TicketError
@@ -729,14 +748,15 @@ def verify_unstored_anomalies(client, run, report: VerifyReport) -> None:
                    "export again to store them")
 
 
-def check_partition(client, sink, run, part, env: VerifyEnv) -> VerifyReport:
+def check_partition(client: FlightClient, sink: Sink, run: RunInfo, part: Partition,
+                    env: VerifyEnv) -> VerifyReport:
     """The report of one partition (merged by the driver)."""
     rep = VerifyReport(run_id=run.run_id)
     _check_of(sink, part)(client, sink, run, part, env, rep)
     return rep
 
 
-def _check_of(sink, part):
+def _check_of(sink: Sink, part: Partition):
     """The partition's check: the sink's own for the kind (``Sink.checks``: a volume is not
     the kind's tables), else the kind's."""
     import importlib
@@ -748,7 +768,7 @@ def _check_of(sink, part):
     return getattr(importlib.import_module(modname), name)
 
 
-def verify_task(ctx, part, env: VerifyEnv) -> VerifyReport:
+def verify_task(ctx, part: Partition, env: VerifyEnv) -> VerifyReport:
     """A cluster task: check one partition with the worker's Flight client and sink."""
     from dvidetl.export.tasks import release_memory, worker_client, worker_sink
 
@@ -759,13 +779,13 @@ def verify_task(ctx, part, env: VerifyEnv) -> VerifyReport:
         release_memory()
 
 
-def _checked(run, scales) -> list:
+def _checked(run: RunInfo, scales) -> list:
     return [p for p in run.partitions
             # scaled kinds by scale; the label indices cross-check the scale-0 blocks
             if scales is None or (p.scale in scales if p.spec.scaled else p.kind != "indices" or 0 in scales)]
 
 
-def _on_cluster(dask_client, ctx, parts, env: VerifyEnv, window: int | None = None):
+def _on_cluster(dask_client: Client, ctx, parts, env: VerifyEnv, window: int | None = None):
     """Partition reports as the cluster finishes them (``driver.TaskWindow``: a bounded
     window in flight)."""
     from dvidetl.export.driver import TaskWindow
@@ -780,7 +800,8 @@ def _on_cluster(dask_client, ctx, parts, env: VerifyEnv, window: int | None = No
         yield fut.result()
 
 
-def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_client=None,
+def verify_export(client: FlightClient, sink: Sink, run_id: str | None = None, scales=None, *,
+                  dask_client: Client | None = None,
                   ctx=None, progress=None) -> VerifyReport:
     """The whole check for one run (default: the latest run in the sink), one partition at a
     time: in this process, or as tasks on ``dask_client``'s cluster (``ctx``: the workers'
@@ -834,7 +855,7 @@ def verify_export(client, sink, run_id: str | None = None, scales=None, *, dask_
     return report
 
 
-def check_outside(sink, run, done: set[str], report: VerifyReport) -> None:
+def check_outside(sink: Sink, run: RunInfo, done: set[str], report: VerifyReport) -> None:
     """Rows plain readers see outside every committed partition (stray files, VastDB rows in
     no partition's range): counted, named, kept for ``--repair``."""
     for o in sink.outside(run, done):
@@ -875,7 +896,8 @@ def _compare_digests(report: VerifyReport, idx_parts: list, blocks0: list[str]) 
         report.add(f"label_index [{p.lo}, {p.hi}): export vs source: {rows} do not match")
 
 
-def repair_partitions(dask_client, sink, run, ctx, report: VerifyReport, say=None) -> dict:
+def repair_partitions(dask_client: Client, sink: Sink, run: RunInfo, ctx, report: VerifyReport,
+                      say=None) -> dict:
     """Re-export exactly the partitions ``report`` found wrong (unreadable, missing,
     extra, duplicated or different rows, not committed) and remove the rows it found outside
     every partition; returns what was done (for the summary and the run's record).
@@ -898,7 +920,7 @@ def repair_partitions(dask_client, sink, run, ctx, report: VerifyReport, say=Non
             "failed": [k for k, _ in res.failed]}
 
 
-def record_verify(sink, run, report: VerifyReport, scales) -> None:
+def record_verify(sink: Sink, run: RunInfo, report: VerifyReport, scales) -> None:
     """The outcome into the run's record (``verify``: when, exact or not, the counters)."""
     run = sink.load_run(run.run_id)
     run.record["verify"] = {"at": time.time(), "exact": bool(report.ok), "scales": scales,

@@ -107,7 +107,7 @@ class FlakySink(ParquetSink):
     def _note_fault(self, run_id: str, part: Partition, attempt: int) -> None:
         (self.base / FAULT_DIR / run_id / f"{part.key}.{attempt}.failed").touch()
 
-    def write_partition(self, run_id, part, tables, stats) -> None:
+    def write_partition(self, run_id, part: Partition, tables, stats) -> None:
         poisoned = self._poisoned(part)
         if not poisoned and not self._selected(part):
             return super().write_partition(run_id, part, tables, stats)
