@@ -327,6 +327,10 @@ def test_cli_run_then_verify_then_status(tmp_path, cluster):
     status = subprocess.run([sys.executable, "-m", "dvidetl", "status", "--sink", url],
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "finished" in status.stdout, status.stderr
+    for what, why in (("--label", "has no label_index (not exported: "), ("--block", "has no 'blocks' table")):
+        ins = subprocess.run([sys.executable, "-m", "dvidetl", "inspect", "--sink", url, what, "1,1,1" if what == "--block" else "5"],
+                             capture_output=True, text=True, timeout=120)
+        assert ins.returncode == 2 and why in ins.stderr and len(ins.stderr.strip().splitlines()) == 1, ins.stderr
     info = json.loads((d / "info").read_text())
     assert info["scales"][0]["size"] == [200, 150, 130] and info["scales"][0]["resolution"] == [8, 8, 8]
     source = open_source(src)

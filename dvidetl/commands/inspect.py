@@ -82,7 +82,9 @@ def main(args: argparse.Namespace) -> int:
     if not any(p.kind == "indices" for p in ex.run.partitions):
         from dvidetl.commands.plan import index_note
 
-        note = index_note(ex.volume, ex.run.partitions) or "no label_index"
+        ne = ex.run.record.get("not_exported") or {}
+        note = (f"no label_index ({ne['indices']})" if "indices" in ne
+                else index_note(ex.volume, ex.run.partitions) or "no label_index")
         raise UserError(f"--label: run {ex.run_id} has {note}; look at blocks with --block X,Y,Z")
     t = ex.read("label_index", where={col: int(args.label)},
                 columns=["label", "supervoxel", "x", "y", "z", "voxels"])
