@@ -3,7 +3,7 @@
 The library API (what the commands, the benchmarks and other tools call), imported on first
 use so ``import dvidetl`` stays light for the CLI and the workers:
 
-* ``dvidetl.export(source, sink, RunOptions(...), uuid=..., cluster=...) -> RunResult``;
+* ``dvidetl.export(source, sinks, RunOptions(...), uuid=..., cluster=...) -> RunResult`` (``sinks``: one URL or several, written in the same pass);
 * ``dvidetl.verify(source, sink, uuid=..., cluster=..., repair=...) -> VerifyReport``;
 * ``dvidetl.open_export(url)`` — reading an export back (``dvidetl.read``);
 * ``RunOptions``, ``RunResult``, ``ClusterOptions``; ``open_flight``, ``open_client``,

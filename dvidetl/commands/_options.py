@@ -172,6 +172,39 @@ def add_flight_arguments(parser) -> None:
     )
 
 
+def add_sink_arguments(parser, what: str, *, endpoints_help: str) -> None:
+    """``--sink URL`` (repeatable: several sinks written, checked or listed in one command)
+    and ``--vast-endpoints``, shared by run, verify and status."""
+    from dvidetl.sinks import DEFAULT_SINK
+
+    parser.add_argument("--sink", action="append", default=None, metavar="URL",
+                        help=f"{what} (default {DEFAULT_SINK}); repeat it for several sinks, e.g. "
+                             "--sink vastdb://... --sink parquet:///data/export")
+    parser.add_argument("--vast-endpoints", default=None, metavar="H:P,H:P", help=endpoints_help)
+
+
+def sink_urls(args: argparse.Namespace) -> list[str]:
+    """The ``--sink`` URLs in order (the default sink when none is given), with
+    ``--vast-endpoints`` added to each vastdb:// one (refused when there is none); one given
+    twice is a usage error. ``args.sink`` is set to the first (what one-sink code reads)."""
+    from dvidetl.sinks import DEFAULT_SINK
+
+    raw = getattr(args, "sink", None)
+    urls = list(raw) if isinstance(raw, list) else [raw or DEFAULT_SINK]
+    for u in urls:
+        if urls.count(u) > 1:
+            raise UserError(f"--sink {u} is given twice")
+    eps = getattr(args, "vast_endpoints", None)
+    if eps:
+        from dvidetl.sinks._vastdb_support import with_endpoints
+
+        if not any(u.startswith("vastdb://") for u in urls):
+            raise UserError("--vast-endpoints only applies to a vastdb:// sink")
+        urls = [with_endpoints(u, eps) if u.startswith("vastdb://") else u for u in urls]
+    args.sinks, args.sink = urls, urls[0]
+    return urls
+
+
 def flight_options(args: argparse.Namespace) -> dict[str, Any]:
     """``open_flight``'s keywords from the options ``add_flight_arguments`` adds."""
     return {"uuid": args.uuid, "flight": getattr(args, "flight", None),
@@ -200,4 +233,4 @@ def run_options(args: argparse.Namespace):
 __all__ = ["Parser", "UsageError", "size_arg", "count_arg", "examples", "command_parser",
            "add_common_arguments", "verbosity", "log_file", "add_json_argument", "human",
            "emit_json", "set_interrupt_hint", "interrupt_hint", "stop_signals", "parse_scales",
-           "add_flight_arguments", "flight_options", "run_options"]
+           "add_flight_arguments", "add_sink_arguments", "sink_urls", "flight_options", "run_options"]

@@ -40,9 +40,8 @@ def source_desc(args) -> str:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from dvidetl.commands._options import add_flight_arguments
+    from dvidetl.commands._options import add_flight_arguments, add_sink_arguments
     from dvidetl.commands.plan import add_plan_arguments
-    from dvidetl.sinks import DEFAULT_SINK
 
     p = command_parser(
         sub, "run", help="export a labelmap (blocks, label indices, mapping) to a sink",
@@ -51,12 +50,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                  "dvidetl run --uuid UUID --flight grpc://server:8815 --sink parquet:///data/export",
                  "dvidetl run --uuid UUID --flight grpc://server:8815 --sink vastdb://vip:80/bucket/schema "
                  "--cluster slurm --jobs 8",
+                 "dvidetl run --uuid UUID --flight grpc://server:8815 --sink vastdb://vip:80/bucket/schema "
+                 "--sink parquet:///data/export   # both, reading the source once",
                  "dvidetl run --uuid demo --resume RUN_ID                  # continue an interrupted run",
                  "dvidetl run --uuid demo --json > result.json            # the result for scripts"))
     add_flight_arguments(p)
-    p.add_argument("--sink", default=DEFAULT_SINK, help=f"where to write (default {DEFAULT_SINK})")
-    p.add_argument("--vast-endpoints", default=None, metavar="H:P,H:P",
-                   help="vastdb:// sink: more CNode endpoints; workers spread across them")
+    add_sink_arguments(p, "where to write",
+                       endpoints_help="vastdb:// sink: more CNode endpoints; workers spread across them")
     p.add_argument("--scales", default=None, help="comma-separated scales (default: all)")
     add_plan_arguments(p)
     p.add_argument("--cell-limit", type=size_arg("--cell-limit", default_unit="B"),
@@ -83,15 +83,28 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def result_json(res, run: RunInfo, ep: FlightEndpoint, sink_url: str, planning_s: float | None,
-                rc: int,
+def sink_json(r) -> dict:
+    """One sink's figures in ``run --json`` (``RunResult.sinks``)."""
+    return {"sink": r.sink, "complete": r.complete,
+            "partitions": {"planned": r.partitions, "written": r.done, "already_done": r.skipped,
+                           "failed": len(r.failed)},
+            "blocks": r.blocks, "errors": r.errors,
+            "rows": {"label_index": r.index_rows, "mapping": r.mapping_rows},
+            "failed": [{"partition": k, "reason": why} for k, why in r.failed],
+            "ledger_unreadable": r.unreadable}
+
+
+def result_json(res, run: RunInfo, ep: FlightEndpoint, sink_urls: str | list[str],
+                planning_s: float | None, rc: int,
                 note: str | None) -> dict:
-    """The ``run --json`` document (keys: docs/cli.md)."""
+    """The ``run --json`` document (keys: docs/cli.md): the run's figures (the source read
+    once), and each sink's in ``sinks``."""
     from dvidetl.commands.plan import source_json
 
+    urls = [sink_urls] if isinstance(sink_urls, str) else list(sink_urls)
     return {
         "command": "run", "run_id": run.run_id, "ok": rc == 0, "exit_code": rc,
-        "source": source_json(ep), "sink": sink_url,
+        "source": source_json(ep), "sink": urls[0], "sinks": [sink_json(r) for r in res.sinks],
         "partitions": {"planned": res.partitions, "written": res.done, "already_done": res.skipped,
                        "failed": len(res.failed)},
         "blocks": res.blocks, "errors": res.errors,
@@ -108,19 +121,16 @@ def result_json(res, run: RunInfo, ep: FlightEndpoint, sink_url: str, planning_s
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands._options import flight_options, run_options
+    from dvidetl.commands._options import flight_options, run_options, sink_urls
     from dvidetl.commands.plan import StatusLine, index_note, plan_json, print_plan, source_json
     from dvidetl.export.api import ExportRun
     from dvidetl.export.endpoint import open_flight
 
     opts = run_options(args)  # every option checked before a server or cluster is reached
     cluster = ClusterOptions.from_args(args)
-    if getattr(args, "vast_endpoints", None):
-        from dvidetl.sinks._vastdb_support import with_endpoints
-
-        args.sink = with_endpoints(args.sink, args.vast_endpoints)
+    sinks = sink_urls(args)
     with open_flight(**flight_options(args)) as ep:
-        job = ExportRun(ep, args.sink, opts, resume=args.resume, uuid_requested=args.uuid,
+        job = ExportRun(ep, sinks, opts, resume=args.resume, uuid_requested=args.uuid,
                         source_desc=source_desc(args), dry_run=args.dry_run)
         for w in job.warnings:
             print(f"dvidetl run: warning: {w}", file=sys.stderr)
@@ -142,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
                    requests=requests)
         if args.json:
             emit_json({"command": "run", "dry_run": True, "run_id": args.resume,
-                       "source": source_json(ep), "sink": args.sink,
+                       "source": source_json(ep), "sink": args.sink, "sinks": args.sinks,
                        "plan": plan_json(parts, every=args.partitions, note=note, requests=requests),
                        "planning_s": planning.seconds if planning else None})
         return 0
@@ -172,7 +182,7 @@ def _export(args: argparse.Namespace, job, cluster: ClusterOptions) -> int:
     ep = job.ep
     planning_s = job.planning.seconds if job.planning is not None else None
     note = index_note(ep.info, run.partitions, skipped=args.no_indices)
-    print(summary(res, sink_desc=args.sink, planning_s=planning_s, index_note=note,
+    print(summary(res, sink_desc=", ".join(args.sinks), planning_s=planning_s, index_note=note,
                   not_exported=run.record.get("not_exported")), file=sys.stderr)
     unfinished = (f"{len(res.failed)} partitions failed" if res.failed
                   else f"aborted: {redact(res.aborted)}" if res.aborted else None)
@@ -186,7 +196,7 @@ def _export(args: argparse.Namespace, job, cluster: ClusterOptions) -> int:
               "source_anomalies and `dvidetl inspect --anomalies`)", file=sys.stderr)
     rc = 1 if unfinished or res.errors or res.lost else 0
     if args.json:
-        emit_json(result_json(res, run, ep, args.sink, planning_s, rc, note))
+        emit_json(result_json(res, run, ep, args.sinks, planning_s, rc, note))
     else:
         print(f"run_id {run.run_id}", file=sys.stdout, flush=True)
     return rc

@@ -3,7 +3,8 @@
 Reads only the sink (run records, the ledger): no source, no cluster. Works for a finished
 run and for one still going (its partitions committed so far, the time of its last commit).
 With ``--json`` one JSON document goes to stdout (keys in ``docs/runs.md``) and the text to
-stderr.
+stderr. ``--sink`` repeated: each sink's runs (a run written to several sinks has a record
+in each, with that sink's own figures).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 RUN_KEYS = ("run_id", "state", "created", "started", "ended", "source", "uuid_requested", "uuid_resolved",
             "staged", "superseded_by", "partitions_planned", "partitions_done", "blocks_planned",
             "blocks_done", "index_rows", "mapping_rows", "errors", "failed_partitions", "last_commit",
-            "verify", "result", "options")
+            "verify", "result", "options", "sinks")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -32,7 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         example=("dvidetl status                                 # the export in ./dvidetl-out",
                  "dvidetl status --sink parquet:///data/export --run RUN_ID",
                  "dvidetl status --sink vastdb://vip:80/bucket/schema --json | jq .current_run"))
-    p.add_argument("--sink", default=DEFAULT_SINK, help=f"the export (default {DEFAULT_SINK})")
+    p.add_argument("--sink", action="append", default=None, metavar="URL",
+                   help=f"the export (default {DEFAULT_SINK}); repeat it for several")
     p.add_argument("--uuid", default=None, help="UUID (default: the only one in the sink)")
     p.add_argument("--instance", default=None, help="instance (default: the only one in the sink)")
     p.add_argument("--run", default=None, metavar="RUN_ID", help="only this run")
@@ -66,6 +68,8 @@ def run_status(sink: Sink, run_id: str) -> dict:
         "index_rows": tot.index_rows, "mapping_rows": tot.mapping_rows, "errors": tot.errors,
         "failed_partitions": result.get("failed_partitions", []), "last_commit": last,
         "verify": rec.get("verify"), "result": result or None, "options": run.options.to_dict(),
+        # every sink the run wrote (a run of several sinks; None: this sink only)
+        "sinks": rec.get("sinks"),
     }
 
 
@@ -97,21 +101,36 @@ def text(export: str, runs: list[dict]) -> str:
         for f in r["failed_partitions"][:5]:
             lines.append(f"    FAILED {f['partition']}: {f['reason']}")
         lines.append(f"  verify      {ver}")
+        if r.get("sinks"):
+            lines.append(f"  sinks       written together to {', '.join(r['sinks'])} (figures above: this sink's)")
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands._options import emit_json, human
-    from dvidetl.redact import redact
+def sink_status(url: str, uuid: str | None, instance: str | None, run_id: str | None) -> tuple[dict, str]:
+    """One sink's ``status`` document and text."""
     from dvidetl.sinks import find_export, open_sink
 
-    instance, uuid = find_export(args.sink, args.uuid, args.instance)
-    sink = open_sink(args.sink, uuid=uuid, instance=instance)
-    ids = [args.run] if args.run else sink.runs()
+    instance, uuid = find_export(url, uuid, instance)
+    sink = open_sink(url, uuid=uuid, instance=instance)
+    ids = [run_id] if run_id else sink.runs()
     runs = [run_status(sink, r) for r in ids]
-    doc = {"command": "status", "sink": args.sink, "instance": instance, "uuid": uuid,
+    doc = {"command": "status", "sink": url, "instance": instance, "uuid": uuid,
            "current_run": sink.latest_run(), "runs": runs}
-    print(redact(text(f"{args.sink} ({instance}@{uuid})", runs)), file=human(args))
-    if args.json:
-        emit_json(doc)  # the --json convention of every command (commands/_options.py)
+    return doc, text(f"{url} ({instance}@{uuid})", runs)
+
+
+def main(args: argparse.Namespace) -> int:
+    from dvidetl.commands._options import emit_json, human, sink_urls
+    from dvidetl.redact import redact
+
+    urls = sink_urls(args)
+    docs = []
+    for url in urls:
+        doc, txt = sink_status(url, args.uuid, args.instance, args.run)
+        print(redact(txt), file=human(args))
+        docs.append(doc)
+    if args.json:  # the --json convention of every command (commands/_options.py)
+        out = dict(docs[0]) if len(docs) == 1 else {"command": "status"}
+        out["sinks"] = [{k: v for k, v in d.items() if k != "command"} for d in docs]
+        emit_json(out)
     return 0

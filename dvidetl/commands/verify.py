@@ -5,6 +5,8 @@ one by default, ``--cluster slurm`` ...), or ``--in-process``.
 
 Exit 0 only when every source block is exported exactly once and byte-exact, and
 label_index and mapping agree; 1 with the differences listed by coordinates otherwise.
+With ``--sink`` repeated, each sink is checked in turn (each against the source) and the
+exit code is 0 only when every one is exact.
 """
 
 from __future__ import annotations
@@ -15,19 +17,24 @@ import sys
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from dvidetl.cluster import add_cluster_arguments
-    from dvidetl.commands._options import add_flight_arguments, add_json_argument, command_parser
-    from dvidetl.sinks import DEFAULT_SINK
+    from dvidetl.commands._options import (
+        add_flight_arguments,
+        add_json_argument,
+        add_sink_arguments,
+        command_parser,
+    )
 
     p = command_parser(
         sub, "verify", help="check an export against its source, block by block",
         description=__doc__,
         example=("dvidetl verify --uuid demo                     # the demo export in ./dvidetl-out",
                  "dvidetl verify --uuid UUID --flight grpc://server:8815 --sink parquet:///data/export",
+                 "dvidetl verify --uuid UUID --flight grpc://server:8815 --sink vastdb://vip:80/b/s "
+                 "--sink parquet:///data/export   # each of them",
                  "dvidetl verify --uuid demo --in-process --json | jq .ok"))
     add_flight_arguments(p)
-    p.add_argument("--sink", default=DEFAULT_SINK, help=f"the export to check (default {DEFAULT_SINK})")
-    p.add_argument("--vast-endpoints", default=None, metavar="H:P,H:P",
-                   help="vastdb:// sink: more CNode endpoints to read through")
+    add_sink_arguments(p, "the export to check",
+                       endpoints_help="vastdb:// sink: more CNode endpoints to read through")
     p.add_argument("--run", default=None, metavar="RUN_ID", help="run to check (default: the latest)")
     p.add_argument("--scales", default=None, help="only these scales (default: all the run exported)")
     p.add_argument("--in-process", action="store_true",
@@ -97,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
         human,
         parse_scales,
         set_interrupt_hint,
+        sink_urls,
     )
     from dvidetl.export.endpoint import open_flight
     from dvidetl.read.verify import verify
@@ -104,25 +112,37 @@ def main(args: argparse.Namespace) -> int:
 
     scales = parse_scales(args.scales)
     cluster = ClusterOptions.from_args(args)
-    if args.vast_endpoints:
-        from dvidetl.sinks._vastdb_support import with_endpoints
-
-        args.sink = with_endpoints(args.sink, args.vast_endpoints)
-    progress = None if args.quiet else _VerifyProgress()
+    urls = sink_urls(args)
+    several = len(urls) > 1
     set_interrupt_hint("nothing was changed; run verify again" if not args.repair else None)
+    docs, rcs = [], []
     with open_flight(**flight_options(args)) as ep:
-        report = verify(ep, args.sink, run_id=args.run, scales=scales,
-                        cluster=None if args.in_process and not args.repair else cluster,
-                        repair=args.repair, progress=progress,
-                        say=lambda line: print(f"dvidetl verify --repair: {line}", file=sys.stderr))
-    if report.before_repair:
-        print(report.before_repair, file=human(args))
-    print(report.text(), file=human(args))
-    rc = 0 if report.ok else 1
-    if not report.ok:
-        print(f"dvidetl verify: export {redact(args.sink)} differs from the source (see above)",
-              file=sys.stderr)
-    print(f"verified in {report.seconds:.1f} s", file=sys.stderr)
+        for url in urls:
+            if several:
+                print(f"sink {redact(url)}:", file=human(args))
+            progress = None if args.quiet else _VerifyProgress()
+            report = verify(ep, url, run_id=args.run, scales=scales,
+                            cluster=None if args.in_process and not args.repair else cluster,
+                            repair=args.repair, progress=progress,
+                            say=lambda line: print(f"dvidetl verify --repair: {line}", file=sys.stderr))
+            if report.before_repair:
+                print(report.before_repair, file=human(args))
+            print(report.text(), file=human(args))
+            rc = 0 if report.ok else 1
+            if not report.ok:
+                print(f"dvidetl verify: export {redact(url)} differs from the source (see above)",
+                      file=sys.stderr)
+            print(f"verified {redact(url)} in {report.seconds:.1f} s" if several else
+                  f"verified in {report.seconds:.1f} s", file=sys.stderr)
+            docs.append(report_json(report, rc, url))
+            rcs.append(rc)
+    rc = max(rcs)
+    if several:
+        bad = [redact(u) for u, r in zip(urls, rcs, strict=True) if r]
+        print(f"dvidetl verify: {len(urls) - len(bad)} of {len(urls)} sinks exact"
+              + (f"; differing: {', '.join(bad)}" if bad else ""), file=sys.stderr)
     if args.json:
-        emit_json(report_json(report, rc, args.sink))
+        doc = dict(docs[0]) if not several else {"command": "verify", "ok": rc == 0, "exit_code": rc}
+        doc["sinks"] = [{k: v for k, v in d.items() if k != "command"} for d in docs]
+        emit_json(doc)
     return rc

@@ -1,4 +1,4 @@
-"""The export stage — and, called, the library API: ``dvidetl.export(source, sink, options)``.
+"""The export stage — and, called, the library API: ``dvidetl.export(source, sinks, options)``.
 
 Modules: ``kinds`` and ``batch`` (partition kinds and the typed partition data: the
 vocabulary every stage shares), ``options`` (``RunOptions``), ``planning``, ``tasks``,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from distributed.http.utils import RequestHandler
@@ -140,9 +141,12 @@ class RunState:
 
     def __init__(self, client: Client, run: RunInfo | None = None, sink_desc: str = "",
                  interval: float = 0.5, *,
-                 source: str = "", uuid: str = "", instance: str = ""):
+                 source: str = "", uuid: str = "", instance: str = "", sinks: Sequence[str] = ()):
         self.client, self.interval = client, interval
         self.sink_desc = redact(sink_desc)
+        #: per sink of the run (several sinks): partitions it held before, took now, lacks
+        self.sinks: list[dict[str, Any]] = [
+            {"sink": redact(u), "parts_before": 0, "parts_written": 0, "parts_failed": 0} for u in sinks]
         self.source, self.uuid, self.instance = redact(source), uuid, instance
         self.t0 = time.time()
         self.phase = "planning"
@@ -195,9 +199,21 @@ class RunState:
             g["parts_done"] += 1
             g["done"] += p.size
 
-    def completed(self, part: Partition, stats, res, failure: str | None = None) -> None:
-        """A task's outcome: its ``tasks.PartitionStats``, or the reason it failed."""
+    def sinks_before(self, held: Sequence[int], total: Sequence[int]) -> None:
+        """Partitions of the plan each sink held before this invocation (a resumed run), of
+        those it stores (``total``: a volume sink stores no label_index partitions)."""
+        for d, n, t in zip(self.sinks, held, total, strict=False):
+            d["parts_before"], d["parts_total"] = int(n), int(t)
+
+    def completed(self, part: Partition, stats, res, failure: str | None = None, *,
+                  written: Sequence[int] = (), lacking: Sequence[int] = ()) -> None:
+        """A task's outcome: its ``tasks.PartitionStats``, or the reason it failed;
+        ``written`` / ``lacking``: the sinks that took the partition now / still lack it."""
         g = self._group(part)
+        for i in written:
+            self.sinks[i]["parts_written"] += 1
+        for i in lacking:
+            self.sinks[i]["parts_failed"] += 1
         if failure is not None:
             self.failed.append({"partition": part.key, "reason": redact(failure)})
         elif stats is not None:
@@ -237,6 +253,7 @@ class RunState:
             "errors": sum(g["errors"] for g in self.groups.values()),
             "groups": list(self.groups.values()), "error_blocks": self.errors,
             "failed": self.failed[:MAX_ERRORS_LISTED],
+            "sinks": [{"parts_total": parts_total, **d} for d in self.sinks],
             # the source's anomalies stored with the run (source_anomalies), per kind
             "anomalies": dict(getattr(res, "anomalies", {}) or {}), "anomalies_lost": getattr(res, "lost", 0),
         }
@@ -282,6 +299,8 @@ PAGE = """<!doctype html>
 <p id="summary"></p>
 <table id="groups"><thead><tr><th class="l">kind</th><th>partitions</th><th>done</th>
 <th>planned</th><th class="l">progress</th><th>errors</th></tr></thead><tbody></tbody></table>
+<table id="sinks" style="display:none"><thead><tr><th class="l">sink</th><th>partitions committed</th>
+<th>held before</th><th>written now</th><th>failed</th></tr></thead><tbody></tbody></table>
 <h3>Corrupt blocks <span id="nerr"></span></h3>
 <table id="errors"><thead><tr><th>scale</th><th>x</th><th>y</th><th>z</th>
 <th class="l">reason</th></tr></thead><tbody></tbody></table>
@@ -322,6 +341,14 @@ function render(s) {
     bar.className = "bar"; inner.style.width = (g.parts_total ? 100 * g.parts_done / g.parts_total : 100) + "%";
     bar.appendChild(inner); td.appendChild(bar);
     cell(tr, fmt(g.errors), g.errors ? "err" : ""); tb.appendChild(tr); });
+  var sk = s.sinks || [], st = document.getElementById("sinks"), sb = st.querySelector("tbody");
+  st.style.display = sk.length > 1 ? "" : "none"; sb.innerHTML = "";
+  sk.forEach(function (d) { var tr = document.createElement("tr"); tr.className = "sink";
+    tr.dataset.sink = d.sink; tr.dataset.partsDone = d.parts_before + d.parts_written;
+    tr.dataset.partsFailed = d.parts_failed;
+    cell(tr, d.sink, "l"); cell(tr, fmt(d.parts_before + d.parts_written) + " / " + fmt(d.parts_total));
+    cell(tr, fmt(d.parts_before)); cell(tr, fmt(d.parts_written));
+    cell(tr, fmt(d.parts_failed), d.parts_failed ? "err" : ""); sb.appendChild(tr); });
   document.getElementById("nerr").textContent = "(" + fmt(s.errors) + ")";
   var eb = document.querySelector("#errors tbody"); eb.innerHTML = "";
   s.error_blocks.forEach(function (e) { var tr = document.createElement("tr"); tr.className = "error";

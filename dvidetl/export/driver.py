@@ -19,8 +19,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
@@ -31,6 +31,7 @@ from dvidetl.export.kinds import KINDS, Partition, PartitionStats, RunInfo, kind
 from dvidetl.export.progress import Counts
 from dvidetl.export.tasks import PROGRESS_TOPIC, TaskContext, export_partition
 from dvidetl.redact import redact
+from dvidetl.tables import schema as S
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -66,6 +67,20 @@ class RunResult:
     #: many of them mean blocks the export lacks (a killed export's cut records, ...)
     anomalies: dict = field(default_factory=dict)
     lost: int = 0
+    #: the sink these figures are of (a per-sink result), else "" (the run's)
+    sink: str = ""
+    #: one result per sink of the run, in ``--sink`` order (``sink_results``): what each
+    #: sink holds of the run — partitions written now / already there / failed there, and
+    #: its blocks and rows read back from its own ledger
+    sinks: list = field(default_factory=list)
+    #: a per-sink result whose ledger could not be read back at the end (why): its block
+    #: and row figures are unknown (0), its partition counts are the tasks' own
+    unreadable: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every planned partition is committed (for a per-sink result: in that sink)."""
+        return not self.failed and self.done + self.skipped >= self.partitions
 
     @property
     def ok(self) -> bool:
@@ -115,18 +130,82 @@ class RunResult:
         """The figures for the run's record (failed partitions: the count and the first ten,
         with reasons)."""
         d = asdict(self)
+        d["sinks"] = [r.to_dict() for r in self.sinks]
+        if not self.sink:
+            del d["sink"]
+        if self.unreadable is None:
+            del d["unreadable"]
         d["failed"] = len(self.failed)
         d["failed_partitions"] = [{"partition": k, "reason": r} for k, r in self.failed[:10]]
         d["ok"] = self.ok
+        if self.sink:  # a sink's own figures: whether the run is whole there
+            d["complete"] = self.complete
+            del d["sinks"]
         return d
 
 
-def stored_anomalies(sink: Sink, run_id: str) -> tuple[dict, int]:
-    """(rows per kind, lost rows) of the anomalies a run stored (for a resumed run's totals)."""
+def stored_anomalies(sink: Sink, run_id: str, parts: Iterable[Partition] | None = None) -> tuple[dict, int]:
+    """(rows per kind, lost rows) of the anomalies a run stored (for a resumed run's
+    totals); ``parts``: only those anomalies partitions' rows."""
     from dvidetl.sources.base import anomaly_counts
 
-    t = sink.read("source_anomalies", run_id=run_id, columns=["kind", "lost"])
+    if parts is None:
+        t = sink.read("source_anomalies", run_id=run_id, columns=["kind", "lost"])
+    else:
+        col = S.KEY_COLUMN["source_anomalies"]
+        got = [sink.read("source_anomalies", run_id=run_id, columns=["kind", "lost"],
+                         where={col: (p.lo, p.hi)}) for p in parts]
+        if not got:
+            return {}, 0
+        t = pa.concat_tables(got)
     return anomaly_counts(t), int(pc.sum(pc.cast(t.column("lost"), "int64")).as_py() or 0)
+
+
+def ledger_keys(ledger: pa.Table) -> list[str]:
+    """``Partition.key`` of each ledger row."""
+    return [Partition(k, s, lo, hi).key for k, s, lo, hi in zip(
+        ledger.column("kind").to_pylist(), ledger.column("scale").to_pylist(),
+        ledger.column("lo").to_pylist(), ledger.column("hi").to_pylist(), strict=True)]
+
+
+def ledger_of(ledger: pa.Table, keys: set[str]) -> pa.Table:
+    """The ledger rows of the partitions ``keys``."""
+    return ledger.filter(pa.array([k in keys for k in ledger_keys(ledger)], pa.bool_()))
+
+
+def plan_of(sink, run: RunInfo) -> set[str]:
+    """The keys of the run's partitions ``sink`` stores (``Sink.takes`` their kind): what it
+    must hold for the run to be whole there."""
+    return {p.key for p in run.partitions if sink.takes(p.kind)}
+
+
+def sink_results(sinks: Sequence, urls: Sequence[str], run: RunInfo, res: RunResult,
+                 before: Sequence[set[str]], wrote: Sequence[set[str]]) -> list[RunResult]:
+    """One ``RunResult`` per sink once the run's tasks are over: the partitions of the plan
+    the sink held before (``before``: its committed keys then), took now (``wrote``) and
+    lacks (the failed partitions it lacks, with their reasons), and — several sinks — its
+    blocks, rows and errors read back from its own ledger: what that sink holds, whatever
+    the other sinks hold. One sink: the run's own figures."""
+    if len(sinks) == 1:
+        r = replace(res, sink=redact(urls[0]), sinks=[], failed=list(res.failed))
+        return [r]
+    out = []
+    for s, url, had, new in zip(sinks, urls, before, wrote, strict=True):
+        plan = plan_of(s, run)
+        r = RunResult(run.run_id, partitions=len(plan), seconds=res.seconds,
+                      aborted=res.aborted, sink=redact(url))
+        had, new = had & plan, (new & plan) - had
+        r.skipped, r.done = len(had), len(new)
+        r.failed = [(k, why) for k, why in res.failed if k in plan and k not in had and k not in new]
+        try:
+            r.add_ledger(ledger_of(s.ledger(run.run_id), had | new))
+            if any("source_anomalies" in p.spec.tables and p.key in had | new for p in run.partitions):
+                r.add_anomalies(*stored_anomalies(s, run.run_id))
+        except Exception as exc:  # noqa: BLE001 - one sink's trouble is its own line, not the run's end
+            r.unreadable = redact(f"{type(exc).__name__}: {exc}").splitlines()[0][:300]
+            log.error("sink %s: its ledger cannot be read back: %s", r.sink, r.unreadable)
+        out.append(r)
+    return out
 
 
 def _interleaved(todo: list[Partition]) -> list[Partition]:
@@ -282,7 +361,7 @@ def execute(
     client: Client,
     run: RunInfo,
     ctx: TaskContext,
-    sink: Sink,
+    sink: Sink | Sequence[Sink],
     *,
     progress=None,
     retries: int = 3,
@@ -291,26 +370,51 @@ def execute(
     dashboard=None,
     tick: float = 0.5,
 ) -> RunResult:
-    """Submit every not-yet-committed partition of ``run`` (bounded window), follow
-    completions, and return totals. Partitions already in the ledger are skipped.
+    """Submit every partition of ``run`` not yet committed to every sink (bounded window),
+    follow completions, and return totals. ``sink``: the run's sink, or its sinks in the
+    order of ``ctx.sink_urls`` — a partition one sink holds and another lacks is read once
+    more and written only where it is missing; the result's ``sinks`` are each sink's own
+    figures (``sink_results``).
 
     A partition whose task killed its worker every time it ran (Dask's ``KilledWorker``:
     the worker cannot hold it, e.g. too little ``--worker-memory``) stops the run at once:
     every other partition would do the same, restart-looping the workers for minutes."""
     t0 = time.perf_counter()
+    sinks: list[Sink] = list(sink) if isinstance(sink, (list, tuple)) else [sink]  # type: ignore[list-item]
+    if len(sinks) != len(ctx.sink_urls):
+        raise ValueError(f"{len(sinks)} sinks for a task context of {len(ctx.sink_urls)} sink URLs")
     res = RunResult(run.run_id, partitions=len(run.partitions))
-    done_keys = sink.done(run.run_id)
+    before = [s.done(run.run_id) for s in sinks]
+    # committed to every sink that stores its kind: nothing to do
+    done_keys = {p.key for p in run.partitions
+                 if all(p.key in b for s, b in zip(sinks, before, strict=True) if s.takes(p.kind))}
     todo = [p for p in run.partitions if p.key not in done_keys]
     todo = _interleaved(todo)
     res.skipped = len(run.partitions) - len(todo)
     if res.skipped:
-        res.add_ledger(sink.ledger(run.run_id))
-        if any("source_anomalies" in p.spec.tables and p.key in done_keys for p in run.partitions):
-            res.add_anomalies(*stored_anomalies(sink, run.run_id))
+        if len(sinks) == 1:
+            res.add_ledger(sinks[0].ledger(run.run_id))
+            if any("source_anomalies" in p.spec.tables and p.key in done_keys for p in run.partitions):
+                res.add_anomalies(*stored_anomalies(sinks[0], run.run_id))
+        else:  # each kind's figures from the ledger of a sink that stores it
+            ledgers: dict[int, pa.Table] = {}
+            for k in {p.kind for p in run.partitions if p.key in done_keys}:
+                i = next((i for i, s in enumerate(sinks) if s.takes(k)), None)
+                if i is None:  # a kind no sink stores (never planned)
+                    continue
+                if i not in ledgers:
+                    ledgers[i] = sinks[i].ledger(run.run_id)
+                mine = [p for p in run.partitions if p.kind == k and p.key in done_keys]
+                res.add_ledger(ledger_of(ledgers[i], {p.key for p in mine}))
+                if "source_anomalies" in kind(k).tables:
+                    res.add_anomalies(*stored_anomalies(sinks[i], run.run_id, mine))
+    wrote: list[set[str]] = [set() for _ in sinks]  # committed by this invocation, per sink
     live = LiveParts()
     if dashboard is not None:
         dashboard.start(run)
         dashboard.skipped([p for p in run.partitions if p.key in done_keys])
+        dashboard.sinks_before([len(b & plan_of(s, run)) for s, b in zip(sinks, before, strict=True)],
+                               [len(plan_of(s, run)) for s in sinks])
         dashboard.publish(res, live.done(res), force=True)
     if progress is not None:
         progress.start(Counts.of_plan(run.partitions))
@@ -327,6 +431,21 @@ def execute(
         if dashboard is not None:
             dashboard.publish(res, d)
 
+    def lacking(part: Partition) -> list[int]:
+        """The sinks that lack a failed partition (several sinks: some may have it)."""
+        if len(sinks) == 1:
+            return [0]
+        out = []
+        for i, s in enumerate(sinks):
+            if not s.takes(part.kind):
+                continue
+            try:
+                if not s.is_done(run.run_id, part):
+                    out.append(i)
+            except Exception:  # noqa: BLE001 - a sink that cannot answer lacks it, as far as we know
+                out.append(i)
+        return out
+
     try:
         client.subscribe_topic(PROGRESS_TOPIC, live.on_event)
     except Exception:  # noqa: BLE001 - an old scheduler: counts move at commits only
@@ -342,7 +461,13 @@ def execute(
                     reason = redact(f"{type(exc).__name__}: {exc}").splitlines()[0][:300]
                     res.failed.append((part.key, reason))
                     log.error("partition %s failed after %d retries: %s", part.key, retries, reason)
-                    if dashboard is not None:
+                    lack = lacking(part)
+                    took = [i for i, s in enumerate(sinks) if s.takes(part.kind) and i not in lack]
+                    for i in took:
+                        wrote[i].add(part.key)
+                    if dashboard is not None and len(sinks) > 1:
+                        dashboard.completed(part, None, res, failure=reason, written=took, lacking=lack)
+                    elif dashboard is not None:
                         dashboard.completed(part, None, res, failure=reason)
                     if _killed_worker(exc) and not tasks.stopped:
                         res.aborted = (f"partition {part.key} killed its worker every time it ran: "
@@ -351,8 +476,12 @@ def execute(
                         killed = True
                 else:
                     res.add(st)
+                    took = [i for i in (range(len(sinks)) if st.skipped else st.written)
+                            if sinks[i].takes(part.kind)]
+                    for i in took:
+                        wrote[i].add(part.key)
                     if dashboard is not None:
-                        dashboard.completed(part, st, res)
+                        dashboard.completed(part, st, res, written=took if len(sinks) > 1 else ())
                 finally:
                     live.ended(fut.key)
                 if killed:  # the rest would kill their workers too: stop them now
@@ -367,6 +496,7 @@ def execute(
         except Exception:  # noqa: BLE001
             pass
     res.seconds = time.perf_counter() - t0
+    res.sinks = sink_results(sinks, ctx.sink_urls, run, res, before, wrote)
     final = live.done(res)
     if dashboard is not None:
         dashboard.finish(res, final)

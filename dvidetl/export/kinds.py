@@ -177,7 +177,7 @@ class Partition:
 
 #: the keys of a run's record (``RunInfo.record``), documented in docs/runs.md
 RECORD_KEYS = ("source", "uuid_requested", "uuid_resolved", "state", "started", "ended", "result",
-               "verify", "staged", "published", "superseded_by", "not_exported")
+               "verify", "staged", "published", "superseded_by", "not_exported", "sinks")
 #: run states: ``running`` (started, not ended — or its driver died), ``finished`` (every
 #: partition committed), ``failed`` (ended with partitions not committed, or aborted),
 #: ``superseded`` (a later run of the export replaced it: its rows are gone)
@@ -253,7 +253,9 @@ class PartitionStats:
     rows, mapping pairs, anomalies; for block partitions the blocks); ``error_samples``: the
     first corrupt blocks (scale, x, y, z, reason) for the dashboard; ``anomalies``: the
     source's anomalies stored, per kind, and ``lost`` those of them by which the export
-    lacks blocks (anomalies partitions)."""
+    lacks blocks (anomalies partitions); ``written``: which sinks of the run this attempt
+    committed the partition to (indices into ``TaskContext.sink_urls``; the others held it
+    already), for the driver's per-sink figures."""
 
     key: str
     kind: str
@@ -268,6 +270,7 @@ class PartitionStats:
     error_samples: list = field(default_factory=list)
     anomalies: dict = field(default_factory=dict)
     lost: int = 0
+    written: tuple[int, ...] = ()
 
     def to_ledger_row(self, run_id: str, part: Partition, rows: int) -> pa.Table:
         """The partition's ledger row (``schema.EXPORT_LEDGER``), stamped now; ``rows``:

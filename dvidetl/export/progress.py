@@ -222,6 +222,19 @@ def summary(res, *, sink_desc: str = "", planning_s: float | None = None,
         + f"export {_dur(export_s)} ({export_s:.1f} s, {rate:,.0f} blocks/s on average), "
         f"total {_dur(total_s)}",
     ]
+    sinks = getattr(res, "sinks", None) or []
+    if len(sinks) > 1:  # each sink's own figures: what it holds of the run now
+        lines.append(f"  sinks       {len(sinks)}, each with its own ledger and record of the run:")
+        for r in sinks:
+            state = "complete" if r.complete else f"INCOMPLETE: {len(r.failed):,} partitions failed there"
+            if not r.complete and not r.failed:
+                state = f"INCOMPLETE: {r.partitions - r.done - r.skipped:,} partitions not written"
+            lines.append(
+                f"    {redact(r.sink)}: {r.done + r.skipped:,}/{r.partitions:,} partitions ({r.done:,} "
+                f"written now, {r.skipped:,} already there), "
+                + (f"its ledger could not be read back ({r.unreadable})" if r.unreadable else
+                   f"{r.blocks:,} blocks, {r.index_rows:,} label_index, {r.mapping_rows:,} mapping")
+                + f"; {state}")
     for key, reason in res.failed[:10]:
         lines.append(f"  FAILED {key}: {redact(reason)}")
     if len(res.failed) > 10:

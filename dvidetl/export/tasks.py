@@ -23,6 +23,7 @@ from dvidetl.export.batch import BlockData, PartitionData
 from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
 from dvidetl.export.spill import close_tables
 from dvidetl.geometry import vec3
+from dvidetl.redact import redact
 from dvidetl.retry import Backoff, retry
 from dvidetl.tables import schema as S
 
@@ -162,26 +163,50 @@ class ProgressReporter:
             yield b
 
 
+class SinkWriteError(Exception):
+    """A partition could not be committed to some sinks of a several-sink run (the others
+    have it): the message names each failing sink (without secrets) and why, so the run's
+    summary says where to look. A one-sink run raises the sink's own error instead."""
+
+
 def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
     """One task: read, transform and commit one partition to every sink of the run that does
     not hold it yet (an earlier attempt may have committed it to some). Returns small stats
-    for the driver (``skipped`` when every sink had it)."""
+    for the driver (``skipped`` when every sink had it; ``written``: the sinks it committed
+    to now).
+
+    A sink whose write fails (after ``write_with_backoff``'s retries) does not keep the
+    partition from the other sinks: each is written, then the task fails naming the sinks
+    that failed, and the task's retry (or a resumed run) writes only those."""
     t0 = time.perf_counter()
     sinks = [worker_sink(ctx, u) for u in ctx.sink_urls]
     # a sink that does not store the kind (a precomputed volume: no label_index table) is
     # never handed it; the planner plans a kind only when a sink of the run takes it
-    todo = [s for s in sinks if s.takes(part.kind) and not s.is_done(ctx.run_id, part)]
+    todo = [i for i, s in enumerate(sinks) if s.takes(part.kind) and not s.is_done(ctx.run_id, part)]
     if not todo:
         return PartitionStats(part.key, part.kind, skipped=True)
-    needs = frozenset().union(*(s.needs for s in todo))
+    needs = frozenset().union(*(sinks[i].needs for i in todo))
     data, stats = part.spec.function("task")(worker_client(ctx), ctx, part, needs=needs)
+    failed: list[tuple[int, BaseException]] = []
     try:
-        for sink in todo:
-            write_with_backoff(sink, ctx.run_id, part, data, stats)
+        for i in todo:
+            try:
+                write_with_backoff(sinks[i], ctx.run_id, part, data, stats)
+            except Exception as exc:
+                if len(ctx.sink_urls) == 1:
+                    raise
+                log.warning("partition %s: write to %s failed: %s", part.key,
+                            redact(ctx.sink_urls[i]), redact(f"{type(exc).__name__}: {exc}"))
+                failed.append((i, exc))
     finally:
         close_tables(data)
         del data
         release_memory()
+    if failed:
+        why = "; ".join(f"{redact(ctx.sink_urls[i])}: {type(e).__name__}: {e}" for i, e in failed)
+        raise SinkWriteError(f"write failed in {len(failed)} of {len(ctx.sink_urls)} sinks ({why})") \
+            from failed[0][1]
+    stats.written = tuple(todo)
     stats.seconds = time.perf_counter() - t0
     return stats
 

@@ -820,8 +820,13 @@ def verify_export(client: FlightClient, sink: Sink, run_id: str | None = None, s
     run = sink.load_run(run_id)
     report.not_exported = dict(run.record.get("not_exported") or {})
     report.volume = "blocks" in getattr(sink, "checks", {})
+    takes = getattr(sink, "takes", lambda k: True)
+    for k in ("indices", "mapping"):  # a run of several sinks: kinds another sink stores
+        if k not in report.not_exported and any(p.kind == k for p in run.partitions) and not takes(k):
+            report.not_exported[k] = (f"not in this sink ({sink.url} stores the volume only); "
+                                      "another sink of the run holds it")
     done = sink.done(run_id)
-    parts = _checked(run, scales)
+    parts = [p for p in _checked(run, scales) if takes(p.kind)]
     for p in parts:
         if p.key not in done:
             report.partitions_unfinished += 1

@@ -186,6 +186,11 @@ class Sink(abc.ABC):
         planning, so a volume this sink cannot store fails here, in one line."""
         return {}
 
+    def storage_key(self) -> str:
+        """What names the storage this sink writes the export to: two sinks of one run must
+        not share it (their ledgers would be one). Default: the URL without its query."""
+        return self.url.split("?", 1)[0].rstrip("/")
+
     def latest_run(self) -> str | None:
         """The run readers see by default: the newest run, passing over runs still staged
         (a ``run --overwrite`` not yet finished: the export they replace stays current)."""

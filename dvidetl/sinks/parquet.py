@@ -92,6 +92,11 @@ class ParquetSink(Sink):
     def __repr__(self) -> str:
         return f"ParquetSink({str(self.root)!r})"
 
+    def storage_key(self) -> str:
+        """The export's directory, resolved (``parquet://./x`` and ``parquet:///abs/x`` are
+        one export, and so is a wrapper's URL over the same directory)."""
+        return f"parquet:{self.root.resolve()}"
+
     def _read_layout(self) -> tuple[int, int]:
         """(layout, table format): this code's for a new export, (1, 1) for an export written
         before ``layout.json`` existed, format 1 for a layout file without ``"format"``; a
