@@ -642,3 +642,21 @@ def test_a_shard_is_streamed_in_memory_bounded_by_a_batch_and_its_index(tmp_path
     assert 0.9 * t.num_rows <= len(chunks) <= t.num_rows  # whole (all-background chunks: none)
     assert whole < 1.25 * max(alone) + 64 * 1024, (whole, max(alone))
     assert sum(alone) > 4 * whole  # holding every batch would have shown
+
+
+def test_dvidetl_view_serves_the_exported_volume(exported, source):
+    """``dvidetl view``'s server over what this sink wrote: TensorStore reads it back over
+    HTTP (Range requests on the shards), voxel for voxel, and the link opens it."""
+    import tensorstore as ts
+
+    from dvidetl.read.view import DATA_PREFIX, start_view
+
+    d, _, _ = exported
+    size = json.loads((d / "info").read_text())["scales"][1]["size"]
+    with start_view(d) as v:
+        st = ts.open({"driver": "neuroglancer_precomputed", "scale_index": 1,
+                      "kvstore": {"driver": "http", "base_url": f"{v.server.url}{DATA_PREFIX}/"}},
+                     context=ts.Context()).result()
+        got = st[..., 0].read().result()
+        assert "precomputed" in v.link
+    assert np.array_equal(got, expected_volume(source, 1, size))
