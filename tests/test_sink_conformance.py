@@ -144,6 +144,9 @@ class TestPrecomputed(SinkTests):
             t = t.set_column(t.schema.get_field_index(name), name, pa.array(v, pa.int32()))
         return t.append_column("raw", pa.array(raw, pa.binary()))
 
+    def bytes_out(self, sink, run_id, part, handed):
+        return sink.shard_path(run_id, part).stat().st_size
+
     def stored(self, sink, run_id):
         run = sink.load_run(run_id)
         return sorted(cid for p in run.partitions if p.kind == "blocks"

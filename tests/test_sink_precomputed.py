@@ -134,6 +134,12 @@ def test_one_partition_is_one_shard_and_empty_shards_are_not_planned(exported, s
         for p in parts:
             assert p.lo == (p.lo >> low) << low and p.hi <= ((p.lo >> low) + 1) << low
             assert p.blocks == int(((codes >= p.lo) & (codes < p.hi)).sum())
+        led = {(r["lo"], r["hi"]): r for r in sink.ledger(run.run_id).to_pylist() if r["scale"] == s}
+        for p in parts:  # each ledger row: the shard's chunks and its file's bytes
+            f = sink.shard_path(run.run_id, p)
+            nchunks = len(read_shard(f.read_bytes(), sink.sharding(s))) if f.exists() else 0
+            assert (led[(p.lo, p.hi)]["rows"], led[(p.lo, p.hi)]["bytes_out"]) == \
+                (nchunks, f.stat().st_size if f.exists() else 0)
         files = sorted((d / run_scale_key(d, s)).glob("*.shard"))
         sh = Sharding.from_json(json.loads((d / "info").read_text())["scales"][s]["sharding"])
         assert {f.name for f in files} <= {sh.shard_filename(k) for k in shards}

@@ -43,6 +43,7 @@ mapped (``read.verify.verify_volume_partition``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -295,7 +296,7 @@ class PrecomputedSink(ParquetSink):
         if not isinstance(data, BlockData):
             super().write_partition(run_id, part, data, stats)
             return
-        chunks, failed = self._write_shard(run_id, part, data)
+        chunks, nbytes, failed = self._write_shard(run_id, part, data)
         if failed.num_rows:
             # blocks the transcode refused (outside the info's volume): counted with the
             # run's corrupt blocks, stored in export_errors with their reason
@@ -305,16 +306,18 @@ class PrecomputedSink(ParquetSink):
         all_failed = pa.concat_tables([data.failed, failed]) if failed.num_rows else data.failed
         self._write_table(run_id, part, "export_errors",
                           failed_cells(all_failed, run_id, self.cell_limit(run_id)))
-        ledger = stats.to_ledger_row(run_id, part, chunks)
+        # this sink's ledger row: its own chunks (rows) and bytes written (the shard file)
+        ledger = dataclasses.replace(stats, bytes_out=nbytes).to_ledger_row(run_id, part, chunks)
         d = self._ledger_dir(run_id)
         d.mkdir(parents=True, exist_ok=True)
         from dvidetl.sinks.parquet import _write_atomic
 
         _write_atomic(d / f"{part.key}.parquet", "export_ledger", ledger, keep_empty=True)
 
-    def _write_shard(self, run_id: str, part: Partition, data: BlockData) -> tuple[int, pa.Table]:
+    def _write_shard(self, run_id: str, part: Partition, data: BlockData) -> tuple[int, int, pa.Table]:
         """Stream the partition's chunks into its shard (temporary name, renamed when whole);
-        returns (chunks written, blocks the transcode refused as ``FAILED_BLOCKS``)."""
+        returns (chunks written, the shard's bytes, blocks the transcode refused as
+        ``FAILED_BLOCKS``)."""
         from dvidetl.codec.cseg import encode_chunks
         from dvidetl.codec.ngshard import ShardWriter, chunk_ids, chunk_shapes
 
@@ -325,7 +328,7 @@ class PrecomputedSink(ParquetSink):
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
         fails: list[pa.Table] = []
         f = w = None
-        n = 0
+        n = nbytes = 0
         try:
             for t in data.batches():
                 if "raw" not in t.column_names:
@@ -352,7 +355,7 @@ class PrecomputedSink(ParquetSink):
                 n += int(keep.size)
                 del enc, mv  # one batch's chunks in memory at a time, not two
             if w is not None and f is not None:
-                w.finish()
+                nbytes = w.finish()
                 f.flush()
                 os.fsync(f.fileno())
                 f.close()
@@ -364,7 +367,7 @@ class PrecomputedSink(ParquetSink):
             if f is not None:
                 f.close()
             tmp.unlink(missing_ok=True)
-        return n, (pa.concat_tables(fails) if fails else FAILED_BLOCKS.empty_table())
+        return n, nbytes, (pa.concat_tables(fails) if fails else FAILED_BLOCKS.empty_table())
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, table: str, scale: int | None = None, morton_range: tuple[int, int] | None = None,
