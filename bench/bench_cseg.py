@@ -117,6 +117,17 @@ def run() -> list[dict]:
                 for c in chunks:
                     wrap(c, "gzip")
 
+            buf = io.BytesIO()
+            w = ShardWriter(buf, sh)
+            w.add_many(ids, chunks)
+            w.finish()
+            rows.append(
+                _row(
+                    f"{name}: shard file bytes", len(buf.getvalue()), "bytes",
+                    "baseline cseg+gzip (chunks alone)", gz_base,
+                    "~1 (+ the shard and minishard indices)", dvid_gzip_bytes=stored,
+                )
+            )
             t = _interleaved({"shard": shard, "gzip": gz}, rounds=5)
             rows.append(
                 _row(

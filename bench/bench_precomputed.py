@@ -1,0 +1,199 @@
+"""The precomputed sink end to end (issue 27 item 7): Flight loopback -> 2 Dask workers ->
+``precomputed://`` (one neuroglancer shard per partition), against the same export into
+Parquet measured in the same run, interleaved round by round (this machine is noisy:
+compare the ratios).
+
+* end to end blocks/s into precomputed vs into Parquet (target >= 0.8: transcoding to
+  compressed_segmentation and writing shards costs no more than cutting cells and writing
+  Parquet); and both sinks in one run (``--sink`` twice: the source read once) against the
+  two runs one after the other;
+* output bytes of the volume (the shard files: gzip'd cseg chunks plus their indices)
+  beside the Parquet blocks files of the same export;
+* peak worker memory while one task writes one shard (RSS sampled inside the task, fresh
+  warmed worker), per shard size, beside the same blocks into Parquet.
+
+The transcoder alone per core, against ``decode_block`` + ``compressed_segmentation.compress``
+(what a TensorStore writer does), and its output against that baseline's gzip, are
+``bench_cseg`` (real mCNS blocks). ``python -m bench precomputed``;
+``DVIDETL_BENCH_PC_SOURCE`` picks another volume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from bench.bench_pipeline import _measured_export, _MemorySource
+
+WORKERS = 2
+SOURCE = os.environ.get("DVIDETL_BENCH_PC_SOURCE", "synthetic://pcbench?size=1024,1024,1024&scales=1&seed=3")
+ROUNDS = int(os.environ.get("DVIDETL_BENCH_ROUNDS", "2"))
+#: shards of 2^(preshift + minishard) chunks: 512 (8x8x8 blocks) for the rate, and 64 / 512 for memory
+RATE_BITS = tuple(int(b) for b in os.environ.get("DVIDETL_BENCH_PC_SHARD_BITS", "6,3").split(","))
+MEMORY_BITS = ((3, 3), (6, 3))
+
+
+def _spec(tmp: str, ep, preshift: int, minishard: int) -> str:
+    """A neuroglancer info for the volume with shards of 2^(preshift+minishard) chunks."""
+    from dvidetl.codec.ngshard import derive_info
+
+    info = derive_info(ep.info.scales, (8, 8, 8), preshift_bits=preshift, minishard_bits=minishard)
+    f = Path(tmp) / f"spec-{preshift}-{minishard}.json"
+    f.write_text(json.dumps(info))
+    return str(f)
+
+
+def _export(client, ep, sinks, partition_blocks: int):
+    import dvidetl
+    from dvidetl import RunOptions
+
+    res = dvidetl.export(ep, sinks, RunOptions(scales=(0,), partition_blocks=partition_blocks,
+                                               indices=False, mapping=False), cluster=client)
+    if not res.ok:
+        raise RuntimeError(f"bench run failed: {res.failed[:3]} errors={res.errors}")
+    return res
+
+
+def _bytes(d: str, pattern: str, under: tuple[str, ...] = ()) -> int:
+    """Bytes of the files matching ``pattern`` under ``d`` (only inside directories named
+    ``under``, when given)."""
+    return sum(f.stat().st_size for f in Path(d).rglob(pattern)
+               if f.is_file() and (not under or set(under) & set(f.relative_to(d).parts)))
+
+
+def _measured(client, ep, url: str, parts_of) -> tuple[int, int, int]:
+    """(RSS gained, RSS before, blocks) of one task exporting the largest partition planned
+    for ``url`` (``parts_of(sink)``: the plan), on ``client``'s one worker."""
+    from dvidetl.export.kinds import RunInfo
+    from dvidetl.export.planning import new_run_id
+    from dvidetl.export.tasks import task_context
+    from dvidetl.sinks import open_sink
+
+    sink = open_sink(url, uuid=ep.uuid, instance=ep.instance)
+    part = max(parts_of(sink), key=lambda p: p.blocks)
+    run = RunInfo(new_run_id(), ep.uuid, ep.instance, [part], volume=json.loads(ep.info.to_json()))
+    sink.prepare(run)
+    gained, start = client.submit(_measured_export, task_context(run, ep, url), part, pure=False).result()
+    return gained, start, part.blocks
+
+
+def _stages(ep, bits: tuple[int, int]) -> list[dict]:
+    """Where a precomputed partition's time goes, in this process, single core, per block of
+    one shard: the transform every sink shares (repack, map, zstd payload; ``raw`` kept),
+    then the sink's own cseg transcode and gzip of the chunks (``data_encoding`` gzip) —
+    against the transform alone, which is nearly all a Parquet partition costs before its
+    file write."""
+    import numpy as np
+    import pyarrow as pa
+
+    from bench.bench_codec import _interleaved, _row
+    from dvidetl.codec.cseg import encode_chunks
+    from dvidetl.codec.ngshard import chunk_shapes, derive_info
+    from dvidetl.codec.wrapper import wrap
+    from dvidetl.export.transform import transform_blocks
+
+    si = ep.info.scale(0)
+    cells, counts, _ = ep.client.count(0, sum(bits))
+    k = int(np.asarray(cells)[int(np.argmax(np.asarray(counts)))])  # the fullest shard
+    lo, hi = k << sum(bits), (k + 1) << sum(bits)
+    batches = list(ep.client.read_blocks(0, lo, hi))
+    sc = derive_info(ep.info.scales, (8, 8, 8), preshift_bits=bits[0], minishard_bits=bits[1])["scales"][0]
+
+    def transform():
+        data, _ = transform_blocks(iter(batches), ep.info.codec, ep.client.map_supervoxels, scale=0,
+                                   grid=tuple(si.grid), lo=lo, hi=hi, keep_raw=True)
+        return pa.concat_tables(list(data.batches()))
+
+    t = transform()
+    n = t.num_rows
+    shapes = chunk_shapes(*(t.column(c).to_numpy() for c in "xyz"), sc)
+    enc = encode_chunks(t.column("raw"), t.column("labels"), shapes)
+    times = _interleaved({
+        "transform": transform,
+        "cseg": lambda: encode_chunks(t.column("raw"), t.column("labels"), shapes),
+        "gzip": lambda: [wrap(enc[r], "gzip") for r in range(len(enc))],
+    }, rounds=3)
+    per = {k: 1e6 * times[k] / n for k in ("transform", "cseg", "gzip")}
+    return [_row(f"stage per block, {n}-block shard: {k}", per[k], "us/block",
+                 "transform (shared with parquet)", per["transform"], ratio=per[k] / per["transform"])
+            for k in ("cseg", "gzip")] + [
+        _row(f"stage per block, {n}-block shard: transform", per["transform"], "us/block")]
+
+
+def run() -> list[dict]:
+    from distributed import Client, LocalCluster
+
+    from dvidetl.export.endpoint import FlightEndpoint
+    from dvidetl.export.planning import make_plan
+    from dvidetl.flight.server import start_server
+    from dvidetl.sources import open_source
+
+    src = _MemorySource(open_source(SOURCE))
+    server = start_server(src)
+    ep = FlightEndpoint(server.location, None, "pcbench", None, server, src)
+    rows: list[dict] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = _spec(tmp, ep, *RATE_BITS)
+            cell = 1 << sum(RATE_BITS)
+            best = {"parquet": 0.0, "precomputed": 0.0, "both": 0.0}
+            sizes: dict[str, int] = {}
+            with LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
+                              dashboard_address=":0") as cluster, Client(cluster) as client:
+                # warm-up: numba kernels loaded (compiled the first time) in every worker
+                _export(client, ep, [f"parquet://{tmp}/warm-pq", f"precomputed://{tmp}/warm-pc?spec={spec}"], cell)
+                for r in range(ROUNDS):
+                    pq, pc = f"{tmp}/pq{r}", f"{tmp}/pc{r}"
+                    runs = {"parquet": [f"parquet://{pq}"], "precomputed": [f"precomputed://{pc}?spec={spec}"],
+                            "both": [f"parquet://{tmp}/bq{r}", f"precomputed://{tmp}/bc{r}?spec={spec}"]}
+                    for name, sinks in runs.items():
+                        res = _export(client, ep, sinks, cell)
+                        best[name] = max(best[name], res.blocks / res.seconds)
+                        nblocks = res.blocks
+                    sizes = {"parquet": _bytes(pq, "*.parquet", ("blocks", "block_overflow")),
+                             "precomputed": _bytes(pc, "*.shard")}
+            rows.append(dict(
+                name=f"e2e into precomputed, {WORKERS} workers, {nblocks} blocks, {cell}-chunk shards",
+                value=best["precomputed"], unit="blocks/s", baseline="the same into parquet",
+                baseline_value=best["parquet"], ratio=best["precomputed"] / best["parquet"],
+                target=">= 0.8"))
+            two = 1 / (1 / best["parquet"] + 1 / best["precomputed"])
+            rows.append(dict(
+                name="e2e into parquet + precomputed in one run", value=best["both"], unit="blocks/s",
+                baseline="the two runs one after the other", baseline_value=two,
+                ratio=best["both"] / two, target="> 1 (the source read once)"))
+            rows.append(dict(
+                name="output bytes: precomputed shards", value=sizes["precomputed"], unit="bytes",
+                baseline="parquet blocks tables", baseline_value=sizes["parquet"],
+                ratio=sizes["precomputed"] / sizes["parquet"]))
+            rows += _stages(ep, RATE_BITS)
+            # peak worker memory per shard, against the same blocks into Parquet
+            for bits in MEMORY_BITS:
+                spec_m = _spec(tmp, ep, *bits)
+                n = 1 << sum(bits)
+                with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster, Client(cluster) as client:
+                    _export(client, ep, [f"parquet://{tmp}/mw{n}", f"precomputed://{tmp}/mwc{n}?spec={spec_m}"], n)
+
+                    def plan(sink, n=n, bits=bits):
+                        cells = sink.plan_cells(ep.info) if sink.url.startswith("precomputed") else {0: sum(bits)}
+                        return make_plan(ep.info, ep.client.count, [0], n, indices=False, mapping=False,
+                                         anomalies=False, cells=cells)
+
+                    got_pc, start, nb = _measured(client, ep, f"precomputed://{tmp}/m{n}?spec={spec_m}", plan)
+                    got_pq, _, nb_pq = _measured(client, ep, f"parquet://{tmp}/mq{n}", plan)
+                assert nb == nb_pq, (nb, nb_pq)
+                rows.append(dict(
+                    name=f"peak worker memory, one shard of {nb} chunks", value=got_pc / 2**20, unit="MiB",
+                    baseline="the same blocks into parquet", baseline_value=got_pq / 2**20,
+                    ratio=got_pc / got_pq if got_pq else None, worker_rss_before_mib=start / 2**20))
+    finally:
+        ep.close()
+    return rows
+
+
+if __name__ == "__main__":
+    for r in run():
+        print(r)
