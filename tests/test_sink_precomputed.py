@@ -333,6 +333,7 @@ def test_cli_run_then_verify_then_status(tmp_path, cluster):
     status = subprocess.run([sys.executable, "-m", "dvidetl", "status", "--sink", url],
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "finished" in status.stdout, status.stderr
+    assert "label_index, mapping not exported" in status.stdout
     for what, why in (("--label", "has no label_index (not exported: "), ("--block", "has no 'blocks' table")):
         ins = subprocess.run([sys.executable, "-m", "dvidetl", "inspect", "--sink", url, what, "1,1,1" if what == "--block" else "5"],
                              capture_output=True, text=True, timeout=120)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 RUN_KEYS = ("run_id", "state", "created", "started", "ended", "source", "uuid_requested", "uuid_resolved",
             "staged", "superseded_by", "partitions_planned", "partitions_done", "blocks_planned",
             "blocks_done", "index_rows", "mapping_rows", "errors", "failed_partitions", "last_commit",
-            "verify", "result", "options", "sinks")
+            "verify", "result", "options", "sinks", "not_exported")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -70,6 +70,8 @@ def run_status(sink: Sink, run_id: str) -> dict:
         "verify": rec.get("verify"), "result": result or None, "options": run.options.to_dict(),
         # every sink the run wrote (a run of several sinks; None: this sink only)
         "sinks": rec.get("sinks"),
+        # kinds no sink of the run stores, with why (a precomputed-only run: the tables)
+        "not_exported": rec.get("not_exported") or {},
     }
 
 
@@ -94,8 +96,9 @@ def text(export: str, runs: list[dict]) -> str:
         lines.append(f"  time        started {_when(r['started'] or r['created'])}, ended {_when(r['ended'])}"
                      + (f", last commit {_when(r['last_commit'])}" if r["state"] == "running" else ""))
         lines.append(f"  partitions  {r['partitions_done']:,}/{r['partitions_planned']:,} done; blocks "
-                     f"{r['blocks_done']:,}/{r['blocks_planned']:,}; {r['index_rows']:,} label_index rows, "
-                     f"{r['mapping_rows']:,} mapping pairs")
+                     f"{r['blocks_done']:,}/{r['blocks_planned']:,}; "
+                     + ("label_index, mapping not exported (a volume)" if r.get("not_exported") else
+                        f"{r['index_rows']:,} label_index rows, {r['mapping_rows']:,} mapping pairs"))
         lines.append(f"  errors      {r['errors']:,} blocks in export_errors"
                      + (f"; {len(r['failed_partitions'])} partitions failed" if r["failed_partitions"] else ""))
         for f in r["failed_partitions"][:5]:
