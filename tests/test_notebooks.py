@@ -29,6 +29,7 @@ FIGURES = {
     "02-body-analysis.ipynb": [
         "02-body-footprint.png", "02-body-blocks.png", "02-body-size-per-scale.png",
     ],
+    "03-precomputed-view.ipynb": ["03-precomputed-slices.png"],
 }
 
 
