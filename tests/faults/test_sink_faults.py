@@ -108,3 +108,53 @@ def test_failed_partition_output_has_no_traceback(server, tmp_path):
     assert p.returncode == 1
     assert "FAILED blocks-s0-" in p.stderr and "injected poisoned partition" in p.stderr
     assert "Traceback" not in p.stderr and "Compute Failed" not in p.stderr, p.stderr
+
+
+def test_killed_worker_in_one_of_two_sinks_resumes_per_sink(server, cluster, tmp_path, nodeid,
+                                                            capsys):
+    """Two sinks (issue 27 item 4): the second one's write of one partition kills its worker
+    process every time (``mode=die``: as the kernel's OOM killer would). The first sink
+    holds that partition (written before the kill), the run stops (exit 1, naming the
+    partition and how to resume); ``--resume`` with the fault gone writes each partition
+    only where it is missing, and both sinks verify exact."""
+    first = next(open_source(f"synthetic://fs?{VOLUME}").read_blocks(0, 0, 1 << 40))
+    m = int(first.column("morton")[0].as_py())
+    a, b = tmp_path / "a", tmp_path / "b"
+    good, dying = f"parquet://{a}", f"flaky+parquet://{b}?poison=0:{m}&mode=die"
+    rc = cli(["run", "--uuid", "fs", "--flight", server.location, "--sink", good, "--sink", dying,
+              "--cluster", cluster.scheduler_address, "--partition-blocks", "8", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "killed its worker every time it ran" in err and "--resume" in err
+    from dvidetl.sinks import open_sink
+
+    sa = open_sink(good, uuid="fs", instance="segmentation")
+    sb = open_sink(f"parquet://{b}", uuid="fs", instance="segmentation")
+    (run_id,) = sa.runs()
+    assert sb.runs() == [run_id]
+    run = sa.load_run(run_id)
+    poisoned = next(p for p in run.partitions if p.kind == "blocks" and p.scale == 0 and p.lo <= m < p.hi)
+    # the good sink took the partition before the other sink's write killed the worker
+    assert poisoned.key in sa.done(run_id) and poisoned.key not in sb.done(run_id)
+    assert sa.load_run(run_id).state in ("failed", "finished") and sb.load_run(run_id).state == "failed"
+    had_a, had_b = sa.done(run_id), sb.done(run_id)
+
+    rc = cli(["run", "--uuid", "fs", "--flight", server.location, "--sink", good,
+              "--sink", f"parquet://{b}", "--cluster", cluster.scheduler_address, "--quiet",
+              "--resume", run_id, "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    import json
+
+    doc = json.loads(cap.out)
+    n = len(run.partitions)
+    ra, rb = doc["sinks"]
+    assert ra["partitions"] == {"planned": n, "written": n - len(had_a), "already_done": len(had_a), "failed": 0}
+    assert rb["partitions"] == {"planned": n, "written": n - len(had_b), "already_done": len(had_b), "failed": 0}
+    assert ra["complete"] and rb["complete"] and ra["blocks"] == rb["blocks"]
+    # the table's row is the sink whose writes killed the worker (the other verified too)
+    for url, key in ((good, nodeid + "[first sink]"), (f"parquet://{b}", nodeid)):
+        o = verify_and_record(key, "two sinks, one kills its worker -> resumed per sink",
+                              location=server.location, uuid="fs", sink_url=url, runs=2, run_id=run_id)
+        assert o.exact, o.report.text()
+        assert o.found == ra["blocks"]
