@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
 from dvidetl.codec import decode_block, join_block, split_block, unwrap
@@ -528,6 +530,26 @@ def test_blocks_outside_the_spec_volume_go_to_export_errors(tmp_path, cluster, s
     rep = verify(SRC, url, uuid=UUID)
     assert rep.export_errors == outside and rep.differences == outside, rep.text()
     assert rep.blocks_checked == rep.blocks_source - outside
+
+
+def test_blocks_only_the_volume_refuses_count_in_its_ledger_alone(tmp_path, cluster, source):
+    """The same spec beside a Parquet sink in one run: the blocks past the volume are the
+    volume's errors (its export_errors and ledger); the Parquet sink stores them as blocks
+    and its ledger counts no error it does not hold. The run's total counts them once."""
+    info = derive_info(source.info().scales, (8, 8, 8), **SHARD)
+    info["scales"][0]["size"] = [300, 250, 130]
+    f = tmp_path / "spec.json"
+    f.write_text(json.dumps(info))
+    vol, pq = f"precomputed://{tmp_path / 'vol'}?spec={f}", f"parquet://{tmp_path / 'pq'}"
+    res = export(SRC, [vol, pq], RunOptions(scales=(0,)), uuid=UUID, cluster=cluster.scheduler_address)
+    z = np.concatenate([b.column("z").to_numpy() for b in source.read_blocks(0, 0, source.info().scale(0).morton_end)])
+    outside = int((z >= 3).sum())
+    assert outside > 0 and res.errors == outside
+    sv, sp = (open_sink(u, uuid=UUID, instance="segmentation") for u in (vol, pq))
+    led_v, led_p = sv.ledger(res.run_id), sp.ledger(res.run_id)
+    assert pa.compute.sum(led_v.column("errors")).as_py() == outside == sv.read("export_errors").num_rows
+    assert pa.compute.sum(led_p.column("errors")).as_py() == 0 == sp.read("export_errors").num_rows
+    assert sp.read("blocks", scale=0).num_rows == len(z)
 
 
 def test_a_task_hands_keyed_partitions_only_to_sinks_that_take_them(tmp_path, source):

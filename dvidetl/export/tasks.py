@@ -11,6 +11,7 @@ process keeps one Flight client and one object per sink (``worker_client`` /
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -188,10 +189,14 @@ def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
     needs = frozenset().union(*(sinks[i].needs for i in todo))
     data, stats = part.spec.function("task")(worker_client(ctx), ctx, part, needs=needs)
     failed: list[tuple[int, BaseException]] = []
+    extra = 0  # blocks a sink refused on its own (a volume's transcode), for the driver's totals
+    samples = list(stats.error_samples)
     try:
         for i in todo:
             try:
-                write_with_backoff(sinks[i], ctx.run_id, part, data, stats)
+                mine = write_with_backoff(sinks[i], ctx.run_id, part, data, stats)
+                extra += mine.errors - stats.errors
+                samples += mine.error_samples[len(stats.error_samples):]
             except Exception as exc:
                 if len(ctx.sink_urls) == 1:
                     raise
@@ -206,6 +211,8 @@ def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
         why = "; ".join(f"{redact(ctx.sink_urls[i])}: {type(e).__name__}: {e}" for i, e in failed)
         raise SinkWriteError(f"write failed in {len(failed)} of {len(ctx.sink_urls)} sinks ({why})") \
             from failed[0][1]
+    stats.errors += extra
+    stats.error_samples = samples[:5]
     stats.written = tuple(todo)
     stats.seconds = time.perf_counter() - t0
     return stats
@@ -345,16 +352,27 @@ WRITE_BACKOFF_S = 0.5
 
 
 def write_with_backoff(sink: Sink, run_id: str, part: Partition, data: PartitionData,
-                       stats: PartitionStats) -> None:
+                       stats: PartitionStats) -> PartitionStats:
     """``sink.write_partition`` retried on ``OSError`` (up to ``WRITE_TRIES`` attempts,
     backoff doubling from ``WRITE_BACKOFF_S``), only when the data can be read again (a
     consumed stream cannot be sent again). Rewriting a partition is idempotent (sinks replace
-    what an earlier attempt left), so this never duplicates rows."""
+    what an earlier attempt left), so this never duplicates rows.
+
+    Each attempt gets its own copy of ``stats``: a sink may add what it alone refused (blocks
+    outside a precomputed volume) to its ledger row, and that must count neither twice when
+    an attempt is retried nor in the ledger of another sink of the run. Returns the committed
+    attempt's copy."""
+
+    def attempt() -> PartitionStats:
+        mine = dataclasses.replace(stats, error_samples=list(stats.error_samples))
+        sink.write_partition(run_id, part, data, mine)
+        return mine
+
     if isinstance(data, BlockData):
         replayable = data.replayable
     else:
         replayable = all(isinstance(t, pa.Table) or getattr(t, "replayable", False) for t in data.values())
-    retry(lambda: sink.write_partition(run_id, part, data, stats),
+    return retry(attempt,
           Backoff(tries=WRITE_TRIES, base=WRITE_BACKOFF_S, cap=float("inf")),
           retryable=lambda exc: replayable and isinstance(exc, OSError),
           what=f"partition {part.key}: write failed", logger=log, level=logging.WARNING)
