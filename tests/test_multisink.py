@@ -387,6 +387,9 @@ def test_precomputed_and_parquet_in_one_run(source, cluster, tmp_path, capsys):
                                                    "already_done": 0, "failed": 0}
     assert dv["rows"] == {"label_index": 0, "mapping": 0} and dv["blocks"] == sum(expected["blocks"].values())
     assert dp["complete"] and dp["partitions"]["planned"] == len(run.partitions)
+    # each sink's bytes written are its own: the volume's are its shard files
+    shards = sum(f.stat().st_size for f in (tmp_path / "vol").rglob("*.shard"))
+    assert dv["bytes_written"] == shards > 0 and dp["bytes_written"] != shards
     sv = _sink(vol)
     assert sv.load_run(run_id).state == "finished"
     assert sv.done(run_id) == {p.key for p in takes}

@@ -90,6 +90,7 @@ def sink_json(r) -> dict:
                            "failed": len(r.failed)},
             "blocks": r.blocks, "errors": r.errors,
             "rows": {"label_index": r.index_rows, "mapping": r.mapping_rows},
+            "bytes_written": r.bytes_out,
             "failed": [{"partition": k, "reason": why} for k, why in r.failed],
             "ledger_unreadable": r.unreadable}
 

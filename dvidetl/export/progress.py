@@ -233,7 +233,8 @@ def summary(res, *, sink_desc: str = "", planning_s: float | None = None,
                 f"    {redact(r.sink)}: {r.done + r.skipped:,}/{r.partitions:,} partitions ({r.done:,} "
                 f"written now, {r.skipped:,} already there), "
                 + (f"its ledger could not be read back ({r.unreadable})" if r.unreadable else
-                   f"{r.blocks:,} blocks, {r.index_rows:,} label_index, {r.mapping_rows:,} mapping")
+                   f"{r.blocks:,} blocks, {r.index_rows:,} label_index, {r.mapping_rows:,} mapping, "
+                   f"{_mb(r.bytes_out)} written")
                 + f"; {state}")
     for key, reason in res.failed[:10]:
         lines.append(f"  FAILED {key}: {redact(reason)}")
