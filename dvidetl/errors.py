@@ -1,5 +1,7 @@
 """Errors that mean "the user asked for something we cannot do": the CLI prints them as one line."""
 
+from dvidetl.redact import redact
+
 
 class UserError(Exception):
     """A bad option, URL, ticket or input file: the message says what to fix (no traceback)."""
@@ -17,7 +19,6 @@ class SourceUnavailable(Exception):
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """An error as one short log line (server answers can be pages long), credentials
     redacted (``dvidetl.redact``)."""
-    from dvidetl.redact import redact
 
     text = redact(str(exc)).strip()
     return (text.splitlines()[0][:limit] if text else "") or type(exc).__name__

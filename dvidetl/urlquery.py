@@ -14,6 +14,7 @@ from typing import overload
 from urllib.parse import parse_qs, urlsplit
 
 from dvidetl.errors import UserError
+from dvidetl.redact import redact
 
 
 class Query:
@@ -96,6 +97,5 @@ def redact_url(url: str) -> str:
     """``url`` fit to store and print: a password in the authority and the values of
     secret-looking query keys replaced by ``***`` — ``dvidetl.redact.redact``, the one
     redaction helper (kept under this name for the run records)."""
-    from dvidetl.redact import redact
 
     return redact(url)

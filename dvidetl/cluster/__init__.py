@@ -13,10 +13,18 @@ This package is also the workers' Dask preload (``--preload dvidetl.cluster``:
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
+from dvidetl.cluster.local import open_local_client, quiet_distributed
 from dvidetl.cluster.options import ClusterOptions, add_cluster_arguments
+from dvidetl.redact import install_log_redaction
+
+# Imports inside functions load Dask, tornado, ssl, the plugin registry's entry points,
+# NumPy/Arrow, the compression libraries only where used: importing this module must not (CLI
+# start-up, processes that never call them). Those in try/if/with blocks are optional or conditional.
 
 
 @contextlib.contextmanager
@@ -26,7 +34,6 @@ def open_client(cluster: str | ClusterOptions = "local", *, page: bool = False,
     :class:`ClusterOptions`); closed on exit. ``page``: serve the run's own dvidetl page on
     the dashboard and print *its* link (Dask's own pages show only the submission window
     of a run)."""
-    from dvidetl.cluster.local import open_local_client, quiet_distributed
     from dvidetl.export.dashboard import silence_bokeh_disconnects
 
     opts = cluster if isinstance(cluster, ClusterOptions) else ClusterOptions(cluster, **options)
@@ -46,10 +53,6 @@ def dask_setup(worker) -> None:  # noqa: ARG001 - Dask's preload hook signature
     """Worker preload (``--preload dvidetl.cluster``): a worker process we start ignores
     Ctrl-C (the terminal sends SIGINT to the whole process group; the driver stops the
     workers itself, without a traceback from each) and redacts its log like the CLI does."""
-    import signal
-    import threading
-
-    from dvidetl.redact import install_log_redaction
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)

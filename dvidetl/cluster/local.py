@@ -5,6 +5,7 @@ link it prints and the distributed logging kept quiet unless ``-v``."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,10 @@ from typing import Any
 
 from dvidetl.cluster.options import ClusterOptions, parse_dashboard_address
 from dvidetl.errors import UserError
+
+# Imports inside functions load Dask, tornado, ssl, the plugin registry's entry points,
+# NumPy/Arrow, the compression libraries only where used: importing this module must not (CLI
+# start-up, processes that never call them). Those in try/if/with blocks are optional or conditional.
 
 
 def dashboard_link(host: str, port: int, path: str = "status") -> str:
@@ -53,7 +58,6 @@ def quiet_distributed() -> Iterator[None]:
     distributed logs at INFO and its records also reach the root handler the CLI installs;
     with `-v` (root at INFO or lower) everything is shown as before.
     """
-    import logging
 
     import distributed  # noqa: F401  (its import configures this logger: do that first)
 

@@ -6,9 +6,14 @@ site's jobqueue config says anything."""
 from __future__ import annotations
 
 import argparse
+import socket
 from dataclasses import dataclass, fields
 
 from dvidetl.errors import UserError
+from dvidetl.units import format_size, parse_size
+
+# Imports inside functions load tornado, ssl only where used: importing this module must not (CLI
+# start-up, processes that never call them).
 
 DEFAULT_WORKER_CORES = 1
 #: measured (bench_pipeline): a warmed worker ~335 MiB plus ~120 MiB for the partition it
@@ -28,7 +33,6 @@ MIN_WORKER_MEMORY = 512 * 2**20
 def _memory_arg(text: str | int) -> str:
     """``--worker-memory``: a size with a unit (or an int of bytes), at least
     ``MIN_WORKER_MEMORY`` (as a string of bytes, what Dask takes)."""
-    from dvidetl.units import format_size, parse_size
 
     n = int(text) if isinstance(text, int) else parse_size(str(text), "--worker-memory")
     if n < MIN_WORKER_MEMORY:
@@ -40,7 +44,6 @@ def _memory_arg(text: str | int) -> str:
 def parse_dashboard_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` / ``:PORT`` (all interfaces) / ``[::1]:PORT`` -> (host, port); a host
     that does not resolve or a port out of range is a ``UserError`` before any cluster starts."""
-    import socket
 
     from dvidetl.httpfiles import WILDCARDS
 

@@ -44,6 +44,9 @@ from dvidetl.cluster.options import (
 )
 from dvidetl.errors import UserError
 
+# Imports inside functions load Dask, dask-jobqueue only where used: importing this module must
+# not (CLI start-up, processes that never call them). Those in try/if/with blocks are optional or conditional.
+
 #: seconds between checks for lost SLURM jobs that need a replacement.
 KEEPER_INTERVAL_S = 5.0
 #: seconds after a worker disconnects during which squeue is asked every second.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pyarrow as pa
 
 from dvidetl.codec import _kernels as K
 from dvidetl.codec.errors import BlockFormatError
@@ -118,7 +119,6 @@ def validate_blocks(blocks) -> list[str | None]:
     bytes: per block None (valid) or the reason, as ``BlockFormatError`` would say it.
     ``blocks``: a pyarrow binary/large_binary array (nulls give "null block") or a sequence
     of bytes-likes."""
-    import pyarrow as pa
 
     if isinstance(blocks, pa.ChunkedArray):
         blocks = blocks.combine_chunks()

@@ -14,6 +14,7 @@ which also gives the exact error message.
 
 from __future__ import annotations
 
+import gzip
 import struct
 import threading
 import zlib
@@ -25,6 +26,8 @@ import lz4.block
 import zstandard
 
 from dvidetl.codec.errors import BlockFormatError
+
+# Those in try/if/with blocks are optional or conditional.
 
 __all__ = ["wrap", "unwrap", "unwrap_crc", "gunzip", "crc32", "GZIP_INFLATER", "MAX_RAW", "CODECS"]
 
@@ -150,7 +153,6 @@ def gunzip_crc(mv: memoryview) -> tuple[bytes | bytearray, int | None]:
 def _gzip(mv: memoryview, level: int) -> bytes:
     if _deflate is not None:
         return bytes(_deflate.gzip_compress(mv, level))
-    import gzip
 
     return gzip.compress(bytes(mv), compresslevel=min(max(level, 1), 9), mtime=0)
 

@@ -20,7 +20,11 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from dvidetl.errors import UserError
+from dvidetl.redact import redact_obj
 from dvidetl.units import MAX_VALUE, parse_count, parse_size
+
+# Imports inside functions: a command module is imported to build the parser of every command, so
+# what it runs (NumPy/Arrow) loads when it runs.
 
 
 class UsageError(UserError):
@@ -105,7 +109,6 @@ def human(args: argparse.Namespace) -> TextIO:
 
 def emit_json(doc: dict[str, Any]) -> None:
     """The command's one JSON document on stdout (credentials redacted)."""
-    from dvidetl.redact import redact_obj
 
     sys.stdout.write(json.dumps(redact_obj(doc), indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()

@@ -8,14 +8,17 @@ import gzip
 import time
 from pathlib import Path
 
+from dvidetl.commands._options import command_parser
 from dvidetl.errors import UserError
+
+# Imports inside functions: a command module is imported to build the parser of every command, so
+# what it runs (numba (dvidetl.codec), the plugin registry's entry points, NumPy/Arrow, the
+# compression libraries) loads when it runs.
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def add_parser(subparsers) -> None:
-    from dvidetl.commands._options import command_parser
-
     p = command_parser(
         subparsers, "demo-codec",
         help="decode/encode/repack the real fib19 and mCNS blocks; print sizes and speeds",

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dvidetl.commands._options import command_parser
 from dvidetl.errors import UserError
+
+# Imports inside functions: a command module is imported to build the parser of every command, so
+# what it runs (the plugin registry's entry points, NumPy/Arrow) loads when it runs. Those in try/if/with blocks are optional or conditional.
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from dvidetl.commands._options import command_parser
     from dvidetl.sinks import DEFAULT_SINK
 
     p = command_parser(

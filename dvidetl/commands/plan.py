@@ -15,15 +15,21 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dvidetl.commands._options import (
+    add_flight_arguments,
     add_json_argument,
     command_parser,
     count_arg,
     emit_json,
+    flight_options,
     human,
+    run_options,
 )
 
 if TYPE_CHECKING:
     from dvidetl.export.endpoint import FlightEndpoint
+
+# Imports inside functions: a command module is imported to build the parser of every command, so
+# what it runs (the plugin registry's entry points, NumPy/Arrow) loads when it runs.
 
 #: a status line while planning, at most this often (the first after this long)
 STATUS_EVERY_S = 10.0
@@ -156,8 +162,6 @@ def plan_json(parts, *, every: bool = False, note: str | None = None,
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from dvidetl.commands._options import add_flight_arguments
-
     p = command_parser(
         sub, "plan", help="print the partitions and totals of an export (no blocks read)",
         description=__doc__,
@@ -183,7 +187,6 @@ def source_json(ep: FlightEndpoint) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands._options import flight_options, run_options
     from dvidetl.export.api import asked_as
     from dvidetl.export.endpoint import open_flight
     from dvidetl.export.planning import Planning, check_scales

@@ -13,7 +13,12 @@ import os
 import sys
 from pathlib import Path
 
+from dvidetl.commands._options import examples, stop_signals
 from dvidetl.errors import UserError
+
+# Imports inside functions: a command module is imported to build the parser of every command, so
+# what it runs (Arrow Flight, ssl, the plugin registry's entry points, NumPy/Arrow) loads when it
+# runs.
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +68,6 @@ source URLs (--source) and their query keys:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from dvidetl.commands._options import examples
-
     p = subparsers.add_parser(
         "serve",
         help="serve a labelmap source over Arrow Flight",
@@ -120,7 +123,6 @@ def _check_tls(cert: str, key: str) -> None:
 def main(args: argparse.Namespace) -> int:
     # gRPC's C core logs bind failures itself (several lines); we report them in one line
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    from dvidetl.commands._options import stop_signals
     from dvidetl.flight.client import load_token
     from dvidetl.flight.server import start_server
     from dvidetl.sources import open_source

@@ -13,8 +13,14 @@ import argparse
 import time
 from typing import TYPE_CHECKING
 
+from dvidetl.commands._options import add_json_argument, command_parser, emit_json, human, sink_urls
+from dvidetl.redact import redact
+
 if TYPE_CHECKING:
     from dvidetl.sinks.base import Sink
+
+# Imports inside functions: a command module is imported to build the parser of every command, so
+# what it runs (the plugin registry's entry points, NumPy/Arrow) loads when it runs.
 
 #: the keys of each run in ``status --json`` (documented in docs/runs.md)
 RUN_KEYS = ("run_id", "state", "created", "started", "ended", "source", "uuid_requested", "uuid_resolved",
@@ -24,7 +30,6 @@ RUN_KEYS = ("run_id", "state", "created", "started", "ended", "source", "uuid_re
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from dvidetl.commands._options import add_json_argument, command_parser
     from dvidetl.sinks import DEFAULT_SINK
 
     p = command_parser(
@@ -123,9 +128,6 @@ def sink_status(url: str, uuid: str | None, instance: str | None, run_id: str | 
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands._options import emit_json, human, sink_urls
-    from dvidetl.redact import redact
-
     urls = sink_urls(args)
     docs = []
     for url in urls:

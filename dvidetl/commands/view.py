@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dvidetl.commands._options import command_parser, stop_signals
 from dvidetl.errors import UserError
+
+# Imports inside functions: a command module is imported to build the parser of every command, so
+# what it runs (numba (dvidetl.codec), tornado, ssl, the plugin registry's entry points,
+# NumPy/Arrow, the compression libraries) loads when it runs.
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from dvidetl.commands._options import command_parser
-
     p = command_parser(
         subparsers, "view",
         help="look at a neuroglancer precomputed volume: serve it with neuroglancer, print the link",
@@ -35,7 +38,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dvidetl.commands._options import stop_signals
     from dvidetl.read.view import start_view, volume_dir
 
     if not (0 <= args.port <= 65535):

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from distributed.http.utils import RequestHandler
+from distributed.http.utils import RequestHandler, get_handlers
 
 from dvidetl.errors import first_line
 from dvidetl.export.progress import Counts, Estimator
@@ -63,7 +63,6 @@ routes: list[tuple] = [
 
 def _install(dask_scheduler=None) -> None:
     """Add the routes to a running scheduler's HTTP server (once; none without a server)."""
-    from distributed.http.utils import get_handlers
 
     app = getattr(dask_scheduler, "http_application", None)
     if app is not None and not getattr(dask_scheduler, "_dvidetl_routes", False):
@@ -73,7 +72,6 @@ def _install(dask_scheduler=None) -> None:
 
 def install(client: Client) -> str | None:
     """Serve the page on ``client``'s scheduler; returns its URL (None if it cannot be)."""
-    import logging
 
     try:
         client.run_on_scheduler(_install)

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
     from dvidetl.sinks.base import Sink
 
+# Imports inside functions load Dask, the plugin registry's entry points only where used:
+# importing this module must not (CLI start-up, processes that never call them). Those in try/if/with blocks are optional or conditional.
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 

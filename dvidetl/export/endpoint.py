@@ -4,14 +4,20 @@ and the token file."""
 
 from __future__ import annotations
 
+import logging
+import socket
+
+from dvidetl.errors import UserError
 from dvidetl.export.tasks import Secret
+
+# Imports inside functions load Arrow Flight, the plugin registry's entry points only where used:
+# importing this module must not (CLI start-up, processes that never call them). Those in try/if/with blocks are optional or conditional.
 
 
 def read_token(path: str | None) -> str | None:
     """The bearer token of ``--token-file`` (never from argv), else env
     ``DVIDETL_FLIGHT_TOKEN`` (as docs/flight-protocol.md promises); one reader for both
     (``flight.client.load_token``), whose errors name the file."""
-    from dvidetl.errors import UserError
     from dvidetl.flight.client import load_token
 
     try:
@@ -32,7 +38,6 @@ class FlightEndpoint:
         self.token = Secret(token)
         self.server = server
         self.uuid = uuid
-        import logging
 
         self.client = FlightClient(location, token=token, uuid=uuid, instance=instance,
                                    retry_log_level=logging.INFO)
@@ -65,9 +70,6 @@ def open_flight(*, uuid: str, flight: str | None = None, source: str | None = No
     wildcard bind is advertised under this host's fully qualified name so SLURM workers on
     other nodes can connect. The bearer token comes from ``token_file`` or the environment
     (never an argument). Close it (``close()``) when done."""
-    import socket
-
-    from dvidetl.errors import UserError
 
     token = read_token(token_file)
     server = src = None

@@ -19,6 +19,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TextIO
 
+from dvidetl.redact import redact
+
+# Imports inside functions load the plugin registry's entry points, NumPy/Arrow only where used:
+# importing this module must not (CLI start-up, processes that never call them).
+
 #: the rate is measured over this many recent seconds
 RATE_WINDOW_S = 20.0
 #: no rate (and no ETA) before this much of a window has been seen
@@ -189,7 +194,6 @@ def summary(res, *, sink_desc: str = "", planning_s: float | None = None,
     label_index (a source without indices) instead of a bare "0 rows"; ``anomalies``: what
     the source found wrong in its input (stored in ``source_anomalies``); ``not_exported``:
     the kinds no sink of the run stores (the run record's, e.g. a precomputed-only run)."""
-    from dvidetl.redact import redact
     from dvidetl.sources.base import anomaly_summary
 
     export_s = res.seconds

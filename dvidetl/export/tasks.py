@@ -11,18 +11,22 @@ process keeps one Flight client and one object per sink (``worker_client`` /
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dvidetl.export.batch import BlockData, PartitionData
 from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
-from dvidetl.export.spill import close_tables
+from dvidetl.export.spill import SpillBudget, close_tables
+from dvidetl.export.transform import label_index_tables, transform_blocks
 from dvidetl.geometry import vec3
 from dvidetl.redact import redact
 from dvidetl.retry import Backoff, retry
@@ -32,6 +36,9 @@ if TYPE_CHECKING:
     from dvidetl.export.endpoint import FlightEndpoint
     from dvidetl.flight.client import FlightClient
     from dvidetl.sinks.base import Sink
+
+# Imports inside functions load Arrow Flight, the plugin registry's entry points only where used:
+# importing this module must not (CLI start-up, processes that never call them). Those in try/if/with blocks are optional or conditional.
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +228,6 @@ def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
 def blocks_task(client: FlightClient, ctx: TaskContext, part: Partition, *,
                 needs: frozenset = frozenset()) -> tuple[BlockData, PartitionStats]:
     """A blocks partition: its blocks read, repacked, mapped (``transform.transform_blocks``)."""
-    from dvidetl.export.transform import transform_blocks
 
     t0 = time.perf_counter()
     grid = vec3(ctx.grids[part.scale] if part.scale in ctx.grids else ctx.grids[str(part.scale)])
@@ -250,7 +256,6 @@ def _gathered(part: Partition, table: str, rows) -> tuple[dict, PartitionStats]:
     """A keyed partition's rows of ``table`` gathered whole before the write (in memory,
     spilled to the worker's disk past ``SPILL_BYTES``) so a failed write is retried from them
     and the source is read once. ``rows`` yields (table chunk, bytes read for it)."""
-    from dvidetl.export.spill import SpillBudget
 
     t0 = time.perf_counter()
     spill = SpillBudget().table(table, S.schema(table), _spill_dir())
@@ -273,7 +278,6 @@ def _gathered(part: Partition, table: str, rows) -> tuple[dict, PartitionStats]:
 def indices_task(client: FlightClient, ctx: TaskContext, part: Partition, *,
                  needs: frozenset = frozenset()) -> tuple[dict, PartitionStats]:
     """The label_index rows of a body-label range, decoded from the source's label indices."""
-    from dvidetl.export.transform import label_index_tables
 
     grid0 = vec3(ctx.grids[0] if 0 in ctx.grids else ctx.grids["0"])
 
@@ -300,7 +304,6 @@ def anomalies_task(client: FlightClient, ctx: TaskContext, part: Partition, *,
                    needs: frozenset = frozenset()) -> tuple[dict, PartitionStats]:
     """The source's anomalies numbered ``[lo, hi)`` with the run's id (a partition holds at
     most ``kinds.KINDS['anomalies'].default_rows``: kept in memory), counted per kind for the summary."""
-    import pyarrow.compute as pc
 
     from dvidetl.sources.base import anomaly_counts
 
@@ -320,9 +323,6 @@ def release_memory() -> None:
     memory limit by *process* memory, and a partition's freed buffers otherwise stay in the
     allocators' free lists: measured, a worker that had finished a dense partition stayed
     paused above the threshold and never ran the next one."""
-    import ctypes
-
-    import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
     try:
@@ -334,7 +334,6 @@ def release_memory() -> None:
 def _spill_dir() -> str:
     """Where a task spills partition output: the Dask worker's local directory (cleaned up
     with the worker), else the system temp directory."""
-    import tempfile
 
     try:
         from distributed import get_worker

@@ -29,6 +29,10 @@ from dvidetl.export.spill import SPILL_BYTES, SpillBudget, SpilledTable
 from dvidetl.geometry import Vec3, morton_encode
 from dvidetl.tables import schema as S
 
+# Imports inside functions load numba (dvidetl.codec), protobuf, the plugin registry's entry
+# points, the compression libraries only where used: importing this module must not (CLI start-up,
+# processes that never call them).
+
 
 @dataclass
 class TransformStats:

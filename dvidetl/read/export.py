@@ -37,6 +37,10 @@ from dvidetl.tables.cells import reassemble
 if TYPE_CHECKING:
     from dvidetl.sinks.base import Sink
 
+# Imports inside functions load numba (dvidetl.codec), Dask, the plugin registry's entry points,
+# the compression libraries only where used: importing this module must not (CLI start-up,
+# processes that never call them).
+
 # ---------------------------------------------------------------------------------------------
 # open_export: the same read calls over any sink
 # ---------------------------------------------------------------------------------------------

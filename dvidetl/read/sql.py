@@ -13,6 +13,10 @@ import pyarrow as pa
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
 
+# Imports inside functions load numba (dvidetl.codec), DuckDB, Parquet, ssl, the plugin registry's
+# entry points, the compression libraries only where used: importing this module must not (CLI
+# start-up, processes that never call them).
+
 
 def _find_volume(base: Path, uuid: str | None, instance: str | None) -> tuple[str, str]:
     """(instance, uuid) under a Parquet export directory: given, or the only one there."""

@@ -21,6 +21,9 @@ from dvidetl.tables import schema as S
 from dvidetl.tables.cells import check_cell_limit
 from dvidetl.urlquery import Query
 
+# Imports inside functions load vastdb, vastdb's HTTP client only where used: importing this
+# module must not (CLI start-up, processes that never call them).
+
 log = logging.getLogger("dvidetl.sinks.vastdb")
 
 #: serialized bytes per insert RPC we aim below (the SDK splits above ~4.9 MiB)

@@ -44,6 +44,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dvidetl.errors import UserError, first_line
@@ -459,7 +460,6 @@ class ParquetSink(Sink):
             return S.conform(table, t)
         return t.cast(pa.schema([sch.field(n) for n in cols]))
 
-
     def _unreadable(self, files: list[Path], table: str, exc: BaseException) -> UserError:
         """The one line for a read that failed: which file, and what to do about it."""
         for f in files:
@@ -477,7 +477,6 @@ class ParquetSink(Sink):
 def _expr(filters: list[tuple[str, str, int]], sch: pa.Schema):
     """DNF triples as one Arrow expression whose literals have the column's type (a plain
     Python int becomes int64, which cannot hold labels >= 2**63)."""
-    import pyarrow.compute as pc
 
     ops = {"=": "__eq__", ">=": "__ge__", "<": "__lt__", ">": "__gt__", "<=": "__le__"}
     expr = None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from dvidetl.errors import UserError
+from dvidetl.errors import UserError, first_line
 from dvidetl.export.batch import BlockData, PartitionData, TableData
 from dvidetl.export.kinds import KINDS, Partition, PartitionStats, RunInfo
 from dvidetl.geometry import KEY_END
@@ -62,6 +63,10 @@ from dvidetl.sinks._vastdb_support import (
 from dvidetl.sinks.base import Outside, Sink, Where
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import block_cells, check_cell_limit, failed_cells
+
+# Imports inside functions load vastdb, ibis, vastdb's HTTP client only where used: importing this
+# module must not (CLI start-up, processes that never call them). Those in try/if/with blocks are
+# optional or conditional.
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +102,6 @@ SORTING_KEYS: dict[str, list[str]] = {"blocks": ["scale", "morton"], "label_inde
 def _reason(exc: BaseException) -> str:
     """Why a connection failed, in a few words (requests' messages nest the whole pool
     state; the innermost OS error is what the user can act on)."""
-    import re
-
-    from dvidetl.errors import first_line
 
     text = first_line(exc, 400)
     m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
@@ -410,8 +412,6 @@ class VastDBSink(Sink):
         from vastdb import errors as E
         from vastdb._internal import UnsupportedServer
         from vastdb.config import BackoffConfig
-
-        from dvidetl.errors import first_line
 
         busy = (E.ServiceUnavailable, E.RequestTimeout, E.Conflict)
 

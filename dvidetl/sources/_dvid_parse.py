@@ -8,7 +8,9 @@ import numba
 import numpy as np
 import pyarrow as pa
 
+from dvidetl.codec import unwrap
 from dvidetl.codec._kernels import _u32  # the codec's little-endian reader, one for all
+from dvidetl.codec.errors import BlockFormatError
 from dvidetl.sources._dvid_transport import DvidHttpError, _StreamError
 
 
@@ -164,8 +166,6 @@ def _unwrap_index(v: bytes, url: str, label: int) -> bytes:
     through the codec's ``dvid`` unwrapper (which also checks a stored CRC32)."""
     if not v:
         return b""
-    from dvidetl.codec import unwrap
-    from dvidetl.codec.errors import BlockFormatError
 
     try:
         return bytes(unwrap(v, "dvid"))

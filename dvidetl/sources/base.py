@@ -7,6 +7,7 @@ record batches so no source ever needs a whole volume in memory.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -127,9 +128,6 @@ def drop_background(sv, body, where: str):
     error in whatever wrote it, and honouring it would paint every background voxel as a body.
     Returns the filtered ``(sv, body)`` arrays.
     """
-    import logging
-
-    import numpy as np
 
     zero = np.asarray(sv) == 0
     if zero.any():

@@ -107,6 +107,8 @@ from dvidetl.sources.base import (
 )
 from dvidetl.urlquery import Query
 
+# Those in try/if/with blocks are optional or conditional.
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH_BYTES = 8 << 20

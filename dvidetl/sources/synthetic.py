@@ -122,6 +122,10 @@ from dvidetl.sources.base import (
 )
 from dvidetl.urlquery import Query
 
+# Imports inside functions load protobuf, the compression libraries only where used: importing
+# this module must not (CLI start-up, processes that never call them). Those in try/if/with
+# blocks are optional or conditional.
+
 __all__ = ["SyntheticSource", "open_url", "downres_dvid", "DEMO_QUERY"]
 
 # ---- the source -----------------------------------------------------------------------------

@@ -11,6 +11,8 @@ blocks packed by plain numpy), `env` (environment variables for a block).
 
 from __future__ import annotations
 
+# Those in try/if/with blocks are optional or conditional.
+
 __all__ = ["start_vastsim", "VastSim"]
 
 

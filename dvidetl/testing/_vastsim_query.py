@@ -51,6 +51,8 @@ from dvidetl.testing._vastsim_state import (
     SimState,
 )
 
+# Those in try/if/with blocks are optional or conditional.
+
 # --------------------------------------------------------------------------------------------
 # query_data: request decoding, predicate evaluation, response framing
 

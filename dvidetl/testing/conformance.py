@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+# Imports inside functions load vastdb, ibis, Parquet, protobuf, ssl, NumPy/Arrow only where used:
+# importing this module must not (CLI start-up, processes that never call them). Those in try/if/with blocks are optional or conditional.
+
 # Whole modules that exercise features vastsim does not implement.
 OUT_OF_SCOPE_MODULES: dict[str, str] = {
     "test_imports.py": "server-side Parquet import from S3 objects (needs an S3 object store)",

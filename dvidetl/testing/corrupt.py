@@ -30,6 +30,7 @@ import hashlib
 import struct
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -122,8 +123,6 @@ class CorruptSource:
         return getattr(self.inner, name)
 
     def info(self):
-        from dataclasses import replace
-
         return replace(self.inner.info(), codec=self.codec)
 
     def _pick(self, scale: int, morton: int) -> str | None:

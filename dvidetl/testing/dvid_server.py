@@ -37,9 +37,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+# Imports inside functions load numba (dvidetl.codec), the plugin registry's entry points,
+# NumPy/Arrow, the compression libraries only where used: importing this module must not (CLI
+# start-up, processes that never call them).
 
 #: the real server, beside the project (``../shared`` from the repository root)
 DVID_BINARY = Path(__file__).resolve().parents[3] / "shared" / "dvid" / "bin" / "dvid"
@@ -520,7 +525,6 @@ def load_versions(server: DvidServer, name: str = "seg", alias: str = "versions"
       into 17.
 
     Returns a namespace with those UUIDs, ``name``, the ``volume`` and its non-zero voxels."""
-    from types import SimpleNamespace
 
     v = versions_volume()
     root = server.new_repo(alias)

@@ -58,6 +58,9 @@ import numpy as np
 from dvidetl.geometry import morton_encode
 from dvidetl.sources.base import Source
 
+# Imports inside functions load numba (dvidetl.codec), protobuf, the compression libraries only
+# where used: importing this module must not (CLI start-up, processes that never call them).
+
 ERROR_TEXT = b"ERROR: fake DVID: storage read failed for block (3,4,5): context deadline exceeded\n"
 
 

@@ -39,7 +39,10 @@ import pyarrow as pa
 from dvidetl.errors import UserError
 from dvidetl.export.kinds import Partition, PartitionStats
 from dvidetl.sinks.parquet import ParquetSink
+from dvidetl.sinks.parquet import list_exports as parquet_exports
 from dvidetl.urlquery import Query
+
+# Those in try/if/with blocks are optional or conditional.
 
 SCHEME = "flaky+parquet"
 MODES = ("before", "mid", "mixed", "die")
@@ -184,7 +187,6 @@ def open_url(url: str, *, uuid: str, instance: str) -> FlakySink:
 
 def list_exports(url: str) -> list[tuple[str, str]]:
     """The exports under the wrapped Parquet directory (readers open them by this URL too)."""
-    from dvidetl.sinks.parquet import list_exports as parquet_exports
 
     parts = urlsplit(url)
     return parquet_exports(f"parquet://{parts.netloc + parts.path}")

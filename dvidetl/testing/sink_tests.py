@@ -34,6 +34,8 @@ from dvidetl.export.batch import BLOCK_BATCH, FAILED_BLOCKS, BlockData
 from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
 from dvidetl.export.options import RunOptions
 from dvidetl.geometry import KEY_END
+from dvidetl.read import open_export
+from dvidetl.sinks import open_sink
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
 
@@ -94,8 +96,6 @@ class SinkTests:
 
     @pytest.fixture
     def sink(self, sink_url):
-        from dvidetl.sinks import open_sink
-
         return open_sink(sink_url, uuid=UUID, instance=INSTANCE)
 
     @staticmethod
@@ -224,8 +224,6 @@ class TabularSinkTests(SinkTests):
             sink.write_partition("r1", m0, {"blocks": S.empty("blocks")}, stats(m0))
 
     def test_open_export_finds_it(self, sink, sink_url):
-        from dvidetl.read import open_export
-
         part = Partition("blocks", 0, 0, 100, 1)
         sink.prepare(RunInfo("r1", UUID, INSTANCE, [part], options={"scales": [0], "cell_limit": CELL_LIMIT},
                              volume={"uuid": UUID, "instance": INSTANCE, "codec": "gzip", "scales": [

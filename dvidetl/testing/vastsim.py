@@ -39,6 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
+from xml.sax.saxutils import escape
 
 import pyarrow as pa
 
@@ -95,8 +96,6 @@ class Faults:
 
 
 def _xml_error(code: str, message: str) -> bytes:
-    from xml.sax.saxutils import escape
-
     return (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{escape(code)}</Code>"
             f"<Message>{escape(message)}</Message></Error>").encode()
 
