@@ -395,6 +395,13 @@ def test_precomputed_and_parquet_in_one_run(source, cluster, tmp_path, capsys):
     assert sv.done(run_id) == {p.key for p in takes}
     assert _rows(_sink(pq), run_id)["blocks"] == expected["blocks"]
 
+    # status: each sink's own plan share, all of it done
+    assert cli(["status", "--sink", vol, "--sink", pq, "--json"]) == 0
+    sv_st, sp_st = (d["runs"][0] for d in json.loads(capsys.readouterr().out)["sinks"])
+    assert (sv_st["partitions_planned"], sv_st["partitions_done"]) == (len(takes), len(takes))
+    assert (sp_st["partitions_planned"], sp_st["partitions_done"]) == (len(run.partitions),) * 2
+    assert sv_st["state"] == sp_st["state"] == "finished"
+
     rc, rep, out = _verify(server, vol, pq, capsys=capsys)
     assert rc == 0, out
     rv, rp = rep["sinks"]

@@ -52,13 +52,16 @@ def run_status(sink: Sink, run_id: str) -> dict:
     from dvidetl.export.driver import RunResult
 
     run = sink.load_run(run_id)
+    # the partitions this sink stores (a volume sink in a run with a tabular one stores no
+    # label_index / mapping partitions: the other sink does)
+    mine = [p for p in run.partitions if sink.takes(p.kind)]
     led = sink.ledger(run_id)
     tot = RunResult(run_id)
     tot.add_ledger(led)
     rec = run.record
     state = rec.get("state")
     if state is None:  # stored before runs had records: what the ledger says
-        state = "finished" if led.num_rows >= len(run.partitions) else "unknown"
+        state = "finished" if led.num_rows >= len(mine) else "unknown"
     last = None
     if led.num_rows:
         last = max(led.column("finished_at").to_pylist()).timestamp()
@@ -68,8 +71,8 @@ def run_status(sink: Sink, run_id: str) -> dict:
         "ended": rec.get("ended"), "source": rec.get("source"), "uuid_requested": rec.get("uuid_requested", run.uuid),
         "uuid_resolved": rec.get("uuid_resolved"), "staged": bool(rec.get("staged")),
         "superseded_by": rec.get("superseded_by"),
-        "partitions_planned": len(run.partitions), "partitions_done": led.num_rows,
-        "blocks_planned": sum(p.blocks for p in run.partitions), "blocks_done": tot.blocks,
+        "partitions_planned": len(mine), "partitions_done": led.num_rows,
+        "blocks_planned": sum(p.blocks for p in mine), "blocks_done": tot.blocks,
         "index_rows": tot.index_rows, "mapping_rows": tot.mapping_rows, "errors": tot.errors,
         "failed_partitions": result.get("failed_partitions", []), "last_commit": last,
         "verify": rec.get("verify"), "result": result or None, "options": run.options.to_dict(),
