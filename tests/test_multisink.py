@@ -211,6 +211,32 @@ def test_vastdb_and_parquet_in_one_run(source, sim, cluster, tmp_path, capsys):
     assert victim.name in bad_pq["problems"][0]
     assert "1 of 2 sinks exact; differing: " + pq in err
 
+    # verify --repair over both sinks: only the differing sink's partition is re-exported
+    # (the source read once for it), the exact sink's ledger is untouched, then both verify
+    led_vast = _sink(vast).ledger(run_id).sort_by("lo").to_pylist()
+    led_pq = {(r["kind"], r["scale"], r["lo"]): r["finished_at"] for r in _sink(pq).ledger(run_id).to_pylist()}
+    counted.take()
+    rc = cli(["verify", "--uuid", UUID, "--flight", server.location, "--cluster", cluster.scheduler_address,
+              "--quiet", "--json", "--repair", "--sink", vast, "--sink", pq])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    # verify reads each partition per sink checked; the repaired one once more, to re-export it
+    reads = _block_reads(counted.take(), run)
+    redone = [k for k, n in reads.items() if n == max(reads.values())]
+    assert len(redone) == 1 and sorted(set(reads.values())) == [reads[redone[0]] - 1, reads[redone[0]]]
+    assert _sink(vast).ledger(run_id).sort_by("lo").to_pylist() == led_vast
+    after = {(r["kind"], r["scale"], r["lo"]): r["finished_at"] for r in _sink(pq).ledger(run_id).to_pylist()}
+    # re-exported: the blocks partition of the deleted file, and the label-index partition
+    # whose cross-check against the blocks failed (index_vs_blocks) — nothing else
+    changed = sorted(k for k in after if after[k] != led_pq[k])
+    assert after.keys() == led_pq.keys() and [k for k in changed if k[0] == "blocks"] == [
+        (p.kind, p.scale, p.lo) for p in run.partitions if p.key == redone[0]]
+    assert len([k for k in changed if k[0] == "indices"]) == bad_pq["counters"]["index_vs_blocks"]
+    assert len(changed) == 1 + bad_pq["counters"]["index_vs_blocks"]
+    assert _rows(_sink(pq), run_id) == rows[vast]
+    rc, rep, _ = _verify(server, vast, pq, capsys=capsys)
+    assert rc == 0 and all(d["ok"] for d in rep["sinks"])
+
 
 def test_failing_sink_does_not_hold_back_the_other_and_resume_writes_only_what_it_lacks(
         source, cluster, tmp_path, capsys):
