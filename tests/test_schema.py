@@ -271,3 +271,32 @@ def test_reassemble_overflow_of_several_scales_at_once():
     assert r.column("payload").to_pylist() == tabs[0][2] + tabs[1][2]
     assert r.column("supervoxels").to_pylist() == tabs[0][3] + tabs[1][3]
 
+
+
+def test_reassemble_names_the_block_whose_overflow_rows_are_gone():
+    """Two blocks overflow; the overflow rows of one are gone: the error names that block's
+    Morton code, not its neighbour's."""
+    limit = 64
+    bodies = [b"a" * (6 * limit), b"b" * (7 * limit)]
+    b, o = blocks_tables(
+        0, [0, 1], [0, 0], [0, 0], np.array([11, 12], np.uint64),
+        pa.array([[1], [2]], pa.list_(pa.uint64())), pa.array([[1], [2]], pa.list_(pa.uint64())),
+        pa.array([[1], [1]], pa.list_(pa.uint32())), np.zeros(2), np.zeros(2),
+        pa.array(bodies, pa.binary()), cell_limit=limit)
+    assert reassemble(b, o).column("payload").to_pylist() == bodies
+    gone = o.filter(pc.not_equal(o.column("morton"), pa.scalar(12, pa.uint64())))
+    with pytest.raises(ValueError, match=r"rows for column 'payload' missing \(morton \[12\]\)"):
+        reassemble(b, gone)
+
+
+def test_reassemble_checks_payload_size():
+    """A row whose ``payload_size`` disagrees with its joined cells is named, not returned."""
+    b, o = blocks_tables(
+        0, [0, 1], [0, 0], [0, 0], np.array([21, 22], np.uint64),
+        pa.array([[1], [2]], pa.list_(pa.uint64())), pa.array([[1], [2]], pa.list_(pa.uint64())),
+        pa.array([[1], [1]], pa.list_(pa.uint32())), np.zeros(2), np.zeros(2),
+        pa.array([b"abc", b"defg"], pa.binary()), cell_limit=64)
+    i = b.schema.get_field_index("payload_size")
+    bad = b.set_column(i, "payload_size", pa.array([3, 5], pa.uint32()))
+    with pytest.raises(ValueError, match=r"payload sizes differ from payload_size \(morton \[22\]\)"):
+        reassemble(bad, o)
