@@ -300,3 +300,24 @@ def test_reassemble_checks_payload_size():
     bad = b.set_column(i, "payload_size", pa.array([3, 5], pa.uint32()))
     with pytest.raises(ValueError, match=r"payload sizes differ from payload_size \(morton \[22\]\)"):
         reassemble(bad, o)
+
+
+def test_reassemble_no_rows():
+    """An export's empty scale reads back as no rows, with the whole ``payload`` column."""
+    r = reassemble(S.empty("blocks"), None)
+    assert r.num_rows == 0 and r.schema.field("payload").type == pa.binary()
+    assert "payload0" not in r.column_names and join_payload_cells(S.empty("blocks")).type == pa.binary()
+
+
+def test_blocks_tables_refuses_a_bad_limit_and_a_payload_of_too_many_cells():
+    def cut(payload: bytes, limit: int):
+        return blocks_tables(0, [0], [0], [0], np.array([1], np.uint64),
+                             pa.array([[1]], pa.list_(pa.uint64())), pa.array([[1]], pa.list_(pa.uint64())),
+                             pa.array([[1]], pa.list_(pa.uint32())), np.zeros(1), np.zeros(1),
+                             pa.array([payload], pa.binary()), cell_limit=limit)
+
+    with pytest.raises(ValueError, match="cell limit 0 bytes: must be positive"):
+        cut(b"x", 0)
+    assert cut(b"x" * 255 * 4, 4)[0].column("nparts").to_pylist() == [255]
+    with pytest.raises(ValueError, match="a block payload of 1021 bytes needs more than 255 cells"):
+        cut(b"x" * 1021, 4)
