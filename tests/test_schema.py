@@ -321,3 +321,18 @@ def test_blocks_tables_refuses_a_bad_limit_and_a_payload_of_too_many_cells():
     assert cut(b"x" * 255 * 4, 4)[0].column("nparts").to_pylist() == [255]
     with pytest.raises(ValueError, match="a block payload of 1021 bytes needs more than 255 cells"):
         cut(b"x" * 1021, 4)
+
+
+def test_check_cell_limit_says_which_bound_and_names_the_option():
+    from dvidetl.errors import UserError
+    from dvidetl.tables.cells import MIN_CELL_LIMIT, check_cell_limit
+
+    assert check_cell_limit(np.int64(4096), most=4096) == 4096 and type(check_cell_limit(np.int64(4096))) is int
+    with pytest.raises(UserError, match=r"^--cell-limit must be a whole number of bytes \(got 1.5\)$"):
+        check_cell_limit(1.5)
+    with pytest.raises(UserError, match=rf"^--cell-limit must be at least {MIN_CELL_LIMIT} bytes \(got 1023\)$"):
+        check_cell_limit(1023)
+    with pytest.raises(UserError, match=r"^--cell-limit 5,000 is above the store's cell limit 4,096: use 4096 or less$"):
+        check_cell_limit(5000, most=4096)
+    with pytest.raises(UserError, match=r"^cell_limit must be at least"):
+        check_cell_limit(0, what="cell_limit")
