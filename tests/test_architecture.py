@@ -176,3 +176,26 @@ def test_an_export_is_assembled_only_by_the_library_api():
     # the check is not vacuous: a bench module doing it by hand is found
     assert _assemblers({"bench/bench_x.py": {"dvidetl.export.driver.execute"},
                         "dvidetl/export/api.py": {"dvidetl.export.driver.execute"}}) == ["bench/bench_x.py"]
+
+
+def _key_end_literals(tree: ast.AST) -> int:
+    """``1 << 64`` and ``2**64`` (alone or minus one) written out in a module."""
+    n = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.left, ast.Constant) \
+                and type(node.left.value) is int \
+                and isinstance(node.right, ast.Constant) and node.right.value == 64 \
+                and ((isinstance(node.op, ast.LShift) and node.left.value == 1)
+                     or (isinstance(node.op, ast.Pow) and node.left.value == 2)):
+            n += 1
+    return n
+
+
+def test_the_end_of_the_key_space_is_one_constant():
+    """``geometry.KEY_END`` is the one "to the end" bound of Morton codes, labels and
+    supervoxels (three spellings before issue 26): no other module writes 2**64 out."""
+    found = {str(p.relative_to(ROOT)): _key_end_literals(ast.parse(p.read_text()))
+             for p in PKG.rglob("*.py")}
+    assert {p: n for p, n in found.items() if n and p != "dvidetl/geometry.py"} == {}
+    assert found["dvidetl/geometry.py"] == 1
+    assert _key_end_literals(ast.parse("a = 1 << 64\nb = 2**64 - 1\nc = 1 << 63\nd = 2.0**64")) == 2

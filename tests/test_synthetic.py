@@ -14,8 +14,9 @@ from dvidetl.codec.labelindex import label_index_rows, label_index_table
 from dvidetl.errors import UserError
 from dvidetl.geometry import morton_decode, morton_encode
 from dvidetl.sources import open_source, synthetic
+from dvidetl.sources._synthetic_downres import downres_dvid
 from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA, INDICES_SCHEMA, MAPPING_SCHEMA, Source
-from dvidetl.sources.synthetic import SyntheticSource, downres_dvid, open_url
+from dvidetl.sources.synthetic import SyntheticSource, open_url
 
 HARD = "synthetic://hard?size=256,256,256&scales=2&dense=0.05&seed=3"
 # 256 x 32 x 24 blocks: bricks of 4 blocks, so pattern (boundary) bricks are exercised

@@ -16,8 +16,8 @@ import vastdb.errors as verr
 from vastdb.config import BackoffConfig, QueryConfig
 from vastdb.table_metadata import TableMetadata, TableRef, TableType
 
+from dvidetl.testing._vastsim_model import MAX_CELL_BYTES
 from dvidetl.testing.vastsim import (
-    MAX_CELL_BYTES,
     start_vastsim,
     start_vastsim_process,
 )

@@ -30,7 +30,7 @@ import pyarrow.flight as flight
 
 from dvidetl.errors import UserError
 from dvidetl.flight import protocol as P
-from dvidetl.geometry import VolumeInfo
+from dvidetl.geometry import KEY_END, VolumeInfo
 from dvidetl.redact import register_secret
 from dvidetl.retry import Backoff, retry
 from dvidetl.sources.base import KeyCounts
@@ -415,7 +415,7 @@ class FlightClient:
         end = sc.morton_end if sc else hi
         return P.blocks_schema(info, info.uuid, scale, lo, min(hi, end)).empty_table()
 
-    def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = P.U64_END, *,
+    def count_keys(self, kind: str, cell_bits: int, lo: int = 0, hi: int = KEY_END, *,
                    timeout: float | None = None) -> KeyCounts:
         """Body labels (``kind="indices"``), supervoxels (``"mapping"``) or anomaly numbers
         (``"anomalies"``) per aligned cell ``key >> cell_bits`` of ``[lo, hi)``, with the
@@ -428,7 +428,7 @@ class FlightClient:
                              P.ACTION_COUNT_KEYS, body, timeout=timeout)
         return P.key_count_from_ipc(parts)
 
-    def read_mapping(self, lo: int = 0, hi: int = P.U64_END) -> Iterator[pa.RecordBatch]:
+    def read_mapping(self, lo: int = 0, hi: int = KEY_END) -> Iterator[pa.RecordBatch]:
         """Non-identity (supervoxel, body) pairs of supervoxels ``lo <= sv < hi`` (default all)."""
         lo, hi = int(lo), int(hi)
         if lo >= hi:
@@ -460,7 +460,7 @@ class FlightClient:
         kinds = [p.kind for p in parts]
         scales = np.array([p.scale for p in parts], np.uint8)
         lo = np.array([p.lo for p in parts], np.uint64)
-        hi = np.array([min(int(p.hi), P.U64_END - 1) for p in parts], np.uint64)
+        hi = np.array([min(int(p.hi), KEY_END - 1) for p in parts], np.uint64)
         step = P.MAX_MAP_BATCH_ROWS
 
         def go(conn: flight.FlightClient) -> np.ndarray:
@@ -494,7 +494,7 @@ class FlightClient:
                 return None  # the source cannot say, or a server predating the exchange
             raise
 
-    def read_anomalies(self, lo: int = 0, hi: int = P.U64_END) -> Iterator[pa.RecordBatch]:
+    def read_anomalies(self, lo: int = 0, hi: int = KEY_END) -> Iterator[pa.RecordBatch]:
         """The source's anomalies numbered ``lo <= seq < hi`` (``ANOMALIES_SCHEMA``): what it
         found wrong in its input, to be stored with the export."""
         lo, hi = int(lo), int(hi)

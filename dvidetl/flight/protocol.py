@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from dvidetl.errors import UserError
-from dvidetl.geometry import VolumeInfo
+from dvidetl.geometry import KEY_END, VolumeInfo
 from dvidetl.sources.base import (
     ANOMALIES_SCHEMA,
     BLOCKS_WIRE_SCHEMA,
@@ -48,8 +48,6 @@ MAX_MAP_BATCH_ROWS = 1 << 22
 #: Largest accepted uuid / instance string.
 MAX_UUID_CHARS = 64
 MAX_INSTANCE_CHARS = 256
-#: Label and Morton ranges are half-open ranges of uint64 values: hi may be 2**64.
-U64_END = 1 << 64
 
 #: Starts the message of an INTERNAL error a server raises deliberately (a server bug, a
 #: source breaking its contract): clients do **not** retry those, unlike transport-level
@@ -330,7 +328,7 @@ class MappingTicket:
     instance: str
     kind: str = "mapping"
     lo: int = 0
-    hi: int = U64_END
+    hi: int = KEY_END
 
     def validate(self, info: VolumeInfo) -> MappingTicket:
         _check_volume(self.uuid, self.instance, info)
@@ -344,7 +342,7 @@ class MappingTicket:
         d = asdict(self)
         if self.lo == 0:
             del d["lo"]
-        if self.hi >= U64_END - 1:
+        if self.hi >= KEY_END - 1:
             del d["hi"]
         d["v"] = PROTOCOL_VERSION
         return d
@@ -381,7 +379,7 @@ class AnomaliesTicket(_Versioned):
     uuid: str
     instance: str
     lo: int = 0
-    hi: int = U64_END
+    hi: int = KEY_END
     kind: str = "anomalies"
 
     def validate(self, info: VolumeInfo) -> AnomaliesTicket:
@@ -406,21 +404,21 @@ def parse_ticket(raw: bytes | str) -> Ticket:
     if kind == "blocks":
         _check_keys(d, common | {"scale", "lo", "hi"}, "blocks ticket")
         scale = _int(d, "scale", 0, 63)
-        lo = _int(d, "lo", 0, U64_END - 1)
-        hi = _int(d, "hi", 0, U64_END)
+        lo = _int(d, "lo", 0, KEY_END - 1)
+        hi = _int(d, "hi", 0, KEY_END)
         if lo >= hi:
             raise TicketError("hi", f"empty range: lo={lo} >= hi={hi}")
         return BlocksTicket(uuid, instance, scale, lo, hi)
     if kind == "mapping":
         _check_keys(d, common | {"lo", "hi"}, "mapping ticket")
-        lo = _int(d, "lo", 0, U64_END - 1) if "lo" in d else 0
-        hi = _int(d, "hi", 0, U64_END) if "hi" in d else U64_END
+        lo = _int(d, "lo", 0, KEY_END - 1) if "lo" in d else 0
+        hi = _int(d, "hi", 0, KEY_END) if "hi" in d else KEY_END
         if lo >= hi:
             raise TicketError("hi", f"empty supervoxel range: lo={lo} >= hi={hi}")
         return MappingTicket(uuid, instance, lo=lo, hi=hi)
     _check_keys(d, common | {"lo", "hi"}, f"{kind} ticket")
-    lo = _int(d, "lo", 0, U64_END - 1)
-    hi = _int(d, "hi", 0, U64_END)
+    lo = _int(d, "lo", 0, KEY_END - 1)
+    hi = _int(d, "hi", 0, KEY_END)
     if lo >= hi:
         raise TicketError("hi", f"empty {'label' if kind == 'indices' else 'anomaly'} range: "
                                 f"lo={lo} >= hi={hi}")
@@ -482,7 +480,7 @@ class CountKeysRequest:
     kind: str
     cell_bits: int
     lo: int = 0
-    hi: int = U64_END
+    hi: int = KEY_END
 
     def validate(self, info: VolumeInfo) -> CountKeysRequest:
         _check_volume(self.uuid, self.instance, info)
@@ -509,8 +507,8 @@ def parse_count_keys_request(raw: bytes | str) -> CountKeysRequest:
     kind = d.get("kind")
     if kind not in KEY_KINDS:
         raise TicketError("kind", f"{kind!r} is not one of {', '.join(KEY_KINDS)}")
-    lo = _int(d, "lo", 0, U64_END - 1) if "lo" in d else 0
-    hi = _int(d, "hi", 0, U64_END) if "hi" in d else U64_END
+    lo = _int(d, "lo", 0, KEY_END - 1) if "lo" in d else 0
+    hi = _int(d, "hi", 0, KEY_END) if "hi" in d else KEY_END
     if lo >= hi:
         raise TicketError("hi", f"empty key range: lo={lo} >= hi={hi}")
     return CountKeysRequest(
@@ -613,7 +611,7 @@ def blocks_schema(info: VolumeInfo, uuid: str, scale: int, lo: int, hi: int) -> 
     )
 
 
-def mapping_schema(info: VolumeInfo, uuid: str, lo: int = 0, hi: int = U64_END) -> pa.Schema:
+def mapping_schema(info: VolumeInfo, uuid: str, lo: int = 0, hi: int = KEY_END) -> pa.Schema:
     return MAPPING_SCHEMA.with_metadata(_meta(info, uuid, "mapping", lo=lo, hi=hi))
 
 

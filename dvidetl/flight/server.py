@@ -33,7 +33,7 @@ import pyarrow.flight as flight
 from dvidetl.batching import cut_points
 from dvidetl.errors import SourceUnavailable, UserError
 from dvidetl.flight import protocol as P
-from dvidetl.geometry import VolumeInfo, in_grid, morton_encode
+from dvidetl.geometry import KEY_END, VolumeInfo, in_grid, morton_encode
 from dvidetl.sources.base import Source, count_sorted
 
 log = logging.getLogger(__name__)
@@ -592,7 +592,7 @@ class DvidFlightServer(flight.FlightServerBase):
             yield batch
 
     def _mapping(self, schema: pa.Schema, t: P.MappingTicket) -> Iterator[pa.RecordBatch]:
-        whole = t.lo == 0 and t.hi >= P.U64_END - 1
+        whole = t.lo == 0 and t.hi >= KEY_END - 1
         # a source written before ranges existed still serves the whole mapping
         src = self._source.read_mapping() if whole else self._source.read_mapping(t.lo, t.hi)
         last = -1

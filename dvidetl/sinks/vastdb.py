@@ -812,7 +812,7 @@ def _uncovered(scaled: bool, parts: list[Partition]) -> list[tuple[int | None, i
                 out.append((pos, lo))
             pos = max(pos, hi)
         if pos < KEY_END:
-            out.append((pos, 1 << 64))
+            out.append((pos, KEY_END))
         return out
 
     if not scaled:
@@ -822,10 +822,10 @@ def _uncovered(scaled: bool, parts: list[Partition]) -> list[tuple[int | None, i
     out: list[tuple[int | None, int, int, bool]] = []
     for s in range(top):
         if s not in scales:
-            out.append((s, 0, 1 << 64, False))
+            out.append((s, 0, KEY_END, False))
         else:
             out += [(s, lo, hi, False) for lo, hi in gaps((p.lo, p.hi) for p in parts if p.scale == s)]
-    out.append((top, 0, 1 << 64, True))
+    out.append((top, 0, KEY_END, True))
     return out
 
 

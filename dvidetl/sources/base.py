@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from dvidetl.errors import UserError
-from dvidetl.geometry import VolumeInfo
+from dvidetl.geometry import KEY_END, VolumeInfo
 
 #: Blocks as a source yields them, sorted by morton within one call.
 BLOCKS_WIRE_SCHEMA = pa.schema(
@@ -55,8 +55,6 @@ ANOMALIES_SCHEMA = pa.schema(
     ]
 )
 
-#: exclusive end of the uint64 key space (labels, supervoxels, Morton codes)
-KEY_END = 1 << 64
 #: kinds of keyed tables a source counts with ``count_keys`` (``anomalies``: by ``seq``,
 #: answered by the Flight server from ``Source.anomalies``)
 KEY_KINDS = ("indices", "mapping", "anomalies")

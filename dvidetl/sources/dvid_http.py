@@ -67,6 +67,7 @@ import pyarrow as pa
 from dvidetl.batching import spans
 from dvidetl.errors import UserError, first_line
 from dvidetl.geometry import (
+    KEY_END,
     ScaleInfo,
     VolumeInfo,
     _bit_plan,
@@ -97,7 +98,6 @@ from dvidetl.sources._dvid_versions import DvidNode, resolve_node
 from dvidetl.sources.base import (
     BLOCKS_WIRE_SCHEMA,
     INDICES_SCHEMA,
-    KEY_END,
     KeyCounts,
     count_sorted,
     dedupe_pairs,
@@ -563,7 +563,7 @@ class DvidHttpSource:
             side[j + 1:, d] += 1
         ext_lo, ext_hi = (np.array(v, dtype=np.int64) for v in self._box[scale])
         kb = min(self.box_bits, total)
-        end = np.uint64(1 << total) if total < 64 else np.uint64(2**64 - 1)
+        end = np.uint64(1 << total) if total < 64 else np.uint64(KEY_END - 1)
         out = np.zeros(lo.size, np.uint64)
         cur, stop = lo.copy(), np.minimum(hi, end)
         idx = np.flatnonzero(cur < stop)
@@ -818,9 +818,9 @@ class DvidHttpSource:
             )
             if page.size == 0:
                 break
-            out.append(page[page < np.uint64(min(hi, 2**64 - 1))] if hi < 2**64 else page)
+            out.append(page[page < np.uint64(min(hi, KEY_END - 1))] if hi < KEY_END else page)
             last = int(page[-1])
-            if page.size < LISTLABELS_PAGE or last >= hi - 1 or last >= 2**64 - 1:
+            if page.size < LISTLABELS_PAGE or last >= hi - 1 or last >= KEY_END - 1:
                 break
             start = last + 1
         return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)

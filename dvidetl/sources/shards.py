@@ -63,7 +63,7 @@ import pyarrow.ipc as ipc
 
 from dvidetl.batching import spans
 from dvidetl.errors import UserError
-from dvidetl.geometry import ScaleInfo, VolumeInfo, in_grid, morton_encode, vec3
+from dvidetl.geometry import KEY_END, ScaleInfo, VolumeInfo, in_grid, morton_encode, vec3
 from dvidetl.sources._shard_files import (
     BLOCK,
     M_OFF,
@@ -84,7 +84,6 @@ from dvidetl.sources._shard_files import (
 from dvidetl.sources.base import (
     ANOMALIES_SCHEMA,
     BLOCKS_WIRE_SCHEMA,
-    KEY_END,
     KeyCounts,
     count_sorted,
     drop_background,
@@ -653,7 +652,7 @@ class ShardsSource:
         m = self._scale(scale).morton
         lo = max(int(lo), 0)
         hi = max(int(hi), lo)
-        top = 1 << 64
+        top = KEY_END
         i0 = (
             int(np.searchsorted(m, np.uint64(min(lo, top - 1)), side="left"))
             if lo < top

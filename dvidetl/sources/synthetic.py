@@ -72,8 +72,8 @@ import pyarrow as pa
 
 from dvidetl.batching import spans
 from dvidetl.errors import UserError
-from dvidetl.geometry import ScaleInfo, VolumeInfo, _bit_plan, vec3
-from dvidetl.sources._synthetic_downres import _downres_kernel, downres_dvid
+from dvidetl.geometry import KEY_END, ScaleInfo, VolumeInfo, _bit_plan, vec3
+from dvidetl.sources._synthetic_downres import _downres_kernel
 from dvidetl.sources._synthetic_kernels import (
     BATCH_BYTES,
     BS,
@@ -114,7 +114,6 @@ from dvidetl.sources._synthetic_kernels import (
 from dvidetl.sources.base import (
     BLOCKS_WIRE_SCHEMA,
     INDICES_SCHEMA,
-    KEY_END,
     MAPPING_SCHEMA,
     KeyCounts,
     count_sorted,
@@ -126,7 +125,7 @@ from dvidetl.urlquery import Query
 # this module must not (CLI start-up, processes that never call them). Those in try/if/with
 # blocks are optional or conditional.
 
-__all__ = ["SyntheticSource", "open_url", "downres_dvid", "DEMO_QUERY"]
+__all__ = ["SyntheticSource", "open_url", "DEMO_QUERY"]
 
 # ---- the source -----------------------------------------------------------------------------
 def _parse_floats(key: str, v: str, lo: float, hi: float) -> float:
@@ -665,8 +664,8 @@ class SyntheticSource:
         rows = self._index_table()
         body = rows["body"]
         a = int(np.searchsorted(body, np.uint64(max(lo, 0)), "left"))
-        b = int(np.searchsorted(body, np.uint64(min(hi, 2**64 - 1)), "left"))
-        if hi > 2**64 - 1:
+        b = int(np.searchsorted(body, np.uint64(min(hi, KEY_END - 1)), "left"))
+        if hi > KEY_END - 1:
             b = len(body)
         step = 200_000
         while a < b:

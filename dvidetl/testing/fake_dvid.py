@@ -55,7 +55,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import lz4.block
 import numpy as np
 
-from dvidetl.geometry import morton_encode
+from dvidetl.geometry import KEY_END, morton_encode
 from dvidetl.sources.base import Source
 
 # Imports inside functions load numba (dvidetl.codec), protobuf, the compression libraries only
@@ -255,7 +255,7 @@ class FakeDvid:
             if self._indices is None:
                 d: dict[int, bytes] = {}
                 if self.source.info().has_indices:
-                    for b in self.source.read_indices(1, 2**64 - 1):
+                    for b in self.source.read_indices(1, KEY_END - 1):
                         for lab, pb in zip(
                             b.column(0).to_pylist(), b.column(1).to_pylist(), strict=True
                         ):

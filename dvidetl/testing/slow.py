@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from dvidetl.geometry import KEY_END
+
 
 class SlowSource:
     """A real source whose ``read_blocks``, ``read_indices`` and ``read_mapping`` wait
@@ -27,10 +29,10 @@ class SlowSource:
         time.sleep(self.delay)
         yield from self.inner.read_indices(lo, hi)
 
-    def read_mapping(self, lo=0, hi=1 << 64):
+    def read_mapping(self, lo=0, hi=KEY_END):
         time.sleep(self.delay)
         yield from self.inner.read_mapping(lo, hi)
 
-    def count_keys(self, kind, cell_bits, lo=0, hi=1 << 64):
+    def count_keys(self, kind, cell_bits, lo=0, hi=KEY_END):
         time.sleep(self.plan_delay)
         return self.inner.count_keys(kind, cell_bits, lo, hi)

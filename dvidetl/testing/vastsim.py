@@ -49,7 +49,7 @@ from dvidetl.testing._vastsim_fb import (
     _list_tables_body,
     _stats_body,
 )
-from dvidetl.testing._vastsim_model import (  # noqa: F401 - MAX_CELL_BYTES re-exported
+from dvidetl.testing._vastsim_model import (
     DEFAULT_BUCKETS,
     DEFAULT_VERSION,
     MAX_CELL_BYTES,
