@@ -178,6 +178,31 @@ def test_an_export_is_assembled_only_by_the_library_api():
                         "dvidetl/export/api.py": {"dvidetl.export.driver.execute"}}) == ["bench/bench_x.py"]
 
 
+CORE_PARAMETERS = {"client", "dask_client", "sink", "ep", "run", "part"}
+
+
+def _untyped_core_parameters(path: Path) -> list[str]:
+    """``function(name)`` of every public function of ``path`` with a core parameter that has
+    no annotation (pytest's ``test_*`` methods take fixtures: left out)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith(("_", "test_")):
+            a = node.args
+            out += [f"{node.name}({x.arg})" for x in a.posonlyargs + a.args + a.kwonlyargs
+                    if x.arg in CORE_PARAMETERS and x.annotation is None]
+    return out
+
+
+def test_core_parameters_are_typed_on_public_functions(tmp_path):
+    """``client`` (Dask's or the Flight client), ``sink``, ``ep``, ``run`` and ``part`` say
+    what they are wherever a public function takes them (mypy then checks the calls)."""
+    bad = {str(p.relative_to(ROOT)): u for p in PKG.rglob("*.py") if (u := _untyped_core_parameters(p))}
+    assert bad == {}
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(sink, run: int, *, part): ...\ndef _g(sink): ...\ndef test_h(sink): ...\n")
+    assert _untyped_core_parameters(probe) == ["f(sink)", "f(part)"]
+
+
 def _key_end_literals(tree: ast.AST) -> int:
     """``1 << 64`` and ``2**64`` (alone or minus one) written out in a module."""
     n = 0

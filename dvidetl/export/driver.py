@@ -176,7 +176,7 @@ def ledger_of(ledger: pa.Table, keys: set[str]) -> pa.Table:
     return ledger.filter(pa.array([k in keys for k in ledger_keys(ledger)], pa.bool_()))
 
 
-def plan_of(sink, run: RunInfo) -> set[str]:
+def plan_of(sink: Sink, run: RunInfo) -> set[str]:
     """The keys of the run's partitions ``sink`` stores (``Sink.takes`` their kind): what it
     must hold for the run to be whole there."""
     return {p.key for p in run.partitions if sink.takes(p.kind)}

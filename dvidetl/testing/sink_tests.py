@@ -35,7 +35,7 @@ from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
 from dvidetl.export.options import RunOptions
 from dvidetl.geometry import KEY_END
 from dvidetl.read import open_export
-from dvidetl.sinks import open_sink
+from dvidetl.sinks import Sink, open_sink
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
 
@@ -114,13 +114,13 @@ class SinkTests:
         that needs it."""
         return block_batch(mortons, **kw)
 
-    def bytes_out(self, sink, run_id: str, part: Partition, handed: int) -> int:
+    def bytes_out(self, sink: Sink, run_id: str, part: Partition, handed: int) -> int:
         """The ledger's ``bytes_out`` of a partition whose stats said ``handed``: as handed
         for a tabular sink (the payloads it stores); a sink that writes another form (a
         volume's shard) records what it wrote."""
         return handed
 
-    def stored(self, sink, run_id: str) -> list[int]:
+    def stored(self, sink: Sink, run_id: str) -> list[int]:
         """The Morton codes of the blocks a reader of ``run_id`` sees, sorted."""
         return sorted(sink.read("blocks", run_id=run_id).column("morton").to_pylist())
 
