@@ -5,8 +5,10 @@ one by default, ``--cluster slurm`` ...), or ``--in-process``.
 
 Exit 0 only when every source block is exported exactly once and byte-exact, and
 label_index and mapping agree; 1 with the differences listed by coordinates otherwise.
-With ``--sink`` repeated, each sink is checked in turn (each against the source) and the
-exit code is 0 only when every one is exact.
+With ``--sink`` repeated, every sink is checked in one pass: each partition is read from
+the source once and compared with every sink that stores its kind; each sink gets its own
+report, and the exit code is 0 only when every one is exact. ``--repair`` re-exports a
+partition once for all the sinks that have it wrong, then checks again only what it redid.
 """
 
 from __future__ import annotations
@@ -117,25 +119,25 @@ def main(args: argparse.Namespace) -> int:
     set_interrupt_hint("nothing was changed; run verify again" if not args.repair else None)
     docs, rcs = [], []
     with open_flight(**flight_options(args)) as ep:
-        for url in urls:
-            if several:
-                print(f"sink {redact(url)}:", file=human(args))
-            progress = None if args.quiet else _VerifyProgress()
-            report = verify(ep, url, run_id=args.run, scales=scales,
-                            cluster=None if args.in_process and not args.repair else cluster,
-                            repair=args.repair, progress=progress,
-                            say=lambda line: print(f"dvidetl verify --repair: {line}", file=sys.stderr))
-            if report.before_repair:
-                print(report.before_repair, file=human(args))
-            print(report.text(), file=human(args))
-            rc = 0 if report.ok else 1
-            if not report.ok:
-                print(f"dvidetl verify: export {redact(url)} differs from the source (see above)",
-                      file=sys.stderr)
-            print(f"verified {redact(url)} in {report.seconds:.1f} s" if several else
-                  f"verified in {report.seconds:.1f} s", file=sys.stderr)
-            docs.append(report_json(report, rc, url))
-            rcs.append(rc)
+        # one pass over the source for every sink (read once per partition)
+        reports = verify(ep, urls, run_id=args.run, scales=scales,
+                         cluster=None if args.in_process and not args.repair else cluster,
+                         repair=args.repair, progress=None if args.quiet else _VerifyProgress(),
+                         say=lambda line: print(f"dvidetl verify --repair: {line}", file=sys.stderr))
+    for url, report in zip(urls, reports, strict=True):
+        if several:
+            print(f"sink {redact(url)}:", file=human(args))
+        if report.before_repair:
+            print(report.before_repair, file=human(args))
+        print(report.text(), file=human(args))
+        rc = 0 if report.ok else 1
+        if not report.ok:
+            print(f"dvidetl verify: export {redact(url)} differs from the source (see above)",
+                  file=sys.stderr)
+        print(f"verified {redact(url)} in {report.seconds:.1f} s" if several else
+              f"verified in {report.seconds:.1f} s", file=sys.stderr)
+        docs.append(report_json(report, rc, url))
+        rcs.append(rc)
     rc = max(rcs)
     if several:
         bad = [redact(u) for u, r in zip(urls, rcs, strict=True) if r]

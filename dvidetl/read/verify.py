@@ -38,6 +38,8 @@ from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from distributed import Client
 
     from dvidetl.export.kinds import Partition, RunInfo
@@ -748,12 +750,59 @@ def verify_unstored_anomalies(client: FlightClient, run: RunInfo, report: Verify
                    "export again to store them")
 
 
+class _ReadOnce:
+    """The source as the checks of one partition see it: each answer (blocks, indices,
+    mapping, anomalies of a range; the bodies of a set of supervoxels) is read on first ask
+    and handed again to every later check that asks the same, so checking one partition
+    against several sinks reads the source once (the project's rule: the source is never
+    read twice for one job). Lives for one partition: memory stays bounded by a partition."""
+
+    def __init__(self, client: FlightClient):
+        self._client = client
+        self._memo: dict = {}
+
+    def _once(self, name: str, *args) -> list:
+        key = (name, *args)
+        if key not in self._memo:
+            self._memo[key] = list(getattr(self._client, name)(*args))
+        return self._memo[key]
+
+    def read_blocks(self, scale: int, lo: int, hi: int):
+        return iter(self._once("read_blocks", int(scale), int(lo), int(hi)))
+
+    def read_indices(self, lo: int, hi: int):
+        return iter(self._once("read_indices", int(lo), int(hi)))
+
+    def read_mapping(self, lo: int = 0, hi: int = KEY_END):
+        return iter(self._once("read_mapping", int(lo), int(hi)))
+
+    def read_anomalies(self, lo: int = 0, hi: int = KEY_END):
+        return iter(self._once("read_anomalies", int(lo), int(hi)))
+
+    def map_supervoxels(self, svs: np.ndarray) -> np.ndarray:
+        svs = np.ascontiguousarray(svs, np.uint64)
+        key = ("map_supervoxels", svs.tobytes())
+        if key not in self._memo:
+            self._memo[key] = np.asarray(self._client.map_supervoxels(svs), np.uint64)
+        return self._memo[key]
+
+    def info(self) -> VolumeInfo:
+        return self._client.info()
+
+
 def check_partition(client: FlightClient, sink: Sink, run: RunInfo, part: Partition,
                     env: VerifyEnv) -> VerifyReport:
     """The report of one partition (merged by the driver)."""
     rep = VerifyReport(run_id=run.run_id)
     _check_of(sink, part)(client, sink, run, part, env, rep)
     return rep
+
+
+def check_partition_sinks(client: FlightClient, targets, part: Partition) -> list[VerifyReport]:
+    """One partition checked against several sinks (``targets``: (sink, run, env) each),
+    the source read once for all of them (``_ReadOnce``); one report per target."""
+    src = _ReadOnce(client)
+    return [check_partition(src, sink, run, part, env) for sink, run, env in targets]  # type: ignore[arg-type]
 
 
 def _check_of(sink: Sink, part: Partition):
@@ -768,13 +817,24 @@ def _check_of(sink: Sink, part: Partition):
     return getattr(importlib.import_module(modname), name)
 
 
-def verify_task(ctx, part: Partition, env: VerifyEnv) -> VerifyReport:
-    """A cluster task: check one partition with the worker's Flight client and sink."""
+@dataclass(frozen=True)
+class _Envs:
+    """Every sink's ``VerifyEnv``, scattered to the workers as one object."""
+
+    envs: tuple
+
+
+def verify_task(ctxs: tuple, part: Partition, envs: _Envs, which: tuple[int, ...]) -> list[VerifyReport]:
+    """A cluster task: check one partition against the sinks ``which`` (their TaskContexts
+    ``ctxs``, same order), the source read once for all of them."""
     from dvidetl.export.tasks import release_memory, worker_client, worker_sink
 
-    sink = worker_sink(ctx)
     try:
-        return check_partition(worker_client(ctx), sink, sink.load_run(ctx.run_id), part, env)
+        targets = []
+        for ctx, i in zip(ctxs, which, strict=True):
+            sink = worker_sink(ctx)
+            targets.append((sink, sink.load_run(ctx.run_id), envs.envs[i]))
+        return check_partition_sinks(worker_client(ctxs[0]), targets, part)
     finally:
         release_memory()
 
@@ -785,19 +845,189 @@ def _checked(run: RunInfo, scales) -> list:
             if scales is None or (p.scale in scales if p.spec.scaled else p.kind != "indices" or 0 in scales)]
 
 
-def _on_cluster(dask_client: Client, ctx, parts, env: VerifyEnv, window: int | None = None):
-    """Partition reports as the cluster finishes them (``driver.TaskWindow``: a bounded
-    window in flight)."""
+def _on_cluster(dask_client: Client, ctxs, jobs, envs: _Envs, window: int | None = None):
+    """(partition, sinks, reports) as the cluster finishes them (``driver.TaskWindow``: a
+    bounded window in flight); ``jobs``: (partition, indices of the sinks to check it in)."""
     from dvidetl.export.driver import TaskWindow
 
-    env_f = dask_client.scatter(env, broadcast=True)
+    env_f = dask_client.scatter(envs, broadcast=True)
+    which_of = {p.key: which for p, which in jobs}
 
     def submit(p):
-        return dask_client.submit(verify_task, ctx, p, env_f, pure=False, retries=2,
-                                  key=f"verify-{ctx.run_id}-{p.key}-{os.urandom(2).hex()}")
+        which = which_of[p.key]
+        return dask_client.submit(verify_task, tuple(ctxs[i] for i in which), p, env_f, which,
+                                  pure=False, retries=2,
+                                  key=f"verify-{ctxs[which[0]].run_id}-{p.key}-{os.urandom(2).hex()}")
 
-    for _, fut in TaskWindow(dask_client, parts, submit, window):
-        yield fut.result()
+    for p, fut in TaskWindow(dask_client, [p for p, _ in jobs], submit, window):
+        yield p, which_of[p.key], fut.result()
+
+
+def _sparse(d: np.ndarray | None):
+    """A per-partition digest kept as its non-zero rows (a partition touches few label ranges)."""
+    if d is None:
+        return None
+    rows = np.flatnonzero(np.any(d != 0, axis=1))
+    return rows, d[rows]
+
+
+@dataclass
+class _Side:
+    """One sink of a verification: its run, plan share, environment, and the report of each
+    of its partitions checked so far (digests sparse), so a re-check after ``--repair``
+    replaces only the partitions it redid."""
+
+    sink: Sink
+    run: RunInfo
+    scales: object
+    not_exported: dict
+    volume: bool
+    parts: list
+    done: set
+    env: VerifyEnv
+    idx_parts: list
+    held: dict = field(default_factory=dict)  # Partition.key -> (report, sparse digests)
+    globals_: VerifyReport | None = None  # gaps and unstored anomalies (per run, shared)
+
+
+def _side(client: FlightClient, sink: Sink, run_id: str, scales) -> _Side:
+    run = sink.load_run(run_id)
+    not_exported = dict(run.record.get("not_exported") or {})
+    takes = getattr(sink, "takes", lambda k: True)
+    for k in ("indices", "mapping"):  # a run of several sinks: kinds another sink stores
+        if k not in not_exported and any(p.kind == k for p in run.partitions) and not takes(k):
+            not_exported[k] = (f"not in this sink ({sink.url} stores the volume only); "
+                               "another sink of the run holds it")
+    parts = [p for p in _checked(run, scales) if takes(p.kind)]
+    side = _Side(sink, run, scales, not_exported, "blocks" in getattr(sink, "checks", {}), parts,
+                 set(), None, [p for p in parts if p.kind == "indices"])  # type: ignore[arg-type]
+    _refresh(client, side)
+    return side
+
+
+def _refresh(client: FlightClient, side: _Side) -> None:
+    """The side's ledger state and environment, read afresh (again after a repair)."""
+    side.done = side.sink.done(side.run.run_id)
+    bounds = np.array([p.lo for p in side.idx_parts], np.uint64) if side.idx_parts else None
+    bad0 = np.zeros(0, np.uint64)
+    if bounds is not None:
+        errs = side.sink.read("export_errors", scale=0, run_id=side.run.run_id, columns=["morton"])
+        if errs.num_rows:
+            bad0 = np.unique(errs.column("morton").to_numpy().astype(np.uint64))
+    side.env = VerifyEnv(client.info(), bounds, bad0,
+                         frozenset(p.key for p in side.parts if p.key not in side.done))
+
+
+def _check_sides(client: FlightClient, sides: list[_Side], todo: list[set[str] | None], *,
+                 dask_client: Client | None = None, ctxs=None, progress=None) -> None:
+    """Check partitions of the sides (``todo[i]``: the keys to check in side i, None: all
+    its partitions), each partition once for every side that has it to check: the source
+    read once per partition. Each report is kept with its side. ``progress(report, done,
+    parts)``: over the partitions, each counted once (its first side's report)."""
+    jobs: dict[str, tuple] = {}
+    for i, (side, keys) in enumerate(zip(sides, todo, strict=True)):
+        for p in side.parts:
+            if keys is None or p.key in keys:
+                part, which = jobs.get(p.key, (p, ()))
+                jobs[p.key] = (part, (*which, i))
+    order = list(jobs.values())
+    parts = [p for p, _ in order]
+    seen = VerifyReport(run_id=sides[0].run.run_id if sides else None)
+    if dask_client is None:
+        results = ((p, which, check_partition_sinks(
+            client, [(sides[i].sink, sides[i].run, sides[i].env) for i in which], p)) for p, which in order)
+    else:
+        results = _on_cluster(dask_client, ctxs, order, _Envs(tuple(s.env for s in sides)))
+    if progress is not None:
+        progress(seen, 0, parts)
+    for n, (p, which, reps) in enumerate(results, 1):
+        for i, rep in zip(which, reps, strict=True):
+            sb, si = _sparse(rep.digest_blocks), _sparse(rep.digest_index)
+            rep.digest_blocks = rep.digest_index = None
+            sides[i].held[p.key] = (rep, sb, si)
+        if progress is not None:
+            seen.merge(reps[0])
+            progress(seen, n, parts)
+
+
+def _globals(client: FlightClient, sides: list[_Side]) -> None:
+    """What each run's plan leaves unchecked by partitions (blocks outside every planned
+    partition, anomalies a run did not store): read once per run however many sinks hold it."""
+    by_run: dict[str, VerifyReport] = {}
+    for side in sides:
+        key = side.run.run_id
+        if key not in by_run:
+            rep = VerifyReport(run_id=key)
+            verify_gaps(client, side.run, rep, side.scales)
+            verify_unstored_anomalies(client, side.run, rep)
+            by_run[key] = rep
+        side.globals_ = by_run[key]
+
+
+def _report(side: _Side, seconds: float) -> VerifyReport:
+    """The side's report: its partitions' reports (as last checked) and the run-wide checks."""
+    run, sink = side.run, side.sink
+    report = VerifyReport(run_id=run.run_id, not_exported=dict(side.not_exported), volume=side.volume)
+    for p in side.parts:
+        if p.key not in side.done:
+            report.partitions_unfinished += 1
+            where = f" ({p.where('blocks')})" if p.spec.scaled else ""
+            report.add(f"partition {p.key}{where} not committed")
+    n_idx = len(side.idx_parts)
+    for p in side.parts:
+        if p.key not in side.held:
+            continue
+        rep, sb, si = side.held[p.key]
+        report.merge(rep)
+        for f, sp in (("digest_blocks", sb), ("digest_index", si)):
+            if sp is not None:
+                if getattr(report, f) is None:
+                    setattr(report, f, np.zeros((n_idx, 2), np.uint64))
+                getattr(report, f)[sp[0]] += sp[1]  # uint64: wraps, as merge
+    if side.globals_ is not None:
+        report.merge(side.globals_)
+    if side.scales is None:
+        check_outside(sink, run, side.done, report)
+    if side.env.index_bounds is not None:
+        _compare_digests(report, side.idx_parts,
+                         [p.key for p in side.parts if p.kind == "blocks" and p.scale == 0])
+    report.seconds = seconds
+    return report
+
+
+def verify_exports(client: FlightClient, sinks: list[Sink], run_ids: list[str | None] | None = None,
+                   scales=None, *, dask_client: Client | None = None, ctxs=None,
+                   progress=None) -> list[VerifyReport]:
+    """``verify_export`` of several sinks in one pass: each partition read from the source
+    once and compared with every sink that stores its kind (sinks may hold different runs:
+    a partition's source answer is the same). One report per sink, in order; ``ctxs``: each
+    sink's TaskContext (with ``dask_client``)."""
+    reports, _ = _verify_sides(client, sinks, run_ids, scales, dask_client=dask_client, ctxs=ctxs,
+                               progress=progress)
+    return reports
+
+
+def _verify_sides(client, sinks, run_ids, scales, *, dask_client=None, ctxs=None, progress=None):
+    t0 = time.perf_counter()
+    run_ids = list(run_ids) if run_ids is not None else [None] * len(sinks)
+    out: list[VerifyReport | None] = [None] * len(sinks)
+    sides: list[_Side] = []
+    at: list[int] = []
+    for i, (sink, rid) in enumerate(zip(sinks, run_ids, strict=True)):
+        rid = rid or sink.latest_run()
+        if rid is None:
+            out[i] = VerifyReport(run_id=None)
+            out[i].add(f"no run found in {sink.url} for {sink.instance}@{sink.uuid}")  # type: ignore[union-attr]
+            continue
+        sides.append(_side(client, sink, rid, scales))
+        at.append(i)
+    sel_ctxs = [ctxs[i] for i in at] if ctxs is not None else None
+    _check_sides(client, sides, [None] * len(sides), dask_client=dask_client, ctxs=sel_ctxs, progress=progress)
+    _globals(client, sides)
+    seconds = time.perf_counter() - t0
+    for i, side in zip(at, sides, strict=True):
+        out[i] = _report(side, seconds)
+    return out, (sides, at, sel_ctxs)
 
 
 def verify_export(client: FlightClient, sink: Sink, run_id: str | None = None, scales=None, *,
@@ -811,53 +1041,8 @@ def verify_export(client: FlightClient, sink: Sink, run_id: str | None = None, s
 
     ``progress(report, parts_done, parts)``: called after every partition (the report so
     far), so a long check is never silent."""
-    run_id = run_id or sink.latest_run()
-    report = VerifyReport(run_id=run_id)
-    if run_id is None:
-        report.add(f"no run found in {sink.url} for {sink.instance}@{sink.uuid}")
-        return report
-    t0 = time.perf_counter()
-    run = sink.load_run(run_id)
-    report.not_exported = dict(run.record.get("not_exported") or {})
-    report.volume = "blocks" in getattr(sink, "checks", {})
-    takes = getattr(sink, "takes", lambda k: True)
-    for k in ("indices", "mapping"):  # a run of several sinks: kinds another sink stores
-        if k not in report.not_exported and any(p.kind == k for p in run.partitions) and not takes(k):
-            report.not_exported[k] = (f"not in this sink ({sink.url} stores the volume only); "
-                                      "another sink of the run holds it")
-    done = sink.done(run_id)
-    parts = [p for p in _checked(run, scales) if takes(p.kind)]
-    for p in parts:
-        if p.key not in done:
-            report.partitions_unfinished += 1
-            where = f" ({p.where('blocks')})" if p.spec.scaled else ""
-            report.add(f"partition {p.key}{where} not committed")
-    idx_parts = [p for p in parts if p.kind == "indices"]
-    bounds = np.array([p.lo for p in idx_parts], np.uint64) if idx_parts else None
-    bad0 = np.zeros(0, np.uint64)
-    if bounds is not None:
-        errs = sink.read("export_errors", scale=0, run_id=run_id, columns=["morton"])
-        if errs.num_rows:
-            bad0 = np.unique(errs.column("morton").to_numpy().astype(np.uint64))
-    env = VerifyEnv(client.info(), bounds, bad0, frozenset(p.key for p in parts if p.key not in done))
-    if dask_client is None:
-        reports = (check_partition(client, sink, run, p, env) for p in parts)
-    else:
-        reports = _on_cluster(dask_client, ctx, parts, env)
-    if progress is not None:
-        progress(report, 0, parts)
-    for i, rep in enumerate(reports, 1):
-        report.merge(rep)
-        if progress is not None:
-            progress(report, i, parts)
-    verify_gaps(client, run, report, scales)
-    verify_unstored_anomalies(client, run, report)
-    if scales is None:
-        check_outside(sink, run, done, report)
-    if bounds is not None:
-        _compare_digests(report, idx_parts, [p.key for p in parts if p.kind == "blocks" and p.scale == 0])
-    report.seconds = time.perf_counter() - t0
-    return report
+    return verify_exports(client, [sink], [run_id], scales, dask_client=dask_client,
+                          ctxs=None if ctx is None else [ctx], progress=progress)[0]
 
 
 def check_outside(sink: Sink, run: RunInfo, done: set[str], report: VerifyReport) -> None:
@@ -901,28 +1086,43 @@ def _compare_digests(report: VerifyReport, idx_parts: list, blocks0: list[str]) 
         report.add(f"label_index [{p.lo}, {p.hi}): export vs source: {rows} do not match")
 
 
-def repair_partitions(dask_client: Client, sink: Sink, run: RunInfo, ctx, report: VerifyReport,
-                      say=None) -> dict:
+def repair_partitions(dask_client: Client, sink: Sink | list[Sink], run: RunInfo, ctx,
+                      report: VerifyReport | list[VerifyReport], say=None) -> dict | list[dict]:
     """Re-export exactly the partitions ``report`` found wrong (unreadable, missing,
     extra, duplicated or different rows, not committed) and remove the rows it found outside
     every partition; returns what was done (for the summary and the run's record).
-    ``say(line)``: told what is about to be done."""
+    ``sink`` / ``report``: lists for several sinks of the same run (``ctx``: a TaskContext of
+    their URLs, same order) — a partition several of them need is read from the source once
+    and written where it was found wrong; one dict per sink then. ``say(line)``: told what
+    is about to be done (per sink)."""
     from dvidetl.export.driver import execute
+    from dvidetl.redact import redact
 
-    bad = [p for p in run.partitions if p.key in report.bad_partitions]
-    unfinished = [p for p in run.partitions if p.key not in sink.done(run.run_id)]
-    removed = sink.remove_outside(run, report.outside)
-    for p in bad:
-        sink.forget(run.run_id, p)
-    if say is not None:
-        say(f"re-exporting {len(bad)} partitions found wrong"
-            + (f" and {len(unfinished)} not committed" if unfinished else "")
-            + (f", removed {removed:,} rows outside every partition" if report.outside else ""))
-    res = execute(dask_client, run, ctx, sink)
-    if not res.failed and res.done + res.skipped >= res.partitions:
-        sink.finish(run)
-    return {"partitions": sorted(p.key for p in bad + unfinished), "rows_removed": removed,
-            "failed": [k for k, _ in res.failed]}
+    several = isinstance(sink, (list, tuple))
+    sinks: list[Sink] = list(sink) if several else [sink]  # type: ignore[list-item]
+    reports: list[VerifyReport] = list(report) if several else [report]  # type: ignore[list-item]
+    redo, removed = [], []
+    for s, rep in zip(sinks, reports, strict=True):
+        bad = [p for p in run.partitions if p.key in rep.bad_partitions]
+        unfinished = [p for p in run.partitions if s.takes(p.kind) and p.key not in s.done(run.run_id)]
+        removed.append(s.remove_outside(run, rep.outside))
+        for p in bad:
+            s.forget(run.run_id, p)
+        redo.append(sorted({p.key for p in bad + unfinished}))
+        if say is not None:
+            say((f"{redact(s.url)}: " if several else "")
+                + f"re-exporting {len(bad)} partitions found wrong"
+                + (f" and {len(unfinished)} not committed" if unfinished else "")
+                + (f", removed {removed[-1]:,} rows outside every partition" if rep.outside else ""))
+    res = execute(dask_client, run, ctx, sinks if several else sinks[0])
+    failed = {k for k, _ in res.failed}
+    out = []
+    for s, keys, n in zip(sinks, redo, removed, strict=True):
+        planned = {p.key for p in run.partitions if s.takes(p.kind)}
+        if planned <= s.done(run.run_id):
+            s.finish(run)
+        out.append({"partitions": keys, "rows_removed": n, "failed": sorted(failed.intersection(keys))})
+    return out if several else out[0]
 
 
 def record_verify(sink: Sink, run: RunInfo, report: VerifyReport, scales) -> None:
@@ -934,55 +1134,101 @@ def record_verify(sink: Sink, run: RunInfo, report: VerifyReport, scales) -> Non
     sink.update_run(run)
 
 
-def verify(source, sink: str, *, uuid: str | None = None, instance: str | None = None,
+def verify(source, sink: str | Sequence[str], *, uuid: str | None = None, instance: str | None = None,
            token_file: str | None = None, serve_host: str = "127.0.0.1", run_id: str | None = None,
-           scales=None, cluster=None, repair: bool = False, progress=None, say=None) -> VerifyReport:
+           scales=None, cluster=None, repair: bool = False, progress=None,
+           say=None) -> VerifyReport | list[VerifyReport]:
     """Compare the export at sink URL ``sink`` with its source, block by block, and record
     the outcome with the run; ``repair``: re-export what is wrong, remove rows outside
-    every partition, then check again (needs a cluster).
+    every partition, then check again what was redone (needs a cluster).
+
+    ``sink``: one URL (returns its report) or several (returns one report per sink, in
+    order): every partition is read from the source once and compared with each sink that
+    stores its kind; ``repair`` re-exports a partition once for all the sinks that need it
+    and checks again only what it redid, the source read once more per such partition.
 
     ``source``: as for ``dvidetl.export`` (a ``grpc://`` Flight server, a source URL, or an
-    open ``FlightEndpoint``). ``run_id``: default the latest run. ``scales``: only these.
-    ``cluster``: None checks every partition in this process; else ``"local"``,
+    open ``FlightEndpoint``). ``run_id``: default the latest run (of each sink). ``scales``:
+    only these. ``cluster``: None checks every partition in this process; else ``"local"``,
     ``"tcp://..."``, ``"slurm"``, a ``ClusterOptions`` or a connected ``distributed.Client``.
-    ``progress(report, parts_done, parts)`` after every partition; ``say(line)`` for what
-    ``repair_partitions`` is about to do."""
+    ``progress(report, parts_done, parts)`` after every partition (each counted once, however
+    many sinks check it); ``say(line)`` for what ``repair_partitions`` is about to do."""
     from dvidetl.errors import UserError
     from dvidetl.export.api import _client, endpoint
     from dvidetl.redact import redact
     from dvidetl.sinks import open_sink
 
+    several = not isinstance(sink, str)
+    urls = list(sink) if several else [sink]  # type: ignore[list-item]
     if repair and scales is not None:
         raise UserError("--repair checks the whole export: drop --scales")
     with endpoint(source, uuid=uuid, instance=instance, token_file=token_file,
                   serve_host=serve_host) as ep:
-        # the export is named by the full UUID the source resolved the asked name to
-        s = open_sink(sink, uuid=ep.info.uuid, instance=ep.instance)
-        s.check(write=False)
-        run_id = run_id or s.latest_run()
-        if run_id is None:
-            raise UserError(f"no run found in {redact(sink)} for {s.instance}@{s.uuid}: "
-                            "nothing to verify (export it first with `dvidetl run`)")
-        run = s.load_run(run_id)
+        sinks, runs = [], []
+        for url in urls:
+            # the export is named by the full UUID the source resolved the asked name to
+            s = open_sink(url, uuid=ep.info.uuid, instance=ep.instance)
+            s.check(write=False)
+            rid = run_id or s.latest_run()
+            if rid is None:
+                raise UserError(f"no run found in {redact(url)} for {s.instance}@{s.uuid}: "
+                                "nothing to verify (export it first with `dvidetl run`)")
+            sinks.append(s)
+            runs.append(s.load_run(rid))
+        run_ids = [r.run_id for r in runs]
         if cluster is None and not repair:
-            report = verify_export(ep.client, s, run.run_id, scales, progress=progress)
+            reports = verify_exports(ep.client, sinks, run_ids, scales, progress=progress)
         else:
             from dvidetl.export.tasks import task_context
 
-            ctx = task_context(run, ep, sink)
+            ctxs = [task_context(r, ep, url) for r, url in zip(runs, urls, strict=True)]
             with _client(cluster or "local", False) as dask_client:
-                def check() -> VerifyReport:
-                    if cluster is None:
-                        return verify_export(ep.client, s, run.run_id, scales, progress=progress)
-                    return verify_export(ep.client, s, run.run_id, scales, dask_client=dask_client,
-                                         ctx=ctx, progress=progress)
+                on = {} if cluster is None else {"dask_client": dask_client}
+                reports, (sides, _, sel_ctxs) = _verify_sides(
+                    ep.client, sinks, run_ids, scales, ctxs=ctxs, progress=progress, **on)
+                if repair and not all(r.ok for r in reports):
+                    reports = _repair(ep, dask_client, sides, sel_ctxs if on else None, reports,
+                                      on, say)
+        for s, r, rep in zip(sinks, runs, reports, strict=True):
+            record_verify(s, r, rep, scales)
+    return reports if several else reports[0]
 
-                report = check()
-                if repair and not report.ok:
-                    first = report
-                    repaired = repair_partitions(dask_client, s, run, ctx, first, say)
-                    report = check()
-                    report.repaired = repaired
-                    report.before_repair = first.text()
-        record_verify(s, run, report, scales)
-    return report
+
+def _repair(ep, dask_client: Client, sides: list[_Side], ctxs, reports: list[VerifyReport],
+            on: dict, say) -> list[VerifyReport]:
+    """``verify --repair`` after the first check: re-export what each differing sink has
+    wrong (one pass per run, a partition read once for every sink that needs it), then
+    check again only the partitions redone (the source read once per partition for all of
+    them) and report each repaired sink from its kept and re-checked partition reports."""
+    from dvidetl.export.tasks import task_context
+
+    t0 = time.perf_counter()
+    first = list(reports)
+    bad = [i for i, r in enumerate(first) if not r.ok]
+    by_run: dict[str, list[int]] = {}
+    for i in bad:
+        by_run.setdefault(sides[i].run.run_id, []).append(i)
+    repaired: dict[int, dict] = {}
+    for idx in by_run.values():
+        run = sides[idx[0]].run
+        ctx = task_context(run, ep, tuple(sides[i].sink.url for i in idx))
+        done = repair_partitions(dask_client, [sides[i].sink for i in idx], run, ctx,
+                                 [first[i] for i in idx], say)
+        repaired.update(zip(idx, done, strict=True))  # type: ignore[arg-type]
+    todo: list[set[str] | None] = []
+    for i, side in enumerate(sides):
+        keys: set[str] = set(repaired[i]["partitions"]) if i in repaired else set()
+        if i in repaired:
+            bad0 = side.env.bad0
+            _refresh(ep.client, side)
+            if not np.array_equal(bad0, side.env.bad0):
+                # blocks in export_errors changed: every index digest leaves out others now
+                keys |= {p.key for p in side.idx_parts}
+        todo.append(keys)
+    _check_sides(ep.client, sides, todo, ctxs=ctxs, **on)
+    out = list(first)
+    for i in repaired:
+        out[i] = _report(sides[i], first[i].seconds + time.perf_counter() - t0)
+        out[i].repaired = repaired[i]
+        out[i].before_repair = first[i].text()
+    return out
