@@ -170,8 +170,8 @@ def _assemblers(imported: dict[str, set[str]]) -> list[str]:
 
 def test_an_export_is_assembled_only_by_the_library_api():
     """``dvidetl.export`` / ``ExportRun`` is the one place a run is assembled (sink check,
-    run record, execute, finish): the commands and the benchmarks call it."""
-    files = [*PKG.rglob("*.py"), *(ROOT / "bench").glob("*.py")]
+    run record, execute, finish): the commands, the benchmarks and the tests call it."""
+    files = [*PKG.rglob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "tests").rglob("*.py")]
     assert _assemblers(_imported_names(files)) == []
     # the check is not vacuous: a bench module doing it by hand is found
     assert _assemblers({"bench/bench_x.py": {"dvidetl.export.driver.execute"},
