@@ -124,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
                          cluster=None if args.in_process and not args.repair else cluster,
                          repair=args.repair, progress=None if args.quiet else _VerifyProgress(),
                          say=lambda line: print(f"dvidetl verify --repair: {line}", file=sys.stderr))
+    assert isinstance(reports, list)  # a list of sink URLs: one report per sink
     for url, report in zip(urls, reports, strict=True):
         if several:
             print(f"sink {redact(url)}:", file=human(args))

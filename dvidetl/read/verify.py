@@ -995,7 +995,7 @@ def _report(side: _Side, seconds: float) -> VerifyReport:
     return report
 
 
-def verify_exports(client: FlightClient, sinks: list[Sink], run_ids: list[str | None] | None = None,
+def verify_exports(client: FlightClient, sinks: list[Sink], run_ids: Sequence[str | None] | None = None,
                    scales=None, *, dask_client: Client | None = None, ctxs=None,
                    progress=None) -> list[VerifyReport]:
     """``verify_export`` of several sinks in one pass: each partition read from the source
@@ -1007,7 +1007,8 @@ def verify_exports(client: FlightClient, sinks: list[Sink], run_ids: list[str | 
     return reports
 
 
-def _verify_sides(client, sinks, run_ids, scales, *, dask_client=None, ctxs=None, progress=None):
+def _verify_sides(client: FlightClient, sinks: list[Sink], run_ids: Sequence[str | None] | None, scales,
+                  *, dask_client: Client | None = None, ctxs=None, progress=None):
     t0 = time.perf_counter()
     run_ids = list(run_ids) if run_ids is not None else [None] * len(sinks)
     out: list[VerifyReport | None] = [None] * len(sinks)
@@ -1016,8 +1017,8 @@ def _verify_sides(client, sinks, run_ids, scales, *, dask_client=None, ctxs=None
     for i, (sink, rid) in enumerate(zip(sinks, run_ids, strict=True)):
         rid = rid or sink.latest_run()
         if rid is None:
-            out[i] = VerifyReport(run_id=None)
-            out[i].add(f"no run found in {sink.url} for {sink.instance}@{sink.uuid}")  # type: ignore[union-attr]
+            missing = out[i] = VerifyReport(run_id=None)
+            missing.add(f"no run found in {sink.url} for {sink.instance}@{sink.uuid}")
             continue
         sides.append(_side(client, sink, rid, scales))
         at.append(i)
@@ -1099,8 +1100,8 @@ def repair_partitions(dask_client: Client, sink: Sink | list[Sink], run: RunInfo
     from dvidetl.redact import redact
 
     several = isinstance(sink, (list, tuple))
-    sinks: list[Sink] = list(sink) if several else [sink]  # type: ignore[list-item]
-    reports: list[VerifyReport] = list(report) if several else [report]  # type: ignore[list-item]
+    sinks: list[Sink] = list(sink) if isinstance(sink, (list, tuple)) else [sink]
+    reports: list[VerifyReport] = list(report) if isinstance(report, (list, tuple)) else [report]
     redo, removed = [], []
     for s, rep in zip(sinks, reports, strict=True):
         bad = [p for p in run.partitions if p.key in rep.bad_partitions]
@@ -1159,7 +1160,7 @@ def verify(source, sink: str | Sequence[str], *, uuid: str | None = None, instan
     from dvidetl.sinks import open_sink
 
     several = not isinstance(sink, str)
-    urls = list(sink) if several else [sink]  # type: ignore[list-item]
+    urls: list[str] = [sink] if isinstance(sink, str) else list(sink)
     if repair and scales is not None:
         raise UserError("--repair checks the whole export: drop --scales")
     with endpoint(source, uuid=uuid, instance=instance, token_file=token_file,
@@ -1214,7 +1215,7 @@ def _repair(ep, dask_client: Client, sides: list[_Side], ctxs, reports: list[Ver
         ctx = task_context(run, ep, tuple(sides[i].sink.url for i in idx))
         done = repair_partitions(dask_client, [sides[i].sink for i in idx], run, ctx,
                                  [first[i] for i in idx], say)
-        repaired.update(zip(idx, done, strict=True))  # type: ignore[arg-type]
+        repaired.update(zip(idx, done, strict=True))
     todo: list[set[str] | None] = []
     for i, side in enumerate(sides):
         keys: set[str] = set(repaired[i]["partitions"]) if i in repaired else set()
