@@ -120,11 +120,11 @@ def main(args: argparse.Namespace) -> int:
     docs, rcs = [], []
     with open_flight(**flight_options(args)) as ep:
         # one pass over the source for every sink (read once per partition)
-        reports = verify(ep, urls, run_id=args.run, scales=scales,
+        got = verify(ep, urls, run_id=args.run, scales=scales,
                          cluster=None if args.in_process and not args.repair else cluster,
                          repair=args.repair, progress=None if args.quiet else _VerifyProgress(),
                          say=lambda line: print(f"dvidetl verify --repair: {line}", file=sys.stderr))
-    assert isinstance(reports, list)  # a list of sink URLs: one report per sink
+    reports = got if isinstance(got, list) else [got]  # a list of URLs: one report per sink
     for url, report in zip(urls, reports, strict=True):
         if several:
             print(f"sink {redact(url)}:", file=human(args))

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from distributed import Client
 
+    from dvidetl.export.endpoint import FlightEndpoint
     from dvidetl.export.kinds import Partition, RunInfo
     from dvidetl.flight.client import FlightClient
     from dvidetl.sinks.base import Sink
@@ -899,23 +900,28 @@ def _side(client: FlightClient, sink: Sink, run_id: str, scales) -> _Side:
             not_exported[k] = (f"not in this sink ({sink.url} stores the volume only); "
                                "another sink of the run holds it")
     parts = [p for p in _checked(run, scales) if takes(p.kind)]
-    side = _Side(sink, run, scales, not_exported, "blocks" in getattr(sink, "checks", {}), parts,
-                 set(), None, [p for p in parts if p.kind == "indices"])  # type: ignore[arg-type]
-    _refresh(client, side)
-    return side
+    idx_parts = [p for p in parts if p.kind == "indices"]
+    done, env = _ledger_env(client, sink, run, parts, idx_parts)
+    return _Side(sink, run, scales, not_exported, "blocks" in getattr(sink, "checks", {}), parts,
+                 done, env, idx_parts)
+
+
+def _ledger_env(client: FlightClient, sink: Sink, run: RunInfo, parts: list,
+                idx_parts: list) -> tuple[set, VerifyEnv]:
+    """The sink's committed partitions of ``run`` and the checks' environment, read afresh."""
+    done = sink.done(run.run_id)
+    bounds = np.array([p.lo for p in idx_parts], np.uint64) if idx_parts else None
+    bad0 = np.zeros(0, np.uint64)
+    if bounds is not None:
+        errs = sink.read("export_errors", scale=0, run_id=run.run_id, columns=["morton"])
+        if errs.num_rows:
+            bad0 = np.unique(errs.column("morton").to_numpy().astype(np.uint64))
+    return done, VerifyEnv(client.info(), bounds, bad0, frozenset(p.key for p in parts if p.key not in done))
 
 
 def _refresh(client: FlightClient, side: _Side) -> None:
-    """The side's ledger state and environment, read afresh (again after a repair)."""
-    side.done = side.sink.done(side.run.run_id)
-    bounds = np.array([p.lo for p in side.idx_parts], np.uint64) if side.idx_parts else None
-    bad0 = np.zeros(0, np.uint64)
-    if bounds is not None:
-        errs = side.sink.read("export_errors", scale=0, run_id=side.run.run_id, columns=["morton"])
-        if errs.num_rows:
-            bad0 = np.unique(errs.column("morton").to_numpy().astype(np.uint64))
-    side.env = VerifyEnv(client.info(), bounds, bad0,
-                         frozenset(p.key for p in side.parts if p.key not in side.done))
+    """The side's ledger state and environment, read again (after a repair)."""
+    side.done, side.env = _ledger_env(client, side.sink, side.run, side.parts, side.idx_parts)
 
 
 def _check_sides(client: FlightClient, sides: list[_Side], todo: list[set[str] | None], *,
@@ -995,7 +1001,7 @@ def _report(side: _Side, seconds: float) -> VerifyReport:
     return report
 
 
-def verify_exports(client: FlightClient, sinks: list[Sink], run_ids: Sequence[str | None] | None = None,
+def verify_exports(client: FlightClient, sinks: Sequence[Sink], run_ids: Sequence[str | None] | None = None,
                    scales=None, *, dask_client: Client | None = None, ctxs=None,
                    progress=None) -> list[VerifyReport]:
     """``verify_export`` of several sinks in one pass: each partition read from the source
@@ -1007,18 +1013,19 @@ def verify_exports(client: FlightClient, sinks: list[Sink], run_ids: Sequence[st
     return reports
 
 
-def _verify_sides(client: FlightClient, sinks: list[Sink], run_ids: Sequence[str | None] | None, scales,
-                  *, dask_client: Client | None = None, ctxs=None, progress=None):
+def _verify_sides(client: FlightClient, sinks: Sequence[Sink], run_ids: Sequence[str | None] | None,
+                  scales, *, dask_client: Client | None = None, ctxs=None,
+                  progress=None) -> tuple[list[VerifyReport], tuple[list[_Side], list[int], list | None]]:
+    """``verify_exports``, also returning the sides (for ``--repair``'s re-check)."""
     t0 = time.perf_counter()
     run_ids = list(run_ids) if run_ids is not None else [None] * len(sinks)
-    out: list[VerifyReport | None] = [None] * len(sinks)
+    out: list[VerifyReport] = [VerifyReport() for _ in sinks]
     sides: list[_Side] = []
     at: list[int] = []
     for i, (sink, rid) in enumerate(zip(sinks, run_ids, strict=True)):
         rid = rid or sink.latest_run()
         if rid is None:
-            missing = out[i] = VerifyReport(run_id=None)
-            missing.add(f"no run found in {sink.url} for {sink.instance}@{sink.uuid}")
+            out[i].add(f"no run found in {sink.url} for {sink.instance}@{sink.uuid}")
             continue
         sides.append(_side(client, sink, rid, scales))
         at.append(i)
@@ -1100,8 +1107,8 @@ def repair_partitions(dask_client: Client, sink: Sink | list[Sink], run: RunInfo
     from dvidetl.redact import redact
 
     several = isinstance(sink, (list, tuple))
-    sinks: list[Sink] = list(sink) if isinstance(sink, (list, tuple)) else [sink]
-    reports: list[VerifyReport] = list(report) if isinstance(report, (list, tuple)) else [report]
+    sinks = list(sink) if isinstance(sink, (list, tuple)) else [sink]
+    reports = list(report) if isinstance(report, (list, tuple)) else [report]
     redo, removed = [], []
     for s, rep in zip(sinks, reports, strict=True):
         bad = [p for p in run.partitions if p.key in rep.bad_partitions]
@@ -1160,7 +1167,7 @@ def verify(source, sink: str | Sequence[str], *, uuid: str | None = None, instan
     from dvidetl.sinks import open_sink
 
     several = not isinstance(sink, str)
-    urls: list[str] = [sink] if isinstance(sink, str) else list(sink)
+    urls = [sink] if isinstance(sink, str) else list(sink)
     if repair and scales is not None:
         raise UserError("--repair checks the whole export: drop --scales")
     with endpoint(source, uuid=uuid, instance=instance, token_file=token_file,
@@ -1195,8 +1202,8 @@ def verify(source, sink: str | Sequence[str], *, uuid: str | None = None, instan
     return reports if several else reports[0]
 
 
-def _repair(ep, dask_client: Client, sides: list[_Side], ctxs, reports: list[VerifyReport],
-            on: dict, say) -> list[VerifyReport]:
+def _repair(ep: FlightEndpoint, dask_client: Client, sides: list[_Side], ctxs: list | None,
+            reports: list[VerifyReport], on: dict, say) -> list[VerifyReport]:
     """``verify --repair`` after the first check: re-export what each differing sink has
     wrong (one pass per run, a partition read once for every sink that needs it), then
     check again only the partitions redone (the source read once per partition for all of
@@ -1215,6 +1222,7 @@ def _repair(ep, dask_client: Client, sides: list[_Side], ctxs, reports: list[Ver
         ctx = task_context(run, ep, tuple(sides[i].sink.url for i in idx))
         done = repair_partitions(dask_client, [sides[i].sink for i in idx], run, ctx,
                                  [first[i] for i in idx], say)
+        assert isinstance(done, list)  # lists in, a list out
         repaired.update(zip(idx, done, strict=True))
     todo: list[set[str] | None] = []
     for i, side in enumerate(sides):
