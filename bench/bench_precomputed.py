@@ -9,6 +9,10 @@ compare the ratios).
   two runs one after the other;
 * output bytes of the volume (the shard files: gzip'd cseg chunks plus their indices)
   beside the Parquet blocks files of the same export;
+* per block, single core: the transform as a Parquet partition runs it (with the zstd
+  payload) and as a precomputed-only one does (without: ``Sink.needs``), the cseg transcode,
+  the chunks' gzip, and the gzip levels 1..6 on the same chunks (time and KB a chunk: what
+  chose ``codec.ngshard.GZIP_LEVEL``);
 * peak worker memory while one task writes one shard (RSS sampled inside the task, fresh
   warmed worker), per shard size, beside the same blocks into Parquet.
 
@@ -80,17 +84,18 @@ def _measured(client, ep, url: str, parts_of) -> tuple[int, int, int]:
 
 
 def _stages(ep, bits: tuple[int, int]) -> list[dict]:
-    """Where a precomputed partition's time goes, in this process, single core, per block of
-    one shard: the transform every sink shares (repack, map, zstd payload; ``raw`` kept),
-    then the sink's own cseg transcode and gzip of the chunks (``data_encoding`` gzip) —
-    against the transform alone, which is nearly all a Parquet partition costs before its
-    file write."""
+    """Where a partition's time goes, in this process, single core, per block of one shard:
+    the transform as a Parquet partition runs it (repack, map, zstd payload) and as a
+    precomputed-only partition does (no payload: ``Sink.needs``; the unwrapped blocks kept),
+    then the precomputed sink's own cseg transcode and gzip of the chunks (``data_encoding``
+    gzip at ``codec.ngshard.GZIP_LEVEL``); and the gzip levels 1..6 on the same chunks, time
+    and bytes, which chose that level."""
     import numpy as np
     import pyarrow as pa
 
     from bench.bench_codec import _interleaved, _row
     from dvidetl.codec.cseg import encode_chunks
-    from dvidetl.codec.ngshard import chunk_shapes, derive_info
+    from dvidetl.codec.ngshard import GZIP_LEVEL, chunk_shapes, derive_info
     from dvidetl.codec.wrapper import wrap
     from dvidetl.export.transform import transform_blocks
 
@@ -101,25 +106,42 @@ def _stages(ep, bits: tuple[int, int]) -> list[dict]:
     batches = list(ep.client.read_blocks(0, lo, hi))
     sc = derive_info(ep.info.scales, (8, 8, 8), preshift_bits=bits[0], minishard_bits=bits[1])["scales"][0]
 
-    def transform():
+    def transform(payload: bool, raw: bool):
         data, _ = transform_blocks(iter(batches), ep.info.codec, ep.client.map_supervoxels, scale=0,
-                                   grid=tuple(si.grid), lo=lo, hi=hi, keep_raw=True)
+                                   grid=tuple(si.grid), lo=lo, hi=hi, keep_raw=raw, keep_payload=payload)
         return pa.concat_tables(list(data.batches()))
 
-    t = transform()
+    t = transform(False, True)
     n = t.num_rows
     shapes = chunk_shapes(*(t.column(c).to_numpy() for c in "xyz"), sc)
     enc = encode_chunks(t.column("raw"), t.column("labels"), shapes)
-    times = _interleaved({
-        "transform": transform,
+    chunks = [enc[r] for r in range(len(enc)) if enc.ok[r] and not enc.background[r]]
+    levels = range(1, 7)
+    fns = {
+        "transform (parquet: payload)": lambda: transform(True, False),
+        "transform (precomputed: raw, no payload)": lambda: transform(False, True),
         "cseg": lambda: encode_chunks(t.column("raw"), t.column("labels"), shapes),
-        "gzip": lambda: [wrap(enc[r], "gzip") for r in range(len(enc))],
-    }, rounds=3)
-    per = {k: 1e6 * times[k] / n for k in ("transform", "cseg", "gzip")}
-    return [_row(f"stage per block, {n}-block shard: {k}", per[k], "us/block",
-                 "transform (shared with parquet)", per["transform"], ratio=per[k] / per["transform"])
-            for k in ("cseg", "gzip")] + [
-        _row(f"stage per block, {n}-block shard: transform", per["transform"], "us/block")]
+        **{f"gzip {lv}": (lambda lv=lv: [wrap(c, "gzip", level=lv) for c in chunks]) for lv in levels},
+    }
+    times = _interleaved(fns, rounds=3)
+    per = {k: 1e6 * v / n for k, v in times.items()}
+    tab = per["transform (parquet: payload)"]
+    rows = [_row(f"stage per block, {n}-block shard: transform (parquet: payload)", tab, "us/block")]
+    for k in ("transform (precomputed: raw, no payload)", "cseg", f"gzip {GZIP_LEVEL}"):
+        name = k if not k.startswith("gzip") else f"gzip (level {GZIP_LEVEL})"
+        rows.append(_row(f"stage per block: {name}", per[k], "us/block",
+                         "transform (parquet: payload)", tab, ratio=per[k] / tab))
+    pc_total = sum(per[k] for k in ("transform (precomputed: raw, no payload)", "cseg", f"gzip {GZIP_LEVEL}"))
+    rows.append(_row("stages per block: precomputed, all", pc_total, "us/block",
+                     "transform (parquet: payload)", tab, ratio=pc_total / tab))
+    raw_bytes = sum(len(c) for c in chunks)
+    for lv in levels:
+        nbytes = sum(len(wrap(c, "gzip", level=lv)) for c in chunks)
+        us = 1e6 * times[f"gzip {lv}"] / len(chunks)
+        rows.append(_row(f"chunk gzip level {lv}: {nbytes / len(chunks) / 1e3:.2f} KB/chunk", us, "us/chunk",
+                         "level 6", 1e6 * times["gzip 6"] / len(chunks),
+                         bytes=nbytes, cseg_bytes=raw_bytes, chosen=lv == GZIP_LEVEL))
+    return rows
 
 
 def run() -> list[dict]:

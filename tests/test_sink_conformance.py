@@ -62,7 +62,7 @@ def test_a_sink_that_needs_raw_blocks_gets_the_unwrapped_bytes(tmp_path, shared_
     got = {}
 
     class RawSink(ParquetSink):
-        needs = frozenset({"raw"})
+        needs = ParquetSink.needs | {"raw"}
 
         def write_partition(self, run_id, part, data, stats):
             assert isinstance(data, BlockData)
@@ -99,6 +99,55 @@ def test_a_sink_that_needs_raw_blocks_gets_the_unwrapped_bytes(tmp_path, shared_
         assert n == sum(p.blocks for p in parts) > 0
         # the tabular sink of the same task stored the same blocks (read once, both written)
         assert plain.read("blocks", run_id="r1").num_rows == n
+    finally:
+        _SINKS.clear()
+        ep.close()
+
+
+def test_a_precomputed_only_partition_is_never_given_payloads(tmp_path):
+    """``Sink.needs`` decides what the transform makes: a partition whose only sink is the
+    volume gets the unwrapped blocks and no zstd payloads (half the transform's cost, which
+    a volume never reads); with a tabular sink beside it the same task makes both, once."""
+    import json
+
+    from dvidetl.export.endpoint import FlightEndpoint
+    from dvidetl.export.kinds import RunInfo
+    from dvidetl.export.planning import make_plan
+    from dvidetl.export.tasks import _SINKS, export_partition, task_context
+    from dvidetl.flight.server import start_server
+    from dvidetl.sinks import open_sink
+    from dvidetl.sinks.precomputed import PrecomputedSink
+    from dvidetl.sources import open_source
+
+    seen: list[tuple[str, ...]] = []
+
+    class Capture(PrecomputedSink):
+        def write_partition(self, run_id, part, data, stats):
+            seen.append(tuple(data.schema.names))
+            super().write_partition(run_id, part, data, stats)
+
+    src = open_source("synthetic://needs?size=256,256,128&scales=1&seed=4")
+    server = start_server(src)
+    ep = FlightEndpoint(server.location, None, "needs", None, server, src)
+    try:
+        for i, extra in enumerate(((), (f"parquet://{tmp_path}/pq",))):
+            vol = f"precomputed://{tmp_path}/vol{i}"
+            cap = Capture(vol, uuid=ep.info.uuid, instance=ep.instance)
+            parts = make_plan(ep.info, ep.client.count, [0], 8, indices=False, mapping=False, anomalies=False,
+                              cells=cap.plan_cells(ep.info))
+            run = RunInfo(f"r{i}", ep.info.uuid, ep.instance, parts, volume=json.loads(ep.info.to_json()))
+            ctx = task_context(run, ep, (vol, *extra))
+            _SINKS[(vol, ctx.uuid, ctx.instance)] = cap
+            cap.prepare(run)
+            for u in extra:
+                open_sink(u, uuid=ctx.uuid, instance=ctx.instance).prepare(run)
+            seen.clear()
+            for p in parts:
+                assert not export_partition(ctx, p).skipped and cap.is_done(run.run_id, p)
+            assert len(seen) == len(parts) > 0
+            want_payload = bool(extra)
+            assert all(("payload" in names) == want_payload and "raw" in names for names in seen), seen
+            assert list((tmp_path / f"vol{i}").rglob("*.shard"))
     finally:
         _SINKS.clear()
         ep.close()

@@ -180,3 +180,74 @@ def test_errors_table_rows_exactly():
                     (7, 0, 3, b"a" * 64, 10, "r7"), (7, 1, 3, b"a" * 64, 10, "r7"), (7, 2, 3, b"aa", 10, "r7")]
     assert set(t.column("run_id").to_pylist()) == {"run-1"} and set(t.column("scale").to_pylist()) == {2}
     assert set(t.column("stage").to_pylist()) == {"repack"} and t.column("z").to_pylist()[0] == 31
+
+
+def test_transform_makes_only_the_columns_its_sinks_need(monkeypatch):
+    """``keep_payload`` / ``keep_raw`` (the union of the partition's ``Sink.needs``): a column
+    nobody asked for is absent, not empty; every other column is the same whatever was asked;
+    without payloads the zstd step never runs (the payload bytes leave ``bytes_out``), and a
+    duplicate's bytes are the unwrapped block instead of its payload."""
+    import importlib
+
+    from dvidetl.export.batch import BASE_COLUMNS, block_schema
+
+    rng = np.random.default_rng(5)
+    raws = [encode_block(_volume(rng, k)) for k in (3, 400, 1)]
+    coords = [(0, 0, 0), (1, 0, 0), (2, 1, 0)]
+    b = _batch([wrap(r, "gzip") for r in raws] + [wrap(raws[1], "gzip")], coords + [coords[1]])  # 1 repeated
+    kw = dict(scale=0, grid=GRID, lo=0, hi=512)
+
+    def run(payload, raw):
+        data, st = transform_blocks([b], "gzip", lambda s: s + np.uint64(9), keep_payload=payload, keep_raw=raw, **kw)
+        t = pa.concat_tables(list(data.batches()))
+        return t, data, st
+
+    full, _, st_full = run(True, True)
+    assert full.schema == block_schema({"payload", "raw"})
+
+    def no_zstd(level):
+        raise AssertionError("zstd ran for a partition whose sinks need no payload")
+
+    # (the package's ``repack`` name is the function; the module holds the compressor cache)
+    monkeypatch.setattr(importlib.import_module("dvidetl.codec.repack"), "_cctx", no_zstd)
+    only_raw, data, st = run(False, True)
+    assert only_raw.schema == block_schema({"raw"}) and "payload" not in only_raw.schema.names
+    assert data.lacks({"payload"}) == ["payload"] and data.lacks({"raw"}) == []
+    for c in BASE_COLUMNS.names + ["raw"]:
+        assert only_raw.column(c).equals(full.column(c)), c
+    assert [r for r in only_raw.column("raw").to_pylist()] == [raws[0], raws[1], raws[2]]
+    payload_bytes = sum(len(p) for p in full.column("payload").to_pylist())
+    assert st.blocks == st_full.blocks == 3 and st_full.bytes_out - st.bytes_out == payload_bytes > 0
+    assert st.raw_bytes == st_full.raw_bytes
+    assert data.failed.column("stage").to_pylist() == ["duplicate"]
+    assert data.failed.column("data").to_pylist() == [raws[1]]  # the unwrapped block, no payload made
+
+    neither, data0, _ = run(False, False)
+    assert neither.schema == BASE_COLUMNS
+    assert data0.failed.column("data").to_pylist() == [None]  # no bytes kept at all: null, said so
+    monkeypatch.undo()
+    only_payload, _, _ = run(True, False)
+    assert only_payload.schema == block_schema({"payload"})
+    assert only_payload.column("payload").equals(full.column("payload"))
+    with pytest.raises(ValueError, match="unknown block data needs"):
+        block_schema({"payload", "voxels"})
+
+
+def test_a_sink_reading_a_column_it_did_not_ask_for_is_refused(tmp_path):
+    """The contract's other half: the transform made no payload (no sink of the partition
+    declared it), so a tabular sink handed that data refuses before it writes anything,
+    naming what is missing — never a KeyError deep in the cell cutter, never a partial write."""
+    from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
+    from dvidetl.sinks import open_sink
+
+    ok = wrap(encode_block(np.ones((64, 64, 64), np.uint64)), "gzip")
+    data, st = transform_blocks([_batch([ok], [(1, 0, 0)])], "gzip", lambda s: s, scale=0, grid=GRID,
+                                lo=0, hi=512, keep_payload=False, keep_raw=True)
+    part = Partition("blocks", 0, 0, 512, blocks=1)
+    sink = open_sink(f"parquet://{tmp_path}/pq", uuid="u1", instance="seg")
+    assert sink.needs == {"payload"}
+    sink.prepare(RunInfo("r1", "u1", "seg", [part]))
+    with pytest.raises(ValueError, match=r"lacks \['payload'\].*declares \['payload'\]"):
+        sink.write_partition("r1", part, data, PartitionStats(part.key, "blocks", blocks=1))
+    assert not sink.is_done("r1", part)
+    assert not list((tmp_path / "pq").rglob("*.parquet")) or sink.read("blocks", run_id="r1").num_rows == 0

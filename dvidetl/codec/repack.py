@@ -7,6 +7,10 @@ per-row Python is the loop around the C library calls (inflate, zstd); parsing, 
 counting and the table/body copies are one numba pass over the concatenated buffer. A
 corrupt row gets a reason in ``errors`` and NULL elsewhere; its neighbours are unaffected.
 
+With ``payload=False`` the zstd step is skipped (``Repacked.payload`` is None): it is about half
+of the cost, and a caller that only transcodes the unwrapped blocks (``keep_raw``) never reads
+it.
+
 ``restore_block(supervoxels, payload)`` inverts it exactly: the original unwrapped block.
 """
 
@@ -33,7 +37,7 @@ class Repacked:
 
     supervoxels: pa.ListArray  # list<uint64>: the block's label table, stored order
     sv_voxels: pa.ListArray  # list<uint32>: voxels per table entry
-    payload: pa.BinaryArray  # zstd frame of the body, data[:16] + data[16 + 8N:]
+    payload: pa.BinaryArray | None  # zstd frame of the body, data[:16] + data[16 + 8N:] (None: not asked)
     raw_size: pa.UInt32Array  # length of the unwrapped block
     crc32: pa.UInt32Array  # zlib.crc32 of the unwrapped block
     errors: pa.StringArray  # null = ok, else the reason
@@ -105,10 +109,13 @@ def repack(
     *,
     zstd_level: int = 3,
     keep_raw: bool = False,
+    payload: bool = True,
 ) -> Repacked:
     """Unwrap, validate, split, count and zstd every block of ``wrapped`` (see module doc).
     ``keep_raw``: also return the unwrapped blocks (``Repacked.raw``), for callers that
-    transcode whole blocks (one copy of the unwrapped batch; not made otherwise)."""
+    transcode whole blocks (one copy of the unwrapped batch; not made otherwise).
+    ``payload=False``: no zstd payloads (``Repacked.payload`` is None); the blocks are still
+    validated completely."""
     if isinstance(wrapped, pa.ChunkedArray):
         wrapped = wrapped.combine_chunks()
     if not (pa.types.is_binary(wrapped.type) or pa.types.is_large_binary(wrapped.type)):
@@ -172,20 +179,23 @@ def repack(
         errors[r] = describe_error(info[r])
 
     raw_size = (offs[1:] - offs[:-1]).astype(np.uint32)
-    compress = _cctx(zstd_level).compress
-    zparts: list[bytes] = []
-    zsizes = [0] * n
-    bsl = body_start.tolist()
-    ol = offs.tolist()
-    for r in np.flatnonzero(good).tolist():
-        z = compress(smv[bsl[r] : ol[r + 1]])
-        zparts.append(z)
-        zsizes[r] = len(z)
-    zoffs = np.zeros(n + 1, np.int64)
-    np.cumsum(zsizes, out=zoffs[1:])
-    zdata = b"".join(zparts)
-    if zoffs[-1] > np.iinfo(np.int32).max or sv_offs[-1] > np.iinfo(np.int32).max:
+    if sv_offs[-1] > np.iinfo(np.int32).max:
         raise ValueError("repack: batch too large for 32-bit Arrow offsets; split it")
+    if payload:
+        compress = _cctx(zstd_level).compress
+        zparts: list[bytes] = []
+        zsizes = [0] * n
+        bsl = body_start.tolist()
+        ol = offs.tolist()
+        for r in np.flatnonzero(good).tolist():
+            z = compress(smv[bsl[r] : ol[r + 1]])
+            zparts.append(z)
+            zsizes[r] = len(z)
+        zoffs = np.zeros(n + 1, np.int64)
+        np.cumsum(zsizes, out=zoffs[1:])
+        zdata = b"".join(zparts)
+        if zoffs[-1] > np.iinfo(np.int32).max:
+            raise ValueError("repack: batch too large for 32-bit Arrow offsets; split it")
 
     bad = ~good
     n_bad = int(bad.sum())
@@ -199,7 +209,7 @@ def repack(
         n,
         [validity, pa.py_buffer(zoffs.astype(np.int32)), pa.py_buffer(zdata)],
         null_count=n_bad,
-    )
+    ) if payload else None
     raw_blocks: pa.BinaryArray | None = None
     if raw_copy is not None:
         if offs[-1] > np.iinfo(np.int32).max:

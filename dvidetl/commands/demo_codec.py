@@ -86,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
     vols = [decode_block(b) for b in blocks]
     wrapped = pa.array([wrap(b, "gzip") for b in blocks], pa.binary())
     rep = repack(wrapped, "gzip")
+    assert rep.payload is not None  # repack(payload=True), the default
     exact = all(
         restore_block(rep.supervoxels[i].values.to_numpy(), rep.payload[i].as_py()) == blocks[i]
         for i in range(n)

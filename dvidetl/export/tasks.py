@@ -234,7 +234,7 @@ def blocks_task(client: FlightClient, ctx: TaskContext, part: Partition, *,
     data, st = transform_blocks(
         ProgressReporter(part.kind).blocks_of(part.read(client)), ctx.codec, client.map_supervoxels,
         scale=part.scale, grid=grid, lo=part.lo, hi=part.hi, zstd_level=ctx.zstd_level,
-        keep_raw="raw" in needs, spill_dir=_spill_dir())
+        keep_raw="raw" in needs, keep_payload="payload" in needs, spill_dir=_spill_dir())
     stats = PartitionStats(
         part.key, part.kind, blocks=st.blocks, rows=st.blocks, errors=st.errors,
         bytes_in=st.bytes_in, bytes_out=st.bytes_out, raw_bytes=st.raw_bytes,

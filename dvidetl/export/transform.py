@@ -3,8 +3,11 @@
 Per partition, never per block in Python:
 
 1. ``dvidetl.codec.repack`` per record batch (unwrap, validate, split the label table off,
-   count voxels per entry, zstd the rest: the payload; with ``keep_raw`` also the unwrapped
-   block bytes, for a sink that transcodes blocks) — numba + C over whole buffers;
+   count voxels per entry; with ``keep_payload`` zstd the rest: the payload, for the tabular
+   sinks; with ``keep_raw`` also the unwrapped block bytes, for a sink that transcodes
+   blocks) — numba + C over whole buffers. Only what the partition's sinks need is made
+   (``Sink.needs``): the payload is about half the transform's cost and a volume sink never
+   reads it;
 2. one vectorized supervoxel -> body lookup per group of about ``GROUP_BYTES`` (``mapper``
    is the Flight client's ``DoExchange("map")`` on the group's unique supervoxels: one round
    trip per 8 MiB of repacked blocks, so a partition asks the mapping a few times at most);
@@ -24,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dvidetl.export.batch import BLOCK_BATCH, BLOCK_BATCH_RAW, FAILED_BLOCKS, BlockData
+from dvidetl.export.batch import FAILED_BLOCKS, BlockData, block_schema
 from dvidetl.export.spill import SPILL_BYTES, SpillBudget, SpilledTable
 from dvidetl.geometry import Vec3, morton_encode
 from dvidetl.tables import schema as S
@@ -41,7 +44,7 @@ class TransformStats:
     blocks: int = 0  # blocks exported
     errors: int = 0  # blocks that failed
     bytes_in: int = 0  # wrapped bytes received
-    bytes_out: int = 0  # zstd payload + list bytes handed to the sinks
+    bytes_out: int = 0  # zstd payload (when made) + list bytes handed to the sinks
     raw_bytes: int = 0  # unwrapped DVID block bytes of the exported blocks
 
 
@@ -100,7 +103,8 @@ def _concat_parts(parts: list[dict]) -> dict:
         sv_voxels=pa.concat_arrays([p["sv_voxels"].cast(pa.list_(pa.uint32())) for p in parts]),
         raw_size=np.concatenate([p["raw_size"] for p in parts]),
         crc32=np.concatenate([p["crc32"] for p in parts]),
-        payload=pa.concat_arrays([p["payload"].cast(pa.binary()) for p in parts]),
+        **({"payload": pa.concat_arrays([p["payload"].cast(pa.binary()) for p in parts])}
+           if "payload" in parts[0] else {}),
         **({"raw": pa.concat_arrays([p["raw"].cast(pa.binary()) for p in parts])} if "raw" in parts[0] else {}),
     )
 
@@ -121,12 +125,15 @@ def _drop_duplicates(g: dict, seen: np.ndarray, err_parts: list[dict]) -> dict:
     if not dup.any():
         return g
     n = int(dup.sum())
-    # the original bytes are not kept past repack; report the zstd payload instead
+    # the original bytes are not kept past repack; report the zstd payload (or the unwrapped
+    # block, when no sink asked for payloads) instead
+    kept = g["payload"] if "payload" in g else g.get("raw")
+    data = kept.filter(pa.array(dup)) if kept is not None else pa.nulls(n, pa.binary())
     err_parts.append(
         dict(x=g["x"][dup], y=g["y"][dup], z=g["z"][dup], morton=m[dup],
              stage=np.full(n, "duplicate", dtype=object),
              reason=np.full(n, "block served twice in one partition", dtype=object),
-             data=g["payload"].filter(pa.array(dup)))
+             data=data)
     )
     keep_np = ~dup
     keep = pa.array(np.flatnonzero(keep_np))
@@ -161,6 +168,7 @@ def transform_blocks(
     hi: int,
     zstd_level: int = 3,
     keep_raw: bool = False,
+    keep_payload: bool = True,
     group_bytes: int = GROUP_BYTES,
     spill_dir: str | None = None,
     spill_bytes: int = SPILL_BYTES,
@@ -170,8 +178,10 @@ def transform_blocks(
     A block fails when ``repack`` reports an error (stage ``repack``), when its Morton code
     does not match its coordinates or lies outside ``[lo, hi)`` (stage ``validate``), or when
     it repeats a Morton code of the partition (stage ``duplicate``). Everything else is
-    exported, in Morton order. ``keep_raw``: the exported blocks carry their unwrapped DVID
-    bytes too (``raw``), for a sink that transcodes blocks.
+    exported, in Morton order. ``keep_payload``: the exported blocks carry the zstd
+    ``payload`` (the tabular sinks store it); ``keep_raw``: their unwrapped DVID bytes
+    (``raw``), for a sink that transcodes blocks. A column not asked for is absent
+    (``export.batch.block_schema``).
 
     Batches are gathered into groups of about ``group_bytes`` repacked bytes; each group is
     mapped on its own and only its output is kept (one table chunk per group), so the working
@@ -188,7 +198,7 @@ def transform_blocks(
     parts: list[dict] = []
     part_bytes = 0
     err_parts: list[dict] = []
-    schema = BLOCK_BATCH_RAW if keep_raw else BLOCK_BATCH
+    schema = block_schema({n for n, on in (("payload", keep_payload), ("raw", keep_raw)) if on})
     out = SpillBudget(spill_bytes).table("blocks", schema, spill_dir)
     last = -1  # Morton code of the last block kept
     unordered = False  # groups came out of Morton order (only a direct caller can do that)
@@ -206,7 +216,7 @@ def transform_blocks(
         labels = map_lists(g["supervoxels"], mapper)
         stats.raw_bytes += int(g["raw_size"].astype(np.int64).sum())
         stats.bytes_out += (
-            int(pc.sum(pc.binary_length(g["payload"])).as_py() or 0)
+            (int(pc.sum(pc.binary_length(g["payload"])).as_py() or 0) if keep_payload else 0)
             + 2 * int(_list_nbytes(g["supervoxels"]).sum()) + int(_list_nbytes(g["sv_voxels"]).sum())
         )
         stats.blocks += n
@@ -219,8 +229,9 @@ def transform_blocks(
             "morton": pa.array(np.asarray(m, np.uint64)),
             "supervoxels": g["supervoxels"], "labels": labels, "sv_voxels": g["sv_voxels"],
             "raw_size": pa.array(g["raw_size"]), "crc32": pa.array(g["crc32"]),
-            "payload": g["payload"],
         }
+        if keep_payload:
+            cols["payload"] = g["payload"]
         if keep_raw:
             cols["raw"] = g["raw"]
         out.append(pa.table(cols, schema=schema))
@@ -235,7 +246,7 @@ def transform_blocks(
             y = batch.column("y").to_numpy().astype(np.int32)
             z = batch.column("z").to_numpy().astype(np.int32)
             m = batch.column("morton").to_numpy().astype(np.uint64)
-            rp = repack(data, codec, zstd_level=zstd_level, keep_raw=keep_raw)
+            rp = repack(data, codec, zstd_level=zstd_level, keep_raw=keep_raw, payload=keep_payload)
             errs = rp.errors
             bad = np.asarray(pc.is_valid(errs)) if errs.null_count != len(errs) else np.zeros(len(m), bool)
             reasons = np.asarray(errs.to_numpy(zero_copy_only=False), dtype=object)
@@ -264,14 +275,18 @@ def transform_blocks(
                 supervoxels=rp.supervoxels.take(keep), sv_voxels=rp.sv_voxels.take(keep),
                 raw_size=rp.raw_size.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
                 crc32=rp.crc32.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
-                payload=rp.payload.take(keep),
             )
+            if keep_payload:
+                assert rp.payload is not None  # repack(payload=True) returns it
+                part["payload"] = rp.payload.take(keep)
             if keep_raw:
                 assert rp.raw is not None  # repack(keep_raw=True) returns it
                 part["raw"] = rp.raw.take(keep)
             del rp, data, batch
             parts.append(part)
-            part_bytes += sum(part[k].nbytes for k in ("supervoxels", "sv_voxels", "payload"))
+            # the group's size: its lists and payloads (the unwrapped blocks when there are none)
+            part_bytes += sum(part[k].nbytes for k in ("supervoxels", "sv_voxels",
+                                                       "payload" if keep_payload else "raw") if k in part)
             if part_bytes >= group_bytes:
                 flush()
         if parts:

@@ -16,7 +16,8 @@ Who calls what:
   ``write_partition(run_id, part, data, stats)`` — ``data`` is the typed partition data of
   ``export.batch`` (blocks as ``BlockData``, which a tabular sink cuts into cells for the
   run's cell limit, ``cell_limit(run_id)``; the keyed kinds' rows as tables), and what the
-  transform must add for this sink is in ``needs`` (``raw``: the unwrapped block bytes).
+  transform must add for this sink is in ``needs`` (``payload``: the zstd block body a tabular
+  sink stores; ``raw``: the unwrapped block bytes a volume sink transcodes).
 * readers / verify: ``read(table, scale=, morton_range=)``, ``latest_run()``.
 * the run's lifecycle (``docs/runs.md``): ``update_run(run)`` stores its record (state,
   result, verify outcome); ``finish(run)`` once every partition is committed publishes a
@@ -100,8 +101,12 @@ class Sink(abc.ABC):
     url: str
     uuid: str
     instance: str
-    #: what a blocks partition's data must carry for this sink besides the default columns
-    #: (``export.batch.NEEDS``: ``"raw"``, the unwrapped DVID block bytes)
+    #: what a blocks partition's data must carry for this sink besides the base columns
+    #: (``export.batch.NEEDS``: ``"payload"``, the zstd block body without its label table,
+    #: which a tabular sink stores; ``"raw"``, the unwrapped DVID block bytes, which a volume
+    #: sink transcodes). The transform makes only what some sink of the partition needs (the
+    #: payload is about half its cost), so a sink reading a column it did not declare is
+    #: refused by ``check_data``
     needs: frozenset[str] = frozenset()
     #: the partition kinds this sink stores (None: every kind). A run plans a keyed kind
     #: only when a sink of it takes the kind, and a task hands a partition only to the sinks
@@ -264,13 +269,18 @@ class Sink(abc.ABC):
         binary or list cell may hold in this sink's tables."""
         return self.load_run(run_id).options.cell_limit
 
-    @staticmethod
-    def check_data(part: Partition, data: PartitionData) -> None:
-        """A blocks partition hands ``BlockData``; a keyed one only its kind's tables."""
+    def check_data(self, part: Partition, data: PartitionData) -> None:
+        """A blocks partition hands ``BlockData`` carrying what this sink ``needs``; a keyed
+        one only its kind's tables."""
         spec = kind(part.kind)
         if isinstance(data, BlockData):
             if "blocks" not in spec.tables:
                 raise ValueError(f"partition kind {part.kind!r} does not write blocks")
+            missing = data.lacks(self.needs)
+            if missing:
+                raise ValueError(f"{type(self).__name__}: partition {part.key}'s block data lacks "
+                                 f"{missing} (made only for the sinks that declare them in Sink.needs; "
+                                 f"this sink declares {sorted(self.needs)})")
             return
         unknown = set(data) - set(spec.tables)
         if unknown:

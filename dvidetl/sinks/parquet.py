@@ -81,6 +81,8 @@ def _safe(name: str, what: str) -> str:
 class ParquetSink(Sink):
     """``parquet://DIR`` for one (uuid, instance)."""
 
+    needs = frozenset({"payload"})  # blocks rows store the zstd payload (cut into cells)
+
     def __init__(self, base: str | os.PathLike, *, uuid: str, instance: str, url: str | None = None):
         self.base = Path(base)
         self.uuid = uuid

@@ -21,7 +21,15 @@ The ``info``: from ``spec`` completed by ``codec.ngshard.complete_info`` (an abs
 aligned box of up to 32,768 chunks). Every scale the source has is written; source scale
 ``s`` is ``info.scales[s]``. Chunks are ``compressed_segmentation`` transcoded from the DVID
 blocks without decoding voxels (``codec.cseg``), edge chunks at their clipped size;
-all-background chunks are not written (readers return 0 for them).
+all-background chunks are not written (readers return 0 for them). A gzip ``data_encoding``
+is written at libdeflate level 1 (``codec.ngshard.GZIP_LEVEL``): measured on the bench
+volume, level 6 makes chunks ~10% smaller at ~2.5x the time, and the gzip of every chunk was
+then the largest cost of a partition after the transcode (``python -m bench precomputed``
+prints the sweep of levels 1..6, time and bytes).
+
+Costs per block: a partition whose sinks are all precomputed asks the transform only for the
+unwrapped blocks (``needs = {"raw"}``), never for the zstd payload the tabular sinks store
+(about half of the shared transform's time).
 
 Exactly once: the planner makes every blocks partition exactly one shard (``plan_cells``:
 with ``hash: identity`` a shard is one aligned Morton range of 2^(preshift+minishard)
@@ -84,7 +92,7 @@ def _dir_of(url: str) -> str:
 class PrecomputedSink(ParquetSink):
     """``precomputed://DIR`` for one (uuid, instance); see the module docstring."""
 
-    needs = frozenset({"raw"})
+    needs = frozenset({"raw"})  # transcodes the unwrapped blocks; never reads the zstd payload
     kinds = frozenset({"blocks", "anomalies"})
     checks = {"blocks": "dvidetl.read.verify:verify_volume_partition"}
 

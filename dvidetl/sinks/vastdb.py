@@ -115,6 +115,8 @@ def _reason(exc: BaseException) -> str:
 class VastDBSink(Sink):
     """``vastdb://HOST[:PORT]/BUCKET/SCHEMA`` for one (uuid, instance)."""
 
+    needs = frozenset({"payload"})  # blocks rows store the zstd payload (cut into cells)
+
     def __init__(self, url: str, *, uuid: str, instance: str):
         self.url = url
         self.uuid = uuid
