@@ -102,6 +102,7 @@ def test_transform_rejects_duplicates_and_out_of_range():
     b = _batch([ok, ok], [(1, 0, 0), (1, 0, 0)])
     tables, st = transform_tables([b], "gzip", lambda s: s, scale=0, grid=GRID, lo=0, hi=512, run_id="r")
     assert st.blocks == 1 and tables["export_errors"].column("stage").to_pylist() == ["duplicate"]
+    assert tables["export_errors"].column("reason").to_pylist() == ["block served twice in one partition"]
     tables, st = transform_tables([b], "gzip", lambda s: s, scale=0, grid=GRID, lo=2, hi=512, run_id="r")
     assert st.blocks == 0 and st.errors == 2
 
