@@ -261,7 +261,7 @@ def test_batches_out_of_morton_order_come_out_sorted(tmp_path, spill):
     from dvidetl.export.spill import SpilledTable, close_tables
 
     vols = [encode_block(np.full((64, 64, 64), k, np.uint64)) for k in (1, 2, 3)]
-    coords = [(3, 0, 0), (0, 1, 0), (1, 0, 0)]  # Morton codes out of order
+    coords = [(3, 0, 0), (1, 0, 0), (0, 1, 0)]  # Morton 9, 1, 2: out of order, the last pair in order
     batches = [_batch([wrap(v, "gzip")], [c]) for v, c in zip(vols, coords, strict=True)]
     kw = dict(spill_dir=str(tmp_path), spill_bytes=1) if spill else {}
     data, st = transform_blocks(batches, "gzip", lambda s: s, scale=0, grid=GRID, lo=0, hi=512,
