@@ -294,3 +294,18 @@ def test_map_lists_asks_each_supervoxel_once():
     assert calls == [[3, 5, 7]]
     assert got.to_pylist() == [[50, 30], [30, 70], None, [50], []]
     assert map_lists(pa.array([], pa.list_(pa.uint64())), mapper).to_pylist() == [] and len(calls) == 1
+
+
+def test_zstd_level_reaches_the_payloads(shared_data):
+    """``zstd_level`` is the level the payloads are compressed at (a higher level, a smaller
+    payload of the real fib19 block), and every level restores the same bytes."""
+    raw = gzip.decompress((shared_data / "dvid" / "fib19-64x64x64-sample1-block.dat.gz").read_bytes())
+    b = _batch([wrap(raw, "gzip")], [(1, 0, 0)])
+    sizes = {}
+    for level in (1, 19):
+        data, _ = transform_blocks([b], "gzip", lambda s: s, scale=0, grid=GRID, lo=0, hi=512, zstd_level=level)
+        t = data.blocks
+        payload = t.column("payload")[0].as_py()
+        assert restore_block(np.asarray(t.column("supervoxels")[0].as_py(), np.uint64), payload) == raw
+        sizes[level] = len(payload)
+    assert sizes[19] < sizes[1]
