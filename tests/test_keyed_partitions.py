@@ -118,8 +118,8 @@ def test_server_without_count_keys_gives_one_partition_each(caplog):
     src = NoCountKeys(open_source("synthetic://nk?size=256,256,128&scales=1"))
     with start_server(src) as srv, FlightClient(srv.location) as c:
         parts = make_plan(c.info(), c.count, None, None, count_keys=c.count_keys)
-    keyed = [(p.kind, p.lo, p.hi) for p in parts if p.kind != "blocks"]
-    assert keyed == [("indices", 0, KEY_END - 1), ("mapping", 0, KEY_END - 1)]
+    keyed = [(p.kind, p.scale, p.lo, p.hi) for p in parts if p.kind != "blocks"]
+    assert keyed == [("indices", 0, 0, KEY_END - 1), ("mapping", 0, 0, KEY_END - 1)]
     assert "cannot count" in caplog.text
 
 

@@ -110,3 +110,28 @@ def vast_sink(request, server, sim):
     with environ(VASTDB_ACCESS_KEY=T.ACCESS, VASTDB_SECRET_KEY=T.SECRET):
         export_in_process(server.location, url)
         yield open_sink(url, uuid=UUID, instance="segmentation")
+
+
+def test_planning_says_what_it_counts(server):
+    """The planning status line (``Planning.doing``) names what the source is counting now —
+    the label indices' rows (which a generated volume builds first) or the mapping pairs —
+    and each count's deadline grows with the blocks counted so far."""
+    from dvidetl.export.endpoint import FlightEndpoint
+    from dvidetl.export.options import RunOptions
+    from dvidetl.export.planning import PLAN_S_PER_BLOCK, Planning
+    from dvidetl.geometry import KEY_END
+
+    ep = FlightEndpoint(server.location, None, UUID, None)
+    try:
+        p = Planning(ep, RunOptions())
+        assert p.deadline() == float(ep.client.timeout)
+        p._count(0, 6)
+        assert p.doing == "counting the blocks of scale 0" and p.blocks > 100
+        assert p.deadline() == float(ep.client.timeout) + PLAN_S_PER_BLOCK * p.blocks
+        p._count_keys("indices", 48, 0, KEY_END)
+        assert p.doing.startswith("counting label-index rows (the first count makes the source read")
+        p._count_keys("mapping", 48, 0, KEY_END)
+        assert p.doing == "counting mapping pairs"
+        assert Planning(ep, RunOptions(plan_timeout=7)).deadline() == 7.0
+    finally:
+        ep.close()
