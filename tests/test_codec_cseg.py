@@ -221,6 +221,35 @@ def test_one_bit_fast_path_both_orders():
             assert_chunk(encode_chunk(blk, shape=shp), blk, shape=shp)
 
 
+def test_two_bit_word_path_every_used_subset_and_mapping():
+    """Full sub-blocks of 2-4 palette entries are transcoded word by word (``_used_words``,
+    ``_pack2_words``: no voxel unpacking). Every subset of the local values in use, and
+    mappings that keep, permute and merge the labels (cseg 2, 1 and 0 bits), equal the
+    reference encoder byte for byte; a 2-bit value past a 3-entry palette is the same error
+    as on the per-voxel path (a clipped chunk of the same block)."""
+    rng = np.random.default_rng(11)
+    table = np.array([40, 10, 30, 20, 10], np.uint64)  # 10 twice: a palette may repeat a label
+    n = 0
+    for c in (2, 3, 4):
+        for used in itertools.chain.from_iterable(itertools.combinations(range(c), k) for k in range(1, c + 1)):
+            local = rng.choice(np.array(used), 512)
+            local[: len(used)] = used  # each value in the subset occurs
+            pal = list(rng.permutation(5)[:c])
+            blk = pack_block((2, 1, 1), table, [(pal, local), (pal, rng.permutation(local))])
+            for labels in (None, [1, 2, 3, 4, 2], [9, 9, 5, 5, 9], [4, 3, 2, 1, 3], [0, 0, 0, 0, 0], [2**64 - 1, 0, 7, 0, 0]):
+                out = encode_chunk(blk, labels)
+                assert_chunk(out, blk, labels)
+                n += 1
+    assert n == 6 * (3 + 7 + 15)
+    bad = np.zeros(512, int)
+    bad[77] = 3  # value 3 of a 3-entry palette
+    blk = pack_block((1, 1, 1), [1, 2, 3], [([0, 1, 2], bad)])
+    full = encode_chunks([blk], None, [(8, 8, 8)])
+    clipped = encode_chunks([blk], None, [(8, 8, 7)])
+    assert full.n_errors == clipped.n_errors == 1 and full.errors == clipped.errors
+    assert "3" in full.errors[0]
+
+
 def test_tables_shared_within_a_chunk():
     """Equal tables are written once per chunk (as the reference encoder does): a chunk of
     identical two-label sub-blocks holds one table."""

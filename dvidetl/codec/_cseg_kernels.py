@@ -8,6 +8,11 @@ sub-block only the palette is translated (table index → label → the caller's
 sorted and deduplicated) and the packed indices are re-packed from DVID's MSB-first stream of
 ``ceil(log2 Ns)`` bits into cseg's LSB-first little-endian words of 0/1/2/4/8/16 bits.
 
+Full sub-blocks of 2-4 palette entries (1- or 2-bit DVID values; most sub-blocks of every
+volume measured) never unpack voxels: which values occur and their re-packing are found 64
+bits at a time (``_used_words``, ``_pack2_words``, the 1-bit bit reversal), ~3x faster over
+the bench volume than the per-voxel path the others take.
+
 The output is byte for byte what neuroglancer's (and the ``compressed-segmentation``
 package's) encoder writes for the same voxels: sorted unique lookup tables, each block's
 encoded values followed by its table, a table written once per chunk and shared by every later
@@ -228,6 +233,89 @@ def _sort_pairs(vals, idx, n, tv, ti, cnt):
             idx[k] = ti[k]
 
 
+@nb.njit(cache=True, inline="always")
+def _rev2_bytes(x):
+    """Reverse the order of the four 2-bit values inside each byte of a uint64 (MSB-first →
+    LSB-first 2-bit values)."""
+    two = np.uint64(2)
+    four = np.uint64(4)
+    x = ((x >> two) & _M2) | ((x & _M2) << two)
+    return ((x >> four) & _M4) | ((x & _M4) << four)
+
+
+@nb.njit(cache=True, inline="always")
+def _even_bits(x):
+    """The 32 bits at even positions of x, packed into its low 32 bits (bit 2k → bit k)."""
+    x &= _M1
+    x = (x | (x >> np.uint64(1))) & _M2
+    x = (x | (x >> np.uint64(2))) & _M4
+    x = (x | (x >> np.uint64(4))) & np.uint64(0x00FF00FF00FF00FF)
+    x = (x | (x >> np.uint64(8))) & np.uint64(0x0000FFFF0000FFFF)
+    return (x | (x >> np.uint64(16))) & np.uint64(0x00000000FFFFFFFF)
+
+
+@nb.njit(cache=True, inline="always")
+def _used_words(buf, vp, c, used):
+    """Which local values a FULL sub-block of c = 2..4 palette entries (1- or 2-bit values)
+    uses, into used[0:c], from its 64-bit words without unpacking voxels: the commonest
+    sub-blocks (Ns 2-4 are most of every volume measured) cost 8-16 word operations instead
+    of 512 per-voxel reads and writes. False when a 2-bit value >= c (3) occurs."""
+    if c == 2:
+        o = np.uint64(0)
+        a = ~np.uint64(0)
+        for w in range(8):
+            x = _le8(buf, vp + 8 * w)
+            o |= x
+            a &= x
+        used[0] = a != ~np.uint64(0)
+        used[1] = o != 0
+        return True
+    a0 = np.uint64(0)
+    a1 = np.uint64(0)
+    a2 = np.uint64(0)
+    a3 = np.uint64(0)
+    for w in range(16):
+        x = _le8(buf, vp + 8 * w)
+        lo = x & _M1
+        h = (x >> np.uint64(1)) & _M1
+        a0 |= ~(h | lo) & _M1
+        a1 |= lo & ~h
+        a2 |= h & ~lo
+        a3 |= h & lo
+    used[0] = a0 != 0
+    used[1] = a1 != 0
+    used[2] = a2 != 0
+    if c == 3:
+        return a3 == 0
+    used[3] = a3 != 0
+    return True
+
+
+@nb.njit(cache=True, inline="always")
+def _pack2_words(buf, vp, m, used, c, out8, op, B):
+    """A FULL sub-block of 2-bit DVID values (c = 3 or 4) as B-bit (1 or 2) cseg values
+    m[local], word by word: each byte's four values reversed to LSB-first, then mapped by
+    lane masks (a lane's value v → m[v]; the product of a one-bit lane mask and m[v] < 4
+    stays inside the lane); for B = 1 the even bits are compacted, two words into one."""
+    z = np.uint64(0)
+    m0 = np.uint64(m[0]) if used[0] else z
+    m1 = np.uint64(m[1]) if used[1] else z
+    m2 = np.uint64(m[2]) if used[2] else z
+    m3 = np.uint64(m[3]) if c == 4 and used[3] else z
+    acc = z
+    for w in range(16):
+        y = _rev2_bytes(_le8(buf, vp + 8 * w))
+        lo = y & _M1
+        h = (y >> np.uint64(1)) & _M1
+        v = (~(h | lo) & _M1) * m0 + (lo & ~h) * m1 + (h & ~lo) * m2 + (h & lo) * m3
+        if B == 2:
+            _put_le8(out8, op + 8 * w, v)
+        elif w & 1 == 0:
+            acc = _even_bits(v)
+        else:
+            _put_le8(out8, op + 8 * (w >> 1), acc | (_even_bits(v) << np.uint64(32)))
+
+
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -347,23 +435,30 @@ def encode_chunk(buf, s, e, info, L, cx, cy, cz, outw, o, sc):
                 else:
                     b = _width(c)
                     vp = val_p + val_off[i]
-                    mx = _locals(buf, vp, b, loc)
-                    if mx >= c:
-                        _find_bad_local(buf, vp, e, b, c, i, s, info)
-                        return -1, False
                     pp = pal_p + 4 * pal_off[i]
+                    words = full and c <= 4  # 1- or 2-bit values: word-wise, no voxels
+                    if words:
+                        if not _used_words(buf, vp, c, used):
+                            _find_bad_local(buf, vp, e, b, c, i, s, info)
+                            return -1, False
+                    else:
+                        mx = _locals(buf, vp, b, loc)
+                        if mx >= c:
+                            _find_bad_local(buf, vp, e, b, c, i, s, info)
+                            return -1, False
                     # only values that occur (inside the volume) enter the table: palettes
                     # may list entries no voxel uses, and voxels past the shape do not count
-                    for j in range(c):
-                        used[j] = False
-                    if full:
-                        for t in range(512):
-                            used[loc[t]] = True
-                    else:
-                        for z in range(az):
-                            for y in range(ay):
-                                for x in range(ax):
-                                    used[loc[z * 64 + y * 8 + x]] = True
+                    if not words:
+                        for j in range(c):
+                            used[j] = False
+                        if full:
+                            for t in range(512):
+                                used[loc[t]] = True
+                        else:
+                            for z in range(az):
+                                for y in range(ay):
+                                    for x in range(ax):
+                                        used[loc[z * 64 + y * 8 + x]] = True
                     wlo = nsb + N
                     whi = -1
                     for j in range(c):
@@ -408,6 +503,8 @@ def encode_chunk(buf, s, e, info, L, cx, cy, cz, outw, o, sc):
                         vp = val_p + val_off[i]
                         for w in range(8):
                             _put_le8(out8, op + 8 * w, _bitrev_bytes(_le8(buf, vp + 8 * w)) ^ flip)
+                    elif full and c <= 4:  # 2 bits in (c = 3, 4; c = 2 never gets here), 1-2 out
+                        _pack2_words(buf, val_p + val_off[i], m, used, c, out8, op, B)
                     else:
                         _pack_le(loc, m, out8, op, B)
                     d += 16 * B
