@@ -161,3 +161,37 @@ def test_sinks_wanting_different_cells_for_a_scale_are_refused():
     assert combine_cells([{0: 15, 1: 12}, {}, {0: 15}]) == {0: 15, 1: 12}
     with pytest.raises(UserError, match="scale 1 cut into Morton cells of 2\\^12 and 2\\^9"):
         combine_cells([{0: 15, 1: 12}, {1: 9}])
+
+
+def test_key_ranges_close_a_partition_at_every_target_rows():
+    """``_KeyRanges``: cells added in several calls close a partition once the rows before a
+    cell reach a multiple of the target — also when the first call added a single row."""
+    from dvidetl.export.planning import _KeyRanges
+    from dvidetl.geometry import KEY_END
+
+    r = _KeyRanges("mapping", 1)
+    r.add(np.array([0], np.uint64), np.array([1]))
+    r.add(np.array([5], np.uint64), np.array([1]))
+    r.add(np.array([9, 12], np.uint64), np.array([1, 1]))
+    assert [(p.lo, p.hi, p.rows) for p in r.partitions()] == [(0, 5, 1), (5, 9, 1), (9, 12, 1), (12, KEY_END - 1, 1)]
+    r = _KeyRanges("indices", 4)
+    r.add(np.array([0, 3], np.uint64), np.array([2, 1]))
+    r.add(np.array([7, 8], np.uint64), np.array([2, 3]))
+    assert [(p.kind, p.lo, p.hi, p.rows) for p in r.partitions()] == [("indices", 0, 8, 5), ("indices", 8, KEY_END - 1, 3)]
+    assert _KeyRanges("mapping", 4).partitions() == []
+
+
+def test_plan_keys_counts_a_key_without_rows_as_one_row():
+    """A label whose index has no rows is still a key of the plan (one row, so a partition
+    boundary can fall at it); a cell with neither keys nor rows is dropped."""
+    from dvidetl.export.planning import plan_keys
+    from dvidetl.geometry import KEY_END
+    from dvidetl.sources.base import KeyCounts
+
+    def count_keys(kind, cell_bits, lo, hi):
+        assert (kind, cell_bits, lo, hi) == ("indices", 48, 0, KEY_END)
+        return KeyCounts(np.array([1, 2, 3, 4], np.uint64), np.array([1, 1, 0, 1], np.uint64),
+                         np.array([0, 1, 0, 1], np.uint64), True)
+
+    parts = plan_keys(count_keys, "indices", 1)
+    assert [(p.lo >> 48, p.rows) for p in parts] == [(0, 1), (2, 1), (4, 1)]
