@@ -195,3 +195,18 @@ def test_plan_keys_counts_a_key_without_rows_as_one_row():
 
     parts = plan_keys(count_keys, "indices", 1)
     assert [(p.lo >> 48, p.rows) for p in parts] == [(0, 1), (2, 1), (4, 1)]
+
+
+def test_plan_of_a_source_over_reporting_its_counts_ends_at_single_blocks():
+    """A source whose counts exceed what a cell can hold (over-reporting) makes the planner
+    refine down to single-block cells and stop there — never coarser, never forever."""
+    codes = np.arange(0, 64, 3, dtype=np.uint64)
+    count, calls = _count_from_codes(codes)
+
+    def over(scale, level):
+        cells, counts, exact = count(scale, level)
+        return cells, counts * np.uint64(10), exact
+
+    parts = plan_scale(over, 0, 64, 4)
+    assert calls[-1] == 0 and calls == sorted(calls, reverse=True)
+    assert [(p.lo, p.hi) for p in parts] == [(int(c), int(c) + 1) for c in codes]
