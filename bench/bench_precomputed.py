@@ -11,8 +11,8 @@ compare the ratios).
   beside the Parquet blocks files of the same export;
 * per block, single core: the transform as a Parquet partition runs it (with the zstd
   payload) and as a precomputed-only one does (without: ``Sink.needs``), the cseg transcode,
-  the chunks' gzip, and the gzip levels 1..6 on the same chunks (time and KB a chunk: what
-  chose ``codec.ngshard.GZIP_LEVEL``);
+  the chunks' gzip, and libdeflate's levels 1..6 and ISA-L's 0..3 on the same chunks (time
+  and KB a chunk: what chose ``codec.ngshard.GZIP_LEVEL``);
 * peak worker memory while one task writes one shard (RSS sampled inside the task, fresh
   warmed worker), per shard size, beside the same blocks into Parquet.
 
@@ -88,14 +88,15 @@ def _stages(ep, bits: tuple[int, int]) -> list[dict]:
     the transform as a Parquet partition runs it (repack, map, zstd payload) and as a
     precomputed-only partition does (no payload: ``Sink.needs``; the unwrapped blocks kept),
     then the precomputed sink's own cseg transcode and gzip of the chunks (``data_encoding``
-    gzip at ``codec.ngshard.GZIP_LEVEL``); and the gzip levels 1..6 on the same chunks, time
-    and bytes, which chose that level."""
+    gzip: ISA-L at ``codec.ngshard.GZIP_LEVEL``); and libdeflate 1..6 / ISA-L 0..3 on the same
+    chunks, time and bytes, which chose that encoder and level."""
     import numpy as np
     import pyarrow as pa
+    from isal import isal_zlib
 
     from bench.bench_codec import _interleaved, _row
     from dvidetl.codec.cseg import encode_chunks
-    from dvidetl.codec.ngshard import GZIP_LEVEL, chunk_shapes, derive_info
+    from dvidetl.codec.ngshard import GZIP_LEVEL, _gzip, chunk_shapes, derive_info
     from dvidetl.codec.wrapper import wrap
     from dvidetl.export.transform import transform_blocks
 
@@ -116,31 +117,36 @@ def _stages(ep, bits: tuple[int, int]) -> list[dict]:
     shapes = chunk_shapes(*(t.column(c).to_numpy() for c in "xyz"), sc)
     enc = encode_chunks(t.column("raw"), t.column("labels"), shapes)
     chunks = [enc[r] for r in range(len(enc)) if enc.ok[r] and not enc.background[r]]
-    levels = range(1, 7)
+    # the shard's own encoder (isal at GZIP_LEVEL), then libdeflate 1..6 and isal 0..3
+    enc_of = {"shard": _gzip,
+              **{f"libdeflate {lv}": (lambda c, lv=lv: wrap(c, "gzip", level=lv)) for lv in range(1, 7)},
+              **{f"isal {lv}": (lambda c, lv=lv: isal_zlib.compress(c, lv, wbits=31)) for lv in range(4)}}
     fns = {
         "transform (parquet: payload)": lambda: transform(True, False),
         "transform (precomputed: raw, no payload)": lambda: transform(False, True),
         "cseg": lambda: encode_chunks(t.column("raw"), t.column("labels"), shapes),
-        **{f"gzip {lv}": (lambda lv=lv: [wrap(c, "gzip", level=lv) for c in chunks]) for lv in levels},
+        **{f"gzip {k}": (lambda f=f: [f(c) for c in chunks]) for k, f in enc_of.items()},
     }
     times = _interleaved(fns, rounds=3)
     per = {k: 1e6 * v / n for k, v in times.items()}
     tab = per["transform (parquet: payload)"]
     rows = [_row(f"stage per block, {n}-block shard: transform (parquet: payload)", tab, "us/block")]
-    for k in ("transform (precomputed: raw, no payload)", "cseg", f"gzip {GZIP_LEVEL}"):
-        name = k if not k.startswith("gzip") else f"gzip (level {GZIP_LEVEL})"
+    for k in ("transform (precomputed: raw, no payload)", "cseg", "gzip shard"):
+        name = k if not k.startswith("gzip") else f"gzip (isal {GZIP_LEVEL})"
         rows.append(_row(f"stage per block: {name}", per[k], "us/block",
                          "transform (parquet: payload)", tab, ratio=per[k] / tab))
-    pc_total = sum(per[k] for k in ("transform (precomputed: raw, no payload)", "cseg", f"gzip {GZIP_LEVEL}"))
+    pc_total = sum(per[k] for k in ("transform (precomputed: raw, no payload)", "cseg", "gzip shard"))
     rows.append(_row("stages per block: precomputed, all", pc_total, "us/block",
                      "transform (parquet: payload)", tab, ratio=pc_total / tab))
     raw_bytes = sum(len(c) for c in chunks)
-    for lv in levels:
-        nbytes = sum(len(wrap(c, "gzip", level=lv)) for c in chunks)
-        us = 1e6 * times[f"gzip {lv}"] / len(chunks)
-        rows.append(_row(f"chunk gzip level {lv}: {nbytes / len(chunks) / 1e3:.2f} KB/chunk", us, "us/chunk",
-                         "level 6", 1e6 * times["gzip 6"] / len(chunks),
-                         bytes=nbytes, cseg_bytes=raw_bytes, chosen=lv == GZIP_LEVEL))
+    for k, f in enc_of.items():
+        if k == "shard":
+            continue
+        nbytes = sum(len(f(c)) for c in chunks)
+        us = 1e6 * times[f"gzip {k}"] / len(chunks)
+        rows.append(_row(f"gzip {k}: {nbytes / len(chunks) / 1e3:.2f} KB/chunk", us, "us/chunk",
+                         "libdeflate 6", 1e6 * times["gzip libdeflate 6"] / len(chunks),
+                         bytes=nbytes, cseg_bytes=raw_bytes, chosen=k == f"isal {GZIP_LEVEL}"))
     return rows
 
 

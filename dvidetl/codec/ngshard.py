@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from isal import isal_zlib
 
 from dvidetl.codec.errors import BlockFormatError
 from dvidetl.codec.wrapper import gunzip, wrap
@@ -255,17 +256,22 @@ def _missing(name: str):
 # ------------------------------------------------------------------------ shard writing ---
 
 
-#: libdeflate level of a shard's gzip ``data_encoding`` (chunks and minishard indices).
-#: Measured on the bench volume's cseg chunks (24.5 KB each, ``python -m bench precomputed``
-#: prints the sweep): level 1 ~2.5x faster than 6 for ~10% more bytes (6.05 vs 5.48 KB a
-#: chunk); levels 2-4 save 4% at 1.3-2x the time, 7-9 nothing at 2-6x. The gzip of every
-#: chunk is the largest per-block cost of a precomputed partition after the transcode, and
-#: any level is plain gzip to every reader (TensorStore, cloud-volume, neuroglancer).
+#: gzip of a shard's chunks (``data_encoding`` gzip): ISA-L (``isal``) at level 1. (The
+#: minishard indices, 24 bytes a chunk, stay libdeflate level 6: their time is nothing, and
+#: ISA-L's level buffer, ~270 KB a call, would be most of a small shard writer's memory.) Measured on the bench volume's cseg chunks (24.5 KB each; ``python -m bench
+#: precomputed`` prints the sweep), per chunk: isal 1 92 us, 6.44 KB; libdeflate 1 187 us,
+#: 6.05 KB; libdeflate 6 416 us, 5.48 KB (libdeflate 2-5: 5.5-5.8 KB at 1.3-2x level 1's
+#: time; isal 0: 59 us but 7.54 KB, isal 3: slower and larger than 1). The gzip of every
+#: chunk is the largest cost of a precomputed partition after the transform, so the chunks
+#: are ~17% larger than at libdeflate 6 for ~4.5x less time (the volume is still ~0.65 of the
+#: same blocks in Parquet). Any level is plain gzip to every reader (TensorStore,
+#: cloud-volume, neuroglancer).
 GZIP_LEVEL = 1
 
 
 def _gzip(data) -> bytes:
-    return wrap(data, "gzip", level=GZIP_LEVEL)
+    """A chunk's gzip ``data_encoding``."""
+    return isal_zlib.compress(data, GZIP_LEVEL, wbits=31)  # wbits 31: a gzip stream
 
 
 class ShardWriter:
@@ -422,7 +428,7 @@ class ShardWriter:
                 table[1, 1:] = o[1:] - (o[:-1] + s[:-1])  # wraps when data came out of order
                 table[2] = s
                 raw = table.astype("<u8").tobytes()
-                enc = _gzip(raw) if sh.minishard_index_encoding == "gzip" else raw
+                enc = wrap(raw, "gzip") if sh.minishard_index_encoding == "gzip" else raw
                 index[m] = (self._pos, self._pos + len(enc))
                 self._f.write(enc)
                 self._pos += len(enc)

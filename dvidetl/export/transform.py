@@ -92,6 +92,14 @@ def map_lists(supervoxels: pa.Array, mapper: Callable[[np.ndarray], np.ndarray])
 GROUP_BYTES = 8 << 20
 
 
+def _cat(arrays: list[pa.Array], typ: pa.DataType) -> pa.Array:
+    """The arrays as one of ``typ``; a single one as it is (a group is often one batch: its
+    unwrapped blocks, megabytes, are not copied again)."""
+    if len(arrays) == 1:
+        return arrays[0] if arrays[0].type == typ else arrays[0].cast(typ)
+    return pa.concat_arrays([a.cast(typ) for a in arrays])
+
+
 def _concat_parts(parts: list[dict]) -> dict:
     """One group's repacked columns, concatenated (the parts are dropped by the caller)."""
     return dict(
@@ -99,13 +107,12 @@ def _concat_parts(parts: list[dict]) -> dict:
         y=np.concatenate([p["y"] for p in parts]),
         z=np.concatenate([p["z"] for p in parts]),
         morton=np.concatenate([p["morton"] for p in parts]),
-        supervoxels=pa.concat_arrays([p["supervoxels"].cast(pa.list_(pa.uint64())) for p in parts]),
-        sv_voxels=pa.concat_arrays([p["sv_voxels"].cast(pa.list_(pa.uint32())) for p in parts]),
+        supervoxels=_cat([p["supervoxels"] for p in parts], pa.list_(pa.uint64())),
+        sv_voxels=_cat([p["sv_voxels"] for p in parts], pa.list_(pa.uint32())),
         raw_size=np.concatenate([p["raw_size"] for p in parts]),
         crc32=np.concatenate([p["crc32"] for p in parts]),
-        **({"payload": pa.concat_arrays([p["payload"].cast(pa.binary()) for p in parts])}
-           if "payload" in parts[0] else {}),
-        **({"raw": pa.concat_arrays([p["raw"].cast(pa.binary()) for p in parts])} if "raw" in parts[0] else {}),
+        **({"payload": _cat([p["payload"] for p in parts], pa.binary())} if "payload" in parts[0] else {}),
+        **({"raw": _cat([p["raw"] for p in parts], pa.binary())} if "raw" in parts[0] else {}),
     )
 
 
@@ -270,18 +277,22 @@ def transform_blocks(
                 )
             ok = ~bad
             keep = pa.array(np.flatnonzero(ok))
+
+            def rows(a: pa.Array, keep: pa.Array = keep, every: bool = not bad.any()) -> pa.Array:
+                return a if every else a.take(keep)  # (no copy of a batch without errors)
+
             part = dict(
                 x=x[ok], y=y[ok], z=z[ok], morton=m[ok],
-                supervoxels=rp.supervoxels.take(keep), sv_voxels=rp.sv_voxels.take(keep),
+                supervoxels=rows(rp.supervoxels), sv_voxels=rows(rp.sv_voxels),
                 raw_size=rp.raw_size.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
                 crc32=rp.crc32.to_numpy(zero_copy_only=False)[ok].astype(np.uint32),
             )
             if keep_payload:
                 assert rp.payload is not None  # repack(payload=True) returns it
-                part["payload"] = rp.payload.take(keep)
+                part["payload"] = rows(rp.payload)
             if keep_raw:
                 assert rp.raw is not None  # repack(keep_raw=True) returns it
-                part["raw"] = rp.raw.take(keep)
+                part["raw"] = rows(rp.raw)
             del rp, data, batch
             parts.append(part)
             # the group's size: its lists and payloads (the unwrapped blocks when there are none)
