@@ -324,7 +324,7 @@ def _random_block(rng, grid):
         else:
             local = np.sort(rng.integers(0, k, 512))
         subs.append((pal, local))
-    if n_table == 1 and rng.random() < 0.5:  # a solid block
+    if n_table == 1:  # a one-label table is the 24-byte solid form (DVID writes no other)
         return np.array([gx, gy, gz, 1], "<u4").tobytes() + table.astype("<u8").tobytes(), n_table
     return pack_block(grid, table, subs), n_table
 
