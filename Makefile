@@ -48,7 +48,9 @@ faults: $(STAMP)
 ## make mutants: mutation testing (mutmut 3) of verify, cells, planning, transform and the sinks'
 ## exactly-once code ([tool.mutmut] in pyproject.toml), at low priority with one runner process;
 ## hours, not part of make test. Prints the killed/survived score per module at the end
-## (MUTANTS_ARGS: mutant name globs, e.g. "dvidetl.tables.cells*").
+## (MUTANTS_ARGS: mutant name globs, e.g. "dvidetl.tables.cells*", or a seeded sample of one
+## module: MUTANTS_ARGS="$$(.venv/bin/python -m tests.mutation_sample 'dvidetl.tables.cells.*' 150)";
+## survivors judged equivalent are listed with the reason in tests/mutants_equivalent.txt).
 MUTANTS_ARGS ?=
 mutants: $(STAMP)
 	ln -sfn "$(abspath ..)/shared" shared   # mutmut runs the tests in ./mutants: ../shared from there
