@@ -135,3 +135,37 @@ def test_planning_says_what_it_counts(server):
         assert Planning(ep, RunOptions(plan_timeout=7)).deadline() == 7.0
     finally:
         ep.close()
+
+
+def test_report_text_says_what_was_found(flight, pq_sink):
+    """``VerifyReport.text`` (what ``dvidetl verify`` prints): an exact export says OK with
+    its sizes; a tampered one says DIFFERENCES FOUND with each counter on its line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dvidetl.read.verify import VerifyReport, verify_export
+
+    rep = verify_export(flight, pq_sink)
+    lines = rep.text().splitlines()
+    assert lines[0] == f"verify run {rep.run_id}: OK" and lines[1] == "  export vs source (0 differences):"
+    assert lines[2] == (f"  blocks      {rep.blocks_source:,} in the source, {rep.blocks_checked:,} exported and "
+                        "byte-exact checked; missing 0, extra 0, duplicated 0, different 0, in export_errors 0")
+    assert lines[3] == f"  label_index {rep.index_rows:,} rows, 0 differences"
+    assert lines[4] == f"  mapping     {rep.mapping_rows:,} rows, 0 differences" and len(lines) == 5
+
+    f = T._file_with(pq_sink, "blocks", scale=1, min_rows=3)
+    T._rewrite(f, lambda t: pa.concat_tables([t.slice(1), t.slice(2, 1)]))
+    pq.write_table(pq.read_table(f).slice(0, 1), f.parent / "part-stray.parquet")
+    rep = verify_export(flight, pq_sink)
+    text = rep.text()
+    assert text.startswith(f"verify run {rep.run_id}: DIFFERENCES FOUND\n  export vs source ({rep.differences} differences):")
+    assert "missing 1, extra 0, duplicated 1, different 0" in text
+    assert "  1 rows outside every partition of the run (plain readers see them)" in text
+    assert all(f"  - {p}" in text for p in rep.problems)
+    odd = VerifyReport(run_id="r", source_inconsistent=2, unreadable_files=0)
+    assert odd.text().splitlines()[0] == ("verify run r: OK (the export equals the source; the source "
+                                           "disagrees with itself, see below)")
+    assert "  source vs itself: in 2 label range(s)" in odd.text()
+    assert VerifyReport(run_id="r", unreadable_files=3).text().splitlines()[-1] == "  3 files cannot be read"
+    assert VerifyReport(run_id="r", partitions_unfinished=2).text().splitlines()[-1] == \
+        "  2 planned partitions are not committed"
