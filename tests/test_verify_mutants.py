@@ -169,3 +169,36 @@ def test_report_text_says_what_was_found(flight, pq_sink):
     assert VerifyReport(run_id="r", unreadable_files=3).text().splitlines()[-1] == "  3 files cannot be read"
     assert VerifyReport(run_id="r", partitions_unfinished=2).text().splitlines()[-1] == \
         "  2 planned partitions are not committed"
+
+
+def test_a_mapping_range_of_one_pair_exported_without_it(flight):
+    """The smallest mapping difference: the source has one pair in the range, the export
+    none — one difference, not an early "nothing to compare"."""
+    from dvidetl.export.kinds import Partition
+    from dvidetl.read.verify import VerifyReport, _compare_mapping
+    from dvidetl.tables import schema as S
+
+    sv = next(iter(flight.read_mapping(0, 1 << 63))).column("supervoxel")[0].as_py()
+    part = Partition("mapping", 0, sv, sv + 1)
+    rep = VerifyReport(run_id="r")
+    _compare_mapping(flight, part, rep, S.empty("mapping"))
+    assert rep.mapping_diffs == 1 and rep.mapping_rows == 0
+    assert rep.problems == [f"mapping: supervoxel {sv}: exported None, source " + str(
+        next(iter(flight.read_mapping(sv, sv + 1))).column("body")[0].as_py())]
+
+
+def test_label_index_row_moved_to_another_block(flight, pq_sink):
+    """One label_index row moved to another block (only its y changed): two differences
+    against the source (gone here, extra there), and the cross-check with the exported
+    blocks sees its partition disagree — the row hash covers every coordinate."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    li = T._file_with(pq_sink, "label_index")
+    old = T._rewrite(li, lambda t: t.set_column(t.schema.get_field_index("y"), "y", pc.if_else(
+        pc.equal(pa.array(range(t.num_rows)), 0), pc.add(t.column("y"), 1).cast(t.schema.field("y").type),
+        t.column("y"))))
+    r = old.slice(0, 1).to_pylist()[0]
+    rep = T._verify(flight, pq_sink)
+    assert T._counts(rep) == {"index_diffs": 2, "index_vs_blocks": 1}
+    assert any(f"label {r['label']} supervoxel {r['supervoxel']}" in p for p in rep.problems)
