@@ -51,7 +51,7 @@ def flight(server):
         yield c
 
 
-def export_in_process(location: str, sink_url: str, partition_blocks: int = 16):
+def export_in_process(location: str, sink_url: str, partition_blocks: int = 16, uuid: str = UUID):
     """A whole run as ``dvidetl run`` makes it (plan, record, every partition's task, finish),
     the tasks called here in turn instead of on a cluster. Returns the run."""
     from dvidetl.export.api import ExportRun
@@ -59,7 +59,7 @@ def export_in_process(location: str, sink_url: str, partition_blocks: int = 16):
     from dvidetl.export.options import RunOptions
     from dvidetl.export.tasks import _SINKS, export_partition, task_context
 
-    ep = FlightEndpoint(location, None, UUID, None)
+    ep = FlightEndpoint(location, None, uuid, None)
     try:
         job = ExportRun(ep, sink_url, RunOptions(partition_blocks=partition_blocks))
         run = job.new_run(job.plan())
@@ -202,3 +202,25 @@ def test_label_index_row_moved_to_another_block(flight, pq_sink):
     rep = T._verify(flight, pq_sink)
     assert T._counts(rep) == {"index_diffs": 2, "index_vs_blocks": 1}
     assert any(f"label {r['label']} supervoxel {r['supervoxel']}" in p for p in rep.problems)
+
+
+def test_corrupt_source_blocks_are_export_errors_not_missing(tmp_path):
+    """Blocks the source serves corrupt land in ``export_errors``: verify counts each once as
+    such (by coordinates, with the reason), never as missing, and checks every other block."""
+    from dvidetl.flight.client import FlightClient
+    from dvidetl.flight.server import start_server
+    from dvidetl.read.verify import verify_export
+    from dvidetl.sources import open_source
+    from dvidetl.testing.corrupt import CorruptSource
+
+    src = CorruptSource(open_source("synthetic://cv?size=256,256,128&scales=1&seed=2"), rate=0.1, seed=4)
+    with start_server(src) as srv, FlightClient(srv.location, uuid="cv") as c:
+        export_in_process(srv.location, f"parquet://{tmp_path}/out", uuid="cv")
+        sink = open_sink(f"parquet://{tmp_path}/out", uuid="cv", instance="segmentation")
+        rep = verify_export(c, sink)
+        bad = sorted(m for (s, m) in src.corrupted if s == 0)
+        assert len(bad) >= 2
+        assert T._counts(rep) == {"export_errors": len(bad)}
+        assert rep.blocks_checked == rep.blocks_source - len(bad)
+        grid = c.info().scale(0).grid
+        assert any(p.startswith(f"{T._where(0, bad[0], grid)}: in export_errors (") for p in rep.problems)
