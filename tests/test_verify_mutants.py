@@ -224,3 +224,26 @@ def test_corrupt_source_blocks_are_export_errors_not_missing(tmp_path):
         assert rep.blocks_checked == rep.blocks_source - len(bad)
         grid = c.info().scale(0).grid
         assert any(p.startswith(f"{T._where(0, bad[0], grid)}: in export_errors (") for p in rep.problems)
+
+
+def test_a_scale0_block_tamper_marks_the_indices_it_feeds(flight, pq_sink):
+    """One voxel count of an exported scale-0 block changed: the block is different, and the
+    label_index cross-check (exact against the source, not against that block) names its
+    indices partition as wrong too — both are what ``--repair`` redoes."""
+    import pyarrow as pa
+
+    f = T._file_with(pq_sink, "blocks", scale=0)
+    part_of = {str(pq_sink.file_of("blocks", p)): p for p in pq_sink.load_run(pq_sink.latest_run()).partitions
+               if p.kind == "blocks"}
+
+    def bump(t):  # the first entry of a non-background label (label 0 is not indexed)
+        v, lab = t.column("sv_voxels").to_pylist(), t.column("labels").to_pylist()
+        i, j = next((i, j) for i, ls in enumerate(lab) for j, x in enumerate(ls or []) if x)
+        v[i][j] += 1
+        return t.set_column(t.schema.get_field_index("sv_voxels"), "sv_voxels", pa.array(v, t.schema.field("sv_voxels").type))
+
+    T._rewrite(f, bump)
+    rep = T._verify(flight, pq_sink)
+    assert T._counts(rep) == {"mismatched": 1, "index_vs_blocks": 1}
+    idx = [p.key for p in pq_sink.load_run(rep.run_id).partitions if p.kind == "indices"]
+    assert rep.bad_partitions == {part_of[str(f)].key, *idx} and len(idx) == 1
