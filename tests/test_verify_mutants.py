@@ -247,3 +247,47 @@ def test_a_scale0_block_tamper_marks_the_indices_it_feeds(flight, pq_sink):
     assert T._counts(rep) == {"mismatched": 1, "index_vs_blocks": 1}
     idx = [p.key for p in pq_sink.load_run(rep.run_id).partitions if p.kind == "indices"]
     assert rep.bad_partitions == {part_of[str(f)].key, *idx} and len(idx) == 1
+
+
+def test_stored_anomalies_are_checked_against_the_source(tmp_path):
+    """A source's anomalies (here a shard volume whose records map one supervoxel to two
+    bodies) are stored with the run and verified row for row: as stored, no difference; one
+    stored detail changed, exactly one, named by its number."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dvidetl.flight.client import FlightClient
+    from dvidetl.flight.server import start_server
+    from dvidetl.read.verify import verify_export
+    from dvidetl.sources.shards import ShardsSource
+    from tests.test_source_shards import _write_shard
+
+    (tmp_path / "vol" / "s0").mkdir(parents=True)
+    _write_shard(tmp_path / "vol" / "s0" / "0_0_0.arrow", [(0, 0, 0, [5, 6], [7, 6], b"a"), (1, 0, 0, [5], [8], b"b")])
+    with start_server(ShardsSource(tmp_path / "vol")) as srv, FlightClient(srv.location) as c0:
+        uuid = c0.info().uuid
+        with FlightClient(srv.location, uuid=uuid) as c:
+            export_in_process(srv.location, f"parquet://{tmp_path}/out", uuid=uuid)
+            sink = open_sink(f"parquet://{tmp_path}/out", uuid=uuid, instance=c.info().instance)
+            rep = verify_export(c, sink)
+            assert rep.anomalies >= 1 and rep.anomaly_diffs == 0
+            assert rep.anomaly_kinds.get("mapping_conflict") == 1, rep.anomaly_kinds
+            run = sink.load_run(rep.run_id)
+            p = next(p for p in run.partitions if p.kind == "anomalies")
+            f = sink.file_of("source_anomalies", p)
+            t = pq.read_table(f)
+            seq = t.column("seq")[0].as_py()
+            det = t.column("detail").to_pylist()
+            det[0] = "not what the source says"
+            pq.write_table(t.set_column(t.schema.get_field_index("detail"), "detail", pa.array(det, pa.string())), f)
+            rep = verify_export(c, sink)
+            assert rep.anomaly_diffs == 1 and sink.file_of("source_anomalies", p) == f
+            assert any(x.startswith(f"source_anomalies seq {seq}: stored ") and "'not what the source says'" in x
+                       for x in rep.problems), rep.problems
+            assert p.key in rep.bad_partitions
+            det[0] = None  # a stored null where the source has a value is a difference too
+            pq.write_table(t.set_column(t.schema.get_field_index("detail"), "detail", pa.array(det, pa.string())), f)
+            rep = verify_export(c, sink)
+            assert rep.anomaly_diffs == 1
+            assert any(x.startswith(f"source_anomalies seq {seq}: stored ") and x.count("None") == 1
+                       for x in rep.problems), rep.problems
