@@ -51,7 +51,7 @@ def flight(server):
         yield c
 
 
-def export_in_process(location: str, sink_url: str, partition_blocks: int = 16, uuid: str = UUID):
+def export_in_process(location: str, sink_url: str, partition_blocks: int = 16, uuid: str = UUID, **options):
     """A whole run as ``dvidetl run`` makes it (plan, record, every partition's task, finish),
     the tasks called here in turn instead of on a cluster. Returns the run."""
     from dvidetl.export.api import ExportRun
@@ -61,7 +61,7 @@ def export_in_process(location: str, sink_url: str, partition_blocks: int = 16, 
 
     ep = FlightEndpoint(location, None, uuid, None)
     try:
-        job = ExportRun(ep, sink_url, RunOptions(partition_blocks=partition_blocks))
+        job = ExportRun(ep, sink_url, RunOptions(partition_blocks=partition_blocks, **options))
         run = job.new_run(job.plan())
         run.record.update(state="running")
         job.sink.prepare(run)
@@ -291,3 +291,31 @@ def test_stored_anomalies_are_checked_against_the_source(tmp_path):
             assert rep.anomaly_diffs == 1
             assert any(x.startswith(f"source_anomalies seq {seq}: stored ") and x.count("None") == 1
                        for x in rep.problems), rep.problems
+
+
+def test_overwrite_is_staged_and_published_at_finish(server, flight, tmp_path):
+    """``run --overwrite`` into a finished export (here with another partition size): the
+    new run is written apart and published by ``finish``; then a plain reader of the table
+    directories sees exactly the new run's rows, the old run is superseded, nothing staged is
+    left, verify finds the new run exact, and the ledger of all runs holds both runs'."""
+    import pyarrow.parquet as pq
+
+    from dvidetl.read.verify import verify_export
+    from dvidetl.sinks.parquet import STAGING, SUPERSEDED
+
+    url = f"parquet://{tmp_path}/out"
+    old = export_in_process(server.location, url, partition_blocks=16)
+    new = export_in_process(server.location, url, partition_blocks=32, overwrite=True)
+    sink = open_sink(url, uuid=UUID, instance="segmentation")
+    rec = sink.load_run(new.run_id).record
+    assert rec["staged"] is True and rec["published"] is True and rec["state"] == "finished"
+    assert sink.load_run(old.run_id).state == "superseded" and sink.latest_run() == new.run_id
+    assert not list((sink.root / STAGING).glob("*/*")) and not list((sink.root / SUPERSEDED).glob("*/*"))
+    rep = verify_export(flight, sink)
+    assert rep.ok and rep.run_id == new.run_id, rep.text()
+    plain = pq.read_table(sink.root / "blocks", columns=["scale", "morton"])
+    assert plain.num_rows == rep.blocks_checked == len(set(zip(plain.column("scale").to_pylist(),
+                                                              plain.column("morton").to_pylist(), strict=True)))
+    assert sink.ledger().num_rows == len(old.partitions) + len(new.partitions)
+    assert {str(f) for f in sink.committed_files("blocks")} == {
+        str(sink.file_of("blocks", p)) for p in new.partitions if p.kind == "blocks" and sink.file_of("blocks", p).exists()}
