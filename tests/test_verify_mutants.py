@@ -319,3 +319,5 @@ def test_overwrite_is_staged_and_published_at_finish(server, flight, tmp_path):
     assert sink.ledger().num_rows == len(old.partitions) + len(new.partitions)
     assert {str(f) for f in sink.committed_files("blocks")} == {
         str(sink.file_of("blocks", p)) for p in new.partitions if p.kind == "blocks" and sink.file_of("blocks", p).exists()}
+    p0 = next(p for p in new.partitions if p.kind == "blocks" and sink.file_of("blocks", p).exists())
+    assert sink.committed_files("blocks", scale=p0.scale, morton_range=(p0.lo, p0.lo + 1)) == [sink.file_of("blocks", p0)]
