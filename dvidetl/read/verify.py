@@ -22,9 +22,11 @@ only around C calls (zstd, zlib).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -136,6 +138,17 @@ class VerifyReport:
     #: the exported scale-0 blocks, and of the exported label_index rows themselves
     digest_blocks: np.ndarray | None = None
     digest_index: np.ndarray | None = None
+
+    @contextlib.contextmanager
+    def flags(self, part: Partition) -> Iterator[None]:
+        """Marks ``part`` for ``--repair`` when the checks run inside find a difference
+        (also when they stop with an error part way)."""
+        before = self.differences
+        try:
+            yield
+        finally:
+            if self.differences > before:
+                self.bad_partitions.add(part.key)
 
     def add(self, line: str) -> None:
         if len(self.problems) < MAX_LISTED:
@@ -296,12 +309,8 @@ def verify_block_partition(client: FlightClient, sink: Sink, run: RunInfo, part:
     errs = _read_part(sink, run, part, "export_errors", report, env)
     if exp is None or ov is None or errs is None:
         return  # reported (the file, the partition); its blocks cannot be compared
-    before = report.differences
-    try:
+    with report.flags(part):
         _compare_blocks(client, part, env, report, src, exp, ov, errs)
-    finally:
-        if report.differences > before:
-            report.bad_partitions.add(part.key)
 
 
 def _compare_blocks(client: FlightClient, part: Partition, env: VerifyEnv, report: VerifyReport,
@@ -412,12 +421,8 @@ def verify_volume_partition(client: FlightClient, sink: PrecomputedSink, run: Ru
         return
     if errs is None:
         return
-    before = report.differences
-    try:
+    with report.flags(part):
         _compare_volume(client, sink, part, env, report, src, chunks, errs)
-    finally:
-        if report.differences > before:
-            report.bad_partitions.add(part.key)
 
 
 def _compare_volume(client: FlightClient, sink: PrecomputedSink, part: Partition, env: VerifyEnv,
@@ -623,12 +628,8 @@ def verify_index_partition(client: FlightClient, sink: Sink, run: RunInfo, part:
     idx = _read_part(sink, run, part, "label_index", report, env)
     if idx is None:
         return
-    before = report.differences
-    try:
+    with report.flags(part):
         _compare_index(client, part, env, report, idx)
-    finally:
-        if report.differences > before:
-            report.bad_partitions.add(part.key)
 
 
 def _compare_index(client: FlightClient, part: Partition, env: VerifyEnv, report: VerifyReport,
@@ -668,12 +669,8 @@ def verify_mapping_partition(client: FlightClient, sink: Sink, run: RunInfo, par
     exp = _read_part(sink, run, part, "mapping", report, env)
     if exp is None:
         return
-    before = report.differences
-    try:
+    with report.flags(part):
         _compare_mapping(client, part, report, exp)
-    finally:
-        if report.differences > before:
-            report.bad_partitions.add(part.key)
 
 
 def _compare_mapping(client: FlightClient, part: Partition, report: VerifyReport,
