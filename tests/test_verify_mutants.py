@@ -321,3 +321,28 @@ def test_overwrite_is_staged_and_published_at_finish(server, flight, tmp_path):
         str(sink.file_of("blocks", p)) for p in new.partitions if p.kind == "blocks" and sink.file_of("blocks", p).exists()}
     p0 = next(p for p in new.partitions if p.kind == "blocks" and sink.file_of("blocks", p).exists())
     assert sink.committed_files("blocks", scale=p0.scale, morton_range=(p0.lo, p0.lo + 1)) == [sink.file_of("blocks", p0)]
+
+
+def test_vastdb_rows_outside_every_partition_are_found_and_finish_removes_them(flight, vast_sink):
+    """VastDB: a row at a scale above every planned one is outside every partition (a plain
+    reader sees it): verify counts it with the scales named, and ``finish`` (idempotent, as a
+    resumed run calls it) removes exactly it."""
+    import pyarrow as pa
+
+    from dvidetl.read.verify import verify_export
+    from dvidetl.sinks.vastdb import _col
+    from dvidetl.testing.env import environ
+
+    s = vast_sink
+    with environ(VASTDB_ACCESS_KEY=T.ACCESS, VASTDB_SECRET_KEY=T.SECRET):
+        m = s.read("blocks", scale=1, columns=["morton"]).column("morton")[0].as_py()
+        T._vast(s, "blocks", (_col("scale") == 1) & (_col("morton") == m),
+                lambda t: pa.concat_tables([t, t.set_column(0, "scale", pa.array([7], pa.uint8()))]))
+        run = s.load_run(s.latest_run())
+        found = s.outside(run, s.done(run.run_id))
+        assert [(o.table, o.rows, o.scales_above) for o in found] == [("blocks", 1, True)]
+        rep = T._verify(flight, s)
+        assert T._counts(rep) == {"outside_rows": 1} and any("scales >= " in p for p in rep.problems), rep.problems
+        n = s.read("blocks").num_rows
+        s.finish(run)
+        assert s.read("blocks").num_rows == n - 1 and verify_export(flight, s).ok
