@@ -666,7 +666,10 @@ def test_a_shard_is_streamed_in_memory_bounded_by_a_batch_and_its_index(tmp_path
 
     peak(batches[0])  # warm up (imports, compiled kernels)
     alone = [peak(b) for b in batches]
-    whole = peak(iter(batches))
+    # tracemalloc counts every thread's allocations: in the full suite other fixtures' threads
+    # (servers, clients) add to one measurement now and then — noise only adds, so the least
+    # of three writes of the whole partition is its own peak
+    whole = min(peak(iter(batches)) for _ in range(3))
     chunks = read_shard(sink.shard_path("r1", part).read_bytes(), sink.sharding(0))
     assert 0.9 * t.num_rows <= len(chunks) <= t.num_rows  # whole (all-background chunks: none)
     assert whole < 1.25 * max(alone) + 64 * 1024, (whole, max(alone))
