@@ -24,6 +24,20 @@ Vec3 = tuple[int, int, int]
 KEY_END = 1 << 64
 
 
+def uncovered(ranges: Iterable[tuple[int, int]], end: int = KEY_END) -> list[tuple[int, int]]:
+    """The [lo, hi) ranges of [0, end) that no range of ``ranges`` covers (they may overlap
+    and come in any order): where a plan has no partition — verify looks there for blocks,
+    the VastDB sink for rows an earlier run left."""
+    out, pos = [], 0
+    for lo, hi in sorted(ranges):
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < end:
+        out.append((pos, end))
+    return out
+
+
 def vec3(v: Iterable[SupportsInt]) -> Vec3:
     """``(x, y, z)`` as three Python ints, from any three numbers (a JSON list, numpy
     integers); ``ValueError`` for another count."""

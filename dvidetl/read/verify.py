@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dvidetl.errors import first_line
-from dvidetl.geometry import KEY_END, VolumeInfo
+from dvidetl.geometry import KEY_END, VolumeInfo, uncovered
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import reassemble
 
@@ -520,15 +520,7 @@ def verify_gaps(client: FlightClient, run: RunInfo, report: VerifyReport, scales
 
 def _gaps(run: RunInfo, scale: int, end: int) -> list[tuple[int, int]]:
     """Morton ranges of one scale that no planned partition covers."""
-    parts = sorted((p.lo, p.hi) for p in run.partitions if p.spec.scaled and p.scale == scale)
-    out, pos = [], 0
-    for lo, hi in parts:
-        if lo > pos:
-            out.append((pos, lo))
-        pos = max(pos, hi)
-    if pos < end:
-        out.append((pos, end))
-    return out
+    return uncovered(((p.lo, p.hi) for p in run.partitions if p.spec.scaled and p.scale == scale), end)
 
 
 class _Where:

@@ -46,7 +46,7 @@ import pyarrow as pa
 from dvidetl.errors import UserError, first_line
 from dvidetl.export.batch import BlockData, PartitionData, TableData
 from dvidetl.export.kinds import KINDS, Partition, PartitionStats, RunInfo
-from dvidetl.geometry import KEY_END
+from dvidetl.geometry import KEY_END, uncovered
 from dvidetl.retry import Backoff, retry
 from dvidetl.sinks._vastdb_support import (
     DEFAULT_TIMEOUT,
@@ -807,18 +807,8 @@ def _uncovered(scaled: bool, parts: list[Partition]) -> list[tuple[int | None, i
     blocks, every scale the plan does not have (the last entry: all scales past its
     largest) and the Morton gaps of the ones it has; for keyed kinds (scale None) the gaps
     of [0, 2**64)."""
-    def gaps(ranges) -> list[tuple[int, int]]:
-        out, pos = [], 0
-        for lo, hi in sorted(ranges):
-            if lo > pos:
-                out.append((pos, lo))
-            pos = max(pos, hi)
-        if pos < KEY_END:
-            out.append((pos, KEY_END))
-        return out
-
     if not scaled:
-        return [(None, lo, hi, False) for lo, hi in gaps((p.lo, p.hi) for p in parts)]
+        return [(None, lo, hi, False) for lo, hi in uncovered((p.lo, p.hi) for p in parts)]
     scales = {p.scale for p in parts}
     top = max(scales, default=-1) + 1
     out: list[tuple[int | None, int, int, bool]] = []
@@ -826,7 +816,7 @@ def _uncovered(scaled: bool, parts: list[Partition]) -> list[tuple[int | None, i
         if s not in scales:
             out.append((s, 0, KEY_END, False))
         else:
-            out += [(s, lo, hi, False) for lo, hi in gaps((p.lo, p.hi) for p in parts if p.scale == s)]
+            out += [(s, lo, hi, False) for lo, hi in uncovered((p.lo, p.hi) for p in parts if p.scale == s)]
     out.append((top, 0, KEY_END, True))
     return out
 
