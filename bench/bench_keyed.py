@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench._common import local_client, measured_export, memory_endpoint
+
 SOURCE = os.environ.get("DVIDETL_BENCH_KEYED_SOURCE", "synthetic://bk?size=2048,2048,512&scales=1&seed=5")
 ROUNDS = int(os.environ.get("DVIDETL_BENCH_ROUNDS", "2"))
 INDEX_ROWS = 20_000
@@ -131,17 +133,10 @@ def _demo(extra: list[str], outdir: str) -> tuple[float, float]:
 
 
 def run() -> list[dict]:
-    from distributed import Client, LocalCluster
-
-    from dvidetl.export.endpoint import FlightEndpoint
-    from dvidetl.flight.server import start_server
     from dvidetl.sources import open_source
 
-    from .bench_pipeline import _measured_export
-
     src = _KeyedMemorySource(open_source(SOURCE))
-    server = start_server(src)
-    ep = FlightEndpoint(server.location, None, "bk", None, server, src)
+    ep = memory_endpoint(src, "bk")
     out: list[dict] = []
     try:
         _decode_rate(ep, src)  # warm
@@ -149,8 +144,7 @@ def run() -> list[dict]:
             for nw in (2, 1):
                 best = {"indices": 0.0, "mapping": 0.0}
                 base = 0.0
-                with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as cluster, Client(cluster) as client:
+                with local_client(nw) as client:
                     _keyed_run(client, ep, "mapping", MAPPING_ROWS, os.path.join(tmp, f"w{nw}"))
                     for r in range(ROUNDS):
                         base = max(base, _decode_rate(ep, src)[0])
@@ -173,8 +167,7 @@ def run() -> list[dict]:
                     value=best["mapping"], unit="rows/s"))
             out.append(dict(name="label_index_tables in process, 1 core", value=base, unit="rows/s"))
             # peak memory of the largest indices partition, on a fresh warmed worker
-            with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                              dashboard_address=":0") as cluster, Client(cluster) as client:
+            with local_client(1) as client:
                 from dvidetl.export.kinds import RunInfo
                 from dvidetl.export.planning import new_run_id, plan_keys
                 from dvidetl.export.tasks import task_context
@@ -186,13 +179,13 @@ def run() -> list[dict]:
                 run_ = RunInfo(new_run_id(), ep.uuid, ep.instance, [part])
                 url = f"parquet://{os.path.join(tmp, 'mem')}"
                 open_sink(url, uuid=ep.uuid, instance=ep.instance).prepare(run_)
-                gained, start = client.submit(_measured_export, task_context(run_, ep, url), part,
+                gained, start = client.submit(measured_export, task_context(run_, ep, url), part,
                                               pure=False).result()
             out.append(dict(name=f"peak worker memory, indices partition of {part.rows:,} rows",
                             value=gained / 2**20, unit="MiB", baseline="worker RSS before the task",
                             baseline_value=start / 2**20, target="< 256 MiB"))
             # the demo, interleaved: one partition per keyed table (before) vs planned (now)
-            one = ["--index-partition-rows", str(10**15), "--mapping-partition-rows", str(10**15)]
+            one = ["--index-partition-rows", str(2**40), "--mapping-partition-rows", str(2**40)]
             walls = {"before": [], "now": []}
             shares = {"before": [], "now": []}
             _demo([], os.path.join(tmp, "demo-warm"))

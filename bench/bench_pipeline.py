@@ -15,38 +15,12 @@ import os
 import tempfile
 import time
 
+from bench._common import local_client, measured_export, memory_endpoint
+
 WORKERS = 2
 SOURCE = os.environ.get("DVIDETL_BENCH_SOURCE", "synthetic://bench?size=1024,1024,1024&scales=1&seed=3")
 ROUNDS = int(os.environ.get("DVIDETL_BENCH_ROUNDS", "2"))
 
-
-def _measured_export(ctx, part) -> tuple[int, int]:
-    """export_partition on the worker, sampling this process's RSS every 2 ms:
-    (peak gained during the task, RSS at its start)."""
-    import threading
-
-    import psutil
-
-    from dvidetl.export.tasks import export_partition
-
-    proc = psutil.Process()
-    start = peak = proc.memory_info().rss
-    stop = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            stop.wait(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        export_partition(ctx, part)
-    finally:
-        stop.set()
-        t.join()
-    return peak - start, start
 
 
 def _measured_partition(client, ep, size: int, outdir: str) -> tuple[int, int, int]:
@@ -62,7 +36,7 @@ def _measured_partition(client, ep, size: int, outdir: str) -> tuple[int, int, i
     url = f"parquet://{outdir}"
     open_sink(url, uuid=ep.uuid, instance=ep.instance).prepare(run)
     ctx = task_context(run, ep, url)
-    gained, start = client.submit(_measured_export, ctx, part, pure=False).result()
+    gained, start = client.submit(measured_export, ctx, part, pure=False).result()
     return gained, start, part.blocks
 
 
@@ -134,15 +108,9 @@ class _MemorySource:
 
 def run() -> list[dict]:
 
-    from distributed import Client, LocalCluster
-
-    from dvidetl.export.endpoint import FlightEndpoint
-    from dvidetl.flight.server import start_server
     from dvidetl.sources import open_source
 
-    src = _MemorySource(open_source(SOURCE))
-    server = start_server(src)
-    ep = FlightEndpoint(server.location, None, "bench", None, server, src)
+    ep = memory_endpoint(_MemorySource(open_source(SOURCE)), "bench")
     rows: list[dict] = []
     try:
         si = ep.info.scale(0)
@@ -153,8 +121,7 @@ def run() -> list[dict]:
             for nw in (WORKERS, 1):
                 pb = max(64, nblocks // (4 * nw))
                 best_base = best_pipe = 0.0
-                with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as cluster, Client(cluster) as client:
+                with local_client(nw) as client:
                     _pipeline(client, ep, 64, os.path.join(tmp, f"warm{nw}"), [0])
                     for r in range(ROUNDS):
                         base, _ = _repack_rate(batches, ep.info.codec)
@@ -172,8 +139,7 @@ def run() -> list[dict]:
             # peak worker memory per partition size: on a fresh, warmed 1-worker cluster, the
             # largest partition of the plan exported by one task that samples its own RSS
             for size in (256, 1024, 4096):
-                with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as cluster, Client(cluster) as client:
+                with local_client(1) as client:
                     _pipeline(client, ep, 64, os.path.join(tmp, f"mw{size}"), [0])
                     gained, start, nb = _measured_partition(client, ep, size, os.path.join(tmp, f"m{size}"))
                 rows.append(dict(

@@ -29,7 +29,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench.bench_pipeline import _measured_export, _MemorySource
+from bench._common import local_client, measured_export, memory_endpoint
+from bench.bench_pipeline import _MemorySource
 
 WORKERS = 2
 SOURCE = os.environ.get("DVIDETL_BENCH_PC_SOURCE", "synthetic://pcbench?size=1024,1024,1024&scales=1&seed=3")
@@ -79,7 +80,7 @@ def _measured(client, ep, url: str, parts_of) -> tuple[int, int, int]:
     part = max(parts_of(sink), key=lambda p: p.blocks)
     run = RunInfo(new_run_id(), ep.uuid, ep.instance, [part], volume=json.loads(ep.info.to_json()))
     sink.prepare(run)
-    gained, start = client.submit(_measured_export, task_context(run, ep, url), part, pure=False).result()
+    gained, start = client.submit(measured_export, task_context(run, ep, url), part, pure=False).result()
     return gained, start, part.blocks
 
 
@@ -151,16 +152,10 @@ def _stages(ep, bits: tuple[int, int]) -> list[dict]:
 
 
 def run() -> list[dict]:
-    from distributed import Client, LocalCluster
-
-    from dvidetl.export.endpoint import FlightEndpoint
     from dvidetl.export.planning import make_plan
-    from dvidetl.flight.server import start_server
     from dvidetl.sources import open_source
 
-    src = _MemorySource(open_source(SOURCE))
-    server = start_server(src)
-    ep = FlightEndpoint(server.location, None, "pcbench", None, server, src)
+    ep = memory_endpoint(_MemorySource(open_source(SOURCE)), "pcbench")
     rows: list[dict] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -168,8 +163,7 @@ def run() -> list[dict]:
             cell = 1 << sum(RATE_BITS)
             best = {"parquet": 0.0, "precomputed": 0.0, "both": 0.0}
             sizes: dict[str, int] = {}
-            with LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
-                              dashboard_address=":0") as cluster, Client(cluster) as client:
+            with local_client(WORKERS) as client:
                 # warm-up: numba kernels loaded (compiled the first time) in every worker
                 _export(client, ep, [f"parquet://{tmp}/warm-pq", f"precomputed://{tmp}/warm-pc?spec={spec}"], cell)
                 for r in range(ROUNDS):
@@ -201,8 +195,7 @@ def run() -> list[dict]:
             for bits in MEMORY_BITS:
                 spec_m = _spec(tmp, ep, *bits)
                 n = 1 << sum(bits)
-                with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as cluster, Client(cluster) as client:
+                with local_client(1) as client:
                     _export(client, ep, [f"parquet://{tmp}/mw{n}", f"precomputed://{tmp}/mwc{n}?spec={spec_m}"], n)
 
                     def plan(sink, n=n, bits=bits):

@@ -43,6 +43,7 @@ from dvidetl.sources.base import (
     Source,
     count_sorted,
 )
+from dvidetl.testing.tickets import raw_ticket
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -553,37 +554,23 @@ def test_commands_take_the_token_from_env_or_file(tmp_path, monkeypatch, capsys)
 # ---------------------------------------------------------------------------------------
 
 
-def _t(**kw) -> bytes:
-    d = {
-        "v": 1,
-        "kind": "blocks",
-        "uuid": "abc123",
-        "instance": "segmentation",
-        "scale": 0,
-        "lo": 0,
-        "hi": 10,
-    }
-    d.update(kw)
-    return json.dumps({k: v for k, v in d.items() if v is not ...}).encode()
-
-
 @pytest.mark.parametrize(
     "ticket, field",
     [
         (b"{not json", "ticket"),
-        (_t(v=...), "v"),
-        (_t(v=99), "v"),
-        (_t(kind="voxels"), "kind"),
-        (_t(uuid="0000ff"), "uuid"),
-        (_t(instance="grayscale"), "instance"),
-        (_t(scale=2), "scale"),
-        (_t(scale=-1), "scale"),
-        (_t(lo=10, hi=10), "hi"),
-        (_t(lo=11, hi=10), "hi"),
-        (_t(lo=-5), "lo"),
-        (_t(lo=256, hi=1000), "lo"),
-        (_t(lo=1.5), "lo"),
-        (_t(pad="x" * 5000), "ticket"),
+        (raw_ticket(v=...), "v"),
+        (raw_ticket(v=99), "v"),
+        (raw_ticket(kind="voxels"), "kind"),
+        (raw_ticket(uuid="0000ff"), "uuid"),
+        (raw_ticket(instance="grayscale"), "instance"),
+        (raw_ticket(scale=2), "scale"),
+        (raw_ticket(scale=-1), "scale"),
+        (raw_ticket(lo=10, hi=10), "hi"),
+        (raw_ticket(lo=11, hi=10), "hi"),
+        (raw_ticket(lo=-5), "lo"),
+        (raw_ticket(lo=256, hi=1000), "lo"),
+        (raw_ticket(lo=1.5), "lo"),
+        (raw_ticket(pad="x" * 5000), "ticket"),
         (
             json.dumps(
                 {
@@ -637,7 +624,7 @@ def test_invalid_descriptors_and_exchange(server):
     with pytest.raises(pa.ArrowInvalid, match="field 'instance'"):
         raw.get_flight_info(fl.FlightDescriptor.for_path("abc123", "other"), auth_opts())
     with pytest.raises(pa.ArrowInvalid, match="field 'kind'"):
-        writer, reader = raw.do_exchange(fl.FlightDescriptor.for_command(_t()), auth_opts())
+        writer, reader = raw.do_exchange(fl.FlightDescriptor.for_command(raw_ticket()), auth_opts())
         writer.begin(P.MAP_REQUEST_SCHEMA)
         reader.read_chunk()
     bad_schema = pa.schema([("supervoxel", pa.int64())])

@@ -10,6 +10,7 @@ import pytest
 from dvidetl.errors import UserError
 from dvidetl.flight import protocol as P
 from dvidetl.geometry import ScaleInfo, VolumeInfo
+from dvidetl.testing.tickets import raw_ticket
 
 INFO = VolumeInfo(
     "abc123",
@@ -17,20 +18,6 @@ INFO = VolumeInfo(
     "gzip",
     [ScaleInfo(0, (64, 64, 64), (5, 3, 7)), ScaleInfo(1, (64, 64, 64), (3, 2, 4))],
 )
-
-
-def blocks(**kw) -> bytes:
-    d = {
-        "v": 1,
-        "kind": "blocks",
-        "uuid": "abc123",
-        "instance": "segmentation",
-        "scale": 0,
-        "lo": 0,
-        "hi": 10,
-    }
-    d.update(kw)
-    return json.dumps({k: v for k, v in d.items() if v is not ...}).encode()
 
 
 def test_roundtrip_all_kinds():
@@ -50,9 +37,9 @@ def test_roundtrip_all_kinds():
 def test_range_clipped_to_grid():
     end = INFO.scale(0).morton_end  # grid (5,3,7): 3+2+3 bits
     assert end == 256
-    t = P.parse_ticket(blocks(lo=200, hi=2**64)).validate(INFO)
+    t = P.parse_ticket(raw_ticket(lo=200, hi=2**64)).validate(INFO)
     assert (t.lo, t.hi) == (200, end)
-    t = P.parse_ticket(blocks(lo=0, hi=end)).validate(INFO)
+    t = P.parse_ticket(raw_ticket(lo=0, hi=end)).validate(INFO)
     assert (t.lo, t.hi) == (0, end)
 
 
@@ -62,34 +49,34 @@ def test_range_clipped_to_grid():
         (b"not json", "ticket"),
         (b"\xff\xfe", "ticket"),
         (b"[1, 2]", "ticket"),
-        (blocks(v=...), "v"),
-        (blocks(v=2), "v"),
-        (blocks(v="1"), "v"),
-        (blocks(kind="voxels"), "kind"),
-        (blocks(kind=...), "kind"),
-        (blocks(uuid=...), "uuid"),
-        (blocks(uuid=""), "uuid"),
-        (blocks(uuid="a b"), "uuid"),
-        (blocks(uuid=7), "uuid"),
-        (blocks(uuid="x" * 65), "uuid"),
-        (blocks(instance=...), "instance"),
-        (blocks(instance="seg\n"), "instance"),
-        (blocks(scale=-1), "scale"),
-        (blocks(scale=1.0), "scale"),
-        (blocks(scale=True), "scale"),
-        (blocks(scale=...), "scale"),
-        (blocks(lo=-1), "lo"),
-        (blocks(lo="0"), "lo"),
-        (blocks(lo=5, hi=5), "hi"),
-        (blocks(lo=6, hi=5), "hi"),
-        (blocks(hi=2**64 + 1), "hi"),
-        (blocks(extra=1), "extra"),
-        (blocks(instance="x" * 5000), "ticket"),  # over the size limit
+        (raw_ticket(v=...), "v"),
+        (raw_ticket(v=2), "v"),
+        (raw_ticket(v="1"), "v"),
+        (raw_ticket(kind="voxels"), "kind"),
+        (raw_ticket(kind=...), "kind"),
+        (raw_ticket(uuid=...), "uuid"),
+        (raw_ticket(uuid=""), "uuid"),
+        (raw_ticket(uuid="a b"), "uuid"),
+        (raw_ticket(uuid=7), "uuid"),
+        (raw_ticket(uuid="x" * 65), "uuid"),
+        (raw_ticket(instance=...), "instance"),
+        (raw_ticket(instance="seg\n"), "instance"),
+        (raw_ticket(scale=-1), "scale"),
+        (raw_ticket(scale=1.0), "scale"),
+        (raw_ticket(scale=True), "scale"),
+        (raw_ticket(scale=...), "scale"),
+        (raw_ticket(lo=-1), "lo"),
+        (raw_ticket(lo="0"), "lo"),
+        (raw_ticket(lo=5, hi=5), "hi"),
+        (raw_ticket(lo=6, hi=5), "hi"),
+        (raw_ticket(hi=2**64 + 1), "hi"),
+        (raw_ticket(extra=1), "extra"),
+        (raw_ticket(instance="x" * 5000), "ticket"),  # over the size limit
         (b" " * (P.MAX_TICKET_BYTES + 1), "ticket"),
         (b"[" * 4000 + b"]" * 4000, "ticket"),  # oversize and deeply nested
         (b"[" * 2040 + b"]" * 2040, "ticket"),
         (b'{"v": 1, "kind": "blocks", "lo": NaN}', "uuid"),
-        (blocks(lo=float("inf")), "lo"),
+        (raw_ticket(lo=float("inf")), "lo"),
         (
             json.dumps(
                 {"v": 1, "kind": "indices", "uuid": "u", "instance": "i", "lo": 3, "hi": 3}
@@ -126,10 +113,10 @@ def test_structurally_bad_tickets_name_the_field(raw, field):
 @pytest.mark.parametrize(
     "raw, field",
     [
-        (blocks(uuid="def456"), "uuid"),
-        (blocks(instance="grayscale"), "instance"),
-        (blocks(scale=2), "scale"),
-        (blocks(lo=256, hi=300), "lo"),  # wholly past the grid
+        (raw_ticket(uuid="def456"), "uuid"),
+        (raw_ticket(instance="grayscale"), "instance"),
+        (raw_ticket(scale=2), "scale"),
+        (raw_ticket(lo=256, hi=300), "lo"),  # wholly past the grid
     ],
 )
 def test_semantically_bad_tickets_name_the_field(raw, field):
@@ -143,9 +130,9 @@ def test_any_uuid_source_accepts_any_uuid():
     from dataclasses import replace
 
     star = replace(INFO, uuid="*")
-    assert P.parse_ticket(blocks(uuid="f00d")).validate(star).uuid == "f00d"
+    assert P.parse_ticket(raw_ticket(uuid="f00d")).validate(star).uuid == "f00d"
     with pytest.raises(P.TicketError):
-        P.parse_ticket(blocks(instance="other")).validate(star)
+        P.parse_ticket(raw_ticket(instance="other")).validate(star)
 
 
 def test_no_mapping_no_indices():
