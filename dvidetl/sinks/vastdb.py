@@ -99,6 +99,13 @@ SORTING_KEYS: dict[str, list[str]] = {"blocks": ["scale", "morton"], "label_inde
 # ---------------------------------------------------------------------------------------------
 
 
+class VastDBUnavailable(UserError, ConnectionError):
+    """A sink step (a transaction, a connect) kept failing with transient errors for every
+    try: one line naming the step, the sink and the last error, like a DVID server that
+    stays unavailable. Still a ``ConnectionError``, so an enclosing retry (a partition's
+    transaction, a task) treats it as the transient failure it wraps."""
+
+
 def _reason(exc: BaseException) -> str:
     """Why a connection failed, in a few words (requests' messages nest the whole pool
     state; the innermost OS error is what the user can act on)."""
@@ -246,8 +253,13 @@ class VastDBSink(Sink):
     def _call(self, fn, what: str):
         """``fn()`` with retries on transient errors (only for idempotent work: reads, connect,
         whole transactions that abort cleanly)."""
+        def unavailable(attempts: int, exc: BaseException) -> VastDBUnavailable:
+            return VastDBUnavailable(f"{self!r}: {what} failed {attempts} time(s), last with "
+                                     f"{_describe(exc)}: the VAST cluster is unreachable or failing; "
+                                     "try again later (or raise the URL's tries=)")
+
         return retry(fn, self._policy(), retryable=self._retryable, what=what, describe=_describe,
-                     logger=log)
+                     exhausted=unavailable, logger=log)
 
     def _tx(self, fn, what: str, endpoint: str | None = None, *, write: bool = False):
         """``fn(tx)`` in a fresh transaction, retried as a whole on transient errors (readers
@@ -262,6 +274,8 @@ class VastDBSink(Sink):
                     try:
                         result = fn(tx)
                         done = True
+                    except VastDBUnavailable:  # a nested step failed for good: roll back
+                        raise
                     except UserError as exc:  # nothing written: end the transaction quietly
                         user_error = exc
             except Exception:

@@ -84,6 +84,9 @@ class Faults:
     # limit faults to these commands: "rows", "data", ... or "METHOD command" such as
     # "PUT transaction" (commit) or "POST rows" (insert)
     commands: tuple = ()
+    # inject at most this many faults in all, then none (0: no limit): "lose one commit's
+    # answer" is limit=1 with drop_after_apply_rate=1.0 on "PUT transaction"
+    limit: int = 0
     seed: int | None = None
 
     @staticmethod
@@ -180,17 +183,18 @@ class _Handler(BaseHTTPRequestHandler):
                                     or f"{self.command} {command}" in faults.commands)
             rnd = srv.rng
             if active and self.command != "HEAD" and faults.slowdown_rate and \
-                    rnd.random() < faults.slowdown_rate:
+                    rnd.random() < faults.slowdown_rate and srv.spend(faults):
                 srv.count("slowdown")
                 self._send(503, _xml_error("SlowDown", "vastsim: injected slowdown"))
                 return
-            if active and faults.drop_rate and rnd.random() < faults.drop_rate:
+            if active and faults.drop_rate and rnd.random() < faults.drop_rate and srv.spend(faults):
                 srv.count("dropped")
                 self._drop()
             drop_after = active and faults.drop_after_apply_rate and \
-                rnd.random() < faults.drop_after_apply_rate
+                rnd.random() < faults.drop_after_apply_rate and srv.spend(faults)
             if active and command == "transaction" and self.command == "PUT" and \
-                    faults.commit_conflict_rate and rnd.random() < faults.commit_conflict_rate:
+                    faults.commit_conflict_rate and rnd.random() < faults.commit_conflict_rate and \
+                    srv.spend(faults):
                 srv.count("conflict")
                 txid = int(self.headers.get("tabular-txid", "0") or 0)
                 try:
@@ -462,6 +466,7 @@ class _Server(ThreadingHTTPServer):
         self.rng = random.Random(faults.seed)
         self.max_body = max_body
         self.counters: dict[str, int] = {}
+        self.injected = 0  # faults injected under the current knobs (``Faults.limit``)
         self._clock = threading.Lock()
 
     def handle_error(self, request, client_address) -> None:
@@ -474,6 +479,16 @@ class _Server(ThreadingHTTPServer):
     def count(self, what: str) -> None:
         with self._clock:
             self.counters[what] = self.counters.get(what, 0) + 1
+
+    def spend(self, faults: Faults) -> bool:
+        """May one more fault be injected (``Faults.limit``)? Counts it when so."""
+        if not faults.limit:
+            return True
+        with self._clock:
+            if self.injected >= faults.limit:
+                return False
+            self.injected += 1
+            return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,11 +549,13 @@ class VastSim:
         cur = self._server.faults
         new = replace(cur, **faults)
         self._server.faults = new
+        self._server.injected = 0
         if "seed" in faults:
             self._server.rng = random.Random(new.seed)
 
     def clear_faults(self) -> None:
         self._server.faults = Faults()
+        self._server.injected = 0
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -639,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-s", type=float, default=0.0)
     p.add_argument("--delay-jitter-s", type=float, default=0.0)
     p.add_argument("--commands", default="", help="comma list of commands faults apply to")
+    p.add_argument("--limit", type=int, default=0, help="inject at most this many faults (0: no limit)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="wipe --data-dir first")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -656,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                   drop_after_apply_rate=a.drop_after_apply_rate,
                   commit_conflict_rate=a.commit_conflict_rate, delay_s=a.delay_s,
                   delay_jitter_s=a.delay_jitter_s,
-                  commands=tuple(c for c in a.commands.split(",") if c), seed=a.seed)
+                  commands=tuple(c for c in a.commands.split(",") if c), limit=a.limit,
+                  seed=a.seed)
     print(f"vastsim listening on {sim.endpoint}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
