@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from dvidetl.errors import UserError
 from dvidetl.export.kinds import PartitionStats
 from dvidetl.read.verify import verify_export
 from dvidetl.sinks import open_sink
@@ -69,6 +70,11 @@ def test_the_ledger_of_every_run_of_a_layout_1_export_is_read(tmp_path):
     assert con.execute("SELECT count(*) FROM export_ledger").fetchall() == [(len(run.partitions),)]
 
 
+def _compression(f: Path) -> dict[str, str]:
+    meta = pq.ParquetFile(f).metadata.row_group(0)
+    return {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
+
+
 def test_a_blocks_partition_handed_as_tables_keeps_an_older_exports_format(tmp_path):
     """The table format of an export (``layout.json``'s ``"format"``) holds for every file a
     run appends to it. Formats 1 and 2 differ only in ``blocks`` and ``block_overflow``; a
@@ -85,6 +91,7 @@ def test_a_blocks_partition_handed_as_tables_keeps_an_older_exports_format(tmp_p
     assert tables["blocks"].num_rows and tables["block_overflow"].num_rows  # the fixture overflows
     files = {t: sink.file_of(t, p, run.run_id) for t in ("blocks", "block_overflow")}
     as_old_code_stored = {t: pq.read_table(f) for t, f in files.items()}
+    old_comp = _compression(files["blocks"])
     (led,) = [r for r in sink.ledger(run.run_id).to_pylist() if r["kind"] == "blocks" and r["lo"] == p.lo
               and r["scale"] == p.scale]
     sink.forget(run.run_id, p)
@@ -101,8 +108,59 @@ def test_a_blocks_partition_handed_as_tables_keeps_an_older_exports_format(tmp_p
             .to_pylist() == as_old_code_stored[t].sort_by(
                 [("morton", "ascending")] + ([("part", "ascending")] if t == "block_overflow" else [])).to_pylist(), t
     assert set(pq.read_table(files["block_overflow"], columns=["column"]).column("column").to_pylist()) >= {"body"}
+    # and compressed as the old code compressed it (the zstd payload parts stored as they are)
+    comp = _compression(files["blocks"])
+    assert comp == old_comp and {comp["body0"], comp["body_size"]} == {"UNCOMPRESSED", "ZSTD"}
     for t in tables:
         assert sink.read_partition(run.run_id, t, p).equals(tables[t]), t
+
+
+def test_names_that_cannot_be_directories_are_refused_by_name():
+    """An instance, uuid or run id that would leave the export's directory is one line
+    naming which of them it is."""
+    for kw, what in (({"uuid": "u", "instance": "../x"}, "instance '../x'"),
+                     ({"uuid": ".hidden", "instance": "seg"}, "uuid '.hidden'")):
+        with pytest.raises(UserError, match=f"^{what} cannot be used as a directory name$"):
+            ParquetSink("/nonexistent-base", **kw)
+    sink = ParquetSink("/nonexistent-base", uuid="u", instance="seg")
+    with pytest.raises(UserError, match="^run id 'a/b' cannot be used as a directory name$"):
+        sink.load_run("a/b")
+
+
+def test_an_unreadable_ledger_file_is_one_line_naming_it(tmp_path):
+    """A truncated ledger file: reading the ledger is a ``UserError`` naming the file and
+    what to do, not an Arrow error."""
+    out = _fixture(tmp_path)
+    sink = ParquetSink(out, uuid=F1[1], instance=F1[0])
+    bad = sink.ledger_files()[1]
+    bad.write_bytes(bad.read_bytes()[:40])
+    for run_id in (None, sink.latest_run()):
+        with pytest.raises(UserError, match=f"^{bad}: cannot read it .*remove it and resume the run"):
+            sink.ledger(run_id)
+
+
+def test_finish_removes_stray_files_readable_or_not(tmp_path):
+    """Files in a table directory that are no committed partition's (one readable with
+    rows, one truncated): ``outside`` names both with their paths (rows unknown for the
+    unreadable one), ``remove_outside`` deletes exactly them and counts the rows it knew,
+    and a resumed run's ``finish`` leaves only the run's files."""
+    out = _fixture(tmp_path)
+    sink = ParquetSink(out, uuid=F1[1], instance=F1[0])
+    run = sink.load_run(sink.latest_run())
+    committed = sorted(str(f) for t in ("blocks", "block_overflow", "label_index", "mapping")
+                       for f in sink.committed_files(t))
+    f = Path(committed[0])
+    readable, truncated = f.parent / "part-stray-a.parquet", f.parent / "part-stray-b.parquet"
+    pq.write_table(pq.read_table(f).slice(0, 2), readable)
+    truncated.write_bytes(f.read_bytes()[:100])
+    found = sink.outside(run, sink.done(run.run_id))
+    assert sorted((o.path, o.rows) for o in found) == [(str(readable), 2), (str(truncated), -1)]
+    assert sink.remove_outside(run, found[:1]) == (2 if found[0].path == str(readable) else 0)
+    assert not Path(found[0].path).exists() and Path(found[1].path).exists()
+    sink.finish(run)
+    assert not readable.exists() and not truncated.exists()
+    assert sorted(str(p) for p in out.rglob("part-*.parquet") if "export_ledger" not in p.parts) == committed
+    assert sink.outside(run, sink.done(run.run_id)) == []
 
 
 # -- a staged (--overwrite) run: publish, crash, resume ----------------------------------------
@@ -183,8 +241,10 @@ def test_a_resumed_overwrite_run_writes_and_keeps_the_published_tables(server, f
     from dvidetl.export.tasks import _SINKS, export_partition, task_context
 
     url = f"parquet://{tmp_path}/out"
-    _, new = _overwritten(server.location, url)
+    old, new = _overwritten(server.location, url)
     sink = open_sink(url, uuid=UUID, instance="segmentation")
+    with pytest.raises(UserError, match=f"^run {old.run_id} of .* was replaced by run {new.run_id} "):
+        sink.read("blocks", run_id=old.run_id)
     before = sorted(_plain_blocks(sink))
     p = next(p for p in new.partitions if p.kind == "blocks" and sink.file_of("blocks", p).exists())
     lost = sink.file_of("blocks", p)
@@ -192,7 +252,8 @@ def test_a_resumed_overwrite_run_writes_and_keeps_the_published_tables(server, f
     sink.forget(new.run_id, p)
     run = sink.load_run(new.run_id)
     assert run.staged and run.record["published"] is True
-    run.record.update(state="running")  # what the driver records when it resumes a run
+    run.record.update(state="running")  # what the driver does when it resumes a run
+    sink.prepare(run)
     sink.update_run(run)
     ep = FlightEndpoint(server.location, None, UUID, None)
     try:
