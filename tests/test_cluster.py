@@ -246,3 +246,64 @@ def test_deploy_jobqueue_yaml_is_valid_dask_config(tmp_path) -> None:
     assert "--lifetime " in script and "--lifetime-stagger " in script
     mem_per_core = dask.utils.parse_bytes(kw["memory"]) / kw["cores"]
     assert mem_per_core >= 2 * 2**30
+
+
+def _log_on_the_worker() -> int:
+    import logging
+    import os
+
+    lg = logging.getLogger("dvidetl.test_worker_logs")
+    lg.debug("a debug line")
+    lg.info("the token is %s", os.environ["DVIDETL_FLIGHT_TOKEN"])
+    lg.warning("a warning")
+    return os.getpid()
+
+
+def _worker_records(level: int, monkeypatch) -> tuple[list, int]:
+    """The records of ``_log_on_the_worker`` that reach the driver's root logger set to ``level``
+    (through a handler with no redaction of its own), and the worker's pid."""
+    import logging
+    import time
+
+    got: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.name == "dvidetl.test_worker_logs":
+                got.append(record)
+
+    root, h = logging.getLogger(), Keep()
+    old = root.level
+    root.addHandler(h)
+    root.setLevel(level)
+    try:
+        with cl.open_client(_args("--cluster", "local", "--workers", "1",
+                                  "--dashboard-address", "127.0.0.1:0")) as client:
+            pid = client.submit(_log_on_the_worker, pure=False).result(timeout=60)
+            deadline = time.monotonic() + 30  # events reach the client asynchronously
+            while not any(r.levelno == logging.WARNING for r in got) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        root.removeHandler(h)
+        root.setLevel(old)
+    return got, pid
+
+
+def test_worker_log_records_reach_the_driver_redacted_at_its_level(monkeypatch) -> None:
+    """A worker's dvidetl records reach the driver's handlers (so ``--log-file`` has them),
+    at the driver's level, naming the worker, redacted before they leave the worker."""
+    import logging
+
+    from dvidetl.redact import MASK
+
+    secret = "wrkFlightToken31"
+    monkeypatch.setenv("DVIDETL_FLIGHT_TOKEN", secret)
+    got, pid = _worker_records(logging.INFO, monkeypatch)
+    assert [r.levelno for r in got] == [logging.INFO, logging.WARNING]  # no DEBUG
+    assert {r.process for r in got} == {pid} != {os.getpid()}  # made in the worker
+    info = got[0].getMessage()
+    assert info.startswith("[worker tcp://127.0.0.1:") and f"the token is {MASK}" in info
+    assert all(secret not in r.getMessage() for r in got)
+    # a driver at WARNING (no -v, no --log-file): the worker makes no INFO record to send
+    got, _ = _worker_records(logging.WARNING, monkeypatch)
+    assert [r.levelno for r in got] == [logging.WARNING]

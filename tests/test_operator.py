@@ -376,6 +376,9 @@ def test_run_json_is_one_document_and_human_text_goes_to_stderr(real_run):
         assert words in run.stderr, run.stderr
     # --log-file and -v after the command: the log has INFO lines, redacted
     assert " INFO " in real_run["log"] and "dvidetl" in real_run["log"]
+    # the workers' lines too: one per partition committed, naming the worker
+    worker_lines = [ln for ln in real_run["log"].splitlines() if "[worker tcp://" in ln]
+    assert len([ln for ln in worker_lines if "committed to parquet://" in ln]) == doc["partitions"]["written"]
     _clean(real_run["log"])
 
 

@@ -34,6 +34,7 @@ def open_client(cluster: str | ClusterOptions = "local", *, page: bool = False,
     :class:`ClusterOptions`); closed on exit. ``page``: serve the run's own dvidetl page on
     the dashboard and print *its* link (Dask's own pages show only the submission window
     of a run)."""
+    from dvidetl.cluster.logs import forward_worker_logs
     from dvidetl.export.dashboard import silence_bokeh_disconnects
 
     opts = cluster if isinstance(cluster, ClusterOptions) else ClusterOptions(cluster, **options)
@@ -43,9 +44,11 @@ def open_client(cluster: str | ClusterOptions = "local", *, page: bool = False,
             from dvidetl.cluster.slurm import open_slurm_client
 
             with open_slurm_client(opts, page) as client:
+                forward_worker_logs(client)
                 yield client
         else:
             with open_local_client(opts, page) as client:
+                forward_worker_logs(client)
                 yield client
 
 

@@ -222,6 +222,9 @@ def export_partition(ctx: TaskContext, part: Partition) -> PartitionStats:
     stats.error_samples = samples[:5]
     stats.written = tuple(todo)
     stats.seconds = time.perf_counter() - t0
+    # INFO: in the driver's --log-file (cluster.logs forwards it), one line per commit
+    log.info("partition %s: %d rows, %d errors, committed to %s in %.2f s", part.key, stats.rows,
+             stats.errors, ", ".join(redact(ctx.sink_urls[i]) for i in todo), stats.seconds)
     return stats
 
 
