@@ -139,6 +139,19 @@ def test_an_unreadable_ledger_file_is_one_line_naming_it(tmp_path):
             sink.ledger(run_id)
 
 
+def test_a_ledger_file_lacking_a_column_is_damaged_not_nulls(tmp_path):
+    """A ledger file without one of its columns (not one added since: ``raw_bytes`` may be
+    absent, as in this format-1 fixture) is a damaged file, named in one line — never read
+    as a ledger row of nulls."""
+    out = _fixture(tmp_path)
+    sink = ParquetSink(out, uuid=F1[1], instance=F1[0])
+    assert sink.ledger().column("raw_bytes").null_count == len(sink.ledger_files())  # added since
+    bad = sink.ledger_files()[0]
+    pq.write_table(pq.read_table(bad).drop_columns(["rows"]), bad)
+    with pytest.raises(UserError, match=rf"^{bad}: cannot read it \(table 'export_ledger' is missing columns \['rows'\]\)"):
+        sink.ledger()
+
+
 def test_finish_removes_stray_files_readable_or_not(tmp_path):
     """Files in a table directory that are no committed partition's (one readable with
     rows, one truncated): ``outside`` names both with their paths (rows unknown for the

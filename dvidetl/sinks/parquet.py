@@ -379,18 +379,20 @@ class ParquetSink(Sink):
 
     def _read_file(self, f: Path, table: str, *, user_error: bool = False) -> pa.Table:
         """One stored file as ``table``'s schema; ``UnreadableFile`` (or, with ``user_error``,
-        a one-line ``UserError`` naming the file) when it cannot be read."""
+        a one-line ``UserError`` naming the file) when it cannot be read. A ledger file is
+        read as stored: only its added columns may be absent (``conform`` fills them); one
+        that lacks another column is damaged, not a row of nulls."""
         try:
-            if table == "export_ledger":  # (its added columns may be absent: conform fills them)
+            if table == "export_ledger":
                 t = pq.read_table(str(f))
             else:
                 t = pq.read_table(str(f), schema=S.stored_schema(table, self.format))
-        except (pa.ArrowException, OSError) as exc:
+            return S.conform(table, S.from_stored(table, t, self.format))
+        except (pa.ArrowException, OSError, ValueError) as exc:
             if user_error:
                 raise UserError(f"{f}: cannot read it ({first_line(exc)}); remove it and "
                                 "resume the run to redo its partition") from None
             raise UnreadableFile(str(f), f"unreadable ({first_line(exc)})") from None
-        return S.conform(table, S.from_stored(table, t, self.format))
 
     def outside(self, run: RunInfo, done: set[str]) -> list[Outside]:
         """Parquet files in the table directories that are not a committed partition file of
