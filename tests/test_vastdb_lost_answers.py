@@ -96,3 +96,66 @@ def test_a_transaction_that_fails_for_good_names_its_step(sim):
         sink.prepare(run)
         assert sink.runs() == ["r"]
         assert sink.read("blocks").num_rows == 0
+
+
+def _mortons(sink, **kw) -> list[int]:
+    return sorted(sink.read("blocks", columns=["morton"], **kw).column("morton").to_pylist())
+
+
+def test_a_staged_run_is_published_at_finish_in_one_switch(sim):
+    """``run --overwrite`` on VastDB without a cluster: the staged run (another plan) writes
+    its own tables; plain readers see only the finished run's rows until the staged run's
+    ``finish``, then only its rows (and a fresh sink too); the staged and replaced tables are
+    dropped, the new run is published and finished, the old one superseded."""
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/staged"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        a, b = Partition("blocks", 0, 0, 100, 2), Partition("blocks", 0, 100, 200, 2)
+        old = RunInfo("old", "u", "seg", [a, b], created=1.0)
+        sink.prepare(old)
+        sink.write_partition("old", a, {"blocks": _blocks([1, 2], b"o")}, PartitionStats(a.key, a.kind, blocks=2))
+        sink.write_partition("old", b, {"blocks": _blocks([101, 102], b"o")}, PartitionStats(b.key, b.kind, blocks=2))
+        sink.finish(old)
+        whole = Partition("blocks", 0, 0, 200, 3)
+        new = RunInfo("new", "u", "seg", [whole], created=2.0, record={"staged": True, "state": "running"})
+        sink.prepare(new)
+        sink.write_partition("new", whole, {"blocks": _blocks([5, 150, 199], b"n")},
+                             PartitionStats(whole.key, whole.kind, blocks=3))
+        assert _mortons(sink) == [1, 2, 101, 102]  # not published yet: the old export
+        assert _mortons(sink, run_id="new") == [5, 150, 199]  # the staged run reads its own
+        sink.finish(new)
+        fresh = open_sink(url, uuid="u", instance="seg")
+        for s in (sink, fresh):
+            assert _mortons(s) == [5, 150, 199]
+            assert set(s.read("blocks", columns=["payload0"]).column("payload0").to_pylist()) == {b"n"}
+        assert fresh.load_run("new").record.get("published") is True
+        assert fresh.load_run("new").state == "finished" and fresh.load_run("old").state == "superseded"
+        assert fresh.latest_run() == "new" and fresh.done("new") == {whole.key}
+        with fresh._session().transaction() as tx:
+            names = {t.name for t in tx.bucket("bucket").schema("staged").tables()}
+        assert "blocks" in names and not [n for n in names if "__" in n], names
+
+
+def test_a_partition_talks_only_to_the_endpoint_its_key_picks(sim):
+    """Two names of one server stand for two CNode VIPs: a partition's transaction, the
+    ledger check and range reads inside it, and ``is_done`` all go to the endpoint its key
+    picks (the load is spread by partition), none to the other."""
+    from dvidetl.sinks._vastdb_support import with_endpoints
+
+    url = with_endpoints(f"vastdb://127.0.0.1:{sim.port}/bucket/eps", f"localhost:{sim.port}")
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        parts = [Partition("blocks", 0, i * 10, i * 10 + 10, 1) for i in range(6)]
+        sink.prepare(RunInfo("r", "u", "seg", parts))
+        names = {f"http://127.0.0.1:{sim.port}": f"127.0.0.1:{sim.port}",
+                 f"http://localhost:{sim.port}": f"localhost:{sim.port}"}
+        picked = {p.key: sink._endpoint_for(p.key) for p in parts}
+        assert set(picked.values()) == set(names)  # both endpoints have partitions
+        for i, p in enumerate(parts):
+            mine, other = names[picked[p.key]], next(v for k, v in names.items() if k != picked[p.key])
+            before = dict(sim.counters)
+            sink.write_partition("r", p, {"blocks": _blocks([i * 10 + 1], b"x")}, PartitionStats(p.key, p.kind, blocks=1))
+            assert sink.is_done("r", p)
+            hit = _delta(sim, before)
+            assert hit.get(f"via {mine}", 0) >= 6 and hit.get(f"via {other}", 0) == 0, (p.key, hit)
+        assert _mortons(sink) == [i * 10 + 1 for i in range(6)]

@@ -169,6 +169,9 @@ class _Handler(BaseHTTPRequestHandler):
         params = dict(parse_qsl("&".join(p for p in parts if "=" in p)))
         segs = [s for s in path.split("/") if s]
         srv.count(f"{self.command} {command}" if command else self.command)
+        # which name of the server was asked (two names of one server stand for two CNode
+        # VIPs: a client spreading its work over endpoints is seen here)
+        srv.count(f"via {self.headers.get('Host', '')}")
         probe = command == "transaction" and \
             self.headers.get("tabular-get-vast-version", "").lower() == "true"
         try:
