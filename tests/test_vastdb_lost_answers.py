@@ -159,3 +159,95 @@ def test_a_partition_talks_only_to_the_endpoint_its_key_picks(sim):
             hit = _delta(sim, before)
             assert hit.get(f"via {mine}", 0) >= 6 and hit.get(f"via {other}", 0) == 0, (p.key, hit)
         assert _mortons(sink) == [i * 10 + 1 for i in range(6)]
+
+
+def test_every_step_that_fails_for_good_is_named(sim):
+    """No transaction can begin (every ``POST ?transaction`` dropped): each of the sink's
+    steps gives up after the URL's tries with one line naming itself."""
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/named?tries=2"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        part = Partition("blocks", 0, 0, 100, 3)
+        run = RunInfo("r", "u", "seg", [part])
+        open_sink(url, uuid="u", instance="seg").prepare(run)
+        steps = {
+            "load_run": lambda s: s.load_run("r"),
+            "runs": lambda s: s.runs(),
+            "ledger": lambda s: s.ledger("r"),
+            "is_done": lambda s: s.is_done("r", part),
+            f"forget {part.key}": lambda s: s.forget("r", part),
+            "read blocks": lambda s: s.read("blocks", run_id="r"),
+            "update run record": lambda s: s.update_run(run),
+        }
+        for step, call in steps.items():
+            sink = open_sink(url, uuid="u", instance="seg")  # nothing cached
+            if step != "load_run":
+                sink._runs["r"] = run
+            sim.set_faults(drop_rate=1.0, commands=("POST transaction",))
+            try:
+                with pytest.raises(VastDBUnavailable) as ei:
+                    call(sink)
+            finally:
+                sim.clear_faults()
+            assert str(ei.value).startswith(f"{sink!r}: {step} failed 2 time(s), last with "), (step, str(ei.value))
+
+
+@pytest.fixture(scope="module")
+def quick_sim():
+    """A server that aborts a transaction left idle for 1 s (a client lost it)."""
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        with start_vastsim(None, access_key=ACCESS, secret_key=SECRET, tx_timeout_s=1.0) as s:
+            yield s
+
+
+@pytest.mark.parametrize("skip", [0, 2])
+def test_a_ddl_commit_that_never_arrived_is_redone(quick_sim, skip):
+    """``prepare``'s commits never reach the server, one at a time (the schema's, the first
+    table's): the step is redone once the server has dropped the abandoned transaction, and
+    every table exists afterwards — a DDL transaction must commit, its lost commit is not
+    taken for done."""
+    from dvidetl.sinks.vastdb import ALL_TABLES
+
+    sim = quick_sim
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/ddl{skip}"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        before = dict(sim.counters)
+        sim.set_faults(drop_rate=1.0, commands=("PUT transaction",), skip=skip, limit=1)
+        try:
+            sink.prepare(RunInfo("r", "u", "seg", [Partition("blocks", 0, 0, 100, 3)]))
+        finally:
+            sim.clear_faults()
+        assert _delta(sim, before).get("dropped") == 1
+        with sink._session().transaction() as tx:
+            names = {t.name for t in tx.bucket("bucket").schema(f"ddl{skip}").tables()}
+        assert names == set(ALL_TABLES)
+        assert sink.runs() == ["r"]
+
+
+def test_a_lost_insert_answer_redoes_the_transaction_once_and_says_so(sim, caplog):
+    """An insert's answer is lost once: the transaction is abandoned and redone whole (the
+    blocks inserted again, by the new transaction only), the retry logged by the sink
+    naming the partition, and the table format prepare found logged at DEBUG."""
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/lostinsert"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        part = Partition("blocks", 0, 0, 100, 3)
+        with caplog.at_level(logging.DEBUG, logger="dvidetl.sinks.vastdb"):
+            sink.prepare(RunInfo("r", "u", "seg", [part]))
+        assert f"{sink!r}: table format {S.FORMAT}" in caplog.messages
+        caplog.clear()
+        before = dict(sim.counters)
+        sim.set_faults(drop_after_apply_rate=1.0, commands=("POST rows",), limit=1)
+        try:
+            with caplog.at_level(logging.INFO, logger="dvidetl.sinks.vastdb"):
+                sink.write_partition("r", part, {"blocks": _blocks([1, 2, 3], b"a")},
+                                     PartitionStats(part.key, part.kind, blocks=3))
+        finally:
+            sim.clear_faults()
+        hit = _delta(sim, before)
+        assert hit.get("dropped_after_apply") == 1 and hit["POST rows"] == 3, hit  # blocks, again, ledger
+        retried = [r for r in caplog.records if "transaction failed" in r.getMessage()]
+        assert len(retried) == 1 and retried[0].name == "dvidetl.sinks.vastdb", caplog.text
+        assert retried[0].getMessage().startswith(f"{part.key}: transaction failed: ")
+        assert sink.read("blocks").column("morton").to_pylist() == [1, 2, 3]
+        assert sink.ledger("r").column("rows").to_pylist() == [3]

@@ -87,6 +87,9 @@ class Faults:
     # inject at most this many faults in all, then none (0: no limit): "lose one commit's
     # answer" is limit=1 with drop_after_apply_rate=1.0 on "PUT transaction"
     limit: int = 0
+    # let the first N faults drawn pass unharmed ("lose the third commit's answer":
+    # skip=2, limit=1, rate 1.0 on "PUT transaction")
+    skip: int = 0
     seed: int | None = None
 
     @staticmethod
@@ -469,7 +472,7 @@ class _Server(ThreadingHTTPServer):
         self.rng = random.Random(faults.seed)
         self.max_body = max_body
         self.counters: dict[str, int] = {}
-        self.injected = 0  # faults injected under the current knobs (``Faults.limit``)
+        self.injected = self.drawn = 0  # faults injected / drawn under the current knobs
         self._clock = threading.Lock()
 
     def handle_error(self, request, client_address) -> None:
@@ -484,11 +487,10 @@ class _Server(ThreadingHTTPServer):
             self.counters[what] = self.counters.get(what, 0) + 1
 
     def spend(self, faults: Faults) -> bool:
-        """May one more fault be injected (``Faults.limit``)? Counts it when so."""
-        if not faults.limit:
-            return True
+        """May a fault drawn be injected (``Faults.skip``, ``Faults.limit``)? Counts it."""
         with self._clock:
-            if self.injected >= faults.limit:
+            self.drawn += 1
+            if self.drawn <= faults.skip or (faults.limit and self.injected >= faults.limit):
                 return False
             self.injected += 1
             return True
@@ -552,13 +554,13 @@ class VastSim:
         cur = self._server.faults
         new = replace(cur, **faults)
         self._server.faults = new
-        self._server.injected = 0
+        self._server.injected = self._server.drawn = 0
         if "seed" in faults:
             self._server.rng = random.Random(new.seed)
 
     def clear_faults(self) -> None:
         self._server.faults = Faults()
-        self._server.injected = 0
+        self._server.injected = self._server.drawn = 0
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -660,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-jitter-s", type=float, default=0.0)
     p.add_argument("--commands", default="", help="comma list of commands faults apply to")
     p.add_argument("--limit", type=int, default=0, help="inject at most this many faults (0: no limit)")
+    p.add_argument("--skip", type=int, default=0, help="let the first N faults drawn pass")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="wipe --data-dir first")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -678,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                   commit_conflict_rate=a.commit_conflict_rate, delay_s=a.delay_s,
                   delay_jitter_s=a.delay_jitter_s,
                   commands=tuple(c for c in a.commands.split(",") if c), limit=a.limit,
-                  seed=a.seed)
+                  skip=a.skip, seed=a.seed)
     print(f"vastsim listening on {sim.endpoint}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
