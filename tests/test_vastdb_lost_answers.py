@@ -251,3 +251,30 @@ def test_a_lost_insert_answer_redoes_the_transaction_once_and_says_so(sim, caplo
         assert retried[0].getMessage().startswith(f"{part.key}: transaction failed: ")
         assert sink.read("blocks").column("morton").to_pylist() == [1, 2, 3]
         assert sink.ledger("r").column("rows").to_pylist() == [3]
+
+
+def test_rows_outside_are_removed_in_bounded_transactions_and_all_counted(sim, monkeypatch):
+    """An earlier run's rows outside every partition of the new run's plan: ``outside``
+    finds them, ``remove_outside`` deletes them at most ``REPAIR_ROWS`` per transaction (2
+    here: 5 rows take 3 delete transactions) and answers how many it removed in all; the
+    rows inside the plan stay."""
+    import dvidetl.sinks.vastdb as V
+
+    monkeypatch.setattr(V, "REPAIR_ROWS", 2)
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/outside"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        wide = Partition("blocks", 0, 0, 200, 7)
+        sink.prepare(RunInfo("a", "u", "seg", [wide], created=1.0))
+        sink.write_partition("a", wide, {"blocks": _blocks([1, 2, 150, 151, 152, 153, 154], b"a")},
+                             PartitionStats(wide.key, wide.kind, blocks=7))
+        narrow = Partition("blocks", 0, 0, 100, 2)
+        run = RunInfo("b", "u", "seg", [narrow], created=2.0)
+        sink.prepare(run)
+        found = sink.outside(run, set())
+        assert [(o.table, o.rows, o.scale, o.lo, o.hi) for o in found] == [("blocks", 5, 0, 100, V.KEY_END)]
+        before = dict(sim.counters)
+        assert sink.remove_outside(run, found) == 5
+        assert _delta(sim, before)["PUT transaction"] == 3  # 2 + 2 + 1 rows, one commit each
+        assert _mortons(sink) == [1, 2]
+        assert sink.outside(run, set()) == []
