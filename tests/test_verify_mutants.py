@@ -7,16 +7,27 @@ child. Here the same real parts — synthetic source, real Flight server over lo
 partition task (``export.tasks.export_partition``: read, repack, map, cut, commit), Parquet
 files — run without a scheduler, so a child pays a few seconds. The Parquet tamper tests are
 the tamper module's own functions, collected here against this module's fixtures; the
-scheduler path stays covered by ``test_verify_tamper`` itself.
+scheduler path stays covered by ``test_verify_tamper`` itself. The last section does the same
+for verify's precomputed volume check, ``--repair`` and the several-sink pass.
 """
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import shutil
+import threading
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from dvidetl.codec.ngshard import Sharding, derive_info, read_shard, shard_bytes
+from dvidetl.export.options import RunOptions
+from dvidetl.geometry import KEY_END
+from dvidetl.read.verify import DIFF_COUNTERS, verify, verify_export, verify_exports
 from dvidetl.sinks import open_sink
+from dvidetl.sources import open_source
 from tests import test_verify_tamper as T
 
 SRC = T.SRC
@@ -349,3 +360,303 @@ def test_vastdb_rows_outside_every_partition_are_found_and_finish_removes_them(f
         p = next(p for p in run.partitions if p.kind == "mapping")
         s.forget(run.run_id, p)  # what --repair does before it redoes a partition
         assert not s.is_done(run.run_id, p) and s.done(run.run_id) == {q.key for q in run.partitions} - {p.key}
+
+
+# ---------------------------------------------------------------------------------------------
+# verify's precomputed volume check, --repair and the several-sink pass (never measured by
+# the mutation runs before: their own tests, test_sink_precomputed, test_multisink and the
+# tamper module's repair tests, export through the CLI onto a TCP cluster). The same real
+# parts here: a synthetic source behind a real Flight server (its reads counted, to see each
+# partition read once), the partition task, the real Parquet and precomputed sinks, and — for
+# --repair, which re-exports through the driver — a Dask scheduler with one worker thread in
+# this process (no worker process, no TCP: a tenth of a second to start).
+# ---------------------------------------------------------------------------------------------
+
+VSRC = "synthetic://vr?size=200,150,140&scales=2&seed=6"
+VUUID = "vr"
+#: small shards (2^(2+1) = 8 chunks): scale 0 (a 4 x 3 x 3 block grid) has several
+VSHARD = {"preshift_bits": 2, "minishard_bits": 1}
+
+
+class Counted:
+    """The source served as it is, each read of a range (blocks, label indices, mapping)
+    counted — what the Flight server asks it once per partition a reader reads."""
+
+    def __init__(self, src):
+        self.calls: Counter = Counter()
+        self._lock = threading.Lock()
+        for name in ("read_blocks", "read_indices", "read_mapping"):
+            self._count(src, name)
+
+    def _count(self, src, name: str) -> None:
+        real = getattr(src, name)
+
+        def counted(*args):
+            # read_mapping(): every pair, as a partition over all supervoxels says it
+            key = tuple(int(a) for a in args[:3]) or (0, KEY_END - 1)
+            with self._lock:
+                self.calls[(name, *key)] += 1
+            return real(*args)
+
+        setattr(src, name, counted)  # the instance's method: what the server calls
+
+    def take(self) -> Counter:
+        with self._lock:
+            got, self.calls = self.calls, Counter()
+        return got
+
+
+@pytest.fixture(scope="module")
+def vsource():
+    from dvidetl.flight.server import start_server
+
+    src = open_source(VSRC)
+    blocks = {s.scale: sum(b.num_rows for b in src.read_blocks(s.scale, 0, KEY_END)) for s in src.info().scales}
+    counted = Counted(src)
+    with start_server(src) as srv:
+        yield srv, counted, blocks
+    src.close()
+
+
+@pytest.fixture(scope="module")
+def vflight(vsource):
+    from dvidetl.flight.client import FlightClient
+
+    with FlightClient(vsource[0].location, uuid=VUUID) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dask():
+    """A scheduler and one worker thread in this process (what ``--repair`` re-exports on)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as c, \
+            Client(c) as client:
+        yield client
+
+
+def _spec(d: Path) -> Path:
+    info = derive_info(open_source(VSRC).info().scales, (8, 8, 8), **VSHARD)
+    f = d / "spec.json"
+    f.write_text(json.dumps(info))
+    return f
+
+
+@pytest.fixture(scope="module")
+def volume(vsource, tmp_path_factory):
+    """A precomputed export of the source (bodies), made in this process."""
+    d = tmp_path_factory.mktemp("vol")
+    export_in_process(vsource[0].location, f"precomputed://{d / 'vol'}?spec={_spec(d)}", uuid=VUUID)
+    return d
+
+
+@pytest.fixture
+def vol(volume, tmp_path):
+    """A copy of the volume export to tamper with: (its sink, the run)."""
+    shutil.copytree(volume, tmp_path / "c")
+    sink = open_sink(f"precomputed://{tmp_path / 'c' / 'vol'}?spec={tmp_path / 'c' / 'spec.json'}",
+                     uuid=VUUID, instance="segmentation")
+    return sink, sink.load_run(sink.latest_run())
+
+
+def _counts(rep) -> dict[str, int]:
+    return {k: getattr(rep, k) for k in DIFF_COUNTERS if getattr(rep, k)}
+
+
+def _shards(sink, run, scale: int = 0) -> list:
+    """(partition, its shard file) of every blocks partition of ``scale`` that wrote one."""
+    return [(p, sink.shard_path(run.run_id, p)) for p in run.partitions
+            if p.kind == "blocks" and p.scale == scale and sink.shard_path(run.run_id, p).exists()]
+
+
+def _rewrite_shard(sink, scale: int, f: Path, fn) -> dict[int, bytes]:
+    """The shard's chunks (decoded from their gzip), changed by ``fn``, written back as a
+    whole valid shard (a tamper only the chunks' contents can show); returns the chunks it held."""
+    sh: Sharding = sink.sharding(scale)
+    chunks = read_shard(f.read_bytes(), sh)
+    new = fn(dict(chunks))
+    f.write_bytes(shard_bytes(list(new), list(new.values()), sh))
+    return chunks
+
+
+# -- the volume check: every chunk decoded and compared voxel for voxel -------------------
+
+
+def test_volume_export_is_exact_chunk_for_chunk(vsource, vflight, vol):
+    """The untampered volume: every source block checked (all its chunks decoded and equal
+    to the mapped source block), nothing else; the report says it was a volume check and
+    that the tables were not exported."""
+    _, _, blocks = vsource
+    sink, run = vol
+    rep = verify_export(vflight, sink)
+    assert rep.ok and rep.volume, rep.text()
+    assert rep.blocks_source == rep.blocks_checked == sum(blocks.values())
+    assert set(rep.not_exported) == {"indices", "mapping"}
+    assert f"{rep.blocks_checked:,} exported and voxel-exact checked" in rep.text()
+
+
+def test_volume_tampers_each_move_their_counter(vflight, vol):
+    """One chunk's stored byte flipped, one chunk dropped from a valid shard, one foreign
+    chunk added to another, one shard deleted: mismatched 1, missing 1, extra 1,
+    unreadable_files 1 — the four partitions named, nothing else."""
+    sink, run = vol
+    shards = _shards(sink, run)
+    assert len(shards) >= 4
+    sh = sink.sharding(0)
+    (p_flip, f_flip), (p_drop, f_drop), (p_add, f_add), (p_del, f_del) = shards[:4]
+
+    data = bytearray(f_flip.read_bytes())
+    data[sh.index_size + 15] ^= 0x55  # inside the shard's first chunk
+    f_flip.write_bytes(bytes(data))
+    dropped = max(read_shard(f_drop.read_bytes(), sh))
+    _rewrite_shard(sink, 0, f_drop, lambda c: {k: v for k, v in c.items() if k != dropped})
+    # a chunk of another shard's source block, stored in this shard: no block of this one
+    foreign = min(read_shard(f_del.read_bytes(), sh))
+    _rewrite_shard(sink, 0, f_add, lambda c: {**c, foreign: read_shard(f_del.read_bytes(), sh)[foreign]})
+    f_del.unlink()
+
+    rep = verify_export(vflight, sink)
+    assert _counts(rep) == {"mismatched": 1, "missing": 1, "extra": 1, "unreadable_files": 1}, rep.text()
+    assert rep.bad_partitions == {p_flip.key, p_drop.key, p_add.key, p_del.key}
+    # the flipped and the dropped chunk's blocks, and every block of the deleted shard's partition
+    assert rep.blocks_checked == rep.blocks_source - 2 - _blocks_of(vflight, p_del)
+    assert any(p.endswith(f"(chunk {dropped}): in the source but its chunk is not in the shard")
+               for p in rep.problems), rep.problems
+    assert f"{f_add}: chunk {foreign} is not a block of the source in {p_add.where('blocks')}" in rep.problems
+    assert any(p.startswith(f"{f_del} (partition {p_del.key}): missing: the ledger says") for p in rep.problems)
+
+
+def _blocks_of(vflight, part) -> int:
+    """Source blocks of a partition (its shard's chunks, all-background ones included)."""
+    return sum(b.num_rows for b in vflight.read_blocks(part.scale, part.lo, part.hi))
+
+
+def test_a_shard_whose_source_range_is_now_empty_holds_only_extra_chunks(vflight, vol):
+    """The volume check of a partition whose source range holds no block (the source lost
+    them since the export): every chunk its shard holds is extra, named by its integer id,
+    and nothing is compared."""
+    from dvidetl.read.verify import VerifyReport, _compare_volume, _ledger_env
+    from dvidetl.sources.base import BLOCKS_WIRE_SCHEMA
+
+    sink, run = vol
+    p, f = _shards(sink, run)[0]
+    held = sorted(read_shard(f.read_bytes(), sink.sharding(0), decode=False))
+    chunks = sink.read_chunks(run.run_id, p)
+    _, env = _ledger_env(vflight, sink, run, [p], [])
+    rep = VerifyReport(run_id=run.run_id)
+    _compare_volume(vflight, sink, p, env, rep, BLOCKS_WIRE_SCHEMA.empty_table(), chunks,
+                    sink.read("export_errors", run_id=run.run_id).slice(0, 0))
+    assert _counts(rep) == {"extra": len(held)} and rep.blocks_checked == 0 and len(held) >= 2
+    assert rep.problems == [f"{f}: chunk {c} is not a block of the source in {p.where('blocks')}" for c in held]
+
+
+# -- several sinks: one pass over the source; --repair redoes a partition once for all -------
+
+
+@pytest.fixture(scope="module")
+def two_sinks(vsource, dask, tmp_path_factory):
+    """One run into a Parquet export and a precomputed volume (the source read once per
+    partition), exported on the in-process scheduler; returns the export's directory."""
+    from dvidetl.export.api import export
+
+    d = tmp_path_factory.mktemp("two")
+    res = export(vsource[0].location, [f"parquet://{d / 'pq'}", f"precomputed://{d / 'vol'}?spec={_spec(d)}"],
+                 RunOptions(partition_blocks=16), uuid=VUUID, cluster=dask)
+    assert res.ok
+    return d
+
+
+@pytest.fixture
+def both(two_sinks, tmp_path):
+    """A copy of the two-sink export to tamper with: (the two URLs, their sinks, the run)."""
+    d = tmp_path / "two"
+    shutil.copytree(two_sinks, d)
+    urls = [f"parquet://{d / 'pq'}", f"precomputed://{d / 'vol'}?spec={d / 'spec.json'}"]
+    sinks = [open_sink(u, uuid=VUUID, instance="segmentation") for u in urls]
+    return urls, sinks, sinks[0].load_run(sinks[0].latest_run())
+
+
+def _reads(calls: Counter, run) -> Counter:
+    """Source reads per partition key (blocks by scale and range; indices, mapping by range)."""
+    by = {("read_blocks", p.scale, p.lo, p.hi) if p.kind == "blocks" else
+          (f"read_{'indices' if p.kind == 'indices' else 'mapping'}", p.lo, p.hi): p.key
+          for p in run.partitions if p.kind in ("blocks", "indices", "mapping")}
+    return Counter({by[k]: n for k, n in calls.items() if k in by})
+
+
+def test_two_sinks_are_verified_in_one_pass_in_this_process(vsource, both):
+    """``verify`` of two sinks without a cluster: one report each (the volume's a volume
+    check), every partition read from the source exactly once for both, the checks run in
+    this process (no worker process is started), progress after every partition over one
+    merged report, and each sink's record holds its outcome."""
+    _, counted, blocks = vsource
+    urls, sinks, run = both
+    parts = [p for p in run.partitions if p.kind in ("blocks", "indices", "mapping")]
+    seen = []
+
+    def progress(rep, n, todo):
+        assert not multiprocessing.active_children()  # checked here, not on a cluster
+        seen.append((n, len(todo), rep.blocks_source))
+
+    counted.take()
+    reps = verify(vsource[0].location, urls, uuid=VUUID, progress=progress)
+    assert [r.ok for r in reps] == [True, True], [r.text() for r in reps]
+    pq_rep, vol_rep = reps
+    assert not pq_rep.volume and vol_rep.volume and pq_rep.run_id == vol_rep.run_id == run.run_id
+    assert pq_rep.blocks_checked == vol_rep.blocks_checked == sum(blocks.values())
+    assert pq_rep.index_rows > 0 and pq_rep.mapping_rows > 0 and vol_rep.index_rows == vol_rep.mapping_rows == 0
+    reads = _reads(counted.take(), run)
+    assert reads == Counter({p.key: 1 for p in parts})
+    # progress: before the first partition and after each (counted once for both sinks)
+    assert seen == [(n, len(run.partitions), b) for n, (_, _, b) in enumerate(seen)]
+    assert len(seen) == len(run.partitions) + 1 and seen[0][2] == 0 and seen[-1][2] == sum(blocks.values())
+    for s, r in zip(sinks, reps, strict=True):
+        rec = s.load_run(run.run_id).record["verify"]
+        assert rec["exact"] is True and rec["counters"] == r.counters() and "repaired" not in rec
+
+
+def test_a_sink_without_a_run_is_reported_not_checked(vflight, tmp_path):
+    """``verify_exports`` over a sink that holds no run: its report says so, naming the
+    sink and the export, and nothing is checked."""
+    url = f"parquet://{tmp_path / 'empty'}"
+    (rep,) = verify_exports(vflight, [open_sink(url, uuid=VUUID, instance="segmentation")])
+    assert rep.problems == [f"no run found in {url} for segmentation@{VUUID}"]
+    assert rep.run_id is None and rep.blocks_source == 0
+
+
+def test_repair_of_two_sinks_redoes_each_partition_once_for_both(vsource, dask, both):
+    """``verify --repair`` over two sinks of one run: the scale-1 partition both lack (its
+    Parquet file and its shard deleted) is read once to re-export it into both, a scale-0
+    shard with a flipped chunk only into the volume; each sink is told what is redone (its
+    URL first), only the redone partitions are checked again (the label indices, which no
+    scale-1 block feeds, are not re-read), and both sinks end exact with the repair in
+    their record."""
+    _, counted, _ = vsource
+    urls, (pq_sink, vol_sink), run = both
+    p1 = next(p for p in run.partitions if p.kind == "blocks" and p.scale == 1)
+    pq_sink.file_of("blocks", p1).unlink()
+    vol_sink.shard_path(run.run_id, p1).unlink()
+    p0, f0 = _shards(vol_sink, run)[1]
+    data = bytearray(f0.read_bytes())
+    data[vol_sink.sharding(0).index_size + 15] ^= 0x55
+    f0.write_bytes(bytes(data))
+    said: list[str] = []
+    counted.take()
+    reps = verify(vsource[0].location, urls, uuid=VUUID, repair=True, cluster=dask, say=said.append)
+    assert [r.ok for r in reps] == [True, True], [r.text() for r in reps]
+    assert said == [f"{urls[0]}: re-exporting 1 partitions found wrong",
+                    f"{urls[1]}: re-exporting 2 partitions found wrong"]
+    assert [r.repaired for r in reps] == [
+        {"partitions": [p1.key], "rows_removed": 0, "failed": []},
+        {"partitions": sorted([p0.key, p1.key]), "rows_removed": 0, "failed": []}]
+    assert all(r.before_repair.startswith(f"verify run {run.run_id}: DIFFERENCES FOUND") for r in reps)
+    # checked, re-exported once for both sinks, checked again; everything else read once
+    reads = _reads(counted.take(), run)
+    assert reads == Counter({p.key: (3 if p.key in (p0.key, p1.key) else 1) for p in run.partitions
+                             if p.kind in ("blocks", "indices", "mapping")})
+    for s, r in zip((pq_sink, vol_sink), reps, strict=True):
+        rec = s.load_run(run.run_id).record["verify"]
+        assert rec["exact"] is True and rec["repaired"] == r.repaired
+    fresh = verify(vsource[0].location, urls, uuid=VUUID)
+    assert [r.ok for r in fresh] == [True, True]
