@@ -278,3 +278,23 @@ def test_rows_outside_are_removed_in_bounded_transactions_and_all_counted(sim, m
         assert _delta(sim, before)["PUT transaction"] == 3  # 2 + 2 + 1 rows, one commit each
         assert _mortons(sink) == [1, 2]
         assert sink.outside(run, set()) == []
+
+
+def test_a_schema_holding_another_volume_is_refused_naming_it(sim):
+    """One export per schema: preparing another volume (another uuid, then another
+    instance) in it is one line naming the export there and its run, and stores nothing;
+    the same volume's next run is stored beside the first."""
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/onevolume"
+    part = Partition("blocks", 0, 0, 100, 3)
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        open_sink(url, uuid="u1", instance="seg").prepare(RunInfo("r1", "u1", "seg", [part]))
+        for uuid, instance in (("u2", "seg"), ("u1", "other")):
+            other = open_sink(url, uuid=uuid, instance=instance)
+            with pytest.raises(UserError) as ei:
+                other.prepare(RunInfo("r9", uuid, instance, [part]))
+            assert str(ei.value) == (f"bucket/onevolume already holds the export of seg@u1 (run r1): "
+                                     f"export {instance}@{uuid} into another schema")
+            assert other.runs() == []
+        same = open_sink(url, uuid="u1", instance="seg")
+        same.prepare(RunInfo("r2", "u1", "seg", [part]))
+        assert same.runs() == ["r1", "r2"]
