@@ -298,3 +298,35 @@ def test_a_schema_holding_another_volume_is_refused_naming_it(sim):
         same = open_sink(url, uuid="u1", instance="seg")
         same.prepare(RunInfo("r2", "u1", "seg", [part]))
         assert same.runs() == ["r1", "r2"]
+
+
+def test_a_spilled_table_is_streamed_inside_the_transaction(sim, tmp_path):
+    """A partition spilled to disk (``export.spill``) is read group by group inside its
+    transaction, never all at once before it: with a cell over the limit in its last group,
+    the earlier groups' inserts are already sent when the bad cell is found; the transaction
+    then ends uncommitted, so nothing of the partition is visible and its ledger row absent."""
+    import os
+
+    from dvidetl.export.spill import SpillBudget, close_tables
+
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/streamed"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        part = Partition("blocks", 0, 0, 1000, 41)
+        sink.prepare(RunInfo("r", "u", "seg", [part]))
+        sp = SpillBudget(1).table("blocks", S.BLOCKS, tmp_path)
+        body = os.urandom(100_000)
+        for lo in (0, 20):
+            sp.append(_blocks(list(range(lo, lo + 20)), body))
+        sp.append(_blocks([40], b"z" * (S.DEFAULT_CELL_LIMIT + 1)))
+        tables = {"blocks": sp.result()}
+        assert type(tables["blocks"]).__name__ == "SpilledTable"
+        before = dict(sim.counters)
+        try:
+            with pytest.raises(ValueError, match="payload0.*cell limit"):
+                sink.write_partition("r", part, tables, PartitionStats(part.key, part.kind, blocks=41))
+        finally:
+            close_tables(tables)
+        hit = _delta(sim, before)
+        assert hit.get("POST rows", 0) >= 1 and hit.get("PUT transaction", 0) == 0, hit
+        assert sink.ledger("r").num_rows == 0 and sink.read("blocks").num_rows == 0
