@@ -20,6 +20,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dvidetl.codec.ngshard import Sharding, derive_info, read_shard, shard_bytes
@@ -660,3 +661,86 @@ def test_repair_of_two_sinks_redoes_each_partition_once_for_both(vsource, dask, 
         assert rec["exact"] is True and rec["repaired"] == r.repaired
     fresh = verify(vsource[0].location, urls, uuid=VUUID)
     assert [r.ok for r in fresh] == [True, True]
+
+
+def test_an_undecodable_chunk_is_one_mismatched_block(vflight, vol):
+    """A chunk whose stored bytes are a valid gzip member of what is not compressed
+    segmentation: one mismatched block, named with why (not a crash, not unreadable)."""
+    sink, run = vol
+    p, f = _shards(sink, run)[0]
+    cid = min(read_shard(f.read_bytes(), sink.sharding(0)))
+    _rewrite_shard(sink, 0, f, lambda c: {**c, cid: b"\x07" * 5})
+    rep = verify_export(vflight, sink)
+    assert _counts(rep) == {"mismatched": 1} and rep.bad_partitions == {p.key}, rep.text()
+    assert any(f"(chunk {cid}): the chunk cannot be decoded (" in x for x in rep.problems), rep.problems
+    assert rep.blocks_checked == rep.blocks_source - 1
+
+
+def test_source_blocks_that_no_longer_parse_are_mismatched(vflight, vol):
+    """The volume checked against the source as it answers now, some of its blocks corrupt
+    (``testing.corrupt``): each such block is one mismatched block, named as the source's
+    fault; every other block is checked exact."""
+    from dvidetl.flight.client import FlightClient
+    from dvidetl.flight.server import start_server
+    from dvidetl.testing.corrupt import CorruptSource
+
+    sink, _ = vol
+    src = CorruptSource(open_source(VSRC), rate=0.15, seed=3)
+    with start_server(src) as srv, FlightClient(srv.location, uuid=VUUID) as c:
+        rep = verify_export(c, sink)
+    bad = sorted(src.corrupted)
+    assert len(bad) >= 2 and _counts(rep) == {"mismatched": len(bad)}, rep.text()
+    assert sum("the source block does not parse now" in x for x in rep.problems) == min(len(bad), 10)
+    assert rep.blocks_checked == rep.blocks_source - len(bad)
+
+
+@pytest.fixture(scope="module")
+def small_volume(vsource, tmp_path_factory):
+    """A volume exported with a spec smaller than the source's scale-0 block grid (x: 150
+    voxels, 3 of the 4 block columns, the same Morton bits): the blocks past it go to
+    export_errors."""
+    d = tmp_path_factory.mktemp("small")
+    info = derive_info(open_source(VSRC).info().scales, (8, 8, 8), **VSHARD)
+    info["scales"][0]["size"] = [150, 150, 140]
+    (d / "spec.json").write_text(json.dumps(info))
+    export_in_process(vsource[0].location, f"precomputed://{d / 'vol'}?spec={d / 'spec.json'}", uuid=VUUID)
+    return d
+
+
+def test_blocks_past_the_volume_are_export_errors_and_one_dropped_is_missing(vflight, small_volume, tmp_path):
+    """Blocks the volume cannot hold are export_errors (each counted as such, never
+    missing); one of them dropped from export_errors is then missing, named as outside the
+    info's volume."""
+    from tests.test_verify_tamper import _rewrite
+
+    shutil.copytree(small_volume, tmp_path / "c")
+    sink = open_sink(f"precomputed://{tmp_path / 'c' / 'vol'}?spec={tmp_path / 'c' / 'spec.json'}",
+                     uuid=VUUID, instance="segmentation")
+    run = sink.load_run(sink.latest_run())
+    bx = np.concatenate([b.column("x").to_numpy() for b in vflight.read_blocks(0, 0, KEY_END)])
+    outside = int((bx >= 3).sum())
+    rep = verify_export(vflight, sink)
+    assert outside >= 2 and _counts(rep) == {"export_errors": outside}, rep.text()
+    assert rep.blocks_checked == rep.blocks_source - outside
+    p = next(p for p in run.partitions if p.kind == "blocks" and p.scale == 0
+             and sink.file_of("export_errors", p).exists())
+    old = _rewrite(sink.file_of("export_errors", p), lambda t: t.slice(1))
+    x, y, z = (old.column(k)[0].as_py() for k in ("x", "y", "z"))
+    rep = verify_export(vflight, sink)
+    assert _counts(rep) == {"export_errors": outside - 1, "missing": 1}, rep.text()
+    assert any(x_.startswith(f"scale 0 block ({x}, {y}, {z}) (chunk ") and
+               x_.endswith(": outside the info's volume, not in export_errors") for x_ in rep.problems)
+
+
+def test_verify_refuses_what_it_cannot_do_in_one_line(vsource, tmp_path):
+    """``verify --repair --scales`` (repair checks the whole export) and a sink without a
+    run: one-line errors naming what to do."""
+    from dvidetl.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--repair checks the whole export: drop --scales$"):
+        verify(vsource[0].location, f"parquet://{tmp_path / 'x'}", uuid=VUUID, repair=True, scales=(0,))
+    url = f"parquet://{tmp_path / 'empty'}"
+    with pytest.raises(UserError) as e:
+        verify(vsource[0].location, url, uuid=VUUID)
+    assert str(e.value) == (f"no run found in {url} for segmentation@{VUUID}: nothing to verify "
+                            "(export it first with `dvidetl run`)")
