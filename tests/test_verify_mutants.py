@@ -557,12 +557,14 @@ def test_a_shard_whose_source_range_is_now_empty_holds_only_extra_chunks(vflight
 
 @pytest.fixture(scope="module")
 def two_sinks(vsource, dask, tmp_path_factory):
-    """One run into a Parquet export and a precomputed volume (the source read once per
-    partition), exported on the in-process scheduler; returns the export's directory."""
+    """One run into a Parquet export and a precomputed volume of supervoxel ids (the source
+    read once per partition), exported on the in-process scheduler; returns the export's
+    directory. (The ``volume`` fixture's volume holds bodies: both branches are checked.)"""
     from dvidetl.export.api import export
 
     d = tmp_path_factory.mktemp("two")
-    res = export(vsource[0].location, [f"parquet://{d / 'pq'}", f"precomputed://{d / 'vol'}?spec={_spec(d)}"],
+    res = export(vsource[0].location, [f"parquet://{d / 'pq'}",
+                                       f"precomputed://{d / 'vol'}?spec={_spec(d)}&supervoxels=true"],
                  RunOptions(partition_blocks=16), uuid=VUUID, cluster=dask)
     assert res.ok
     return d
@@ -573,7 +575,7 @@ def both(two_sinks, tmp_path):
     """A copy of the two-sink export to tamper with: (the two URLs, their sinks, the run)."""
     d = tmp_path / "two"
     shutil.copytree(two_sinks, d)
-    urls = [f"parquet://{d / 'pq'}", f"precomputed://{d / 'vol'}?spec={d / 'spec.json'}"]
+    urls = [f"parquet://{d / 'pq'}", f"precomputed://{d / 'vol'}?spec={d / 'spec.json'}&supervoxels=true"]
     sinks = [open_sink(u, uuid=VUUID, instance="segmentation") for u in urls]
     return urls, sinks, sinks[0].load_run(sinks[0].latest_run())
 
@@ -744,3 +746,60 @@ def test_verify_refuses_what_it_cannot_do_in_one_line(vsource, tmp_path):
         verify(vsource[0].location, url, uuid=VUUID)
     assert str(e.value) == (f"no run found in {url} for segmentation@{VUUID}: nothing to verify "
                             "(export it first with `dvidetl run`)")
+
+
+def test_verify_on_a_cluster_checks_each_partition_in_one_task_for_both_sinks(vsource, dask, both):
+    """``verify`` with a cluster: one task per partition of the run (for both sinks), the
+    source still read once per partition, both sinks exact — the volume's chunks hold
+    supervoxel ids (``supervoxels=true``), and they are checked as such."""
+    from distributed import get_task_stream
+
+    _, counted, blocks = vsource
+    urls, (_, vol_sink), run = both
+    assert vol_sink.supervoxels
+    counted.take()
+    with get_task_stream(dask) as ts:
+        reps = verify(vsource[0].location, urls, uuid=VUUID, cluster=dask)
+    assert [r.ok for r in reps] == [True, True], [r.text() for r in reps]
+    assert reps[1].blocks_checked == sum(blocks.values())
+    prefix = f"verify-{run.run_id}-"
+    tasks = sorted(t["key"][len(prefix):-5] for t in ts.data if str(t["key"]).startswith(prefix))
+    assert tasks == sorted(p.key for p in run.partitions)
+    assert _reads(counted.take(), run) == Counter({p.key: 1 for p in run.partitions
+                                                   if p.kind in ("blocks", "indices", "mapping")})
+
+
+def test_an_all_background_block_has_no_chunk_and_is_checked(tmp_path):
+    """A source block whose voxels are all 0 (a shard volume's record; the synthetic source
+    never makes one): the volume stores no chunk for it (readers return 0 there) and verify
+    counts it checked, not missing; the other block's chunk dropped is the one missing."""
+    import zstandard
+
+    from dvidetl.codec.block import encode_block
+    from dvidetl.flight.client import FlightClient
+    from dvidetl.flight.server import start_server
+    from dvidetl.sources.shards import ShardsSource
+    from tests.test_source_shards import _write_shard
+
+    (tmp_path / "vol" / "s0").mkdir(parents=True)
+    zc = zstandard.ZstdCompressor()
+    fg = np.full((64, 64, 64), 5, np.uint64)
+    fg[:32] = 6
+    _write_shard(tmp_path / "vol" / "s0" / "0_0_0.arrow",
+                 [(0, 0, 0, [0], [0], zc.compress(encode_block(np.zeros((64, 64, 64), np.uint64)))),
+                  (1, 0, 0, [5, 6], [9, 9], zc.compress(encode_block(fg)))])
+    with start_server(ShardsSource(tmp_path / "vol")) as srv, FlightClient(srv.location) as c0:
+        uuid = c0.info().uuid
+        with FlightClient(srv.location, uuid=uuid) as c:
+            url = f"precomputed://{tmp_path}/out"
+            run = export_in_process(srv.location, url, uuid=uuid)
+            sink = open_sink(url, uuid=uuid, instance=c.info().instance)
+            p = next(p for p in run.partitions if p.kind == "blocks")
+            f = sink.shard_path(run.run_id, p)
+            assert len(read_shard(f.read_bytes(), sink.sharding(0))) == 1  # the background block's: none
+            rep = verify_export(c, sink)
+            assert rep.ok and rep.blocks_source == rep.blocks_checked == 2, rep.text()
+            _rewrite_shard(sink, 0, f, lambda ch: {})
+            rep = verify_export(c, sink)
+            assert _counts(rep) == {"missing": 1} and rep.blocks_checked == 1, rep.text()
+            assert rep.problems[0].startswith("scale 0 block (1, 0, 0) (chunk ")
