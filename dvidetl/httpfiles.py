@@ -111,6 +111,11 @@ class FilesHandler(CorsMixin, tornado.web.StaticFileHandler):
         top = os.path.realpath(root)
         if real != top and not real.startswith(top + os.sep):
             raise tornado.web.HTTPError(403, "%s is outside the served directory", self.path)
+        # hidden names are not served: an export's bookkeeping (.dvidetl: run records, the
+        # ledger) and a writer's temporary files (.NAME.tmp-...) are not the volume
+        rel = os.path.relpath(absolute_path, root)
+        if rel != os.curdir and any(part.startswith(".") for part in rel.split(os.sep)):
+            raise tornado.web.HTTPError(404)
         return super().validate_absolute_path(root, absolute_path)
 
     def compute_etag(self) -> str | None:

@@ -191,6 +191,16 @@ def test_not_found_and_no_way_out_of_the_directory(view, volume):
         st, _, body = _request(view, "GET", path)
         assert st in (403, 404) and SECRET not in body, (path, st)
     assert (volume[0] / "link-out").read_bytes() == SECRET  # the symlink itself works
+    # hidden names (an export's .dvidetl bookkeeping, a writer's temporary shard) are not served
+    scale = _shards(volume[0])[0].parent.name
+    (volume[0] / ".dvidetl").mkdir(exist_ok=True)
+    (volume[0] / ".dvidetl" / "run.json").write_bytes(SECRET)
+    (volume[0] / scale / ".0.shard.tmp-1-ab").write_bytes(SECRET)
+    for path in (f"{DATA_PREFIX}/.dvidetl/run.json", f"{DATA_PREFIX}/%2Edvidetl/run.json",
+                 f"{DATA_PREFIX}/{scale}/.0.shard.tmp-1-ab", f"{DATA_PREFIX}/.dvidetl/"):
+        st, _, body = _request(view, "GET", path)
+        assert st == 404 and SECRET not in body, (path, st)
+    assert _request(view, "GET", f"{DATA_PREFIX}/{scale}/{_shards(volume[0])[0].name}")[0] == 200
 
 
 def test_home_redirects_to_the_link_and_events_stream_stays_open(view):
