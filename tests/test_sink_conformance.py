@@ -200,3 +200,20 @@ class TestPrecomputed(SinkTests):
         run = sink.load_run(run_id)
         return sorted(cid for p in run.partitions if p.kind == "blocks"
                       for cid in sink.read_chunks(run_id, p))
+
+
+def test_the_default_storage_key_is_the_url_without_its_query(tmp_path):
+    """``Sink.storage_key``'s default (VastDB's, and a plugin's that keeps it): the URL up to
+    the first ``?``, so two sinks of one storage whose queries differ — even by a value that
+    holds a ``?`` itself — are one storage, which a run refuses as two sinks."""
+    from dvidetl.sinks import Sink, open_sink
+    from dvidetl.sinks.parquet import ParquetSink
+
+    class KeepsTheDefault(ParquetSink):  # a plugin built on the Parquet sink
+        storage_key = Sink.storage_key
+
+    plugin = KeepsTheDefault(tmp_path, uuid="u", instance="i", url="plug://store/x/?token=a?b&n=1")
+    assert plugin.storage_key() == "plug://store/x"
+    vast = [open_sink(u, uuid="u", instance="i").storage_key()
+            for u in ("vastdb://h:9/b/s", "vastdb://h:9/b/s/?tries=2&timeout=5")]
+    assert vast == ["vastdb://h:9/b/s"] * 2

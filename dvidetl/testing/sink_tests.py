@@ -9,7 +9,7 @@ over ``precomputed://`` (a volume: its hooks ``blocks`` / ``stored`` / ``parts``
 real DVID blocks and read back its shards).
 
 What it pins, through the public ``Sink`` interface only (common: the first three and
-resume; tabular: all):
+resume, the run's lifecycle; tabular: all):
 
 * exactly once: a partition's rows and its ledger row appear together (``is_done``,
   ``done``, the ledger's figures from ``PartitionStats.to_ledger_row``);
@@ -20,7 +20,10 @@ resume; tabular: all):
 * pushed-down reads (scale, Morton range, ``where`` equality and ranges, ``columns``);
 * resume: a stored run loads back with its plan and options; unfinished partitions are not
   in ``done``;
-* ``read_partition`` sees a partition's rows; ``open_export`` finds the export by its URL;
+* ``read_partition`` sees a partition's rows (of the run asked for); ``open_export`` finds
+  the export by its URL;
+* the run's lifecycle: ``finish`` supersedes earlier runs; a staged (``--overwrite``) run is
+  read apart and becomes the latest run only when it finishes;
 * a write that fails part way leaves nothing: no ledger row, nothing a reader sees.
 """
 
@@ -177,6 +180,46 @@ class SinkTests:
         assert sink.is_done("r1", part) and self.stored(sink, "r1") == [1, 2, 3]
 
 
+    # -- the run's lifecycle: finish, superseded runs, --overwrite staged until it finishes -----
+    def staged(self, run: RunInfo) -> RunInfo:
+        """``run`` as ``run --overwrite`` stores it: written apart until it finishes."""
+        run.record.update(staged=True, state="running")
+        return run
+
+    def test_finish_supersedes_earlier_runs_and_a_staged_run_waits_for_it(self, sink):
+        """``finish`` records the run finished and every run started before it — or at the
+        same instant — superseded; ``finished_runs`` and ``latest_run`` follow. A staged run
+        is read under its own run id while readers by default still see the export it
+        replaces, until its ``finish``."""
+        part, _ = self.parts()
+        r1 = self.run("r1", [part])
+        sink.prepare(r1)
+        sink.write_partition("r1", part, BlockData(self.blocks([1, 2, 3])), stats(part, blocks=3))
+        sink.finish(r1)
+        assert sink.finished_runs() == ["r1"] and sink.latest_run() == "r1"
+        # an --overwrite started at the same instant (a coarse clock): r1 stays current until r2 finishes
+        r2 = self.staged(self.run("r2", [part]))
+        r2.created = r1.created
+        sink.prepare(r2)
+        sink.write_partition("r2", part, BlockData(self.blocks([2, 3, 4, 5])), stats(part, blocks=4))
+        assert sink.latest_run() == "r1" and sink.finished_runs() == ["r1"]
+        assert self.stored(sink, "r2") == [2, 3, 4, 5] and self.stored(sink, "r1") == [1, 2, 3]
+        sink.finish(sink.load_run("r2"))
+        old = sink.load_run("r1")
+        assert (old.state, old.record.get("superseded_by")) == ("superseded", "r2")
+        assert sink.load_run("r2").state == "finished"
+        assert sink.finished_runs() == ["r2"] and sink.latest_run() == "r2"
+        assert self.stored(sink, "r2") == [2, 3, 4, 5]
+
+    def test_with_no_published_run_readers_see_the_newest(self, sink):
+        """``latest_run``'s last resort: a sink whose only run is staged and unfinished (the
+        export it was to replace is gone) shows that run rather than no export."""
+        part, _ = self.parts()
+        sink.prepare(self.staged(self.run("r1", [part])))
+        sink.write_partition("r1", part, BlockData(self.blocks([1, 2])), stats(part, blocks=2))
+        assert sink.finished_runs() == [] and sink.latest_run() == "r1"
+
+
 class TabularSinkTests(SinkTests):
     """The contract of a sink that stores the export's tables (Parquet, VastDB): cells,
     the keyed kinds' tables, pushed-down reads, ``open_export``."""
@@ -222,6 +265,23 @@ class TabularSinkTests(SinkTests):
              .column("rows")[0].as_py()}
         with pytest.raises(ValueError, match="does not write"):
             sink.write_partition("r1", m0, {"blocks": S.empty("blocks")}, stats(m0))
+
+    def test_read_partition_reads_the_run_asked_for(self, sink):
+        """``read_partition`` (what ``verify`` reads) of a staged run's partition sees that
+        run's rows, not those of the export readers see meanwhile — blocks and keyed kinds."""
+        b, m = Partition("blocks", 0, 0, 100, 3), Partition("mapping", 0, 0, 1000, 0, 50)
+        r1 = self.run("r1", [b, m])
+        sink.prepare(r1)
+        sink.write_partition("r1", b, BlockData(block_batch([1, 2, 3])), stats(b, blocks=3))
+        sink.write_partition("r1", m, {"mapping": mapping(0, 50)}, stats(m, rows=50))
+        sink.finish(r1)
+        sink.prepare(self.staged(self.run("r2", [b, m])))
+        sink.write_partition("r2", b, BlockData(block_batch([2, 3, 4, 5])), stats(b, blocks=4))
+        sink.write_partition("r2", m, {"mapping": mapping(0, 20)}, stats(m, rows=20))
+        assert sink.latest_run() == "r1"
+        for run_id, blocks, pairs in (("r2", [2, 3, 4, 5], 20), ("r1", [1, 2, 3], 50)):
+            assert sorted(sink.read_partition(run_id, "blocks", b).column("morton").to_pylist()) == blocks
+            assert sink.read_partition(run_id, "mapping", m).num_rows == pairs
 
     def test_open_export_finds_it(self, sink, sink_url):
         part = Partition("blocks", 0, 0, 100, 1)
