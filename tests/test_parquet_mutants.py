@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -176,6 +177,40 @@ def test_finish_removes_stray_files_readable_or_not(tmp_path):
     assert sink.outside(run, sink.done(run.run_id)) == []
 
 
+def test_written_files_keep_the_statistics_and_encodings_readers_rely_on(tmp_path):
+    """A committed blocks file holds per-row-group min/max statistics of ``scale`` and
+    ``morton`` (plain readers prune row groups by them), dictionary-encodes and zstd-compresses
+    its flat columns, and stores the zstd payload parts as they are (no compression, no
+    dictionary: they are compressed already)."""
+    from dvidetl.export.batch import BlockData
+    from dvidetl.export.kinds import Partition
+    from dvidetl.testing.sink_tests import SinkTests, block_batch, stats
+
+    sink = ParquetSink(tmp_path, uuid="u", instance="i")
+    p = Partition("blocks", 0, 0, 100, 3)
+    sink.prepare(SinkTests.run("r1", [p]))
+    sink.write_partition("r1", p, BlockData(block_batch([5, 9, 40])), stats(p, blocks=3))
+    md = pq.ParquetFile(sink.file_of("blocks", p)).metadata
+    rg = md.row_group(0)
+    cols = {rg.column(i).path_in_schema: rg.column(i) for i in range(rg.num_columns)}
+    assert md.num_row_groups == 1
+    assert (cols["morton"].statistics.min, cols["morton"].statistics.max) == (5, 40)
+    assert (cols["scale"].statistics.min, cols["scale"].statistics.max) == (0, 0)
+    for name in ("morton", "crc32", "payload_size"):
+        assert cols[name].compression == "ZSTD" and "RLE_DICTIONARY" in cols[name].encodings, name
+    for name in S.PAYLOAD_COLUMNS:
+        assert cols[name].compression == "UNCOMPRESSED", name
+        assert not {"RLE_DICTIONARY", "PLAIN_DICTIONARY"} & set(cols[name].encodings), name
+
+
+def test_a_newer_table_format_is_refused_naming_the_export(tmp_path):
+    out = _fixture(tmp_path)
+    root = out.joinpath(*F1)
+    (root / "layout.json").write_text('{"layout": 3, "format": 9}')
+    with pytest.raises(UserError, match=f"^{root}: written in table format 9; .* upgrade dvidetl$"):
+        ParquetSink(out, uuid=F1[1], instance=F1[0])
+
+
 # -- a staged (--overwrite) run: publish, crash, resume ----------------------------------------
 def _overwritten(location: str, url: str):
     """A finished export (4-block partitions) and a finished ``--overwrite`` of it
@@ -196,6 +231,13 @@ TABLES = ("blocks", "block_overflow", "label_index", "mapping")
 def _rows(sink: ParquetSink, table: str) -> list:
     """Every row our reader returns for ``table`` (latest run), in a stable order."""
     return sorted(map(repr, sink.read(table).to_pylist()))
+
+
+def _next_second() -> None:
+    """Wait for the clock's next second: run ids sort runs by the second they start in (plus
+    random digits), and a run started in the same second as the one it replaces may sort
+    before it — which real runs, seconds apart, never do."""
+    time.sleep(1.001 - time.time() % 1)
 
 
 def test_a_crash_between_the_publish_renames_is_read_and_rolled_forward(server, flight, tmp_path, monkeypatch):  # noqa: F811
@@ -220,6 +262,7 @@ reader still sees), and the next ``finish`` (a resumed run's) completes the swit
             moved.append(Path(dst).name)
         return real(src, dst)
 
+    _next_second()
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="killed between"):
         export_in_process(server.location, url, partition_blocks=8, cell_limit=1024, overwrite=True)
