@@ -537,7 +537,7 @@ def test_dry_run_prints_no_run_id(tmp_path):
                 "--dry-run", timeout=120)
     assert p.returncode == 0, p.stderr
     assert "dry run (no run id" in p.stderr
-    assert not re.search(r"\d{8}T\d{6}Z-[0-9a-f]{6}", p.stdout + p.stderr)
+    assert not re.search(r"\d{8}T\d{12}Z-[0-9a-f]{6}", p.stdout + p.stderr)
     assert not (tmp_path / "o").exists()
 
 

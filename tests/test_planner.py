@@ -210,3 +210,27 @@ def test_plan_of_a_source_over_reporting_its_counts_ends_at_single_blocks():
     parts = plan_scale(over, 0, 64, 4)
     assert calls[-1] == 0 and calls == sorted(calls, reverse=True)
     assert [(p.lo, p.hi) for p in parts] == [(int(c), int(c) + 1) for c in codes]
+
+
+def test_run_ids_sort_in_the_order_runs_are_made() -> None:
+    """A sink's newest run (by id) is the export readers see: ids made one after the other
+    sort in that order, within one second too, and after every id a sink already holds (a
+    clock behind the one that wrote it; an id of the older to-the-second form)."""
+    import re
+
+    from dvidetl.export.planning import new_run_id
+
+    ids = [new_run_id() for _ in range(2000)]  # well within a few seconds
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"\d{8}T\d{12}Z-[0-9a-f]{6}", i) for i in ids)
+    made = []
+    for _ in range(200):  # each passing the last (what the driver does with a sink's runs)
+        made.append(new_run_id(after=made[-1:]))
+    assert sorted(made) == made and len(set(made)) == len(made)
+    future = "29991231T235959999999Z-ffffff"  # a run written by a clock far ahead
+    nxt = new_run_id(after=["20200101T000000000000Z-000000", future])
+    assert nxt > future and nxt.startswith("30000101T000000000000Z-")
+    old = "29991231T235958Z-abcdef"  # the older form: passed by a whole second
+    nxt = new_run_id(after=[old])
+    assert nxt > old and nxt.startswith("29991231T235959000000Z-")
+    assert new_run_id(after=["20200101T000000Z-abcdef"]) > "2026"  # the past: the clock's time

@@ -307,7 +307,7 @@ class ExportRun:
 
             opts = replace(opts, scales=tuple(s.scale for s in info.scales))
         return RunInfo(
-            run_id=new_run_id(), uuid=self.uuid, instance=self.ep.instance, partitions=parts,
+            run_id=new_run_id(after=[r for s in self.sinks for r in s.runs()]), uuid=self.uuid, instance=self.ep.instance, partitions=parts,
             options=opts, volume=json.loads(info.to_json()),
             record={"source": self.source_desc, "uuid_requested": self.uuid_requested,
                     "uuid_resolved": self.uuid, "staged": self.staged_in[0],

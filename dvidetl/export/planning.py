@@ -8,11 +8,12 @@ volume. The same counts always give the same plan.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -323,9 +324,27 @@ def _keyed_partitions(count_keys: KeyCountFn | None, kind: str, target: int | No
     return [Partition(kind, 0, 0, KEY_END - 1)]
 
 
-def new_run_id() -> str:
-    """Sortable, unique enough: UTC time to the second plus 6 random hex digits."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
+def new_run_id(after: Iterable[str] = ()) -> str:
+    """A run id: UTC time to the microsecond plus 6 random hex digits, sorting after every
+    id in ``after`` (the runs the sinks hold). Why: a sink's runs sort by id and the newest
+    is the export plain readers see, so a new run must sort last even when the clock says
+    otherwise — two runs started in one second (ids were made to the second), a driver
+    whose clock is behind the one that wrote the last run. Ids of the older form
+    (``YYYYmmddTHHMMSSZ-xxxxxx``) are passed by a whole second."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    last = max(after, default="")
+    if _run_id(now) <= last:
+        stamp = datetime.datetime.strptime(last[:15], "%Y%m%dT%H%M%S")
+        micro = last[15:21]
+        if len(micro) == 6 and micro.isdigit():
+            now = stamp + datetime.timedelta(microseconds=int(micro) + 1)
+        else:  # the older form, to the second: its micro part would sort before its 'Z'
+            now = stamp + datetime.timedelta(seconds=1)
+    return _run_id(now)
+
+
+def _run_id(t: datetime.datetime) -> str:
+    return t.strftime("%Y%m%dT%H%M%S%fZ-") + os.urandom(3).hex()
 
 
 #: the deadline of the planning calls: the Flight client's own (60 s) plus this per block the
