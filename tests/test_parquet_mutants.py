@@ -211,6 +211,49 @@ def test_a_newer_table_format_is_refused_naming_the_export(tmp_path):
         ParquetSink(out, uuid=F1[1], instance=F1[0])
 
 
+def test_reads_of_an_older_format_filter_and_project_by_todays_names(tmp_path):
+    """The format-1 fixture read through today's names: a ``where`` on a column stored under
+    its old name (``payload_size``, stored ``body_size``) keeps exactly the rows a filter of
+    the whole table keeps, and ``columns`` projects the ledger and an empty read too."""
+    import pyarrow.compute as pc
+
+    sink = ParquetSink(_fixture(tmp_path), uuid=F1[1], instance=F1[0])
+    every = sink.read("blocks")
+    sizes = sorted(every.column("payload_size").to_pylist())
+    lo, hi = sizes[len(sizes) // 4], sizes[3 * len(sizes) // 4]
+    got = sink.read("blocks", where={"payload_size": (lo, hi)}, columns=["morton", "payload_size"])
+    want = every.filter(pc.and_(pc.greater_equal(every["payload_size"], lo), pc.less(every["payload_size"], hi)))
+    assert 0 < got.num_rows < every.num_rows
+    assert sorted(got.to_pylist(), key=str) == sorted(want.select(["morton", "payload_size"]).to_pylist(), key=str)
+    assert sink.read("export_ledger", columns=["rows", "kind"]).column_names == ["kind", "rows"]
+    assert sink.read("blocks", scale=7, columns=["morton", "x"]).column_names == ["x", "morton"]
+
+
+def test_open_url_takes_a_plain_directory_too(tmp_path):
+    from dvidetl.sinks.parquet import list_exports, open_url
+
+    out = _fixture(tmp_path)
+    for url in (str(out), f"parquet://{out}"):
+        assert open_url(url, uuid=F1[1], instance=F1[0]).root == out.joinpath(*F1)
+        assert list_exports(url) == [F1]
+
+
+def test_a_file_whose_pages_are_damaged_is_named_by_a_read(tmp_path):
+    """A file whose footer reads but whose data does not (bytes overwritten in its first
+    column chunk): a read of its partition is one line naming that file."""
+    out = _fixture(tmp_path)
+    sink = ParquetSink(out, uuid=F1[1], instance=F1[0])
+    run = sink.load_run(sink.latest_run())
+    p = next(p for p in run.partitions if p.kind == "blocks" and p.scale == 0)
+    f = sink.file_of("blocks", p)
+    data = bytearray(f.read_bytes())
+    data[4:404] = b"\xff" * 400
+    f.write_bytes(bytes(data))
+    pq.read_metadata(f)  # the footer still reads
+    with pytest.raises(UserError, match=f"^{f}: cannot read it "):
+        sink.read("blocks", scale=0, morton_range=(p.lo, p.hi))
+
+
 # -- a staged (--overwrite) run: publish, crash, resume ----------------------------------------
 def _overwritten(location: str, url: str):
     """A finished export (4-block partitions) and a finished ``--overwrite`` of it
