@@ -500,9 +500,21 @@ def _project(t: pa.Table, columns: Sequence[str] | None) -> pa.Table:
     return t.select([n for n in t.schema.names if n in set(columns)])
 
 
+def _leaf_paths(field: pa.Field, prefix: str = "") -> list[str]:
+    """The Parquet column paths of ``field``: its name, or for a list the path of its values
+    (``supervoxels.list.element``; ``.list.item`` as older writers name it) — the names
+    pyarrow's per-column options match: a list column's own name matches nothing."""
+    path = prefix + field.name
+    if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
+        value = field.type.value_field
+        return [q for child in ("element", "item")
+                for q in _leaf_paths(value.with_name(child), f"{path}.list.")]
+    return [path]
+
+
 def _writer_options(table: str, fmt: int = S.FORMAT) -> dict:
     sch = S.stored_schema(table, fmt)
-    comp = {f.name: ("none" if f.name in _PAYLOAD else "zstd") for f in sch}
+    comp = {p: ("none" if f.name in _PAYLOAD else "zstd") for f in sch for p in _leaf_paths(f)}
     dict_cols = [f.name for f in sch if f.name not in _PAYLOAD and not pa.types.is_list(f.type)]
     return dict(compression=comp, use_dictionary=dict_cols, write_statistics=True)
 
