@@ -509,6 +509,30 @@ def test_every_cut_of_a_stream(tmp_path, shared_data):
         assert all(a["lost"] for a in s.anomalies if a["kind"] != "no_export_log")
 
 
+def test_a_stream_cut_before_its_first_record_is_one_problem(tmp_path, shared_data):
+    """A shard cut inside its schema message or inside its first record batch (an export
+    killed just after it created the file) holds no block: one "truncated" problem for the
+    file (not also "no stream in it"), a one-line error when no shard has a block — never a
+    traceback (a cut first batch raised ValueError)."""
+    from dvidetl.sources._shard_files import message_offsets
+
+    src = shared_data / "mcns-shard" / f"{NAME}.arrow"
+    whole = src.read_bytes()
+    off, size, _ = message_offsets(src)
+    (tmp_path / "s1").mkdir()
+    f = tmp_path / "s1" / f"{NAME}.arrow"
+    for cut in (1, 4, 8, 100, int(off[0]) - 1, int(off[0]), int(off[0]) + 8, int(off[0] + size[0]) - 1):
+        f.write_bytes(whole[:cut])
+        with pytest.raises(UserError) as e:
+            ShardsSource(tmp_path)
+        msg = str(e.value)
+        assert "\n" not in msg and "no exportable block in 1 shard file(s); 2 problem(s)" in msg, (cut, msg)
+        if cut == off[0]:  # the schema whole, then nothing: a stream without its end marker
+            assert f"the first: s1/{NAME}.arrow: the current stream has no end-of-stream marker" in msg, msg
+        else:
+            assert f"the first: s1/{NAME}.arrow: the file ends" in msg and "killed while writing it" in msg, (cut, msg)
+
+
 def test_arrow_ipc_file_format(tmp_path, shared_data, file_table):
     """Shards written as Arrow IPC files (other tools) read like DVID's streams, with or
     without a sidecar."""

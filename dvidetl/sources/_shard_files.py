@@ -460,7 +460,7 @@ def _stream_coords(buf: np.ndarray, mm: pa.Buffer, msgs: np.ndarray, st: Stream
         return complete, rows, np.zeros((n, 3), np.int64), np.zeros(n, bool)
     layout = coord_layout(st.schema)
     if layout is not None and not msgs[st.batches, M_COMP].any():
-        first = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+        first = (np.cumsum(rows) - rows).astype(np.int64)  # each batch's first record (none: empty)
         xyz, ok = coords(buf, msgs, complete, first, *layout)
     else:  # a layout the kernel does not read (other tools): decode each batch with pyarrow
         xyz, ok = _coords_pyarrow(mm, msgs, complete, st.schema)
@@ -520,7 +520,7 @@ def scan_file(path: Path, mm: pa.Buffer) -> FileScan:
     complete = np.concatenate([p[0] for p in parts])
     rows = np.concatenate([p[1] for p in parts])
     cur.records = int(rows.sum())
-    first = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+    first = (np.cumsum(rows) - rows).astype(np.int64)  # each batch's first record (none: empty)
     scan.rec_msg = np.repeat(complete, rows)
     scan.rec_row = np.arange(cur.records, dtype=np.int64) - np.repeat(first, rows)
     scan.xyz = np.concatenate([p[2] for p in parts])

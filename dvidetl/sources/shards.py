@@ -327,7 +327,7 @@ class ShardsSource:
                        "any stream (no schema before them): not exported", blocks=scan.orphans,
                        lost=True)
         if cur is None:
-            if scan.reason != W_BAD:
+            if scan.reason not in (W_BAD, W_CUT):  # those are said below, once
                 self._note("unreadable", scale, path, None, "no Arrow IPC stream in it", lost=True)
         elif cur.problem:
             self._note("unreadable", scale, path, None, f"its current stream: {cur.problem}; its "
