@@ -19,10 +19,12 @@ import sys
 from pathlib import Path
 
 
-def mutant_names(root: Path = Path("mutants")) -> list[str]:
+def mutant_names(root: Path = Path("mutants"), unrun: bool = False) -> list[str]:
+    """Every mutant's name; with ``unrun`` only those this checkout has no result for."""
     names: list[str] = []
     for meta in sorted(root.rglob("*.py.meta")):
-        names += json.loads(meta.read_text()).get("exit_code_by_key", {})
+        codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+        names += [k for k, v in codes.items() if not unrun or v is None]
     return sorted(names)
 
 
@@ -38,8 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("n", type=int, help="sample size (all if fewer)")
     ap.add_argument("--seed", type=int, default=22)
     ap.add_argument("--only", default="", help="comma-separated function/method names to keep")
+    ap.add_argument("--unrun", action="store_true",
+                    help="only mutants not run yet here: a fresh sample, after tests were written for "
+                         "an earlier one's survivors (which would score it too well)")
     a = ap.parse_args(argv)
-    names = [n for n in mutant_names() if fnmatch.fnmatch(n, a.glob)]
+    names = [n for n in mutant_names(unrun=a.unrun) if fnmatch.fnmatch(n, a.glob)]
     if a.only:
         keep = set(a.only.split(","))
         names = [n for n in names if function_of(n) in keep]

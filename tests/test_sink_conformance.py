@@ -217,3 +217,18 @@ def test_the_default_storage_key_is_the_url_without_its_query(tmp_path):
     vast = [open_sink(u, uuid="u", instance="i").storage_key()
             for u in ("vastdb://h:9/b/s", "vastdb://h:9/b/s/?tries=2&timeout=5")]
     assert vast == ["vastdb://h:9/b/s"] * 2
+
+
+def test_where_filters_keep_every_term_in_order():
+    """``Sink.read``'s pushed-down predicates: one term per equality, two per range, every
+    column's in the order given (a range after an equality keeps the equality)."""
+    from dvidetl.sinks.base import where_filters
+
+    names = ["scale", "morton", "label"]
+    assert where_filters({"scale": 1, "morton": (4, 9)}, names) == [
+        ("scale", "=", 1), ("morton", ">=", 4), ("morton", "<", 9)]
+    assert where_filters({"morton": (0, 2), "scale": 3}, names) == [
+        ("morton", ">=", 0), ("morton", "<", 2), ("scale", "=", 3)]
+    assert where_filters(None, names) == []
+    with pytest.raises(ValueError, match=r"^no column 'x' to filter on: columns are \['scale', 'morton', 'label'\]$"):
+        where_filters({"x": 1}, names)

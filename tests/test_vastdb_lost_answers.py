@@ -330,3 +330,40 @@ def test_a_spilled_table_is_streamed_inside_the_transaction(sim, tmp_path):
         hit = _delta(sim, before)
         assert hit.get("POST rows", 0) >= 1 and hit.get("PUT transaction", 0) == 0, hit
         assert sink.ledger("r").num_rows == 0 and sink.read("blocks").num_rows == 0
+
+
+def test_a_replaced_table_is_emptied_in_bounded_transactions_before_it_is_dropped(sim, monkeypatch):
+    """A staged run's finish empties each replaced table ``REPAIR_ROWS`` rows per transaction
+    (2 here: the old export's 5 blocks take 3 delete transactions, the empty tables one
+    each) selecting the row ids from the replaced table itself — not from the table that
+    now holds the new run's rows — then drops it."""
+    import dvidetl.sinks.vastdb as V
+
+    monkeypatch.setattr(V, "REPAIR_ROWS", 2)
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/emptied"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        a = Partition("blocks", 0, 0, 100, 5)
+        old = RunInfo("old", "u", "seg", [a], created=1.0)
+        sink.prepare(old)
+        sink.write_partition("old", a, {"blocks": _blocks([1, 2, 3, 4, 5], b"o")},
+                             PartitionStats(a.key, a.kind, blocks=5))
+        sink.finish(old)
+        new = RunInfo("new", "u", "seg", [a], created=2.0, record={"staged": True, "state": "running"})
+        sink.prepare(new)
+        sink.write_partition("new", a, {"blocks": _blocks([7, 8, 9], b"n")}, PartitionStats(a.key, a.kind, blocks=3))
+        deletes: dict[str, int] = {}
+        real_tx = sink._tx
+
+        def counted(fn, what, *args, **kw):
+            if what.startswith("delete rows of "):
+                name = what[len("delete rows of "):]
+                deletes[name] = deletes.get(name, 0) + 1
+                if deletes[name] > 20:
+                    raise RuntimeError(f"{what}: never ends")
+            return real_tx(fn, what, *args, **kw)
+
+        monkeypatch.setattr(sink, "_tx", counted)
+        sink.finish(new)
+        assert deletes == {V.old_name(t, "new"): (3 if t == "blocks" else 1) for t in V.STAGED_TABLES}
+        assert _mortons(sink) == [7, 8, 9]
