@@ -210,6 +210,14 @@ class SinkTests:
         assert sink.load_run("r2").state == "finished"
         assert sink.finished_runs() == ["r2"] and sink.latest_run() == "r2"
         assert self.stored(sink, "r2") == [2, 3, 4, 5]
+        # a third run: r2 is superseded by it, r1 still names the run that replaced it
+        r3 = self.staged(self.run("r3", [part]))
+        r3.created = r2.created + 1
+        sink.prepare(r3)
+        sink.write_partition("r3", part, BlockData(self.blocks([7])), stats(part, blocks=1))
+        sink.finish(sink.load_run("r3"))
+        assert [(r, sink.load_run(r).record.get("superseded_by")) for r in ("r1", "r2")] == [("r1", "r2"), ("r2", "r3")]
+        assert sink.finished_runs() == ["r3"] and self.stored(sink, "r3") == [7]
 
     def test_with_no_published_run_readers_see_the_newest(self, sink):
         """``latest_run``'s last resort: a sink whose only run is staged and unfinished (the
