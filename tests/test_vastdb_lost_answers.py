@@ -273,6 +273,8 @@ def test_rows_outside_are_removed_in_bounded_transactions_and_all_counted(sim, m
         sink.prepare(run)
         found = sink.outside(run, set())
         assert [(o.table, o.rows, o.scale, o.lo, o.hi) for o in found] == [("blocks", 5, 0, 100, V.KEY_END)]
+        assert found[0].where == ("blocks: 5 rows outside every partition of run b "
+                                  f"(scale 0 morton [100, {V.KEY_END}); scale 0, first morton 150)")
         before = dict(sim.counters)
         assert sink.remove_outside(run, found) == 5
         assert _delta(sim, before)["PUT transaction"] == 3  # 2 + 2 + 1 rows, one commit each
@@ -367,3 +369,30 @@ def test_a_replaced_table_is_emptied_in_bounded_transactions_before_it_is_droppe
         sink.finish(new)
         assert deletes == {V.old_name(t, "new"): (3 if t == "blocks" else 1) for t in V.STAGED_TABLES}
         assert _mortons(sink) == [7, 8, 9]
+
+
+def test_a_staged_run_finds_rows_outside_in_its_own_tables(sim):
+    """``outside`` of a staged (``--overwrite``) run not yet published looks in the run's own
+    tables: the published export's rows beyond the new plan are not the new run's strays
+    (they go with the old tables at finish), the staged run's own stray row is."""
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/stagedout"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        wide = Partition("blocks", 0, 0, 200, 4)
+        old = RunInfo("old", "u", "seg", [wide], created=1.0)
+        sink.prepare(old)
+        sink.write_partition("old", wide, {"blocks": _blocks([1, 2, 150, 160], b"o")},
+                             PartitionStats(wide.key, wide.kind, blocks=4))
+        sink.finish(old)
+        narrow = Partition("blocks", 0, 0, 100, 2)
+        new = RunInfo("new", "u", "seg", [narrow], created=2.0, record={"staged": True, "state": "running"})
+        sink.prepare(new)
+        sink.write_partition("new", narrow, {"blocks": _blocks([5, 6], b"n")},
+                             PartitionStats(narrow.key, narrow.kind, blocks=2))
+        assert sink.outside(new, {narrow.key}) == []
+        # a stray row in the staged table itself (another plan's attempt) is found there
+        wide_new = Partition("blocks", 0, 100, 300, 1)
+        sink.write_partition("new", wide_new, {"blocks": _blocks([250], b"n")},
+                             PartitionStats(wide_new.key, wide_new.kind, blocks=1))
+        found = sink.outside(new, {narrow.key})
+        assert [(o.table, o.rows, o.lo) for o in found] == [("blocks", 1, 100)]

@@ -181,6 +181,10 @@ def test_report_text_says_what_was_found(flight, pq_sink):
     assert VerifyReport(run_id="r", unreadable_files=3).text().splitlines()[-1] == "  3 files cannot be read"
     assert VerifyReport(run_id="r", partitions_unfinished=2).text().splitlines()[-1] == \
         "  2 planned partitions are not committed"
+    # a kind the export does not hold says why, in its own line
+    bare = VerifyReport(run_id="r", not_exported={"indices": "not exported (no label index)",
+                                                  "mapping": "not exported (no mapping)"}).text().splitlines()
+    assert bare[3:5] == ["  label_index not exported (no label index)", "  mapping     not exported (no mapping)"]
 
 
 def test_a_mapping_range_of_one_pair_exported_without_it(flight):
@@ -199,17 +203,18 @@ def test_a_mapping_range_of_one_pair_exported_without_it(flight):
         next(iter(flight.read_mapping(sv, sv + 1))).column("body")[0].as_py())]
 
 
-def test_label_index_row_moved_to_another_block(flight, pq_sink):
-    """One label_index row moved to another block (only its y changed): two differences
+@pytest.mark.parametrize("coord", ["x", "y", "z"])
+def test_label_index_row_moved_to_another_block(flight, pq_sink, coord):
+    """One label_index row moved to another block (only its x, y or z changed): two differences
     against the source (gone here, extra there), and the cross-check with the exported
     blocks sees its partition disagree — the row hash covers every coordinate."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     li = T._file_with(pq_sink, "label_index")
-    old = T._rewrite(li, lambda t: t.set_column(t.schema.get_field_index("y"), "y", pc.if_else(
-        pc.equal(pa.array(range(t.num_rows)), 0), pc.add(t.column("y"), 1).cast(t.schema.field("y").type),
-        t.column("y"))))
+    old = T._rewrite(li, lambda t: t.set_column(t.schema.get_field_index(coord), coord, pc.if_else(
+        pc.equal(pa.array(range(t.num_rows)), 0), pc.add(t.column(coord), 1).cast(t.schema.field(coord).type),
+        t.column(coord))))
     r = old.slice(0, 1).to_pylist()[0]
     rep = T._verify(flight, pq_sink)
     assert T._counts(rep) == {"index_diffs": 2, "index_vs_blocks": 1}
@@ -804,3 +809,24 @@ def test_an_all_background_block_has_no_chunk_and_is_checked(tmp_path):
             rep = verify_export(c, sink)
             assert _counts(rep) == {"missing": 1} and rep.blocks_checked == 1, rep.text()
             assert rep.problems[0].startswith("scale 0 block (1, 0, 0) (chunk ")
+
+
+def test_index_rows_from_blocks_take_ids_past_2_63_and_leave_out_background():
+    """The cross-check's label_index rows built from exported blocks: one row per (label,
+    supervoxel, block) with its voxels summed, background (label 0) left out, and ids of 2**63
+    and more (DVID's ids are uint64) kept, not refused by a signed comparison."""
+    import pyarrow as pa
+
+    from dvidetl.read.verify import _index_rows_from_blocks
+
+    big = 2**63 + 5
+    blocks = pa.table({
+        "x": pa.array([1, 2], pa.int32()), "y": pa.array([0, 0], pa.int32()), "z": pa.array([0, 0], pa.int32()),
+        "morton": pa.array([1, 2], pa.uint64()),
+        "supervoxels": pa.array([[7, 8, 9], [big]], pa.list_(pa.uint64())),
+        "labels": pa.array([[0, big, big], [big]], pa.list_(pa.uint64())),
+        "sv_voxels": pa.array([[10, 20, 30], [40]], pa.list_(pa.uint32())),
+    })
+    got = _index_rows_from_blocks(blocks).sort_by([("morton", "ascending"), ("supervoxel", "ascending")])
+    assert [(r["label"], r["supervoxel"], r["x"], r["voxels_sum"]) for r in got.to_pylist()] == [
+        (big, 8, 1, 20), (big, 9, 1, 30), (big, big, 2, 40)]
