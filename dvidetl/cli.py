@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"dvidetl {args.command}: error: {redact(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine, not the input: a full disk, a lost mount (-v: where)
+        logging.getLogger("dvidetl").info("%s failed", args.command, exc_info=True)
+        print(f"dvidetl {args.command}: error: {redact(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(_interrupted_line(args.command), file=sys.stderr)
         return 130

@@ -378,3 +378,29 @@ def test_a_resumed_overwrite_run_writes_and_keeps_the_published_tables(server, f
     assert sorted(_plain_blocks(sink)) == before
     rep = verify_export(flight, sink)
     assert rep.ok and rep.run_id == new.run_id, rep.text()
+
+
+def test_a_record_write_that_fails_leaves_the_record_as_it_was_and_no_temp_file(tmp_path, monkeypatch):
+    """A run record rewritten on a full disk: the error is raised, the record on disk is the
+    one before, and no hidden temporary file is left beside it (the disk-full fault run's
+    driver failed this way writing the run's end)."""
+    import errno
+
+    from dvidetl.export.kinds import Partition
+    from dvidetl.testing.sink_tests import SinkTests
+
+    sink = ParquetSink(tmp_path, uuid="u", instance="i")
+    run = SinkTests.run("r1", [Partition("blocks", 0, 0, 100, 3)])
+    sink.prepare(run)
+    before = sink._run_file("r1").read_bytes()
+    run.record["state"] = "failed"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        sink.update_run(run)
+    monkeypatch.undo()
+    assert sink._run_file("r1").read_bytes() == before
+    assert [p.name for p in sink._run_file("r1").parent.iterdir()] == ["run.json"]

@@ -403,15 +403,20 @@ class ExportRun:
 def _each(sinks: Sequence[Sink], runs: Sequence[RunInfo], results: Sequence[RunResult | None],
           crash: str | None = None) -> None:
     """``record_end`` in every sink, each tried even when an earlier one raised (one
-    unreachable sink must not leave the others' records unwritten); then the first error
-    (none after a crash: the crash is what the caller raises)."""
+    unreachable sink must not leave the others' records unwritten); then the first error of
+    a run that completed there (its publishing failed). A failed run whose record cannot be
+    updated (the disk that failed its partitions is full) is not a second error: the
+    summary reports the run, the log says the record is stale (and ``--resume`` rewrites
+    it); after a crash the crash is what the caller raises."""
     first: Exception | None = None
     for s, r, rs in zip(sinks, runs, results, strict=True):
         try:
             record_end(s, r, rs, crash)
         except Exception as exc:  # noqa: BLE001 - raised below, after the other sinks
-            log.error("recording run %s in %r failed: %s", r.run_id, s, exc)
-            first = first or exc
+            log.error("recording the end of run %s in %r failed (its stored record is not updated): %s",
+                      r.run_id, s, exc)
+            if rs is not None and rs.complete:
+                first = first or exc
     if first is not None and crash is None:
         raise first
 

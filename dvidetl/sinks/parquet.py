@@ -589,12 +589,18 @@ def _write_atomic(final: Path, table: str, data: TableData, keep_empty: bool = F
 
 
 def _atomic_write_bytes(final: Path, data: bytes) -> None:
+    """``data`` into ``final`` whole or not at all: a failed write (a full disk) leaves
+    ``final`` as it was and no temporary file behind."""
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def open_url(url: str, *, uuid: str, instance: str) -> ParquetSink:
