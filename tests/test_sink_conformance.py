@@ -232,3 +232,16 @@ def test_where_filters_keep_every_term_in_order():
     assert where_filters(None, names) == []
     with pytest.raises(ValueError, match=r"^no column 'x' to filter on: columns are \['scale', 'morton', 'label'\]$"):
         where_filters({"x": 1}, names)
+
+
+def test_block_data_for_a_keyed_partition_is_refused_naming_the_kind(tmp_path):
+    """``Sink.check_data``: a keyed partition (label indices) handed block data is a
+    programming error named in one line, before anything is written."""
+    from dvidetl.export.batch import BlockData
+    from dvidetl.export.kinds import Partition
+    from dvidetl.sinks.parquet import ParquetSink
+    from dvidetl.testing.sink_tests import block_batch
+
+    sink = ParquetSink(tmp_path, uuid="u", instance="i")
+    with pytest.raises(ValueError, match=r"^partition kind 'indices' does not write blocks$"):
+        sink.check_data(Partition("indices", 0, 0, 100, 0, rows=3), BlockData(block_batch([1, 2])))

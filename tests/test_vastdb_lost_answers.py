@@ -396,3 +396,14 @@ def test_a_staged_run_finds_rows_outside_in_its_own_tables(sim):
                              PartitionStats(wide_new.key, wide_new.kind, blocks=1))
         found = sink.outside(new, {narrow.key})
         assert [(o.table, o.rows, o.lo) for o in found] == [("blocks", 1, 100)]
+
+
+def test_a_partitions_rows_are_located_by_its_key_range():
+    """What messages name as where a partition's rows are (``Sink.location``, which the
+    VastDB sink does not override): the table and the partition's key range in it."""
+    from dvidetl.sinks.vastdb import VastDBSink
+
+    part = Partition("indices", 0, 5, 90, 0, rows=3)
+    blocks = Partition("blocks", 1, 8, 16, 4)
+    assert VastDBSink.location(None, "label_index", part) == "label_index label [5, 90)"  # type: ignore[arg-type]
+    assert VastDBSink.location(None, "blocks", blocks) == "blocks scale 1 morton [8, 16)"  # type: ignore[arg-type]
