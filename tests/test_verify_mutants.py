@@ -830,3 +830,18 @@ def test_index_rows_from_blocks_take_ids_past_2_63_and_leave_out_background():
     got = _index_rows_from_blocks(blocks).sort_by([("morton", "ascending"), ("supervoxel", "ascending")])
     assert [(r["label"], r["supervoxel"], r["x"], r["voxels_sum"]) for r in got.to_pylist()] == [
         (big, 8, 1, 20), (big, 9, 1, 30), (big, big, 2, 40)]
+
+
+def test_partitions_not_committed_are_each_named_with_their_range(flight, pq_sink):
+    """A run whose ledger lacks a blocks and a mapping partition: ``verify`` counts both as
+    not committed and names each, a blocks partition with its scale and Morton range."""
+    run = pq_sink.load_run(pq_sink.latest_run())
+    blocks = next(p for p in run.partitions if p.kind == "blocks")
+    mapping = next(p for p in run.partitions if p.kind == "mapping")
+    for p in (blocks, mapping):
+        pq_sink.forget(run.run_id, p)
+    rep = T._verify(flight, pq_sink)
+    assert rep.partitions_unfinished == 2
+    assert f"partition {blocks.key} (scale {blocks.scale} morton [{blocks.lo}, {blocks.hi})) not committed" \
+        in rep.problems
+    assert f"partition {mapping.key} not committed" in rep.problems
