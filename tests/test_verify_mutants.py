@@ -845,3 +845,21 @@ def test_partitions_not_committed_are_each_named_with_their_range(flight, pq_sin
     assert f"partition {blocks.key} (scale {blocks.scale} morton [{blocks.lo}, {blocks.hi})) not committed" \
         in rep.problems
     assert f"partition {mapping.key} not committed" in rep.problems
+
+
+def test_source_blocks_outside_every_planned_partition_are_missing(flight, pq_sink):
+    """A plan with a hole (a blocks partition taken out of the stored run, its ledger row
+    and files gone): the source's blocks in the hole are counted missing and named as outside
+    every planned partition — the run-wide gap check, not a partition's."""
+    run = pq_sink.load_run(pq_sink.latest_run())
+    hole = max((p for p in run.partitions if p.kind == "blocks" and p.scale == 1), key=lambda p: p.blocks)
+    assert hole.blocks > 0
+    pq_sink.forget(run.run_id, hole)
+    for t in hole.spec.tables:
+        pq_sink.file_of(t, hole).unlink(missing_ok=True)
+    run.partitions = [p for p in run.partitions if p.key != hole.key]
+    pq_sink.update_run(run)
+    rep = T._verify(flight, pq_sink)
+    assert rep.missing == hole.blocks and rep.partitions_unfinished == 0
+    gap = [p for p in rep.problems if p.endswith(": in the source but outside every planned partition")]
+    assert gap, rep.problems
