@@ -25,6 +25,7 @@ from dvidetl.read.verify import verify_export
 from dvidetl.sinks import open_sink
 from dvidetl.sinks.parquet import STAGING, SUPERSEDED, ParquetSink
 from dvidetl.tables import schema as S
+from dvidetl.testing.layouts import to_layout_1
 from tests.test_verify_mutants import UUID, export_in_process, flight, server  # noqa: F401 - fixtures
 
 FIXTURE = Path(__file__).parent / "data" / "format1-parquet"
@@ -51,12 +52,7 @@ def test_the_ledger_of_every_run_of_a_layout_1_export_is_read(tmp_path):
 
     out = _fixture(tmp_path)
     root = out.joinpath(*F1)
-    (root / "layout.json").unlink()
-    for table in S.SCALED_TABLES:
-        for d in sorted((root / table).glob("scale-*")):
-            d.rename(d.with_name("scale=" + d.name[len("scale-"):]))
-    for d in sorted((root / "export_ledger").iterdir()):
-        d.rename(d.with_name("run=" + d.name))
+    to_layout_1(root)
     sink = ParquetSink(out, uuid=F1[1], instance=F1[0])
     assert (sink.layout, sink.format) == (1, 1)
     (run_id,) = sink.runs()

@@ -26,6 +26,7 @@ from dvidetl.cli import main as cli
 from dvidetl.errors import UserError
 from dvidetl.sinks.parquet import ParquetSink
 from dvidetl.tables import schema as S
+from dvidetl.testing.layouts import to_layout_1
 
 SRC = "synthetic://pr?size=256,192,192&scales=3&seed=5&lattice=16&bigids=1"
 UUID = "pr"
@@ -128,12 +129,7 @@ def test_layout_1_exports_still_read(export, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(export, old)
     root = _root(old)
-    (root / "layout.json").unlink()
-    for table in S.SCALED_TABLES:
-        for d in sorted((root / table).glob("scale-*")):
-            d.rename(d.with_name("scale=" + d.name[len("scale-"):]))
-    for d in sorted((root / "export_ledger").iterdir()):
-        d.rename(d.with_name("run=" + d.name))
+    to_layout_1(root)
     # and the table format of its time: the zstd payload was called "body"
     legacy = {"payload_size": "body_size", **{f"payload{i}": f"body{i}" for i in range(4)}}
     for f in sorted(root.glob("blocks/scale=*/*.parquet")):

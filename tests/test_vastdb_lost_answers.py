@@ -44,6 +44,20 @@ def _delta(sim, before: dict) -> dict:
     return {k: v - before.get(k, 0) for k, v in sim.counters.items() if v - before.get(k, 0)}
 
 
+def _write_losing(sim, sink, part: Partition, command: str, caplog) -> dict:
+    """``write_partition`` of run ``r``'s ``part`` (blocks 1, 2, 3) while the simulator loses
+    exactly one answer of ``command`` after applying it; the counters' change."""
+    before = dict(sim.counters)
+    sim.set_faults(drop_after_apply_rate=1.0, commands=(command,), limit=1)
+    try:
+        with caplog.at_level(logging.INFO, logger="dvidetl.sinks.vastdb"):
+            sink.write_partition("r", part, {"blocks": _blocks([1, 2, 3], b"a")},
+                                 PartitionStats(part.key, part.kind, blocks=3))
+    finally:
+        sim.clear_faults()
+    return _delta(sim, before)
+
+
 def test_a_lost_commit_answer_is_resolved_by_the_ledger_not_by_another_try(sim, caplog):
     """The commit applies, its answer is lost once: the sink reads the ledger, finds the
     partition committed and reports it written. With ``tries=1`` there is no second
@@ -54,15 +68,7 @@ def test_a_lost_commit_answer_is_resolved_by_the_ledger_not_by_another_try(sim, 
         sink = open_sink(url, uuid="u", instance="seg")
         part = Partition("blocks", 0, 0, 100, 3)
         sink.prepare(RunInfo("r", "u", "seg", [part]))
-        before = dict(sim.counters)
-        sim.set_faults(drop_after_apply_rate=1.0, commands=("PUT transaction",), limit=1)
-        try:
-            with caplog.at_level(logging.INFO, logger="dvidetl.sinks.vastdb"):
-                sink.write_partition("r", part, {"blocks": _blocks([1, 2, 3], b"a")},
-                                     PartitionStats(part.key, part.kind, blocks=3))
-        finally:
-            sim.clear_faults()
-        hit = _delta(sim, before)
+        hit = _write_losing(sim, sink, part, "PUT transaction", caplog)
         assert hit.get("dropped_after_apply") == 1, hit  # exactly one answer was lost
         assert hit["POST rows"] == 2, hit  # the body was not sent again
         assert f"{part.key}: commit outcome resolved by the ledger: committed" in caplog.text
@@ -236,15 +242,7 @@ def test_a_lost_insert_answer_redoes_the_transaction_once_and_says_so(sim, caplo
             sink.prepare(RunInfo("r", "u", "seg", [part]))
         assert f"{sink!r}: table format {S.FORMAT}" in caplog.messages
         caplog.clear()
-        before = dict(sim.counters)
-        sim.set_faults(drop_after_apply_rate=1.0, commands=("POST rows",), limit=1)
-        try:
-            with caplog.at_level(logging.INFO, logger="dvidetl.sinks.vastdb"):
-                sink.write_partition("r", part, {"blocks": _blocks([1, 2, 3], b"a")},
-                                     PartitionStats(part.key, part.kind, blocks=3))
-        finally:
-            sim.clear_faults()
-        hit = _delta(sim, before)
+        hit = _write_losing(sim, sink, part, "POST rows", caplog)
         assert hit.get("dropped_after_apply") == 1 and hit["POST rows"] == 3, hit  # blocks, again, ledger
         retried = [r for r in caplog.records if "transaction failed" in r.getMessage()]
         assert len(retried) == 1 and retried[0].name == "dvidetl.sinks.vastdb", caplog.text
