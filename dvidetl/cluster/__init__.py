@@ -39,17 +39,13 @@ def open_client(cluster: str | ClusterOptions = "local", *, page: bool = False,
 
     opts = cluster if isinstance(cluster, ClusterOptions) else ClusterOptions(cluster, **options)
     silence_bokeh_disconnects()
-    with quiet_distributed():
-        if opts.cluster == "slurm":
-            from dvidetl.cluster.slurm import open_slurm_client
-
-            with open_slurm_client(opts, page) as client:
-                forward_worker_logs(client)
-                yield client
-        else:
-            with open_local_client(opts, page) as client:
-                forward_worker_logs(client)
-                yield client
+    if opts.cluster == "slurm":
+        from dvidetl.cluster.slurm import open_slurm_client as opener
+    else:
+        opener = open_local_client
+    with quiet_distributed(), opener(opts, page) as client:
+        forward_worker_logs(client)
+        yield client
 
 
 def dask_setup(worker) -> None:  # noqa: ARG001 - Dask's preload hook signature

@@ -306,8 +306,11 @@ class ExportRun:
             from dataclasses import replace
 
             opts = replace(opts, scales=tuple(s.scale for s in info.scales))
+        # read now, not with _check_existing's: planning took a while, and the id must pass
+        # every run the sinks hold when this one is stored
+        held = [r for s in self.sinks for r in s.runs()]
         return RunInfo(
-            run_id=new_run_id(after=[r for s in self.sinks for r in s.runs()]), uuid=self.uuid, instance=self.ep.instance, partitions=parts,
+            run_id=new_run_id(after=held), uuid=self.uuid, instance=self.ep.instance, partitions=parts,
             options=opts, volume=json.loads(info.to_json()),
             record={"source": self.source_desc, "uuid_requested": self.uuid_requested,
                     "uuid_resolved": self.uuid, "staged": self.staged_in[0],

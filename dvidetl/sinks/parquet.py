@@ -536,7 +536,7 @@ class _AtomicFile:
 
     def __init__(self, final: Path, table: str, fmt: int = S.FORMAT, keep_empty: bool = False):
         self.final, self.table, self.fmt, self.keep_empty = final, table, fmt, keep_empty
-        self.tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
+        self.tmp = temp_beside(final)
         self.rows = 0
         self._writer: pq.ParquetWriter | None = None
 
@@ -588,10 +588,17 @@ def _write_atomic(final: Path, table: str, data: TableData, keep_empty: bool = F
         f.discard()
 
 
+def temp_beside(final: Path) -> Path:
+    """A writer's temporary file for ``final``: hidden (a plain reader, ``dvidetl view``,
+    passes over it), in the same directory (renamed into place atomically), unique per
+    process and attempt."""
+    return final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
+
+
 def _atomic_write_bytes(final: Path, data: bytes) -> None:
     """``data`` into ``final`` whole or not at all: a failed write (a full disk) leaves
     ``final`` as it was and no temporary file behind."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
+    tmp = temp_beside(final)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -55,7 +55,6 @@ import dataclasses
 import json
 import os
 import shutil
-import uuid as uuidlib
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -68,7 +67,7 @@ from dvidetl.export.batch import FAILED_BLOCKS, BlockData, PartitionData
 from dvidetl.export.kinds import Partition, PartitionStats, RunInfo
 from dvidetl.geometry import ScaleInfo, VolumeInfo, axis_bits, morton_bits
 from dvidetl.sinks.base import Outside, UnreadableFile, Where
-from dvidetl.sinks.parquet import STAGING, SUPERSEDED, ParquetSink, _atomic_write_bytes
+from dvidetl.sinks.parquet import STAGING, SUPERSEDED, ParquetSink, _atomic_write_bytes, temp_beside
 from dvidetl.tables.cells import failed_cells
 from dvidetl.urlquery import Query
 
@@ -333,7 +332,7 @@ class PrecomputedSink(ParquetSink):
         sh = self.sharding(part.scale)
         shard = self.shard_of(part)
         final = self.shard_path(run_id, part)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
+        tmp = temp_beside(final)
         fails: list[pa.Table] = []
         f = w = None
         n = nbytes = 0
