@@ -44,6 +44,18 @@ def _delta(sim, before: dict) -> dict:
     return {k: v - before.get(k, 0) for k, v in sim.counters.items() if v - before.get(k, 0)}
 
 
+def _finished_export(sink, blocks: dict[Partition, list[int]]) -> RunInfo:
+    """Run ``old`` (created at 1.0) of ``blocks``' partitions, each written with its mortons
+    (body ``o``), finished: the export an ``--overwrite`` replaces."""
+    old = RunInfo("old", "u", "seg", list(blocks), created=1.0)
+    sink.prepare(old)
+    for part, mortons in blocks.items():
+        sink.write_partition("old", part, {"blocks": _blocks(mortons, b"o")},
+                             PartitionStats(part.key, part.kind, blocks=len(mortons)))
+    sink.finish(old)
+    return old
+
+
 def _write_losing(sim, sink, part: Partition, command: str, caplog) -> dict:
     """``write_partition`` of run ``r``'s ``part`` (blocks 1, 2, 3) while the simulator loses
     exactly one answer of ``command`` after applying it; the counters' change."""
@@ -117,11 +129,7 @@ def test_a_staged_run_is_published_at_finish_in_one_switch(sim):
     with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
         sink = open_sink(url, uuid="u", instance="seg")
         a, b = Partition("blocks", 0, 0, 100, 2), Partition("blocks", 0, 100, 200, 2)
-        old = RunInfo("old", "u", "seg", [a, b], created=1.0)
-        sink.prepare(old)
-        sink.write_partition("old", a, {"blocks": _blocks([1, 2], b"o")}, PartitionStats(a.key, a.kind, blocks=2))
-        sink.write_partition("old", b, {"blocks": _blocks([101, 102], b"o")}, PartitionStats(b.key, b.kind, blocks=2))
-        sink.finish(old)
+        _finished_export(sink, {a: [1, 2], b: [101, 102]})
         whole = Partition("blocks", 0, 0, 200, 3)
         new = RunInfo("new", "u", "seg", [whole], created=2.0, record={"staged": True, "state": "running"})
         sink.prepare(new)
@@ -344,11 +352,7 @@ def test_a_replaced_table_is_emptied_in_bounded_transactions_before_it_is_droppe
     with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
         sink = open_sink(url, uuid="u", instance="seg")
         a = Partition("blocks", 0, 0, 100, 5)
-        old = RunInfo("old", "u", "seg", [a], created=1.0)
-        sink.prepare(old)
-        sink.write_partition("old", a, {"blocks": _blocks([1, 2, 3, 4, 5], b"o")},
-                             PartitionStats(a.key, a.kind, blocks=5))
-        sink.finish(old)
+        _finished_export(sink, {a: [1, 2, 3, 4, 5]})
         new = RunInfo("new", "u", "seg", [a], created=2.0, record={"staged": True, "state": "running"})
         sink.prepare(new)
         sink.write_partition("new", a, {"blocks": _blocks([7, 8, 9], b"n")}, PartitionStats(a.key, a.kind, blocks=3))
@@ -377,11 +381,7 @@ def test_a_staged_run_finds_rows_outside_in_its_own_tables(sim):
     with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
         sink = open_sink(url, uuid="u", instance="seg")
         wide = Partition("blocks", 0, 0, 200, 4)
-        old = RunInfo("old", "u", "seg", [wide], created=1.0)
-        sink.prepare(old)
-        sink.write_partition("old", wide, {"blocks": _blocks([1, 2, 150, 160], b"o")},
-                             PartitionStats(wide.key, wide.kind, blocks=4))
-        sink.finish(old)
+        _finished_export(sink, {wide: [1, 2, 150, 160]})
         narrow = Partition("blocks", 0, 0, 100, 2)
         new = RunInfo("new", "u", "seg", [narrow], created=2.0, record={"staged": True, "state": "running"})
         sink.prepare(new)
