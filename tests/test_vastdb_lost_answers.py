@@ -150,6 +150,33 @@ def test_a_staged_run_is_published_at_finish_in_one_switch(sim):
         assert "blocks" in names and not [n for n in names if "__" in n], names
 
 
+def test_a_refused_publish_commit_is_redone_not_taken_for_done(sim):
+    """The server refuses the commit of the publish switch (409: rolled back, nothing
+    renamed). The switch writes, so it must commit: the sink redoes it, and readers see the
+    new run's rows afterwards — taking the refused commit for done would mark the run
+    published while plain readers still see the replaced export."""
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/refusedpublish"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        a = Partition("blocks", 0, 0, 100, 2)
+        _finished_export(sink, {a: [1, 2]})
+        new = RunInfo("new", "u", "seg", [a], created=2.0, record={"staged": True, "state": "running"})
+        sink.prepare(new)
+        sink.write_partition("new", a, {"blocks": _blocks([7, 8], b"n")},
+                             PartitionStats(a.key, a.kind, blocks=2))
+        before = dict(sim.counters)
+        # the first commit of finish is the publish switch's
+        sim.set_faults(commit_conflict_rate=1.0, commands=("PUT transaction",), limit=1)
+        try:
+            sink.finish(new)
+        finally:
+            sim.clear_faults()
+        assert _delta(sim, before).get("conflict") == 1
+        fresh = open_sink(url, uuid="u", instance="seg")
+        assert _mortons(fresh) == [7, 8]
+        assert fresh.latest_run() == "new" and fresh.load_run("old").state == "superseded"
+
+
 def test_a_partition_talks_only_to_the_endpoint_its_key_picks(sim):
     """Two names of one server stand for two CNode VIPs: a partition's transaction, the
     ledger check and range reads inside it, and ``is_done`` all go to the endpoint its key
