@@ -232,24 +232,16 @@ def test_every_step_that_fails_for_good_is_named(sim):
             assert str(ei.value).startswith(f"{sink!r}: {step} failed 2 time(s), last with "), (step, str(ei.value))
 
 
-@pytest.fixture(scope="module")
-def quick_sim():
-    """A server that aborts a transaction left idle for 1 s (a client lost it)."""
-    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
-        with start_vastsim(None, access_key=ACCESS, secret_key=SECRET, tx_timeout_s=1.0) as s:
-            yield s
-
-
 @pytest.mark.parametrize("skip", [0, 2])
-def test_a_ddl_commit_that_never_arrived_is_redone(quick_sim, skip):
+def test_a_ddl_commit_that_never_arrived_is_redone(sim, skip):
     """``prepare``'s commits never reach the server, one at a time (the schema's, the first
-    table's): the step is redone once the server has dropped the abandoned transaction, and
-    every table exists afterwards — a DDL transaction must commit, its lost commit is not
-    taken for done."""
+    table's): the sink rolls the abandoned transaction back (the server would hold its
+    schema or table for 15 minutes, refusing every retry) and redoes the step at once; every
+    table exists afterwards and no transaction is left open — a DDL transaction must
+    commit, its lost commit is not taken for done."""
     from dvidetl.sinks.vastdb import ALL_TABLES
 
-    sim = quick_sim
-    url = f"vastdb://127.0.0.1:{sim.port}/bucket/ddl{skip}"
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/ddl{skip}?tries=3"
     with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
         sink = open_sink(url, uuid="u", instance="seg")
         before = dict(sim.counters)
@@ -258,11 +250,47 @@ def test_a_ddl_commit_that_never_arrived_is_redone(quick_sim, skip):
             sink.prepare(RunInfo("r", "u", "seg", [Partition("blocks", 0, 0, 100, 3)]))
         finally:
             sim.clear_faults()
-        assert _delta(sim, before).get("dropped") == 1
+        delta = _delta(sim, before)
+        assert delta.get("dropped") == 1 and not delta.get("error_409"), delta
+        assert delta.get("DELETE transaction") == 1, delta  # the one rollback, of the lost commit
+        assert not sim._server.state.txs  # nothing left open
         with sink._session().transaction() as tx:
             names = {t.name for t in tx.bucket("bucket").schema(f"ddl{skip}").tables()}
         assert names == set(ALL_TABLES)
         assert sink.runs() == ["r"]
+
+
+def test_an_attempt_whose_rollback_never_arrived_is_rolled_back_before_the_retry(sim, caplog):
+    """A step's first attempt creates a table, then its connection breaks; the SDK's rollback
+    of that transaction never reaches the server (dropped). The transaction would hold the
+    table for 15 minutes, refusing the retry's create (409) every time: the sink rolls it
+    back, says so, and the retry makes the table at once; nothing is left open."""
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/lostrollback?tries=3"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        sink.prepare(RunInfo("r", "u", "seg", [Partition("blocks", 0, 0, 100, 3)]))
+        attempts: list[int] = []
+
+        def step(tx):
+            sink._schema_obj(tx, create=False).create_table("probe", pa.schema([("a", pa.int64())]))
+            attempts.append(tx.txid)
+            if len(attempts) == 1:
+                raise ConnectionError("the step's connection broke after the create")
+
+        before = dict(sim.counters)
+        sim.set_faults(drop_rate=1.0, commands=("DELETE transaction",), limit=1)
+        try:
+            with caplog.at_level(logging.INFO, logger="dvidetl.sinks.vastdb"):
+                sink._tx(step, "make the probe table", write=True)
+        finally:
+            sim.clear_faults()
+        delta = _delta(sim, before)
+        assert len(attempts) == 2 and delta.get("dropped") == 1 and not delta.get("error_409"), delta
+        assert not sim._server.state.txs
+        assert f"make the probe table: transaction {attempts[0]:#x} was left open by the failed attempt: " \
+               "rolled back" in caplog.text
+        with sink._session().transaction() as tx:
+            assert tx.bucket("bucket").schema("lostrollback").table("probe", fail_if_missing=False) is not None
 
 
 def test_a_lost_insert_answer_redoes_the_transaction_once_and_says_so(sim, caplog):

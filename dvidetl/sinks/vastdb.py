@@ -268,9 +268,11 @@ class VastDBSink(Sink):
 
         def once():
             user_error = None
-            done, result = False, None
+            done, result, txid = False, None, None
+            session = self._session(endpoint)
             try:
-                with self._session(endpoint).transaction() as tx:
+                with session.transaction() as tx:
+                    txid = tx.txid
                     try:
                         result = fn(tx)
                         done = True
@@ -279,6 +281,7 @@ class VastDBSink(Sink):
                     except UserError as exc:  # nothing written: end the transaction quietly
                         user_error = exc
             except Exception:
+                _abandon(session, txid, what)  # its commit or rollback may not have arrived
                 if done and not write:
                     return result
                 raise
@@ -800,6 +803,23 @@ class VastDBSink(Sink):
 REPAIR_ROWS = 100_000
 #: the tables a staged run (``run --overwrite``) writes apart until it finishes
 STAGED_TABLES = tuple(t for k in KINDS.values() for t in k.tables)
+
+
+def _abandon(session, txid: int | None, what: str) -> None:
+    """Roll back ``txid``, an attempt that failed. Why: a commit or rollback that never
+    reached the server leaves the transaction open, holding what it changed (a DDL step's
+    schema or table), and every retry of the step would conflict with it until the server
+    expires it (15 minutes). Most failed attempts have already ended their transaction (the
+    SDK rolled it back, or the commit applied and only its answer was lost, or the server
+    refused it): the server's refusal of this second rollback is expected and ignored."""
+    if txid is None:
+        return
+    try:
+        session.api.rollback_transaction(txid)
+    except Exception as exc:  # noqa: BLE001 — already ended, or the server is unreachable
+        log.debug("%s: transaction %#x already ended (%s)", what, txid, _describe(exc))
+    else:
+        log.info("%s: transaction %#x was left open by the failed attempt: rolled back", what, txid)
 
 
 def _run_tag(run_id: str) -> str:
