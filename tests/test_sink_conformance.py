@@ -245,3 +245,25 @@ def test_block_data_for_a_keyed_partition_is_refused_naming_the_kind(tmp_path):
     sink = ParquetSink(tmp_path, uuid="u", instance="i")
     with pytest.raises(ValueError, match=r"^partition kind 'indices' does not write blocks$"):
         sink.check_data(Partition("indices", 0, 0, 100, 0, rows=3), BlockData(block_batch([1, 2])))
+
+
+def test_a_sink_that_cannot_hold_rows_outside_refuses_to_remove_any_naming_itself(tmp_path):
+    """``Sink.outside`` / ``remove_outside``'s defaults (a sink whose rows cannot lie outside
+    its partitions, e.g. a plugin): nothing found, nothing removed; handed rows to remove
+    anyway (a caller's error), it refuses in one line naming its class, before touching
+    anything."""
+    from dvidetl.export.kinds import Partition, RunInfo
+    from dvidetl.sinks import Sink
+    from dvidetl.sinks.base import Outside
+    from dvidetl.sinks.parquet import ParquetSink
+
+    class NoOutside(ParquetSink):  # a plugin built on the Parquet sink, keeping the defaults
+        outside = Sink.outside
+        remove_outside = Sink.remove_outside
+
+    sink = NoOutside(tmp_path, uuid="u", instance="i", url=f"parquet://{tmp_path}")
+    run = RunInfo("r", "u", "i", [Partition("blocks", 0, 0, 8, 1)])
+    assert sink.outside(run, set()) == [] and sink.remove_outside(run, []) == 0
+    stray = Outside("blocks", 3, "blocks scale 0 [8, 16): 3 rows", scale=0, lo=8, hi=16)
+    with pytest.raises(NotImplementedError, match=r"^NoOutside cannot remove rows outside partitions$"):
+        sink.remove_outside(run, [stray])
