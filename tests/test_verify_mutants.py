@@ -901,3 +901,26 @@ def test_blocks_served_out_of_order_are_each_compared_with_their_own(tmp_path):
         sink = open_sink(f"parquet://{tmp_path}/out", uuid="oo", instance="segmentation")
         rep = verify_export(c, sink)
         assert T._counts(rep) == {} and rep.blocks_checked == rep.blocks_source > 2, rep.problems
+
+
+def test_a_partition_file_lacking_a_column_is_unreadable_not_rows_of_nulls(flight, pq_sink):
+    """A blocks file rewritten without its crc32 column (a damaged or foreign writer): one
+    unreadable file, named with its partition and the column it lacks — not every row of it
+    reported as differing because the column read as nulls."""
+    import pyarrow.parquet as pq
+
+    run = pq_sink.load_run(pq_sink.latest_run())
+    p = next(p for p in run.partitions if p.kind == "blocks" and p.scale == 1  # at scale 0 the
+             and pq_sink.file_of("blocks", p).exists())  # index cross-check would miss its blocks too
+    f = pq_sink.file_of("blocks", p)
+    t = pq.read_table(f)
+    pq.write_table(t.drop_columns(["crc32"]), f)
+    rep = T._verify(flight, pq_sink)
+    assert T._counts(rep) == {"unreadable_files": 1}, rep.problems
+    assert any(x.startswith(f"{f} (partition {p.key})") and "no column 'crc32'" in x for x in rep.problems), rep.problems
+    assert rep.bad_partitions == {p.key}
+    from dvidetl.errors import UserError
+
+    with pytest.raises(UserError) as ei:  # a plain read of the table names that file too
+        pq_sink.read("blocks", scale=1)
+    assert str(ei.value).startswith(f"{f}: cannot read it (damaged: it has no column 'crc32'); "), str(ei.value)

@@ -379,14 +379,16 @@ class ParquetSink(Sink):
 
     def _read_file(self, f: Path, table: str, *, user_error: bool = False) -> pa.Table:
         """One stored file as ``table``'s schema; ``UnreadableFile`` (or, with ``user_error``,
-        a one-line ``UserError`` naming the file) when it cannot be read. A ledger file is
-        read as stored: only its added columns may be absent (``conform`` fills them); one
-        that lacks another column is damaged, not a row of nulls."""
+        a one-line ``UserError`` naming the file) when it cannot be read. Only a ledger's
+        added columns may be absent (``conform`` fills them); a file that lacks another
+        column is damaged, not rows of nulls (which verify would report as rows that differ)."""
         try:
             if table == "export_ledger":
                 t = pq.read_table(str(f))
             else:
-                t = pq.read_table(str(f), schema=S.stored_schema(table, self.format))
+                stored = S.stored_schema(table, self.format)
+                _check_columns(f, stored)
+                t = pq.read_table(str(f), schema=stored)
             return S.conform(table, S.from_stored(table, t, self.format))
         except (pa.ArrowException, OSError, ValueError) as exc:
             if user_error:
@@ -455,9 +457,11 @@ class ParquetSink(Sink):
         stored = S.stored_schema(table, self.format)
         filters = [(S.stored_name(table, c, self.format), op, v) for c, op, v in filters]
         try:
+            for f in files:  # read with the stored schema, a column a file lacks would be nulls
+                _check_columns(f, stored)
             t = pq.read_table([str(f) for f in files], schema=stored, filters=_expr(filters, stored),
                               columns=None if cols is None else [S.stored_name(table, c, self.format) for c in cols])
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, ValueError) as exc:
             raise self._unreadable(files, table, exc) from None
         t = S.from_stored(table, t, self.format)
         if cols is None:
@@ -466,10 +470,12 @@ class ParquetSink(Sink):
 
     def _unreadable(self, files: list[Path], table: str, exc: BaseException) -> UserError:
         """The one line for a read that failed: which file, and what to do about it."""
+        stored = S.stored_schema(table, self.format)
         for f in files:
             try:
                 pq.read_metadata(f)
-            except (pa.ArrowException, OSError) as e:
+                _check_columns(f, stored)
+            except (pa.ArrowException, OSError, ValueError) as e:
                 bad, why = f, first_line(e)
                 break
         else:
@@ -586,6 +592,16 @@ def _write_atomic(final: Path, table: str, data: TableData, keep_empty: bool = F
         return f.commit()
     finally:
         f.discard()
+
+
+def _check_columns(f: Path, stored: pa.Schema) -> None:
+    """Raise ``ValueError`` naming the columns of ``stored`` that file ``f`` lacks: read with
+    an explicit schema, Arrow would return them as nulls, and a damaged file would pass for
+    rows that differ."""
+    have = set(pq.read_schema(str(f)).names)
+    lacking = [n for n in stored.names if n not in have]
+    if lacking:
+        raise ValueError(f"damaged: it has no column {', '.join(map(repr, lacking))}")
 
 
 def temp_beside(final: Path) -> Path:
