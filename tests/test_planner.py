@@ -234,3 +234,29 @@ def test_run_ids_sort_in_the_order_runs_are_made() -> None:
     nxt = new_run_id(after=[old])
     assert nxt > old and nxt.startswith("29991231T235959000000Z-")
     assert new_run_id(after=["20200101T000000Z-abcdef"]) > "2026"  # the past: the clock's time
+
+
+def test_auto_partition_size_spreads_a_small_volume_and_keeps_the_default_for_a_big_one():
+    """``partition_blocks=None``: a small volume is cut into partitions of about total/16
+    blocks (so every worker gets work), never below MIN_AUTO_PARTITION; a big one keeps
+    DEFAULT_PARTITION_BLOCKS; a size given is used as given."""
+    from dvidetl.export.planning import DEFAULT_PARTITION_BLOCKS, MIN_AUTO_PARTITION
+    from dvidetl.sources import open_source
+
+    info = open_source("synthetic://auto?size=4096,4096,4096&scales=1").info()
+
+    def plan(n: int, partition_blocks: int | None = None):
+        count, _ = _count_from_codes(np.arange(n))
+        parts = make_plan(info, count, [0], partition_blocks, indices=False, mapping=False, anomalies=False)
+        assert sum(p.blocks for p in parts) == n
+        return sorted(p.blocks for p in parts)
+
+    small = plan(8000)  # 8000 // 16 = 500: 256-block partitions
+    assert len(small) >= 16 and max(small) < 2 * 256 and small[1] > MIN_AUTO_PARTITION, small  # [0]: the rest
+    assert plan(8000, DEFAULT_PARTITION_BLOCKS) == [8000 - DEFAULT_PARTITION_BLOCKS, DEFAULT_PARTITION_BLOCKS]  # as given
+    tiny = plan(1000)  # 1000 // 16 = 62: never below MIN_AUTO_PARTITION
+    assert 1000 // (2 * MIN_AUTO_PARTITION) <= len(tiny) <= 1000 // MIN_AUTO_PARTITION + 1, tiny
+    assert tiny[1] >= MIN_AUTO_PARTITION, tiny
+    big = plan(200_000)  # 200000 // 16 = 12500 > 4096: the default
+    assert max(big) < 2 * DEFAULT_PARTITION_BLOCKS and len(big) <= 200_000 // (DEFAULT_PARTITION_BLOCKS // 2), big
+    assert len(big) < len(plan(200_000, 1024))

@@ -924,3 +924,25 @@ def test_a_partition_file_lacking_a_column_is_unreadable_not_rows_of_nulls(fligh
     with pytest.raises(UserError) as ei:  # a plain read of the table names that file too
         pq_sink.read("blocks", scale=1)
     assert str(ei.value).startswith(f"{f}: cannot read it (damaged: it has no column 'crc32'); "), str(ei.value)
+
+
+def test_every_index_partition_is_judged_after_one_the_source_disagrees_with_itself():
+    """``_compare_digests`` over four indices partitions whose exported label_index and
+    scale-0 blocks disagree in three: two whose label_index equals the source's (the
+    source's own indices disagree with its blocks: ``source_inconsistent``), then one found
+    different from the source (``index_vs_blocks``, redone by ``--repair``) — each partition
+    judged on its own, none skipped after the first."""
+    from dvidetl.export.kinds import Partition
+    from dvidetl.read.verify import VerifyReport, _compare_digests
+
+    parts = [Partition("indices", 0, lo, lo + 10, rows=4) for lo in (0, 10, 20, 30)]
+    rep = VerifyReport(run_id="r")
+    rep.digest_index = np.array([[5, 1], [6, 2], [7, 3], [8, 4]], np.uint64)
+    rep.digest_blocks = np.array([[5, 9], [6, 2], [7, 9], [8, 9]], np.uint64)  # 0, 2, 3 disagree
+    rep.bad_partitions.add(parts[3].key)  # its label_index differs from the source's
+    _compare_digests(rep, parts, ["blocks-s0-a"])
+    assert (rep.source_inconsistent, rep.index_vs_blocks) == (2, 1)
+    assert [x.split(":")[0:2] for x in rep.problems] == [
+        ["label_index [0, 10)", " source vs itself"], ["label_index [20, 30)", " source vs itself"],
+        ["label_index [30, 40)", " export vs source"]]
+    assert rep.bad_partitions == {parts[3].key}
