@@ -23,7 +23,7 @@ from dvidetl.errors import UserError
 from dvidetl.export.kinds import PartitionStats
 from dvidetl.read.verify import verify_export
 from dvidetl.sinks import open_sink
-from dvidetl.sinks.parquet import STAGING, SUPERSEDED, ParquetSink
+from dvidetl.sinks.parquet import STAGING, SUPERSEDED, ParquetSink, temp_beside
 from dvidetl.tables import schema as S
 from dvidetl.testing.layouts import to_layout_1
 from tests.test_verify_mutants import UUID, export_in_process, flight, server  # noqa: F401 - fixtures
@@ -171,10 +171,27 @@ def test_finish_removes_stray_files_readable_or_not(tmp_path):
     assert sorted((o.path, o.rows) for o in found) == [(str(readable), 2), (str(truncated), -1)]
     assert sink.remove_outside(run, found[:1]) == (2 if found[0].path == str(readable) else 0)
     assert not Path(found[0].path).exists() and Path(found[1].path).exists()
+    # a writer killed before its rename left its hidden temporary file (not a *.parquet:
+    # outside() passes over it); a hidden file of another kind is not ours to remove
+    temp, other = temp_beside(f), f.parent / ".notes.tmp-by-hand"
+    temp.write_bytes(b"x" * 1000)
+    other.write_bytes(b"keep")
+    run.record.pop("removed_at_finish", None)
     sink.finish(run)
-    assert not readable.exists() and not truncated.exists()
+    assert not readable.exists() and not truncated.exists() and not temp.exists() and other.exists()
     assert sorted(str(p) for p in out.rglob("part-*.parquet") if "export_ledger" not in p.parts) == committed
     assert sink.outside(run, sink.done(run.run_id)) == []
+    # said: kept in the run's record and shown by status
+    want = {"outside": 1, "outside_rows": 0, "temp_files": 1, "temp_bytes": 1000}
+    assert ParquetSink(out, uuid=F1[1], instance=F1[0]).load_run(run.run_id).record["removed_at_finish"] == want
+    from dvidetl.commands.status import run_status, text
+
+    st = run_status(sink, run.run_id)
+    assert st["removed_at_finish"] == want
+    assert ("  removed     at finish: 1 stray file(s)/range(s) outside the run's partitions (0 rows), "
+            "1 temporary file(s) of killed writers (1,000 bytes)") in text("x", [st]).splitlines()
+    sink.finish(run)  # a finish redone adds what it removed: nothing more
+    assert sink.load_run(run.run_id).record["removed_at_finish"] == want
 
 
 def test_written_files_keep_the_statistics_and_encodings_readers_rely_on(tmp_path):

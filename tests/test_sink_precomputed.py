@@ -237,6 +237,28 @@ def test_a_foreign_shard_is_outside_rows_of_its_chunks(copy):
     assert n > 0 and len(rep.outside) == 1
 
 
+def test_finish_removes_the_temporary_shards_of_killed_writers_and_says_so(copy):
+    """A writer killed before its rename leaves a hidden temporary shard beside the final
+    one (neuroglancer never reads it, but it holds disk): the run's finish — here redone,
+    as ``run --resume`` of a finished run does — removes exactly it, keeps the record of it,
+    and leaves every shard as it was; the export stays exact."""
+    from dvidetl.sinks.parquet import temp_beside
+
+    d, url = copy
+    shards = _shards(d)
+    before = {f: f.read_bytes() for f in shards}
+    temp = temp_beside(shards[0])
+    temp.write_bytes(shards[0].read_bytes()[:500])
+    sink = open_sink(url, uuid=UUID, instance="segmentation")
+    run = sink.load_run(sink.latest_run())
+    done = dict(run.record.get("removed_at_finish") or {})
+    sink.finish(run)
+    assert not temp.exists() and {f: f.read_bytes() for f in _shards(d)} == before
+    rec = open_sink(url, uuid=UUID, instance="segmentation").load_run(run.run_id).record["removed_at_finish"]
+    assert (rec["temp_files"] - done.get("temp_files", 0), rec["temp_bytes"] - done.get("temp_bytes", 0)) == (1, 500)
+    assert verify(SRC, url, uuid=UUID).ok
+
+
 def test_repair_redoes_exactly_the_tampered_shards_and_removes_the_foreign_one(copy, cluster):
     d, url = copy
     sh = _sharding(d)

@@ -363,6 +363,7 @@ def test_vastdb_rows_outside_every_partition_are_found_and_finish_removes_them(f
         n = s.read("blocks").num_rows
         s.finish(run)
         assert s.read("blocks").num_rows == n - 1 and verify_export(flight, s).ok
+        assert s.load_run(run.run_id).record["removed_at_finish"] == {"outside": 1, "outside_rows": 1}
         p = next(p for p in run.partitions if p.kind == "mapping")
         s.forget(run.run_id, p)  # what --repair does before it redoes a partition
         assert not s.is_done(run.run_id, p) and s.done(run.run_id) == {q.key for q in run.partitions} - {p.key}

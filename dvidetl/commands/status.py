@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 #: the keys of each run in ``status --json`` (documented in docs/runs.md)
 RUN_KEYS = ("run_id", "state", "created", "started", "ended", "source", "uuid_requested", "uuid_resolved",
-            "staged", "superseded_by", "partitions_planned", "partitions_done", "blocks_planned",
+            "staged", "superseded_by", "removed_at_finish", "partitions_planned", "partitions_done", "blocks_planned",
             "blocks_done", "index_rows", "mapping_rows", "errors", "failed_partitions", "last_commit",
             "verify", "result", "options", "sinks", "not_exported")
 
@@ -71,6 +71,8 @@ def run_status(sink: Sink, run_id: str) -> dict:
         "ended": rec.get("ended"), "source": rec.get("source"), "uuid_requested": rec.get("uuid_requested", run.uuid),
         "uuid_resolved": rec.get("uuid_resolved"), "staged": bool(rec.get("staged")),
         "superseded_by": rec.get("superseded_by"),
+        # what the finish removed: stray rows outside the run's partitions, temporary files
+        "removed_at_finish": rec.get("removed_at_finish"),
         "partitions_planned": len(mine), "partitions_done": led.num_rows,
         "blocks_planned": sum(p.blocks for p in mine), "blocks_done": tot.blocks,
         "index_rows": tot.index_rows, "mapping_rows": tot.mapping_rows, "errors": tot.errors,
@@ -111,6 +113,11 @@ def text(export: str, runs: list[dict]) -> str:
                      + (f"; {len(r['failed_partitions'])} partitions failed" if r["failed_partitions"] else ""))
         for f in r["failed_partitions"][:5]:
             lines.append(f"    FAILED {f['partition']}: {f['reason']}")
+        rm = r.get("removed_at_finish") or {}
+        if rm.get("outside") or rm.get("temp_files"):
+            lines.append(f"  removed     at finish: {rm.get('outside', 0):,} stray file(s)/range(s) outside the "
+                         f"run's partitions ({rm.get('outside_rows', 0):,} rows), {rm.get('temp_files', 0):,} "
+                         f"temporary file(s) of killed writers ({rm.get('temp_bytes', 0):,} bytes)")
         lines.append(f"  verify      {ver}")
         if r.get("sinks"):
             lines.append(f"  sinks       written together to {', '.join(r['sinks'])} (figures above: this sink's)")

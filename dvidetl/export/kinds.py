@@ -177,7 +177,7 @@ class Partition:
 
 #: the keys of a run's record (``RunInfo.record``), documented in docs/runs.md
 RECORD_KEYS = ("source", "uuid_requested", "uuid_resolved", "state", "started", "ended", "result",
-               "verify", "staged", "published", "superseded_by", "not_exported", "sinks")
+               "verify", "staged", "published", "superseded_by", "removed_at_finish", "not_exported", "sinks")
 #: run states: ``running`` (started, not ended — or its driver died), ``finished`` (every
 #: partition committed), ``failed`` (ended with partitions not committed, or aborted),
 #: ``superseded`` (a later run of the export replaced it: its rows are gone)

@@ -34,6 +34,7 @@ the contract as tests, run over every sink.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ from dvidetl.export.batch import BlockData, PartitionData
 from dvidetl.export.kinds import Partition, PartitionStats, RunInfo, kind
 from dvidetl.geometry import KEY_END, VolumeInfo
 from dvidetl.tables import schema as S
+
+log = logging.getLogger(__name__)
 
 
 class UnreadableFile(Exception):
@@ -262,6 +265,22 @@ class Sink(abc.ABC):
         if found:
             raise NotImplementedError(f"{type(self).__name__} cannot remove rows outside partitions")
         return 0
+
+    def clean_at_finish(self, run: RunInfo, **extra: int) -> None:
+        """``finish``'s removal of what plain readers would see besides ``run`` (rows outside
+        its partitions, left by earlier runs with another plan or by killed ones), said in the
+        log and kept in the run's record (``removed_at_finish``, shown by ``status``): a
+        finish deletes nothing unsaid. ``extra``: a sink's own counts (temporary files)."""
+        found = self.outside(run, self.done(run.run_id))
+        rows = self.remove_outside(run, found)
+        done = dict(run.record.get("removed_at_finish") or {})  # a finish redone adds to it
+        now = {"outside": len(found), "outside_rows": rows, **extra}
+        for k, v in now.items():
+            done[k] = int(done.get(k, 0)) + int(v)
+        run.record["removed_at_finish"] = done
+        if found:
+            log.info("%r: finishing run %s removed %d stray range(s) or file(s) outside its partitions "
+                     "(%d rows)", self, run.run_id, len(found), rows)
 
     # -- helpers for tabular sinks ---------------------------------------------------------
     def cell_limit(self, run_id: str) -> int:

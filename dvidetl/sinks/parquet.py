@@ -37,7 +37,9 @@ every file in it: exact for a finished run; see the README.)
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import uuid as uuidlib
 from collections.abc import Iterable, Sequence
@@ -53,6 +55,8 @@ from dvidetl.export.kinds import Partition, PartitionStats, RunInfo, kind_of_tab
 from dvidetl.sinks.base import Outside, Sink, UnreadableFile, Where, where_filters
 from dvidetl.tables import schema as S
 from dvidetl.tables.cells import block_cells, failed_cells
+
+log = logging.getLogger(__name__)
 
 #: the directory layout this code writes into a new export (see the module docstring)
 LAYOUT = 3
@@ -252,8 +256,34 @@ class ParquetSink(Sink):
             self.update_run(run)
             for d in (old, stage):
                 shutil.rmtree(d, ignore_errors=True)
-        self.remove_outside(run, self.outside(run, self.done(run.run_id)))
+        files, size = self._sweep_temporary_files()
+        self.clean_at_finish(run, temp_files=files, temp_bytes=size)
         super().finish(run)
+
+    def _data_dirs(self) -> list[Path]:
+        """The directories writers write data files into (each through a temporary file)."""
+        return [self.root / t for t in S.TABLES if (self.root / t).is_dir()]
+
+    def _sweep_temporary_files(self) -> tuple[int, int]:
+        """Remove the temporary files (``temp_beside``) left in the data directories by writers
+        killed before their rename: every partition is committed when a run finishes, so none
+        is in use (a straggler's late rename fails, its partition already committed).
+        Returns (files, bytes)."""
+        files = size = 0
+        for d in self._data_dirs():
+            for f in d.rglob(".*.tmp-*"):
+                if not _TEMP_NAME.fullmatch(f.name):
+                    continue
+                try:
+                    n = f.stat().st_size
+                    f.unlink()
+                except FileNotFoundError:
+                    continue
+                files, size = files + 1, size + n
+        if files:
+            log.info("%r: removed %d temporary file(s) (%d bytes) left by writers that were killed",
+                     self, files, size)
+        return files, size
 
     # -- ledger ----------------------------------------------------------------------------
     def is_done(self, run_id: str, part: Partition) -> bool:
@@ -607,8 +637,11 @@ def _check_columns(f: Path, stored: pa.Schema) -> None:
 def temp_beside(final: Path) -> Path:
     """A writer's temporary file for ``final``: hidden (a plain reader, ``dvidetl view``,
     passes over it), in the same directory (renamed into place atomically), unique per
-    process and attempt."""
+    process and attempt (``_TEMP_NAME``: what a finish sweeps)."""
     return final.parent / f".{final.name}.tmp-{os.getpid()}-{uuidlib.uuid4().hex[:8]}"
+
+
+_TEMP_NAME = re.compile(r"\..+\.tmp-[0-9]+-[0-9a-f]{8}")
 
 
 def _atomic_write_bytes(final: Path, data: bytes) -> None:

@@ -457,6 +457,11 @@ class PrecomputedSink(ParquetSink):
             shutil.rmtree(old, ignore_errors=True)
         super().finish(run)
 
+    def _data_dirs(self) -> list[Path]:
+        """The bookkeeping's table directories and the volume's scale directories (shards)."""
+        scales = [self.dir / sc["key"] for sc in self.info["scales"]] if (self.dir / "info").exists() else []
+        return super()._data_dirs() + [d for d in scales if d.is_dir()]
+
 
 def _failed(t: pa.Table, rows: np.ndarray, reasons: list[str]) -> pa.Table:
     """``FAILED_BLOCKS`` rows for rows of a block batch (the bytes: the unwrapped block)."""

@@ -778,7 +778,7 @@ class VastDBSink(Sink):
                 self._delete_rows(table, None, name)
                 self._tx(lambda tx, name=name: self._drop(tx, name), f"drop {name}", write=True)
             self._md.clear()
-        self.remove_outside(run, self.outside(run, self.done(run.run_id)))
+        self.clean_at_finish(run)
         super().finish(run)
 
     def _drop(self, tx, name: str) -> None:
