@@ -947,3 +947,36 @@ def test_every_index_partition_is_judged_after_one_the_source_disagrees_with_its
         ["label_index [0, 10)", " source vs itself"], ["label_index [20, 30)", " source vs itself"],
         ["label_index [30, 40)", " export vs source"]]
     assert rep.bad_partitions == {parts[3].key}
+
+
+def test_a_resumed_run_says_what_its_finish_removed(server, dask, tmp_path):
+    """A finished export with a killed writer's temporary file and a stray file beside its
+    partition files: ``run --resume`` (nothing left to write) finishes the run again, and
+    its summary, its per-sink figures and the run's record say what that finish removed."""
+    import pyarrow.parquet as pq
+
+    from dvidetl.export.api import ExportRun
+    from dvidetl.export.endpoint import FlightEndpoint
+    from dvidetl.export.progress import summary
+    from dvidetl.sinks.parquet import temp_beside
+
+    url = f"parquet://{tmp_path / 'out'}"
+    run = export_in_process(server.location, url)
+    sink = open_sink(url, uuid=UUID, instance="segmentation")
+    f = sink.file_of("blocks", next(p for p in run.partitions if p.kind == "blocks"))
+    temp_beside(f).write_bytes(b"t" * 700)
+    pq.write_table(pq.read_table(f).slice(0, 3), f.parent / "part-stray.parquet")
+    ep = FlightEndpoint(server.location, None, UUID, None)
+    try:
+        job = ExportRun(ep, url, RunOptions(partition_blocks=16), resume=run.run_id)
+        _, res = job.run(dask)
+    finally:
+        ep.close()
+    assert res.done == 0 and res.skipped == len(run.partitions)
+    want = {"outside": 1, "outside_rows": 3, "temp_files": 1, "temp_bytes": 700}
+    assert res.removed_at_finish == want and res.sinks[0].removed_at_finish == want
+    assert ("  removed     at finish: 1 stray file(s)/range(s) outside the run's partitions (3 rows), "
+            "1 temporary file(s) of killed writers (700 bytes)") in summary(res).splitlines()
+    assert sink.load_run(run.run_id).record["removed_at_finish"] == want
+    assert "removed_at_finish" not in sink.load_run(run.run_id).record["result"]
+    assert not list(f.parent.glob(".*")) and not (f.parent / "part-stray.parquet").exists()

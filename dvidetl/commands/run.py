@@ -92,7 +92,7 @@ def sink_json(r) -> dict:
             "rows": {"label_index": r.index_rows, "mapping": r.mapping_rows},
             "bytes_written": r.bytes_out,
             "failed": [{"partition": k, "reason": why} for k, why in r.failed],
-            "ledger_unreadable": r.unreadable}
+            "ledger_unreadable": r.unreadable, "removed_at_finish": r.removed_at_finish}
 
 
 def result_json(res, run: RunInfo, ep: FlightEndpoint, sink_urls: str | list[str],

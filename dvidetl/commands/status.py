@@ -92,6 +92,8 @@ def _when(t: float | None) -> str:
 
 
 def text(export: str, runs: list[dict]) -> str:
+    from dvidetl.export.progress import removed_line
+
     lines = [f"export {export}: {len(runs)} run(s)"]
     for r in runs:
         v = r["verify"]
@@ -113,11 +115,9 @@ def text(export: str, runs: list[dict]) -> str:
                      + (f"; {len(r['failed_partitions'])} partitions failed" if r["failed_partitions"] else ""))
         for f in r["failed_partitions"][:5]:
             lines.append(f"    FAILED {f['partition']}: {f['reason']}")
-        rm = r.get("removed_at_finish") or {}
-        if rm.get("outside") or rm.get("temp_files"):
-            lines.append(f"  removed     at finish: {rm.get('outside', 0):,} stray file(s)/range(s) outside the "
-                         f"run's partitions ({rm.get('outside_rows', 0):,} rows), {rm.get('temp_files', 0):,} "
-                         f"temporary file(s) of killed writers ({rm.get('temp_bytes', 0):,} bytes)")
+        removed = removed_line(r.get("removed_at_finish"))
+        if removed:
+            lines.append(f"  removed     {removed}")
         lines.append(f"  verify      {ver}")
         if r.get("sinks"):
             lines.append(f"  sinks       written together to {', '.join(r['sinks'])} (figures above: this sink's)")

@@ -400,6 +400,9 @@ class ExportRun:
             _each(self.sinks, runs, [None] * len(runs), crash)
             raise
         _each(self.sinks, runs, res.sinks)
+        for rs in res.sinks:
+            for k, v in rs.removed_at_finish.items():
+                res.removed_at_finish[k] = res.removed_at_finish.get(k, 0) + v
         return res
 
 
@@ -415,6 +418,8 @@ def _each(sinks: Sequence[Sink], runs: Sequence[RunInfo], results: Sequence[RunR
     for s, r, rs in zip(sinks, runs, results, strict=True):
         try:
             record_end(s, r, rs, crash)
+            if rs is not None:
+                rs.removed_at_finish = dict(r.record.get("removed_at_finish") or {})
         except Exception as exc:  # noqa: BLE001 - raised below, after the other sinks
             log.error("recording the end of run %s in %r failed (its stored record is not updated): %s",
                       r.run_id, s, exc)

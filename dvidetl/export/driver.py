@@ -79,6 +79,10 @@ class RunResult:
     #: a per-sink result whose ledger could not be read back at the end (why): its block
     #: and row figures are unknown (0), its partition counts are the tasks' own
     unreadable: str | None = None
+    #: what the sink's finish removed (``Sink.clean_at_finish``: stray rows outside the run's
+    #: partitions, killed writers' temporary files); the run's: summed over its sinks. Kept
+    #: in the record apart from ``result`` (written before the finish)
+    removed_at_finish: dict = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -133,6 +137,7 @@ class RunResult:
         """The figures for the run's record (failed partitions: the count and the first ten,
         with reasons)."""
         d = asdict(self)
+        del d["removed_at_finish"]  # the record's own key, written by the finish after this
         d["sinks"] = [r.to_dict() for r in self.sinks]
         if not self.sink:
             del d["sink"]

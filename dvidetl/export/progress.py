@@ -185,6 +185,16 @@ def not_exported_line(not_exported: dict) -> str:
     return f"{', '.join(names.get(k, k) for k in not_exported)} not exported: {why}"
 
 
+def removed_line(rm: dict | None) -> str | None:
+    """What a run's finish removed (``removed_at_finish``), in words; None when nothing."""
+    rm = rm or {}
+    if not (rm.get("outside") or rm.get("temp_files")):
+        return None
+    return (f"at finish: {rm.get('outside', 0):,} stray file(s)/range(s) outside the run's partitions "
+            f"({rm.get('outside_rows', 0):,} rows), {rm.get('temp_files', 0):,} temporary file(s) of "
+            f"killed writers ({rm.get('temp_bytes', 0):,} bytes)")
+
+
 def summary(res, *, sink_desc: str = "", planning_s: float | None = None,
             index_note: str | None = None, not_exported: dict | None = None) -> str:
     """The end-of-run summary (several lines). The byte figures say what they measure: what
@@ -217,9 +227,11 @@ def summary(res, *, sink_desc: str = "", planning_s: float | None = None,
     out = f"  written     {_mb(res.bytes_out)} (zstd block payloads + uncompressed label lists)"
     if res.raw_bytes and res.bytes_out and not partial:
         out += f": {res.raw_bytes / res.bytes_out:.2f}x smaller than the raw DVID bytes"
+    removed = removed_line(getattr(res, "removed_at_finish", None))
     lines += [
         out,
         f"  errors      {res.errors:,} blocks in export_errors",
+        *([f"  removed     {removed}"] if removed else []),
         *([f"  anomalies   {anomaly_summary(res.anomalies, res.lost)} -> source_anomalies"]
           if getattr(res, "anomalies", None) else []),
         "  time        " + (f"planning {_dur(planning_s)} ({planning_s:.1f} s), " if planning_s is not None else "")
