@@ -28,6 +28,17 @@ def mutant_names(root: Path = Path("mutants"), unrun: bool = False) -> list[str]
     return sorted(names)
 
 
+#: the mutants of the samples recorded since 2026-12-08 (docs/mutation-scores.md), one name
+#: per line: ``--fresh`` leaves them out (earlier samples' names were not kept)
+SAMPLED = Path(__file__).with_name("mutants_sampled.txt")
+
+
+def sampled_names(path: Path = SAMPLED) -> set[str]:
+    if not path.exists():
+        return set()
+    return {ln.split()[0] for ln in path.read_text().splitlines() if ln.split() and not ln.startswith("#")}
+
+
 def function_of(name: str) -> str:
     """``pkg.mod.xǁClassǁmethod__mutmut_3`` -> ``method``; ``pkg.mod.x_func__mutmut_3`` -> ``func``."""
     base = name.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[-1]
@@ -43,8 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unrun", action="store_true",
                     help="only mutants not run yet here: a fresh sample, after tests were written for "
                          "an earlier one's survivors (which would score it too well)")
+    ap.add_argument("--fresh", action="store_true",
+                    help=f"leave out the mutants of earlier recorded samples ({SAMPLED.name}): fresh "
+                         "in a new checkout too, where --unrun knows nothing of earlier runs")
     a = ap.parse_args(argv)
     names = [n for n in mutant_names(unrun=a.unrun) if fnmatch.fnmatch(n, a.glob)]
+    if a.fresh:
+        seen = sampled_names()
+        names = [n for n in names if n not in seen]
     if a.only:
         keep = set(a.only.split(","))
         names = [n for n in names if function_of(n) in keep]

@@ -980,3 +980,27 @@ def test_a_resumed_run_says_what_its_finish_removed(server, dask, tmp_path):
     assert sink.load_run(run.run_id).record["removed_at_finish"] == want
     assert "removed_at_finish" not in sink.load_run(run.run_id).record["result"]
     assert not list(f.parent.glob(".*")) and not (f.parent / "part-stray.parquet").exists()
+
+
+def test_a_block_label_changed_is_one_block_whose_labels_differ_from_the_mapping(flight, pq_sink):
+    """One entry of an exported block's ``labels`` (its supervoxels' bodies) changed, the
+    payload and supervoxels untouched: one mismatched block, named by its coordinates, whose
+    labels differ from what the server maps its supervoxels to."""
+    import pyarrow as pa
+
+    f = T._file_with(pq_sink, "blocks", scale=1)
+    where = {}
+
+    def relabel(t):
+        lab = t.column("labels").to_pylist()
+        i = next(i for i, ls in enumerate(lab) if ls)
+        lab[i][0] += 1
+        where["morton"] = t.column("morton")[i].as_py()
+        return t.set_column(t.schema.get_field_index("labels"), "labels", pa.array(lab, t.schema.field("labels").type))
+
+    T._rewrite(f, relabel)
+    rep = T._verify(flight, pq_sink)
+    assert T._counts(rep) == {"mismatched": 1}, rep.problems
+    grid = flight.info().scale(1).grid
+    assert [p for p in rep.problems if "labels differ" in p] == [
+        f"{T._where(1, where['morton'], grid)}: labels differ from the server's mapping"], rep.problems
