@@ -16,10 +16,11 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dvidetl.errors import UserError
+from dvidetl.errors import UserError, first_line
 from dvidetl.export.kinds import PartitionStats
 from dvidetl.read.verify import verify_export
 from dvidetl.sinks import open_sink
@@ -169,6 +170,9 @@ def test_finish_removes_stray_files_readable_or_not(tmp_path):
     truncated.write_bytes(f.read_bytes()[:100])
     found = sink.outside(run, sink.done(run.run_id))
     assert sorted((o.path, o.rows) for o in found) == [(str(readable), 2), (str(truncated), -1)]
+    with pytest.raises(pa.ArrowException) as why:
+        pq.read_metadata(truncated)
+    assert sorted(o.where for o in found)[1] == f"{truncated}: a stray file, unreadable ({first_line(why.value)})"
     assert sink.remove_outside(run, found[:1]) == (2 if found[0].path == str(readable) else 0)
     assert not Path(found[0].path).exists() and Path(found[1].path).exists()
     # a writer killed before its rename left its hidden temporary file (not a *.parquet:

@@ -287,6 +287,9 @@ def test_reassemble_names_the_block_whose_overflow_rows_are_gone():
     gone = o.filter(pc.not_equal(o.column("morton"), pa.scalar(12, pa.uint64())))
     with pytest.raises(ValueError, match=r"rows for column 'payload' missing \(morton \[12\]\)"):
         reassemble(b, gone)
+    # no overflow table at all (a reader that did not read it): both named, not a crash
+    with pytest.raises(ValueError, match=r"^scale 0: block_overflow rows for column 'payload' missing \(morton \[11, 12\]\)$"):
+        reassemble(b, None)
 
 
 def test_reassemble_checks_payload_size():

@@ -140,9 +140,10 @@ class SinkTests:
         led = sink.ledger("r1").to_pylist()
         assert len(led) == 1
         row = led[0]
-        assert (row["kind"], row["lo"], row["hi"], row["blocks"], row["errors"], row["bytes_in"],
-                row["bytes_out"], row["raw_bytes"]) == ("blocks", a.lo, a.hi, 3, 1, 11,
+        assert (row["run_id"], row["kind"], row["lo"], row["hi"], row["blocks"], row["errors"], row["bytes_in"],
+                row["bytes_out"], row["raw_bytes"]) == ("r1", "blocks", a.lo, a.hi, 3, 1, 11,
                                                         self.bytes_out(sink, "r1", a, 22), 33)
+        assert sink.ledger().column("run_id").to_pylist() == ["r1"]  # the ledger of every run says whose
         assert self.stored(sink, "r1") == [1, 5, 9]
         # resume: the stored run comes back with its plan and options
         back = sink.load_run("r1")
