@@ -11,6 +11,7 @@ made by the real task code over a real Flight server in this process
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -154,7 +155,7 @@ def test_a_ledger_file_lacking_a_column_is_damaged_not_nulls(tmp_path):
         sink.ledger()
 
 
-def test_finish_removes_stray_files_readable_or_not(tmp_path):
+def test_finish_removes_stray_files_readable_or_not(tmp_path, caplog):
     """Files in a table directory that are no committed partition's (one readable with
     rows, one truncated): ``outside`` names both with their paths (rows unknown for the
     unreadable one), ``remove_outside`` deletes exactly them and counts the rows it knew,
@@ -181,7 +182,12 @@ def test_finish_removes_stray_files_readable_or_not(tmp_path):
     temp.write_bytes(b"x" * 1000)
     other.write_bytes(b"keep")
     run.record.pop("removed_at_finish", None)
-    sink.finish(run)
+    with caplog.at_level(logging.INFO, logger="dvidetl.sinks"):
+        sink.finish(run)
+    assert [r.getMessage() for r in caplog.records if "outside its partitions" in r.getMessage()] == [
+        f"{sink!r}: finishing run {run.run_id} removed 1 stray range(s) or file(s) outside its partitions (0 rows)"]
+    assert [r.getMessage() for r in caplog.records if "temporary file" in r.getMessage()] == [
+        f"{sink!r}: removed 1 temporary file(s) (1000 bytes) left by writers that were killed"]
     assert not readable.exists() and not truncated.exists() and not temp.exists() and other.exists()
     assert sorted(str(p) for p in out.rglob("part-*.parquet") if "export_ledger" not in p.parts) == committed
     assert sink.outside(run, sink.done(run.run_id)) == []
