@@ -307,3 +307,39 @@ def test_worker_log_records_reach_the_driver_redacted_at_its_level(monkeypatch) 
     # a driver at WARNING (no -v, no --log-file): the worker makes no INFO record to send
     got, _ = _worker_records(logging.WARNING, monkeypatch)
     assert [r.levelno for r in got] == [logging.WARNING]
+
+
+def test_a_closed_worker_stream_at_shutdown_is_one_line_without_its_traceback() -> None:
+    """distributed's INFO "Batched Comm Closed" record carries the CommClosedError's
+    traceback (a shutdown race seen at the end of a successful ``run -v``): inside
+    ``quiet_distributed`` it is one line; a warning with that error, or another error at
+    INFO, keeps its traceback; outside, nothing is changed."""
+    import io
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    from dvidetl.cluster.local import quiet_distributed
+
+    def logged(level: int, exc: BaseException) -> str:
+        out = io.StringIO()
+        h = logging.StreamHandler(out)
+        lg = logging.getLogger("distributed.batched")
+        lg.addHandler(h)
+        old = lg.level
+        lg.setLevel(logging.INFO)
+        try:
+            try:
+                raise exc
+            except Exception:
+                lg.log(level, "Batched Comm Closed %r", "<TCP (closed)>", exc_info=True)
+        finally:
+            lg.removeHandler(h)
+            lg.setLevel(old)
+        return out.getvalue()
+
+    with quiet_distributed():
+        assert logged(logging.INFO, CommClosedError()) == "Batched Comm Closed '<TCP (closed)>'\n"
+        assert "Traceback" in logged(logging.WARNING, CommClosedError())
+        assert "Traceback" in logged(logging.INFO, ValueError("other"))
+    assert "Traceback" in logged(logging.INFO, CommClosedError())

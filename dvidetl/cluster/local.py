@@ -51,9 +51,26 @@ def _dashboard_url(client: Any, page: bool = False, bound: tuple[str, int] | Non
     return f"{base}/dvidetl (the run; Dask's own pages: {base}/status)"
 
 
+class _ClosedCommLine(logging.Filter):
+    """distributed logs "Batched Comm Closed" at INFO *with a traceback* when a worker's
+    stream closes while the scheduler still sends to it — an ordinary race as a cluster shuts
+    down (seen at the end of a successful ``run -v``). Keep the line, drop the traceback: a
+    run's output holds no traceback that says nothing about the run. Anything above INFO,
+    or any other exception, keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from distributed.comm.core import CommClosedError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, CommClosedError) and record.levelno <= logging.INFO:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 @contextlib.contextmanager
 def quiet_distributed() -> Iterator[None]:
-    """Keep the in-process scheduler's INFO chatter off the terminal unless `-v` was given.
+    """Keep the in-process scheduler's INFO chatter off the terminal unless `-v` was given
+    (and its shutdown race's traceback always: ``_ClosedCommLine``).
 
     distributed logs at INFO and its records also reach the root handler the CLI installs;
     with `-v` (root at INFO or lower) everything is shown as before.
@@ -62,6 +79,9 @@ def quiet_distributed() -> Iterator[None]:
     import distributed  # noqa: F401  (its import configures this logger: do that first)
 
     logger = logging.getLogger("distributed")
+    batched = logging.getLogger("distributed.batched")
+    closed = _ClosedCommLine()
+    batched.addFilter(closed)
     old = logger.level
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.WARNING)
@@ -69,6 +89,7 @@ def quiet_distributed() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(old)
+        batched.removeFilter(closed)
 
 
 @contextlib.contextmanager
