@@ -293,6 +293,31 @@ def test_an_attempt_whose_rollback_never_arrived_is_rolled_back_before_the_retry
             assert tx.bucket("bucket").schema("lostrollback").table("probe", fail_if_missing=False) is not None
 
 
+def test_a_step_failing_once_is_rolled_back_once_by_the_sdk_alone(sim, caplog):
+    """A step's first attempt fails inside its transaction (a broken connection), the SDK's
+    rollback arrives: the sink sends no second rollback of its own (nothing was left open)
+    and says nothing of one; the retry commits."""
+    url = f"vastdb://127.0.0.1:{sim.port}/bucket/onerollback?tries=3"
+    with environ(VASTDB_ACCESS_KEY=ACCESS, VASTDB_SECRET_KEY=SECRET):
+        sink = open_sink(url, uuid="u", instance="seg")
+        sink.prepare(RunInfo("r", "u", "seg", [Partition("blocks", 0, 0, 100, 3)]))
+        attempts: list[int] = []
+
+        def step(tx):
+            attempts.append(tx.txid)
+            if len(attempts) == 1:
+                raise ConnectionError("the step's connection broke")
+            return "read"
+
+        before = dict(sim.counters)
+        with caplog.at_level(logging.DEBUG, logger="dvidetl.sinks.vastdb"):
+            assert sink._tx(step, "a step", write=True) == "read"
+        delta = _delta(sim, before)
+        assert len(attempts) == 2 and delta.get("DELETE transaction") == 1, delta
+        assert delta.get("PUT transaction") == 1 and not sim._server.state.txs, delta
+        assert "transaction" not in " ".join(r.getMessage() for r in caplog.records if "a step:" in r.getMessage())
+
+
 def test_a_lost_insert_answer_redoes_the_transaction_once_and_says_so(sim, caplog):
     """An insert's answer is lost once: the transaction is abandoned and redone whole (the
     blocks inserted again, by the new transaction only), the retry logged by the sink

@@ -267,7 +267,7 @@ class VastDBSink(Sink):
         answer is lost still returns what it read; a writing one must commit."""
 
         def once():
-            user_error = None
+            user_error = raised = None
             done, result, txid = False, None, None
             session = self._session(endpoint)
             try:
@@ -276,12 +276,17 @@ class VastDBSink(Sink):
                     try:
                         result = fn(tx)
                         done = True
-                    except VastDBUnavailable:  # a nested step failed for good: roll back
-                        raise
-                    except UserError as exc:  # nothing written: end the transaction quietly
-                        user_error = exc
-            except Exception:
-                _abandon(session, txid, what)  # its commit or rollback may not have arrived
+                    except BaseException as exc:
+                        # a user error wrote nothing: end the transaction quietly; anything
+                        # else (a nested step failed for good too) the SDK rolls back
+                        if isinstance(exc, UserError) and not isinstance(exc, VastDBUnavailable):
+                            user_error = exc
+                        else:
+                            raised = exc
+                            raise
+            except Exception as exc:
+                if exc is not raised:  # the commit, or the SDK's rollback, failed: maybe still open
+                    _abandon(session, txid, what)
                 if done and not write:
                     return result
                 raise
@@ -806,12 +811,12 @@ STAGED_TABLES = tuple(t for k in KINDS.values() for t in k.tables)
 
 
 def _abandon(session, txid: int | None, what: str) -> None:
-    """Roll back ``txid``, an attempt that failed. Why: a commit or rollback that never
-    reached the server leaves the transaction open, holding what it changed (a DDL step's
-    schema or table), and every retry of the step would conflict with it until the server
-    expires it (15 minutes). Most failed attempts have already ended their transaction (the
-    SDK rolled it back, or the commit applied and only its answer was lost, or the server
-    refused it): the server's refusal of this second rollback is expected and ignored."""
+    """Roll back ``txid``, an attempt whose commit or rollback failed. Why: a commit or
+    rollback that never reached the server leaves the transaction open, holding what it
+    changed (a DDL step's schema or table), and every retry of the step would conflict with
+    it until the server expires it (15 minutes). A commit that applied (only its answer
+    lost) or that the server refused has ended the transaction already: the server's
+    refusal of this rollback is expected and ignored."""
     if txid is None:
         return
     try:
